@@ -1,0 +1,109 @@
+"""The catalog: configured datasets, their connectors and schemas, in DataFusion."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from datafusion import SessionContext
+from datafusion.catalog import Schema as DataFusionSchema
+
+from federation.connectors import Connector, ConnectorError, ConnectorPool
+from federation.scan import ConnectorDataset
+
+CATALOG_NAME = "flightdeck"
+DEFAULT_SCHEMA = "public"
+log = logging.getLogger("flightdeck.catalog")
+
+
+@dataclass
+class DatasetSpec:
+    name: str                      # "orders" or "app.orders"
+    source: str                    # the `from:` value, e.g. "duckdb:main.orders"
+    params: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    primary_key: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    @property
+    def location(self) -> str:
+        return self.source.split(":", 1)[1] if ":" in self.source else ""
+
+    @property
+    def schema_name(self) -> str:
+        return self.name.split(".")[0] if "." in self.name else DEFAULT_SCHEMA
+
+    @property
+    def table_name(self) -> str:
+        return self.name.split(".")[-1]
+
+
+@dataclass
+class Dataset:
+    spec: DatasetSpec
+    connector: Connector | None = None
+    arrow_schema: pa.Schema | None = None
+    primary_key: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.error is None else "unavailable"
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.spec.schema_name}.{self.spec.table_name}"
+
+
+class Catalog:
+    def __init__(self, specs: list[DatasetSpec], base_dir: Path):
+        self.pool = ConnectorPool(base_dir)
+        self.datasets: dict[str, Dataset] = {}
+        for spec in specs:
+            dataset = self._open(spec)
+            self.datasets[dataset.qualified_name] = dataset
+
+    def _open(self, spec: DatasetSpec) -> Dataset:
+        """A dataset whose backend fails is kept, marked unavailable: startup goes on."""
+        dataset = Dataset(spec)
+        try:
+            dataset.connector = self.pool.open(spec.kind, spec.location, spec.params)
+            dataset.arrow_schema = dataset.connector.schema(spec.location)
+            dataset.primary_key = spec.primary_key or dataset.connector.primary_key(spec.location)
+        except ConnectorError as error:
+            dataset.error = str(error)
+            log.warning("dataset %s is unavailable: %s", spec.name, error)
+        return dataset
+
+    def schema_names(self) -> list[str]:
+        return sorted({d.spec.schema_name for d in self.datasets.values()} | {DEFAULT_SCHEMA})
+
+    def find(self, schema_name: str, table_name: str) -> Dataset | None:
+        return self.datasets.get(f"{schema_name}.{table_name}")
+
+    def register_into(self, ctx: SessionContext) -> None:
+        catalog = ctx.catalog(CATALOG_NAME)
+        for schema_name in self.schema_names():
+            if schema_name not in catalog.schema_names():
+                catalog.register_schema(schema_name, DataFusionSchema.memory_schema())
+        for dataset in self.datasets.values():
+            if dataset.state == "ready":
+                self._register(ctx, dataset)
+
+    def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
+        spec = dataset.spec
+        try:
+            if not dataset.connector.register_native(ctx, dataset.qualified_name, spec.location):
+                ctx.register_dataset(dataset.qualified_name, ConnectorDataset(
+                    dataset.connector, spec.location, dataset.arrow_schema))
+        except ConnectorError as error:
+            dataset.error = str(error)
+            log.warning("dataset %s is unavailable: %s", spec.name, error)
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,60 @@
+"""Connector kinds, by the prefix a dataset's `from:` uses."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from federation.connectors.base import Connector, ConnectorError, SqlConnector
+
+AVAILABLE_KINDS = {
+    "file": "federation.connectors.file:FileConnector",
+    "duckdb": "federation.connectors.duckdb:DuckDBConnector",
+    "sqlite": "federation.connectors.sqlite:SQLiteConnector",
+}
+# Named in the mission and accepted by `from:` once their connector lands.
+PLANNED_KINDS = ("postgres", "mysql", "iceberg", "snowflake", "mongodb", "http", "https",
+                 "github", "git", "flightsql")
+
+
+def check_kind(kind: str) -> str | None:
+    """None if ``kind`` can be used, else a message saying what is wrong."""
+    if kind in AVAILABLE_KINDS:
+        return None
+    if kind in PLANNED_KINDS:
+        return f"connector '{kind}' is not available in this version (available: {', '.join(AVAILABLE_KINDS)})"
+    close = difflib.get_close_matches(kind, list(AVAILABLE_KINDS) + list(PLANNED_KINDS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown connector '{kind}'{hint}"
+
+
+class ConnectorPool:
+    """Opens connectors, sharing one per backend configuration (same file, same server)."""
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self._open: dict[str, Connector] = {}
+
+    def open(self, kind: str, location: str, params: dict[str, Any]) -> Connector:
+        problem = check_kind(kind)
+        if problem:
+            raise ConnectorError(problem)
+        module_name, class_name = AVAILABLE_KINDS[kind].split(":")
+        connector_class = getattr(importlib.import_module(module_name), class_name)
+        if kind == "file":  # one connector per file location
+            return connector_class(params, self.base_dir, location)
+        key = kind + json.dumps(params, sort_keys=True, default=str)
+        if key not in self._open:
+            self._open[key] = connector_class(params, self.base_dir)
+        return self._open[key]
+
+    def close(self) -> None:
+        for connector in self._open.values():
+            connector.close()
+        self._open.clear()
+
+
+__all__ = ["Connector", "ConnectorError", "ConnectorPool", "SqlConnector", "check_kind",
+           "AVAILABLE_KINDS"]

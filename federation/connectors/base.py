@@ -1,0 +1,159 @@
+"""The connector contract every backend implements (see DESIGN.md, Contracts)."""
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import pyarrow as pa
+
+from federation import expr as fx
+
+DEFAULT_BATCH_ROWS = 65_536
+
+
+class ConnectorError(Exception):
+    """A backend failed; the message names the dataset source, never a secret."""
+
+
+@dataclass
+class SourceStats:
+    """Counters for what one backend was asked and sent back."""
+    queries: int = 0
+    rows: int = 0
+    bytes: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    last_request: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record_request(self, request: str) -> None:
+        with self._lock:
+            self.queries += 1
+            self.last_request = request
+
+    def record_batch(self, batch: pa.RecordBatch, seconds: float) -> None:
+        with self._lock:
+            self.rows += batch.num_rows
+            self.bytes += batch.nbytes
+            self.seconds += seconds
+
+    def record_error(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"queries": self.queries, "rows": self.rows, "bytes": self.bytes,
+                    "errors": self.errors, "seconds": round(self.seconds, 6),
+                    "last_request": self.last_request}
+
+
+class Connector(ABC):
+    """One backend connection configuration; offers tables and scans them read-only."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, params: dict[str, Any], base_dir: Path):
+        self.params = params
+        self.base_dir = base_dir
+        self.stats = SourceStats()
+
+    @abstractmethod
+    def tables(self) -> list[str]:
+        """The tables this backend offers, as the names `from:` uses."""
+
+    @abstractmethod
+    def schema(self, table: str) -> pa.Schema:
+        """The Arrow schema of one table."""
+
+    @abstractmethod
+    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+             limit: int | None) -> pa.RecordBatchReader:
+        """Stream rows: only ``columns`` (None = all), pre-filtered by what of ``filters``
+        the backend can take (the caller re-applies the exact filter), at most ``limit``."""
+
+    def primary_key(self, table: str) -> list[str]:
+        return []
+
+    def row_count(self, table: str) -> int | None:
+        """The table's row count when it is cheap to know, else None."""
+        return None
+
+    def register_native(self, ctx: Any, name: str, table: str) -> bool:
+        """Register ``table`` in DataFusion with a native reader; False if there is none."""
+        return False
+
+    def describe(self) -> str:
+        """Where the data comes from, for messages: no credentials."""
+        return self.kind
+
+    def close(self) -> None:
+        pass
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+class SqlConnector(Connector):
+    """A backend that speaks SQL: scans become SELECTs in the backend's dialect."""
+
+    dialect: ClassVar[str]
+    renderer: ClassVar[fx.SqlRenderer] = fx.SqlRenderer(fx.quote_double, fx.standard_literal)
+
+    @property
+    @abstractmethod
+    def compute_context(self) -> str:
+        """Equal for two datasets exactly when one query may join them on the backend."""
+
+    @abstractmethod
+    def execute_sql(self, sql: str, params: list[Any] | None = None,
+                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        """Run one read statement on the backend and stream its result."""
+
+    def quote_table(self, table: str) -> str:
+        return ".".join(fx.quote_double(part) for part in table.split("."))
+
+    def select_sql(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+                   limit: int | None) -> str:
+        projection = "*" if columns is None else ", ".join(fx.quote_double(c) for c in columns)
+        sql = f"SELECT {projection} FROM {self.quote_table(table)}"
+        where, _ = self.renderer.render_where(filters)
+        if where:
+            sql += f" WHERE {where}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return sql
+
+    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+             limit: int | None) -> pa.RecordBatchReader:
+        if columns == []:
+            # A row count: fetch the narrowest thing the backend can give.
+            columns = self.schema(table).names[:1]
+        return self.execute_sql(self.select_sql(table, columns, filters, limit))
+
+    def counted(self, schema: pa.Schema, sql: str,
+                batches: Callable[[], Iterator[pa.RecordBatch]]) -> pa.RecordBatchReader:
+        """Wrap a backend batch stream so every request, batch and error is counted."""
+        self.stats.record_request(sql)
+        stats, source = self.stats, self.describe()
+
+        def generate() -> Iterator[pa.RecordBatch]:
+            iterator = batches()
+            while True:
+                started = time.perf_counter()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                except Exception as error:
+                    stats.record_error()
+                    raise ConnectorError(f"{source}: {error}") from None
+                stats.record_batch(batch, time.perf_counter() - started)
+                yield batch
+
+        return pa.RecordBatchReader.from_batches(schema, generate())

@@ -1,0 +1,92 @@
+"""`duckdb:` — tables of a DuckDB database file, opened read-only."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+
+
+def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that cannot reach host files or the network from SQL."""
+    connection = duckdb.connect(path, read_only=read_only)
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
+    return connection
+
+
+class DuckDBConnector(SqlConnector):
+    kind = "duckdb"
+    dialect = "duckdb"
+
+    def __init__(self, params: dict[str, Any], base_dir):
+        super().__init__(params, base_dir)
+        if "duckdb_open" not in params:
+            raise ConnectorError("duckdb: params.duckdb_open (the database file) is required")
+        self.path = self.resolve_path(str(params["duckdb_open"]))
+        if not self.path.exists():
+            raise ConnectorError(f"duckdb: database file {self.path} does not exist")
+        self._connection = open_locked_duckdb(str(self.path), read_only=True)
+        self._lock = threading.Lock()
+
+    @property
+    def compute_context(self) -> str:
+        return f"duckdb:{self.path}"
+
+    def describe(self) -> str:
+        return f"duckdb ({self.path.name})"
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        # One connection refuses concurrent calls: every request gets its own cursor.
+        with self._lock:
+            return self._connection.cursor()
+
+    def tables(self) -> list[str]:
+        rows = self._cursor().execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('information_schema', 'pg_catalog') "
+            "ORDER BY 1, 2").fetchall()
+        return [name if schema == "main" else f"{schema}.{name}" for schema, name in rows]
+
+    def schema(self, table: str) -> pa.Schema:
+        try:
+            return self._cursor().sql(
+                f"SELECT * FROM {self.quote_table(table)} LIMIT 0").to_arrow_table().schema
+        except duckdb.Error as error:
+            raise ConnectorError(f"{self.describe()}: table {table}: {error}") from None
+
+    def primary_key(self, table: str) -> list[str]:
+        schema_name, _, table_name = table.rpartition(".")
+        rows = self._cursor().execute(
+            "SELECT constraint_column_names FROM duckdb_constraints() "
+            "WHERE constraint_type = 'PRIMARY KEY' AND table_name = ? AND schema_name = ?",
+            [table_name, schema_name or "main"]).fetchall()
+        return list(rows[0][0]) if rows else []
+
+    def row_count(self, table: str) -> int | None:
+        return self._cursor().execute(
+            f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
+
+    def execute_sql(self, sql: str, params: list[Any] | None = None,
+                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        cursor = self._cursor()
+        try:
+            reader = cursor.sql(sql, params=params).to_arrow_reader(batch_rows) \
+                if params else cursor.sql(sql).to_arrow_reader(batch_rows)
+        except duckdb.Error as error:
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: {error}") from None
+
+        def batches():
+            try:
+                yield from reader
+            finally:
+                cursor.close()
+
+        return self.counted(reader.schema, sql, batches)
+
+    def close(self) -> None:
+        self._connection.close()

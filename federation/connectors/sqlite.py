@@ -1,0 +1,158 @@
+"""`sqlite:` — tables of a SQLite database file, opened read-only (mode=ro)."""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import re
+import sqlite3
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+
+_DECIMAL = re.compile(r"(DECIMAL|NUMERIC)\s*\(\s*(\d+)\s*(?:,\s*(\d+))?\s*\)")
+
+
+def arrow_type_for(declared: str) -> pa.DataType:
+    """SQLite's declared column type to Arrow, following SQLite's affinity rules."""
+    text = (declared or "").upper()
+    if "BOOL" in text:
+        return pa.bool_()
+    if "INT" in text:
+        return pa.int64()
+    if any(word in text for word in ("CHAR", "CLOB", "TEXT")):
+        return pa.string()
+    if "BLOB" in text or not text:
+        return pa.binary() if "BLOB" in text else pa.string()
+    if any(word in text for word in ("REAL", "FLOA", "DOUB")):
+        return pa.float64()
+    if text.startswith("DATETIME") or text.startswith("TIMESTAMP"):
+        return pa.timestamp("us")
+    if text.startswith("DATE"):
+        return pa.date32()
+    match = _DECIMAL.match(text)
+    if match:
+        return pa.decimal128(int(match.group(2)), int(match.group(3) or 0))
+    return pa.float64()  # NUMERIC affinity
+
+
+def _value_converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
+    if pa.types.is_timestamp(arrow_type):
+        return lambda v: v if v is None or isinstance(v, dt.datetime) else dt.datetime.fromisoformat(str(v))
+    if pa.types.is_date32(arrow_type):
+        return lambda v: v if v is None or isinstance(v, dt.date) else dt.date.fromisoformat(str(v)[:10])
+    if pa.types.is_decimal(arrow_type):
+        return lambda v: None if v is None else decimal.Decimal(str(v))
+    if pa.types.is_string(arrow_type):
+        return lambda v: v if v is None or isinstance(v, str) else str(v)
+    return None
+
+
+class SQLiteConnector(SqlConnector):
+    kind = "sqlite"
+    dialect = "sqlite"
+
+    def __init__(self, params: dict[str, Any], base_dir):
+        super().__init__(params, base_dir)
+        if "sqlite_file" not in params:
+            raise ConnectorError("sqlite: params.sqlite_file (the database file) is required")
+        self.path = self.resolve_path(str(params["sqlite_file"]))
+        if not self.path.exists():
+            raise ConnectorError(f"sqlite: database file {self.path} does not exist")
+
+    @property
+    def compute_context(self) -> str:
+        return f"sqlite:{self.path}"
+
+    def describe(self) -> str:
+        return f"sqlite ({self.path.name})"
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def tables(self) -> list[str]:
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()
+        return [row[0] for row in rows]
+
+    def _columns(self, table: str) -> list[tuple[str, str, bool, int]]:
+        with self._connect() as connection:
+            rows = connection.execute(
+                f"SELECT name, type, \"notnull\", pk FROM pragma_table_info(?)", [table]).fetchall()
+        if not rows:
+            raise ConnectorError(f"{self.describe()}: no table named {table}")
+        return rows
+
+    def schema(self, table: str) -> pa.Schema:
+        # Every column is nullable: SQLite enforces NOT NULL only on writes it sees.
+        return pa.schema([pa.field(name, arrow_type_for(declared))
+                          for name, declared, _, _ in self._columns(table)])
+
+    def primary_key(self, table: str) -> list[str]:
+        keyed = sorted((pk, name) for name, _, _, pk in self._columns(table) if pk)
+        return [name for _, name in keyed]
+
+    def row_count(self, table: str) -> int | None:
+        with self._connect() as connection:
+            return connection.execute(f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
+
+    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+        declared = self.schema(table)
+        if columns == []:
+            columns = declared.names[:1]
+        return self._run(self.select_sql(table, columns, filters, limit), None, declared)
+
+    def execute_sql(self, sql: str, params: list[Any] | None = None,
+                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        return self._run(sql, params, None, batch_rows)
+
+    def _run(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
+             batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        """Results take the table's declared types; computed columns are read as text."""
+        connection = self._connect()
+        try:
+            cursor = connection.execute(sql, params or [])
+        except sqlite3.Error as error:
+            connection.close()
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: {error}") from None
+        schema = self._result_schema(cursor, declared)
+
+        def batches():
+            try:
+                while rows := cursor.fetchmany(batch_rows):
+                    yield self._to_batch(schema, rows)
+            finally:
+                connection.close()
+
+        return self.counted(schema, sql, batches)
+
+    @staticmethod
+    def _result_schema(cursor: sqlite3.Cursor, declared: pa.Schema | None) -> pa.Schema:
+        fields = []
+        for description in cursor.description:
+            name = description[0]
+            if declared is not None and name in declared.names:
+                fields.append(declared.field(name))
+            else:
+                fields.append(pa.field(name, pa.string()))
+        return pa.schema(fields)
+
+    @staticmethod
+    def _to_batch(schema: pa.Schema, rows: list[tuple]) -> pa.RecordBatch:
+        arrays = []
+        for index, field in enumerate(schema):
+            values = [row[index] for row in rows]
+            convert = _value_converter(field.type)
+            if convert is not None:
+                values = [convert(v) for v in values]
+            try:
+                arrays.append(pa.array(values, type=field.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as error:
+                raise ConnectorError(
+                    f"column {field.name}: values do not fit its declared type {field.type}: {error}"
+                ) from None
+        return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -1,0 +1,168 @@
+"""The planner's own small filter-expression type.
+
+Connectors receive filters in this form and translate what they can into their
+native language (SQL WHERE, Mongo ``$match``, ...). The planner always re-applies
+the exact filter to what a connector returns, so a connector may push a *looser*
+filter (for example only some conjuncts of an AND) but never a stricter one.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from dataclasses import dataclass
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+
+
+@dataclass(frozen=True)
+class Literal:
+    value: object  # a plain Python value: int, float, str, bool, bytes, date, datetime, Decimal, None
+
+
+@dataclass(frozen=True)
+class Compare:
+    op: str  # one of = != < <= > >=
+    left: "Expr"
+    right: "Expr"
+
+
+@dataclass(frozen=True)
+class And:
+    args: tuple["Expr", ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    args: tuple["Expr", ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    arg: "Expr"
+
+
+@dataclass(frozen=True)
+class IsNull:
+    arg: "Expr"
+
+
+@dataclass(frozen=True)
+class InList:
+    arg: "Expr"
+    values: tuple[object, ...]
+
+
+Expr = Union[Column, Literal, Compare, And, Or, Not, IsNull, InList]
+
+COMPARISON_OPS = ("=", "!=", "<", "<=", ">", ">=")
+
+
+def conjuncts(expr: Expr | None) -> list[Expr]:
+    """Split a filter into the parts joined by AND (each can be pushed on its own)."""
+    if expr is None:
+        return []
+    if isinstance(expr, And):
+        return [part for arg in expr.args for part in conjuncts(arg)]
+    return [expr]
+
+
+def referenced_columns(expr: Expr) -> set[str]:
+    if isinstance(expr, Column):
+        return {expr.name}
+    if isinstance(expr, Literal):
+        return set()
+    if isinstance(expr, Compare):
+        return referenced_columns(expr.left) | referenced_columns(expr.right)
+    if isinstance(expr, (And, Or)):
+        return set().union(*(referenced_columns(a) for a in expr.args))
+    if isinstance(expr, (Not, IsNull, InList)):
+        return referenced_columns(expr.arg)
+    raise TypeError(f"not a filter expression: {expr!r}")
+
+
+class SqlRenderer:
+    """Renders filter expressions as SQL text for one dialect.
+
+    ``quote_identifier`` and ``render_literal`` are the dialect's choices; returns
+    None for any expression the dialect cannot express exactly.
+    """
+
+    def __init__(self, quote_identifier: Callable[[str], str],
+                 render_literal: Callable[[object], str | None]):
+        self.quote_identifier = quote_identifier
+        self.render_literal = render_literal
+
+    def render(self, expr: Expr) -> str | None:
+        if isinstance(expr, Column):
+            return self.quote_identifier(expr.name)
+        if isinstance(expr, Literal):
+            return self.render_literal(expr.value)
+        if isinstance(expr, Compare):
+            left, right = self.render(expr.left), self.render(expr.right)
+            if left is None or right is None:
+                return None
+            op = "<>" if expr.op == "!=" else expr.op
+            return f"({left} {op} {right})"
+        if isinstance(expr, (And, Or)):
+            parts = [self.render(a) for a in expr.args]
+            if any(p is None for p in parts):
+                return None
+            joiner = " AND " if isinstance(expr, And) else " OR "
+            return "(" + joiner.join(parts) + ")"
+        if isinstance(expr, Not):
+            inner = self.render(expr.arg)
+            return None if inner is None else f"(NOT {inner})"
+        if isinstance(expr, IsNull):
+            inner = self.render(expr.arg)
+            return None if inner is None else f"({inner} IS NULL)"
+        if isinstance(expr, InList):
+            inner = self.render(expr.arg)
+            values = [self.render_literal(v) for v in expr.values]
+            if inner is None or not values or any(v is None for v in values):
+                return None
+            return f"({inner} IN ({', '.join(values)}))"
+        return None
+
+    def render_where(self, filters: list[Expr]) -> tuple[str | None, list[Expr]]:
+        """Render the pushable conjuncts; returns (WHERE body or None, the conjuncts left out)."""
+        pushed, kept_local = [], []
+        for part in filters:
+            sql = self.render(part)
+            if sql is None:
+                kept_local.append(part)
+            else:
+                pushed.append(sql)
+        return (" AND ".join(pushed) if pushed else None), kept_local
+
+
+def quote_double(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def standard_literal(value: object) -> str | None:
+    """ANSI-style literal text, shared by DuckDB, SQLite and Postgres-like dialects."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None  # NaN and infinities have no portable literal
+        return repr(value)
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            return None  # time-zone semantics differ per backend: keep it local
+        return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
+    if isinstance(value, dt.date):
+        return f"DATE '{value.isoformat()}'"
+    return None

@@ -1,0 +1,129 @@
+"""The SQL safety gate: only read statements pass.
+
+This is the first of two locks. The second is the engine itself: DataFusion runs
+every statement with DDL, DML and session statements disabled, and the DuckDB
+sessions the stack opens have external access disabled and their configuration
+locked. The gate exists to give a precise message before anything is planned.
+"""
+from __future__ import annotations
+
+import re
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokens import TokenType
+
+READ_STATEMENTS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC")
+
+# Table functions that would read host files or the network, in any engine the stack embeds.
+FILE_READING_FUNCTIONS = {
+    "read_parquet", "parquet_scan", "read_csv", "read_csv_auto", "csv_scan", "read_json",
+    "read_json_auto", "read_json_objects", "read_ndjson", "read_ndjson_auto",
+    "read_ndjson_objects", "json_scan", "read_text", "read_blob", "glob", "read_avro",
+    "read_arrow", "read_xlsx", "sqlite_scan", "sqlite_attach", "postgres_scan",
+    "postgres_query", "mysql_scan", "mysql_query", "iceberg_scan", "delta_scan",
+    "parquet_metadata", "parquet_schema", "parquet_file_metadata", "parquet_kv_metadata",
+    "httpfs", "read_file", "lo_import", "pg_read_file", "pg_read_binary_file", "load_file",
+}
+
+_WRITE_NODES = (
+    exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter,
+    exp.TruncateTable, exp.Copy, exp.Set, exp.Command, exp.Attach, exp.Detach,
+    exp.Use, exp.Pragma, exp.Transaction, exp.Commit, exp.Rollback, exp.Into,
+    exp.LoadData, exp.Grant,
+)
+
+
+class UnsafeStatement(ValueError):
+    """A statement the stack refuses to run; the message is safe to show a client."""
+
+
+def check_read_only(sql: str) -> None:
+    """Raise UnsafeStatement unless ``sql`` is exactly one read statement."""
+    words = _leading_words(sql)
+    if not words:
+        raise UnsafeStatement("empty statement: send one SELECT, WITH, EXPLAIN, SHOW or DESCRIBE")
+    head = words[0]
+    if head not in READ_STATEMENTS and head != "(":
+        raise UnsafeStatement(
+            f"{head} statements are not allowed: flightdeck is read-only "
+            "(a statement must start with SELECT, WITH, VALUES, EXPLAIN, SHOW or DESCRIBE)")
+    if _statement_count(sql) > 1:
+        raise UnsafeStatement("only one statement per request is allowed")
+    if head in ("SHOW", "DESCRIBE", "DESC"):
+        return
+    body = _strip_explain(sql) if head == "EXPLAIN" else sql
+    try:
+        tree = sqlglot.parse_one(body, read="postgres")
+    except (ParseError, TokenError):
+        return  # the engine parses it under read-only options and gives its own error
+    _check_tree(tree)
+
+
+def _leading_words(sql: str) -> list[str]:
+    try:
+        tokens = sqlglot.tokenize(sql, read="postgres")
+    except TokenError:
+        return sql.strip().split()[:1]
+    return [t.text.upper() for t in tokens[:4]]
+
+
+def _statement_count(sql: str) -> int:
+    try:
+        tokens = sqlglot.tokenize(sql, read="postgres")
+    except TokenError:
+        return 1
+    count, seen_text = 0, False
+    for token in tokens:
+        if token.token_type == TokenType.SEMICOLON:
+            count += seen_text
+            seen_text = False
+        else:
+            seen_text = True
+    return count + seen_text
+
+
+_EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN(\s+(ANALYZE|VERBOSE|FORMAT\s+\w+))*\s+", re.IGNORECASE)
+
+
+def _strip_explain(sql: str) -> str:
+    inner = _EXPLAIN_PREFIX.sub("", sql, count=1)
+    if _leading_words(inner)[:1] and _leading_words(inner)[0] not in READ_STATEMENTS + ("(",):
+        raise UnsafeStatement("EXPLAIN is allowed only for read statements")
+    return inner
+
+
+def _check_tree(tree: exp.Expression) -> None:
+    for node in tree.walk():
+        if isinstance(node, _WRITE_NODES):
+            raise UnsafeStatement(
+                f"{type(node).__name__.upper()} is not allowed: flightdeck is read-only")
+        name = _function_name(node)
+        if name and name.lower() in FILE_READING_FUNCTIONS:
+            raise UnsafeStatement(
+                f"{name.lower()}() is not allowed: SQL reaches files and networks only through "
+                "configured datasets")
+        if isinstance(node, exp.Table) and _looks_like_path(node):
+            raise UnsafeStatement(
+                f"reading '{node.name}' directly is not allowed: query a configured dataset")
+
+
+def _function_name(node: exp.Expression) -> str | None:
+    if isinstance(node, exp.Anonymous):
+        return str(node.this)
+    if isinstance(node, exp.Func):
+        return node.sql_name()
+    return None
+
+
+def _looks_like_path(table: exp.Table) -> bool:
+    # DuckDB's replacement scans turn FROM 'file.csv' into a file read.
+    this = table.this
+    if not (isinstance(this, exp.Identifier) and this.quoted):
+        return False
+    return "/" in this.name or "\\" in this.name or bool(_FILE_SUFFIX.search(this.name))
+
+
+_FILE_SUFFIX = re.compile(r"\.(csv|tsv|parquet|json|ndjson|jsonl|txt|db|duckdb|sqlite|arrow|gz|zst)$",
+                          re.IGNORECASE)

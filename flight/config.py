@@ -1,0 +1,218 @@
+"""flightdeck.yaml: loading, `${env:NAME}` substitution and validation.
+
+Key names follow Spice AI's spicepod where the feature is the same. Errors name
+the key by its path (``datasets[1].from``) and say what was expected; they never
+repeat a value, so a secret in a bad place is not echoed back.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from federation.catalog import DatasetSpec
+from federation.connectors import check_kind
+
+ENV_REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+DATASET_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; str() lists every problem, one per line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Endpoint(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+    enabled: bool = True
+
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class User(_Strict):
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1)
+
+
+class Auth(_Strict):
+    api_keys: list[str] = Field(default_factory=list)
+    users: list[User] = Field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self.users)
+
+
+class Limits(_Strict):
+    max_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=15 * 1024 * 1024)
+    batch_rows: int = Field(default=65_536, ge=1024, le=1_048_576)
+    prepared_statement_ttl_seconds: int = Field(default=3600, ge=1)
+
+
+class Runtime(_Strict):
+    flight: Endpoint = Field(default_factory=lambda: Endpoint(port=50051))
+    http: Endpoint = Field(default_factory=lambda: Endpoint(port=8090))
+    auth: Auth = Field(default_factory=Auth)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _auth_beyond_loopback(self) -> "Runtime":
+        for name in ("flight", "http"):
+            endpoint = getattr(self, name)
+            if endpoint.enabled and not endpoint.is_loopback() and not self.auth.enabled:
+                raise ValueError(
+                    f"runtime.{name}.host binds beyond loopback: set runtime.auth "
+                    "(api_keys or users) first")
+        return self
+
+
+class DatasetConfig(_Strict):
+    from_: str = Field(alias="from")
+    name: str
+    description: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("from_")
+    @classmethod
+    def _known_connector(cls, value: str) -> str:
+        kind, separator, location = value.partition(":")
+        if not separator or not location:
+            raise ValueError("expected '<connector>:<location>', e.g. 'file:data/orders.parquet'")
+        problem = check_kind(kind)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not DATASET_NAME.match(value):
+            raise ValueError("expected a lowercase name like 'orders' or 'app.orders' "
+                             "(letters, digits, underscores; at most one schema)")
+        return value
+
+    def spec(self) -> DatasetSpec:
+        return DatasetSpec(name=self.name, source=self.from_, params=self.params,
+                           description=self.description)
+
+
+class FlightdeckConfig(_Strict):
+    version: str = "v1"
+    kind: str = "Flightdeck"
+    name: str = "flightdeck"
+    runtime: Runtime = Field(default_factory=Runtime)
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "FlightdeckConfig":
+        seen: dict[str, int] = {}
+        for index, dataset in enumerate(self.datasets):
+            qualified = dataset.name if "." in dataset.name else f"public.{dataset.name}"
+            if qualified in seen:
+                raise ValueError(f"datasets[{index}].name: '{dataset.name}' is already used "
+                                 f"by datasets[{seen[qualified]}]")
+            seen[qualified] = index
+        return self
+
+    def dataset_specs(self) -> list[DatasetSpec]:
+        return [d.spec() for d in self.datasets]
+
+
+class LoadedConfig:
+    """A validated config plus where it came from (relative paths resolve against it)."""
+
+    def __init__(self, config: FlightdeckConfig, base_dir: Path, secrets: set[str]):
+        self.config = config
+        self.base_dir = base_dir
+        self.secrets = secrets  # substituted values, to mask wherever text leaves the process
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> LoadedConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    return parse_config(raw if raw is not None else {}, path.parent.resolve(), environ)
+
+
+def parse_config(raw: Any, base_dir: Path, environ: dict[str, str] | None = None) -> LoadedConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("the configuration must be a mapping of keys (version, runtime, datasets)")
+    secrets: set[str] = set()
+    problems: list[str] = []
+    substituted = _substitute(raw, environ if environ is not None else dict(os.environ),
+                              "", secrets, problems)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    try:
+        config = FlightdeckConfig.model_validate(substituted)
+    except ValidationError as error:
+        raise ConfigError("\n".join(_describe(e) for e in error.errors())) from None
+    return LoadedConfig(config, base_dir, secrets)
+
+
+def _substitute(value: Any, environ: dict[str, str], where: str, secrets: set[str],
+                problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, environ, f"{where}.{k}" if where else str(k), secrets, problems)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, environ, f"{where}[{i}]", secrets, problems)
+                for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def replace(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in environ:
+                problems.append(f"{where}: environment variable {name} is not set")
+                return ""
+            secrets.add(environ[name])
+            return environ[name]
+        return ENV_REFERENCE.sub(replace, value)
+    return value
+
+
+def _describe(error: dict) -> str:
+    location = _location(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{location}: unknown key"
+    if kind == "missing":
+        return f"{location}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message
+
+
+def _location(parts: tuple) -> str:
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + ("from" if part == "from_" else str(part))
+    return text

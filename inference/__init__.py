@@ -1,0 +1,1 @@
+"""Local models (ONNX Runtime embeddings, tabular models) and search: see issue 5."""
