@@ -178,7 +178,10 @@ def _strip_strings(sql: str) -> str:
 
 
 _PLACEHOLDER_TYPE = re.compile(
-    r'Placeholder \{ id: "\$(\d+)", field: Some\(Field \{ name: "[^"]*", data_type: (\w+)')
+    r'Placeholder \{ id: "\$(\d+)", field: Some\(Field \{ name: "[^"]*", data_type: (.+?), nullable:')
+_DECIMAL_TYPE = re.compile(r"Decimal128\((\d+), (-?\d+)\)")
+_TIMESTAMP_TYPE = re.compile(r'Timestamp\((\w+), (?:None|Some\("([^"]+)"\))\)')
+_TIME_UNITS = {"Second": "s", "Millisecond": "ms", "Microsecond": "us", "Nanosecond": "ns"}
 _DATAFUSION_TYPES = {
     "Int8": pa.int8(), "Int16": pa.int16(), "Int32": pa.int32(), "Int64": pa.int64(),
     "UInt8": pa.uint8(), "UInt16": pa.uint16(), "UInt32": pa.uint32(), "UInt64": pa.uint64(),
@@ -189,6 +192,13 @@ _DATAFUSION_TYPES = {
 
 
 def _arrow_type(name: str) -> pa.DataType:
+    """Arrow type for DataFusion's debug rendering of a type; null when not recognised."""
+    decimal = _DECIMAL_TYPE.fullmatch(name)
+    if decimal:
+        return pa.decimal128(int(decimal.group(1)), int(decimal.group(2)))
+    timestamp = _TIMESTAMP_TYPE.fullmatch(name)
+    if timestamp and timestamp.group(1) in _TIME_UNITS:
+        return pa.timestamp(_TIME_UNITS[timestamp.group(1)], tz=timestamp.group(2))
     return _DATAFUSION_TYPES.get(name, pa.null())
 
 

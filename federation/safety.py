@@ -90,7 +90,7 @@ _EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN(\s+(ANALYZE|VERBOSE|FORMAT\s+\w+))*\s
 def _strip_explain(sql: str) -> str:
     inner = _EXPLAIN_PREFIX.sub("", sql, count=1)
     if _leading_words(inner)[:1] and _leading_words(inner)[0] not in READ_STATEMENTS + ("(",):
-        raise UnsafeStatement("EXPLAIN is allowed only for read statements")
+        raise UnsafeStatement("EXPLAIN of a write statement is not allowed: flightdeck is read-only")
     return inner
 
 

@@ -45,7 +45,9 @@ class AuthPolicy:
 
     def _basic(self, credential: str) -> tuple[str, str]:
         try:
-            username, _, password = base64.b64decode(credential).decode().partition(":")
+            # Go's Flight client sends base64 without padding.
+            padded = credential + "=" * (-len(credential) % 4)
+            username, _, password = base64.b64decode(padded).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             raise flight.FlightUnauthenticatedError("malformed Basic credentials") from None
         if self.enabled:

@@ -1,0 +1,39 @@
+# flightdeck: two commands do everything on a fresh machine.
+#   make run   creates .venv, installs, serves the bundled demo on 127.0.0.1:50051
+#   make test  installs the test extras, makes sure the test services are up, runs pytest
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test bench proto services clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/flightdeck run $(ARGS)
+
+services:
+	bash tests/services.sh
+
+test: $(VENV)/.installed-test services
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.flight
+
+proto: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m grpc_tools.protoc -Iflight/proto --python_out=flight/proto flight/proto/flight_sql.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench/data

@@ -1,0 +1,89 @@
+"""Shared fixtures: the demo data, a real server process, in-process servers, clients."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import adbc_driver_flightsql.dbapi as flightsql
+import pyarrow.flight as flight
+import pytest
+import yaml
+
+from flight.config import parse_config
+from flight.demo import ensure_demo
+from flight.runtime import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def demo_config(tmp_path_factory) -> Path:
+    return ensure_demo(tmp_path_factory.mktemp("demo") / "demo")
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flight.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        line = self.process.stdout.readline()
+        if not line.startswith("READY "):
+            self.process.kill()
+            raise RuntimeError(f"server did not start: {line}{self.process.stderr.read()}")
+        self.url = line.split()[1]
+
+    def stop(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            _, err = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return self.process.returncode, err
+
+
+@pytest.fixture(scope="session")
+def server(demo_config) -> Iterator[ServerProcess]:
+    process = ServerProcess(["run", "-c", str(demo_config), "--flight-port", "0"])
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def connection(server) -> Iterator[flightsql.Connection]:
+    with flightsql.connect(server.url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def flight_client(server) -> Iterator[flight.FlightClient]:
+    client = flight.FlightClient(server.url)
+    yield client
+    client.close()
+
+
+@contextmanager
+def serving(config: dict, base_dir: Path, environ: dict | None = None) -> Iterator[Runtime]:
+    """A Runtime serving ``config`` in this process (tests can look inside it)."""
+    config.setdefault("runtime", {}).setdefault("flight", {"port": 0})
+    loaded = parse_config(config, base_dir, environ if environ is not None else {})
+    runtime = Runtime(loaded)
+    thread = threading.Thread(target=runtime.server.serve, daemon=True)
+    thread.start()
+    try:
+        yield runtime
+    finally:
+        runtime.server.shutdown()
+        thread.join(timeout=10)
+        runtime.close()
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path

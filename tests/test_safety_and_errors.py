@@ -1,0 +1,162 @@
+"""Only reads run; refusals and failures reach the client cleanly; the server keeps serving."""
+from __future__ import annotations
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_manager
+import duckdb
+import pytest
+
+from federation.connectors import ConnectorError
+from federation.connectors.duckdb import DuckDBConnector
+from federation.safety import UnsafeStatement, check_read_only
+
+from conftest import serving
+
+REFUSED = {
+    "insert": "INSERT INTO orders (order_id) VALUES (1)",
+    "update": "UPDATE orders SET status = 'x'",
+    "delete": "DELETE FROM orders",
+    "create_table": "CREATE TABLE t (a INT)",
+    "create_table_as": "CREATE TABLE t AS SELECT 1",
+    "create_view": "CREATE VIEW v AS SELECT 1",
+    "create_external_table": "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+    "drop": "DROP TABLE orders",
+    "alter": "ALTER TABLE orders ADD COLUMN x INT",
+    "truncate": "TRUNCATE orders",
+    "copy_to": "COPY orders TO '/tmp/stolen.csv'",
+    "copy_from": "COPY orders FROM '/etc/passwd'",
+    "attach": "ATTACH '/tmp/other.duckdb' AS other",
+    "set": "SET datafusion.execution.batch_size = 1",
+    "install": "INSTALL httpfs",
+    "read_parquet": "SELECT * FROM read_parquet('/etc/passwd')",
+    "read_csv": "SELECT * FROM read_csv('/etc/passwd')",
+    "read_csv_auto": "SELECT * FROM read_csv_auto('/etc/passwd')",
+    "read_json": "SELECT * FROM read_json('/etc/hostname')",
+    "read_text": "SELECT * FROM read_text('/etc/passwd')",
+    "path_as_table": "SELECT * FROM '/etc/passwd'",
+    "file_as_table": "SELECT * FROM 'data/metrics.csv'",
+    "select_into": "SELECT * INTO stolen FROM orders",
+    "two_statements": "SELECT 1; DROP TABLE orders",
+    "cte_with_delete": "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+    "explain_write": "EXPLAIN DELETE FROM orders",
+    "begin": "BEGIN",
+    "pragma": "PRAGMA enable_external_access",
+}
+
+
+@pytest.mark.parametrize("statement", REFUSED.values(), ids=REFUSED.keys())
+def test_refused_statement_then_the_next_query_works(connection, statement):
+    with connection.cursor() as cursor:
+        with pytest.raises(adbc_driver_manager.Error) as raised:
+            cursor.execute(statement)
+            cursor.fetchall()
+        message = str(raised.value)
+        assert "not allowed" in message or "only one statement" in message
+        assert "Traceback" not in message
+        cursor.execute("SELECT count(*) FROM orders")
+        assert cursor.fetchone() == (30_000,)
+
+
+@pytest.mark.parametrize("statement", REFUSED.values(), ids=REFUSED.keys())
+def test_gate_refuses(statement):
+    with pytest.raises(UnsafeStatement):
+        check_read_only(statement)
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT 1", "  -- leading comment\n SELECT * FROM orders", "WITH x AS (SELECT 1) SELECT * FROM x",
+    "EXPLAIN SELECT * FROM orders", "EXPLAIN ANALYZE SELECT 1", "SHOW TABLES", "DESCRIBE orders",
+    "(SELECT 1) UNION ALL (SELECT 2)", "VALUES (1, 2)", "SELECT 1;", "SELECT 'DROP TABLE x' AS s",
+])
+def test_gate_passes_reads(statement):
+    check_read_only(statement)
+
+
+def test_show_describe_and_explain_run(connection):
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        assert ("flightdeck", "public", "orders", "BASE TABLE") in cursor.fetchall()
+        cursor.execute("DESCRIBE orders")
+        assert cursor.fetchall()[0][0] == "order_id"
+        cursor.execute("EXPLAIN SELECT status FROM orders WHERE order_id = 100001")
+        plan = " ".join(str(row) for row in cursor.fetchall())
+        assert "order_id" in plan
+
+
+def test_bad_sql_is_a_precise_error(connection):
+    with connection.cursor() as cursor:
+        with pytest.raises(adbc_driver_manager.Error, match="No field named nope"):
+            cursor.execute("SELECT nope FROM orders")
+        with pytest.raises(adbc_driver_manager.Error, match="not found"):
+            cursor.execute("SELECT * FROM no_such_table")
+        with pytest.raises(adbc_driver_manager.Error) as raised:
+            cursor.execute("SELECT 1/0")
+            cursor.fetchall()
+        assert "Divide by zero" in str(raised.value) and "Traceback" not in str(raised.value)
+        cursor.execute("SELECT 2")
+        assert cursor.fetchone() == (2,)
+
+
+def test_duckdb_connector_sessions_are_locked(tmp_path):
+    path = tmp_path / "locked.duckdb"
+    with duckdb.connect(str(path)) as setup:
+        setup.execute("CREATE TABLE t AS SELECT 1 AS a")
+    connector = DuckDBConnector({"duckdb_open": str(path)}, tmp_path)
+    with pytest.raises(ConnectorError, match="(?i)read-only|read only"):
+        connector.execute_sql("INSERT INTO t VALUES (2)").read_all()
+    with pytest.raises(ConnectorError, match="(?i)external access|disabled"):
+        connector.execute_sql("SELECT * FROM read_csv('/etc/passwd')").read_all()
+    with pytest.raises(ConnectorError, match="(?i)lock|configuration"):
+        connector.execute_sql("SET enable_external_access = true").read_all()
+    assert connector.execute_sql("SELECT a FROM t").read_all().to_pylist() == [{"a": 1}]
+    connector.close()
+
+
+def test_unavailable_backend_does_not_stop_startup_or_other_queries(tmp_path):
+    (tmp_path / "ok.csv").write_text("a,b\n1,x\n2,y\n")
+    config = {"datasets": [
+        {"from": "duckdb:orders", "name": "gone", "params": {"duckdb_open": "missing.duckdb"}},
+        {"from": "file:ok.csv", "name": "ok"},
+    ]}
+    with serving(config, tmp_path) as runtime, \
+            flightsql.connect(runtime.flight_url, autocommit=True) as conn, conn.cursor() as cursor:
+        assert runtime.catalog.datasets["public.gone"].state == "unavailable"
+        with pytest.raises(adbc_driver_manager.Error) as raised:
+            cursor.execute("SELECT * FROM gone")
+        message = str(raised.value)
+        assert "dataset gone is unavailable" in message and "missing.duckdb" in message
+        assert "(Unavailable;" in message  # gRPC UNAVAILABLE, as ADBC reports it
+        cursor.execute("SELECT sum(a) FROM ok")
+        assert cursor.fetchone() == (3,)
+
+
+API_KEY = "fd-test-key-0123456789"
+PASSWORD = "s3cret-password-xyz"
+
+
+def test_auth_with_api_keys_and_passwords(tmp_path):
+    (tmp_path / "ok.csv").write_text("a\n1\n")
+    config = {"datasets": [{"from": "file:ok.csv", "name": "ok"}],
+              "runtime": {"flight": {"port": 0},
+                          "auth": {"api_keys": ["${env:FD_KEY}"],
+                                   "users": [{"username": "agent", "password": "${env:FD_PASSWORD}"}]}}}
+    environ = {"FD_KEY": API_KEY, "FD_PASSWORD": PASSWORD}
+    with serving(config, tmp_path, environ) as runtime:
+        url = runtime.flight_url
+        with flightsql.connect(url, db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {API_KEY}"},
+                               autocommit=True) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT a FROM ok")
+            assert cursor.fetchall() == [(1,)]
+        with flightsql.connect(url, db_kwargs={"username": "agent", "password": PASSWORD},
+                               autocommit=True) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT a FROM ok")
+            assert cursor.fetchall() == [(1,)]
+        for kwargs in ({}, {"adbc.flight.sql.authorization_header": "Bearer wrong"},
+                       {"username": "agent", "password": "wrong"}):
+            with pytest.raises(adbc_driver_manager.Error) as raised:
+                with flightsql.connect(url, db_kwargs=kwargs, autocommit=True) as conn, \
+                        conn.cursor() as cursor:
+                    cursor.execute("SELECT a FROM ok")
+            message = str(raised.value)
+            assert "UNAUTHENTICATED" in message
+            assert API_KEY not in message and PASSWORD not in message
