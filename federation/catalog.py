@@ -98,7 +98,10 @@ class Catalog:
     def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
         spec = dataset.spec
         try:
-            if not dataset.connector.register_native(ctx, dataset.qualified_name, spec.location):
+            if dataset.connector.register_native(ctx, dataset.qualified_name, spec.location):
+                # What clients see is what the engine reads (e.g. partition column types).
+                dataset.arrow_schema = ctx.table(f"{CATALOG_NAME}.{dataset.qualified_name}").schema()
+            else:
                 ctx.register_dataset(dataset.qualified_name, ConnectorDataset(
                     dataset.connector, spec.location, dataset.arrow_schema))
         except ConnectorError as error:

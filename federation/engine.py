@@ -46,7 +46,9 @@ class QueryEngine:
                   .with_create_default_catalog_and_schema(True)
                   .with_information_schema(True)
                   .with_batch_size(self.settings.batch_rows)
-                  .with_target_partitions(self.settings.target_partitions))
+                  .with_target_partitions(self.settings.target_partitions)
+                  # Plain string/binary, not the view types: clients (JDBC, older ADBC) expect them.
+                  .set("datafusion.execution.parquet.schema_force_view_types", "false"))
         self.ctx = SessionContext(config)
         # The second lock after the gate: the engine itself refuses DDL, DML, COPY and SET.
         self.read_only = (SQLOptions().with_allow_ddl(False).with_allow_dml(False)

@@ -166,10 +166,11 @@ class FileConnector(Connector):
             ctx.register_dataset(name, self.dataset())
             return True
         partition_columns = self._partition_columns()
-        location = str(self.path) if not self.is_glob else str(self.path)
         try:
-            ctx.register_listing_table(
-                name, location, table_partition_cols=partition_columns or None,
+            # register_parquet (unlike register_listing_table) honours the session's
+            # Parquet options, e.g. plain strings instead of string views.
+            ctx.register_parquet(
+                name, str(self.path), table_partition_cols=partition_columns or None,
                 file_extension="" if (self.is_glob or self.path.is_file()) else ".parquet")
         except Exception as error:  # DataFusion raises a bare Exception
             raise ConnectorError(f"{self.describe()}: {error}") from None

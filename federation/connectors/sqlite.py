@@ -38,6 +38,8 @@ def arrow_type_for(declared: str) -> pa.DataType:
 
 
 def _value_converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
+    if pa.types.is_boolean(arrow_type):
+        return lambda v: v if v is None else bool(v)  # SQLite stores booleans as 0/1
     if pa.types.is_timestamp(arrow_type):
         return lambda v: v if v is None or isinstance(v, dt.datetime) else dt.datetime.fromisoformat(str(v))
     if pa.types.is_date32(arrow_type):
