@@ -89,8 +89,8 @@ class FileConnector(Connector):
         return self._dataset
 
     def _open_dataset(self) -> ds.Dataset:
-        partitioning = "hive" if self.path.is_dir() and self.format != "markdown" else None
-        root = str(self.path) if self.path.is_dir() else None
+        root = self._partition_root()
+        partitioning = "hive" if root is not None and self.format != "markdown" else None
         try:
             if self.format == "markdown":
                 return ds.dataset(self._read_markdown())
@@ -101,6 +101,16 @@ class FileConnector(Connector):
                               partition_base_dir=root)
         except (pa.ArrowInvalid, OSError, ValueError) as error:
             raise ConnectorError(f"{self.describe()}: {error}") from None
+
+    def _partition_root(self) -> str | None:
+        """The folder hive-style partition names are read below (a folder, or a glob's fixed part)."""
+        if self.path.is_dir():
+            return str(self.path)
+        if self.is_glob:
+            fixed = str(self.path)[:min(str(self.path).find(c) for c in GLOB_CHARACTERS
+                                        if c in str(self.path))]
+            return fixed if fixed.endswith("/") else str(Path(fixed).parent)
+        return None
 
     def _pyarrow_format(self) -> ds.FileFormat | str:
         if self.format == "csv":
@@ -162,7 +172,8 @@ class FileConnector(Connector):
     # ---- DataFusion registration ----
 
     def register_native(self, ctx: Any, name: str, table: str) -> bool:
-        if self.format != "parquet":
+        if self.format != "parquet" or self.is_glob:
+            # DataFusion's own listing misses multi-level globs: the files are expanded here.
             ctx.register_dataset(name, self.dataset())
             return True
         partition_columns = self._partition_columns()
@@ -171,7 +182,7 @@ class FileConnector(Connector):
             # Parquet options, e.g. plain strings instead of string views.
             ctx.register_parquet(
                 name, str(self.path), table_partition_cols=partition_columns or None,
-                file_extension="" if (self.is_glob or self.path.is_file()) else ".parquet")
+                file_extension="" if self.path.is_file() else ".parquet")
         except Exception as error:  # DataFusion raises a bare Exception
             raise ConnectorError(f"{self.describe()}: {error}") from None
         return True

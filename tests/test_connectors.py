@@ -1,0 +1,220 @@
+"""Foundation connectors against real files: discovery, pushdown, limits, read-only opens."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from federation import expr as fx
+from federation.arrow_expr import decode, referenced_fields, to_arrow
+from federation.catalog import Catalog, DatasetSpec
+from federation.connectors import ConnectorError
+from federation.connectors.file import FileConnector
+from federation.connectors.sqlite import SQLiteConnector, arrow_type_for
+from federation.engine import QueryEngine
+
+# ---- the expression format DataFusion hands to Python datasets (pinned pyarrow) ----
+
+
+def test_decode_arrow_expressions():
+    expression = ((pc.field("a") > 5) & (pc.field("b") == "x")) | pc.field("c").isin([1, 2])
+    assert decode(expression) == fx.Or((
+        fx.And((fx.Compare(">", fx.Column("a"), fx.Literal(5)),
+                fx.Compare("=", fx.Column("b"), fx.Literal("x")))),
+        fx.InList(fx.Column("c"), (1, 2))))
+    assert decode(pc.scalar(3) < pc.field("a")) == fx.Compare(">", fx.Column("a"), fx.Literal(3))
+    assert decode(~pc.field("d").is_null()) == fx.Not(fx.IsNull(fx.Column("d")))
+    assert decode(pc.field("d").is_valid()) == fx.Not(fx.IsNull(fx.Column("d")))
+    day = dt.date(2026, 11, 20)
+    assert decode(pc.field("day") >= pc.scalar(day)) == fx.Compare(">=", fx.Column("day"), fx.Literal(day))
+
+
+def test_undecodable_parts_are_dropped_only_under_and():
+    cast = pc.field("t").cast(pa.int32()) == 1
+    assert decode((pc.field("a") > 1) & cast) == fx.Compare(">", fx.Column("a"), fx.Literal(1))
+    assert decode((pc.field("a") > 1) | cast) is None
+    assert decode(~cast) is None
+    assert referenced_fields((pc.field("a") > 1) & cast) == {"a", "t"}
+
+
+def test_to_arrow_round_trips():
+    original = fx.And((fx.Compare("<=", fx.Column("x"), fx.Literal(3)),
+                       fx.Or((fx.InList(fx.Column("y"), ("a", "b")), fx.IsNull(fx.Column("y"))))))
+    assert decode(to_arrow(original)) == original
+
+
+def test_sql_rendering():
+    renderer = fx.SqlRenderer(fx.quote_double, fx.standard_literal)
+    where, kept = renderer.render_where([
+        fx.Compare("=", fx.Column('we"ird'), fx.Literal("it's")),
+        fx.Compare(">", fx.Column("at"), fx.Literal(dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))),
+        fx.InList(fx.Column("n"), (1, 2)),
+    ])
+    assert where == '("we""ird" = \'it\'\'s\') AND ("n" IN (1, 2))'
+    assert len(kept) == 1  # a time-zone literal stays local
+
+
+# ---- file: ----
+
+
+@pytest.fixture
+def files(tmp_path):
+    table = pa.table({"id": [1, 2, 3, 4], "name": ["a", "b", "c", "d"], "score": [0.5, 1.5, 2.5, None]})
+    pq.write_table(table, tmp_path / "one.parquet")
+    for region, part in (("eu", table.slice(0, 2)), ("us", table.slice(2))):
+        (tmp_path / "hive" / f"region={region}").mkdir(parents=True)
+        pq.write_table(part, tmp_path / "hive" / f"region={region}" / "part.parquet")
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "a.csv").write_text("id,name\n1,a\n2,b\n")
+    (tmp_path / "csv" / "b.csv").write_text("id,name\n3,c\n")
+    (tmp_path / "rows.ndjson").write_text('{"id": 1, "tags": ["x"]}\n{"id": 2, "tags": []}\n')
+    (tmp_path / "api.json").write_text(json.dumps([{"id": 1, "user": {"login": "ada"}}]))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "guide.md").write_text("# Pooling\n\nUse transaction mode.\n")
+    return tmp_path
+
+
+def _query(tmp_path, specs, sql):
+    engine = QueryEngine(Catalog(specs, tmp_path))
+    return engine.query(sql).read_all()
+
+
+def test_file_formats_and_layouts(files):
+    specs = [
+        DatasetSpec("single", "file:one.parquet"),
+        DatasetSpec("hive", "file:hive/"),
+        DatasetSpec("globbed", "file:hive/*/*.parquet"),
+        DatasetSpec("csvs", "file:csv/"),
+        DatasetSpec("csv_glob", "file:csv/*.csv"),
+        DatasetSpec("lines", "file:rows.ndjson"),
+        DatasetSpec("api", "file:api.json"),
+        DatasetSpec("docs", "file:docs/"),
+    ]
+    assert _query(files, specs, "SELECT sum(id) AS s FROM single").to_pylist() == [{"s": 10}]
+    hive = _query(files, specs, "SELECT region, count(*) AS n FROM hive GROUP BY region ORDER BY region")
+    assert hive.to_pylist() == [{"region": "eu", "n": 2}, {"region": "us", "n": 2}]
+    assert _query(files, specs, "SELECT count(*) AS n FROM globbed").to_pylist() == [{"n": 4}]
+    assert _query(files, specs, "SELECT max(id) AS m FROM csvs").to_pylist() == [{"m": 3}]
+    assert _query(files, specs, "SELECT count(*) AS n FROM csv_glob").to_pylist() == [{"n": 3}]
+    lines = _query(files, specs, "SELECT id, tags FROM lines ORDER BY id")
+    assert lines.to_pylist() == [{"id": 1, "tags": ["x"]}, {"id": 2, "tags": []}]
+    assert _query(files, specs, "SELECT \"user\"['login'] AS login FROM api").to_pylist() == [{"login": "ada"}]
+    docs = _query(files, specs, "SELECT path, title, content FROM docs")
+    assert docs.to_pylist()[0]["path"] == "guide.md" and docs.to_pylist()[0]["title"] == "Pooling"
+
+
+def test_file_scan_pushes_projection_filter_and_limit(files):
+    connector = FileConnector({}, files, "hive/")
+    reader = connector.scan("hive/", ["id", "region"],
+                            [fx.Compare(">", fx.Column("id"), fx.Literal(1))], limit=2)
+    table = reader.read_all()
+    assert table.column_names == ["id", "region"] and table.num_rows == 2
+    assert all(v > 1 for v in table.column("id").to_pylist())
+    assert connector.row_count("hive/") == 4
+
+
+def test_file_errors_are_clear(files):
+    with pytest.raises(ConnectorError, match="does not exist"):
+        FileConnector({}, files, "missing.parquet")
+    (files / "odd.bin").write_bytes(b"x")
+    with pytest.raises(ConnectorError, match="set params.file_format"):
+        FileConnector({}, files, "odd.bin")
+
+
+# ---- sqlite: and duckdb: through the engine (pushdown visible in the source counters) ----
+
+
+@pytest.fixture
+def databases(tmp_path):
+    with sqlite3.connect(tmp_path / "crm.sqlite") as con:
+        con.execute("CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT, city TEXT)")
+        con.executemany("INSERT INTO people VALUES (?, ?, ?)",
+                        [(i, f"p{i}", "Paris" if i % 2 else "Rome") for i in range(1, 1001)])
+    with duckdb.connect(str(tmp_path / "events.duckdb")) as con:
+        con.execute("CREATE TABLE events AS SELECT range AS id, range % 10 AS kind, "
+                    "'e' || range AS label FROM range(500000)")
+    return tmp_path
+
+
+def _engine(databases):
+    specs = [DatasetSpec("people", "sqlite:people", {"sqlite_file": "crm.sqlite"}),
+             DatasetSpec("events", "duckdb:events", {"duckdb_open": "events.duckdb"})]
+    catalog = Catalog(specs, databases)
+    return QueryEngine(catalog), catalog
+
+
+def test_filters_and_projection_reach_the_backend(databases):
+    engine, catalog = _engine(databases)
+    rows = engine.query("SELECT name FROM people WHERE city = 'Rome' AND id <= 10").read_all()
+    assert sorted(rows.column("name").to_pylist()) == ["p10", "p2", "p4", "p6", "p8"]
+    people = catalog.datasets["public.people"].connector.stats
+    assert people.rows == 5
+    assert "WHERE" in people.last_request and '"city" = \'Rome\'' in people.last_request
+    assert people.last_request.startswith('SELECT "name", ')
+
+    engine.query("SELECT label FROM events WHERE id IN (7, 70, 700)").read_all()
+    events = catalog.datasets["public.events"].connector.stats
+    # DataFusion rewrites a short IN list to ORs before handing it over
+    assert events.rows == 3 and '("id" = 7) OR ("id" = 70)' in events.last_request
+
+
+def test_filters_the_backend_cannot_take_are_applied_locally(databases):
+    engine, catalog = _engine(databases)
+    result = engine.query("SELECT id FROM people WHERE length(name) = 4 AND id < 200 ORDER BY id").read_all()
+    assert result.column("id").to_pylist() == list(range(100, 200))
+    stats = catalog.datasets["public.people"].connector.stats
+    assert stats.rows == 199  # id < 200 was pushed; length(name) = 4 ran locally
+
+
+def test_limit_stops_the_scan_early(databases):
+    engine, catalog = _engine(databases)
+    assert engine.query("SELECT * FROM events LIMIT 5").read_all().num_rows == 5
+    assert catalog.datasets["public.events"].connector.stats.rows < 500_000 // 2
+
+
+def test_cross_backend_join(databases):
+    engine, _ = _engine(databases)
+    result = engine.query("SELECT p.city, count(*) AS n FROM events e JOIN people p ON p.id = e.id "
+                          "WHERE e.kind = 3 GROUP BY p.city ORDER BY p.city").read_all()
+    assert result.to_pylist() == [{"city": "Paris", "n": 100}]
+
+
+def test_backends_are_opened_read_only(databases):
+    _, catalog = _engine(databases)
+    sqlite = catalog.datasets["public.people"].connector
+    with pytest.raises(ConnectorError, match="readonly"):
+        sqlite.execute_sql("DELETE FROM people").read_all()
+    duck = catalog.datasets["public.events"].connector
+    with pytest.raises(ConnectorError, match="(?i)read-only|read only"):
+        duck.execute_sql("DELETE FROM events").read_all()
+
+
+def test_primary_keys_are_discovered(databases):
+    _, catalog = _engine(databases)
+    assert catalog.datasets["public.people"].primary_key == ["id"]
+    assert catalog.datasets["public.events"].primary_key == []
+
+
+@pytest.mark.parametrize("declared,expected", [
+    ("INTEGER", pa.int64()), ("BIGINT", pa.int64()), ("VARCHAR(20)", pa.string()), ("TEXT", pa.string()),
+    ("REAL", pa.float64()), ("DOUBLE PRECISION", pa.float64()), ("BLOB", pa.binary()),
+    ("DECIMAL(12, 3)", pa.decimal128(12, 3)), ("NUMERIC", pa.float64()), ("BOOLEAN", pa.bool_()),
+    ("DATE", pa.date32()), ("DATETIME", pa.timestamp("us")), ("", pa.string()),
+])
+def test_sqlite_type_mapping(declared, expected):
+    assert arrow_type_for(declared) == expected
+
+
+def test_sqlite_unconvertible_values_name_the_column(tmp_path):
+    with sqlite3.connect(tmp_path / "bad.sqlite") as con:
+        con.execute("CREATE TABLE t (id INTEGER, day DATE)")
+        con.execute("INSERT INTO t VALUES (1, 'not a date')")
+    connector = SQLiteConnector({"sqlite_file": "bad.sqlite"}, tmp_path)
+    with pytest.raises((ConnectorError, ValueError), match="day|not a date"):
+        connector.scan("t", None, [], None).read_all()
