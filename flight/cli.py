@@ -7,13 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-# DataFusion allocates with mimalloc, which by default keeps freed memory for a while: a
-# sidecar that streams a large result would keep that memory long after. Return it at once
-# (set before DataFusion is loaded; bench/flight.py measures the cost).
-os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
-
-import click  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import click
+import pyarrow as pa
 
 from flight import __version__
 from flight.config import ConfigError, LoadedConfig, load_config

@@ -64,10 +64,14 @@ def parse(message_class, data: bytes):
 @dataclass
 class PreparedStatement:
     sql: str
-    dataset_schema: pa.Schema
+    planned: PlannedQuery          # the plan without parameters, reused until some are bound
     parameter_schema: pa.Schema
     parameters: list[Any] | None = None
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def dataset_schema(self) -> pa.Schema:
+        return self.planned.schema
 
 
 @dataclass
@@ -208,6 +212,8 @@ class FlightSqlServer(flight.FlightServerBase):
             return self.engine.plan(command.query)
         handle = parse(sql_pb.CommandPreparedStatementQuery, body).prepared_statement_handle
         statement = self.handles.get_prepared(handle)
+        if statement.parameters is None and len(statement.parameter_schema) == 0:
+            return statement.planned  # ADBC prepares every statement: plan it once
         return self.engine.plan(statement.sql, statement.parameters)
 
     @staticmethod
@@ -364,8 +370,7 @@ class FlightSqlServer(flight.FlightServerBase):
         request = parse(sql_pb.ActionCreatePreparedStatementRequest, value)
         self._refuse_transaction(request)
         planned = self.engine.plan(request.query)
-        statement = PreparedStatement(request.query, planned.schema,
-                                      self.engine.parameter_schema(request.query))
+        statement = PreparedStatement(request.query, planned, self.engine.parameter_schema(request.query))
         handle = self.handles.add_prepared(statement)
         result = sql_pb.ActionCreatePreparedStatementResult(
             prepared_statement_handle=handle,
