@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -27,6 +27,7 @@ from flight.proto import flight_sql_pb2 as sql_pb
 log = logging.getLogger("flightdeck.flight")
 
 TYPE_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
+Item = TypeVar("Item")
 READ_ONLY_MESSAGE = "flightdeck is read-only: {what} is not allowed"
 CANCEL_STATUS_CANCELLED, CANCEL_STATUS_NOT_CANCELLABLE = 1, 3
 CLOSE_SESSION_CLOSED = 1
@@ -67,7 +68,6 @@ class PreparedStatement:
     planned: PlannedQuery          # the plan without parameters, reused until some are bound
     parameter_schema: pa.Schema
     parameters: list[Any] | None = None
-    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def dataset_schema(self) -> pa.Schema:
@@ -78,59 +78,41 @@ class PreparedStatement:
 class PendingQuery:
     planned: PlannedQuery
     cancelled: threading.Event = field(default_factory=threading.Event)
-    created: float = field(default_factory=time.monotonic)
 
 
-class Handles:
-    """Prepared statements and issued tickets, by opaque handle, evicted when idle."""
+class HandleRegistry(Generic[Item]):
+    """Items by opaque handle; an item unused for ``ttl_seconds`` is forgotten."""
 
-    def __init__(self, ttl_seconds: float):
+    def __init__(self, ttl_seconds: float, missing: str):
         self.ttl_seconds = ttl_seconds
-        self.prepared: dict[bytes, PreparedStatement] = {}
-        self.queries: dict[bytes, PendingQuery] = {}
+        self.missing = missing
+        self._items: dict[bytes, tuple[Item, float]] = {}
         self._lock = threading.Lock()
 
-    def add_prepared(self, statement: PreparedStatement) -> bytes:
+    def add(self, item: Item) -> bytes:
         handle = uuid.uuid4().bytes
         with self._lock:
-            self._evict()
-            self.prepared[handle] = statement
+            oldest = time.monotonic() - self.ttl_seconds
+            self._items = {h: entry for h, entry in self._items.items() if entry[1] > oldest}
+            self._items[handle] = (item, time.monotonic())
         return handle
 
-    def get_prepared(self, handle: bytes) -> PreparedStatement:
+    def get(self, handle: bytes) -> Item:
         with self._lock:
-            statement = self.prepared.get(handle)
-        if statement is None:
-            raise flight.FlightServerError("unknown or closed prepared statement handle")
-        statement.last_used = time.monotonic()
-        return statement
+            entry = self._items.get(handle)
+            if entry is None:
+                raise flight.FlightServerError(self.missing)
+            self._items[handle] = (entry[0], time.monotonic())
+        return entry[0]
 
-    def close_prepared(self, handle: bytes) -> None:
+    def find(self, handle: bytes) -> Item | None:
         with self._lock:
-            self.prepared.pop(handle, None)
+            entry = self._items.get(handle)
+        return None if entry is None else entry[0]
 
-    def add_query(self, query: PendingQuery) -> bytes:
-        handle = uuid.uuid4().bytes
+    def remove(self, handle: bytes) -> None:
         with self._lock:
-            self._evict()
-            self.queries[handle] = query
-        return handle
-
-    def get_query(self, handle: bytes) -> PendingQuery:
-        with self._lock:
-            query = self.queries.get(handle)
-        if query is None:
-            raise flight.FlightServerError("unknown or expired ticket: call GetFlightInfo again")
-        return query
-
-    def forget_query(self, handle: bytes) -> None:
-        with self._lock:
-            self.queries.pop(handle, None)
-
-    def _evict(self) -> None:
-        oldest = time.monotonic() - self.ttl_seconds
-        self.prepared = {h: s for h, s in self.prepared.items() if s.last_used > oldest}
-        self.queries = {h: q for h, q in self.queries.items() if q.created > oldest}
+            self._items.pop(handle, None)
 
 
 # ---- error mapping --------------------------------------------------------
@@ -160,7 +142,10 @@ class FlightSqlServer(flight.FlightServerBase):
                          middleware={"auth": AuthMiddlewareFactory(auth)})
         self.engine = engine
         self.max_batch_bytes = max_batch_bytes
-        self.handles = Handles(handle_ttl_seconds)
+        self.prepared: HandleRegistry[PreparedStatement] = HandleRegistry(
+            handle_ttl_seconds, "unknown or closed prepared statement handle")
+        self.queries: HandleRegistry[PendingQuery] = HandleRegistry(
+            handle_ttl_seconds, "unknown or expired ticket: call GetFlightInfo again")
         self.redact = redact
 
     def to_flight_error(self, error: Exception) -> flight.FlightError:
@@ -186,7 +171,7 @@ class FlightSqlServer(flight.FlightServerBase):
         name, body = unpack(descriptor.command)
         if name in ("CommandStatementQuery", "CommandPreparedStatementQuery"):
             planned = self._plan(name, body)
-            handle = self.handles.add_query(PendingQuery(planned))
+            handle = self.queries.add(PendingQuery(planned))
             ticket = pack(sql_pb.TicketStatementQuery(statement_handle=handle))
             rows = self.engine.known_row_count(planned)
             return flight.FlightInfo(planned.schema, descriptor, [flight.FlightEndpoint(ticket, [])],
@@ -202,7 +187,7 @@ class FlightSqlServer(flight.FlightServerBase):
             return flight.SchemaResult(self._plan(name, body).schema)
         if name == "CommandPreparedStatementQuery":
             handle = parse(sql_pb.CommandPreparedStatementQuery, body).prepared_statement_handle
-            return flight.SchemaResult(self.handles.get_prepared(handle).dataset_schema)
+            return flight.SchemaResult(self.prepared.get(handle).dataset_schema)
         return flight.SchemaResult(self._metadata_schema(name, body))
 
     def _plan(self, name: str, body: bytes) -> PlannedQuery:
@@ -211,7 +196,7 @@ class FlightSqlServer(flight.FlightServerBase):
             self._refuse_transaction(command)
             return self.engine.plan(command.query)
         handle = parse(sql_pb.CommandPreparedStatementQuery, body).prepared_statement_handle
-        statement = self.handles.get_prepared(handle)
+        statement = self.prepared.get(handle)
         if statement.parameters is None and len(statement.parameter_schema) == 0:
             return statement.planned  # ADBC prepares every statement: plan it once
         return self.engine.plan(statement.sql, statement.parameters)
@@ -255,9 +240,9 @@ class FlightSqlServer(flight.FlightServerBase):
         return flight.RecordBatchStream(self._metadata_table(name, body))
 
     def _stream_query(self, context, handle: bytes) -> flight.FlightDataStream:
-        query = self.handles.get_query(handle)
+        query = self.queries.get(handle)
         if query.cancelled.is_set():
-            self.handles.forget_query(handle)
+            self.queries.remove(handle)
             raise flight.FlightCancelledError("the query was cancelled")
         reader = self.engine.execute(query.planned)
         batches = self._guarded(context, handle, query, reader)
@@ -277,7 +262,7 @@ class FlightSqlServer(flight.FlightServerBase):
             raise self.to_flight_error(_unwrap_stream_error(error)) from None
         finally:
             reader.close()
-            self.handles.forget_query(handle)
+            self.queries.remove(handle)
 
     def _metadata_table(self, name: str, body: bytes) -> pa.Table:
         catalog = self.engine.catalog
@@ -318,7 +303,7 @@ class FlightSqlServer(flight.FlightServerBase):
             self._metadata_schema(name, body)  # raises: writes are refused, others unsupported
             raise flight.FlightServerError(f"DoPut does not take {name}")
         handle = parse(sql_pb.CommandPreparedStatementQuery, body).prepared_statement_handle
-        statement = self.handles.get_prepared(handle)
+        statement = self.prepared.get(handle)
         parameters = reader.read_all()
         if parameters.num_rows > 1:
             raise flight.FlightServerError(
@@ -371,7 +356,7 @@ class FlightSqlServer(flight.FlightServerBase):
         self._refuse_transaction(request)
         planned = self.engine.plan(request.query)
         statement = PreparedStatement(request.query, planned, self.engine.parameter_schema(request.query))
-        handle = self.handles.add_prepared(statement)
+        handle = self.prepared.add(statement)
         result = sql_pb.ActionCreatePreparedStatementResult(
             prepared_statement_handle=handle,
             dataset_schema=statement.dataset_schema.serialize().to_pybytes(),
@@ -381,7 +366,7 @@ class FlightSqlServer(flight.FlightServerBase):
     def _close_prepared_statement(self, body: bytes) -> list:
         _, value = unpack(body)
         handle = parse(sql_pb.ActionClosePreparedStatementRequest, value).prepared_statement_handle
-        self.handles.close_prepared(handle)
+        self.prepared.remove(handle)
         return []
 
     def _cancel_flight_info(self, body: bytes) -> list[flight.Result]:
@@ -405,7 +390,7 @@ class FlightSqlServer(flight.FlightServerBase):
             if name != "TicketStatementQuery":
                 continue
             handle = parse(sql_pb.TicketStatementQuery, body).statement_handle
-            query = self.handles.queries.get(handle)
+            query = self.queries.find(handle)
             if query is not None:
                 query.cancelled.set()
                 cancelled = True

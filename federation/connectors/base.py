@@ -98,6 +98,15 @@ class Connector(ABC):
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
+    def required_database_file(self, param: str) -> Path:
+        """The existing database file named by ``params[param]``."""
+        if param not in self.params:
+            raise ConnectorError(f"{self.kind}: params.{param} (the database file) is required")
+        path = self.resolve_path(str(self.params[param]))
+        if not path.exists():
+            raise ConnectorError(f"{self.kind}: database file {path} does not exist")
+        return path
+
 
 class SqlConnector(Connector):
     """A backend that speaks SQL: scans become SELECTs in the backend's dialect."""

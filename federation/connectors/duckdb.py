@@ -24,11 +24,7 @@ class DuckDBConnector(SqlConnector):
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
-        if "duckdb_open" not in params:
-            raise ConnectorError("duckdb: params.duckdb_open (the database file) is required")
-        self.path = self.resolve_path(str(params["duckdb_open"]))
-        if not self.path.exists():
-            raise ConnectorError(f"duckdb: database file {self.path} does not exist")
+        self.path = self.required_database_file("duckdb_open")
         self._connection = open_locked_duckdb(str(self.path), read_only=True)
         self._lock = threading.Lock()
 

@@ -57,11 +57,7 @@ class SQLiteConnector(SqlConnector):
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
-        if "sqlite_file" not in params:
-            raise ConnectorError("sqlite: params.sqlite_file (the database file) is required")
-        self.path = self.resolve_path(str(params["sqlite_file"]))
-        if not self.path.exists():
-            raise ConnectorError(f"sqlite: database file {self.path} does not exist")
+        self.path = self.required_database_file("sqlite_file")
 
     @property
     def compute_context(self) -> str:
