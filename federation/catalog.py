@@ -50,6 +50,7 @@ class Dataset:
     arrow_schema: pa.Schema | None = None
     primary_key: list[str] = field(default_factory=list)
     error: str | None = None
+    skipped_columns: list[str] = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -75,6 +76,10 @@ class Catalog:
             dataset.connector = self.pool.open(spec.kind, spec.location, spec.params)
             dataset.arrow_schema = dataset.connector.schema(spec.location)
             dataset.primary_key = spec.primary_key or dataset.connector.primary_key(spec.location)
+            dataset.skipped_columns = dataset.connector.unsupported_columns(spec.location)
+            if dataset.skipped_columns:
+                log.warning("dataset %s: columns of unsupported types are left out: %s",
+                            spec.name, ", ".join(dataset.skipped_columns))
         except ConnectorError as error:
             dataset.error = str(error)
             log.warning("dataset %s is unavailable: %s", spec.name, error)

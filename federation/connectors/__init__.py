@@ -13,9 +13,11 @@ AVAILABLE_KINDS = {
     "file": "federation.connectors.file:FileConnector",
     "duckdb": "federation.connectors.duckdb:DuckDBConnector",
     "sqlite": "federation.connectors.sqlite:SQLiteConnector",
+    "postgres": "federation.connectors.postgres:PostgresConnector",
+    "mysql": "federation.connectors.mysql:MySQLConnector",
 }
 # Named in the mission and accepted by `from:` once their connector lands.
-PLANNED_KINDS = ("postgres", "mysql", "iceberg", "snowflake", "mongodb", "http", "https",
+PLANNED_KINDS = ("iceberg", "snowflake", "mongodb", "http", "https",
                  "github", "git", "flightsql")
 
 

@@ -79,6 +79,10 @@ class Connector(ABC):
     def primary_key(self, table: str) -> list[str]:
         return []
 
+    def unsupported_columns(self, table: str) -> list[str]:
+        """Columns left out of ``schema(table)`` because their type has no Arrow mapping."""
+        return []
+
     def row_count(self, table: str) -> int | None:
         """The table's row count when it is cheap to know, else None."""
         return None

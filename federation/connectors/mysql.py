@@ -1,0 +1,217 @@
+"""`mysql:db.table` — MySQL and MariaDB through PyMySQL, rows streamed into Arrow.
+
+There is no ADBC driver for MySQL; PyMySQL streams rows with an unbuffered cursor and
+every session is ``READ ONLY`` at the server before any statement runs.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from typing import Any, Callable
+
+import pyarrow as pa
+import pymysql
+import pymysql.cursors
+
+from federation import expr as fx
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+
+_SIMPLE_TYPES = {
+    "tinyint": pa.int8(), "smallint": pa.int16(), "mediumint": pa.int32(), "int": pa.int32(),
+    "integer": pa.int32(), "bigint": pa.int64(), "float": pa.float32(), "double": pa.float64(),
+    "real": pa.float64(), "varchar": pa.string(), "char": pa.string(), "text": pa.string(),
+    "tinytext": pa.string(), "mediumtext": pa.string(), "longtext": pa.string(), "json": pa.string(),
+    "enum": pa.string(), "set": pa.string(), "date": pa.date32(), "datetime": pa.timestamp("us"),
+    "timestamp": pa.timestamp("us", tz="UTC"), "time": pa.duration("us"), "year": pa.int16(),
+    "blob": pa.binary(), "tinyblob": pa.binary(), "mediumblob": pa.binary(), "longblob": pa.binary(),
+    "binary": pa.binary(), "varbinary": pa.binary(), "bit": pa.int64(),
+}
+_UNSIGNED = {"tinyint": pa.uint8(), "smallint": pa.uint16(), "mediumint": pa.uint32(),
+             "int": pa.uint32(), "integer": pa.uint32(), "bigint": pa.uint64()}
+
+
+def arrow_type_for(data_type: str, column_type: str, precision: int | None,
+                   scale: int | None) -> pa.DataType | None:
+    """Arrow type of a MySQL column (information_schema names), or None if unsupported."""
+    if data_type == "decimal":
+        return pa.decimal128(precision or 10, scale or 0)
+    if "unsigned" in column_type and data_type in _UNSIGNED:
+        return _UNSIGNED[data_type]
+    if column_type == "tinyint(1)":
+        return pa.bool_()
+    return _SIMPLE_TYPES.get(data_type)
+
+
+def mysql_literal(value: object) -> str | None:
+    """MySQL treats backslashes in strings as escapes: double them."""
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    if isinstance(value, bytes):
+        return None
+    return fx.standard_literal(value)
+
+
+def _quote_backtick(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
+    if pa.types.is_boolean(arrow_type):
+        return lambda v: None if v is None else bool(v)
+    if pa.types.is_timestamp(arrow_type) and arrow_type.tz:
+        return lambda v: None if v is None else v.replace(tzinfo=dt.timezone.utc)
+    if pa.types.is_decimal(arrow_type):
+        return lambda v: None if v is None else decimal.Decimal(v)
+    if pa.types.is_integer(arrow_type):
+        return lambda v: None if v is None else (int.from_bytes(v, "big") if isinstance(v, bytes) else int(v))
+    return None
+
+
+class MySQLConnector(SqlConnector):
+    kind = "mysql"
+    dialect = "mysql"
+    renderer = fx.SqlRenderer(_quote_backtick, mysql_literal)
+
+    def __init__(self, params: dict[str, Any], base_dir):
+        super().__init__(params, base_dir)
+        self.host = str(params.get("mysql_host", "127.0.0.1"))
+        self.port = int(params.get("mysql_tcp_port", 3306))
+        self.database = params.get("mysql_db")
+        self.user = str(params.get("mysql_user", "root"))
+        self._password = str(params.get("mysql_pass", ""))
+        self.timeout = int(params.get("connect_timeout", 10))
+
+    @property
+    def compute_context(self) -> str:
+        return f"mysql://{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        return f"mysql ({self.host}:{self.port})"
+
+    def _connect(self) -> pymysql.connections.Connection:
+        try:
+            return pymysql.connect(
+                host=self.host, port=self.port, user=self.user, password=self._password,
+                database=self.database, connect_timeout=self.timeout, charset="utf8mb4",
+                cursorclass=pymysql.cursors.SSCursor, autocommit=True,
+                init_command="SET SESSION TRANSACTION READ ONLY")
+        except pymysql.MySQLError as error:
+            raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
+
+    def _clean(self, error: Exception) -> str:
+        text = str(error.args[-1]) if getattr(error, "args", None) else str(error)
+        return text.replace(self._password, "***") if self._password else text
+
+    def _split(self, table: str) -> tuple[str, str]:
+        database, _, table_name = table.rpartition(".")
+        if not database and not self.database:
+            raise ConnectorError(f"{self.describe()}: name the database: mysql:<db>.{table}")
+        return database or self.database, table_name
+
+    def quote_table(self, table: str) -> str:
+        database, table_name = self._split(table)
+        return f"{_quote_backtick(database)}.{_quote_backtick(table_name)}"
+
+    def select_sql(self, table, columns, filters, limit) -> str:
+        projection = ", ".join(_quote_backtick(c) for c in columns)
+        sql = f"SELECT {projection} FROM {self.quote_table(table)}"
+        where, _ = self.renderer.render_where(filters)
+        if where:
+            sql += f" WHERE {where}"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return sql
+
+    def _query_all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
+        connection = self._connect()
+        try:
+            with connection.cursor(pymysql.cursors.Cursor) as cursor:
+                cursor.execute(sql, params)
+                return list(cursor.fetchall())
+        except pymysql.MySQLError as error:
+            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+        finally:
+            connection.close()
+
+    def tables(self) -> list[str]:
+        rows = self._query_all(
+            "SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema "
+            "NOT IN ('mysql', 'information_schema', 'performance_schema', 'sys') ORDER BY 1, 2")
+        return [f"{schema}.{name}" for schema, name in rows]
+
+    def _columns(self, table: str) -> list[tuple]:
+        database, table_name = self._split(table)
+        rows = self._query_all(
+            "SELECT column_name, data_type, column_type, numeric_precision, numeric_scale, column_key "
+            "FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+            "ORDER BY ordinal_position", [database, table_name])
+        if not rows:
+            raise ConnectorError(f"{self.describe()}: no table {database}.{table_name}")
+        return rows
+
+    def schema(self, table: str) -> pa.Schema:
+        fields = []
+        for name, data_type, column_type, precision, scale, _ in self._columns(table):
+            arrow_type = arrow_type_for(data_type.lower(), column_type.lower(), precision, scale)
+            if arrow_type is not None:
+                fields.append(pa.field(name, arrow_type))
+        return pa.schema(fields)
+
+    def unsupported_columns(self, table: str) -> list[str]:
+        return [f"{name} ({column_type})" for name, data_type, column_type, precision, scale, _
+                in self._columns(table)
+                if arrow_type_for(data_type.lower(), column_type.lower(), precision, scale) is None]
+
+    def primary_key(self, table: str) -> list[str]:
+        return [row[0] for row in self._columns(table) if row[5] == "PRI"]
+
+    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+        schema = self.schema(table)
+        if columns is None:
+            columns = schema.names
+        if columns == []:
+            columns = schema.names[:1]
+        target = pa.schema([schema.field(c) for c in columns])
+        return self._stream(self.select_sql(table, columns, filters, limit), None, target)
+
+    def execute_sql(self, sql: str, params: list[Any] | None = None,
+                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        return self._stream(sql, params, None, batch_rows)
+
+    def _stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
+                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        connection = self._connect()
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql, params)
+        except pymysql.MySQLError as error:
+            connection.close()
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+        schema = target if target is not None else pa.schema(
+            [pa.field(d[0], pa.string()) for d in cursor.description])
+        converters = [_converter(f.type) for f in schema]
+
+        def batches():
+            try:
+                while rows := cursor.fetchmany(batch_rows):
+                    yield _to_batch(rows, schema, converters)
+            finally:
+                connection.close()  # an unbuffered cursor cannot be reused mid-stream
+
+        return self.counted(schema, sql, batches)
+
+
+def _to_batch(rows: list[tuple], schema: pa.Schema, converters: list) -> pa.RecordBatch:
+    arrays = []
+    for index, (field, convert) in enumerate(zip(schema, converters)):
+        values = [row[index] for row in rows]
+        if convert is not None:
+            values = [convert(v) for v in values]
+        elif pa.types.is_string(field.type):
+            values = [v if v is None or isinstance(v, str) else str(v) for v in values]
+        try:
+            arrays.append(pa.array(values, type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as error:
+            raise ConnectorError(f"column {field.name}: values do not fit {field.type}: {error}") from None
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)

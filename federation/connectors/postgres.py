@@ -1,0 +1,212 @@
+"""`postgres:schema.table` — PostgreSQL through the Arrow-native ADBC driver.
+
+Sessions are read-only at the server (``default_transaction_read_only=on`` set when
+connecting), so even a statement that slipped past every other lock could not write.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import urllib.parse
+from typing import Any
+
+import adbc_driver_postgresql.dbapi as adbc_postgres
+import pyarrow as pa
+
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.typing import conform_batch
+
+POOL_SIZE = 4
+
+# information_schema data_type -> Arrow (parameterised types are handled in arrow_type_for)
+_SIMPLE_TYPES = {
+    "smallint": pa.int16(), "integer": pa.int32(), "bigint": pa.int64(), "real": pa.float32(),
+    "double precision": pa.float64(), "boolean": pa.bool_(), "text": pa.string(),
+    "character varying": pa.string(), "character": pa.string(), "name": pa.string(),
+    "date": pa.date32(), "bytea": pa.binary(), "uuid": pa.string(), "json": pa.string(),
+    "jsonb": pa.string(), "time without time zone": pa.time64("us"),
+    "timestamp without time zone": pa.timestamp("us"), "timestamp with time zone": pa.timestamp("us", tz="UTC"),
+    "interval": pa.month_day_nano_interval(), "inet": pa.string(), "cidr": pa.string(),
+    "money": pa.string(), "xml": pa.string(), "oid": pa.int64(),
+}
+_ARRAY_ELEMENTS = {"_int2": pa.int16(), "_int4": pa.int32(), "_int8": pa.int64(), "_float4": pa.float32(),
+                   "_float8": pa.float64(), "_text": pa.string(), "_varchar": pa.string(), "_bool": pa.bool_()}
+
+
+def arrow_type_for(data_type: str, udt_name: str, precision: int | None, scale: int | None) -> pa.DataType | None:
+    """Arrow type of a PostgreSQL column, or None when flightdeck cannot read it."""
+    if data_type == "numeric":
+        if precision is None:
+            return pa.decimal128(38, 10)  # unconstrained numeric (e.g. the result of numeric arithmetic)
+        return pa.decimal128(precision, scale or 0) if precision <= 38 else pa.decimal256(precision, scale or 0)
+    if data_type == "ARRAY":
+        element = _ARRAY_ELEMENTS.get(udt_name)
+        return pa.list_(element) if element is not None else None
+    if data_type == "USER-DEFINED":
+        return pa.string() if udt_name in ("citext",) else None
+    return _SIMPLE_TYPES.get(data_type)
+
+
+class PostgresConnector(SqlConnector):
+    kind = "postgres"
+    dialect = "postgres"
+
+    def __init__(self, params: dict[str, Any], base_dir):
+        super().__init__(params, base_dir)
+        self.host = str(params.get("pg_host", "127.0.0.1"))
+        self.port = int(params.get("pg_port", 5432))
+        self.database = str(params.get("pg_db", "postgres"))
+        self.user = str(params.get("pg_user", "postgres"))
+        self._password = str(params.get("pg_pass", ""))
+        self.timeout = int(params.get("connect_timeout", 10))
+        self._pool: queue.LifoQueue = queue.LifoQueue(maxsize=POOL_SIZE)
+        self._schemas: dict[str, tuple[pa.Schema, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def compute_context(self) -> str:
+        return f"postgres://{self.host}:{self.port}/{self.database}"
+
+    def describe(self) -> str:
+        return f"postgres ({self.host}:{self.port}/{self.database})"
+
+    def _uri(self) -> str:
+        credentials = urllib.parse.quote(self.user, safe="")
+        if self._password:
+            credentials += ":" + urllib.parse.quote(self._password, safe="")
+        query = urllib.parse.urlencode({
+            "connect_timeout": self.timeout, "application_name": "flightdeck",
+            "options": "-c default_transaction_read_only=on"}, quote_via=urllib.parse.quote)
+        return f"postgresql://{credentials}@{self.host}:{self.port}/{self.database}?{query}"
+
+    def _connect(self):
+        try:
+            return adbc_postgres.connect(self._uri(), autocommit=True)
+        except Exception as error:
+            raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
+
+    def _clean(self, error: Exception) -> str:
+        text = str(error).splitlines()[0]
+        return text.replace(self._password, "***") if self._password else text
+
+    def _take(self):
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            return self._connect()
+
+    def _give_back(self, connection) -> None:
+        try:
+            self._pool.put_nowait(connection)
+        except queue.Full:
+            connection.close()
+
+    def _run(self, sql: str, params: list[Any] | None = None) -> tuple[Any, Any]:
+        connection = self._take()
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql, params)
+        except Exception as error:
+            cursor.close()
+            connection.close()
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+        return connection, cursor
+
+    def _fetch_all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
+        connection, cursor = self._run(sql, params)
+        try:
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+            self._give_back(connection)
+
+    def tables(self) -> list[str]:
+        rows = self._fetch_all(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2")
+        return [f"{schema}.{name}" for schema, name in rows]
+
+    def _split(self, table: str) -> tuple[str, str]:
+        schema_name, _, table_name = table.rpartition(".")
+        return schema_name or "public", table_name
+
+    def _describe_table(self, table: str) -> tuple[pa.Schema, list[str]]:
+        with self._lock:
+            if table in self._schemas:
+                return self._schemas[table]
+        schema_name, table_name = self._split(table)
+        rows = self._fetch_all(
+            "SELECT column_name, data_type, udt_name, numeric_precision, numeric_scale "
+            "FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 "
+            "ORDER BY ordinal_position", [schema_name, table_name])
+        if not rows:
+            raise ConnectorError(f"{self.describe()}: no table {schema_name}.{table_name}")
+        fields, skipped = [], []
+        for name, data_type, udt_name, precision, scale in rows:
+            arrow_type = arrow_type_for(data_type, udt_name, precision, scale)
+            if arrow_type is None:
+                skipped.append(f"{name} ({udt_name})")
+            else:
+                fields.append(pa.field(name, arrow_type))
+        described = (pa.schema(fields), skipped)
+        with self._lock:
+            self._schemas[table] = described
+        return described
+
+    def schema(self, table: str) -> pa.Schema:
+        return self._describe_table(table)[0]
+
+    def unsupported_columns(self, table: str) -> list[str]:
+        """Columns left out of the schema because their type has no mapping."""
+        return self._describe_table(table)[1]
+
+    def primary_key(self, table: str) -> list[str]:
+        schema_name, table_name = self._split(table)
+        rows = self._fetch_all(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = ANY(i.indkey) WHERE i.indisprimary AND i.indrelid = "
+            "(quote_ident($1) || '.' || quote_ident($2))::regclass "
+            "ORDER BY array_position(i.indkey, a.attnum)", [schema_name, table_name])
+        return [row[0] for row in rows]
+
+    def quote_table(self, table: str) -> str:
+        schema_name, table_name = self._split(table)
+        return f'"{schema_name}"."{table_name}"'.replace('""', '"')
+
+    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+        schema = self.schema(table)
+        if columns is None:
+            columns = schema.names  # never SELECT *: unsupported columns stay out
+        if columns == []:
+            columns = schema.names[:1]
+        target = pa.schema([schema.field(c) for c in columns])
+        return self._stream(self.select_sql(table, columns, filters, limit), None, target)
+
+    def execute_sql(self, sql: str, params: list[Any] | None = None,
+                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        return self._stream(sql, params, None)
+
+    def _stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+        connection, cursor = self._run(sql, params)
+        reader = cursor.fetch_record_batch()
+        schema = target if target is not None else reader.schema
+
+        def batches():
+            finished = False
+            try:
+                for batch in reader:
+                    yield conform_batch(batch, schema) if target is not None else batch
+                finished = True
+            finally:
+                cursor.close()
+                if finished:
+                    self._give_back(connection)
+                else:
+                    connection.close()  # abandoned mid-stream: do not reuse
+
+        return self.counted(schema, sql, batches)
+
+    def close(self) -> None:
+        while not self._pool.empty():
+            self._pool.get_nowait().close()

@@ -1,0 +1,26 @@
+"""Bringing a backend's batches to the Arrow schema the connector declared."""
+from __future__ import annotations
+
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def conform_batch(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with each column cast to ``target``'s type (names and order already match)."""
+    if batch.schema.equals(target, check_metadata=False):
+        return batch
+    columns = [conform_array(column, field.type) for column, field in zip(batch.columns, target)]
+    return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+def conform_array(array: pa.Array, target: pa.DataType) -> pa.Array:
+    if isinstance(array.type, pa.BaseExtensionType):
+        if array.type.extension_name == "arrow.uuid" and pa.types.is_string(target):
+            return pa.array([None if v is None else str(uuid.UUID(bytes=v)) for v in array.storage.to_pylist()],
+                            type=pa.string())
+        array = array.storage
+    if array.type == target:
+        return array
+    return pc.cast(array, target)

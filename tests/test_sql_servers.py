@@ -1,0 +1,208 @@
+"""postgres: and mysql: against the PostgreSQL and MariaDB running on this machine."""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import os
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_manager
+import adbc_driver_postgresql.dbapi as adbc_postgres
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pymysql
+import pytest
+
+from federation.catalog import Catalog, DatasetSpec
+from federation.connectors import ConnectorError
+from federation.engine import QueryEngine
+
+from conftest import serving
+
+PG = {"pg_host": "127.0.0.1", "pg_port": 5432, "pg_db": "test", "pg_user": "postgres"}
+MY = {"mysql_host": "127.0.0.1", "mysql_tcp_port": 3306, "mysql_user": "root"}
+BIG_ROWS = 1_000_000
+
+
+def _service_missing(name: str, error: Exception):
+    message = f"{name} is not reachable on this machine ({error}); `make test` starts it"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """Admin setup (writes) through its own connection; flightdeck itself only reads."""
+    try:
+        admin = adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True)
+    except Exception as error:
+        _service_missing("PostgreSQL", error)
+    with admin.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS fd_test CASCADE")
+        cursor.execute("CREATE SCHEMA fd_test")
+        cursor.execute(f"CREATE TABLE fd_test.orders AS SELECT g AS order_id, (g % 500) + 1 AS customer_id, "
+                       f"(g % 97)::numeric(10,2) + 0.5 AS amount, CASE WHEN g % 50 = 0 THEN 'failed' "
+                       f"ELSE 'completed' END AS status FROM generate_series(1, {BIG_ROWS}) g")
+        cursor.execute("ALTER TABLE fd_test.orders ADD PRIMARY KEY (order_id)")
+        cursor.execute("CREATE TABLE fd_test.typed (id int PRIMARY KEY, small smallint, big bigint, "
+                       "ratio double precision, price numeric(12,3), free numeric, name text, code varchar(8), "
+                       "flag boolean, day date, at timestamp, at_tz timestamptz, raw bytea, doc jsonb, "
+                       "tags text[], uid uuid, spot point)")
+        cursor.execute("INSERT INTO fd_test.typed VALUES (1, 7, 9000000000, 0.25, 1234.567, 3.14159, 'zürich', "
+                       "'ab', true, '2026-11-20', '2026-11-20 14:02:03.5', '2026-11-20 14:02:03.5+00', "
+                       "'\\x00ff', '{\"a\": 1}', ARRAY['x', 'y'], '4f426329-b8c0-4fd3-8e93-d2e7c384a76c', "
+                       "point(1, 2))")
+        cursor.execute("INSERT INTO fd_test.typed (id) VALUES (2)")
+        cursor.execute("ANALYZE fd_test.orders")
+    yield PG
+    with admin.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS fd_test CASCADE")
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def mariadb():
+    try:
+        admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
+    except pymysql.MySQLError as error:
+        _service_missing("MariaDB", error)
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS fd_test")
+        cursor.execute("CREATE DATABASE fd_test")
+        cursor.execute("CREATE TABLE fd_test.customers (customer_id INT PRIMARY KEY, name VARCHAR(50), "
+                       "tier ENUM('free', 'pro', 'enterprise'), balance DECIMAL(10, 2), active TINYINT(1), "
+                       "joined DATE, seen DATETIME(6), note TEXT, raw VARBINARY(8), visits INT UNSIGNED)")
+        cursor.executemany(
+            "INSERT INTO fd_test.customers VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [(i, f"c{i}\\x" if i == 1 else f"c{i}", ("free", "pro", "enterprise")[i % 3], i * 1.5, i % 2,
+              dt.date(2024, 1, 1) + dt.timedelta(days=i), dt.datetime(2026, 11, 20, 14, 0, 0, i),
+              None if i == 2 else "n", b"\x00\x01", i) for i in range(1, 501)])
+    yield MY
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS fd_test")
+    admin.close()
+
+
+def _engine(specs, base_dir):
+    catalog = Catalog(specs, base_dir)
+    return QueryEngine(catalog), catalog
+
+
+def test_postgres_discovery_types_and_read_only(postgres, tmp_path):
+    engine, catalog = _engine([DatasetSpec("typed", "postgres:fd_test.typed", postgres)], tmp_path)
+    dataset = catalog.datasets["public.typed"]
+    assert dataset.state == "ready" and dataset.primary_key == ["id"]
+    assert dataset.skipped_columns == ["spot (point)"]  # reported, not fatal
+    rows = engine.query("SELECT * FROM typed ORDER BY id").read_all()
+    assert rows.schema.field("price").type == pa.decimal128(12, 3)
+    assert rows.schema.field("at_tz").type == pa.timestamp("us", tz="UTC")
+    first, second = rows.to_pylist()
+    assert first["price"] == decimal.Decimal("1234.567") and first["free"] == decimal.Decimal("3.1415900000")
+    assert first["tags"] == ["x", "y"] and first["doc"] == '{"a": 1}'
+    assert first["uid"] == "4f426329-b8c0-4fd3-8e93-d2e7c384a76c" and first["raw"] == b"\x00\xff"
+    assert first["at_tz"] == dt.datetime(2026, 11, 20, 14, 2, 3, 500000, tzinfo=dt.timezone.utc)
+    assert all(value is None for key, value in second.items() if key != "id")
+    with pytest.raises(ConnectorError, match="read-only transaction"):
+        dataset.connector.execute_sql("DELETE FROM fd_test.orders").read_all()
+    catalog.close()
+
+
+def test_postgres_pushdown_receives_only_the_selected_rows(postgres, tmp_path):
+    engine, catalog = _engine([DatasetSpec("orders", "postgres:fd_test.orders", postgres)], tmp_path)
+    stats = catalog.datasets["public.orders"].connector.stats
+    result = engine.query("SELECT order_id, amount FROM orders WHERE order_id BETWEEN 5000 AND 5009").read_all()
+    assert sorted(result.column("order_id").to_pylist()) == list(range(5000, 5010))
+    assert stats.rows == 10  # of 1,000,000
+    assert '"order_id" >= 5000' in stats.last_request and '"status"' not in stats.last_request
+    engine.query("SELECT count(*) FROM orders WHERE status = 'failed' AND customer_id = 1").read_all()
+    assert stats.rows == 10 + BIG_ROWS // 500  # customer 1's orders are all failed ones
+    catalog.close()
+
+
+def test_mysql_discovery_types_and_read_only(mariadb, tmp_path):
+    engine, catalog = _engine([DatasetSpec("customers", "mysql:fd_test.customers", mariadb)], tmp_path)
+    dataset = catalog.datasets["public.customers"]
+    assert dataset.primary_key == ["customer_id"]
+    rows = engine.query("SELECT * FROM customers WHERE customer_id <= 2 ORDER BY customer_id").read_all()
+    assert rows.schema.types == [pa.int32(), pa.string(), pa.string(), pa.decimal128(10, 2), pa.bool_(),
+                                 pa.date32(), pa.timestamp("us"), pa.string(), pa.binary(), pa.uint32()]
+    first, second = rows.to_pylist()
+    assert first == {"customer_id": 1, "name": "c1\\x", "tier": "pro", "balance": decimal.Decimal("1.50"),
+                     "active": True, "joined": dt.date(2024, 1, 2), "seen": dt.datetime(2026, 11, 20, 14, 0, 0, 1),
+                     "note": "n", "raw": b"\x00\x01", "visits": 1}
+    assert second["note"] is None and second["active"] is False
+    # a backslash in a pushed literal means a backslash, not an escape
+    assert engine.query("SELECT customer_id FROM customers WHERE name = 'c1\\x'").read_all().num_rows == 1
+    with pytest.raises(ConnectorError, match="(?i)read.only"):
+        dataset.connector.execute_sql("DELETE FROM fd_test.customers").read_all()
+
+
+def test_mysql_filters_are_pushed(mariadb, tmp_path):
+    engine, catalog = _engine([DatasetSpec("customers", "mysql:fd_test.customers", mariadb)], tmp_path)
+    result = engine.query("SELECT name FROM customers WHERE tier = 'enterprise' AND customer_id < 10").read_all()
+    assert sorted(result.column("name").to_pylist()) == ["c2", "c5", "c8"]
+    stats = catalog.datasets["public.customers"].connector.stats
+    assert stats.rows == 3
+    assert "`tier` = 'enterprise'" in stats.last_request and "`customer_id` < 10" in stats.last_request
+
+
+def test_three_backend_join(postgres, mariadb, tmp_path):
+    """PostgreSQL orders x MariaDB customers x Parquet logs, checked against DuckDB on copies."""
+    logs = pa.table({"order_id": [50, 100, 150, 7], "message": ["timeout", "timeout", "declined", "ok"]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    config = {"datasets": [
+        {"from": "postgres:fd_test.orders", "name": "orders", "params": postgres},
+        {"from": "mysql:fd_test.customers", "name": "crm.customers", "params": mariadb},
+        {"from": "file:logs.parquet", "name": "logs"},
+    ]}
+    sql = ("SELECT c.tier, l.message, count(*) AS n, sum(o.amount) AS total "
+           "FROM orders o JOIN crm.customers c ON c.customer_id = o.customer_id "
+           "JOIN logs l ON l.order_id = o.order_id WHERE o.status = 'failed' "
+           "GROUP BY c.tier, l.message ORDER BY c.tier, l.message")
+    with serving(config, tmp_path) as runtime, \
+            flightsql.connect(runtime.flight_url, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute(sql)
+        federated = cursor.fetch_arrow_table()
+        orders = runtime.catalog.datasets["public.orders"].connector.stats
+        assert orders.rows == BIG_ROWS // 50  # only failed orders crossed the wire
+    reference = duckdb.connect()
+    with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test") as pg, pg.cursor() as cursor:
+        cursor.execute("SELECT order_id, customer_id, status, amount::text AS amount FROM fd_test.orders")
+        reference.register("raw_orders", cursor.fetch_arrow_table())
+    reference.execute("CREATE VIEW orders AS SELECT order_id, customer_id, status, "
+                      "CAST(amount AS DECIMAL(38, 10)) AS amount FROM raw_orders")
+    admin = pymysql.connect(host="127.0.0.1", user="root")
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT customer_id, CAST(tier AS CHAR) FROM fd_test.customers")
+        rows = cursor.fetchall()
+    admin.close()
+    reference.register("customers", pa.table({"customer_id": [r[0] for r in rows], "tier": [r[1] for r in rows]}))
+    reference.register("logs", logs)
+    expected = reference.sql(sql.replace("crm.customers", "customers")).to_arrow_table()
+    assert federated.num_rows == expected.num_rows > 0
+    assert federated.to_pylist() == expected.to_pylist()
+
+
+def test_unreachable_server_is_a_clear_error_without_secrets(tmp_path):
+    config = {"datasets": [
+        {"from": "postgres:public.orders", "name": "pg_down",
+         "params": {"pg_host": "127.0.0.1", "pg_port": 1, "pg_user": "agent", "pg_pass": "pg-secret-77",
+                    "connect_timeout": 2}},
+        {"from": "mysql:shop.orders", "name": "my_down",
+         "params": {"mysql_host": "127.0.0.1", "mysql_tcp_port": 1, "mysql_pass": "my-secret-88",
+                    "connect_timeout": 2}},
+    ]}
+    with serving(config, tmp_path) as runtime, \
+            flightsql.connect(runtime.flight_url, autocommit=True) as conn, conn.cursor() as cursor:
+        for name, secret in (("pg_down", "pg-secret-77"), ("my_down", "my-secret-88")):
+            dataset = runtime.catalog.datasets[f"public.{name}"]
+            assert dataset.state == "unavailable"
+            assert "127.0.0.1" in dataset.error and secret not in dataset.error
+            with pytest.raises(adbc_driver_manager.Error) as raised:
+                cursor.execute(f"SELECT * FROM {name}")
+            assert f"dataset {name} is unavailable" in str(raised.value)
+            assert secret not in str(raised.value)
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
