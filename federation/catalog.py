@@ -12,6 +12,7 @@ from datafusion.catalog import Schema as DataFusionSchema
 
 from federation.connectors import Connector, ConnectorError, ConnectorPool
 from federation.scan import ConnectorDataset
+from federation.system import DATASETS_SCHEMA, SOURCE_STATS_SCHEMA, SYSTEM_SCHEMA, SnapshotConnector
 
 CATALOG_NAME = "flightdeck"
 DEFAULT_SCHEMA = "public"
@@ -68,6 +69,10 @@ class Catalog:
         for spec in specs:
             dataset = self._open(spec)
             self.datasets[dataset.qualified_name] = dataset
+        self.system_tables = {
+            "source_stats": SnapshotConnector("source_stats", SOURCE_STATS_SCHEMA, self.source_stats),
+            "datasets": SnapshotConnector("datasets", DATASETS_SCHEMA, self.dataset_rows),
+        }
 
     def _open(self, spec: DatasetSpec) -> Dataset:
         """A dataset whose backend fails is kept, marked unavailable: startup goes on."""
@@ -86,7 +91,34 @@ class Catalog:
         return dataset
 
     def schema_names(self) -> list[str]:
-        return sorted({d.spec.schema_name for d in self.datasets.values()} | {DEFAULT_SCHEMA})
+        return sorted({d.spec.schema_name for d in self.datasets.values()} | {DEFAULT_SCHEMA, SYSTEM_SCHEMA})
+
+    def listing(self) -> list[tuple[str, str, str, pa.Schema]]:
+        """(schema, table, table type, Arrow schema) of every queryable table, sorted."""
+        rows = [(d.spec.schema_name, d.spec.table_name, "TABLE", d.arrow_schema)
+                for d in self.datasets.values() if d.arrow_schema is not None]
+        rows += [(SYSTEM_SCHEMA, name, "SYSTEM TABLE", table.table_schema)
+                 for name, table in self.system_tables.items()]
+        return sorted(rows, key=lambda row: row[:2])
+
+    def source_stats(self) -> list[dict]:
+        """One row per backend connection configuration: what it was asked and sent back."""
+        by_connector: dict[int, tuple[Connector, list[str]]] = {}
+        for dataset in self.datasets.values():
+            if dataset.connector is not None:
+                entry = by_connector.setdefault(id(dataset.connector), (dataset.connector, []))
+                entry[1].append(dataset.qualified_name)
+        return [{"datasets": ", ".join(sorted(names)), "kind": connector.kind,
+                 "source": connector.describe(), **connector.stats.snapshot()}
+                for connector, names in by_connector.values()]
+
+    def dataset_rows(self) -> list[dict]:
+        return [{"name": d.qualified_name, "kind": d.spec.kind,
+                 "source": d.connector.describe() if d.connector else d.spec.kind,
+                 "state": d.state, "error": d.error, "primary_key": d.primary_key,
+                 "columns": len(d.arrow_schema) if d.arrow_schema is not None else None,
+                 "skipped_columns": d.skipped_columns, "description": d.spec.description}
+                for d in self.datasets.values()]
 
     def find(self, schema_name: str, table_name: str) -> Dataset | None:
         return self.datasets.get(f"{schema_name}.{table_name}")
@@ -99,6 +131,9 @@ class Catalog:
         for dataset in self.datasets.values():
             if dataset.state == "ready":
                 self._register(ctx, dataset)
+        for name, table in self.system_tables.items():
+            ctx.register_dataset(f"{SYSTEM_SCHEMA}.{name}",
+                                 ConnectorDataset(table, name, table.table_schema))
 
     def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
         spec = dataset.spec

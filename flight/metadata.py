@@ -211,17 +211,16 @@ def tables_table(catalog_model: Catalog, catalog: str | None, schema_pattern: st
     schema_regex, table_regex = like_pattern(schema_pattern), like_pattern(table_pattern)
     rows = []
     wanted_types = {t.upper() for t in table_types}
-    if _catalog_matches(catalog) and (not wanted_types or "TABLE" in wanted_types):
-        for dataset in sorted(catalog_model.datasets.values(), key=lambda d: d.qualified_name):
-            if dataset.arrow_schema is None:
-                continue  # unavailable: its schema is unknown
-            spec = dataset.spec
-            if not (_matches(schema_regex, spec.schema_name) and _matches(table_regex, spec.table_name)):
+    if _catalog_matches(catalog):
+        for schema_name, table_name, table_type, arrow_schema in catalog_model.listing():
+            if wanted_types and table_type not in wanted_types:
                 continue
-            row = {"catalog_name": CATALOG_NAME, "db_schema_name": spec.schema_name,
-                   "table_name": spec.table_name, "table_type": "TABLE"}
+            if not (_matches(schema_regex, schema_name) and _matches(table_regex, table_name)):
+                continue
+            row = {"catalog_name": CATALOG_NAME, "db_schema_name": schema_name,
+                   "table_name": table_name, "table_type": table_type}
             if include_schema:
-                row["table_schema"] = dataset.arrow_schema.serialize().to_pybytes()
+                row["table_schema"] = arrow_schema.serialize().to_pybytes()
             rows.append(row)
     schema = TABLES_WITH_SCHEMA_SCHEMA if include_schema else TABLES_SCHEMA
     return pa.Table.from_pylist(rows, schema=schema)

@@ -165,8 +165,10 @@ def test_three_backend_join(postgres, mariadb, tmp_path):
             flightsql.connect(runtime.flight_url, autocommit=True) as conn, conn.cursor() as cursor:
         cursor.execute(sql)
         federated = cursor.fetch_arrow_table()
-        orders = runtime.catalog.datasets["public.orders"].connector.stats
-        assert orders.rows == BIG_ROWS // 50  # only failed orders crossed the wire
+        cursor.execute("SELECT datasets, queries, rows FROM flightdeck.runtime.source_stats ORDER BY datasets")
+        stats = {row[0]: row[1:] for row in cursor.fetchall()}
+        assert stats["public.orders"] == (1, BIG_ROWS // 50)  # only failed orders crossed the wire
+        assert stats["crm.customers"] == (1, 500)
     reference = duckdb.connect()
     with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test") as pg, pg.cursor() as cursor:
         cursor.execute("SELECT order_id, customer_id, status, amount::text AS amount FROM fd_test.orders")

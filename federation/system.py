@@ -1,0 +1,52 @@
+"""System tables: the runtime's own state, readable through SQL (schema `runtime`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+
+from federation import expr as fx
+from federation.arrow_expr import to_arrow
+from federation.connectors.base import Connector
+
+SYSTEM_SCHEMA = "runtime"
+
+SOURCE_STATS_SCHEMA = pa.schema([
+    ("datasets", pa.string()), ("kind", pa.string()), ("source", pa.string()),
+    ("queries", pa.int64()), ("rows", pa.int64()), ("bytes", pa.int64()), ("errors", pa.int64()),
+    ("seconds", pa.float64()), ("last_request", pa.string()),
+])
+DATASETS_SCHEMA = pa.schema([
+    ("name", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("state", pa.string()),
+    ("error", pa.string()), ("primary_key", pa.list_(pa.string())), ("columns", pa.int32()),
+    ("skipped_columns", pa.list_(pa.string())), ("description", pa.string()),
+])
+
+
+class SnapshotConnector(Connector):
+    """A table computed afresh by ``build`` on every scan."""
+
+    kind = "system"
+
+    def __init__(self, name: str, schema: pa.Schema, build: Callable[[], list[dict]]):
+        super().__init__({}, Path("."))
+        self.name = name
+        self.table_schema = schema
+        self.build = build
+
+    def tables(self) -> list[str]:
+        return [self.name]
+
+    def schema(self, table: str) -> pa.Schema:
+        return self.table_schema
+
+    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+        snapshot = pa.Table.from_pylist(self.build(), schema=self.table_schema)
+        if filters:
+            snapshot = snapshot.filter(to_arrow(fx.And(tuple(filters))))
+        if columns is not None:
+            snapshot = snapshot.select(columns)
+        if limit is not None:
+            snapshot = snapshot.slice(0, limit)
+        return pa.RecordBatchReader.from_batches(snapshot.schema, snapshot.to_batches())
