@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import os
+import re
+import time
 
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_manager
@@ -208,3 +210,17 @@ def test_unreachable_server_is_a_clear_error_without_secrets(tmp_path):
             assert secret not in str(raised.value)
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)
+
+
+def test_slow_statements_stop_at_the_query_timeout(postgres, mariadb, tmp_path):
+    from federation.connectors.mysql import MySQLConnector
+    from federation.connectors.postgres import PostgresConnector
+
+    for connector, sleep in ((PostgresConnector({**postgres, "query_timeout": 1}, tmp_path), "SELECT pg_sleep(10)"),
+                             (MySQLConnector({**mariadb, "query_timeout": 1}, tmp_path), "SELECT SLEEP(10)")):
+        started = time.monotonic()
+        with pytest.raises(ConnectorError) as raised:
+            connector.execute_sql(sleep).read_all()
+        assert time.monotonic() - started < 5
+        assert re.search(r"timeout|timed out|interrupted", str(raised.value), re.IGNORECASE)
+        connector.close()

@@ -80,6 +80,7 @@ class MySQLConnector(SqlConnector):
         self.user = str(params.get("mysql_user", "root"))
         self._password = str(params.get("mysql_pass", ""))
         self.timeout = int(params.get("connect_timeout", 10))
+        self.query_timeout = float(params.get("query_timeout", 300))
 
     @property
     def compute_context(self) -> str:
@@ -90,13 +91,27 @@ class MySQLConnector(SqlConnector):
 
     def _connect(self) -> pymysql.connections.Connection:
         try:
-            return pymysql.connect(
+            connection = pymysql.connect(
                 host=self.host, port=self.port, user=self.user, password=self._password,
                 database=self.database, connect_timeout=self.timeout, charset="utf8mb4",
+                read_timeout=self.query_timeout,
                 cursorclass=pymysql.cursors.SSCursor, autocommit=True,
                 init_command="SET SESSION TRANSACTION READ ONLY")
         except pymysql.MySQLError as error:
             raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
+        self._limit_statement_time(connection)
+        return connection
+
+    def _limit_statement_time(self, connection: pymysql.connections.Connection) -> None:
+        """The server stops a slow statement too (MariaDB and MySQL name the setting differently)."""
+        for statement in (f"SET SESSION max_statement_time = {self.query_timeout}",
+                          f"SET SESSION max_execution_time = {int(self.query_timeout * 1000)}"):
+            try:
+                with connection.cursor(pymysql.cursors.Cursor) as cursor:
+                    cursor.execute(statement)
+                return
+            except pymysql.MySQLError:
+                continue
 
     def _clean(self, error: Exception) -> str:
         text = str(error.args[-1]) if getattr(error, "args", None) else str(error)

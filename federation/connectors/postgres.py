@@ -59,6 +59,7 @@ class PostgresConnector(SqlConnector):
         self.user = str(params.get("pg_user", "postgres"))
         self._password = str(params.get("pg_pass", ""))
         self.timeout = int(params.get("connect_timeout", 10))
+        self.query_timeout = float(params.get("query_timeout", 300))
         self._pool: queue.LifoQueue = queue.LifoQueue(maxsize=POOL_SIZE)
         self._schemas: dict[str, tuple[pa.Schema, list[str]]] = {}
         self._lock = threading.Lock()
@@ -76,7 +77,9 @@ class PostgresConnector(SqlConnector):
             credentials += ":" + urllib.parse.quote(self._password, safe="")
         query = urllib.parse.urlencode({
             "connect_timeout": self.timeout, "application_name": "flightdeck",
-            "options": "-c default_transaction_read_only=on"}, quote_via=urllib.parse.quote)
+            "options": f"-c default_transaction_read_only=on "
+                       f"-c statement_timeout={int(self.query_timeout * 1000)}"},
+            quote_via=urllib.parse.quote)
         return f"postgresql://{credentials}@{self.host}:{self.port}/{self.database}?{query}"
 
     def _connect(self):
