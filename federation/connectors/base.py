@@ -129,11 +129,12 @@ class SqlConnector(Connector):
         """Run one read statement on the backend and stream its result."""
 
     def quote_table(self, table: str) -> str:
-        return ".".join(fx.quote_double(part) for part in table.split("."))
+        return ".".join(self.renderer.quote_identifier(part) for part in table.split("."))
 
     def select_sql(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
                    limit: int | None) -> str:
-        projection = "*" if columns is None else ", ".join(fx.quote_double(c) for c in columns)
+        quote = self.renderer.quote_identifier
+        projection = "*" if columns is None else ", ".join(quote(c) for c in columns)
         sql = f"SELECT {projection} FROM {self.quote_table(table)}"
         where, _ = self.renderer.render_where(filters)
         if where:
@@ -144,10 +145,17 @@ class SqlConnector(Connector):
 
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
+        schema = self.schema(table)
+        if columns is None:
+            columns = schema.names  # never SELECT *: columns of unsupported types stay out
         if columns == []:
-            # A row count: fetch the narrowest thing the backend can give.
-            columns = self.schema(table).names[:1]
-        return self.execute_sql(self.select_sql(table, columns, filters, limit))
+            columns = schema.names[:1]  # a row count: fetch the narrowest thing there is
+        target = pa.schema([schema.field(c) for c in columns])
+        return self.stream_select(self.select_sql(table, columns, filters, limit), target)
+
+    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
+        """Stream a generated SELECT whose result has the ``target`` schema."""
+        return self.execute_sql(sql)
 
     def counted(self, schema: pa.Schema, sql: str,
                 batches: Callable[[], Iterator[pa.RecordBatch]]) -> pa.RecordBatchReader:

@@ -127,16 +127,6 @@ class MySQLConnector(SqlConnector):
         database, table_name = self._split(table)
         return f"{_quote_backtick(database)}.{_quote_backtick(table_name)}"
 
-    def select_sql(self, table, columns, filters, limit) -> str:
-        projection = ", ".join(_quote_backtick(c) for c in columns)
-        sql = f"SELECT {projection} FROM {self.quote_table(table)}"
-        where, _ = self.renderer.render_where(filters)
-        if where:
-            sql += f" WHERE {where}"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return sql
-
     def _query_all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
         connection = self._connect()
         try:
@@ -180,14 +170,8 @@ class MySQLConnector(SqlConnector):
     def primary_key(self, table: str) -> list[str]:
         return [row[0] for row in self._columns(table) if row[5] == "PRI"]
 
-    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
-        schema = self.schema(table)
-        if columns is None:
-            columns = schema.names
-        if columns == []:
-            columns = schema.names[:1]
-        target = pa.schema([schema.field(c) for c in columns])
-        return self._stream(self.select_sql(table, columns, filters, limit), None, target)
+    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
+        return self._stream(sql, None, target)
 
     def execute_sql(self, sql: str, params: list[Any] | None = None,
                     batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:

@@ -177,14 +177,8 @@ class PostgresConnector(SqlConnector):
         schema_name, table_name = self._split(table)
         return f'"{schema_name}"."{table_name}"'.replace('""', '"')
 
-    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
-        schema = self.schema(table)
-        if columns is None:
-            columns = schema.names  # never SELECT *: unsupported columns stay out
-        if columns == []:
-            columns = schema.names[:1]
-        target = pa.schema([schema.field(c) for c in columns])
-        return self._stream(self.select_sql(table, columns, filters, limit), None, target)
+    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
+        return self._stream(sql, None, target)
 
     def execute_sql(self, sql: str, params: list[Any] | None = None,
                     batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:

@@ -97,11 +97,8 @@ class SQLiteConnector(SqlConnector):
         with self._connect() as connection:
             return connection.execute(f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
-    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
-        declared = self.schema(table)
-        if columns == []:
-            columns = declared.names[:1]
-        return self._run(self.select_sql(table, columns, filters, limit), None, declared)
+    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
+        return self._run(sql, None, target)
 
     def execute_sql(self, sql: str, params: list[Any] | None = None,
                     batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
