@@ -15,9 +15,10 @@ AVAILABLE_KINDS = {
     "sqlite": "federation.connectors.sqlite:SQLiteConnector",
     "postgres": "federation.connectors.postgres:PostgresConnector",
     "mysql": "federation.connectors.mysql:MySQLConnector",
+    "iceberg": "federation.connectors.iceberg:IcebergConnector",
 }
 # Named in the mission and accepted by `from:` once their connector lands.
-PLANNED_KINDS = ("iceberg", "snowflake", "mongodb", "http", "https",
+PLANNED_KINDS = ("snowflake", "mongodb", "http", "https",
                  "github", "git", "flightsql")
 
 
