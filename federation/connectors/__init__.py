@@ -16,10 +16,11 @@ AVAILABLE_KINDS = {
     "postgres": "federation.connectors.postgres:PostgresConnector",
     "mysql": "federation.connectors.mysql:MySQLConnector",
     "iceberg": "federation.connectors.iceberg:IcebergConnector",
+    "flightsql": "federation.connectors.flightsql:FlightSQLConnector",
 }
 # Named in the mission and accepted by `from:` once their connector lands.
 PLANNED_KINDS = ("snowflake", "mongodb", "http", "https",
-                 "github", "git", "flightsql")
+                 "github", "git")
 
 
 def check_kind(kind: str) -> str | None:

@@ -1,0 +1,97 @@
+"""`flightsql:[schema.]table` — a table of another Arrow Flight SQL server, through ADBC.
+
+Scans become SELECTs sent to the remote server (projection and filters in standard SQL);
+results arrive as Arrow batches and stream on. The remote's own read-only guarantees
+apply; flightdeck only ever sends SELECTs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import adbc_driver_flightsql.dbapi as adbc_flightsql
+import pyarrow as pa
+from adbc_driver_flightsql import DatabaseOptions
+
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.typing import conform_batch
+
+
+class FlightSQLConnector(SqlConnector):
+    kind = "flightsql"
+    dialect = "postgres"  # standard double-quoted identifiers and ANSI literals
+
+    def __init__(self, params: dict[str, Any], base_dir):
+        super().__init__(params, base_dir)
+        if "flightsql_endpoint" not in params:
+            raise ConnectorError("flightsql: params.flightsql_endpoint (grpc://host:port) is required")
+        self.endpoint = str(params["flightsql_endpoint"])
+        query_timeout = str(float(params.get("query_timeout", 300)))
+        self._options = {DatabaseOptions.TIMEOUT_QUERY.value: query_timeout,
+                         DatabaseOptions.TIMEOUT_FETCH.value: query_timeout}
+        if "flightsql_api_key" in params:
+            self._options[DatabaseOptions.AUTHORIZATION_HEADER.value] = f"Bearer {params['flightsql_api_key']}"
+        elif "flightsql_username" in params:
+            self._options["username"] = str(params["flightsql_username"])
+            self._options["password"] = str(params.get("flightsql_password", ""))
+        self._secrets = [v for k, v in params.items() if k in ("flightsql_api_key", "flightsql_password")]
+
+    @property
+    def compute_context(self) -> str:
+        return f"flightsql:{self.endpoint}"
+
+    def describe(self) -> str:
+        return f"flightsql ({self.endpoint})"
+
+    def _clean(self, error: Exception) -> str:
+        text = str(error).split(". Detail:")[0].splitlines()[0]
+        for secret in self._secrets:
+            text = text.replace(str(secret), "***")
+        return text
+
+    def _connect(self):
+        # One connection per request: ADBC connections are not shared across threads.
+        try:
+            return adbc_flightsql.connect(self.endpoint, db_kwargs=self._options, autocommit=True)
+        except Exception as error:
+            raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
+
+    def tables(self) -> list[str]:
+        with self._connect() as connection:
+            listing = connection.adbc_get_objects(depth="tables").read_all().to_pylist()
+        return sorted(f"{schema['db_schema_name']}.{table['table_name']}"
+                      for catalog in listing for schema in catalog["catalog_db_schemas"] or []
+                      for table in schema["db_schema_tables"] or [])
+
+    def schema(self, table: str) -> pa.Schema:
+        reader = self.execute_sql(f"SELECT * FROM {self.quote_table(table)} LIMIT 0")
+        return reader.schema
+
+    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
+        return self._stream(sql, None, target)
+
+    def execute_sql(self, sql: str, params: list[Any] | None = None,
+                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        return self._stream(sql, params, None)
+
+    def _stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+        connection = self._connect()
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql, params)
+            reader = cursor.fetch_record_batch()
+        except Exception as error:
+            cursor.close()
+            connection.close()
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+        schema = target or reader.schema
+
+        def batches():
+            try:
+                for batch in reader:
+                    yield conform_batch(batch, schema) if target is not None else batch
+            finally:
+                cursor.close()
+                connection.close()
+
+        return self.counted(schema, sql, batches)
