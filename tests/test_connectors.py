@@ -218,3 +218,17 @@ def test_sqlite_unconvertible_values_name_the_column(tmp_path):
     connector = SQLiteConnector({"sqlite_file": "bad.sqlite"}, tmp_path)
     with pytest.raises((ConnectorError, ValueError), match="day|not a date"):
         connector.scan("t", None, [], None).read_all()
+
+
+def test_sqlite_date_filters_are_pushed_as_text(databases, tmp_path):
+    with sqlite3.connect(tmp_path / "days.sqlite") as con:
+        con.execute("CREATE TABLE d (id INTEGER, day DATE, at DATETIME)")
+        con.executemany("INSERT INTO d VALUES (?, ?, ?)",
+                        [(1, "2026-01-05", "2026-01-05T10:00:00"), (2, "2026-02-01", "2026-02-01 09:00:00")])
+    engine = QueryEngine(Catalog([DatasetSpec("d", "sqlite:d", {"sqlite_file": "days.sqlite"})], tmp_path))
+    result = engine.query("SELECT id FROM d WHERE day >= DATE '2026-01-10'").read_all()
+    assert result.column("id").to_pylist() == [2]
+    stats = engine.catalog.datasets["public.d"].connector.stats
+    assert "\"day\" >= '2026-01-10'" in stats.last_request and stats.rows == 1
+    later = engine.query("SELECT id FROM d WHERE at < TIMESTAMP '2026-01-05 11:00:00'").read_all()
+    assert later.column("id").to_pylist() == [1]  # applied locally: mixed 'T'/' ' text stays correct

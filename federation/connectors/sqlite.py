@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from federation import expr as fx
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
 
 _DECIMAL = re.compile(r"(DECIMAL|NUMERIC)\s*\(\s*(\d+)\s*(?:,\s*(\d+))?\s*\)")
@@ -51,9 +52,25 @@ def _value_converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
     return None
 
 
+def sqlite_literal(value: object) -> str | None:
+    """SQLite has no typed literals: dates compare as their ISO text.
+
+    Timestamps stay local: stored text may use 'T' or ' ' between date and time, and
+    comparing text across the two forms could drop rows the real filter keeps.
+    """
+    if isinstance(value, dt.datetime):
+        return None
+    if isinstance(value, dt.date):
+        return f"'{value.isoformat()}'"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return fx.standard_literal(value)
+
+
 class SQLiteConnector(SqlConnector):
     kind = "sqlite"
     dialect = "sqlite"
+    renderer = fx.SqlRenderer(fx.quote_double, sqlite_literal)
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)

@@ -1,0 +1,160 @@
+"""TPC-H (SF 0.01, tpchgen-cli) with the eight tables spread over PostgreSQL, MariaDB,
+SQLite and Parquet: every query through flightdeck equals DuckDB on the local copies."""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import adbc_driver_postgresql.dbapi as adbc_postgres
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pymysql
+import pytest
+
+from federation.catalog import Catalog, DatasetSpec
+from federation.engine import QueryEngine
+
+from tpch_queries import QUERIES
+
+PLACEMENT = {  # table -> where it lives
+    "customer": "postgres", "orders": "postgres",
+    "lineitem": "mysql", "part": "mysql",
+    "supplier": "sqlite", "partsupp": "sqlite",
+    "nation": "parquet", "region": "parquet",
+}
+PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+MY = {"mysql_host": "127.0.0.1", "mysql_user": "root"}
+
+
+def _generate(folder: Path) -> dict[str, pa.Table]:
+    tpchgen = Path(sys.executable).with_name("tpchgen-cli")
+    subprocess.run([str(tpchgen), "parquet", "-s", "0.01", f"--output-dir={folder}"], check=True,
+                   capture_output=True)
+    tables = {}
+    for name in PLACEMENT:
+        table = pq.read_table(folder / f"{name}.parquet")
+        plain = pa.schema([pa.field(f.name, pa.string() if pa.types.is_string_view(f.type) else f.type)
+                           for f in table.schema])
+        tables[name] = table.cast(plain)
+    return tables
+
+
+def _sql_type(arrow_type: pa.DataType, dialect: str) -> str:
+    if pa.types.is_decimal(arrow_type):
+        return f"DECIMAL({arrow_type.precision},{arrow_type.scale})"
+    if pa.types.is_date32(arrow_type):
+        return "DATE"
+    if pa.types.is_int32(arrow_type):
+        return "INTEGER"
+    if pa.types.is_int64(arrow_type):
+        return "BIGINT" if dialect != "sqlite" else "INTEGER"
+    return "TEXT" if dialect != "mysql" else "VARCHAR(200)"
+
+
+def _load_postgres(tables: dict[str, pa.Table]) -> None:
+    with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
+            conn.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS fd_tpch CASCADE")
+        cursor.execute("CREATE SCHEMA fd_tpch")
+        for name, table in tables.items():
+            columns = ", ".join(f"{f.name} {_sql_type(f.type, 'postgres')}" for f in table.schema)
+            cursor.execute(f"CREATE TABLE fd_tpch.{name} ({columns})")
+            cursor.adbc_ingest(name, table, mode="append", db_schema_name="fd_tpch")
+
+
+def _load_mysql(tables: dict[str, pa.Table]) -> None:
+    connection = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+    with connection.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS fd_tpch")
+        cursor.execute("CREATE DATABASE fd_tpch")
+        for name, table in tables.items():
+            columns = ", ".join(f"{f.name} {_sql_type(f.type, 'mysql')}" for f in table.schema)
+            cursor.execute(f"CREATE TABLE fd_tpch.{name} ({columns})")
+            marks = ", ".join(["%s"] * table.num_columns)
+            rows = [tuple(r.values()) for r in table.to_pylist()]
+            for start in range(0, len(rows), 5000):
+                cursor.executemany(f"INSERT INTO fd_tpch.{name} VALUES ({marks})", rows[start:start + 5000])
+    connection.close()
+
+
+def _load_sqlite(tables: dict[str, pa.Table], path: Path) -> None:
+    with sqlite3.connect(path) as connection:
+        for name, table in tables.items():
+            columns = ", ".join(f"{f.name} {_sql_type(f.type, 'sqlite')}" for f in table.schema)
+            connection.execute(f"CREATE TABLE {name} ({columns})")
+            rows = [tuple(str(v) if isinstance(v, (decimal.Decimal, dt.date)) else v for v in r.values())
+                    for r in table.to_pylist()]
+            connection.executemany(f"INSERT INTO {name} VALUES ({', '.join(['?'] * table.num_columns)})", rows)
+
+
+@pytest.fixture(scope="module")
+def tpch(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tpch")
+    try:
+        tables = _generate(folder)
+        by_place = {place: {n: t for n, t in tables.items() if PLACEMENT[n] == place}
+                    for place in ("postgres", "mysql", "sqlite")}
+        _load_postgres(by_place["postgres"])
+        _load_mysql(by_place["mysql"])
+    except (pymysql.MySQLError, OSError) as error:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"TPC-H setup needs PostgreSQL and MariaDB: {error}")
+    _load_sqlite(by_place["sqlite"], folder / "tpch.sqlite")
+    specs = []
+    for name, place in PLACEMENT.items():
+        source = {"postgres": (f"postgres:fd_tpch.{name}", PG), "mysql": (f"mysql:fd_tpch.{name}", MY),
+                  "sqlite": (f"sqlite:{name}", {"sqlite_file": "tpch.sqlite"}),
+                  "parquet": (f"file:{name}.parquet", {})}[place]
+        specs.append(DatasetSpec(name, source[0], source[1]))
+    engine = QueryEngine(Catalog(specs, folder))
+    reference = duckdb.connect()
+    for name, table in tables.items():
+        reference.register(name, table)
+    yield engine, reference
+    engine.catalog.close()
+    with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
+            conn.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS fd_tpch CASCADE")
+    connection = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+    with connection.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS fd_tpch")
+    connection.close()
+
+
+def _normal(value):
+    if isinstance(value, (decimal.Decimal, float)):
+        return float(value)
+    return value
+
+
+def _same(left, right) -> bool:
+    if isinstance(left, float) and isinstance(right, float):
+        return math.isclose(left, right, rel_tol=1e-9, abs_tol=1e-6)
+    return left == right
+
+
+def _rows(table: pa.Table) -> list[tuple]:
+    rows = [tuple(_normal(v) for v in row.values()) for row in table.to_pylist()]
+    return sorted(rows, key=lambda row: tuple((v is None, str(round(v, 4)) if isinstance(v, float) else str(v))
+                                              for v in row))
+
+
+@pytest.mark.parametrize("number", sorted(QUERIES))
+def test_tpch_query_matches_duckdb(tpch, number):
+    engine, reference = tpch
+    sql = QUERIES[number]
+    federated = engine.query(sql).read_all()
+    expected = reference.sql(sql).to_arrow_table()
+    assert federated.num_rows == expected.num_rows > 0, f"Q{number}: row counts differ"
+    got, want = _rows(federated), _rows(expected)
+    for got_row, want_row in zip(got, want):
+        assert len(got_row) == len(want_row)
+        assert all(_same(a, b) for a, b in zip(got_row, want_row)), f"Q{number}: {got_row} != {want_row}"
