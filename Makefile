@@ -28,8 +28,9 @@ services:
 test: $(VENV)/.installed-test services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.flight
+	$(BIN)/python -m bench.federation
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"

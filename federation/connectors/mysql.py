@@ -81,6 +81,7 @@ class MySQLConnector(SqlConnector):
         self._password = str(params.get("mysql_pass", ""))
         self.timeout = int(params.get("connect_timeout", 10))
         self.query_timeout = float(params.get("query_timeout", 300))
+        self._described: dict[str, list[tuple]] = {}
 
     @property
     def compute_context(self) -> str:
@@ -145,6 +146,12 @@ class MySQLConnector(SqlConnector):
         return [f"{schema}.{name}" for schema, name in rows]
 
     def _columns(self, table: str) -> list[tuple]:
+        # Described once: every scan needs the schema, and a lookup costs a connection.
+        if table not in self._described:
+            self._described[table] = self._describe_columns(table)
+        return self._described[table]
+
+    def _describe_columns(self, table: str) -> list[tuple]:
         database, table_name = self._split(table)
         rows = self._query_all(
             "SELECT column_name, data_type, column_type, numeric_precision, numeric_scale, column_key "
