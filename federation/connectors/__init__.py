@@ -17,10 +17,13 @@ AVAILABLE_KINDS = {
     "mysql": "federation.connectors.mysql:MySQLConnector",
     "iceberg": "federation.connectors.iceberg:IcebergConnector",
     "flightsql": "federation.connectors.flightsql:FlightSQLConnector",
+    "git": "federation.connectors.git:GitConnector",
 }
+# Kinds whose connector serves exactly one location (a file set, a repository table).
+PER_LOCATION_KINDS = ("file", "git")
 # Named in the mission and accepted by `from:` once their connector lands.
 PLANNED_KINDS = ("snowflake", "mongodb", "http", "https",
-                 "github", "git")
+                 "github")
 
 
 def check_kind(kind: str) -> str | None:
@@ -47,7 +50,7 @@ class ConnectorPool:
             raise ConnectorError(problem)
         module_name, class_name = AVAILABLE_KINDS[kind].split(":")
         connector_class = getattr(importlib.import_module(module_name), class_name)
-        if kind == "file":  # one connector per file location
+        if kind in PER_LOCATION_KINDS:
             return connector_class(params, self.base_dir, location)
         key = kind + json.dumps(params, sort_keys=True, default=str)
         if key not in self._open:

@@ -1,0 +1,158 @@
+"""`git:path/to/repo/files` and `git:path/to/repo/commits` — a local git repository.
+
+Read with git's own plumbing commands at HEAD (``ls-tree``, ``cat-file``, ``log``), with
+optional locks disabled so that reading never writes to the repository. File contents are
+read only when the ``content`` column is asked for; LIMIT on commits goes to ``git log -n``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from federation import expr as fx
+from federation.arrow_expr import to_arrow
+from federation.connectors.base import Connector, ConnectorError
+
+TABLES = ("files", "commits")
+FILES_SCHEMA = pa.schema([
+    ("path", pa.string()), ("size", pa.int64()), ("content", pa.string()), ("is_binary", pa.bool_()),
+    ("blob_sha", pa.string()), ("last_commit", pa.string()),
+    ("last_commit_at", pa.timestamp("s", tz="UTC")), ("last_author", pa.string()),
+])
+COMMITS_SCHEMA = pa.schema([
+    ("sha", pa.string()), ("author_name", pa.string()), ("author_email", pa.string()),
+    ("authored_at", pa.timestamp("s", tz="UTC")), ("committer_name", pa.string()),
+    ("committed_at", pa.timestamp("s", tz="UTC")), ("subject", pa.string()), ("body", pa.string()),
+    ("parents", pa.list_(pa.string())),
+])
+_FIELD, _RECORD = "\x1f", "\x1e"
+_COMMIT_FORMAT = _FIELD.join(["%H", "%an", "%ae", "%aI", "%cn", "%cI", "%s", "%b", "%P"]) + _RECORD
+BATCH_ROWS = 4096
+
+
+class GitConnector(Connector):
+    kind = "git"
+
+    def __init__(self, params: dict[str, Any], base_dir: Path, location: str):
+        super().__init__(params, base_dir)
+        repository, _, table = location.rstrip("/").rpartition("/")
+        if table not in TABLES:
+            raise ConnectorError(f"git: {location} must end with /files or /commits")
+        self.table_kind = table
+        self.repository = self.resolve_path(repository or ".")
+        self.location = location
+        if not (self.repository / ".git").exists() and not (self.repository / "HEAD").exists():
+            raise ConnectorError(f"git: {self.repository} is not a git repository")
+
+    def describe(self) -> str:
+        return f"git ({self.repository.name})"
+
+    def tables(self) -> list[str]:
+        return [self.location]
+
+    def schema(self, table: str) -> pa.Schema:
+        return FILES_SCHEMA if self.table_kind == "files" else COMMITS_SCHEMA
+
+    def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
+        environment = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0"}
+        try:
+            result = subprocess.run(["git", "-C", str(self.repository), *args], input=stdin,
+                                    capture_output=True, env=environment, timeout=300, check=True)
+        except subprocess.CalledProcessError as error:
+            message = error.stderr.decode(errors="replace").strip().splitlines()
+            raise ConnectorError(f"{self.describe()}: {message[-1] if message else 'git failed'}") from None
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise ConnectorError(f"{self.describe()}: {error}") from None
+        return result.stdout
+
+    def row_count(self, table: str) -> int | None:
+        if self.table_kind == "commits":
+            return int(self._git("rev-list", "--count", "HEAD").strip() or 0)
+        return self._git("ls-tree", "-r", "-z", "HEAD").count(b"\x00")
+
+    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+             limit: int | None) -> pa.RecordBatchReader:
+        schema = self.schema(table)
+        columns = schema.names if columns is None else (columns or schema.names[:1])
+        self.stats.record_request(f"git {self.table_kind} of {self.repository.name}")
+        if self.table_kind == "commits":
+            rows = self._commits(None if filters else limit)  # limiting before filtering loses rows
+        else:
+            rows = self._files(columns)
+        data = pa.Table.from_pylist(rows, schema=schema)
+        if filters:
+            data = data.filter(to_arrow(fx.And(tuple(filters))))
+        if limit is not None:
+            data = data.slice(0, limit)
+        data = data.select(columns)
+        for batch in data.to_batches(max_chunksize=BATCH_ROWS):
+            self.stats.record_batch(batch, 0.0)
+        return pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=BATCH_ROWS))
+
+    def _commits(self, limit: int | None) -> list[dict]:
+        args = ["log", f"--format={_COMMIT_FORMAT}", "HEAD"]
+        if limit is not None:
+            args.insert(1, f"-n{int(limit)}")
+        records = self._git(*args).decode(errors="replace").split(_RECORD)
+        rows = []
+        for record in records:
+            record = record.strip("\n")
+            if not record:
+                continue
+            sha, name, email, authored, committer, committed, subject, body, parents = record.split(_FIELD)
+            rows.append({"sha": sha, "author_name": name, "author_email": email,
+                         "authored_at": dt.datetime.fromisoformat(authored), "committer_name": committer,
+                         "committed_at": dt.datetime.fromisoformat(committed), "subject": subject,
+                         "body": body.strip(), "parents": parents.split() if parents else []})
+        return rows
+
+    def _files(self, columns: list[str]) -> list[dict]:
+        rows = []
+        for entry in self._git("ls-tree", "-r", "-l", "-z", "HEAD").split(b"\x00"):
+            if not entry:
+                continue
+            meta, path = entry.split(b"\t", 1)
+            _, kind, sha, size = meta.split()
+            if kind != b"blob":
+                continue  # submodules
+            rows.append({"path": path.decode(errors="replace"), "size": int(size), "blob_sha": sha.decode()})
+        if "content" in columns or "is_binary" in columns:
+            for row, (content, binary) in zip(rows, self._contents([r["blob_sha"] for r in rows])):
+                row["content"], row["is_binary"] = content, binary
+        if {"last_commit", "last_commit_at", "last_author"} & set(columns):
+            last = self._last_commits()
+            for row in rows:
+                row.update(last.get(row["path"], {}))
+        return rows
+
+    def _contents(self, shas: list[str]) -> Iterator[tuple[str | None, bool]]:
+        output = self._git("cat-file", "--batch", stdin="".join(f"{s}\n" for s in shas).encode())
+        position = 0
+        for _ in shas:
+            header_end = output.index(b"\n", position)
+            size = int(output[position:header_end].split()[2])
+            data = output[header_end + 1:header_end + 1 + size]
+            position = header_end + 1 + size + 1
+            binary = b"\x00" in data[:8000]
+            yield (None if binary else data.decode(errors="replace")), binary
+
+    def _last_commits(self) -> dict[str, dict]:
+        """The newest commit touching each path (one `git log` over the history)."""
+        log = self._git("log", "--format=" + _RECORD + "%H" + _FIELD + "%cI" + _FIELD + "%an",
+                        "--name-only", "-z", "HEAD").decode(errors="replace")
+        last: dict[str, dict] = {}
+        for record in log.split(_RECORD):
+            if not record.strip("\x00\n"):
+                continue
+            header, _, names = record.partition("\n")
+            sha, committed, author = header.strip("\x00").split(_FIELD)
+            for path in names.replace("\n", "").split("\x00"):
+                if path and path not in last:
+                    last[path] = {"last_commit": sha, "last_commit_at": dt.datetime.fromisoformat(committed),
+                                  "last_author": author}
+        return last
