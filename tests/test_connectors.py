@@ -232,3 +232,12 @@ def test_sqlite_date_filters_are_pushed_as_text(databases, tmp_path):
     assert "\"day\" >= '2026-01-10'" in stats.last_request and stats.rows == 1
     later = engine.query("SELECT id FROM d WHERE at < TIMESTAMP '2026-01-05 11:00:00'").read_all()
     assert later.column("id").to_pylist() == [1]  # applied locally: mixed 'T'/' ' text stays correct
+
+
+def test_a_limit_is_never_applied_before_a_filter_the_source_cannot_take(databases):
+    from federation.connectors.sqlite import SQLiteConnector
+    connector = SQLiteConnector({"sqlite_file": "crm.sqlite"}, databases)
+    pushable = fx.Compare("<", fx.Column("id"), fx.Literal(100))
+    local_only = fx.Compare("=", fx.Column("name"), fx.Literal(dt.datetime(2026, 1, 1)))  # not renderable
+    assert connector.select_sql("people", ["id"], [pushable], 5).endswith("LIMIT 5")
+    assert "LIMIT" not in connector.select_sql("people", ["id"], [pushable, local_only], 5)

@@ -18,12 +18,14 @@ AVAILABLE_KINDS = {
     "iceberg": "federation.connectors.iceberg:IcebergConnector",
     "flightsql": "federation.connectors.flightsql:FlightSQLConnector",
     "git": "federation.connectors.git:GitConnector",
+    "http": "federation.connectors.http:HttpConnector",
+    "https": "federation.connectors.http:HttpConnector",
+    "github": "federation.connectors.github:GitHubConnector",
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
-PER_LOCATION_KINDS = ("file", "git")
+PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")
 # Named in the mission and accepted by `from:` once their connector lands.
-PLANNED_KINDS = ("snowflake", "mongodb", "http", "https",
-                 "github")
+PLANNED_KINDS = ("snowflake", "mongodb")
 
 
 def check_kind(kind: str) -> str | None:
@@ -51,6 +53,8 @@ class ConnectorPool:
         module_name, class_name = AVAILABLE_KINDS[kind].split(":")
         connector_class = getattr(importlib.import_module(module_name), class_name)
         if kind in PER_LOCATION_KINDS:
+            if kind in ("http", "https"):
+                location = f"{kind}:{location}"  # the connector takes the whole URL
             return connector_class(params, self.base_dir, location)
         key = kind + json.dumps(params, sort_keys=True, default=str)
         if key not in self._open:

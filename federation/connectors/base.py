@@ -74,7 +74,8 @@ class Connector(ABC):
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         """Stream rows: only ``columns`` (None = all), pre-filtered by what of ``filters``
-        the backend can take (the caller re-applies the exact filter), at most ``limit``."""
+        the backend can take (the caller re-applies the exact filter), at most ``limit``
+        (honoured only when every filter was applied: cutting earlier would lose rows)."""
 
     def primary_key(self, table: str) -> list[str]:
         return []
@@ -136,10 +137,10 @@ class SqlConnector(Connector):
         quote = self.renderer.quote_identifier
         projection = "*" if columns is None else ", ".join(quote(c) for c in columns)
         sql = f"SELECT {projection} FROM {self.quote_table(table)}"
-        where, _ = self.renderer.render_where(filters)
+        where, kept_local = self.renderer.render_where(filters)
         if where:
             sql += f" WHERE {where}"
-        if limit is not None:
+        if limit is not None and not kept_local:  # a limit before every filter would lose rows
             sql += f" LIMIT {int(limit)}"
         return sql
 

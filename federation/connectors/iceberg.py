@@ -158,7 +158,9 @@ class IcebergConnector(Connector):
         condition: ice.BooleanExpression = ice.AlwaysTrue()
         for part in pushed:
             condition = ice.And(condition, part)
-        scan = iceberg_table.scan(row_filter=condition, selected_fields=tuple(columns), limit=limit)
+        exact = len(pushed) == len(filters)  # a limit before every filter would lose rows
+        scan = iceberg_table.scan(row_filter=condition, selected_fields=tuple(columns),
+                                  limit=limit if exact else None)
         target = pa.schema([schema.field(c) for c in columns])
         self.stats.record_request(f"scan {table} where {condition} limit {limit}")
         reader = scan.to_arrow_batch_reader()

@@ -1,0 +1,129 @@
+"""http: against a local JSON API: pagination styles, auth, filter parameters, rate limits."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from federation.catalog import Catalog, DatasetSpec
+from federation.connectors import ConnectorError
+from federation.engine import QueryEngine
+
+INCIDENTS = [{"id": i, "status": "open" if i % 2 else "resolved", "title": f"incident {i}",
+              "service": {"name": "checkout" if i < 4 else "payments", "tier": 1},
+              "tags": ["db"] if i % 3 == 0 else []} for i in range(1, 8)]
+
+
+class Api(BaseHTTPRequestHandler):
+    requests: list[str] = []
+    limited_once = {"done": False}
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body, headers: dict | None = None):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        Api.requests.append(self.path)
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if self.headers.get("Authorization") != "Bearer t0k":
+            return self._send(401, {"message": "Requires authentication"})
+        if url.path == "/incidents":  # Link header pagination, 3 per page, ?status= filter
+            rows = [r for r in INCIDENTS if "status" not in query or r["status"] == query["status"]]
+            start = int(query.get("offset", 0))
+            headers = {}
+            if start + 3 < len(rows):
+                nxt = urllib.parse.urlencode({**query, "offset": start + 3})
+                headers["Link"] = f'<http://{self.headers["Host"]}/incidents?{nxt}>; rel="next"'
+            return self._send(200, rows[start:start + 3], headers)
+        if url.path == "/alerts":  # cursor pagination, records at data.items
+            page = int(query.get("cursor", 0))
+            items = INCIDENTS[page * 4:(page + 1) * 4]
+            meta = {"next_cursor": str(page + 1)} if (page + 1) * 4 < len(INCIDENTS) else {}
+            return self._send(200, {"data": {"items": items}, "meta": meta})
+        if url.path == "/metrics":  # page numbers
+            page, size = int(query.get("page", 1)), int(query["per_page"])
+            return self._send(200, INCIDENTS[(page - 1) * size:page * size])
+        if url.path == "/limited":
+            if not Api.limited_once["done"]:
+                Api.limited_once["done"] = True
+                return self._send(429, {"message": "slow down"}, {"Retry-After": "1"})
+            return self._send(200, INCIDENTS[:2])
+        return self._send(404, {"message": "Not Found"})
+
+
+@pytest.fixture(scope="module")
+def api():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+AUTH = {"auth_header": "Bearer t0k"}
+
+
+def _engine(api, tmp_path, path, params):
+    return QueryEngine(Catalog([DatasetSpec("api", f"{api}{path}", {**AUTH, **params})], tmp_path))
+
+
+def test_link_header_pagination_and_flattening(api, tmp_path):
+    engine = _engine(api, tmp_path, "/incidents", {})
+    rows = engine.query("SELECT id, service_name, tags FROM api ORDER BY id").read_all().to_pylist()
+    assert [r["id"] for r in rows] == list(range(1, 8))
+    assert rows[0]["service_name"] == "checkout" and rows[2]["tags"] == ["db"]
+
+
+def test_equality_filters_become_query_parameters(api, tmp_path):
+    Api.requests.clear()
+    engine = _engine(api, tmp_path, "/incidents", {"filter_params": {"status": "status"}})
+    engine.catalog.datasets["public.api"].connector.schema("")  # discovery request
+    Api.requests.clear()
+    rows = engine.query("SELECT id FROM api WHERE status = 'open' AND id > 2 ORDER BY id").read_all()
+    assert rows.column("id").to_pylist() == [3, 5, 7]
+    assert Api.requests and all("status=open" in r for r in Api.requests)
+
+
+def test_cursor_and_page_pagination(api, tmp_path):
+    cursor = _engine(api, tmp_path, "/alerts", {"json_path": "data.items",
+                                                "pagination": {"type": "cursor", "cursor_field": "meta.next_cursor"}})
+    assert cursor.query("SELECT count(*) AS n FROM api").read_all().to_pylist() == [{"n": 7}]
+    pages = _engine(api, tmp_path, "/metrics", {"pagination": {"type": "page", "page_param": "page",
+                                                               "page_size_param": "per_page", "page_size": 3}})
+    assert pages.query("SELECT max(id) AS m, count(*) AS n FROM api").read_all().to_pylist() == [{"m": 7, "n": 7}]
+
+
+def test_declared_columns(api, tmp_path):
+    engine = _engine(api, tmp_path, "/incidents", {"columns": {"id": "int", "title": "string", "service": "json"}})
+    row = engine.query("SELECT * FROM api WHERE id = 1").read_all().to_pylist()[0]
+    assert row == {"id": 1, "title": "incident 1", "service": '{"name": "checkout", "tier": 1}'}
+
+
+def test_rate_limit_is_waited_out(api, tmp_path):
+    engine = _engine(api, tmp_path, "/limited", {"timeout": 5})
+    assert engine.query("SELECT count(*) AS n FROM api").read_all().to_pylist() == [{"n": 2}]
+
+
+def test_errors_are_clear_and_never_show_the_token(api, tmp_path):
+    catalog = Catalog([DatasetSpec("noauth", f"{api}/incidents", {}),
+                       DatasetSpec("missing", f"{api}/nope", AUTH),
+                       DatasetSpec("down", "http://127.0.0.1:1/x", {**AUTH, "timeout": 2})], tmp_path)
+    errors = {name.split(".")[1]: d.error for name, d in catalog.datasets.items()}
+    assert "HTTP 401" in errors["noauth"]
+    assert "HTTP 404" in errors["missing"]
+    assert "cannot reach the API" in errors["down"] and "t0k" not in errors["down"]
+    with pytest.raises(ConnectorError, match="not an http"):
+        from federation.connectors.http import HttpConnector
+        HttpConnector({}, tmp_path, "ftp://example")
