@@ -19,13 +19,20 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test,bench]"
 	touch $@
 
+# fakesnow (the Snowflake test peer) pins its own duckdb/sqlglot: it lives in its own venv.
+.venv-fakesnow/.installed:
+	$(PYTHON) -m venv .venv-fakesnow
+	.venv-fakesnow/bin/python -m pip install -q --upgrade pip
+	.venv-fakesnow/bin/pip install -q "fakesnow[server]==0.12.1" "snowflake-connector-python>=4.8,<5"
+	touch $@
+
 run: $(VENV)/.installed
 	$(BIN)/flightdeck run $(ARGS)
 
 services:
 	bash tests/services.sh
 
-test: $(VENV)/.installed-test services
+test: $(VENV)/.installed-test .venv-fakesnow/.installed services
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test services
@@ -37,4 +44,4 @@ proto: $(VENV)/.installed
 	$(BIN)/python -m grpc_tools.protoc -Iflight/proto --python_out=flight/proto flight/proto/flight_sql.proto
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench/data
+	rm -rf $(VENV) .venv-fakesnow build *.egg-info bench/data

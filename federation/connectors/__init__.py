@@ -21,11 +21,12 @@ AVAILABLE_KINDS = {
     "http": "federation.connectors.http:HttpConnector",
     "https": "federation.connectors.http:HttpConnector",
     "github": "federation.connectors.github:GitHubConnector",
+    "snowflake": "federation.connectors.snowflake:SnowflakeConnector",
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
 PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")
 # Named in the mission and accepted by `from:` once their connector lands.
-PLANNED_KINDS = ("snowflake", "mongodb")
+PLANNED_KINDS = ("mongodb",)
 
 
 def check_kind(kind: str) -> str | None:
