@@ -22,11 +22,12 @@ AVAILABLE_KINDS = {
     "https": "federation.connectors.http:HttpConnector",
     "github": "federation.connectors.github:GitHubConnector",
     "snowflake": "federation.connectors.snowflake:SnowflakeConnector",
+    "mongodb": "federation.connectors.mongodb:MongoDBConnector",
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
 PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")
 # Named in the mission and accepted by `from:` once their connector lands.
-PLANNED_KINDS = ("mongodb",)
+PLANNED_KINDS: tuple[str, ...] = ()
 
 
 def check_kind(kind: str) -> str | None:

@@ -1,0 +1,278 @@
+"""`mongodb:db.collection` — MongoDB through pymongo, documents flattened into columns.
+
+Nested documents become ``parent_child`` columns; the columns are declared
+(``params.columns``) or sampled from the collection. Filters become the ``find`` filter,
+projection its projection, LIMIT its limit (only when every filter went down). Only
+``find`` and ``listCollections`` are ever sent; for a server-side guarantee, connect as a
+user with the ``read`` role.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import urllib.parse
+from typing import Any
+
+import pyarrow as pa
+import pymongo
+from bson import ObjectId
+from pymongo.errors import PyMongoError
+
+from federation import expr as fx
+from federation.connectors.base import Connector, ConnectorError
+
+SAMPLE_SIZE = 200
+BATCH_ROWS = 10_000
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+DECLARED_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
+                  "timestamp": TIMESTAMP, "objectid": pa.string(), "json": pa.string()}
+_OPERATORS = {"!=": "$ne", "<": "$lt", "<=": "$lte", ">": "$gt", ">=": "$gte"}
+_FLIPPED = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+def flatten(document: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """{("service", "name"): "checkout", ...}: nested documents become paths."""
+    flat: dict[tuple, Any] = {}
+    for key, value in document.items():
+        path = prefix + (key,)
+        if isinstance(value, dict):
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dt.datetime):
+        return "timestamp"
+    if isinstance(value, ObjectId):
+        return "objectid"
+    if isinstance(value, list):
+        kinds = {_kind(v) for v in value if v is not None}
+        if not kinds:
+            return "list:"  # empty: the element type comes from other documents
+        return f"list:{kinds.pop()}" if len(kinds) == 1 and not any(k.startswith("list") for k in kinds) else "json"
+    return "json"
+
+
+def _arrow(kind: str) -> pa.DataType:
+    if kind.startswith("list:"):
+        return pa.list_(_arrow(kind[5:]))
+    return DECLARED_TYPES[kind]
+
+
+def _merge(kinds: set[str]) -> str:
+    if "list:" in kinds and any(k.startswith("list:") and k != "list:" for k in kinds):
+        kinds = kinds - {"list:"}
+    if kinds == {"list:"}:
+        return "list:string"
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds == {"int", "float"}:
+        return "float"
+    return "json"  # mixed: the values as JSON text
+
+
+class MongoDBConnector(Connector):
+    kind = "mongodb"
+
+    def __init__(self, params: dict[str, Any], base_dir):
+        super().__init__(params, base_dir)
+        self.uri = str(params.get("mongo_uri", "mongodb://127.0.0.1:27017"))
+        self.timeout_ms = int(float(params.get("connect_timeout", 10)) * 1000)
+        self.query_timeout_ms = int(float(params.get("query_timeout", 300)) * 1000)
+        self.sample_size = int(params.get("schema_sample_size", SAMPLE_SIZE))
+        self.declared = params.get("columns")
+        self._client: pymongo.MongoClient | None = None
+        self._described: dict[str, tuple[pa.Schema, dict[str, tuple], dict[str, str]]] = {}
+
+    def describe(self) -> str:
+        hosts = urllib.parse.urlsplit(self.uri).netloc.rpartition("@")[2]  # never the credentials
+        return f"mongodb ({hosts})"
+
+    def client(self) -> pymongo.MongoClient:
+        if self._client is None:
+            self._client = pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=self.timeout_ms,
+                                               connectTimeoutMS=self.timeout_ms, tz_aware=True,
+                                               appname="flightdeck")
+        return self._client
+
+    def _collection(self, table: str):
+        database, _, collection = table.partition(".")
+        if not collection:
+            raise ConnectorError(f"mongodb: name the collection as database.collection, not {table!r}")
+        return self.client()[database][collection]
+
+    def _failed(self, error: Exception) -> ConnectorError:
+        self.stats.record_error()
+        text = str(error).split(", full error")[0].split(" (configured timeouts")[0].split(", Timeout:")[0]
+        return ConnectorError(f"{self.describe()}: {text}")
+
+    def tables(self) -> list[str]:
+        try:
+            return sorted(f"{db}.{name}" for db in self.client().list_database_names()
+                          if db not in ("admin", "local", "config")
+                          for name in self.client()[db].list_collection_names())
+        except PyMongoError as error:
+            raise self._failed(error) from None
+
+    # ---- schema ----
+
+    def _describe_table(self, table: str) -> tuple[pa.Schema, dict[str, tuple], dict[str, str]]:
+        """(schema, column -> document path, column -> kind)."""
+        if table not in self._described:
+            kinds = self._declared_kinds() if self.declared else self._sampled_kinds(table)
+            if not kinds:
+                raise ConnectorError(f"{self.describe()}: {table} has no documents to infer columns "
+                                     "from; declare params.columns")
+            columns = {"_".join(path): path for path in kinds}
+            schema = pa.schema([(name, _arrow(kinds[path])) for name, path in columns.items()])
+            self._described[table] = (schema, columns, {n: kinds[p] for n, p in columns.items()})
+        return self._described[table]
+
+    def _declared_kinds(self) -> dict[tuple, str]:
+        kinds = {}
+        for name, kind in dict(self.declared).items():
+            if str(kind) not in DECLARED_TYPES:
+                raise ConnectorError(f"mongodb: unknown column type {kind!r} (use {', '.join(DECLARED_TYPES)})")
+            kinds[tuple(str(name).split("."))] = str(kind)
+        return kinds
+
+    def _sampled_kinds(self, table: str) -> dict[tuple, str]:
+        seen: dict[tuple, set[str]] = {}
+        try:
+            for document in self._collection(table).find({}, limit=self.sample_size,
+                                                          max_time_ms=self.query_timeout_ms):
+                for path, value in flatten(document).items():
+                    kinds = seen.setdefault(path, set())
+                    if value is not None:
+                        kinds.add(_kind(value))
+        except PyMongoError as error:
+            raise self._failed(error) from None
+        return {path: _merge(kinds) if kinds else "string" for path, kinds in seen.items()}
+
+    def schema(self, table: str) -> pa.Schema:
+        return self._describe_table(table)[0]
+
+    def primary_key(self, table: str) -> list[str]:
+        return ["_id"] if "_id" in self.schema(table).names else []
+
+    # ---- filters ----
+
+    def match(self, expression: fx.Expr, columns: dict[str, tuple], kinds: dict[str, str]) -> dict | None:
+        """A planner filter as a find filter, or None where Mongo's semantics could be stricter."""
+        if isinstance(expression, fx.Compare):
+            column, literal, op = expression.left, expression.right, expression.op
+            if isinstance(column, fx.Literal):
+                column, literal, op = literal, column, _FLIPPED[op]
+            if not (isinstance(column, fx.Column) and isinstance(literal, fx.Literal)):
+                return None
+            value = self._bson_value(literal.value, kinds.get(column.name))
+            if column.name not in columns or value is None:
+                return None
+            path = ".".join(columns[column.name])
+            return {path: value} if op == "=" else {path: {_OPERATORS[op]: value}}
+        if isinstance(expression, (fx.And, fx.Or)):
+            parts = [self.match(a, columns, kinds) for a in expression.args]
+            if any(p is None for p in parts):
+                return None
+            return {"$and" if isinstance(expression, fx.And) else "$or": parts}
+        if isinstance(expression, fx.IsNull) and isinstance(expression.arg, fx.Column):
+            if expression.arg.name in columns:  # null or missing, as a NULL column
+                return {".".join(columns[expression.arg.name]): None}
+        if isinstance(expression, fx.InList) and isinstance(expression.arg, fx.Column):
+            values = [self._bson_value(v, kinds.get(expression.arg.name)) for v in expression.values]
+            if expression.arg.name in columns and all(v is not None for v in values):
+                return {".".join(columns[expression.arg.name]): {"$in": values}}
+        return None
+
+    @staticmethod
+    def _bson_value(value: Any, kind: str | None) -> Any:
+        """The literal as stored, for columns of one known kind; None when unsure."""
+        if kind == "objectid":
+            return ObjectId(value) if isinstance(value, str) and ObjectId.is_valid(value) else None
+        if kind == "timestamp" and isinstance(value, dt.datetime):
+            return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        if kind in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if kind == "string" and isinstance(value, str):
+            return value
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        return None  # mixed (JSON) columns, lists, decimals: applied locally
+
+    # ---- scans ----
+
+    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+             limit: int | None) -> pa.RecordBatchReader:
+        schema, paths, kinds = self._describe_table(table)
+        columns = schema.names if columns is None else (columns or schema.names[:1])
+        target = pa.schema([schema.field(c) for c in columns])
+        pushed = [m for m in (self.match(f, paths, kinds) for f in filters) if m is not None]
+        query = {"$and": pushed} if len(pushed) > 1 else (pushed[0] if pushed else {})
+        projection = {".".join(paths[c]): 1 for c in columns}
+        if "_id" not in columns:
+            projection["_id"] = 0
+        exact = len(pushed) == len(filters)
+        try:
+            cursor = self._collection(table).find(query, projection, limit=(limit or 0) if exact else 0,
+                                                  batch_size=BATCH_ROWS, max_time_ms=self.query_timeout_ms)
+        except PyMongoError as error:
+            raise self._failed(error) from None
+        self.stats.record_request(f"find {table} {json.dumps(query, default=str)}")
+
+        def batches():
+            rows: list[dict] = []
+            try:
+                for document in cursor:
+                    rows.append(document)
+                    if len(rows) == BATCH_ROWS:
+                        yield self._batch(rows, target, paths, kinds)
+                        rows = []
+            except PyMongoError as error:
+                raise self._failed(error) from None
+            finally:
+                cursor.close()
+            if rows:
+                yield self._batch(rows, target, paths, kinds)
+
+        return pa.RecordBatchReader.from_batches(target, batches())
+
+    def _batch(self, documents: list[dict], target: pa.Schema, paths: dict[str, tuple],
+               kinds: dict[str, str]) -> pa.RecordBatch:
+        flat = [flatten(d) for d in documents]
+        arrays = []
+        for field in target:
+            values = [_column_value(row.get(paths[field.name]), kinds[field.name]) for row in flat]
+            try:
+                arrays.append(pa.array(values, type=field.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+                raise ConnectorError(f"{self.describe()}: column {field.name}: values do not fit "
+                                     f"{field.type} ({error}); declare it as json") from None
+        batch = pa.RecordBatch.from_arrays(arrays, schema=target)
+        self.stats.record_batch(batch, 0.0)
+        return batch
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _column_value(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind == "json":
+        return value if isinstance(value, str) else json.dumps(value, default=str)
+    if kind == "objectid" or isinstance(value, ObjectId):
+        return str(value)
+    if kind.startswith("list:") and kind.endswith(("objectid", "json")):
+        return [str(v) for v in value]
+    return value

@@ -1,0 +1,84 @@
+"""mongodb: real pymongo against a MongoDB wire-protocol peer on loopback (tests/mongo_peer.py)."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+from bson import ObjectId
+
+from federation.catalog import Catalog, DatasetSpec
+from federation.engine import QueryEngine
+
+from mongo_peer import READS, MongoPeer
+
+UTC = dt.timezone.utc
+
+
+@pytest.fixture(scope="module")
+def mongo():
+    peer = MongoPeer()
+    tickets = peer.data["support"]["tickets"]
+    tickets.insert_many([
+        {"_id": ObjectId(f"{i:024x}"), "number": i, "status": "open" if i % 2 else "closed",
+         "customer": {"id": 100 + i, "tier": "pro" if i < 5 else "free"}, "score": i * 0.5,
+         "opened": dt.datetime(2026, 11, 20, 14, i, tzinfo=UTC), "tags": ["db", "pool"] if i % 3 == 0 else [],
+         "extra": i if i % 2 else f"x{i}"}
+        for i in range(1, 11)])
+    yield peer
+    peer.stop()
+
+
+def _engine(mongo, tmp_path, **params):
+    spec = DatasetSpec("tickets", "mongodb:support.tickets", {"mongo_uri": mongo.uri, **params})
+    return QueryEngine(Catalog([spec], tmp_path))
+
+
+def test_sampled_schema_with_flattened_documents(mongo, tmp_path):
+    engine = _engine(mongo, tmp_path)
+    schema = engine.catalog.datasets["public.tickets"].arrow_schema
+    assert dict(zip(schema.names, schema.types)) == {
+        "_id": pa.string(), "number": pa.int64(), "status": pa.string(), "customer_id": pa.int64(),
+        "customer_tier": pa.string(), "score": pa.float64(), "opened": pa.timestamp("ms", tz="UTC"),
+        "tags": pa.list_(pa.string()), "extra": pa.string()}
+    assert engine.catalog.datasets["public.tickets"].primary_key == ["_id"]
+    row = engine.query("SELECT * FROM tickets WHERE number = 3").read_all().to_pylist()[0]
+    assert row["_id"] == f"{3:024x}" and row["customer_tier"] == "pro" and row["tags"] == ["db", "pool"]
+    assert row["extra"] == "3"  # mixed types become JSON text
+
+
+def test_filters_and_projection_become_the_find_command(mongo, tmp_path):
+    engine = _engine(mongo, tmp_path)
+    mongo.commands.clear()
+    result = engine.query("SELECT number, customer_id FROM tickets WHERE status = 'open' "
+                          "AND customer_tier = 'pro' AND opened >= TIMESTAMP '2026-11-20T14:02:00Z' "
+                          "ORDER BY number").read_all()
+    assert result.to_pylist() == [{"number": 3, "customer_id": 103}]
+    [find] = [c for c in mongo.commands if "find" in c]
+    assert find["filter"]["$and"][0] == {"status": "open"} and {"customer.tier": "pro"} in find["filter"]["$and"]
+    assert find["projection"] == {"number": 1, "customer.id": 1, "status": 1, "customer.tier": 1,
+                                  "opened": 1, "_id": 0}
+    assert engine.catalog.datasets["public.tickets"].connector.stats.rows == 1
+    by_id = engine.query(f"SELECT number FROM tickets WHERE _id = '{7:024x}'").read_all()
+    assert by_id.column("number").to_pylist() == [7]
+
+
+def test_only_reads_are_sent_and_writes_are_refused(mongo, tmp_path):
+    engine = _engine(mongo, tmp_path)
+    mongo.commands.clear()
+    engine.query("SELECT count(*) FROM tickets WHERE score > 2").read_all()
+    engine.query("SELECT * FROM tickets WHERE extra = '4' LIMIT 2").read_all()
+    assert mongo.commands and all(next(iter(c)) in READS for c in mongo.commands)
+    connector = engine.catalog.datasets["public.tickets"].connector
+    with pytest.raises(Exception, match="not allowed"):
+        connector.client()["support"]["tickets"].insert_one({"number": 99})
+
+
+def test_declared_columns_and_unreachable_servers(mongo, tmp_path):
+    engine = _engine(mongo, tmp_path, columns={"number": "int", "customer.tier": "string", "tags": "json"})
+    rows = engine.query("SELECT * FROM tickets WHERE number = 6").read_all().to_pylist()
+    assert rows == [{"number": 6, "customer_tier": "free", "tags": '["db", "pool"]'}]
+    down = Catalog([DatasetSpec("gone", "mongodb:x.y", {"mongo_uri": "mongodb://agent:mongo-pw-1@127.0.0.1:1",
+                                                       "connect_timeout": 1})], tmp_path)
+    error = down.datasets["public.gone"].error
+    assert "127.0.0.1:1" in error and "mongo-pw-1" not in error
