@@ -27,11 +27,6 @@ def test_unknown_connector_suggests_the_right_one():
     assert message == "datasets[1].from: unknown connector 'postgress' (did you mean 'postgres'?)"
 
 
-def test_planned_connector_is_named_as_not_available_yet():
-    message = _errors({"datasets": [{"from": "mongodb:shop.orders", "name": "orders"}]})
-    assert "datasets[0].from: connector 'mongodb' is not available in this version" in message
-
-
 @pytest.mark.parametrize("raw,expected", [
     ({"datasets": [{"from": "file:a.csv"}]}, "datasets[0].name: required key is missing"),
     ({"datasets": [{"from": "file:a.csv", "name": "Orders"}]}, "datasets[0].name: expected a lowercase name"),

@@ -26,17 +26,13 @@ AVAILABLE_KINDS = {
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
 PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")
-# Named in the mission and accepted by `from:` once their connector lands.
-PLANNED_KINDS: tuple[str, ...] = ()
 
 
 def check_kind(kind: str) -> str | None:
     """None if ``kind`` can be used, else a message saying what is wrong."""
     if kind in AVAILABLE_KINDS:
         return None
-    if kind in PLANNED_KINDS:
-        return f"connector '{kind}' is not available in this version (available: {', '.join(AVAILABLE_KINDS)})"
-    close = difflib.get_close_matches(kind, list(AVAILABLE_KINDS) + list(PLANNED_KINDS), n=1)
+    close = difflib.get_close_matches(kind, list(AVAILABLE_KINDS), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown connector '{kind}'{hint}"
 
