@@ -25,7 +25,6 @@ _COMPARISONS = {
     "equal": "=", "not_equal": "!=", "less": "<", "less_equal": "<=",
     "greater": ">", "greater_equal": ">=",
 }
-_FLIPPED = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 
 
 def decode(expression: pc.Expression | None) -> fx.Expr | None:
@@ -129,7 +128,7 @@ def _build(function: str, args: list, options: dict | None):
             return None
         op = _COMPARISONS[function]
         if isinstance(left, fx.Literal) and isinstance(right, fx.Column):
-            return fx.Compare(_FLIPPED[op], right, left)
+            return fx.Compare(fx.FLIPPED[op], right, left)
         return fx.Compare(op, left, right)
     if function in ("and", "and_kleene"):
         kept = tuple(a for a in args if a is not None and a is not _UNKNOWN)

@@ -70,6 +70,19 @@ def conjuncts(expr: Expr | None) -> list[Expr]:
     return [expr]
 
 
+FLIPPED = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+def column_comparison(expr: Compare) -> tuple[str, str, object] | None:
+    """(column, operator, value) of ``column op literal`` written either way round, else None."""
+    left, right, op = expr.left, expr.right, expr.op
+    if isinstance(left, Literal) and isinstance(right, Column):
+        left, right, op = right, left, FLIPPED[op]
+    if isinstance(left, Column) and isinstance(right, Literal):
+        return left.name, op, right.value
+    return None
+
+
 def referenced_columns(expr: Expr) -> set[str]:
     if isinstance(expr, Column):
         return {expr.name}

@@ -1,7 +1,6 @@
 """flightdeck.yaml validation and the `flightdeck` command line."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time

@@ -1,14 +1,12 @@
 """flightsql: a second flightdeck process as the backend, through ADBC."""
 from __future__ import annotations
 
-import adbc_driver_flightsql.dbapi as flightsql
 import pytest
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
 from federation.engine import QueryEngine
 
-from conftest import serving
 
 
 def test_a_remote_flightdeck_as_a_source(server, tmp_path):

@@ -125,9 +125,12 @@ class SqlConnector(Connector):
         """Equal for two datasets exactly when one query may join them on the backend."""
 
     @abstractmethod
-    def execute_sql(self, sql: str, params: list[Any] | None = None,
-                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-        """Run one read statement on the backend and stream its result."""
+    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+        """Run one read statement and stream its result, as ``target`` when given."""
+
+    def execute_sql(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:
+        """Run one read statement on the backend and stream its result in the backend's types."""
+        return self.stream(sql, params, None)
 
     def quote_table(self, table: str) -> str:
         return ".".join(self.renderer.quote_identifier(part) for part in table.split("."))
@@ -156,7 +159,7 @@ class SqlConnector(Connector):
 
     def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
         """Stream a generated SELECT whose result has the ``target`` schema."""
-        return self.execute_sql(sql)
+        return self.stream(sql, None, target)
 
     def counted(self, schema: pa.Schema, sql: str,
                 batches: Callable[[], Iterator[pa.RecordBatch]]) -> pa.RecordBatchReader:

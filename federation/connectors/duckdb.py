@@ -66,12 +66,12 @@ class DuckDBConnector(SqlConnector):
         return self._cursor().execute(
             f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
-    def execute_sql(self, sql: str, params: list[Any] | None = None,
-                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+        # DuckDB returns Arrow in the table's own types: ``target`` is already what arrives.
         cursor = self._cursor()
         try:
-            reader = cursor.sql(sql, params=params).to_arrow_reader(batch_rows) \
-                if params else cursor.sql(sql).to_arrow_reader(batch_rows)
+            reader = cursor.sql(sql, params=params).to_arrow_reader(DEFAULT_BATCH_ROWS) \
+                if params else cursor.sql(sql).to_arrow_reader(DEFAULT_BATCH_ROWS)
         except duckdb.Error as error:
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {error}") from None

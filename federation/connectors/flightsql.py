@@ -12,7 +12,7 @@ import adbc_driver_flightsql.dbapi as adbc_flightsql
 import pyarrow as pa
 from adbc_driver_flightsql import DatabaseOptions
 
-from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.base import ConnectorError, SqlConnector
 from federation.connectors.typing import conform_batch
 
 
@@ -66,14 +66,7 @@ class FlightSQLConnector(SqlConnector):
         reader = self.execute_sql(f"SELECT * FROM {self.quote_table(table)} LIMIT 0")
         return reader.schema
 
-    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
-        return self._stream(sql, None, target)
-
-    def execute_sql(self, sql: str, params: list[Any] | None = None,
-                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-        return self._stream(sql, params, None)
-
-    def _stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()
         try:

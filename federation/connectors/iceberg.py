@@ -24,21 +24,17 @@ _COMPARISONS = {
     "=": ice.EqualTo, "!=": ice.NotEqualTo, "<": ice.LessThan, "<=": ice.LessThanOrEqual,
     ">": ice.GreaterThan, ">=": ice.GreaterThanOrEqual,
 }
-_FLIPPED = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _PUSHABLE_LITERALS = (bool, int, float, str, decimal.Decimal, dt.date)
 
 
 def row_filter(expression: fx.Expr) -> ice.BooleanExpression | None:
     """A planner filter as a pyiceberg row filter, or None where it has no exact equivalent."""
     if isinstance(expression, fx.Compare):
-        column, literal, op = expression.left, expression.right, expression.op
-        if isinstance(column, fx.Literal):
-            column, literal, op = literal, column, _FLIPPED[op]
-        if not (isinstance(column, fx.Column) and isinstance(literal, fx.Literal)):
+        comparison = fx.column_comparison(expression)
+        if comparison is None or not _pushable(comparison[2]):
             return None
-        if not _pushable(literal.value):
-            return None
-        return _COMPARISONS[op](column.name, literal.value)
+        column, op, value = comparison
+        return _COMPARISONS[op](column, value)
     if isinstance(expression, (fx.And, fx.Or)):
         parts = [row_filter(arg) for arg in expression.args]
         if any(part is None for part in parts):

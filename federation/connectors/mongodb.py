@@ -27,7 +27,6 @@ TIMESTAMP = pa.timestamp("ms", tz="UTC")
 DECLARED_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
                   "timestamp": TIMESTAMP, "objectid": pa.string(), "json": pa.string()}
 _OPERATORS = {"!=": "$ne", "<": "$lt", "<=": "$lte", ">": "$gt", ">=": "$gte"}
-_FLIPPED = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 
 
 def flatten(document: dict, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -170,15 +169,14 @@ class MongoDBConnector(Connector):
     def match(self, expression: fx.Expr, columns: dict[str, tuple], kinds: dict[str, str]) -> dict | None:
         """A planner filter as a find filter, or None where Mongo's semantics could be stricter."""
         if isinstance(expression, fx.Compare):
-            column, literal, op = expression.left, expression.right, expression.op
-            if isinstance(column, fx.Literal):
-                column, literal, op = literal, column, _FLIPPED[op]
-            if not (isinstance(column, fx.Column) and isinstance(literal, fx.Literal)):
+            comparison = fx.column_comparison(expression)
+            if comparison is None or comparison[0] not in columns:
                 return None
-            value = self._bson_value(literal.value, kinds.get(column.name))
-            if column.name not in columns or value is None:
+            name, op, literal = comparison
+            value = self._bson_value(literal, kinds.get(name))
+            if value is None:
                 return None
-            path = ".".join(columns[column.name])
+            path = ".".join(columns[name])
             return {path: value} if op == "=" else {path: {_OPERATORS[op]: value}}
         if isinstance(expression, (fx.And, fx.Or)):
             parts = [self.match(a, columns, kinds) for a in expression.args]

@@ -177,15 +177,8 @@ class MySQLConnector(SqlConnector):
     def primary_key(self, table: str) -> list[str]:
         return [row[0] for row in self._columns(table) if row[5] == "PRI"]
 
-    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
-        return self._stream(sql, None, target)
-
-    def execute_sql(self, sql: str, params: list[Any] | None = None,
-                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-        return self._stream(sql, params, None, batch_rows)
-
-    def _stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
-                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
+               batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()
         try:

@@ -13,7 +13,7 @@ from typing import Any
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow as pa
 
-from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.base import ConnectorError, SqlConnector
 from federation.connectors.typing import conform_batch
 
 POOL_SIZE = 4
@@ -177,14 +177,7 @@ class PostgresConnector(SqlConnector):
         schema_name, table_name = self._split(table)
         return f'"{schema_name}"."{table_name}"'.replace('""', '"')
 
-    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
-        return self._stream(sql, None, target)
-
-    def execute_sql(self, sql: str, params: list[Any] | None = None,
-                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-        return self._stream(sql, params, None)
-
-    def _stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection, cursor = self._run(sql, params)
         reader = cursor.fetch_record_batch()
         schema = target if target is not None else reader.schema

@@ -13,7 +13,7 @@ import pyarrow as pa
 import snowflake.connector
 
 from federation import expr as fx
-from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.base import ConnectorError, SqlConnector
 from federation.connectors.typing import conform_batch
 
 _SIMPLE_TYPES = {
@@ -125,14 +125,7 @@ class SnowflakeConnector(SqlConnector):
             fields.append(pa.field(shown, arrow_type))
         return pa.schema(fields)
 
-    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
-        return self._stream(sql, None, target)
-
-    def execute_sql(self, sql: str, params: list[Any] | None = None,
-                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-        return self._stream(sql, params, None)
-
-    def _stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()
         try:

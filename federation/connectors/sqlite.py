@@ -96,7 +96,7 @@ class SQLiteConnector(SqlConnector):
     def _columns(self, table: str) -> list[tuple[str, str, bool, int]]:
         with self._connect() as connection:
             rows = connection.execute(
-                f"SELECT name, type, \"notnull\", pk FROM pragma_table_info(?)", [table]).fetchall()
+                "SELECT name, type, \"notnull\", pk FROM pragma_table_info(?)", [table]).fetchall()
         if not rows:
             raise ConnectorError(f"{self.describe()}: no table named {table}")
         return rows
@@ -114,15 +114,8 @@ class SQLiteConnector(SqlConnector):
         with self._connect() as connection:
             return connection.execute(f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
-    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
-        return self._run(sql, None, target)
-
-    def execute_sql(self, sql: str, params: list[Any] | None = None,
-                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-        return self._run(sql, params, None, batch_rows)
-
-    def _run(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
-             batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+    def stream(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
+               batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         """Results take the table's declared types; computed columns are read as text."""
         connection = self._connect()
         try:
