@@ -1,6 +1,7 @@
 """The query engine: DataFusion over the catalog, behind the read-only gate."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
+from federation.connectors.base import ConnectorError
+from federation.pushdown import RemoteQuery, backend_requests, literal_value, whole_query
 from federation.safety import UnsafeStatement, check_read_only
 
 
@@ -24,10 +27,14 @@ class QueryError(Exception):
         self.kind = kind  # "invalid" (the request), "refused" (not read-only), "unavailable" (a backend)
 
 
+log = logging.getLogger("flightdeck.engine")
+
+
 @dataclass
 class EngineSettings:
     batch_rows: int = 65_536
     target_partitions: int = os.cpu_count() or 2
+    whole_query_pushdown: bool = True
 
 
 @dataclass
@@ -35,6 +42,8 @@ class PlannedQuery:
     sql: str
     frame: DataFrame
     schema: pa.Schema
+    remote: RemoteQuery | None = None  # set when the whole query runs on one backend
+    explain_rows: list[tuple[str, str]] | None = None  # EXPLAIN: what each backend is sent
 
 
 class QueryEngine:
@@ -64,9 +73,32 @@ class QueryEngine:
         values = {str(i + 1): _as_scalar(v) for i, v in enumerate(params or [])}
         try:
             frame = self.ctx.sql(numbered, options=self.read_only, param_values=values or None)
-            return PlannedQuery(numbered, frame, frame.schema())
+            planned = PlannedQuery(numbered, frame, frame.schema())
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
+        explained = _EXPLAIN.match(numbered)
+        if explained:
+            planned.explain_rows = self._backend_requests(numbered[explained.end():], values)
+        elif self.settings.whole_query_pushdown:
+            planned.remote = self._whole_query(frame)
+        return planned
+
+    def _backend_requests(self, inner_sql: str, values: dict) -> list[tuple[str, str]]:
+        """For EXPLAIN: the statement or request each backend would receive for the query."""
+        try:
+            inner = self.ctx.sql(inner_sql, options=self.read_only, param_values=values or None)
+            remote = self._whole_query(inner) if self.settings.whole_query_pushdown else None
+            return backend_requests(inner, self.catalog, remote)
+        except Exception:
+            log.warning("could not describe backend requests", exc_info=True)
+            return []
+
+    def _whole_query(self, frame: DataFrame) -> RemoteQuery | None:
+        try:
+            return whole_query(frame, self.catalog)
+        except Exception:  # never fail a query because it could not be pushed down
+            log.warning("whole-query pushdown skipped", exc_info=True)
+            return None
 
     def parameter_schema(self, sql: str) -> pa.Schema:
         """The parameters a statement takes, with the types DataFusion infers for them."""
@@ -83,7 +115,17 @@ class QueryEngine:
         return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
 
     def execute(self, planned: PlannedQuery) -> pa.RecordBatchReader:
+        if planned.remote is not None:
+            try:
+                return planned.remote.connector.stream(planned.remote.sql, None, planned.schema)
+            except ConnectorError as error:  # e.g. a function the backend lacks: run it here
+                log.info("whole-query pushdown failed, running in DataFusion: %s", error)
         try:
+            if planned.explain_rows:
+                explained = planned.frame.to_arrow_table()
+                extra = pa.table([pa.array([r[0] for r in planned.explain_rows]),
+                                  pa.array([r[1] for r in planned.explain_rows])], schema=explained.schema)
+                return pa.concat_tables([explained, extra]).to_reader()
             return pa.RecordBatchReader.from_stream(planned.frame)
         except Exception as error:
             raise self._query_error(error) from None
@@ -179,6 +221,7 @@ def _strip_strings(sql: str) -> str:
     return re.sub(r"'(?:[^']|'')*'", "''", sql)
 
 
+_EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+VERBOSE)?\s+(?!ANALYZE)", re.IGNORECASE)
 _PLACEHOLDER_TYPE = re.compile(
     r'Placeholder \{ id: "\$(\d+)", field: Some\(Field \{ name: "[^"]*", data_type: (.+?), nullable:')
 _DECIMAL_TYPE = re.compile(r"Decimal128\((\d+), (-?\d+)\)")
@@ -209,13 +252,10 @@ def _as_scalar(value: Any) -> Any:
 
 
 def _literal_int(expression) -> int | None:
-    if expression is None:
-        return None
-    if isinstance(expression, int):
+    if expression is None or isinstance(expression, int):
         return expression
-    raw = getattr(expression, "expr", expression)  # datafusion.Expr wraps a RawExpr
     try:
-        return raw.python_value().as_py()
+        return literal_value(expression)
     except Exception:
         return None
 

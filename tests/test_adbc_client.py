@@ -112,3 +112,20 @@ def test_username_password_handshake_without_auth_configured(server):
                            autocommit=True) as conn, conn.cursor() as cursor:
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)
+
+
+def test_explain_shows_what_each_backend_is_sent(connection):
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN SELECT status, count(*) FROM orders WHERE region = 'eu-west' GROUP BY status")
+        rows = dict(cursor.fetchall())
+        [(label, sql)] = [(k, v) for k, v in rows.items() if k.startswith("flightdeck")]
+        assert label == "flightdeck: whole query sent to duckdb (orders.duckdb)"
+        assert "GROUP BY" in sql and "'eu-west'" in sql
+        cursor.execute(IMPACTED.replace("SELECT", "EXPLAIN SELECT", 1))
+        requests = {k: v for k, v in cursor.fetchall() if k.startswith("flightdeck")}
+        assert requests == {
+            "flightdeck: scan of public.orders on duckdb (orders.duckdb)":
+                'SELECT "customer_id", "error_code" FROM "orders" WHERE ("error_code" = \'DB_CONN_EXHAUSTED\')',
+            "flightdeck: scan of crm.customers on sqlite (crm.sqlite)":
+                'SELECT "customer_id", "email" FROM "customers"',
+        }

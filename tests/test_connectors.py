@@ -17,7 +17,7 @@ from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
 from federation.connectors.file import FileConnector
 from federation.connectors.sqlite import SQLiteConnector, arrow_type_for
-from federation.engine import QueryEngine
+from federation.engine import EngineSettings, QueryEngine
 
 # ---- the expression format DataFusion hands to Python datasets (pinned pyarrow) ----
 
@@ -143,10 +143,11 @@ def databases(tmp_path):
 
 
 def _engine(databases):
+    """The scan path: whole-query pushdown off, so each scan's own SQL is what is checked."""
     specs = [DatasetSpec("people", "sqlite:people", {"sqlite_file": "crm.sqlite"}),
              DatasetSpec("events", "duckdb:events", {"duckdb_open": "events.duckdb"})]
     catalog = Catalog(specs, databases)
-    return QueryEngine(catalog), catalog
+    return QueryEngine(catalog, EngineSettings(whole_query_pushdown=False)), catalog
 
 
 def test_filters_and_projection_reach_the_backend(databases):

@@ -18,7 +18,7 @@ import pytest
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
-from federation.engine import QueryEngine
+from federation.engine import EngineSettings, QueryEngine
 
 from conftest import serving
 
@@ -118,8 +118,58 @@ def test_postgres_pushdown_receives_only_the_selected_rows(postgres, tmp_path):
     assert sorted(result.column("order_id").to_pylist()) == list(range(5000, 5010))
     assert stats.rows == 10  # of 1,000,000
     assert '"order_id" >= 5000' in stats.last_request and '"status"' not in stats.last_request
-    engine.query("SELECT count(*) FROM orders WHERE status = 'failed' AND customer_id = 1").read_all()
-    assert stats.rows == 10 + BIG_ROWS // 500  # customer 1's orders are all failed ones
+    count = engine.query("SELECT count(*) AS n FROM orders WHERE status = 'failed' AND customer_id = 1").read_all()
+    assert count.to_pylist() == [{"n": BIG_ROWS // 500}]
+    assert stats.rows == 10 + 1  # the whole aggregate ran in PostgreSQL: one row came back
+    catalog.close()
+
+
+def test_single_source_aggregate_receives_one_row_per_group(postgres, tmp_path):
+    engine, catalog = _engine([DatasetSpec("orders", "postgres:fd_test.orders", postgres),
+                               DatasetSpec("orders_again", "postgres:fd_test.orders", postgres)], tmp_path)
+    stats = catalog.datasets["public.orders"].connector.stats
+    planned = engine.plan("SELECT status, count(*) AS n, sum(amount) AS total, min(order_id) AS first "
+                          "FROM orders GROUP BY status ORDER BY status")
+    assert planned.remote is not None and "GROUP BY" in planned.remote.sql and '"fd_test"."orders"' in planned.remote.sql
+    result = engine.execute(planned).read_all()
+    assert result.column("n").to_pylist() == [BIG_ROWS - BIG_ROWS // 50, BIG_ROWS // 50]
+    assert stats.rows == 2  # one per group, of 1,000,000
+    local = QueryEngine(catalog, EngineSettings(whole_query_pushdown=False)).query(
+        "SELECT status, count(*) AS n, sum(amount) AS total, min(order_id) AS first "
+        "FROM orders GROUP BY status ORDER BY status").read_all()
+    assert result.to_pylist() == local.to_pylist()
+    # a self-join on one backend goes down whole too
+    joined = engine.plan("SELECT count(*) AS n FROM orders a JOIN orders_again b ON a.order_id = b.order_id + 1 "
+                         "WHERE a.order_id < 100")
+    assert joined.remote is not None
+    assert engine.execute(joined).read_all().to_pylist() == [{"n": 98}]
+    catalog.close()
+
+
+@pytest.mark.parametrize("sql,reason", [
+    ("SELECT sum(amount) / count(*) FROM orders", "division"),
+    ("SELECT avg(amount) FROM orders", "avg over a decimal"),
+    ("SELECT o.order_id FROM orders o LEFT JOIN orders_again a ON a.order_id = o.order_id + 1 LIMIT 1",
+     "outer join"),
+    ("SELECT order_id FROM orders WHERE order_id IN (SELECT order_id FROM orders_again WHERE order_id < 3)",
+     "semi join"),
+    ("SELECT length(status) FROM orders LIMIT 1", "a function outside the allow-list"),
+])
+def test_queries_that_could_differ_stay_in_datafusion(postgres, tmp_path, sql, reason):
+    engine, catalog = _engine([DatasetSpec("orders", "postgres:fd_test.orders", postgres),
+                               DatasetSpec("orders_again", "postgres:fd_test.orders", postgres)], tmp_path)
+    planned = engine.plan(sql)
+    assert planned.remote is None, reason
+    assert engine.execute(planned).read_all().num_rows >= 1
+    catalog.close()
+
+
+def test_text_ordering_stays_local_unless_the_collation_is_c(postgres, tmp_path):
+    engine, catalog = _engine([DatasetSpec("orders", "postgres:fd_test.orders", postgres)], tmp_path)
+    connector = catalog.datasets["public.orders"].connector
+    planned = engine.plan("SELECT status FROM orders GROUP BY status ORDER BY status")
+    assert (planned.remote is not None) == (connector.collation() in ("C", "POSIX", "C.UTF-8", "C.utf8"))
+    assert engine.plan("SELECT count(*) FROM orders WHERE status = 'failed'").remote is not None
     catalog.close()
 
 

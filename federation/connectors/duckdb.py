@@ -8,6 +8,7 @@ import duckdb
 import pyarrow as pa
 
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.typing import conform_batch
 
 
 def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -67,7 +68,6 @@ class DuckDBConnector(SqlConnector):
             f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
-        # DuckDB returns Arrow in the table's own types: ``target`` is already what arrives.
         cursor = self._cursor()
         try:
             reader = cursor.sql(sql, params=params).to_arrow_reader(DEFAULT_BATCH_ROWS) \
@@ -76,13 +76,16 @@ class DuckDBConnector(SqlConnector):
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {error}") from None
 
+        schema = target if target is not None else reader.schema
+
         def batches():
             try:
-                yield from reader
+                for batch in reader:
+                    yield conform_batch(batch, schema) if target is not None else batch
             finally:
                 cursor.close()
 
-        return self.counted(reader.schema, sql, batches)
+        return self.counted(schema, sql, batches)
 
     def close(self) -> None:
         self._connection.close()

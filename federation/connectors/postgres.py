@@ -124,6 +124,13 @@ class PostgresConnector(SqlConnector):
             cursor.close()
             self._give_back(connection)
 
+    def collation(self) -> str:
+        """The database's collation: text orders like DataFusion's only under C/POSIX."""
+        if getattr(self, "_collation", None) is None:
+            rows = self._fetch_all("SELECT datcollate FROM pg_database WHERE datname = current_database()")
+            self._collation = rows[0][0] if rows else ""
+        return self._collation
+
     def tables(self) -> list[str]:
         rows = self._fetch_all(
             "SELECT table_schema, table_name FROM information_schema.tables "

@@ -1,0 +1,195 @@
+"""Whole-query pushdown: a query whose every table lives on one SQL backend runs there whole.
+
+DataFusion plans the query; when the optimized plan only reads one SQL backend and only
+uses constructs whose meaning is the same there, the plan is unparsed into that backend's
+dialect and sent as one statement (an aggregate then returns one row per group instead of
+the table). Everything else runs in DataFusion with projection and filters pushed per scan.
+
+What makes a query ineligible (each is a way the backend could answer differently):
+semi/anti/outer joins (NOTES: the unparser drops filters there), dialects other than
+PostgreSQL and DuckDB (SQLite's LIKE ignores case, MySQL's collations and NULL ordering
+differ), functions outside a short allow-list, division (decimal scale and DuckDB's float
+division differ), ``avg`` over decimals, and, on a PostgreSQL database whose collation is
+not C, text columns in ORDER BY, min/max or range comparisons.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import sqlglot
+from datafusion import DataFrame, unparser
+from sqlglot import exp
+
+from federation import expr as fx
+from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog, Dataset
+from federation.connectors.base import SqlConnector
+
+log = logging.getLogger("flightdeck.pushdown")
+
+SAFE_NODES = {"Projection", "Filter", "Aggregate", "Sort", "Limit", "TableScan", "SubqueryAlias",
+              "Join", "Distinct"}
+DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb}
+SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Lower,
+                  exp.Upper, exp.Cast, exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
+RANGE_COMPARISONS = (exp.LT, exp.LTE, exp.GT, exp.GTE, exp.Between)
+
+
+@dataclass
+class RemoteQuery:
+    connector: SqlConnector
+    sql: str
+
+
+def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
+    """The statement to send when the whole query can run on one backend, else None."""
+    plan = frame.optimized_logical_plan()
+    scans: list[tuple] = []
+    if not _safe_plan(plan, scans) or not scans:
+        return None
+    datasets = [_dataset(catalog, fqn) for fqn in scans]
+    if any(d is None or not isinstance(d.connector, SqlConnector) for d in datasets):
+        return None
+    connector = datasets[0].connector
+    if any(d.connector is not connector for d in datasets) or connector.dialect not in DIALECTS:
+        return None
+    try:
+        sql = unparser.Unparser(DIALECTS[connector.dialect]()).plan_to_sql(plan)
+        tree = sqlglot.parse_one(sql, read=connector.dialect)
+    except Exception as error:  # the unparser or the parser cannot express it: run locally
+        log.debug("no whole-query pushdown: %s", error)
+        return None
+    if not _same_meaning(tree, connector, datasets):
+        return None
+    _point_at_remote_tables(tree, catalog, connector)
+    return RemoteQuery(connector, tree.sql(dialect=connector.dialect))
+
+
+def _safe_plan(node, scans: list[tuple]) -> bool:
+    variant = node.to_variant()
+    kind = type(variant).__name__
+    if kind not in SAFE_NODES:
+        return False
+    if kind == "Join" and str(variant.join_type()) != "Inner":
+        return False
+    if kind == "TableScan":
+        scans.append(tuple(p for p in variant.fqn() if p))
+    return all(_safe_plan(child, scans) for child in node.inputs())
+
+
+def _dataset(catalog: Catalog, fqn: tuple) -> Dataset | None:
+    *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *fqn)
+    return catalog.find(schema_name, table_name)
+
+
+def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[Dataset]) -> bool:
+    types = {f.name: f.type for d in datasets for f in d.arrow_schema}
+    text_columns = {name for name, t in types.items() if pa.types.is_string(t) or pa.types.is_large_string(t)}
+    decimal_columns = {name for name, t in types.items() if pa.types.is_decimal(t)}
+    byte_order = connector.dialect == "duckdb" or _has_c_collation(connector)
+    for node in tree.walk():
+        if isinstance(node, (exp.Div, exp.IntDiv)):
+            return False
+        if isinstance(node, exp.Func) and not isinstance(node, SAFE_FUNCTIONS):
+            return False
+        if isinstance(node, exp.Avg) and _columns_in(node) & decimal_columns:
+            return False
+        if not byte_order and isinstance(node, (exp.Ordered, exp.Min, exp.Max) + RANGE_COMPARISONS) \
+                and _columns_in(node) & text_columns:
+            return False
+    return True
+
+
+def _columns_in(node: exp.Expression) -> set[str]:
+    return {column.name for column in node.find_all(exp.Column)}
+
+
+def _has_c_collation(connector: SqlConnector) -> bool:
+    collation = getattr(connector, "collation", None)
+    return callable(collation) and collation() in ("C", "POSIX", "C.UTF-8", "C.utf8", "ucs_basic")
+
+
+def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: SqlConnector) -> None:
+    """Dataset names become the backend's own table names; the old name stays as the alias."""
+    for table in list(tree.find_all(exp.Table)):
+        dataset = catalog.find(table.db or DEFAULT_SCHEMA, table.name)
+        if dataset is None:
+            continue
+        remote = sqlglot.parse_one(f"SELECT 1 FROM {connector.quote_table(dataset.spec.location)}",
+                                   read=connector.dialect).find(exp.Table)
+        alias = table.alias or table.name
+        replacement = remote.copy()
+        replacement.set("alias", exp.TableAlias(this=exp.to_identifier(alias, quoted=True)))
+        table.replace(replacement)
+
+
+# ---- what each backend will be sent (for EXPLAIN) --------------------------
+
+_DF_COMPARISONS = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+def literal_value(expression) -> object:
+    """The Python value of a DataFusion literal expression."""
+    raw = getattr(expression, "expr", expression)
+    return raw.python_value().as_py()
+
+
+def planner_filter(expression) -> fx.Expr | None:
+    """A DataFusion filter expression in the planner's own form; None where it has none."""
+    variant = expression.to_variant()
+    kind = type(variant).__name__
+    if kind == "Column":
+        return fx.Column(variant.name())
+    if kind == "Literal":
+        return fx.Literal(literal_value(expression))
+    if kind == "BinaryExpr":
+        op = str(variant.op()).upper()
+        left, right = planner_filter(variant.left()), planner_filter(variant.right())
+        if op in ("AND", "OR"):
+            parts = tuple(p for p in (left, right) if p is not None)
+            if op == "AND":
+                return fx.And(parts) if len(parts) == 2 else (parts[0] if parts else None)
+            return fx.Or(parts) if len(parts) == 2 else None
+        if op in _DF_COMPARISONS and left is not None and right is not None:
+            return fx.Compare(_DF_COMPARISONS[op], left, right)
+        return None
+    if kind in ("IsNull", "IsNotNull", "Not"):
+        inner = planner_filter(variant.expr())
+        if inner is None:
+            return None
+        return fx.IsNull(inner) if kind == "IsNull" else fx.Not(fx.IsNull(inner) if kind == "IsNotNull" else inner)
+    return None
+
+
+def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | None) -> list[tuple[str, str]]:
+    """(label, request) per backend the query will reach: the whole statement, or each scan's."""
+    if remote is not None:
+        return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.sql)]
+    requests = []
+    for node in _table_scans(frame.optimized_logical_plan()):
+        variant = node.to_variant()
+        dataset = _dataset(catalog, tuple(p for p in variant.fqn() if p))
+        if dataset is None or dataset.connector is None or _read_natively(dataset):
+            continue
+        columns = [name for _, name in variant.projection()]
+        filters = [f for f in (planner_filter(e) for e in variant.filters()) if f is not None]
+        connector = dataset.connector
+        label = f"flightdeck: scan of {dataset.qualified_name} on {connector.describe()}"
+        if isinstance(connector, SqlConnector):
+            needed = columns + sorted(set().union(*(fx.referenced_columns(f) for f in filters)) - set(columns))
+            requests.append((label, connector.select_sql(dataset.spec.location, needed, filters, None)))
+        else:
+            requests.append((label, f"columns {columns}; filters pushed where the source can take them: "
+                                    f"{[str(f) for f in filters]}"))
+    return requests
+
+
+def _table_scans(node) -> list:
+    if type(node.to_variant()).__name__ == "TableScan":
+        return [node]
+    return [scan for child in node.inputs() for scan in _table_scans(child)]
+
+
+def _read_natively(dataset: Dataset) -> bool:
+    return dataset.spec.kind == "file"  # DataFusion's own plan lines describe these scans
