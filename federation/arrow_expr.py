@@ -28,14 +28,20 @@ _COMPARISONS = {
 
 
 def decode(expression: pc.Expression | None) -> fx.Expr | None:
+    return decode_fully(expression)[0]
+
+
+def decode_fully(expression: pc.Expression | None) -> tuple[fx.Expr | None, bool]:
+    """(the decoded filter, whether it is the whole filter: nothing was dropped)."""
     if expression is None:
-        return None
+        return None, True
     _, (buffer,) = expression.__reduce__()
     tokens, literals = _read_serialized(buffer)
-    node, end = _parse(tokens, literals, 0)
-    if end != len(tokens):
-        return None
-    return node
+    dropped: list[bool] = []
+    node, end = _parse(tokens, literals, 0, dropped)
+    if end != len(tokens) or node is None or node is _UNKNOWN:
+        return None, False
+    return node, not dropped
 
 
 def decode_conjuncts(expression: pc.Expression | None) -> list[fx.Expr]:
@@ -97,7 +103,7 @@ def _string(data: memoryview, pos: int) -> str:
 _UNKNOWN = object()
 
 
-def _parse(tokens: list[tuple[str, str]], literals: list[object], i: int):
+def _parse(tokens: list[tuple[str, str]], literals: list[object], i: int, dropped: list[bool]):
     key, value = tokens[i]
     if key == "literal":
         return fx.Literal(literals[int(value)]), i + 1
@@ -106,7 +112,7 @@ def _parse(tokens: list[tuple[str, str]], literals: list[object], i: int):
     if key == "nested_field_ref":
         j = i + 1
         for _ in range(int(value)):
-            _, j = _parse(tokens, literals, j)
+            _, j = _parse(tokens, literals, j, dropped)
         return _UNKNOWN, j
     if key != "call":
         raise ValueError(f"unexpected token {key!r} in a serialized expression")
@@ -116,12 +122,12 @@ def _parse(tokens: list[tuple[str, str]], literals: list[object], i: int):
             options = literals[int(tokens[j][1])]
             j += 1
             continue
-        arg, j = _parse(tokens, literals, j)
+        arg, j = _parse(tokens, literals, j, dropped)
         args.append(arg)
-    return _build(value, args, options), j + 1
+    return _build(value, args, options, dropped), j + 1
 
 
-def _build(function: str, args: list, options: dict | None):
+def _build(function: str, args: list, options: dict | None, dropped: list[bool]):
     if function in _COMPARISONS and len(args) == 2:
         left, right = args
         if _UNKNOWN in (left, right) or None in (left, right):
@@ -132,6 +138,8 @@ def _build(function: str, args: list, options: dict | None):
         return fx.Compare(op, left, right)
     if function in ("and", "and_kleene"):
         kept = tuple(a for a in args if a is not None and a is not _UNKNOWN)
+        if len(kept) < len(args):
+            dropped.append(True)
         return fx.And(kept) if len(kept) > 1 else (kept[0] if kept else None)
     if function in ("or", "or_kleene"):
         if any(a is None or a is _UNKNOWN for a in args):

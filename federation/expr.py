@@ -97,11 +97,20 @@ def referenced_columns(expr: Expr) -> set[str]:
     raise TypeError(f"not a filter expression: {expr!r}")
 
 
+# How faithfully a backend compares one column, as the planner would (see SqlRenderer).
+EXACT = "exact"        # every comparison means the same (numbers, dates, byte-ordered text)
+EQUALITY = "equality"  # = and != mean the same; ordering differs (a non-C text collation)
+LOOSE = "loose"        # = may match more rows (case-insensitive or space-padding text): = and IN only
+NONE = "none"          # nothing can be pushed (e.g. an untyped SQLite column)
+_ALLOWED = {EXACT: {"=", "!=", "<", "<=", ">", ">="}, EQUALITY: {"=", "!="}, LOOSE: {"="}, NONE: set()}
+
+
 class SqlRenderer:
     """Renders filter expressions as SQL text for one dialect.
 
-    ``quote_identifier`` and ``render_literal`` are the dialect's choices; returns
-    None for any expression the dialect cannot express exactly.
+    ``quote_identifier`` and ``render_literal`` are the dialect's choices. A column's rule
+    (EXACT by default) decides what may be pushed: a pushed filter may match more rows than
+    the planner's (the exact filter is re-applied), never fewer.
     """
 
     def __init__(self, quote_identifier: Callable[[str], str],
@@ -109,47 +118,66 @@ class SqlRenderer:
         self.quote_identifier = quote_identifier
         self.render_literal = render_literal
 
-    def render(self, expr: Expr) -> str | None:
+    def render(self, expr: Expr, rules: dict[str, str] | None = None) -> str | None:
+        rendered = self._render(expr, rules or {})
+        return None if rendered is None else rendered[0]
+
+    def _render(self, expr: Expr, rules: dict[str, str]) -> tuple[str, bool] | None:
+        """(SQL, exact): exact when the backend keeps exactly the rows the planner would."""
         if isinstance(expr, Column):
-            return self.quote_identifier(expr.name)
+            return self.quote_identifier(expr.name), True
         if isinstance(expr, Literal):
-            return self.render_literal(expr.value)
+            text = self.render_literal(expr.value)
+            return None if text is None else (text, True)
         if isinstance(expr, Compare):
-            left, right = self.render(expr.left), self.render(expr.right)
+            rule = _combined_rule(referenced_columns(expr), rules)
+            if expr.op not in _ALLOWED[rule]:
+                return None
+            left, right = self._render(expr.left, rules), self._render(expr.right, rules)
             if left is None or right is None:
                 return None
             op = "<>" if expr.op == "!=" else expr.op
-            return f"({left} {op} {right})"
+            return f"({left[0]} {op} {right[0]})", rule != LOOSE
         if isinstance(expr, (And, Or)):
-            parts = [self.render(a) for a in expr.args]
+            parts = [self._render(a, rules) for a in expr.args]
             if any(p is None for p in parts):
                 return None
             joiner = " AND " if isinstance(expr, And) else " OR "
-            return "(" + joiner.join(parts) + ")"
+            return "(" + joiner.join(p[0] for p in parts) + ")", all(p[1] for p in parts)
         if isinstance(expr, Not):
-            inner = self.render(expr.arg)
-            return None if inner is None else f"(NOT {inner})"
+            inner = self._render(expr.arg, rules)
+            if inner is None or not inner[1]:
+                return None  # NOT of a looser filter would be stricter
+            return f"(NOT {inner[0]})", True
         if isinstance(expr, IsNull):
-            inner = self.render(expr.arg)
-            return None if inner is None else f"({inner} IS NULL)"
+            inner = self._render(expr.arg, rules)
+            return None if inner is None else (f"({inner[0]} IS NULL)", inner[1])
         if isinstance(expr, InList):
-            inner = self.render(expr.arg)
+            rule = _combined_rule(referenced_columns(expr.arg), rules)
+            inner = self._render(expr.arg, rules)
             values = [self.render_literal(v) for v in expr.values]
-            if inner is None or not values or any(v is None for v in values):
+            if "=" not in _ALLOWED[rule] or inner is None or not values or any(v is None for v in values):
                 return None
-            return f"({inner} IN ({', '.join(values)}))"
+            return f"({inner[0]} IN ({', '.join(values)}))", rule != LOOSE
         return None
 
-    def render_where(self, filters: list[Expr]) -> tuple[str | None, list[Expr]]:
-        """Render the pushable conjuncts; returns (WHERE body or None, the conjuncts left out)."""
-        pushed, kept_local = [], []
+    def render_where(self, filters: list[Expr], rules: dict[str, str] | None = None
+                     ) -> tuple[str | None, list[Expr], bool]:
+        """(WHERE body or None, the conjuncts left out, whether the backend filters exactly)."""
+        pushed, kept_local, exact = [], [], True
         for part in filters:
-            sql = self.render(part)
-            if sql is None:
+            rendered = self._render(part, rules or {})
+            if rendered is None:
                 kept_local.append(part)
             else:
-                pushed.append(sql)
-        return (" AND ".join(pushed) if pushed else None), kept_local
+                pushed.append(rendered[0])
+                exact = exact and rendered[1]
+        return (" AND ".join(pushed) if pushed else None), kept_local, exact and not kept_local
+
+
+def _combined_rule(columns: set[str], rules: dict[str, str]) -> str:
+    order = [EXACT, EQUALITY, LOOSE, NONE]
+    return max((rules.get(c, EXACT) for c in columns), key=order.index, default=EXACT)
 
 
 def quote_double(name: str) -> str:

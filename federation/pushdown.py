@@ -8,9 +8,13 @@ the table). Everything else runs in DataFusion with projection and filters pushe
 What makes a query ineligible (each is a way the backend could answer differently):
 semi/anti/outer joins (NOTES: the unparser drops filters there), dialects other than
 PostgreSQL and DuckDB (SQLite's LIKE ignores case, MySQL's collations and NULL ordering
-differ), functions outside a short allow-list, division (decimal scale and DuckDB's float
-division differ), ``avg`` over decimals, and, on a PostgreSQL database whose collation is
-not C, text columns in ORDER BY, min/max or range comparisons.
+differ), functions outside a short allow-list (``lower``/``upper`` differ on some Unicode),
+division (decimal scale and DuckDB's float division differ), ``avg`` over decimals, casts
+other than widening ones (PostgreSQL and DuckDB round float→int, DataFusion truncates;
+timestamp→text formats differ), DuckDB LIKE patterns with a backslash (no default escape
+there), any text column the backend does not compare byte-wise (its comparison rule is not
+EXACT: a non-C collation, citext, char(n), ...), and ``*`` or a column count that differs from
+the plan's (the unparser drops duplicate names).
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ log = logging.getLogger("flightdeck.pushdown")
 SAFE_NODES = {"Projection", "Filter", "Aggregate", "Sort", "Limit", "TableScan", "SubqueryAlias",
               "Join", "Distinct"}
 DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb}
-SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Lower,
-                  exp.Upper, exp.Cast, exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
-RANGE_COMPARISONS = (exp.LT, exp.LTE, exp.GT, exp.GTE, exp.Between)
+SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Cast,
+                  exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
+FLOAT_TYPES = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
+INTEGER_TYPES = {exp.DataType.Type.BIGINT, exp.DataType.Type.INT, exp.DataType.Type.SMALLINT}
 
 
 @dataclass
@@ -60,7 +65,7 @@ def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
     except Exception as error:  # the unparser or the parser cannot express it: run locally
         log.debug("no whole-query pushdown: %s", error)
         return None
-    if not _same_meaning(tree, connector, datasets):
+    if not _same_meaning(tree, connector, datasets) or not _same_columns(tree, frame):
         return None
     _point_at_remote_tables(tree, catalog, connector)
     return RemoteQuery(connector, tree.sql(dialect=connector.dialect))
@@ -85,9 +90,16 @@ def _dataset(catalog: Catalog, fqn: tuple) -> Dataset | None:
 
 def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[Dataset]) -> bool:
     types = {f.name: f.type for d in datasets for f in d.arrow_schema}
-    text_columns = {name for name, t in types.items() if pa.types.is_string(t) or pa.types.is_large_string(t)}
     decimal_columns = {name for name, t in types.items() if pa.types.is_decimal(t)}
-    byte_order = connector.dialect == "duckdb" or _has_c_collation(connector)
+    inexact_text = {name for d in datasets for name, rule in connector.comparison_rules(d.spec.location).items()
+                    if rule != fx.EXACT and pa.types.is_string(types.get(name, pa.null()))}
+    text_columns = {name for name, t in types.items() if pa.types.is_string(t)}
+    if connector.dialect == "postgres" and not all(
+            connector.comparison_rules(d.spec.location).get(n) == fx.EXACT
+            for d in datasets for n in text_columns & set(d.arrow_schema.names)):
+        inexact_text |= text_columns  # text rules are known per column; absent means not C
+    if _columns_in(tree) & inexact_text:
+        return False
     for node in tree.walk():
         if isinstance(node, (exp.Div, exp.IntDiv)):
             return False
@@ -95,19 +107,37 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
             return False
         if isinstance(node, exp.Avg) and _columns_in(node) & decimal_columns:
             return False
-        if not byte_order and isinstance(node, (exp.Ordered, exp.Min, exp.Max) + RANGE_COMPARISONS) \
-                and _columns_in(node) & text_columns:
+        if isinstance(node, exp.Cast) and not _widening_cast(node, types):
+            return False
+        if connector.dialect == "duckdb" and isinstance(node, exp.Like) and "\\" in node.expression.sql():
             return False
     return True
 
 
+def _widening_cast(node: exp.Cast, types: dict[str, pa.DataType]) -> bool:
+    """Casts whose result both engines compute the same way."""
+    target = node.to.this
+    operand = node.this
+    if target == exp.DataType.Type.DATE:
+        return isinstance(operand, exp.Literal) and operand.is_string
+    if target in FLOAT_TYPES:
+        return True  # int/decimal/float to double: the same IEEE rounding everywhere
+    if target in INTEGER_TYPES:
+        if isinstance(operand, exp.Literal):
+            return operand.is_int
+        return isinstance(operand, exp.Column) and pa.types.is_integer(types.get(operand.name, pa.null()))
+    return False
+
+
+def _same_columns(tree: exp.Expression, frame: DataFrame) -> bool:
+    """The statement must produce exactly the plan's columns (no ``*``, none dropped)."""
+    if not isinstance(tree, exp.Select) or any(isinstance(e, exp.Star) for e in tree.expressions):
+        return False
+    return len(tree.expressions) == len(frame.schema())
+
+
 def _columns_in(node: exp.Expression) -> set[str]:
     return {column.name for column in node.find_all(exp.Column)}
-
-
-def _has_c_collation(connector: SqlConnector) -> bool:
-    collation = getattr(connector, "collation", None)
-    return callable(collation) and collation() in ("C", "POSIX", "C.UTF-8", "C.utf8", "ucs_basic")
 
 
 def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: SqlConnector) -> None:

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from federation.arrow_expr import decode_conjuncts, referenced_fields
+from federation import expr as fx
+from federation.arrow_expr import decode_fully, referenced_fields
 from federation.connectors.base import Connector
 
 
@@ -57,11 +58,16 @@ class ConnectorScan:
         # A pushed filter may name columns outside the projection: fetch them too.
         filter_columns = sorted(referenced_fields(self.filter) - set(self.columns))
         fetched = self.columns + filter_columns
-        reader = self.dataset.connector.scan(
-            self.dataset.table, fetched, decode_conjuncts(self.filter), None)
+        decoded, complete = decode_fully(self.filter)
+        conjuncts = fx.conjuncts(decoded)
+        connector, table = self.dataset.connector, self.dataset.table
+        # Filter again unless the source applied the whole filter exactly: pyarrow's own
+        # comparison rules (e.g. NaN never greater) are not DataFusion's.
+        refilter = self.filter is not None and not (complete and connector.filters_exact(table, conjuncts))
+        reader = connector.scan(table, fetched, conjuncts, None)
         target = self.projected_schema
         for batch in reader:
-            if self.filter is not None:
+            if refilter:
                 batch = batch.filter(self.filter)
             batch = batch.select(self.columns)
             if batch.schema != target:

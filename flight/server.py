@@ -244,7 +244,11 @@ class FlightSqlServer(flight.FlightServerBase):
         if query.cancelled.is_set():
             self.queries.remove(handle)
             raise flight.FlightCancelledError("the query was cancelled")
-        reader = self.engine.execute(query.planned)
+        try:
+            reader = self.engine.execute(query.planned)
+        except Exception:
+            self.queries.remove(handle)
+            raise
         batches = self._guarded(context, handle, query, reader)
         return flight.GeneratorStream(reader.schema, batches)
 
@@ -293,6 +297,14 @@ class FlightSqlServer(flight.FlightServerBase):
             return metadata.xdbc_type_info_table(_optional(command, "data_type"))
         self._metadata_schema(name, body)  # raises the precise error for this command
         raise flight.FlightServerError(f"unsupported ticket {name}")
+
+    # ---- not part of Flight SQL: refused cleanly rather than with pyarrow's default ----
+
+    def list_flights(self, context, criteria):
+        raise flight.FlightServerError("ListFlights is not supported: use the Flight SQL catalog commands")
+
+    def do_exchange(self, context, descriptor, reader, writer):
+        raise flight.FlightServerError("DoExchange is not supported by flightdeck")
 
     # ---- DoPut ----
 

@@ -84,6 +84,11 @@ class Connector(ABC):
         """Columns left out of ``schema(table)`` because their type has no Arrow mapping."""
         return []
 
+    def filters_exact(self, table: str, filters: list[fx.Expr]) -> bool:
+        """True when ``scan`` applies ``filters`` exactly as the planner would (then the
+        planner need not filter again, which also keeps its own NaN and NULL semantics)."""
+        return False
+
     def row_count(self, table: str) -> int | None:
         """The table's row count when it is cheap to know, else None."""
         return None
@@ -135,15 +140,22 @@ class SqlConnector(Connector):
     def quote_table(self, table: str) -> str:
         return ".".join(self.renderer.quote_identifier(part) for part in table.split("."))
 
+    def comparison_rules(self, table: str) -> dict[str, str]:
+        """Per column, how faithfully the backend compares it (expr.EXACT when absent)."""
+        return {}
+
+    def filters_exact(self, table: str, filters: list[fx.Expr]) -> bool:
+        return self.renderer.render_where(filters, self.comparison_rules(table))[2]
+
     def select_sql(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
                    limit: int | None) -> str:
         quote = self.renderer.quote_identifier
         projection = "*" if columns is None else ", ".join(quote(c) for c in columns)
         sql = f"SELECT {projection} FROM {self.quote_table(table)}"
-        where, kept_local = self.renderer.render_where(filters)
+        where, _, exact = self.renderer.render_where(filters, self.comparison_rules(table))
         if where:
             sql += f" WHERE {where}"
-        if limit is not None and not kept_local:  # a limit before every filter would lose rows
+        if limit is not None and exact:  # a limit before the exact filter would lose rows
             sql += f" LIMIT {int(limit)}"
         return sql
 

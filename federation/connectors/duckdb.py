@@ -7,6 +7,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from federation import expr as fx
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
 from federation.connectors.typing import conform_batch
 
@@ -14,6 +15,7 @@ from federation.connectors.typing import conform_batch
 def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection that cannot reach host files or the network from SQL."""
     connection = duckdb.connect(path, read_only=read_only)
+    connection.execute("SET TimeZone = 'UTC'")  # literals mean what they mean to DataFusion
     connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")
     return connection
@@ -62,6 +64,15 @@ class DuckDBConnector(SqlConnector):
             "WHERE constraint_type = 'PRIMARY KEY' AND table_name = ? AND schema_name = ?",
             [table_name, schema_name or "main"]).fetchall()
         return list(rows[0][0]) if rows else []
+
+    def comparison_rules(self, table: str) -> dict[str, str]:
+        """DuckDB compares text byte-wise unless a column declares a collation (e.g. NOCASE)."""
+        schema_name, _, table_name = table.rpartition(".")
+        row = self._cursor().execute("SELECT sql FROM duckdb_tables() WHERE table_name = ? AND schema_name = ?",
+                                     [table_name, schema_name or "main"]).fetchone()
+        if not (row and row[0] and "COLLATE" in row[0].upper()):
+            return {}
+        return {f.name: fx.LOOSE for f in self.schema(table) if pa.types.is_string(f.type)}
 
     def row_count(self, table: str) -> int | None:
         return self._cursor().execute(

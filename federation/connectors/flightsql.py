@@ -12,6 +12,7 @@ import adbc_driver_flightsql.dbapi as adbc_flightsql
 import pyarrow as pa
 from adbc_driver_flightsql import DatabaseOptions
 
+from federation import expr as fx
 from federation.connectors.base import ConnectorError, SqlConnector
 from federation.connectors.typing import conform_batch
 
@@ -61,6 +62,10 @@ class FlightSQLConnector(SqlConnector):
         return sorted(f"{schema['db_schema_name']}.{table['table_name']}"
                       for catalog in listing for schema in catalog["catalog_db_schemas"] or []
                       for table in schema["db_schema_tables"] or [])
+
+    def comparison_rules(self, table: str) -> dict[str, str]:
+        """Text takes only = and IN (the remote server's text collation is unknown); other types compare exactly."""
+        return {f.name: fx.LOOSE for f in self.schema(table) if pa.types.is_string(f.type)}
 
     def schema(self, table: str) -> pa.Schema:
         reader = self.execute_sql(f"SELECT * FROM {self.quote_table(table)} LIMIT 0")

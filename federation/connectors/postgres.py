@@ -13,6 +13,7 @@ from typing import Any
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow as pa
 
+from federation import expr as fx
 from federation.connectors.base import ConnectorError, SqlConnector
 from federation.connectors.typing import conform_batch
 
@@ -47,6 +48,21 @@ def arrow_type_for(data_type: str, udt_name: str, precision: int | None, scale: 
     return _SIMPLE_TYPES.get(data_type)
 
 
+C_COLLATIONS = ("C", "POSIX", "C.UTF-8", "C.utf8", "ucs_basic")
+TEXT_TYPES = ("text", "varchar", "name")
+
+
+def _rule(type_name: str, collation: str, deterministic: bool, database_collation: str) -> str:
+    if type_name in ("citext", "bpchar", "jsonb", "uuid") or not deterministic:
+        return fx.LOOSE  # = may match more (case, padding, JSON spacing, UUID case)
+    if type_name in TEXT_TYPES:
+        effective = database_collation if collation in ("default", "") else collation
+        return fx.EXACT if effective in C_COLLATIONS else fx.EQUALITY
+    if type_name in ("json", "xml", "inet", "cidr", "money", "point") or type_name.startswith("_"):
+        return fx.NONE
+    return fx.EXACT
+
+
 class PostgresConnector(SqlConnector):
     kind = "postgres"
     dialect = "postgres"
@@ -62,6 +78,7 @@ class PostgresConnector(SqlConnector):
         self.query_timeout = float(params.get("query_timeout", 300))
         self._pool: queue.LifoQueue = queue.LifoQueue(maxsize=POOL_SIZE)
         self._schemas: dict[str, tuple[pa.Schema, list[str]]] = {}
+        self._rules: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -77,7 +94,8 @@ class PostgresConnector(SqlConnector):
             credentials += ":" + urllib.parse.quote(self._password, safe="")
         query = urllib.parse.urlencode({
             "connect_timeout": self.timeout, "application_name": "flightdeck",
-            "options": f"-c default_transaction_read_only=on "
+            # UTC: literals in pushed statements mean what they mean to DataFusion
+            "options": f"-c default_transaction_read_only=on -c TimeZone=UTC "
                        f"-c statement_timeout={int(self.query_timeout * 1000)}"},
             quote_via=urllib.parse.quote)
         return f"postgresql://{credentials}@{self.host}:{self.port}/{self.database}?{query}"
@@ -124,12 +142,25 @@ class PostgresConnector(SqlConnector):
             cursor.close()
             self._give_back(connection)
 
-    def collation(self) -> str:
-        """The database's collation: text orders like DataFusion's only under C/POSIX."""
-        if getattr(self, "_collation", None) is None:
-            rows = self._fetch_all("SELECT datcollate FROM pg_database WHERE datname = current_database()")
-            self._collation = rows[0][0] if rows else ""
-        return self._collation
+    def comparison_rules(self, table: str) -> dict[str, str]:
+        """Text compares exactly only under a C collation; citext, char(n), nondeterministic
+        collations and jsonb compare more loosely; json, inet and the like not at all."""
+        with self._lock:
+            if table in self._rules:
+                return self._rules[table]
+        schema_name, table_name = self._split(table)
+        rows = self._fetch_all(
+            "SELECT a.attname, t.typname, coalesce(c.collname, ''), coalesce(c.collisdeterministic, true), "
+            "(SELECT datcollate FROM pg_database WHERE datname = current_database()) "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
+            "WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass "
+            "AND a.attnum > 0 AND NOT a.attisdropped", [schema_name, table_name])
+        rules = {name: _rule(type_name, collation, deterministic, database_collation)
+                 for name, type_name, collation, deterministic, database_collation in rows}
+        with self._lock:
+            self._rules[table] = rules
+        return rules
 
     def tables(self) -> list[str]:
         rows = self._fetch_all(

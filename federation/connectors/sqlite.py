@@ -106,6 +106,21 @@ class SQLiteConnector(SqlConnector):
         return pa.schema([pa.field(name, arrow_type_for(declared))
                           for name, declared, _, _ in self._columns(table)])
 
+    def comparison_rules(self, table: str) -> dict[str, str]:
+        """Untyped columns may hold numbers where text is expected, and dates are text in
+        whatever format was written: neither is pushed. Text under NOCASE/RTRIM is loose."""
+        with self._connect() as connection:
+            row = connection.execute("SELECT sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
+        loose_text = bool(row and row[0] and re.search(r"COLLATE\s+(NOCASE|RTRIM)", row[0], re.IGNORECASE))
+        rules = {}
+        for name, declared, _, _ in self._columns(table):
+            arrow_type = arrow_type_for(declared)
+            if not declared or pa.types.is_date32(arrow_type) or pa.types.is_timestamp(arrow_type):
+                rules[name] = fx.NONE
+            elif pa.types.is_string(arrow_type) and loose_text:
+                rules[name] = fx.LOOSE
+        return rules
+
     def primary_key(self, table: str) -> list[str]:
         keyed = sorted((pk, name) for name, _, _, pk in self._columns(table) if pk)
         return [name for _, name in keyed]

@@ -1,0 +1,111 @@
+"""Answers must not depend on where a filter or a query runs.
+
+Each case compares flightdeck (whole-query pushdown on, and off) with DataFusion over an
+in-memory copy of the same rows: the planner's own semantics. The cases are the ways a
+backend compares differently: collations, citext, char(n), NaN, untyped SQLite columns,
+text dates, rounding casts, Unicode lower(), LIKE escapes, duplicate column names."""
+from __future__ import annotations
+
+import sqlite3
+
+import adbc_driver_postgresql.dbapi as adbc_postgres
+import datafusion
+import duckdb
+import pymysql
+import pytest
+
+from federation.catalog import Catalog, DatasetSpec
+from federation.engine import EngineSettings, QueryEngine
+
+PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+
+
+def _rows(table):
+    """Rows as tuples (duplicate column names survive), NaN made comparable."""
+    columns = [column.to_pylist() for column in table.columns]
+    rows = [tuple("NaN" if isinstance(v, float) and v != v else v for v in row) for row in zip(*columns)]
+    return sorted(rows, key=lambda row: tuple((v is None, str(v)) for v in row))
+
+
+def check(specs, base, queries):
+    catalog = Catalog(specs, base)
+    pushed = QueryEngine(catalog)
+    scanned = QueryEngine(catalog, EngineSettings(whole_query_pushdown=False))
+    truth = datafusion.SessionContext()
+    for spec in specs:
+        truth.register_record_batches(spec.name, [scanned.query(f"SELECT * FROM {spec.name}").read_all().to_batches()])
+    for sql in queries:
+        expected = _rows(truth.sql(sql).to_arrow_table())
+        assert _rows(pushed.query(sql).read_all()) == expected, f"pushdown on: {sql}"
+        assert _rows(scanned.query(sql).read_all()) == expected, f"pushdown off: {sql}"
+    return pushed
+
+
+@pytest.fixture(scope="module")
+def pg_probe():
+    with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
+            conn.cursor() as cursor:
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS citext")
+        cursor.execute("DROP SCHEMA IF EXISTS fd_sem CASCADE")
+        cursor.execute("CREATE SCHEMA fd_sem")
+        cursor.execute("CREATE TABLE fd_sem.t (id int, r double precision, s text, ci citext, ch char(4), "
+                       "icu text COLLATE \"en-US-x-icu\", n int)")
+        cursor.execute("INSERT INTO fd_sem.t VALUES (1, 'NaN', 'ab', 'ABC', 'ab', 'B', 3), "
+                       "(2, 2.7, 'ΑΣ', 'abc', 'xy', 'a', -7), (3, -2.5, 'a\\_b', NULL, NULL, 'c', NULL)")
+    yield [DatasetSpec("t", "postgres:fd_sem.t", PG), DatasetSpec("t2", "postgres:fd_sem.t", PG)]
+    with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
+            conn.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS fd_sem CASCADE")
+
+
+def test_postgres_collations_citext_char_and_nan(pg_probe, tmp_path):
+    engine = check(pg_probe, tmp_path, [
+        "SELECT id FROM t WHERE icu < 'a'", "SELECT id FROM t WHERE icu <> 'a'",
+        "SELECT id FROM t WHERE ci <> 'abc'", "SELECT id FROM t WHERE ci < 'abc'", "SELECT id FROM t WHERE ci = 'abc'",
+        "SELECT id FROM t WHERE ch <> 'ab'", "SELECT id FROM t WHERE ch = 'ab'",
+        "SELECT id FROM t WHERE r > 0", "SELECT id FROM t WHERE r >= 2.7", "SELECT id FROM t WHERE NOT (r < 0)",
+        "SELECT icu FROM t ORDER BY icu LIMIT 2", "SELECT min(icu) AS m FROM t",
+        "SELECT ci, count(*) AS n FROM t GROUP BY ci",
+        "SELECT CAST(r AS INT) AS i FROM t WHERE id = 2", "SELECT lower(s) AS l FROM t WHERE id = 2",
+        "SELECT * FROM (SELECT id FROM t ORDER BY id LIMIT 2) x JOIN t2 ON x.id = t2.id",
+    ])
+    assert engine.plan("SELECT id, n FROM t WHERE n > 0").remote is not None  # numbers still go down whole
+
+
+def test_mysql_case_insensitive_collation(tmp_path):
+    admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
+    with admin.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS fd_sem")
+        cursor.execute("CREATE DATABASE fd_sem")
+        cursor.execute("CREATE TABLE fd_sem.t (id INT, name VARCHAR(10))")
+        cursor.execute("INSERT INTO fd_sem.t VALUES (1, 'ABC'), (2, 'abc'), (3, 'abc '), (4, 'B')")
+    try:
+        check([DatasetSpec("t", "mysql:fd_sem.t", {"mysql_host": "127.0.0.1", "mysql_user": "root"})], tmp_path, [
+            "SELECT id FROM t WHERE name <> 'abc'", "SELECT id FROM t WHERE name < 'a'",
+            "SELECT id FROM t WHERE name = 'abc'", "SELECT id FROM t WHERE name IN ('ABC', 'x')",
+            "SELECT id FROM t WHERE NOT (name = 'abc')"])
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute("DROP DATABASE IF EXISTS fd_sem")
+        admin.close()
+
+
+def test_sqlite_untyped_nocase_and_text_dates(tmp_path):
+    with sqlite3.connect(tmp_path / "sem.sqlite") as con:
+        con.execute("CREATE TABLE t (id INTEGER, u, nc TEXT COLLATE NOCASE, day DATE)")
+        con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)",
+                        [(1, 5, "ABC", "2024-01-01 10:00:00"), (2, "x", "abc", "2024-01-02"), (3, None, "B", None)])
+    check([DatasetSpec("t", "sqlite:t", {"sqlite_file": "sem.sqlite"})], tmp_path, [
+        "SELECT id FROM t WHERE u = '5'", "SELECT id FROM t WHERE nc <> 'abc'", "SELECT id FROM t WHERE nc < 'a'",
+        "SELECT id FROM t WHERE nc = 'abc'", "SELECT id FROM t WHERE day = DATE '2024-01-01'",
+        "SELECT id FROM t WHERE day <= DATE '2024-01-01'"])
+
+
+def test_duckdb_like_escape_and_nocase(tmp_path):
+    with duckdb.connect(str(tmp_path / "sem.duckdb")) as con:
+        con.execute("CREATE TABLE t (id INTEGER, s VARCHAR, nc VARCHAR COLLATE NOCASE)")
+        con.execute("INSERT INTO t VALUES (1, 'a\\_b', 'ABC'), (2, 'axb', 'abc'), (3, 'a_b', 'B')")
+    engine = check([DatasetSpec("t", "duckdb:t", {"duckdb_open": "sem.duckdb"})], tmp_path, [
+        "SELECT id FROM t WHERE s LIKE 'a\\_b'", "SELECT id FROM t WHERE s LIKE 'a_b'",
+        "SELECT id FROM t WHERE nc <> 'abc'", "SELECT id FROM t WHERE nc < 'a'", "SELECT nc FROM t ORDER BY nc"])
+    assert engine.plan("SELECT id FROM t WHERE s LIKE 'a_b'").remote is None  # NOCASE in the table
