@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import pyarrow as pa
 
 from federation import expr as fx
+from federation.connectors.typing import conform_batch
 
 DEFAULT_BATCH_ROWS = 65_536
 
@@ -194,3 +195,20 @@ class SqlConnector(Connector):
                 yield batch
 
         return pa.RecordBatchReader.from_batches(schema, generate())
+
+    def stream_arrow(self, sql: str, reader: pa.RecordBatchReader, target: pa.Schema | None,
+                     release: Callable[[bool], None]) -> pa.RecordBatchReader:
+        """A backend's Arrow stream, counted and conformed to ``target``; ``release(finished)``
+        frees the backend's cursor or connection when the stream ends or is abandoned."""
+        schema = target if target is not None else reader.schema
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            finished = False
+            try:
+                for batch in reader:
+                    yield conform_batch(batch, schema) if target is not None else batch
+                finished = True
+            finally:
+                release(finished)
+
+        return self.counted(schema, sql, batches)

@@ -9,7 +9,6 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
-from federation.connectors.typing import conform_batch
 
 
 def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -87,16 +86,7 @@ class DuckDBConnector(SqlConnector):
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {error}") from None
 
-        schema = target if target is not None else reader.schema
-
-        def batches():
-            try:
-                for batch in reader:
-                    yield conform_batch(batch, schema) if target is not None else batch
-            finally:
-                cursor.close()
-
-        return self.counted(schema, sql, batches)
+        return self.stream_arrow(sql, reader, target, lambda finished: cursor.close())
 
     def close(self) -> None:
         self._connection.close()

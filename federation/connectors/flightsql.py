@@ -14,7 +14,6 @@ from adbc_driver_flightsql import DatabaseOptions
 
 from federation import expr as fx
 from federation.connectors.base import ConnectorError, SqlConnector
-from federation.connectors.typing import conform_batch
 
 
 class FlightSQLConnector(SqlConnector):
@@ -82,14 +81,8 @@ class FlightSQLConnector(SqlConnector):
             connection.close()
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
-        schema = target or reader.schema
+        def release(finished: bool) -> None:
+            cursor.close()
+            connection.close()
 
-        def batches():
-            try:
-                for batch in reader:
-                    yield conform_batch(batch, schema) if target is not None else batch
-            finally:
-                cursor.close()
-                connection.close()
-
-        return self.counted(schema, sql, batches)
+        return self.stream_arrow(sql, reader, target, release)

@@ -15,7 +15,6 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import ConnectorError, SqlConnector
-from federation.connectors.typing import conform_batch
 
 POOL_SIZE = 4
 
@@ -218,22 +217,15 @@ class PostgresConnector(SqlConnector):
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection, cursor = self._run(sql, params)
         reader = cursor.fetch_record_batch()
-        schema = target if target is not None else reader.schema
 
-        def batches():
-            finished = False
-            try:
-                for batch in reader:
-                    yield conform_batch(batch, schema) if target is not None else batch
-                finished = True
-            finally:
-                cursor.close()
-                if finished:
-                    self._give_back(connection)
-                else:
-                    connection.close()  # abandoned mid-stream: do not reuse
+        def release(finished: bool) -> None:
+            cursor.close()
+            if finished:
+                self._give_back(connection)
+            else:
+                connection.close()  # abandoned mid-stream: do not reuse
 
-        return self.counted(schema, sql, batches)
+        return self.stream_arrow(sql, reader, target, release)
 
     def close(self) -> None:
         while not self._pool.empty():
