@@ -7,13 +7,13 @@ the table). Everything else runs in DataFusion with projection and filters pushe
 
 What makes a query ineligible (each is a way the backend could answer differently):
 semi/anti/outer joins (NOTES: the unparser drops filters there), dialects other than
-PostgreSQL and DuckDB (SQLite's LIKE ignores case, MySQL's collations and NULL ordering
-differ), functions outside a short allow-list (``lower``/``upper`` differ on some Unicode),
+PostgreSQL, DuckDB and SQLite (MySQL's collations and NULL ordering differ; SQLite's LIKE
+ignores case and its decimals are binary floats, so neither is pushed there), functions outside a short allow-list (``lower``/``upper`` differ on some Unicode),
 division (decimal scale and DuckDB's float division differ), ``avg`` over decimals, casts
 other than widening ones (PostgreSQL and DuckDB round float→int, DataFusion truncates;
-timestamp→text formats differ), DuckDB LIKE patterns with a backslash (no default escape
-there), any text column the backend does not compare byte-wise (its comparison rule is not
-EXACT: a non-C collation, citext, char(n), ...), and ``*`` or a column count that differs from
+timestamp→text formats differ), LIKE patterns with a backslash (DuckDB has no default escape),
+any column the backend does not compare exactly (its comparison rule is not EXACT: text under
+a non-C collation, citext, char(n), SQLite dates kept as text, ...), and ``*`` or a column count that differs from
 the plan's (the unparser drops duplicate names).
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ log = logging.getLogger("flightdeck.pushdown")
 
 SAFE_NODES = {"Projection", "Filter", "Aggregate", "Sort", "Limit", "TableScan", "SubqueryAlias",
               "Join", "Distinct"}
-DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb}
+DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb,
+            "sqlite": unparser.Dialect.sqlite}
 SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Cast,
                   exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
 FLOAT_TYPES = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
@@ -91,14 +92,15 @@ def _dataset(catalog: Catalog, fqn: tuple) -> Dataset | None:
 def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[Dataset]) -> bool:
     types = {f.name: f.type for d in datasets for f in d.arrow_schema}
     decimal_columns = {name for name, t in types.items() if pa.types.is_decimal(t)}
-    inexact_text = {name for d in datasets for name, rule in connector.comparison_rules(d.spec.location).items()
-                    if rule != fx.EXACT and pa.types.is_string(types.get(name, pa.null()))}
-    text_columns = {name for name, t in types.items() if pa.types.is_string(t)}
-    if connector.dialect == "postgres" and not all(
-            connector.comparison_rules(d.spec.location).get(n) == fx.EXACT
-            for d in datasets for n in text_columns & set(d.arrow_schema.names)):
-        inexact_text |= text_columns  # text rules are known per column; absent means not C
-    if _columns_in(tree) & inexact_text:
+    rules = [connector.comparison_rules(d.spec.location) for d in datasets]
+    inexact = {name for rule in rules for name, kind in rule.items() if kind != fx.EXACT}
+    if connector.dialect == "postgres":
+        # PostgreSQL reports every text column; one it does not call exact is not byte-ordered.
+        known = set().union(*(r.keys() for r in rules))
+        inexact |= {n for n, t in types.items() if pa.types.is_string(t) and n not in known}
+    if connector.dialect == "sqlite":
+        inexact |= decimal_columns  # SQLite keeps decimals as binary floats
+    if _columns_in(tree) & inexact:
         return False
     for node in tree.walk():
         if isinstance(node, (exp.Div, exp.IntDiv)):
@@ -109,8 +111,8 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
             return False
         if isinstance(node, exp.Cast) and not _widening_cast(node, types):
             return False
-        if connector.dialect == "duckdb" and isinstance(node, exp.Like) and "\\" in node.expression.sql():
-            return False
+        if isinstance(node, exp.Like) and (connector.dialect == "sqlite" or "\\" in node.expression.sql()):
+            return False  # SQLite's LIKE ignores case; DuckDB's has no default escape
     return True
 
 

@@ -109,3 +109,31 @@ def test_duckdb_like_escape_and_nocase(tmp_path):
         "SELECT id FROM t WHERE s LIKE 'a\\_b'", "SELECT id FROM t WHERE s LIKE 'a_b'",
         "SELECT id FROM t WHERE nc <> 'abc'", "SELECT id FROM t WHERE nc < 'a'", "SELECT nc FROM t ORDER BY nc"])
     assert engine.plan("SELECT id FROM t WHERE s LIKE 'a_b'").remote is None  # NOCASE in the table
+
+
+def test_sqlite_whole_query_pushdown(tmp_path):
+    with sqlite3.connect(tmp_path / "whole.sqlite") as con:
+        con.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, customer INTEGER, status TEXT, qty INTEGER, "
+                    "price DECIMAL(10,2), placed DATE)")
+        con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, tier TEXT)")
+        con.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
+                        [(i, i % 7, ("open", "closed", "Open")[i % 3], i % 5 if i % 11 else None, round(i * 0.1, 2),
+                          f"2026-11-{i % 28 + 1:02d}") for i in range(1, 200)])
+        con.executemany("INSERT INTO customers VALUES (?, ?, ?)",
+                        [(i, f"c{i}", "pro" if i % 2 else None) for i in range(7)])
+    specs = [DatasetSpec("orders", "sqlite:orders", {"sqlite_file": "whole.sqlite"}),
+             DatasetSpec("customers", "sqlite:customers", {"sqlite_file": "whole.sqlite"})]
+    pushed_sql = [
+        "SELECT status, count(*) AS n, sum(qty) AS q, min(qty) AS lo, max(status) AS top FROM orders "
+        "GROUP BY status ORDER BY status",
+        "SELECT c.tier, count(*) AS n FROM orders o JOIN customers c ON c.id = o.customer "
+        "WHERE o.qty >= 2 GROUP BY c.tier ORDER BY c.tier DESC",
+        "SELECT id, qty FROM orders ORDER BY qty, id LIMIT 5",
+        "SELECT DISTINCT status FROM orders ORDER BY status",
+        "SELECT avg(qty) AS a FROM orders",
+    ]
+    local_sql = ["SELECT id FROM orders WHERE status LIKE 'o%'", "SELECT sum(price) AS p FROM orders",
+                 "SELECT count(*) AS n FROM orders WHERE placed >= DATE '2026-11-20'"]
+    engine = check(specs, tmp_path, pushed_sql + local_sql)
+    assert all(engine.plan(sql).remote is not None for sql in pushed_sql)
+    assert all(engine.plan(sql).remote is None for sql in local_sql)

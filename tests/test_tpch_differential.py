@@ -125,8 +125,12 @@ def tpch(tmp_path_factory):
             target.register("incoming", table)
             target.execute(f"CREATE TABLE {name} AS SELECT * FROM incoming")
             target.unregister("incoming")
+    all_in_sqlite = folder / "tpch_all.sqlite"
+    _load_sqlite(tables, all_in_sqlite)
     single_source = {
         "postgres": QueryEngine(Catalog([DatasetSpec(n, f"postgres:fd_tpch_all.{n}", PG) for n in PLACEMENT], folder)),
+        "sqlite": QueryEngine(Catalog([DatasetSpec(n, f"sqlite:{n}", {"sqlite_file": all_in_sqlite.name})
+                                       for n in PLACEMENT], folder)),
         "duckdb": QueryEngine(Catalog([DatasetSpec(n, f"duckdb:{n}", {"duckdb_open": "tpch.duckdb"})
                                        for n in PLACEMENT], folder)),
     }
@@ -176,10 +180,10 @@ def test_tpch_query_matches_duckdb(tpch, number):
     _assert_same(engine.query(sql).read_all(), reference.sql(sql).to_arrow_table(), f"Q{number}")
 
 
-PUSHED: dict[str, set[int]] = {"postgres": set(), "duckdb": set()}
+PUSHED: dict[str, set[int]] = {"postgres": set(), "duckdb": set(), "sqlite": set()}
 
 
-@pytest.mark.parametrize("backend", ["postgres", "duckdb"])
+@pytest.mark.parametrize("backend", ["postgres", "duckdb", "sqlite"])
 @pytest.mark.parametrize("number", sorted(QUERIES))
 def test_tpch_on_one_backend_matches_duckdb(tpch, backend, number):
     """All eight tables on one backend: eligible queries run there whole, and still agree."""
@@ -194,5 +198,5 @@ def test_tpch_on_one_backend_matches_duckdb(tpch, backend, number):
 
 def test_whole_query_pushdown_covered_tpch_queries():
     # Runs after the parametrized cases above (file order): the guards leave a useful share.
-    print(f"\nwhole-query pushdown: postgres {sorted(PUSHED['postgres'])}, duckdb {sorted(PUSHED['duckdb'])}")
+    print("\nwhole-query pushdown: " + ", ".join(f"{b} {sorted(q)}" for b, q in PUSHED.items()))
     assert len(PUSHED["postgres"]) >= 4 and len(PUSHED["duckdb"]) >= 4

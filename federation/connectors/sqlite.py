@@ -152,6 +152,10 @@ class SQLiteConnector(SqlConnector):
 
     @staticmethod
     def _result_schema(cursor: sqlite3.Cursor, declared: pa.Schema | None) -> pa.Schema:
+        """The declared types, by position when the result has exactly their columns (scans and
+        pushed-down queries); otherwise by name, computed columns read as text."""
+        if declared is not None and len(declared) == len(cursor.description):
+            return declared
         fields = []
         for description in cursor.description:
             name = description[0]
