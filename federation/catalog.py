@@ -79,7 +79,7 @@ class Catalog:
         dataset = Dataset(spec)
         try:
             dataset.connector = self.pool.open(spec.kind, spec.location, spec.params)
-            dataset.arrow_schema = dataset.connector.schema(spec.location)
+            dataset.arrow_schema = dataset.connector.cached_schema(spec.location)
             dataset.primary_key = spec.primary_key or dataset.connector.primary_key(spec.location)
             dataset.skipped_columns = dataset.connector.unsupported_columns(spec.location)
             if dataset.skipped_columns:

@@ -62,6 +62,7 @@ class Connector(ABC):
         self.params = params
         self.base_dir = base_dir
         self.stats = SourceStats()
+        self._known_schemas: dict[str, pa.Schema] = {}
 
     @abstractmethod
     def tables(self) -> list[str]:
@@ -77,6 +78,12 @@ class Connector(ABC):
         """Stream rows: only ``columns`` (None = all), pre-filtered by what of ``filters``
         the backend can take (the caller re-applies the exact filter), at most ``limit``
         (honoured only when every filter was applied: cutting earlier would lose rows)."""
+
+    def cached_schema(self, table: str) -> pa.Schema:
+        """``schema(table)``, asked of the backend once: scans and planning need it every query."""
+        if table not in self._known_schemas:
+            self._known_schemas[table] = self.schema(table)
+        return self._known_schemas[table]
 
     def primary_key(self, table: str) -> list[str]:
         return []
@@ -125,6 +132,10 @@ class SqlConnector(Connector):
     dialect: ClassVar[str]
     renderer: ClassVar[fx.SqlRenderer] = fx.SqlRenderer(fx.quote_double, fx.standard_literal)
 
+    def __init__(self, params: dict[str, Any], base_dir: Path):
+        super().__init__(params, base_dir)
+        self._known_rules: dict[str, dict[str, str]] = {}
+
     @property
     @abstractmethod
     def compute_context(self) -> str:
@@ -142,7 +153,13 @@ class SqlConnector(Connector):
         return ".".join(self.renderer.quote_identifier(part) for part in table.split("."))
 
     def comparison_rules(self, table: str) -> dict[str, str]:
-        """Per column, how faithfully the backend compares it (expr.EXACT when absent)."""
+        """Per column, how faithfully the backend compares it (expr.EXACT when absent); asked of
+        the backend once per table, since every scan and every plan consults it."""
+        if table not in self._known_rules:
+            self._known_rules[table] = self._comparison_rules(table)
+        return self._known_rules[table]
+
+    def _comparison_rules(self, table: str) -> dict[str, str]:
         return {}
 
     def filters_exact(self, table: str, filters: list[fx.Expr]) -> bool:
@@ -162,7 +179,7 @@ class SqlConnector(Connector):
 
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
-        schema = self.schema(table)
+        schema = self.cached_schema(table)
         if columns is None:
             columns = schema.names  # never SELECT *: columns of unsupported types stay out
         if columns == []:

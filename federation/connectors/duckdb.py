@@ -64,14 +64,14 @@ class DuckDBConnector(SqlConnector):
             [table_name, schema_name or "main"]).fetchall()
         return list(rows[0][0]) if rows else []
 
-    def comparison_rules(self, table: str) -> dict[str, str]:
+    def _comparison_rules(self, table: str) -> dict[str, str]:
         """DuckDB compares text byte-wise unless a column declares a collation (e.g. NOCASE)."""
         schema_name, _, table_name = table.rpartition(".")
         row = self._cursor().execute("SELECT sql FROM duckdb_tables() WHERE table_name = ? AND schema_name = ?",
                                      [table_name, schema_name or "main"]).fetchone()
         if not (row and row[0] and "COLLATE" in row[0].upper()):
             return {}
-        return {f.name: fx.LOOSE for f in self.schema(table) if pa.types.is_string(f.type)}
+        return {f.name: fx.LOOSE for f in self.cached_schema(table) if pa.types.is_string(f.type)}
 
     def row_count(self, table: str) -> int | None:
         return self._cursor().execute(

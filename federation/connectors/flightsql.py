@@ -62,9 +62,9 @@ class FlightSQLConnector(SqlConnector):
                       for catalog in listing for schema in catalog["catalog_db_schemas"] or []
                       for table in schema["db_schema_tables"] or [])
 
-    def comparison_rules(self, table: str) -> dict[str, str]:
+    def _comparison_rules(self, table: str) -> dict[str, str]:
         """Text takes only = and IN (the remote server's text collation is unknown); other types compare exactly."""
-        return {f.name: fx.LOOSE for f in self.schema(table) if pa.types.is_string(f.type)}
+        return {f.name: fx.LOOSE for f in self.cached_schema(table) if pa.types.is_string(f.type)}
 
     def schema(self, table: str) -> pa.Schema:
         reader = self.execute_sql(f"SELECT * FROM {self.quote_table(table)} LIMIT 0")

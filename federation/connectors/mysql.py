@@ -177,10 +177,10 @@ class MySQLConnector(SqlConnector):
     def primary_key(self, table: str) -> list[str]:
         return [row[0] for row in self._columns(table) if row[5] == "PRI"]
 
-    def comparison_rules(self, table: str) -> dict[str, str]:
+    def _comparison_rules(self, table: str) -> dict[str, str]:
         """MySQL's text collations ignore case or trailing spaces (even *_bin pads spaces):
         text columns take only = and IN, which may match more rows, never fewer."""
-        return {field.name: fx.LOOSE for field in self.schema(table)
+        return {field.name: fx.LOOSE for field in self.cached_schema(table)
                 if pa.types.is_string(field.type) or pa.types.is_binary(field.type)}
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,

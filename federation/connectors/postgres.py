@@ -77,7 +77,6 @@ class PostgresConnector(SqlConnector):
         self.query_timeout = float(params.get("query_timeout", 300))
         self._pool: queue.LifoQueue = queue.LifoQueue(maxsize=POOL_SIZE)
         self._schemas: dict[str, tuple[pa.Schema, list[str]]] = {}
-        self._rules: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -141,12 +140,9 @@ class PostgresConnector(SqlConnector):
             cursor.close()
             self._give_back(connection)
 
-    def comparison_rules(self, table: str) -> dict[str, str]:
+    def _comparison_rules(self, table: str) -> dict[str, str]:
         """Text compares exactly only under a C collation; citext, char(n), nondeterministic
         collations and jsonb compare more loosely; json, inet and the like not at all."""
-        with self._lock:
-            if table in self._rules:
-                return self._rules[table]
         schema_name, table_name = self._split(table)
         rows = self._fetch_all(
             "SELECT a.attname, t.typname, coalesce(c.collname, ''), coalesce(c.collisdeterministic, true), "
@@ -155,11 +151,8 @@ class PostgresConnector(SqlConnector):
             "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
             "WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass "
             "AND a.attnum > 0 AND NOT a.attisdropped", [schema_name, table_name])
-        rules = {name: _rule(type_name, collation, deterministic, database_collation)
-                 for name, type_name, collation, deterministic, database_collation in rows}
-        with self._lock:
-            self._rules[table] = rules
-        return rules
+        return {name: _rule(type_name, collation, deterministic, database_collation)
+                for name, type_name, collation, deterministic, database_collation in rows}
 
     def tables(self) -> list[str]:
         rows = self._fetch_all(

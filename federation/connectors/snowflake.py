@@ -107,9 +107,9 @@ class SnowflakeConnector(SqlConnector):
                           "WHERE table_schema <> 'INFORMATION_SCHEMA' ORDER BY 1, 2")
         return [f"{database}.{schema}.{name}".lower() for schema, name in rows]
 
-    def comparison_rules(self, table: str) -> dict[str, str]:
+    def _comparison_rules(self, table: str) -> dict[str, str]:
         """Text takes only = and IN (Snowflake columns may carry collation specifications); other types compare exactly."""
-        return {f.name: fx.LOOSE for f in self.schema(table) if pa.types.is_string(f.type)}
+        return {f.name: fx.LOOSE for f in self.cached_schema(table) if pa.types.is_string(f.type)}
 
     def schema(self, table: str) -> pa.Schema:
         database, schema_name, table_name = self._split(table)

@@ -106,7 +106,7 @@ class SQLiteConnector(SqlConnector):
         return pa.schema([pa.field(name, arrow_type_for(declared))
                           for name, declared, _, _ in self._columns(table)])
 
-    def comparison_rules(self, table: str) -> dict[str, str]:
+    def _comparison_rules(self, table: str) -> dict[str, str]:
         """Untyped columns may hold numbers where text is expected, and dates are text in
         whatever format was written: neither is pushed. Text under NOCASE/RTRIM is loose."""
         with self._connect() as connection:
