@@ -44,9 +44,6 @@ def decode_fully(expression: pc.Expression | None) -> tuple[fx.Expr | None, bool
     return node, not dropped
 
 
-def decode_conjuncts(expression: pc.Expression | None) -> list[fx.Expr]:
-    return fx.conjuncts(decode(expression))
-
 
 # ---- the serialized form -------------------------------------------------
 

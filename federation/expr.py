@@ -118,10 +118,6 @@ class SqlRenderer:
         self.quote_identifier = quote_identifier
         self.render_literal = render_literal
 
-    def render(self, expr: Expr, rules: dict[str, str] | None = None) -> str | None:
-        rendered = self._render(expr, rules or {})
-        return None if rendered is None else rendered[0]
-
     def _render(self, expr: Expr, rules: dict[str, str]) -> tuple[str, bool] | None:
         """(SQL, exact): exact when the backend keeps exactly the rows the planner would."""
         if isinstance(expr, Column):

@@ -94,10 +94,6 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
     decimal_columns = {name for name, t in types.items() if pa.types.is_decimal(t)}
     rules = [connector.comparison_rules(d.spec.location) for d in datasets]
     inexact = {name for rule in rules for name, kind in rule.items() if kind != fx.EXACT}
-    if connector.dialect == "postgres":
-        # PostgreSQL reports every text column; one it does not call exact is not byte-ordered.
-        known = set().union(*(r.keys() for r in rules))
-        inexact |= {n for n, t in types.items() if pa.types.is_string(t) and n not in known}
     if connector.dialect == "sqlite":
         inexact |= decimal_columns  # SQLite keeps decimals as binary floats
     if _columns_in(tree) & inexact:

@@ -57,6 +57,7 @@ class Connector(ABC):
     """One backend connection configuration; offers tables and scans them read-only."""
 
     kind: ClassVar[str]
+    secret_params: ClassVar[tuple[str, ...]] = ()  # params never to appear in a message
 
     def __init__(self, params: dict[str, Any], base_dir: Path):
         self.params = params
@@ -108,6 +109,18 @@ class Connector(ABC):
     def describe(self) -> str:
         """Where the data comes from, for messages: no credentials."""
         return self.kind
+
+    def clean_error(self, error: Exception) -> str:
+        """A backend error for a message: its first line, secrets masked."""
+        lines = str(error).strip().splitlines()
+        return self.mask_secrets(lines[0] if lines else type(error).__name__)
+
+    def mask_secrets(self, text: str) -> str:
+        for name in self.secret_params:
+            secret = str(self.params.get(name) or "")
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def close(self) -> None:
         pass

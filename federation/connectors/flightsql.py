@@ -19,6 +19,7 @@ from federation.connectors.base import ConnectorError, SqlConnector
 class FlightSQLConnector(SqlConnector):
     kind = "flightsql"
     dialect = "postgres"  # standard double-quoted identifiers and ANSI literals
+    secret_params = ("flightsql_api_key", "flightsql_password")
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
@@ -33,7 +34,6 @@ class FlightSQLConnector(SqlConnector):
         elif "flightsql_username" in params:
             self._options["username"] = str(params["flightsql_username"])
             self._options["password"] = str(params.get("flightsql_password", ""))
-        self._secrets = [v for k, v in params.items() if k in ("flightsql_api_key", "flightsql_password")]
 
     @property
     def compute_context(self) -> str:
@@ -42,18 +42,15 @@ class FlightSQLConnector(SqlConnector):
     def describe(self) -> str:
         return f"flightsql ({self.endpoint})"
 
-    def _clean(self, error: Exception) -> str:
-        text = str(error).split(". Detail:")[0].splitlines()[0]
-        for secret in self._secrets:
-            text = text.replace(str(secret), "***")
-        return text
+    def clean_error(self, error: Exception) -> str:
+        return super().clean_error(str(error).split(". Detail:")[0])  # without gRPC's debug context
 
     def _connect(self):
         # One connection per request: ADBC connections are not shared across threads.
         try:
             return adbc_flightsql.connect(self.endpoint, db_kwargs=self._options, autocommit=True)
         except Exception as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
 
     def tables(self) -> list[str]:
         with self._connect() as connection:
@@ -80,7 +77,7 @@ class FlightSQLConnector(SqlConnector):
             cursor.close()
             connection.close()
             self.stats.record_error()
-            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
         def release(finished: bool) -> None:
             cursor.close()
             connection.close()

@@ -56,7 +56,6 @@ class HttpConnector(Connector):
                         **{str(k): str(v) for k, v in (params.get("http_headers") or {}).items()}}
         if params.get("auth_header"):
             self.headers["Authorization"] = str(params["auth_header"])
-        self.secrets = [v for k, v in self.headers.items() if k.lower() == "authorization"]
         self.pagination = dict(params.get("pagination") or {})
         self.filter_params: dict[str, str] = dict(params.get("filter_params") or {})
         self.query: dict[str, str] = {str(k): str(v) for k, v in (params.get("query") or {}).items()}

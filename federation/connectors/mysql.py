@@ -70,6 +70,7 @@ def _converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
 class MySQLConnector(SqlConnector):
     kind = "mysql"
     dialect = "mysql"
+    secret_params = ("mysql_pass",)
     renderer = fx.SqlRenderer(_quote_backtick, mysql_literal)
 
     def __init__(self, params: dict[str, Any], base_dir):
@@ -99,7 +100,7 @@ class MySQLConnector(SqlConnector):
                 cursorclass=pymysql.cursors.SSCursor, autocommit=True,
                 init_command="SET SESSION TRANSACTION READ ONLY")
         except pymysql.MySQLError as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
         self._limit_statement_time(connection)
         return connection
 
@@ -114,9 +115,10 @@ class MySQLConnector(SqlConnector):
             except pymysql.MySQLError:
                 continue
 
-    def _clean(self, error: Exception) -> str:
+    def clean_error(self, error: Exception) -> str:
+        # PyMySQL errors are (code, message) tuples: the message alone
         text = str(error.args[-1]) if getattr(error, "args", None) else str(error)
-        return text.replace(self._password, "***") if self._password else text
+        return self.mask_secrets(text)
 
     def _split(self, table: str) -> tuple[str, str]:
         database, _, table_name = table.rpartition(".")
@@ -135,7 +137,7 @@ class MySQLConnector(SqlConnector):
                 cursor.execute(sql, params)
                 return list(cursor.fetchall())
         except pymysql.MySQLError as error:
-            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
         finally:
             connection.close()
 
@@ -192,7 +194,7 @@ class MySQLConnector(SqlConnector):
         except pymysql.MySQLError as error:
             connection.close()
             self.stats.record_error()
-            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
         schema = target if target is not None else pa.schema(
             [pa.field(d[0], pa.string()) for d in cursor.description])
         converters = [_converter(f.type) for f in schema]

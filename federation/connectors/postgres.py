@@ -65,6 +65,7 @@ def _rule(type_name: str, collation: str, deterministic: bool, database_collatio
 class PostgresConnector(SqlConnector):
     kind = "postgres"
     dialect = "postgres"
+    secret_params = ("pg_pass",)
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
@@ -102,11 +103,7 @@ class PostgresConnector(SqlConnector):
         try:
             return adbc_postgres.connect(self._uri(), autocommit=True)
         except Exception as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
-
-    def _clean(self, error: Exception) -> str:
-        text = str(error).splitlines()[0]
-        return text.replace(self._password, "***") if self._password else text
+            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
 
     def _take(self):
         try:
@@ -129,7 +126,7 @@ class PostgresConnector(SqlConnector):
             cursor.close()
             connection.close()
             self.stats.record_error()
-            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
         return connection, cursor
 
     def _fetch_all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:

@@ -37,6 +37,7 @@ def arrow_type_for(data_type: str, precision: int | None, scale: int | None) -> 
 class SnowflakeConnector(SqlConnector):
     kind = "snowflake"
     dialect = "snowflake"
+    secret_params = ("snowflake_password",)
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
@@ -69,15 +70,11 @@ class SnowflakeConnector(SqlConnector):
     def _quote_remote(self, name: str) -> str:
         return fx.quote_double(self._names.get(name, name))
 
-    def _clean(self, error: Exception) -> str:
-        text = str(error).splitlines()[0]
-        return text.replace(self._password, "***") if self._password else text
-
     def _connect(self):
         try:
             return snowflake.connector.connect(**self.connect_args)
         except Exception as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
 
     def _split(self, table: str) -> tuple[str, str, str]:
         parts = table.split(".")
@@ -95,7 +92,7 @@ class SnowflakeConnector(SqlConnector):
             cursor.execute(sql, params)
             return list(cursor.fetchall())
         except snowflake.connector.Error as error:
-            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
         finally:
             connection.close()
 
@@ -137,7 +134,7 @@ class SnowflakeConnector(SqlConnector):
         except snowflake.connector.Error as error:
             connection.close()
             self.stats.record_error()
-            raise ConnectorError(f"{self.describe()}: {self._clean(error)}") from None
+            raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
         tables = cursor.fetch_arrow_batches()
         first = next(tables, None)
         if target is not None:
