@@ -175,6 +175,12 @@ class SqlConnector(Connector):
     def _comparison_rules(self, table: str) -> dict[str, str]:
         return {}
 
+    def loose_columns(self, table: str, of_type: Callable[[pa.DataType], bool] = pa.types.is_string
+                      ) -> dict[str, str]:
+        """LOOSE for every column of a type whose comparison the backend may widen
+        (text under a collation that ignores case or padding)."""
+        return {f.name: fx.LOOSE for f in self.cached_schema(table) if of_type(f.type)}
+
     def filters_exact(self, table: str, filters: list[fx.Expr]) -> bool:
         return self.renderer.render_where(filters, self.comparison_rules(table))[2]
 

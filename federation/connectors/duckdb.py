@@ -7,7 +7,6 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from federation import expr as fx
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
 
 
@@ -71,7 +70,7 @@ class DuckDBConnector(SqlConnector):
                                      [table_name, schema_name or "main"]).fetchone()
         if not (row and row[0] and "COLLATE" in row[0].upper()):
             return {}
-        return {f.name: fx.LOOSE for f in self.cached_schema(table) if pa.types.is_string(f.type)}
+        return self.loose_columns(table)
 
     def row_count(self, table: str) -> int | None:
         return self._cursor().execute(

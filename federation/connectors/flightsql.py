@@ -12,7 +12,6 @@ import adbc_driver_flightsql.dbapi as adbc_flightsql
 import pyarrow as pa
 from adbc_driver_flightsql import DatabaseOptions
 
-from federation import expr as fx
 from federation.connectors.base import ConnectorError, SqlConnector
 
 
@@ -61,7 +60,7 @@ class FlightSQLConnector(SqlConnector):
 
     def _comparison_rules(self, table: str) -> dict[str, str]:
         """Text takes only = and IN (the remote server's text collation is unknown); other types compare exactly."""
-        return {f.name: fx.LOOSE for f in self.cached_schema(table) if pa.types.is_string(f.type)}
+        return self.loose_columns(table)
 
     def schema(self, table: str) -> pa.Schema:
         reader = self.execute_sql(f"SELECT * FROM {self.quote_table(table)} LIMIT 0")

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.typing import flatten_document
 
 DEFAULT_MAX_PAGES = 100
 LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
@@ -220,14 +221,7 @@ class HttpConnector(Connector):
         """Nested objects become ``parent_child`` columns; lists stay lists."""
         if not isinstance(record, dict):
             return {"value": record}
-        flat: dict = {}
-        for key, value in record.items():
-            if isinstance(value, dict):
-                for inner_key, inner in self.flatten(value).items():
-                    flat[f"{key}_{inner_key}"] = inner
-            else:
-                flat[key] = value
-        return flat
+        return {"_".join(path): value for path, value in flatten_document(record).items()}
 
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:

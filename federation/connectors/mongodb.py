@@ -20,6 +20,7 @@ from pymongo.errors import PyMongoError
 
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.typing import flatten_document
 
 SAMPLE_SIZE = 200
 BATCH_ROWS = 10_000
@@ -27,18 +28,6 @@ TIMESTAMP = pa.timestamp("ms", tz="UTC")
 DECLARED_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
                   "timestamp": TIMESTAMP, "objectid": pa.string(), "json": pa.string()}
 _OPERATORS = {"!=": "$ne", "<": "$lt", "<=": "$lte", ">": "$gt", ">=": "$gte"}
-
-
-def flatten(document: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    """{("service", "name"): "checkout", ...}: nested documents become paths."""
-    flat: dict[tuple, Any] = {}
-    for key, value in document.items():
-        path = prefix + (key,)
-        if isinstance(value, dict):
-            flat.update(flatten(value, path))
-        else:
-            flat[path] = value
-    return flat
 
 
 def _kind(value: Any) -> str:
@@ -150,7 +139,7 @@ class MongoDBConnector(Connector):
         try:
             for document in self._collection(table).find({}, limit=self.sample_size,
                                                           max_time_ms=self.query_timeout_ms):
-                for path, value in flatten(document).items():
+                for path, value in flatten_document(document).items():
                     kinds = seen.setdefault(path, set())
                     if value is not None:
                         kinds.add(_kind(value))
@@ -246,7 +235,7 @@ class MongoDBConnector(Connector):
 
     def _batch(self, documents: list[dict], target: pa.Schema, paths: dict[str, tuple],
                kinds: dict[str, str]) -> pa.RecordBatch:
-        flat = [flatten(d) for d in documents]
+        flat = [flatten_document(d) for d in documents]
         arrays = []
         for field in target:
             values = [_column_value(row.get(paths[field.name]), kinds[field.name]) for row in flat]

@@ -182,8 +182,7 @@ class MySQLConnector(SqlConnector):
     def _comparison_rules(self, table: str) -> dict[str, str]:
         """MySQL's text collations ignore case or trailing spaces (even *_bin pads spaces):
         text columns take only = and IN, which may match more rows, never fewer."""
-        return {field.name: fx.LOOSE for field in self.cached_schema(table)
-                if pa.types.is_string(field.type) or pa.types.is_binary(field.type)}
+        return self.loose_columns(table, lambda t: pa.types.is_string(t) or pa.types.is_binary(t))
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:

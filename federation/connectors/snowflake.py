@@ -106,7 +106,7 @@ class SnowflakeConnector(SqlConnector):
 
     def _comparison_rules(self, table: str) -> dict[str, str]:
         """Text takes only = and IN (Snowflake columns may carry collation specifications); other types compare exactly."""
-        return {f.name: fx.LOOSE for f in self.cached_schema(table) if pa.types.is_string(f.type)}
+        return self.loose_columns(table)
 
     def schema(self, table: str) -> pa.Schema:
         database, schema_name, table_name = self._split(table)

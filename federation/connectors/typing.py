@@ -1,10 +1,23 @@
-"""Bringing a backend's batches to the Arrow schema the connector declared."""
+"""Bringing a backend's records and batches to the Arrow schema the connector declared."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+
+def flatten_document(document: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """{("service", "name"): "checkout", ...}: nested objects become paths; lists stay values."""
+    flat: dict[tuple, Any] = {}
+    for key, value in document.items():
+        path = prefix + (key,)
+        if isinstance(value, dict):
+            flat.update(flatten_document(value, path))
+        else:
+            flat[path] = value
+    return flat
 
 
 def conform_batch(batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
