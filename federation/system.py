@@ -6,8 +6,6 @@ from typing import Callable
 
 import pyarrow as pa
 
-from federation import expr as fx
-from federation.arrow_expr import to_arrow
 from federation.connectors.base import Connector
 
 SYSTEM_SCHEMA = "runtime"
@@ -42,11 +40,4 @@ class SnapshotConnector(Connector):
         return self.table_schema
 
     def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
-        snapshot = pa.Table.from_pylist(self.build(), schema=self.table_schema)
-        if filters:
-            snapshot = snapshot.filter(to_arrow(fx.And(tuple(filters))))
-        if columns is not None:
-            snapshot = snapshot.select(columns)
-        if limit is not None:
-            snapshot = snapshot.slice(0, limit)
-        return pa.RecordBatchReader.from_batches(snapshot.schema, snapshot.to_batches())
+        return self.rows_reader(self.build(), self.table_schema, columns, filters, limit)

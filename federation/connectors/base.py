@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import pyarrow as pa
 
 from federation import expr as fx
+from federation.arrow_expr import to_arrow
 from federation.connectors.typing import conform_batch
 
 DEFAULT_BATCH_ROWS = 65_536
@@ -85,6 +86,22 @@ class Connector(ABC):
         if table not in self._known_schemas:
             self._known_schemas[table] = self.schema(table)
         return self._known_schemas[table]
+
+    def rows_reader(self, rows: list[dict], schema: pa.Schema, columns: list[str] | None,
+                    filters: list[fx.Expr], limit: int | None,
+                    batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        """Rows already in memory as a scan's result: filtered exactly, limited, projected."""
+        data = pa.Table.from_pylist(rows, schema=schema)
+        if filters:
+            data = data.filter(to_arrow(fx.And(tuple(filters))))
+        if limit is not None:
+            data = data.slice(0, limit)
+        if columns is not None:
+            data = data.select(columns)
+        batches = data.to_batches(max_chunksize=batch_rows)
+        for batch in batches:
+            self.stats.record_batch(batch, 0.0)
+        return pa.RecordBatchReader.from_batches(data.schema, batches)
 
     def primary_key(self, table: str) -> list[str]:
         return []

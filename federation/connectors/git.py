@@ -15,7 +15,6 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from federation import expr as fx
-from federation.arrow_expr import to_arrow
 from federation.connectors.base import Connector, ConnectorError
 
 TABLES = ("files", "commits")
@@ -84,15 +83,7 @@ class GitConnector(Connector):
             rows = self._commits(None if filters else limit)  # limiting before filtering loses rows
         else:
             rows = self._files(columns)
-        data = pa.Table.from_pylist(rows, schema=schema)
-        if filters:
-            data = data.filter(to_arrow(fx.And(tuple(filters))))
-        if limit is not None:
-            data = data.slice(0, limit)
-        data = data.select(columns)
-        for batch in data.to_batches(max_chunksize=BATCH_ROWS):
-            self.stats.record_batch(batch, 0.0)
-        return pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=BATCH_ROWS))
+        return self.rows_reader(rows, schema, columns, filters, limit, BATCH_ROWS)
 
     def _commits(self, limit: int | None) -> list[dict]:
         args = ["log", f"--format={_COMMIT_FORMAT}", "HEAD"]
