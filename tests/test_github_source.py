@@ -1,16 +1,15 @@
 """github: against a local server that answers with GitHub's documented response shapes."""
 from __future__ import annotations
 
-import json
-import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.engine import QueryEngine
+
+from json_api import JsonHandler, serving_api
 
 ISSUES = [{"number": n, "title": f"Issue {n}", "state": "open" if n % 2 else "closed",
            "user": {"login": "ada"}, "labels": [{"id": 1, "name": "incident"}] if n < 3 else [],
@@ -28,33 +27,21 @@ TREE = {"sha": "t", "truncated": False, "tree": [
     {"path": "README.md", "mode": "100644", "type": "blob", "sha": "b2", "size": 40}]}
 
 
-class GitHub(BaseHTTPRequestHandler):
+class GitHub(JsonHandler):
+    extra_headers = {"X-RateLimit-Remaining": "4999"}
     seen: list[str] = []
     rate_limited = {"left": 1}
-
-    def log_message(self, *args):
-        pass
-
-    def _json(self, body, headers=None, status=200):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        for key, value in {"Content-Type": "application/json", "X-RateLimit-Remaining": "4999",
-                           **(headers or {})}.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         GitHub.seen.append(self.path)
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         if self.headers.get("Authorization") != "Bearer ghp_test":
-            return self._json({"message": "Bad credentials"}, status=401)
+            return self.send_json(401, {"message": "Bad credentials"})
         if url.path == "/api/v3/repos/acme/shop/issues":
             if GitHub.rate_limited["left"]:
                 GitHub.rate_limited["left"] -= 1
-                return self._json({"message": "API rate limit exceeded"}, status=403, headers={
+                return self.send_json(403, {"message": "API rate limit exceeded"}, {
                     "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(time.time()) + 1)})
             rows = [i for i in ISSUES if query.get("state", "all") in ("all", i["state"])]
             if "since" in query:
@@ -64,20 +51,18 @@ class GitHub(BaseHTTPRequestHandler):
             if page * 2 < len(rows):
                 nxt = urllib.parse.urlencode({**query, "page": page + 1})
                 headers["Link"] = f'<http://{self.headers["Host"]}{url.path}?{nxt}>; rel="next"'
-            return self._json(rows[(page - 1) * 2:page * 2], headers)
+            return self.send_json(200, rows[(page - 1) * 2:page * 2], headers)
         if url.path == "/api/v3/repos/acme/shop/commits":
-            return self._json(COMMITS)
+            return self.send_json(200, COMMITS)
         if url.path == "/api/v3/repos/acme/shop/git/trees/main":
-            return self._json(TREE)
-        return self._json({"message": "Not Found"}, status=404)
+            return self.send_json(200, TREE)
+        return self.send_json(404, {"message": "Not Found"})
 
 
 @pytest.fixture(scope="module")
 def github():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), GitHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api/v3"
-    server.shutdown()
+    with serving_api(GitHub) as url:
+        yield f"{url}/api/v3"
 
 
 def _engine(github, tmp_path):

@@ -1,10 +1,7 @@
 """http: against a local JSON API: pagination styles, auth, filter parameters, rate limits."""
 from __future__ import annotations
 
-import json
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,34 +9,23 @@ from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
 from federation.engine import QueryEngine
 
+from json_api import JsonHandler, serving_api
+
 INCIDENTS = [{"id": i, "status": "open" if i % 2 else "resolved", "title": f"incident {i}",
               "service": {"name": "checkout" if i < 4 else "payments", "tier": 1},
               "tags": ["db"] if i % 3 == 0 else []} for i in range(1, 8)]
 
 
-class Api(BaseHTTPRequestHandler):
+class Api(JsonHandler):
     requests: list[str] = []
     limited_once = {"done": False}
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body, headers: dict | None = None):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         Api.requests.append(self.path)
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         if self.headers.get("Authorization") != "Bearer t0k":
-            return self._send(401, {"message": "Requires authentication"})
+            return self.send_json(401, {"message": "Requires authentication"})
         if url.path == "/incidents":  # Link header pagination, 3 per page, ?status= filter
             rows = [r for r in INCIDENTS if "status" not in query or r["status"] == query["status"]]
             start = int(query.get("offset", 0))
@@ -47,29 +33,27 @@ class Api(BaseHTTPRequestHandler):
             if start + 3 < len(rows):
                 nxt = urllib.parse.urlencode({**query, "offset": start + 3})
                 headers["Link"] = f'<http://{self.headers["Host"]}/incidents?{nxt}>; rel="next"'
-            return self._send(200, rows[start:start + 3], headers)
+            return self.send_json(200, rows[start:start + 3], headers)
         if url.path == "/alerts":  # cursor pagination, records at data.items
             page = int(query.get("cursor", 0))
             items = INCIDENTS[page * 4:(page + 1) * 4]
             meta = {"next_cursor": str(page + 1)} if (page + 1) * 4 < len(INCIDENTS) else {}
-            return self._send(200, {"data": {"items": items}, "meta": meta})
+            return self.send_json(200, {"data": {"items": items}, "meta": meta})
         if url.path == "/metrics":  # page numbers
             page, size = int(query.get("page", 1)), int(query["per_page"])
-            return self._send(200, INCIDENTS[(page - 1) * size:page * size])
+            return self.send_json(200, INCIDENTS[(page - 1) * size:page * size])
         if url.path == "/limited":
             if not Api.limited_once["done"]:
                 Api.limited_once["done"] = True
-                return self._send(429, {"message": "slow down"}, {"Retry-After": "1"})
-            return self._send(200, INCIDENTS[:2])
-        return self._send(404, {"message": "Not Found"})
+                return self.send_json(429, {"message": "slow down"}, {"Retry-After": "1"})
+            return self.send_json(200, INCIDENTS[:2])
+        return self.send_json(404, {"message": "Not Found"})
 
 
 @pytest.fixture(scope="module")
 def api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving_api(Api) as url:
+        yield url
 
 
 AUTH = {"auth_header": "Bearer t0k"}
