@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 from datafusion import SessionContext
@@ -26,6 +26,7 @@ class DatasetSpec:
     params: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     primary_key: list[str] = field(default_factory=list)
+    accelerated: bool = False      # queries may be routed to a local copy (see Catalog.route)
 
     @property
     def kind(self) -> str:
@@ -47,11 +48,14 @@ class DatasetSpec:
 @dataclass
 class Dataset:
     spec: DatasetSpec
-    connector: Connector | None = None
+    connector: Connector | None = None          # what queries read now: the source or a local copy
     arrow_schema: pa.Schema | None = None
     primary_key: list[str] = field(default_factory=list)
     error: str | None = None
     skipped_columns: list[str] = field(default_factory=list)
+    source_connector: Connector | None = None   # the backend the dataset comes from
+    table: str = ""                             # the dataset's table within ``connector``
+    registrations: list[ConnectorDataset] = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -69,6 +73,7 @@ class Catalog:
         for spec in specs:
             dataset = self._open(spec)
             self.datasets[dataset.qualified_name] = dataset
+        self.status_extension: Callable[[str], dict] | None = None  # e.g. acceleration status
         self.system_tables = {
             "source_stats": SnapshotConnector("source_stats", SOURCE_STATS_SCHEMA, self.source_stats),
             "datasets": SnapshotConnector("datasets", DATASETS_SCHEMA, self.dataset_rows),
@@ -76,9 +81,10 @@ class Catalog:
 
     def _open(self, spec: DatasetSpec) -> Dataset:
         """A dataset whose backend fails is kept, marked unavailable: startup goes on."""
-        dataset = Dataset(spec)
+        dataset = Dataset(spec, table=spec.location)
         try:
             dataset.connector = self.pool.open(spec.kind, spec.location, spec.params)
+            dataset.source_connector = dataset.connector
             dataset.arrow_schema = dataset.connector.cached_schema(spec.location)
             dataset.primary_key = spec.primary_key or dataset.connector.primary_key(spec.location)
             dataset.skipped_columns = dataset.connector.unsupported_columns(spec.location)
@@ -102,11 +108,12 @@ class Catalog:
         return sorted(rows, key=lambda row: row[:2])
 
     def source_stats(self) -> list[dict]:
-        """One row per backend connection configuration: what it was asked and sent back."""
+        """One row per backend connection configuration (and per local engine holding
+        accelerated copies): what it was asked and sent back."""
         by_connector: dict[int, tuple[Connector, list[str]]] = {}
         for dataset in self.datasets.values():
-            if dataset.connector is not None:
-                entry = by_connector.setdefault(id(dataset.connector), (dataset.connector, []))
+            for connector in {id(c): c for c in (dataset.source_connector, dataset.connector) if c}.values():
+                entry = by_connector.setdefault(id(connector), (connector, []))
                 entry[1].append(dataset.qualified_name)
         return [{"datasets": ", ".join(sorted(names)), "kind": connector.kind,
                  "source": connector.describe(), **connector.stats.snapshot()}
@@ -114,11 +121,25 @@ class Catalog:
 
     def dataset_rows(self) -> list[dict]:
         return [{"name": d.qualified_name, "kind": d.spec.kind,
-                 "source": d.connector.describe() if d.connector else d.spec.kind,
+                 "source": d.source_connector.describe() if d.source_connector else d.spec.kind,
                  "state": d.state, "error": d.error, "primary_key": d.primary_key,
                  "columns": len(d.arrow_schema) if d.arrow_schema is not None else None,
-                 "skipped_columns": d.skipped_columns, "description": d.spec.description}
+                 "skipped_columns": d.skipped_columns, "description": d.spec.description,
+                 **self._extension(d)}
                 for d in self.datasets.values()]
+
+    def _extension(self, dataset: Dataset) -> dict:
+        if self.status_extension is None or not dataset.spec.accelerated:
+            return {}
+        return self.status_extension(dataset.qualified_name)
+
+    def route(self, qualified_name: str, connector: Connector, table: str) -> None:
+        """From now on, queries over the dataset read ``table`` of ``connector`` (e.g. its local
+        copy). Scans already under way finish on what they started with."""
+        dataset = self.datasets[qualified_name]
+        dataset.connector, dataset.table = connector, table
+        for registered in dataset.registrations:
+            registered.connector, registered.table = connector, table
 
     def find(self, schema_name: str, table_name: str) -> Dataset | None:
         return self.datasets.get(f"{schema_name}.{table_name}")
@@ -138,12 +159,16 @@ class Catalog:
     def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
         spec = dataset.spec
         try:
-            if dataset.connector.register_native(ctx, dataset.qualified_name, spec.location):
+            # An accelerated dataset is always scanned through a ConnectorDataset: routing
+            # to its local copy swaps the connector inside it.
+            if not spec.accelerated and dataset.connector.register_native(
+                    ctx, dataset.qualified_name, spec.location):
                 # What clients see is what the engine reads (e.g. partition column types).
                 dataset.arrow_schema = ctx.table(f"{CATALOG_NAME}.{dataset.qualified_name}").schema()
             else:
-                ctx.register_dataset(dataset.qualified_name, ConnectorDataset(
-                    dataset.connector, spec.location, dataset.arrow_schema))
+                registered = ConnectorDataset(dataset.connector, dataset.table, dataset.arrow_schema)
+                ctx.register_dataset(dataset.qualified_name, registered)
+                dataset.registrations.append(registered)
         except ConnectorError as error:
             dataset.error = str(error)
             log.warning("dataset %s is unavailable: %s", spec.name, error)

@@ -203,3 +203,12 @@ def standard_literal(value: object) -> str | None:
     if isinstance(value, dt.date):
         return f"DATE '{value.isoformat()}'"
     return None
+
+
+def zoned_literal(value: object) -> str | None:
+    """``standard_literal``, plus instants as TIMESTAMPTZ for backends with that type
+    (PostgreSQL, DuckDB): an instant compares with an instant the same way everywhere."""
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        instant = value.astimezone(dt.timezone.utc).isoformat(sep=" ")
+        return f"TIMESTAMPTZ '{instant}'"
+    return standard_literal(value)

@@ -19,6 +19,12 @@ DATASETS_SCHEMA = pa.schema([
     ("name", pa.string()), ("kind", pa.string()), ("source", pa.string()), ("state", pa.string()),
     ("error", pa.string()), ("primary_key", pa.list_(pa.string())), ("columns", pa.int32()),
     ("skipped_columns", pa.list_(pa.string())), ("description", pa.string()),
+    # Acceleration (NULL for datasets read from their source on every query).
+    ("acceleration", pa.string()), ("refresh_mode", pa.string()), ("refresh_state", pa.string()),
+    ("last_refresh_start", pa.timestamp("us", tz="UTC")), ("last_refresh_end", pa.timestamp("us", tz="UTC")),
+    ("last_refresh_rows", pa.int64()), ("rows_loaded", pa.int64()), ("rows", pa.int64()),
+    ("bytes", pa.int64()), ("last_error", pa.string()), ("data_as_of", pa.timestamp("us", tz="UTC")),
+    ("refreshes", pa.int64()), ("failures", pa.int64()),
 ])
 
 

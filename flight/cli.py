@@ -88,15 +88,54 @@ def _check_sources(loaded: LoadedConfig) -> list[tuple[str, str, str]]:
         catalog.close()
 
 
+def _server_options(command):
+    """--url and credentials, for commands that talk to a running server."""
+    for option in reversed([
+        click.option("--url", default=lambda: os.environ.get("FLIGHTDECK_URL", DEFAULT_URL),
+                     show_default=DEFAULT_URL),
+        click.option("--api-key", default=lambda: os.environ.get("FLIGHTDECK_API_KEY"), help="bearer API key"),
+        click.option("--username", help="username (with --password)"),
+        click.option("--password", help="password", default=lambda: os.environ.get("FLIGHTDECK_PASSWORD")),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--sql", "refresh_sql", help="a one-off working set for this refresh (SELECT * FROM NAME WHERE ...)")
+@_server_options
+def refresh(dataset: str, refresh_sql: str | None, url: str, api_key: str | None, username: str | None,
+            password: str | None) -> None:
+    """Refresh an accelerated dataset of a running server now, and wait for it."""
+    from flight.client import refresh as request_refresh
+
+    try:
+        status = request_refresh(url, dataset, refresh_sql, api_key=api_key, username=username, password=password)
+    except Exception as error:
+        raise click.ClickException(_first_line(error)) from None
+    if status.get("last_error"):
+        raise click.ClickException(f"{dataset}: refresh failed: {status['last_error']} "
+                                   f"(the copy as of {status.get('data_as_of')} keeps serving)")
+    click.echo(f"{dataset}: {status['refresh_mode']} refresh read {status['last_refresh_rows']:,} rows; "
+               f"the {status['engine']} ({status['mode']}) copy has {status['rows']:,} rows, "
+               f"data as of {status['data_as_of']}")
+
+
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False))
 @click.option("--rows/--no-rows", default=True, help="count rows where that is cheap")
-def datasets(config_path: str | None, rows: bool) -> None:
-    """List datasets: name, source kind, state, schema and rows."""
+@click.option("--url", help="show a running server's live status (acceleration, refreshes) instead")
+@click.option("--api-key", default=lambda: os.environ.get("FLIGHTDECK_API_KEY"), help="bearer API key")
+def datasets(config_path: str | None, rows: bool, url: str | None, api_key: str | None) -> None:
+    """List datasets: name, source kind, state, schema and rows (or a server's live status)."""
     from federation.catalog import Catalog
     from rich.console import Console
     from rich.table import Table
 
+    if url:
+        _print_live_datasets(url, api_key)
+        return
     loaded = _load(config_path)
     catalog = Catalog(loaded.config.dataset_specs(), loaded.base_dir)
     table = Table("dataset", "from", "state", "rows", "schema")
@@ -114,12 +153,29 @@ def datasets(config_path: str | None, rows: bool) -> None:
     Console().print(table)
 
 
+LIVE_COLUMNS = ["name", "kind", "state", "acceleration", "refresh_state", "rows", "last_refresh_end",
+                "data_as_of", "last_error"]
+
+
+def _print_live_datasets(url: str, api_key: str | None) -> None:
+    from flight.client import connect, run_query
+
+    try:
+        with connect(url, api_key=api_key) as connection:
+            table = run_query(connection, f"SELECT {', '.join(LIVE_COLUMNS)} FROM flightdeck.runtime.datasets "
+                                          "ORDER BY name")
+    except Exception as error:
+        raise click.ClickException(f"{url}: {_first_line(error)}") from None
+    for row in table.to_pylist():  # one block per dataset: the status has too many columns for a table
+        click.echo(row.pop("name"))
+        for key, value in row.items():
+            if value is not None:
+                click.echo(f"  {key:<17} {value}")
+
+
 @main.command()
 @click.option("-e", "--execute", "query", help="run one statement and exit")
-@click.option("--url", default=lambda: os.environ.get("FLIGHTDECK_URL", DEFAULT_URL), show_default=DEFAULT_URL)
-@click.option("--api-key", default=lambda: os.environ.get("FLIGHTDECK_API_KEY"), help="bearer API key")
-@click.option("--username", help="username (with --password)")
-@click.option("--password", help="password", default=lambda: os.environ.get("FLIGHTDECK_PASSWORD"))
+@_server_options
 @click.option("--format", "output", type=click.Choice(["table", "csv", "json"]), default="table")
 def sql(query: str | None, url: str, api_key: str | None, username: str | None,
         password: str | None, output: str) -> None:

@@ -1,8 +1,11 @@
 """Connecting to a flightdeck server as a client: ADBC Flight SQL, Arrow results."""
 from __future__ import annotations
 
+import json
+
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow as pa
+import pyarrow.flight as flight
 from adbc_driver_flightsql import DatabaseOptions
 
 
@@ -21,3 +24,20 @@ def run_query(connection: flightsql.Connection, query: str,
     with connection.cursor() as cursor:
         cursor.execute(query, parameters)
         return cursor.fetch_arrow_table()
+
+
+def refresh(url: str, dataset: str, refresh_sql: str | None = None, api_key: str | None = None,
+            username: str | None = None, password: str | None = None) -> dict:
+    """Ask the server to refresh an accelerated dataset now (the Refresh action); its status after."""
+    client = flight.FlightClient(url)
+    try:
+        headers = []
+        if api_key:
+            headers.append((b"authorization", f"Bearer {api_key}".encode()))
+        elif username:
+            headers.append(client.authenticate_basic_token(username, password or ""))
+        body = json.dumps({"dataset": dataset, "refresh_sql": refresh_sql}).encode()
+        results = client.do_action(flight.Action("Refresh", body), flight.FlightCallOptions(headers=headers))
+        return json.loads(next(iter(results)).body.to_pybytes())
+    finally:
+        client.close()

@@ -10,15 +10,18 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from accel.spec import AccelerationSpec
 from federation.catalog import DatasetSpec
 from federation.connectors import check_kind
 
 ENV_REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 DATASET_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
 
 
@@ -65,6 +68,7 @@ class Limits(_Strict):
 
 
 class Runtime(_Strict):
+    data_dir: str = ".flightdeck"  # file-mode copies and model caches, relative to the config file
     flight: Endpoint = Field(default_factory=lambda: Endpoint(port=50051))
     http: Endpoint = Field(default_factory=lambda: Endpoint(port=8090))
     auth: Auth = Field(default_factory=Auth)
@@ -81,11 +85,100 @@ class Runtime(_Strict):
         return self
 
 
+def parse_duration(value: Any) -> float | None:
+    """Seconds in a duration such as ``30s``, ``5m``, ``1h``, ``7d`` (a bare number is seconds)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = DURATION.match(str(value))
+    if not match:
+        raise ValueError("expected a duration such as '30s', '5m', '1h' or '7d'")
+    return float(match.group(1)) * DURATION_SECONDS[match.group(2)]
+
+
+Duration = float | str | None
+
+
+class Acceleration(_Strict):
+    """Spice AI's acceleration keys, where the feature is the same."""
+    enabled: bool = True
+    engine: Literal["duckdb", "sqlite", "arrow"] = "duckdb"
+    mode: Literal["memory", "file"] = "memory"
+    refresh_mode: Literal["full", "append"] = "full"
+    refresh_check_interval: Duration = None
+    refresh_sql: str | None = None
+    refresh_data_window: Duration = None
+    refresh_append_overlap: Duration = None
+    refresh_retry_enabled: bool = True
+    refresh_retry_max_attempts: int = Field(default=3, ge=1, le=100)
+    retention_period: Duration = None
+    retention_check_interval: Duration = None
+    on_zero_results: Literal["return_empty", "use_source"] = "return_empty"
+    primary_key: str | list[str] | None = None
+    on_conflict: Literal["upsert", "drop"] | dict[str, Literal["upsert", "drop"]] = "upsert"
+    indexes: dict[str, Literal["enabled", "unique"]] = Field(default_factory=dict)
+    ready_timeout: Duration = 30.0
+
+    @field_validator("refresh_check_interval", "refresh_data_window", "refresh_append_overlap",
+                     "retention_period", "retention_check_interval", "ready_timeout")
+    @classmethod
+    def _duration(cls, value: Duration) -> float | None:
+        seconds = parse_duration(value)
+        if seconds is not None and seconds < 0:
+            raise ValueError("a duration cannot be negative")
+        return seconds
+
+    def key_columns(self) -> tuple[str, ...]:
+        if self.primary_key is None:
+            return ()
+        if isinstance(self.primary_key, str):
+            return tuple(c.strip() for c in self.primary_key.split(",") if c.strip())
+        return tuple(self.primary_key)
+
+    def conflict_action(self) -> str:
+        # Spice writes `on_conflict: {key: upsert}`; one action applies to the whole key.
+        if isinstance(self.on_conflict, dict):
+            return next(iter(self.on_conflict.values()), "upsert")
+        return self.on_conflict
+
+
 class DatasetConfig(_Strict):
     from_: str = Field(alias="from")
     name: str
     description: str = ""
     params: dict[str, Any] = Field(default_factory=dict)
+    time_column: str | None = None
+    ready_state: Literal["on_load", "on_registration"] = "on_load"
+    acceleration: Acceleration | None = None
+
+    @model_validator(mode="after")
+    def _consistent_acceleration(self) -> "DatasetConfig":
+        spec = self.acceleration_spec()
+        if spec is not None and spec.problems():
+            raise ValueError(f"acceleration: {spec.problems()[0]}")
+        return self
+
+    @property
+    def accelerated(self) -> bool:
+        return self.acceleration is not None and self.acceleration.enabled
+
+    def acceleration_spec(self) -> AccelerationSpec | None:
+        if not self.accelerated:
+            return None
+        a = self.acceleration
+        qualified = self.name if "." in self.name else f"public.{self.name}"
+        return AccelerationSpec(
+            dataset=qualified, engine=a.engine, mode=a.mode, refresh_mode=a.refresh_mode,
+            refresh_check_interval=a.refresh_check_interval, refresh_sql=a.refresh_sql,
+            refresh_data_window=a.refresh_data_window,
+            refresh_append_overlap=a.refresh_append_overlap or 0.0,
+            refresh_retry_enabled=a.refresh_retry_enabled,
+            refresh_retry_max_attempts=a.refresh_retry_max_attempts,
+            retention_period=a.retention_period, retention_check_interval=a.retention_check_interval,
+            on_zero_results=a.on_zero_results, primary_key=a.key_columns(),
+            on_conflict=a.conflict_action(), indexes=tuple(a.indexes), time_column=self.time_column,
+            ready_state=self.ready_state, ready_timeout=a.ready_timeout)
 
     @field_validator("from_")
     @classmethod
@@ -108,7 +201,7 @@ class DatasetConfig(_Strict):
 
     def spec(self) -> DatasetSpec:
         return DatasetSpec(name=self.name, source=self.from_, params=self.params,
-                           description=self.description)
+                           description=self.description, accelerated=self.accelerated)
 
 
 class FlightdeckConfig(_Strict):
@@ -132,6 +225,9 @@ class FlightdeckConfig(_Strict):
     def dataset_specs(self) -> list[DatasetSpec]:
         return [d.spec() for d in self.datasets]
 
+    def acceleration_specs(self) -> list[AccelerationSpec]:
+        return [spec for spec in (d.acceleration_spec() for d in self.datasets) if spec is not None]
+
 
 class LoadedConfig:
     """A validated config plus where it came from (relative paths resolve against it)."""
@@ -140,6 +236,11 @@ class LoadedConfig:
         self.config = config
         self.base_dir = base_dir
         self.secrets = secrets  # substituted values, to mask wherever text leaves the process
+
+    @property
+    def data_dir(self) -> Path:
+        path = Path(self.config.runtime.data_dir).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:

@@ -5,6 +5,7 @@ import logging
 import signal
 import threading
 
+from accel.accelerator import AcceleratedSource, Accelerator
 from federation.catalog import Catalog
 from federation.engine import EngineSettings, QueryEngine
 from flight.auth import AuthPolicy
@@ -21,6 +22,8 @@ class Runtime:
         runtime = config.runtime
         self.loaded = loaded
         self.catalog = Catalog(config.dataset_specs(), loaded.base_dir)
+        self.accelerator = self._accelerator(loaded)
+        self.catalog.status_extension = self._acceleration_status
         self.engine = QueryEngine(self.catalog, EngineSettings(batch_rows=runtime.limits.batch_rows))
         host = flight_host or runtime.flight.host
         port = runtime.flight.port if flight_port is None else flight_port
@@ -29,9 +32,42 @@ class Runtime:
             self.engine, f"grpc://{host}:{port}", auth,
             max_batch_bytes=runtime.limits.max_batch_bytes,
             handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds,
-            redact=loaded.redact)
+            redact=loaded.redact, refresh=self.refresh)
         self.flight_url = f"grpc://{host}:{self.server.port}"
         self._stopped = threading.Event()
+        self.accelerator.start()
+
+    def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
+        sources = []
+        for spec in loaded.config.acceleration_specs():
+            dataset = self.catalog.datasets[spec.dataset]
+            if dataset.state != "ready":
+                log.warning("dataset %s: not accelerated, its source is unavailable", spec.dataset)
+                continue
+            sources.append(AcceleratedSource(
+                spec, dataset.arrow_schema, dataset.source_connector, dataset.spec.location,
+                route=lambda connector, table, name=spec.dataset: self.catalog.route(name, connector, table)))
+        try:
+            return Accelerator(sources, loaded.data_dir, loaded.base_dir,
+                               batch_rows=loaded.config.runtime.limits.batch_rows)
+        except Exception:
+            self.catalog.close()
+            raise
+
+    def refresh(self, dataset: str, refresh_sql: str | None = None) -> dict:
+        """Refresh an accelerated dataset now; returns its status after the refresh."""
+        self.accelerator.refresh(dataset, refresh_sql)
+        return self.accelerator.refresher(dataset).status_row()
+
+    def _acceleration_status(self, dataset: str) -> dict:
+        refresher = self.accelerator.refreshers.get(dataset)
+        if refresher is None:
+            return {}
+        row = refresher.status_row()
+        return {"acceleration": f"{row['engine']} ({row['mode']})", "refresh_state": row["state"],
+                **{key: row[key] for key in ("refresh_mode", "last_refresh_start", "last_refresh_end",
+                                             "last_refresh_rows", "rows_loaded", "rows", "bytes",
+                                             "last_error", "data_as_of", "refreshes", "failures")}}
 
     def serve(self) -> None:
         """Serve until SIGINT/SIGTERM (or shutdown()); then release every backend."""
@@ -54,4 +90,5 @@ class Runtime:
             self.server.shutdown()
 
     def close(self) -> None:
+        self.accelerator.close()
         self.catalog.close()

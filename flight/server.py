@@ -7,6 +7,7 @@ Everything that writes is refused: flightdeck is read-only.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -137,7 +138,8 @@ def clean_errors(method: Callable) -> Callable:
 class FlightSqlServer(flight.FlightServerBase):
     def __init__(self, engine: QueryEngine, location: str, auth: AuthPolicy,
                  max_batch_bytes: int = 8 * 1024 * 1024, handle_ttl_seconds: float = 3600,
-                 redact: Callable[[str], str] = lambda text: text):
+                 redact: Callable[[str], str] = lambda text: text,
+                 refresh: Callable[[str, str | None], dict] | None = None):
         super().__init__(location, auth_handler=NoOpAuthHandler(),
                          middleware={"auth": AuthMiddlewareFactory(auth)})
         self.engine = engine
@@ -147,6 +149,7 @@ class FlightSqlServer(flight.FlightServerBase):
         self.queries: HandleRegistry[PendingQuery] = HandleRegistry(
             handle_ttl_seconds, "unknown or expired ticket: call GetFlightInfo again")
         self.redact = redact
+        self.refresh = refresh  # refreshes an accelerated dataset (the Refresh action)
 
     def to_flight_error(self, error: Exception) -> flight.FlightError:
         if isinstance(error, flight.FlightError):
@@ -339,6 +342,8 @@ class FlightSqlServer(flight.FlightServerBase):
             ("CancelFlightInfo", "Cancel the query behind a FlightInfo"),
             ("CancelQuery", "Cancel the query behind a FlightInfo (deprecated form)"),
             ("CloseSession", "End the client's session"),
+            ("Refresh", 'flightdeck: refresh an accelerated dataset now; body JSON '
+                        '{"dataset": NAME, "refresh_sql": optional one-off working set}; returns its status'),
         ]
 
     @clean_errors
@@ -349,6 +354,7 @@ class FlightSqlServer(flight.FlightServerBase):
             "CancelFlightInfo": self._cancel_flight_info,
             "CancelQuery": self._cancel_query,
             "CloseSession": self._close_session,
+            "Refresh": self._refresh,
         }
         kind = action.type
         body = action.body.to_pybytes() if action.body is not None else b""
@@ -374,6 +380,21 @@ class FlightSqlServer(flight.FlightServerBase):
             dataset_schema=statement.dataset_schema.serialize().to_pybytes(),
             parameter_schema=statement.parameter_schema.serialize().to_pybytes())
         return [flight.Result(pa.py_buffer(pack(result)))]
+
+    def _refresh(self, body: bytes) -> list[flight.Result]:
+        try:
+            request = json.loads(body or b"{}")
+            dataset, refresh_sql = request["dataset"], request.get("refresh_sql")
+        except (ValueError, KeyError, TypeError):
+            raise flight.FlightServerError(
+                'Refresh expects a JSON body {"dataset": NAME, "refresh_sql": optional SQL}') from None
+        if self.refresh is None:
+            raise flight.FlightServerError("no dataset is accelerated on this server")
+        try:
+            status = self.refresh(str(dataset), refresh_sql)
+        except ValueError as error:  # not accelerated, or a refresh_sql that cannot be used
+            raise flight.FlightServerError(str(error)) from None
+        return [flight.Result(pa.py_buffer(json.dumps(status, default=str).encode()))]
 
     def _close_prepared_statement(self, body: bytes) -> list:
         _, value = unpack(body)

@@ -7,6 +7,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from federation import expr as fx
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
 
 
@@ -22,11 +23,16 @@ def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
 class DuckDBConnector(SqlConnector):
     kind = "duckdb"
     dialect = "duckdb"
+    renderer = fx.SqlRenderer(fx.quote_double, fx.zoned_literal)
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
         self.path = self.required_database_file("duckdb_open")
-        self._connection = open_locked_duckdb(str(self.path), read_only=True)
+        self.use_connection(open_locked_duckdb(str(self.path), read_only=True))
+
+    def use_connection(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Serve reads from ``connection`` (each request on its own cursor)."""
+        self._connection = connection
         self._lock = threading.Lock()
 
     @property

@@ -65,6 +65,7 @@ def _rule(type_name: str, collation: str, deterministic: bool, database_collatio
 class PostgresConnector(SqlConnector):
     kind = "postgres"
     dialect = "postgres"
+    renderer = fx.SqlRenderer(fx.quote_double, fx.zoned_literal)
     secret_params = ("pg_pass",)
 
     def __init__(self, params: dict[str, Any], base_dir):

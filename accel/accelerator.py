@@ -1,0 +1,107 @@
+"""The runtime's accelerations: one store and refresher per accelerated dataset.
+
+The Runtime hands each accelerated dataset over with its source connector and a ``route``
+callback that points the dataset's queries at a connector; this module never imports the
+planner. Engines are shared: every DuckDB copy lives in one DuckDB instance (so queries over
+several copies run whole inside it), every SQLite copy of a mode in one database file, and
+Arrow copies in one in-memory connector.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from accel.arrow_store import ArrowCopies, ArrowStore
+from accel.duckdb_store import DuckDBEngine, DuckDBStore
+from accel.refresh import Refresher, RefreshStatus, Route
+from accel.spec import AccelerationSpec
+from accel.sqlite_store import SQLiteEngine, SQLiteStore
+from accel.store import Store
+from accel.working_set import WorkingSet
+from federation.connectors.base import Connector
+
+log = logging.getLogger("flightdeck.accel")
+
+
+class AccelerationError(ValueError):
+    """An acceleration cannot be set up or asked for; the message says which and why."""
+
+
+@dataclass
+class AcceleratedSource:
+    spec: AccelerationSpec
+    schema: pa.Schema
+    connector: Connector   # the source
+    table: str             # the dataset's table in the source connector
+    route: Route
+
+
+class Accelerator:
+    def __init__(self, sources: list[AcceleratedSource], data_dir: Path, base_dir: Path,
+                 batch_rows: int = 65_536):
+        self.data_dir = data_dir
+        self.base_dir = base_dir
+        self._duckdb: DuckDBEngine | None = None
+        self._sqlite: dict[str, SQLiteEngine] = {}
+        self._arrow: ArrowCopies | None = None
+        uses_file = any(s.spec.engine == "duckdb" and s.spec.mode == "file" for s in sources)
+        if any(s.spec.engine == "duckdb" for s in sources):
+            self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir)
+        self.refreshers: dict[str, Refresher] = {}
+        for source in sources:
+            problems = source.spec.problems()
+            if problems:
+                raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: {problems[0]}")
+            store = self._store(source)
+            working_set = WorkingSet(source.spec.dataset, source.schema, source.connector, source.table,
+                                     source.spec.refresh_sql, source.spec.time_column, batch_rows)
+            self.refreshers[source.spec.dataset] = Refresher(
+                source.spec, store, working_set, source.connector, source.table, source.route)
+
+    def _store(self, source: AcceleratedSource) -> Store:
+        spec = source.spec
+        if spec.engine == "duckdb":
+            return DuckDBStore(spec.dataset, source.schema, spec.mode, self._duckdb)
+        if spec.engine == "sqlite":
+            if spec.mode not in self._sqlite:
+                self._sqlite[spec.mode] = SQLiteEngine(spec.mode, self.data_dir, self.base_dir)
+            return SQLiteStore(spec.dataset, source.schema, spec.mode, self._sqlite[spec.mode])
+        if self._arrow is None:
+            self._arrow = ArrowCopies(self.base_dir)
+        return ArrowStore(spec.dataset, source.schema, spec.mode, self._arrow)
+
+    def start(self) -> None:
+        for refresher in self.refreshers.values():
+            refresher.start()
+
+    def refresher(self, dataset: str) -> Refresher:
+        found = self.refreshers.get(dataset) or self.refreshers.get(f"public.{dataset}")
+        if found is None:
+            known = ", ".join(sorted(self.refreshers)) or "none"
+            raise AccelerationError(f"dataset {dataset} is not accelerated (accelerated: {known})")
+        return found
+
+    def refresh(self, dataset: str, refresh_sql: str | None = None) -> RefreshStatus:
+        """Refresh one dataset now and wait for it; a one-off ``refresh_sql`` replaces the
+        working set for this refresh only."""
+        return self.refresher(dataset).refresh(refresh_sql)
+
+    def status_rows(self) -> dict[str, dict]:
+        return {name: refresher.status_row() for name, refresher in self.refreshers.items()}
+
+    def connectors(self) -> list[Connector]:
+        """The local engines' readers (their counters show what queries read locally)."""
+        readers = [self._duckdb.reader] if self._duckdb else []
+        readers += [engine.reader for engine in self._sqlite.values()]
+        return readers + ([self._arrow] if self._arrow else [])
+
+    def close(self) -> None:
+        for refresher in self.refreshers.values():
+            refresher.stop()
+        if self._duckdb is not None:
+            self._duckdb.close()
+        for engine in self._sqlite.values():
+            engine.close()

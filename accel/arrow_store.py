@@ -1,0 +1,117 @@
+"""Copies as in-memory Arrow tables: no engine between the data and DataFusion.
+
+A copy is an immutable ``pa.Table``; a write builds the next table and swaps one reference,
+so readers keep the table they started with. Scans hand DataFusion zero-copy slices and let
+it filter (pyarrow's comparison rules are not DataFusion's, e.g. for NaN).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from accel.store import Stamp, Store
+from federation import expr as fx
+from federation.connectors.base import DEFAULT_BATCH_ROWS, Connector, ConnectorError
+
+
+class ArrowCopies(Connector):
+    """Reads every Arrow copy of the runtime, by dataset name."""
+
+    kind = "arrow"
+
+    def __init__(self, base_dir: Path):
+        super().__init__({}, base_dir)
+        self.copies: dict[str, pa.Table] = {}
+
+    def describe(self) -> str:
+        return "arrow (accelerated copies)"
+
+    def tables(self) -> list[str]:
+        return sorted(self.copies)
+
+    def schema(self, table: str) -> pa.Schema:
+        return self._copy(table).schema
+
+    def _copy(self, table: str) -> pa.Table:
+        try:
+            return self.copies[table]
+        except KeyError:
+            raise ConnectorError(f"no accelerated copy of {table} yet") from None
+
+    def row_count(self, table: str) -> int | None:
+        return self._copy(table).num_rows
+
+    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+             limit: int | None) -> pa.RecordBatchReader:
+        data = self._copy(table)
+        if columns is not None:
+            data = data.select(columns)
+        if limit is not None and not filters:
+            data = data.slice(0, limit)
+        return pa.RecordBatchReader.from_batches(data.schema, data.to_batches(DEFAULT_BATCH_ROWS))
+
+
+class ArrowStore(Store):
+    engine = "arrow"
+
+    def __init__(self, dataset: str, schema: pa.Schema, mode: str, copies: ArrowCopies):
+        super().__init__(dataset, schema, mode)
+        self.copies = copies
+        self._stamp: Stamp | None = None
+        self._write_lock = threading.Lock()  # two writers must not both build from the same base
+
+    @property
+    def connector(self) -> ArrowCopies:
+        return self.copies
+
+    @property
+    def table(self) -> str:
+        return self.dataset
+
+    def has_copy(self) -> bool:
+        return self.dataset in self.copies.copies
+
+    def _live(self) -> pa.Table:
+        return self.copies.copies.get(self.dataset, self.schema.empty_table())
+
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
+        table = pa.Table.from_batches(list(reader), schema=reader.schema).combine_chunks()
+        with self._write_lock:
+            self.copies.copies[self.dataset] = table.cast(self.schema)
+            self._stamp = Stamp(stamp.as_of, stamp.bytes)
+
+    def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],
+               on_conflict: str) -> None:
+        incoming = pa.Table.from_batches(list(reader), schema=reader.schema).cast(self.schema)
+        with self._write_lock:
+            live = self._live()
+            if key and on_conflict == "upsert":
+                live = live.join(incoming.select(list(key)), keys=list(key), join_type="left anti")
+            elif key:
+                incoming = incoming.join(live.select(list(key)), keys=list(key), join_type="left anti")
+            merged = pa.concat_tables([live.select(self.schema.names), incoming.select(self.schema.names)])
+            self.copies.copies[self.dataset] = merged.combine_chunks()
+            previous = self._stamp.bytes if self._stamp else 0
+            self._stamp = Stamp(stamp.as_of, previous + stamp.bytes)
+
+    def delete_older(self, column: str, cutoff: Any) -> int:
+        with self._write_lock:
+            live = self._live()
+            keep = pc.invert(pc.fill_null(pc.less(live[column], pa.scalar(cutoff, live.schema.field(column).type)),
+                                          False))
+            kept = live.filter(keep)
+            self.copies.copies[self.dataset] = kept
+            return live.num_rows - kept.num_rows
+
+    def max_value(self, column: str) -> Any:
+        return pc.max(self._live()[column]).as_py()
+
+    def row_count(self) -> int:
+        return self._live().num_rows
+
+    def stamp(self) -> Stamp | None:
+        return self._stamp

@@ -1,0 +1,198 @@
+"""Copies in DuckDB: one in-process database for every DuckDB-accelerated dataset.
+
+Memory-mode copies live in DuckDB's in-memory catalog ``memory``; file-mode copies in one
+database file under the data directory, attached as ``accel_file``. Because both sit in
+one DuckDB instance, a query over any mix of them runs whole inside DuckDB (one connector,
+one compute context for the planner). DuckDB's MVCC gives readers a snapshot: a refresh
+swaps tables in one transaction while earlier readers finish on the old copy, and a
+process killed mid-refresh leaves the committed copy intact (its WAL is replayed on open).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from accel.store import Stamp, Store, StoreError, first_line, local_table_name
+from federation.connectors.duckdb import DuckDBConnector
+
+FILE_CATALOG = "accel_file"
+MEMORY_CATALOG = "memory"
+META_TABLE = "flightdeck_copies"
+_index_numbers = itertools.count()
+
+
+class AcceleratedDuckDB(DuckDBConnector):
+    """Reads the local copies; the planner sees one DuckDB backend holding all of them."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection, base_dir: Path):
+        super(DuckDBConnector, self).__init__({}, base_dir)
+        self.path = Path("accelerated")
+        self.use_connection(connection)
+
+    @property
+    def compute_context(self) -> str:
+        return "accelerated:duckdb"
+
+    def describe(self) -> str:
+        return "duckdb (accelerated copies)"
+
+
+class DuckDBEngine:
+    """The DuckDB instance behind every DuckDB copy of this runtime."""
+
+    def __init__(self, data_dir: Path | None, base_dir: Path):
+        self.connection = duckdb.connect(":memory:")
+        self.file = None
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.file = data_dir / "accelerated.duckdb"
+            self.connection.execute(f"ATTACH '{_sql_text(str(self.file))}' AS {FILE_CATALOG}")
+        for catalog in self.catalogs():
+            self.connection.execute(f"CREATE TABLE IF NOT EXISTS {catalog}.main.{META_TABLE} "
+                                    "(dataset VARCHAR PRIMARY KEY, as_of TIMESTAMPTZ, bytes BIGINT)")
+        # Same session rules as the duckdb: connector; files were attached above, before the lock.
+        self.connection.execute("SET TimeZone = 'UTC'")
+        self.connection.execute("SET enable_external_access = false")
+        self.connection.execute("SET lock_configuration = true")
+        self.reader = AcceleratedDuckDB(self.connection, base_dir)
+        self._lock = threading.Lock()
+
+    def catalogs(self) -> list[str]:
+        return [MEMORY_CATALOG] + ([FILE_CATALOG] if self.file is not None else [])
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:  # cursor() itself is not safe to call from two threads at once
+            return self.connection.cursor()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class DuckDBStore(Store):
+    engine = "duckdb"
+
+    def __init__(self, dataset: str, schema: pa.Schema, mode: str, engine: DuckDBEngine):
+        super().__init__(dataset, schema, mode)
+        self.duckdb = engine
+        self.catalog = FILE_CATALOG if mode == "file" else MEMORY_CATALOG
+        self.name = local_table_name(dataset)
+
+    @property
+    def connector(self) -> AcceleratedDuckDB:
+        return self.duckdb.reader
+
+    @property
+    def table(self) -> str:
+        return f"{self.catalog}.main.{self.name}"
+
+    def _qualified(self, name: str) -> str:
+        return f'{self.catalog}.main."{name}"'
+
+    def has_copy(self) -> bool:
+        cursor = self.duckdb.cursor()
+        try:
+            rows = cursor.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                  "table_catalog = ? AND table_schema = 'main' AND table_name = ?",
+                                  [self.catalog, self.name]).fetchall()
+        finally:
+            cursor.close()
+        return bool(rows) and {r[0] for r in rows} == set(self.schema.names)
+
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
+        staging = f"{self.name}__refresh"
+
+        def write(cursor: duckdb.DuckDBPyConnection, incoming: str) -> None:
+            cursor.execute(f"CREATE OR REPLACE TABLE {self._qualified(staging)} AS SELECT * FROM {incoming}")
+            for column in indexes:
+                cursor.execute(f'CREATE INDEX "{self.name}_{column}_{next(_index_numbers)}" '
+                               f'ON {self._qualified(staging)} ("{column}")')
+            cursor.execute(f"DROP TABLE IF EXISTS {self._qualified(self.name)}")
+            cursor.execute(f'ALTER TABLE {self._qualified(staging)} RENAME TO "{self.name}"')
+            self._record(cursor, stamp, stamp.bytes)
+
+        self._transaction(reader, write)
+
+    def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],
+               on_conflict: str) -> None:
+        live = self._qualified(self.name)
+
+        def write(cursor: duckdb.DuckDBPyConnection, incoming: str) -> None:
+            cursor.execute(f"CREATE TEMP TABLE batch AS SELECT * FROM {incoming}")
+            matches = " AND ".join(f'batch."{c}" = "{self.name}"."{c}"' for c in key)
+            if key and on_conflict == "upsert":
+                cursor.execute(f"DELETE FROM {live} WHERE EXISTS (SELECT 1 FROM batch WHERE {matches})")
+                cursor.execute(f"INSERT INTO {live} BY NAME SELECT * FROM batch")
+            elif key:
+                cursor.execute(f"INSERT INTO {live} BY NAME SELECT * FROM batch WHERE NOT EXISTS "
+                               f"(SELECT 1 FROM {live} WHERE {matches})")
+            else:
+                cursor.execute(f"INSERT INTO {live} BY NAME SELECT * FROM batch")
+            cursor.execute("DROP TABLE batch")
+            previous = self.stamp()
+            self._record(cursor, stamp, (previous.bytes if previous else 0) + stamp.bytes)
+
+        self._transaction(reader, write)
+
+    def _transaction(self, reader: pa.RecordBatchReader, write) -> None:
+        """Run ``write`` in one transaction with ``reader`` visible as a table; roll back on error."""
+        cursor = self.duckdb.cursor()
+        incoming = f"incoming_{uuid.uuid4().hex}"
+        cursor.register(incoming, reader)
+        try:
+            cursor.execute("BEGIN TRANSACTION")
+            write(cursor, incoming)
+            cursor.execute("COMMIT")
+        except Exception as error:
+            try:
+                cursor.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise StoreError(f"duckdb copy of {self.dataset}: {first_line(error)}") from error
+        finally:
+            cursor.unregister(incoming)
+            cursor.close()
+
+    def _record(self, cursor: duckdb.DuckDBPyConnection, stamp: Stamp, size: int) -> None:
+        meta = f"{self.catalog}.main.{META_TABLE}"
+        cursor.execute(f"DELETE FROM {meta} WHERE dataset = ?", [self.dataset])
+        cursor.execute(f"INSERT INTO {meta} VALUES (?, ?, ?)", [self.dataset, stamp.as_of, size])
+
+    def stamp(self) -> Stamp | None:
+        row = self._one(f"SELECT as_of, bytes FROM {self.catalog}.main.{META_TABLE} WHERE dataset = ?",
+                        [self.dataset])
+        return None if row is None else Stamp(_utc(row[0]), int(row[1] or 0))
+
+    def delete_older(self, column: str, cutoff: Any) -> int:
+        row = self._one(f'DELETE FROM {self._qualified(self.name)} WHERE "{column}" < ?', [cutoff])
+        return int(row[0]) if row else 0
+
+    def max_value(self, column: str) -> Any:
+        return self._one(f'SELECT max("{column}") FROM {self._qualified(self.name)}')[0]
+
+    def row_count(self) -> int:
+        return int(self._one(f"SELECT count(*) FROM {self._qualified(self.name)}")[0])
+
+    def _one(self, sql: str, params: list | None = None) -> tuple | None:
+        cursor = self.duckdb.cursor()
+        try:
+            return cursor.execute(sql, params or []).fetchone()
+        except duckdb.Error as error:
+            raise StoreError(f"duckdb copy of {self.dataset}: {first_line(error)}") from None
+        finally:
+            cursor.close()
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _sql_text(value: str) -> str:
+    return value.replace("'", "''")
+

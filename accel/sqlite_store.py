@@ -1,0 +1,238 @@
+"""Copies in SQLite: one database for every SQLite-accelerated dataset of a mode.
+
+The database runs in WAL mode, so readers keep their snapshot while a refresh writes, and a
+refresh commits its swap in one transaction. File mode keeps it under the data directory;
+memory mode keeps it on a RAM-backed filesystem (/dev/shm when there is one): a shared-cache
+``:memory:`` database would make readers fail with "table is locked" during every refresh.
+Types: SQLite stores text, integers and floats, so timestamps are kept as UTC ISO text, dates
+as ISO text and decimals with NUMERIC affinity; declared column types bring them back.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import shutil
+import sqlite3
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from accel.store import Stamp, Store, StoreError, local_table_name
+from federation.connectors.sqlite import SQLiteConnector
+
+META_TABLE = "flightdeck_copies"
+_index_numbers = itertools.count()
+
+
+def declared_type(arrow_type: pa.DataType) -> str:
+    """The SQLite column type that the sqlite: connector maps back to ``arrow_type``."""
+    if pa.types.is_boolean(arrow_type):
+        return "BOOLEAN"
+    if pa.types.is_integer(arrow_type):
+        return "BIGINT"
+    if pa.types.is_floating(arrow_type):
+        return "DOUBLE"
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "TEXT"
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return "BLOB"
+    if pa.types.is_timestamp(arrow_type):
+        return "TIMESTAMP"
+    if pa.types.is_date(arrow_type):
+        return "DATE"
+    if pa.types.is_decimal(arrow_type):
+        return f"DECIMAL({arrow_type.precision}, {arrow_type.scale})"
+    raise StoreError(f"engine sqlite cannot hold {arrow_type} columns: use engine duckdb")
+
+
+class AcceleratedSQLite(SQLiteConnector):
+    def __init__(self, path: Path, base_dir: Path):
+        super(SQLiteConnector, self).__init__({}, base_dir)
+        self.path = path
+
+    @property
+    def compute_context(self) -> str:
+        return f"accelerated:sqlite:{self.path}"
+
+    def describe(self) -> str:
+        return "sqlite (accelerated copies)"
+
+
+class SQLiteEngine:
+    """The database file behind every SQLite copy of one mode."""
+
+    def __init__(self, mode: str, data_dir: Path | None, base_dir: Path):
+        if mode == "file":
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._scratch = None
+            self.path = data_dir / "accelerated.sqlite"
+        else:
+            ram = Path("/dev/shm")
+            self._scratch = Path(tempfile.mkdtemp(prefix="flightdeck-", dir=ram if ram.is_dir() else None))
+            self.path = self._scratch / "accelerated.sqlite"
+        self.writer = self.connect()
+        self.writer.execute("PRAGMA journal_mode = WAL")
+        self.writer.execute(f"CREATE TABLE IF NOT EXISTS {META_TABLE} "
+                            "(dataset TEXT PRIMARY KEY, as_of TEXT, bytes INTEGER)")
+        self.lock = threading.RLock()  # one writer at a time, as SQLite allows
+        self.reader = AcceleratedSQLite(self.path, base_dir)
+
+    def connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=60, check_same_thread=False,
+                                     isolation_level=None)  # transactions are explicit
+        return connection
+
+    def close(self) -> None:
+        self.writer.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+class SQLiteStore(Store):
+    engine = "sqlite"
+
+    def __init__(self, dataset: str, schema: pa.Schema, mode: str, engine: SQLiteEngine):
+        super().__init__(dataset, schema, mode)
+        self.columns = {f.name: declared_type(f.type) for f in schema}
+        self.sqlite = engine
+        self.name = local_table_name(dataset)
+
+    @property
+    def connector(self) -> AcceleratedSQLite:
+        return self.sqlite.reader
+
+    @property
+    def table(self) -> str:
+        return self.name
+
+    def has_copy(self) -> bool:
+        rows = self.sqlite.writer.execute("SELECT name FROM pragma_table_info(?)", [self.name]).fetchall()
+        return bool(rows) and {r[0] for r in rows} == set(self.schema.names)
+
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
+        staging = f"{self.name}__refresh"
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(f'DROP TABLE IF EXISTS "{staging}"')
+            self._create(db, staging)
+            self._insert(db, staging, reader)
+            for column in indexes:
+                db.execute(f'CREATE INDEX "{self.name}_{column}_{next(_index_numbers)}" '
+                           f'ON "{staging}" ("{column}")')
+            db.execute(f'DROP TABLE IF EXISTS "{self.name}"')
+            db.execute(f'ALTER TABLE "{staging}" RENAME TO "{self.name}"')
+            self._record(db, stamp, stamp.bytes)
+
+        self._transaction(write)
+
+    def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],
+               on_conflict: str) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DROP TABLE IF EXISTS temp.batch")
+            db.execute("CREATE TEMP TABLE batch AS SELECT * FROM main.\"%s\" WHERE 0" % self.name)
+            self._insert(db, "temp.batch", reader)
+            columns = ", ".join(f'"{c}"' for c in self.schema.names)
+            matches = " AND ".join(f'batch."{c}" = "{self.name}"."{c}"' for c in key)
+            if key and on_conflict == "upsert":
+                db.execute(f'DELETE FROM "{self.name}" WHERE EXISTS (SELECT 1 FROM batch WHERE {matches})')
+            insert = f'INSERT INTO "{self.name}" ({columns}) SELECT {columns} FROM batch'
+            if key and on_conflict == "drop":
+                insert += f' WHERE NOT EXISTS (SELECT 1 FROM "{self.name}" WHERE {matches})'
+            db.execute(insert)
+            db.execute("DROP TABLE temp.batch")
+            previous = self.stamp()
+            self._record(db, stamp, (previous.bytes if previous else 0) + stamp.bytes)
+
+        self._transaction(write)
+
+    def _create(self, db: sqlite3.Connection, name: str) -> None:
+        columns = ", ".join(f'"{column}" {declared}' for column, declared in self.columns.items())
+        db.execute(f'CREATE TABLE "{name}" ({columns})')
+
+    def _insert(self, db: sqlite3.Connection, name: str, reader: pa.RecordBatchReader) -> None:
+        quoted = name if "." in name else f'"{name}"'
+        marks = ", ".join("?" for _ in self.schema.names)
+        columns = ", ".join(f'"{c}"' for c in self.schema.names)
+        for batch in reader:
+            db.executemany(f"INSERT INTO {quoted} ({columns}) VALUES ({marks})",
+                           _sqlite_rows(batch.select(self.schema.names)))
+
+    def _transaction(self, write) -> None:
+        with self.sqlite.lock:
+            db = self.sqlite.writer
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                write(db)
+                db.execute("COMMIT")
+            except Exception as error:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"sqlite copy of {self.dataset}: {error}") from error
+
+    def _record(self, db: sqlite3.Connection, stamp: Stamp, size: int) -> None:
+        db.execute(f"INSERT OR REPLACE INTO {META_TABLE} VALUES (?, ?, ?)",
+                   [self.dataset, stamp.as_of.isoformat(), size])
+
+    def stamp(self) -> Stamp | None:
+        row = self._one(f"SELECT as_of, bytes FROM {META_TABLE} WHERE dataset = ?", [self.dataset])
+        return None if row is None else Stamp(dt.datetime.fromisoformat(row[0]), int(row[1] or 0))
+
+    def delete_older(self, column: str, cutoff: Any) -> int:
+        with self.sqlite.lock:
+            cursor = self.sqlite.writer.execute(f'DELETE FROM "{self.name}" WHERE "{column}" < ?',
+                                                [_sqlite_value(cutoff)])
+            return cursor.rowcount
+
+    def max_value(self, column: str) -> Any:
+        value = self._one(f'SELECT max("{column}") FROM "{self.name}"')[0]
+        return _from_sqlite(value, self.schema.field(column).type)
+
+    def row_count(self) -> int:
+        return int(self._one(f'SELECT count(*) FROM "{self.name}"')[0])
+
+    def _one(self, sql: str, params: list | None = None) -> tuple | None:
+        with self.sqlite.lock:
+            try:
+                return self.sqlite.writer.execute(sql, params or []).fetchone()
+            except sqlite3.Error as error:
+                raise StoreError(f"sqlite copy of {self.dataset}: {error}") from None
+
+
+def _sqlite_rows(batch: pa.RecordBatch) -> Iterator[tuple]:
+    columns = [_column_values(column) for column in batch.columns]
+    return zip(*columns)
+
+
+def _column_values(column: pa.Array) -> list:
+    if pa.types.is_timestamp(column.type) and column.type.tz is not None:
+        column = column.cast(pa.timestamp(column.type.unit))  # the same instants, as naive UTC
+    values = column.to_pylist()
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type) or pa.types.is_decimal(column.type):
+        return [_sqlite_value(v) for v in values]
+    return values
+
+
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value.isoformat(sep=" ")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if value is not None and not isinstance(value, (int, float, str, bytes, bool)):
+        return str(value)  # decimals
+    return value
+
+
+def _from_sqlite(value: Any, arrow_type: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_timestamp(arrow_type):
+        parsed = dt.datetime.fromisoformat(str(value))
+        return parsed.replace(tzinfo=dt.timezone.utc) if arrow_type.tz else parsed
+    if pa.types.is_date(arrow_type):
+        return dt.date.fromisoformat(str(value)[:10])
+    return value

@@ -1,0 +1,94 @@
+"""The accelerated-store contract (DESIGN.md, Contracts) and what every engine shares.
+
+A store holds one dataset's local copy. Writes are atomic: ``replace`` builds the new copy
+beside the live one and swaps it in one transaction, ``upsert`` adds a batch of rows in one
+transaction, so a reader sees the old copy or the new one, never a mix; a failed write leaves
+the last good copy serving. Each write also records the time the data was read from the
+source ("as of"), in the same transaction, so a file copy knows its age after a restart.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from federation.connectors.base import Connector
+
+
+class StoreError(Exception):
+    """A local copy could not be written or read; the message is safe to show a client."""
+
+
+@dataclass
+class Stamp:
+    """What a write records beside the rows: when they were read from the source, and
+    their size in Arrow bytes (counted while they stream in, so read after the write)."""
+    as_of: dt.datetime
+    bytes: int = 0
+
+
+class Store(ABC):
+    engine: str
+
+    def __init__(self, dataset: str, schema: pa.Schema, mode: str):
+        self.dataset = dataset      # qualified name, e.g. "public.orders"
+        self.schema = schema        # the dataset's Arrow schema: what readers get back
+        self.mode = mode
+
+    @property
+    @abstractmethod
+    def connector(self) -> Connector:
+        """The connector that reads this copy (and its siblings in the same engine)."""
+
+    @property
+    @abstractmethod
+    def table(self) -> str:
+        """This copy's table name, as ``connector`` takes it."""
+
+    @abstractmethod
+    def has_copy(self) -> bool:
+        """A copy with the dataset's columns is there (a file copy from before a restart)."""
+
+    @abstractmethod
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
+        """Swap in a new copy made of ``reader``'s rows, atomically."""
+
+    @abstractmethod
+    def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],
+               on_conflict: str) -> None:
+        """Add ``reader``'s rows atomically; a row whose ``key`` is already present replaces it
+        (``upsert``) or is dropped (``drop``). No key: rows are appended as they are."""
+
+    @abstractmethod
+    def delete_older(self, column: str, cutoff: Any) -> int:
+        """Delete rows whose ``column`` is before ``cutoff``; returns how many went."""
+
+    @abstractmethod
+    def max_value(self, column: str) -> Any:
+        """The greatest value of ``column`` in the copy (None when empty)."""
+
+    @abstractmethod
+    def row_count(self) -> int:
+        ...
+
+    @abstractmethod
+    def stamp(self) -> Stamp | None:
+        """What the last write recorded (None before the first one). After an upsert the
+        bytes are the copy's before plus the rows added."""
+
+    def close(self) -> None:
+        pass
+
+
+def local_table_name(dataset: str) -> str:
+    """The table a copy lives in: the dataset's name with its schema folded in."""
+    return dataset.replace(".", "__")
+
+
+def first_line(error: Exception) -> str:
+    """An engine error's first line: the precise part, without engine-internal detail."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

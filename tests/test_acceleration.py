@@ -1,0 +1,465 @@
+"""Acceleration against the real PostgreSQL: refresh modes x engines, routing, faults, shielding."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_postgresql.dbapi as adbc_postgres
+import pyarrow.flight as flight
+import pytest
+
+from flight.config import ConfigError, parse_config
+
+from conftest import REPO, ServerProcess, serving, write_config
+
+PG_URI = "postgresql://postgres@127.0.0.1:5432/test"
+READER = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "fd_accel_reader"}
+ENGINES = ["duckdb", "sqlite", "arrow"]
+ROWS = 1000  # ids 1..900 within the last 15 hours; 901..1000 three days old
+
+
+def _admin(sql: str, params: list | None = None) -> list:
+    with adbc_postgres.connect(PG_URI, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+@pytest.fixture
+def source():
+    """A fresh fd_accel.events for each test, readable by the role flightdeck connects as."""
+    try:
+        _admin("SELECT 1")
+    except Exception as error:
+        message = f"PostgreSQL is not reachable ({error}); `make test` starts it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    _admin("DROP SCHEMA IF EXISTS fd_accel CASCADE")
+    _admin("CREATE SCHEMA fd_accel")
+    _admin("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fd_accel_reader') "
+           "THEN CREATE ROLE fd_accel_reader LOGIN; END IF; END $$")
+    _admin("CREATE TABLE fd_accel.events (id bigint PRIMARY KEY, at timestamptz NOT NULL, region text, "
+           "amount numeric(10,2))")
+    _admin(f"INSERT INTO fd_accel.events SELECT g, CASE WHEN g <= 900 THEN now() - g * interval '1 minute' "
+           f"ELSE now() - interval '3 days' END, (ARRAY['eu','us','ap'])[g % 3 + 1], g * 1.5 "
+           f"FROM generate_series(1, {ROWS}) g")
+    _admin("CREATE VIEW fd_accel.slow_events AS SELECT e.* FROM fd_accel.events e, pg_sleep(2)")
+    _admin("GRANT USAGE ON SCHEMA fd_accel TO fd_accel_reader")
+    _admin("GRANT SELECT ON ALL TABLES IN SCHEMA fd_accel TO fd_accel_reader")
+    yield
+    _admin("DROP SCHEMA IF EXISTS fd_accel CASCADE")
+
+
+def _config(tmp_path: Path, acceleration: dict, table: str = "events", **dataset) -> dict:
+    return {"runtime": {"data_dir": str(tmp_path / "data")},
+            "datasets": [{"from": f"postgres:fd_accel.{table}", "name": "events", "params": READER,
+                          "time_column": "at", "acceleration": acceleration, **dataset}]}
+
+
+def _insert(first_id: int, count: int, at: str = "now()", region: str = "eu") -> None:
+    _admin(f"INSERT INTO fd_accel.events SELECT g, {at}, '{region}', 1 FROM generate_series({first_id}, "
+           f"{first_id + count - 1}) g")
+
+
+def _scalar(runtime, sql: str):
+    return runtime.engine.query(sql).read_all().column(0)[0].as_py()
+
+
+def _source_queries(runtime) -> int:
+    rows = runtime.engine.query("SELECT queries FROM flightdeck.runtime.source_stats "
+                                "WHERE kind = 'postgres'").read_all()
+    return rows.column(0)[0].as_py()
+
+
+def _status(runtime) -> dict:
+    rows = runtime.engine.query("SELECT * FROM flightdeck.runtime.datasets WHERE name = 'public.events'")
+    return rows.read_all().to_pylist()[0]
+
+
+def _loaded(runtime, name: str = "public.events"):
+    refresher = runtime.accelerator.refresher(name)
+    assert refresher.loaded.wait(30), refresher.status
+    return refresher
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_full_refresh_shows_new_rows_after_the_next_refresh_only(source, tmp_path, engine):
+    with serving(_config(tmp_path, {"engine": engine}), tmp_path) as runtime:
+        _loaded(runtime)
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS
+        _insert(5001, 7)
+        queries = _source_queries(runtime)
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS  # the copy, not the source
+        assert _source_queries(runtime) == queries
+        status = runtime.refresh("events")
+        assert status["state"] == "ready" and status["last_error"] is None
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS + 7
+        assert _scalar(runtime, "SELECT sum(amount) FROM events WHERE id > 5000") == 7
+        assert status["rows"] == ROWS + 7 and status["last_refresh_rows"] == ROWS + 7
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_append_refresh_reads_only_rows_newer_than_the_copy(source, tmp_path, engine):
+    acceleration = {"engine": engine, "refresh_mode": "append", "primary_key": "id"}
+    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+        _loaded(runtime)
+        _insert(5001, 5, at="now() + interval '1 minute'")
+        status = runtime.refresh("events")
+        assert status["last_refresh_rows"] == 5  # only the new rows crossed the wire
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS + 5
+        last_request = runtime.catalog.source_stats()[0]["last_request"]
+        assert '"at" >' in last_request, last_request  # the time filter went to PostgreSQL
+        assert runtime.refresh("events")["last_refresh_rows"] == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_append_overlap_picks_up_late_rows_without_duplicates(source, tmp_path, engine):
+    acceleration = {"engine": engine, "refresh_mode": "append", "primary_key": "id",
+                    "refresh_append_overlap": "1h"}
+    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+        _loaded(runtime)
+        _insert(6001, 3, at="now() - interval '10 minutes'")   # arrived late, still in the overlap
+        _admin("UPDATE fd_accel.events SET amount = 99 WHERE id = 1")  # re-read in the overlap: upserted
+        status = runtime.refresh("events")
+        assert status["last_refresh_rows"] >= 3
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS + 3
+        assert _scalar(runtime, "SELECT count(DISTINCT id) FROM events") == ROWS + 3
+        assert _scalar(runtime, "SELECT amount FROM events WHERE id = 1") == 99
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_append_on_conflict_drop_keeps_the_first_copy(source, tmp_path, engine):
+    acceleration = {"engine": engine, "refresh_mode": "append", "primary_key": "id",
+                    "refresh_append_overlap": "1h", "on_conflict": {"id": "drop"}}
+    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+        _loaded(runtime)
+        _admin("UPDATE fd_accel.events SET amount = 99 WHERE id = 1")
+        runtime.refresh("events")
+        assert _scalar(runtime, "SELECT amount FROM events WHERE id = 1") == 1.5
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_retention_deletes_old_rows_locally(source, tmp_path, engine):
+    acceleration = {"engine": engine, "retention_period": "1d", "retention_check_interval": "1s"}
+    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+        _loaded(runtime)
+        assert _scalar(runtime, "SELECT count(*) FROM events") == 900  # applied after the load
+        assert _scalar(runtime, "SELECT min(id) FROM events") == 1
+        _insert(7001, 4, at="now() - interval '2 days'")
+        _insert(7101, 2)
+        runtime.refresh("events")
+        assert _scalar(runtime, "SELECT count(*) FROM events") == 902
+        # The retention schedule also deletes rows that age out between refreshes.
+        _admin("UPDATE fd_accel.events SET at = now() - interval '1 day' - interval '2 seconds' "
+               "WHERE id = 7101")
+        runtime.refresh("events")
+        deadline = time.monotonic() + 10
+        while _scalar(runtime, "SELECT count(*) FROM events") != 901 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _scalar(runtime, "SELECT count(*) FROM events") == 901
+    assert _admin("SELECT count(*) FROM fd_accel.events")[0][0] == ROWS + 6  # never the source
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_refresh_sql_limits_the_working_set(source, tmp_path, engine):
+    acceleration = {"engine": engine, "refresh_sql": "SELECT * FROM events WHERE region = 'eu'"}
+    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+        _loaded(runtime)
+        expected = _admin("SELECT count(*) FROM fd_accel.events WHERE region = 'eu'")[0][0]
+        assert _scalar(runtime, "SELECT count(*) FROM events") == expected
+        assert _scalar(runtime, "SELECT count(DISTINCT region) FROM events") == 1
+        stats = runtime.catalog.source_stats()[0]
+        assert "'eu'" in stats["last_request"] and stats["rows"] == expected  # filtered at the source
+
+
+def test_refresh_data_window_keeps_recent_rows(source, tmp_path):
+    with serving(_config(tmp_path, {"refresh_data_window": "1d"}), tmp_path) as runtime:
+        _loaded(runtime)
+        assert _scalar(runtime, "SELECT count(*) FROM events") == 900
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_on_zero_results_use_source_falls_through(source, tmp_path, engine):
+    acceleration = {"engine": engine, "refresh_sql": "SELECT * FROM events WHERE region = 'eu'",
+                    "on_zero_results": "use_source"}
+    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+        _loaded(runtime)
+        queries = _source_queries(runtime)
+        eu = _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'eu'")
+        assert eu > 0 and _source_queries(runtime) == queries  # answered locally
+        us = _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'us'")
+        assert us == _admin("SELECT count(*) FROM fd_accel.events WHERE region = 'us'")[0][0]
+        assert _source_queries(runtime) == queries + 1
+
+
+def test_return_empty_is_the_default(source, tmp_path):
+    acceleration = {"refresh_sql": "SELECT * FROM events WHERE region = 'eu'"}
+    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+        _loaded(runtime)
+        assert _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'us'") == 0
+
+
+def test_ready_state_on_registration_reads_the_source_until_loaded(source, tmp_path):
+    config = _config(tmp_path, {}, table="slow_events", ready_state="on_registration")
+    with serving(config, tmp_path) as runtime:
+        started = time.monotonic()
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS
+        assert runtime.accelerator.refresher("public.events").status.state in ("loading", "ready")
+        refresher = _loaded(runtime)
+        assert refresher.status.refreshes == 1
+        queries = _source_queries(runtime)
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS
+        assert _source_queries(runtime) == queries
+        assert time.monotonic() - started < 30
+
+
+def test_ready_state_on_load_fails_clearly_before_the_first_load(source, tmp_path):
+    config = _config(tmp_path, {"ready_timeout": "0.2s"}, table="slow_events")
+    with serving(config, tmp_path) as runtime:
+        with pytest.raises(Exception, match="events is not loaded yet.*on_load"):
+            _scalar(runtime, "SELECT count(*) FROM events")
+        _loaded(runtime)
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS
+
+
+def test_on_load_queries_wait_for_the_first_load(source, tmp_path):
+    with serving(_config(tmp_path, {}, table="slow_events"), tmp_path) as runtime:
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS  # waited, then read the copy
+        assert runtime.accelerator.refresher("public.events").status.refreshes == 1
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite"])
+def test_source_failure_mid_refresh_keeps_the_last_copy_and_retries_with_backoff(source, tmp_path, engine):
+    config = _config(tmp_path, {"engine": engine, "refresh_retry_max_attempts": 3}, table="slow_events")
+    with serving(config, tmp_path) as runtime:
+        refresher = _loaded(runtime)
+        good_as_of = refresher.status.data_as_of
+        _insert(8001, 10)
+        delays_before = len(refresher.retry_delays)
+        worker = threading.Thread(target=runtime.refresh, args=("events",))
+        worker.start()
+        time.sleep(0.7)  # the refresh is waiting on PostgreSQL: revoke and cut its session
+        _admin("REVOKE SELECT ON ALL TABLES IN SCHEMA fd_accel FROM fd_accel_reader")
+        _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'fd_accel_reader'")
+        while worker.is_alive():
+            assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS  # the last good copy answers
+            time.sleep(0.2)
+        status = _status(runtime)
+        assert status["refresh_state"] == "ready" and status["failures"] == 3
+        assert "permission denied" in status["last_error"] or "terminat" in status["last_error"], status
+        assert status["data_as_of"] == good_as_of
+        delays = refresher.retry_delays[delays_before:]  # 3 attempts, 2 waits, each in its doubled range
+        assert len(delays) == 2 and 0.5 <= delays[0] <= 1.0 <= delays[1] <= 2.0, delays
+        _admin("GRANT SELECT ON ALL TABLES IN SCHEMA fd_accel TO fd_accel_reader")
+        status = runtime.refresh("events")
+        assert status["last_error"] is None and status["state"] == "ready"
+        assert _scalar(runtime, "SELECT count(*) FROM events") == ROWS + 10
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite"])
+def test_sigkill_mid_refresh_leaves_the_file_copy_intact(source, tmp_path, engine):
+    config = write_config(tmp_path / "flightdeck.yaml",
+                          _config(tmp_path, {"engine": engine, "mode": "file"}, table="slow_events"))
+    server = ServerProcess(["run", "-c", str(config), "--flight-port", "0"])
+    try:
+        status = _wait_for_state(server.url, "ready")
+        first_as_of = status["data_as_of"]
+        _insert(9001, 25)
+        refresher = threading.Thread(target=_flight_refresh, args=(server.url,), daemon=True)
+        refresher.start()
+        _wait_for_state(server.url, "refreshing")
+        time.sleep(0.5)
+    finally:
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=10)
+    restarted = ServerProcess(["run", "-c", str(config), "--flight-port", "0"])
+    try:
+        with flightsql.connect(restarted.url, autocommit=True) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM events")  # served at once from the kept copy
+            assert cursor.fetchone()[0] == ROWS
+            cursor.execute("SELECT data_as_of FROM flightdeck.runtime.datasets WHERE name = 'public.events'")
+            assert cursor.fetchone()[0] == first_as_of
+        _wait_for(lambda: _query(restarted.url, "SELECT count(*) FROM events")[0][0] == ROWS + 25)
+    finally:
+        restarted.stop()
+
+
+def _flight_refresh(url: str, body: dict | None = None) -> dict:
+    client = flight.FlightClient(url)
+    try:
+        action = flight.Action("Refresh", json.dumps(body or {"dataset": "events"}).encode())
+        return json.loads(next(iter(client.do_action(action))).body.to_pybytes())
+    except flight.FlightError:
+        return {}
+    finally:
+        client.close()
+
+
+def _query(url: str, sql: str) -> list[tuple]:
+    with flightsql.connect(url, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchall()
+
+
+def _wait_for(condition, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def _wait_for_state(url: str, state: str) -> dict:
+    found = {}
+
+    def reached() -> bool:
+        rows = _query(url, "SELECT refresh_state, data_as_of FROM flightdeck.runtime.datasets "
+                           "WHERE name = 'public.events'")
+        found.update(state=rows[0][0], data_as_of=rows[0][1])
+        return rows[0][0] == state
+
+    _wait_for(reached)
+    return found
+
+
+def test_refresh_action_and_cli_with_one_off_refresh_sql(source, tmp_path):
+    config = write_config(tmp_path / "flightdeck.yaml", _config(tmp_path, {}))
+    server = ServerProcess(["run", "-c", str(config), "--flight-port", "0"])
+    try:
+        _wait_for_state(server.url, "ready")
+        cli = subprocess.run([sys.executable, "-m", "flight.cli", "refresh", "events", "--url", server.url,
+                              "--sql", "SELECT * FROM events WHERE id <= 10"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert "10 rows" in cli.stdout
+        assert _query(server.url, "SELECT count(*) FROM events")[0][0] == 10
+        assert _flight_refresh(server.url)["rows"] == ROWS  # the configured working set again
+        refused = subprocess.run([sys.executable, "-m", "flight.cli", "refresh", "nope", "--url", server.url],
+                                 cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "nope is not accelerated" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        bad = subprocess.run([sys.executable, "-m", "flight.cli", "refresh", "events", "--url", server.url,
+                              "--sql", "DELETE FROM events"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "read" in bad.stderr.lower()
+        listing = subprocess.run([sys.executable, "-m", "flight.cli", "datasets", "--url", server.url],
+                                 cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 0, listing.stderr
+        assert "duckdb (memory)" in listing.stdout and "ready" in listing.stdout
+    finally:
+        server.stop()
+
+
+def test_sixteen_clients_looping_cause_no_source_queries_between_refreshes(source, tmp_path):
+    config = write_config(tmp_path / "flightdeck.yaml",
+                          _config(tmp_path, {"refresh_check_interval": "10s"}))
+    server = ServerProcess(["run", "-c", str(config), "--flight-port", "0"])
+    answered = []
+    errors = []
+
+    def client(stop: threading.Event) -> None:
+        count = 0
+        try:
+            with flightsql.connect(server.url, autocommit=True) as conn, conn.cursor() as cursor:
+                while not stop.is_set():
+                    cursor.execute("SELECT region, count(*), sum(amount) FROM events WHERE id > ? GROUP BY region",
+                                   (count % 500,))
+                    assert len(cursor.fetchall()) == 3
+                    count += 1
+        except Exception as error:  # reported below: a client must never fail
+            errors.append(error)
+        answered.append(count)
+
+    try:
+        _wait_for_state(server.url, "ready")
+        before = _stats(server.url)
+        stop = threading.Event()
+        clients = [threading.Thread(target=client, args=(stop,)) for _ in range(16)]
+        for thread in clients:
+            thread.start()
+        time.sleep(30)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+        after = _stats(server.url)
+    finally:
+        server.stop()
+    assert not errors, errors[:3]
+    refreshes = after["refreshes"] - before["refreshes"]
+    print(f"\n16 clients, 30 s: {sum(answered):,} queries answered; {refreshes} refreshes; "
+          f"source queries {after['queries'] - before['queries']}")
+    assert sum(answered) > 16 * 10
+    assert 2 <= refreshes <= 4
+    assert after["queries"] - before["queries"] == refreshes  # one per refresh, none from the clients
+
+
+def _stats(url: str) -> dict:
+    queries = _query(url, "SELECT queries FROM flightdeck.runtime.source_stats WHERE kind = 'postgres'")[0][0]
+    refreshes = _query(url, "SELECT refreshes FROM flightdeck.runtime.datasets WHERE name = 'public.events'")[0][0]
+    return {"queries": queries, "refreshes": refreshes}
+
+
+def test_status_reports_engine_mode_rows_and_times(source, tmp_path):
+    with serving(_config(tmp_path, {"engine": "sqlite", "mode": "file"}), tmp_path) as runtime:
+        _loaded(runtime)
+        status = _status(runtime)
+    assert status["acceleration"] == "sqlite (file)" and status["refresh_state"] == "ready"
+    assert status["rows"] == ROWS and status["bytes"] > 0 and status["refreshes"] == 1
+    assert status["last_refresh_start"] <= status["last_refresh_end"]
+    assert status["data_as_of"] == status["last_refresh_start"]
+    assert (tmp_path / "data" / "accelerated.sqlite").exists()
+
+
+@pytest.mark.parametrize("acceleration, message", [
+    ({"engine": "arrow", "mode": "file"}, "engine 'arrow' keeps data in memory only"),
+    ({"refresh_mode": "append"}, "needs the dataset's time_column"),
+    ({"refresh_append_overlap": "5m", "refresh_mode": "append"}, "set primary_key"),
+    ({"refresh_check_interval": "soon"}, "expected a duration"),
+    ({"engine": "oracle"}, "datasets[0].acceleration.engine"),
+])
+def test_bad_acceleration_config_is_refused_precisely(tmp_path, acceleration, message):
+    config = {"datasets": [{"from": "postgres:fd_accel.events", "name": "events",
+                            "acceleration": acceleration}]}
+    if acceleration.get("refresh_append_overlap"):
+        config["datasets"][0]["time_column"] = "at"
+    with pytest.raises(ConfigError) as raised:
+        parse_config(config, tmp_path, {})
+    assert message in str(raised.value)
+
+
+def test_refresh_sql_must_read_the_dataset_itself(source, tmp_path):
+    acceleration = {"refresh_sql": "SELECT id FROM events"}
+    with pytest.raises(Exception, match="must return the dataset's columns"):
+        with serving(_config(tmp_path, acceleration), tmp_path):
+            pass
+
+
+def test_duckdb_sessions_cannot_reach_host_files(source, tmp_path):
+    with serving(_config(tmp_path, {"mode": "file"}), tmp_path) as runtime:
+        _loaded(runtime)
+        engine = runtime.accelerator.refresher("public.events").store.duckdb
+        cursor = engine.cursor()
+        with pytest.raises(Exception, match="disabled|Permission"):
+            cursor.execute("SELECT * FROM read_csv('/etc/passwd')")
+        with pytest.raises(Exception, match="lock"):
+            cursor.execute("SET enable_external_access = true")
+
+
+def test_accelerated_time_values_keep_their_type(source, tmp_path):
+    for engine in ENGINES:
+        with serving(_config(tmp_path / engine, {"engine": engine}), tmp_path) as runtime:
+            _loaded(runtime)
+            row = runtime.engine.query("SELECT id, at, region, amount FROM events WHERE id = 3").read_all()
+            assert str(row.schema.field("at").type) == "timestamp[us, tz=UTC]", engine
+            assert str(row.schema.field("amount").type) == "decimal128(10, 2)", engine
+            expected = _admin("SELECT at FROM fd_accel.events WHERE id = 3")[0][0]
+            assert row.column("at")[0].as_py() == expected.astimezone(dt.timezone.utc), engine
