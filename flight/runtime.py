@@ -92,3 +92,11 @@ class Runtime:
     def close(self) -> None:
         self.accelerator.close()
         self.catalog.close()
+        # Break the reference cycles between the parts (callbacks, routed connectors), so that
+        # they are freed here, on this thread, not by the cyclic collector on whatever thread
+        # it runs next: freeing engine objects on one of DataFusion's threads crashes.
+        self.catalog.status_extension = None
+        self.server.refresh = None
+        self.accelerator.refreshers.clear()
+        for dataset in self.catalog.datasets.values():
+            dataset.registrations.clear()

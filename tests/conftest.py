@@ -1,6 +1,7 @@
 """Shared fixtures: the demo data, a real server process, in-process servers, clients."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -82,6 +83,8 @@ def serving(config: dict, base_dir: Path, environ: dict | None = None) -> Iterat
         runtime.server.shutdown()
         thread.join(timeout=10)
         runtime.close()
+        del runtime
+        gc.collect()  # free what is left of it here, not on an engine thread during the next test
 
 
 def write_config(path: Path, config: dict) -> Path:
