@@ -110,11 +110,11 @@ class DuckDBStore(Store):
 
         def write(cursor: duckdb.DuckDBPyConnection, incoming: str) -> None:
             cursor.execute(f"CREATE OR REPLACE TABLE {self._qualified(staging)} AS SELECT * FROM {incoming}")
-            for column in indexes:
-                cursor.execute(f'CREATE INDEX "{self.name}_{column}_{next(_index_numbers)}" '
-                               f'ON {self._qualified(staging)} ("{column}")')
             cursor.execute(f"DROP TABLE IF EXISTS {self._qualified(self.name)}")
             cursor.execute(f'ALTER TABLE {self._qualified(staging)} RENAME TO "{self.name}"')
+            for column in indexes:  # after the rename: DuckDB cannot rename an indexed table
+                cursor.execute(f'CREATE INDEX "{self.name}_{column}_{next(_index_numbers)}" '
+                               f'ON {self._qualified(self.name)} ("{column}")')
             self._record(cursor, stamp, stamp.bytes)
 
         self._transaction(reader, write)

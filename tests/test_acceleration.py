@@ -463,3 +463,19 @@ def test_accelerated_time_values_keep_their_type(source, tmp_path):
             assert str(row.schema.field("amount").type) == "decimal128(10, 2)", engine
             expected = _admin("SELECT at FROM fd_accel.events WHERE id = 3")[0][0]
             assert row.column("at")[0].as_py() == expected.astimezone(dt.timezone.utc), engine
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite"])
+def test_configured_indexes_are_built_on_each_copy(source, tmp_path, engine):
+    with serving(_config(tmp_path, {"engine": engine, "indexes": {"region": "enabled"}}), tmp_path) as runtime:
+        store = _loaded(runtime).store
+        runtime.refresh("events")  # the next copy gets its own index too
+        if engine == "duckdb":
+            cursor = store.duckdb.cursor()
+            indexed = cursor.execute("SELECT expressions FROM duckdb_indexes() WHERE table_name = ?",
+                                     [store.name]).fetchall()
+        else:
+            indexed = store.sqlite.writer.execute("SELECT name FROM pragma_index_list(?)", [store.name]).fetchall()
+        assert len(indexed) == 1, indexed
+        assert _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'eu'") == \
+            _admin("SELECT count(*) FROM fd_accel.events WHERE region = 'eu'")[0][0]
