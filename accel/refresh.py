@@ -30,6 +30,7 @@ log = logging.getLogger("flightdeck.accel")
 PROGRESS_EVERY_SECONDS = 2.0
 
 Route = Callable[[Connector, str], None]  # (connector, table): where the dataset's queries go now
+Listener = Callable[["Refresher"], None]  # told when a new copy serves (e.g. to index it for search)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Refresher:
         self.status = RefreshStatus()
         self.loaded = threading.Event()      # set once a copy serves
         self.retry_delays: list[float] = []  # seconds waited before each retry (the backoff, visible)
+        self.listeners: list[Listener] = []  # run in the refresh's turn, before it reports ready
         self._turn = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,6 +86,9 @@ class Refresher:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        if self.loaded.is_set():  # a copy kept from before a restart: index it before refreshing
+            with self._turn:
+                self._notify()
         self.refresh()
         refresh_every = self.spec.refresh_check_interval
         retention_every = self._retention_interval()
@@ -157,6 +162,7 @@ class Refresher:
         log.info("%s: %s refresh read %s rows in %.2fs; the copy has %s rows",
                  self.spec.dataset, self.spec.refresh_mode, f"{rows:,}",
                  (status.last_refresh_end - started).total_seconds(), f"{status.rows:,}")
+        self._notify()
         if not self.loaded.is_set():
             self._serve_copy()
         status.state = "ready"
@@ -165,20 +171,36 @@ class Refresher:
     def _load(self, stamp: Stamp, refresh_sql: str | None, started: dt.datetime) -> int:
         """Read the working set (or what is new in it) into the store; returns rows read."""
         counter = _Progress(self, stamp)
+        if self.spec.refresh_mode == "append" and self.loaded.is_set():
+            since, after = self._append_start()
+            reader = self.working_set.read(since, strictly_after=after, refresh_sql=refresh_sql)
+        else:
+            since = started - dt.timedelta(seconds=self.spec.refresh_data_window) \
+                if self.spec.refresh_data_window else None
+            reader = self.working_set.read(since, refresh_sql=refresh_sql)
+        counted = counter.wrap(reader)
         try:
             if self.spec.refresh_mode == "append" and self.loaded.is_set():
-                since, after = self._append_start()
-                reader = self.working_set.read(since, strictly_after=after, refresh_sql=refresh_sql)
-                self.store.upsert(counter.wrap(reader), stamp, self.spec.primary_key, self.spec.on_conflict)
+                self.store.upsert(counted, stamp, self.spec.primary_key, self.spec.on_conflict)
             else:
-                since = started - dt.timedelta(seconds=self.spec.refresh_data_window) \
-                    if self.spec.refresh_data_window else None
-                reader = self.working_set.read(since, refresh_sql=refresh_sql)
-                self.store.replace(counter.wrap(reader), stamp, self.spec.indexes)
+                self.store.replace(counted, stamp, self.spec.indexes)
         except StoreError:
             counter.raise_source_error()  # the source's own error says more than the store's
             raise
+        finally:
+            # Release the source's stream (and its connection) here, now: left to the garbage
+            # collector, it could be freed on another thread after its connection.
+            counted.close()
+            reader.close()
         return counter.rows
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            try:
+                listener(self)
+            except Exception as error:  # the copy is good; only what is built from it failed
+                self.status.last_error = f"after refresh: {self.source.mask_secrets(first_line(error))}"
+                log.warning("%s: %s", self.spec.dataset, self.status.last_error, exc_info=True)
 
     def _append_start(self) -> tuple[Any, bool]:
         """Where an append starts: after the newest time copied, or ``overlap`` before it."""
@@ -248,7 +270,7 @@ class _Progress:
         self.refresher = refresher
         self.stamp = stamp
         self.rows = 0
-        self.source_error: Exception | None = None
+        self.source_error: str | None = None  # the message only: the exception would keep frames alive
 
     def wrap(self, reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
         return pa.RecordBatchReader.from_batches(reader.schema, self._batches(reader))
@@ -268,12 +290,13 @@ class _Progress:
                              f"{self.rows / (now - started):,.0f}")
                 yield batch
         except Exception as error:
-            self.source_error = error
+            self.source_error = first_line(error) if isinstance(error, ConnectorError) \
+                else clean_engine_message(str(error))
             raise
 
     def raise_source_error(self) -> None:
         if self.source_error is not None:
-            raise self.source_error
+            raise ConnectorError(self.source_error)
 
 
 class PendingCopy(Connector):

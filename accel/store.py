@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from federation.connectors.base import Connector
+from federation.connectors.typing import conform_batch
 
 
 class StoreError(Exception):
@@ -78,6 +79,12 @@ class Store(ABC):
     def stamp(self) -> Stamp | None:
         """What the last write recorded (None before the first one). After an upsert the
         bytes are the copy's before plus the rows added."""
+
+    def read_all(self) -> pa.Table:
+        """The whole copy, in the dataset's schema (e.g. to index it for search)."""
+        reader = self.connector.scan(self.table, self.schema.names, [], None)
+        batches = [conform_batch(batch, self.schema) for batch in reader]
+        return pa.Table.from_batches(batches, schema=self.schema)
 
     def close(self) -> None:
         pass

@@ -25,6 +25,8 @@ DATASETS_SCHEMA = pa.schema([
     ("last_refresh_rows", pa.int64()), ("rows_loaded", pa.int64()), ("rows", pa.int64()),
     ("bytes", pa.int64()), ("last_error", pa.string()), ("data_as_of", pa.timestamp("us", tz="UTC")),
     ("refreshes", pa.int64()), ("failures", pa.int64()),
+    # Search over accelerated columns: chunks embedded by the last refresh and in total.
+    ("embedded_last_refresh", pa.int64()), ("embedded_total", pa.int64()),
 ])
 
 

@@ -10,6 +10,7 @@ alert (metrics), diagnosis (logs, orders), the fix (guides) and the post-mortem
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import shutil
 import sqlite3
@@ -58,7 +59,15 @@ datasets:
     description: Per-minute service metrics
   - from: file:data/guides/
     name: guides
-    description: Troubleshooting guides (Markdown)
+    description: Troubleshooting guides (Markdown), searchable
+    acceleration:
+      engine: duckdb
+    columns:
+      - name: content
+        embeddings:
+          - from: minilm
+            chunking: {enabled: true, target_chunk_size: 800, overlap_size: 100}
+        full_text_search: {enabled: true}
 """
 
 
@@ -71,7 +80,8 @@ def ensure_demo(target: Path | None = None) -> Path:
     target = Path(target) if target else default_demo_dir()
     config_path = target / "flightdeck.yaml"
     marker = target / ".complete"
-    if marker.exists():
+    stamp = f"{__version__} {hashlib.sha256(CONFIG.encode()).hexdigest()[:12]}"
+    if marker.exists() and marker.read_text() == stamp:
         return config_path
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
@@ -79,7 +89,7 @@ def ensure_demo(target: Path | None = None) -> Path:
     log.info("generating the demo data in %s", target)
     write_demo(building / "data")
     (building / "flightdeck.yaml").write_text(CONFIG)
-    (building / ".complete").write_text(__version__)
+    (building / ".complete").write_text(stamp)
     shutil.rmtree(target, ignore_errors=True)
     building.rename(target)  # readers never see a half-written demo
     return config_path

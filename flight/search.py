@@ -1,0 +1,358 @@
+"""Vector, full-text and hybrid search over accelerated columns, as SQL table functions.
+
+    SELECT path, score, chunk FROM vector_search(guides, 'too many connections', 3)
+    SELECT * FROM text_search('guides', 'pgbouncer pool', 5, content) WHERE path LIKE 'db/%'
+    SELECT * FROM hybrid_search(guides, 'connection pool exhausted', 3)
+
+A column configured with `embeddings` (and/or `full_text_search`) is indexed each time its
+dataset's copy is refreshed: documents are chunked (Markdown on headings and paragraphs),
+each chunk is embedded unless the same text was embedded before (a cache keyed by the
+chunk's hash, kept on disk for file-mode copies), so a refresh that changes 10 rows embeds
+10 rows. A search ranks chunks, keeps each row's best chunk, and returns the top rows with
+the dataset's columns plus `score` and `chunk`. A WHERE clause on the dataset's columns is
+handed to the search by DataFusion's filter pushdown and applied before ranking, so it never
+leaves fewer than k rows when k rows match. Hybrid search fuses the vector and BM25 rankings
+with reciprocal rank fusion.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from datafusion import Table, udtf
+
+from federation.arrow_expr import referenced_fields
+from inference.chunking import chunk_document
+from inference.embedder import TextEmbedder
+from inference.search import SearchResult, TextIndex, VectorIndex, reciprocal_rank_fusion
+
+log = logging.getLogger("flightdeck.search")
+MODES = ("vector", "text", "hybrid")
+RESULT_FIELDS = [pa.field("score", pa.float64()), pa.field("chunk", pa.string())]
+FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
+
+
+class SearchError(ValueError):
+    """A search cannot run as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class ColumnSearchSpec:
+    dataset: str                     # qualified name
+    column: str
+    model: str | None = None         # embedding model; None: no vector search on this column
+    chunking: bool = False
+    target_chunk_size: int = 800
+    overlap_size: int = 100
+    full_text: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetSearchSettings:
+    schema: pa.Schema                # the dataset's columns (search results carry them)
+    cache_dir: Path | None           # where embeddings are kept across restarts (None: memory only)
+    ready_timeout: float = 30.0      # how long a search waits for the first index
+
+
+@dataclass
+class _Indexed:
+    """One copy's search state, swapped whole when the copy is refreshed."""
+    rows: pa.Table
+    chunk_rows: np.ndarray           # row position of each chunk
+    chunk_texts: pa.StringArray
+    vectors: VectorIndex | None
+    text: TextIndex | None
+
+
+class ColumnIndex:
+    def __init__(self, spec: ColumnSearchSpec, rows_schema: pa.Schema, embedder: Callable[[], TextEmbedder] | None,
+                 cache_file: Path | None, ready_timeout: float = 30.0):
+        self.spec = spec
+        self.rows_schema = rows_schema
+        self._embedder = embedder
+        self.cache_file = cache_file
+        self.ready_timeout = ready_timeout
+        self._cache: dict[bytes, np.ndarray] = self._load_cache()
+        self._state: _Indexed | None = None
+        self._indexed = threading.Event()
+        self.embedded_last = 0    # chunks embedded by the last rebuild (the rest came from the cache)
+        self.embedded_total = 0
+
+    # ---- building -----------------------------------------------------------
+
+    def rebuild(self, rows: pa.Table) -> None:
+        """Index a new copy's rows; only chunks never embedded before go through the model."""
+        chunk_rows, chunk_texts, embed_texts = self._chunks(rows.column(self.spec.column))
+        vectors = self._vectors(embed_texts) if self.spec.model else None
+        text = None
+        if self.spec.full_text:
+            text = TextIndex()
+            text.add(np.arange(len(chunk_texts), dtype=np.int64), chunk_texts)
+        self._state = _Indexed(rows, chunk_rows, chunk_texts, vectors, text)
+        self._indexed.set()
+
+    def _chunks(self, column: pa.ChunkedArray) -> tuple[np.ndarray, pa.StringArray, list[str]]:
+        """Per chunk: its row, its text (returned to the caller) and what is embedded."""
+        values = column.to_pylist()
+        if not self.spec.chunking:
+            present = [i for i, v in enumerate(values) if v is not None]
+            texts = [values[i] for i in present]
+            return np.array(present, np.int64), pa.array(texts, pa.string()), texts
+        rows, texts, embedded = [], [], []
+        for position, value in enumerate(values):
+            if value is None:
+                continue
+            for chunk in chunk_document(value, target_chunk_size=self.spec.target_chunk_size,
+                                        overlap_size=self.spec.overlap_size):
+                rows.append(position)
+                texts.append(chunk.text)
+                embedded.append(chunk.contextual_text())
+        return np.array(rows, np.int64), pa.array(texts, pa.string()), embedded
+
+    def _vectors(self, texts: list[str]) -> VectorIndex:
+        keys = [hashlib.sha256(f"{self.spec.model}\0{t}".encode()).digest() for t in texts]
+        missing = sorted({k: i for i, k in enumerate(keys) if k not in self._cache}.values())
+        if missing:
+            log.info("%s.%s: embedding %s chunks (%s already embedded)", self.spec.dataset, self.spec.column,
+                     f"{len(missing):,}", f"{len(keys) - len(missing):,}")
+            fresh = self._embedder().embed_numpy([texts[i] for i in missing])
+            for row, i in enumerate(missing):
+                self._cache[keys[i]] = fresh[row]
+        self.embedded_last = len(missing)
+        self.embedded_total += len(missing)
+        dim = next(iter(self._cache.values())).shape[0] if self._cache else 1
+        matrix = np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, dim), np.float32)
+        self._cache = {k: self._cache[k] for k in keys}  # forget texts no longer in the copy
+        if missing:
+            self._save_cache()
+        return VectorIndex(matrix)
+
+    def _load_cache(self) -> dict[bytes, np.ndarray]:
+        if self.cache_file is None or not self.cache_file.exists():
+            return {}
+        try:
+            table = pa.ipc.open_file(self.cache_file).read_all()
+        except (pa.ArrowInvalid, OSError) as error:
+            log.warning("ignoring the embedding cache %s: %s", self.cache_file, error)
+            return {}
+        vectors = table.column("vector").combine_chunks()
+        matrix = vectors.values.to_numpy(zero_copy_only=False).reshape(len(vectors), vectors.type.list_size)
+        return dict(zip(table.column("key").to_pylist(), matrix))
+
+    def _save_cache(self) -> None:
+        if self.cache_file is None:
+            return
+        keys = list(self._cache)
+        matrix = np.stack([self._cache[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, 1), np.float32)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+        table = pa.table({"key": pa.array(keys, pa.binary()), "vector": vectors})
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.cache_file.with_suffix(".partial")
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        partial.replace(self.cache_file)  # atomic: a crash leaves the old cache or the new one
+
+    # ---- searching ----------------------------------------------------------
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema(list(self.rows_schema) + RESULT_FIELDS)
+
+    def _require(self) -> _Indexed:
+        """The current index; the first one is waited for, as queries wait for a first copy."""
+        if not self._indexed.wait(self.ready_timeout):
+            raise SearchError(f"{self.spec.dataset}.{self.spec.column} is not indexed yet (its accelerated "
+                              f"copy is still loading; waited {self.ready_timeout:g}s)")
+        return self._state
+
+    def search(self, mode: str, query: str, k: int, row_filter: pc.Expression | None) -> pa.Table:
+        state = self._require()
+        candidates = _matching_rows(state.rows, row_filter)
+        chunk_ids = None if candidates is None else np.flatnonzero(candidates[state.chunk_rows])
+        if mode == "vector":
+            ranked = self._vector_rows(state, query, k, chunk_ids)
+        elif mode == "text":
+            ranked = self._text_rows(state, query, k, chunk_ids)
+        else:
+            depth = max(k, FUSION_DEPTH)
+            rankings = [self._vector_rows(state, query, depth, chunk_ids),
+                        self._text_rows(state, query, depth, chunk_ids)]
+            fused = reciprocal_rank_fusion([SearchResult(r[0], r[1]) for r in rankings], limit=k)
+            best_chunk = {}
+            for positions, _, chunks in reversed(rankings):  # the vector ranking's chunk wins
+                best_chunk.update(zip(positions.tolist(), chunks.tolist()))
+            ranked = (fused.row_ids, fused.scores, np.array([best_chunk[p] for p in fused.row_ids.tolist()], np.int64))
+        positions, scores, chunks = ranked
+        result = state.rows.take(pa.array(positions, pa.int64()))
+        result = result.append_column(RESULT_FIELDS[0], pa.array(np.asarray(scores, np.float64)))
+        return result.append_column(RESULT_FIELDS[1], state.chunk_texts.take(pa.array(chunks, pa.int64())))
+
+    def _vector_rows(self, state: _Indexed, query: str, k: int, chunk_ids: np.ndarray | None):
+        if state.vectors is None:
+            raise SearchError(f"{self.spec.dataset}.{self.spec.column} has no embeddings: "
+                              "configure columns[].embeddings")
+        vector = self._embedder().embed_numpy([query])[0]
+        return _best_per_row(lambda depth: state.vectors.search(vector, depth, candidates=chunk_ids),
+                             state.chunk_rows, k)
+
+    def _text_rows(self, state: _Indexed, query: str, k: int, chunk_ids: np.ndarray | None):
+        if state.text is None:
+            raise SearchError(f"{self.spec.dataset}.{self.spec.column} has no full-text index: "
+                              "set columns[].full_text_search.enabled")
+        return _best_per_row(lambda depth: state.text.search(query, depth, candidates=chunk_ids),
+                             state.chunk_rows, k)
+
+
+def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None) -> np.ndarray | None:
+    """A mask of the rows a pushed WHERE keeps (None: no filter on the dataset's columns)."""
+    if row_filter is None or not referenced_fields(row_filter) <= set(rows.column_names):
+        return None  # a filter on score/chunk can only apply after ranking: DataFusion does that
+    numbered = rows.append_column("__position", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    kept = ds.dataset(numbered).to_table(columns=["__position"], filter=row_filter).column(0)
+    mask = np.zeros(rows.num_rows, bool)
+    mask[kept.to_numpy()] = True
+    return mask
+
+
+def _best_per_row(ranking: Callable[[int], SearchResult], chunk_rows: np.ndarray, k: int):
+    """The top k rows by their best chunk: (row positions, scores, chunk ids), best first.
+    Asks for deeper chunk rankings until k distinct rows are found or every chunk is ranked."""
+    depth = k * 4
+    while True:
+        result = ranking(depth)
+        rows, first = np.unique(chunk_rows[result.row_ids], return_index=True)
+        if len(rows) >= k or len(result) < depth or depth >= len(chunk_rows):
+            break
+        depth *= 4
+    order = np.sort(first)[:k]  # first occurrence of each row, in ranking order
+    return chunk_rows[result.row_ids[order]], result.scores[order], result.row_ids[order]
+
+
+class SearchIndexes:
+    """Every searchable column of the runtime, kept in step with the accelerated copies."""
+
+    def __init__(self, specs: list[ColumnSearchSpec], embedder_for: Callable[[str], TextEmbedder],
+                 settings_for: Callable[[str], "DatasetSearchSettings"]):
+        self.columns: dict[tuple[str, str], ColumnIndex] = {}
+        for spec in specs:
+            embedder = (lambda model=spec.model: embedder_for(model)) if spec.model else None
+            settings = settings_for(spec.dataset)
+            cache = settings.cache_dir / f"{spec.dataset}.{spec.column}.arrow" if settings.cache_dir else None
+            self.columns[(spec.dataset, spec.column)] = ColumnIndex(
+                spec, settings.schema, embedder, cache, settings.ready_timeout)
+        self._lock = threading.Lock()
+
+    def datasets(self) -> set[str]:
+        return {dataset for dataset, _ in self.columns}
+
+    def on_refreshed(self, dataset: str, rows: pa.Table) -> None:
+        with self._lock:
+            for (name, _), index in self.columns.items():
+                if name == dataset:
+                    index.rebuild(rows)
+
+    def embedded(self, dataset: str) -> tuple[int, int]:
+        """(chunks embedded by the last refresh, in total) for a dataset's columns."""
+        indexes = [i for (name, _), i in self.columns.items() if name == dataset]
+        return sum(i.embedded_last for i in indexes), sum(i.embedded_total for i in indexes)
+
+    def find(self, dataset: str, column: str | None, mode: str) -> ColumnIndex:
+        qualified = dataset if "." in dataset else f"public.{dataset}"
+        candidates = [index for (name, col), index in self.columns.items()
+                      if name == qualified and (column is None or col == column)]
+        if mode != "text":
+            candidates = [c for c in candidates if c.spec.model] or candidates
+        if mode != "vector":
+            candidates = [c for c in candidates if c.spec.full_text] or candidates
+        if not candidates:
+            known = ", ".join(f"{d}.{c}" for d, c in sorted(self.columns)) or "none"
+            raise SearchError(f"no searchable column {dataset}{'.' + column if column else ''} "
+                              f"(searchable columns: {known})")
+        if len(candidates) > 1:
+            raise SearchError(f"{dataset} has several searchable columns: name one as the 4th argument")
+        return candidates[0]
+
+    def table_functions(self) -> list:
+        return [udtf(_TableFunction(self, mode), f"{mode}_search") for mode in MODES]
+
+
+class _TableFunction:
+    """``<mode>_search(dataset, query, k [, column])``: a lazy table DataFusion scans."""
+
+    def __init__(self, indexes: SearchIndexes, mode: str):
+        self.indexes = indexes
+        self.mode = mode
+
+    def __call__(self, *args) -> Table:
+        if len(args) not in (3, 4):
+            raise SearchError(f"{self.mode}_search(dataset, query, k [, column]) takes 3 or 4 arguments, "
+                              f"got {len(args)}")
+        dataset, query, k = (_argument(a) for a in args[:3])
+        column = _argument(args[3]) if len(args) == 4 else None
+        index = self.indexes.find(str(dataset), None if column is None else str(column), self.mode)
+        unbound = query is None or k is None  # a statement being prepared: parameters come later
+        if not unbound and (not isinstance(query, str) or not isinstance(k, int) or k < 1):
+            raise SearchError(f"{self.mode}_search: the query must be text and k a positive integer")
+        return Table(SearchResults(index, self.mode, query, k))
+
+
+def _argument(expression) -> object:
+    """A table function argument: a literal's value, or a bare name (``guides``) as text."""
+    variant = expression.to_variant()
+    if type(variant).__name__ == "Column":
+        return variant.name()
+    value = expression.python_value()
+    return value.as_py() if isinstance(value, pa.Scalar) else value
+
+
+class SearchResults(ds.InMemoryDataset):
+    """One search, run when DataFusion scans it, with the WHERE it pushes applied first."""
+
+    def __init__(self, index: ColumnIndex, mode: str, query: str | None, k: int | None):
+        self.result_schema = index.schema
+        super().__init__(self.result_schema.empty_table())
+        self.index, self.mode, self.query, self.k = index, mode, query, k
+
+    def get_fragments(self, filter: pc.Expression | None = None) -> list["_Fragment"]:
+        return [_Fragment(self)]
+
+    def scanner(self, columns: list[str] | None = None, filter: pc.Expression | None = None,
+                **_options) -> "_Scan":
+        return _Scan(self, columns, filter)
+
+
+class _Fragment:
+    def __init__(self, results: SearchResults):
+        self.results = results
+
+    def scanner(self, schema=None, columns: list[str] | None = None, filter: pc.Expression | None = None,
+                **_options) -> "_Scan":
+        return _Scan(self.results, columns, filter)
+
+
+class _Scan:
+    def __init__(self, results: SearchResults, columns: list[str] | None, filter: pc.Expression | None):
+        self.results = results
+        self.columns = list(results.result_schema.names) if columns is None else list(columns)
+        self.filter = filter
+
+    @property
+    def projected_schema(self) -> pa.Schema:
+        return pa.schema([self.results.result_schema.field(c) for c in self.columns])
+
+    def to_batches(self) -> Iterator[pa.RecordBatch]:
+        r = self.results
+        if r.query is None or r.k is None:
+            raise SearchError(f"{r.mode}_search: the query and k must be given (bind the parameters)")
+        table = r.index.search(r.mode, r.query, r.k, self.filter)
+        if self.filter is not None:
+            table = table.filter(self.filter)
+        yield from table.select(self.columns).to_batches()

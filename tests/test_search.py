@@ -1,0 +1,126 @@
+"""Vector, full-text and hybrid search over accelerated columns, through Flight SQL."""
+from __future__ import annotations
+
+import adbc_driver_postgresql.dbapi as adbc_postgres
+import pytest
+
+from conftest import serving
+
+INCIDENT = "orders failing after scaling to three replicas: too many database connections"
+POOLER = "connection-pooler-transaction-mode.md"
+PG_URI = "postgresql://postgres@127.0.0.1:5432/test"
+PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+
+
+def _rows(connection, sql: str, params=None) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
+def test_the_incident_finds_the_connection_pooler_guide_first(connection, mode):
+    rows = _rows(connection, f"SELECT path, score, chunk FROM {mode}_search(guides, ?, 3)", (INCIDENT,))
+    assert rows[0][0] == POOLER, rows
+    assert len(rows) == 3 and rows[0][1] > rows[1][1]
+    assert len({r[0] for r in rows}) == 3  # one row per guide, its best chunk
+    assert rows[0][2] and rows[0][2] in _rows(connection, "SELECT content FROM guides WHERE path = ?",
+                                              (POOLER,))[0][0]
+
+
+def test_text_search_with_keywords(connection):
+    rows = _rows(connection, "SELECT path FROM text_search('guides', 'pgbouncer pool_mode', 2, content)")
+    assert rows[0][0] == POOLER
+
+
+def test_where_filters_before_ranking(connection):
+    rows = _rows(connection, "SELECT path FROM vector_search(guides, ?, 3) WHERE path <> ?", (INCIDENT, POOLER))
+    assert len(rows) == 3 and POOLER not in [r[0] for r in rows]  # still k rows: filtered, then ranked
+    only = _rows(connection, "SELECT path FROM hybrid_search(guides, ?, 5) WHERE path LIKE 'cache%'", (INCIDENT,))
+    assert [r[0] for r in only] == ["cache-stampede.md"]
+
+
+def test_search_composes_with_sql(connection):
+    rows = _rows(connection, "SELECT s.path, length(g.content) > 0 FROM vector_search(guides, ?, 2) s "
+                             "JOIN guides g ON g.path = s.path ORDER BY s.score DESC", (INCIDENT,))
+    assert rows[0] == (POOLER, True)
+
+
+def test_search_errors_are_precise_and_the_server_goes_on(connection):
+    for sql, message in [
+        ("SELECT * FROM vector_search(nope, 'x', 3)", "no searchable column nope"),
+        ("SELECT * FROM vector_search(guides, 'x')", "takes 3 or 4 arguments"),
+        ("SELECT * FROM text_search(guides, 'x', 0)", "k a positive integer"),
+        ("SELECT * FROM vector_search(guides, 'x', 3, title)", "no searchable column guides.title"),
+    ]:
+        with pytest.raises(Exception) as raised:
+            _rows(connection, sql)
+        assert message in str(raised.value) and "Traceback" not in str(raised.value)
+    assert _rows(connection, "SELECT count(*) FROM guides")[0][0] == 6
+
+
+def test_embedding_status_is_reported(connection):
+    rows = _rows(connection, "SELECT embedded_total FROM flightdeck.runtime.datasets WHERE name = 'public.guides'")
+    assert rows[0][0] > 6  # chunked on headings and paragraphs: several chunks per guide
+
+
+@pytest.fixture
+def notes_table():
+    try:
+        admin = adbc_postgres.connect(PG_URI, autocommit=True)
+    except Exception as error:
+        pytest.fail(f"PostgreSQL is not reachable: {error}")
+    with admin.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS fd_search CASCADE")
+        cursor.execute("CREATE SCHEMA fd_search")
+        cursor.execute("CREATE TABLE fd_search.notes (id bigint PRIMARY KEY, at timestamptz, note text)")
+        cursor.execute("INSERT INTO fd_search.notes SELECT g, now() - interval '1 hour', "
+                       "'order ' || g || ' ' || (ARRAY['failed: pool exhausted', 'shipped to customer', "
+                       "'refunded after timeout', 'waiting for payment'])[g % 4 + 1] FROM generate_series(1, 10000) g")
+    yield admin
+    with admin.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS fd_search CASCADE")
+    admin.close()
+
+
+def _notes_config(tmp_path, acceleration: dict) -> dict:
+    return {"runtime": {"data_dir": str(tmp_path / "data")},
+            "datasets": [{"from": "postgres:fd_search.notes", "name": "notes", "params": PG, "time_column": "at",
+                          "acceleration": acceleration,
+                          "columns": [{"name": "note", "embeddings": [{"from": "minilm"}]}]}]}
+
+
+def _embedded(runtime) -> tuple[int, int]:
+    row = runtime.engine.query("SELECT embedded_last_refresh, embedded_total FROM flightdeck.runtime.datasets "
+                               "WHERE name = 'public.notes'").read_all().to_pylist()[0]
+    return row["embedded_last_refresh"], row["embedded_total"]
+
+
+def test_a_refresh_embeds_only_the_rows_that_changed(notes_table, tmp_path):
+    with serving(_notes_config(tmp_path, {"engine": "duckdb"}), tmp_path) as runtime:
+        assert runtime.accelerator.refresher("public.notes").loaded.wait(300)
+        assert _embedded(runtime) == (10_000, 10_000)  # every row once
+        with notes_table.cursor() as cursor:
+            cursor.execute("UPDATE fd_search.notes SET note = 'order ' || id || ' stuck: database connection "
+                           "limit reached' WHERE id <= 10")
+        runtime.refresh("notes")
+        assert _embedded(runtime) == (10, 10_010)  # the ten changed rows, nothing else
+        top = runtime.engine.query("SELECT id FROM vector_search(notes, 'too many database connections', 10)")
+        assert sorted(r["id"] for r in top.read_all().to_pylist()) == list(range(1, 11))
+
+
+def test_append_refresh_embeds_new_rows_and_file_copies_keep_their_embeddings(notes_table, tmp_path):
+    config = _notes_config(tmp_path, {"engine": "duckdb", "mode": "file", "refresh_mode": "append",
+                                      "primary_key": "id", "refresh_sql": "SELECT * FROM notes WHERE id <= 300"})
+    with serving(config, tmp_path) as runtime:
+        assert runtime.accelerator.refresher("public.notes").loaded.wait(120)
+        assert _embedded(runtime) == (300, 300)
+        with notes_table.cursor() as cursor:
+            cursor.execute("UPDATE fd_search.notes SET at = now(), note = 'brand new note ' || id WHERE id > 290")
+        runtime.refresh("notes", "SELECT * FROM notes WHERE id <= 305")
+        assert _embedded(runtime) == (15, 315)  # 10 changed in the overlap-free append, 5 new
+    with serving(config, tmp_path) as runtime:  # a restart: the kept copy and its embeddings serve
+        refresher = runtime.accelerator.refresher("public.notes")
+        assert refresher.loaded.is_set()
+        runtime.refresh("notes")
+        assert _embedded(runtime)[1] == 0  # nothing embedded again after the restart
