@@ -43,6 +43,7 @@ test: $(VENV)/.installed-test .venv-fakesnow/.installed services
 bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.flight
 	$(BIN)/python -m bench.federation
+	$(BIN)/python -m bench.embeddings
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"

@@ -1,11 +1,12 @@
 """The query engine: DataFusion over the catalog, behind the read-only gate."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import pyarrow as pa
 import sqlglot
@@ -16,6 +17,7 @@ from sqlglot.tokens import TokenType
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import ConnectorError
 from federation.pushdown import RemoteQuery, backend_requests, literal_value, whole_query
+from federation.subplan import FAILED, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
 
 
@@ -34,7 +36,7 @@ log = logging.getLogger("flightdeck.engine")
 class EngineSettings:
     batch_rows: int = 65_536
     target_partitions: int = os.cpu_count() or 2
-    whole_query_pushdown: bool = True
+    whole_query_pushdown: bool = True  # False: no statement goes down whole, nor any sub-plan
 
 
 @dataclass
@@ -44,6 +46,15 @@ class PlannedQuery:
     schema: pa.Schema
     remote: RemoteQuery | None = None  # set when the whole query runs on one backend
     explain_rows: list[tuple[str, str]] | None = None  # EXPLAIN: what each backend is sent
+    subplans: list[PushedSubplan] = field(default_factory=list)  # parts ``frame`` sends as statements
+    local_frame: DataFrame | None = None  # ``frame`` without them: run when a backend rejects one
+
+
+@dataclass
+class _Split:
+    frame: DataFrame            # the query, reading its pushed parts
+    stated: DataFrame           # the same with the statement's prefix (EXPLAIN) in front
+    subplans: list[PushedSubplan]
 
 
 class QueryEngine:
@@ -59,39 +70,78 @@ class QueryEngine:
                   # Plain string/binary, not the view types: clients (JDBC, older ADBC) expect them.
                   .set("datafusion.execution.parquet.schema_force_view_types", "false"))
         self.ctx = SessionContext(config)
+        self._rewriters: list[Callable[[str], str]] = []
         # The second lock after the gate: the engine itself refuses DDL, DML, COPY and SET.
         self.read_only = (SQLOptions().with_allow_ddl(False).with_allow_dml(False)
                           .with_allow_statements(False))
         catalog.register_into(self.ctx)
+        ensure_hidden_schema(self.ctx)
 
     def plan(self, sql: str, params: list[Any] | None = None) -> PlannedQuery:
         try:
             check_read_only(sql)
         except UnsafeStatement as error:
             raise QueryError(str(error), kind="refused") from None
-        numbered = number_placeholders(sql)
+        original = number_placeholders(sql)
+        numbered = self._rewrite(original)
         values = {str(i + 1): _as_scalar(v) for i, v in enumerate(params or [])}
+        numbered = inline_table_function_arguments(numbered, values)
         try:
             frame = self.ctx.sql(numbered, options=self.read_only, param_values=values or None)
             planned = PlannedQuery(numbered, frame, frame.schema())
+            if numbered != original:  # UDF arguments are coerced (or refused) when the plan is optimized: now
+                frame.optimized_logical_plan()
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
         explained = _EXPLAIN.match(numbered)
         if explained:
-            planned.explain_rows = self._backend_requests(numbered[explained.end():], values)
+            planned.explain_rows = self._backend_requests(planned, numbered[:explained.end()],
+                                                          numbered[explained.end():], values)
         elif self.settings.whole_query_pushdown:
             planned.remote = self._whole_query(frame)
+            split = None if planned.remote is not None else self._split(numbered, frame, values)
+            if split is not None:
+                planned.frame, planned.subplans, planned.local_frame = split.frame, split.subplans, frame
         return planned
 
-    def _backend_requests(self, inner_sql: str, values: dict) -> list[tuple[str, str]]:
-        """For EXPLAIN: the statement or request each backend would receive for the query."""
+    def _backend_requests(self, planned: PlannedQuery, prefix: str, inner_sql: str,
+                          values: dict) -> list[tuple[str, str]]:
+        """For EXPLAIN: the statement or request each backend would receive for the query
+        (and, when parts of it are pushed, the plan that reads them in place of the local one)."""
         try:
             inner = self.ctx.sql(inner_sql, options=self.read_only, param_values=values or None)
             remote = self._whole_query(inner) if self.settings.whole_query_pushdown else None
-            return backend_requests(inner, self.catalog, remote)
+            split = None
+            if remote is None and self.settings.whole_query_pushdown:
+                split = self._split(inner_sql, inner, values, prefix)
+            if split is None:
+                return backend_requests(inner, self.catalog, remote)
+            planned.frame = split.stated
+            return backend_requests(split.frame, self.catalog, None, {s.table: s for s in split.subplans})
         except Exception:
             log.warning("could not describe backend requests", exc_info=True)
             return []
+
+    def _split(self, sql: str, frame: DataFrame, values: dict, prefix: str = "") -> _Split | None:
+        """The query planned with its single-backend parts sent as statements, or None."""
+        def plan(text: str) -> DataFrame:
+            return self.ctx.sql(text, options=self.read_only, param_values=values or None)
+
+        try:
+            split = split_query(sql, frame, self.catalog, plan)
+            if split is None:
+                return None
+            # The hidden tables exist only while planning: the plans keep what they read.
+            with registered(self.ctx, split.subplans):
+                rewritten = plan(split.sql)
+                stated = plan(prefix + split.sql) if prefix else rewritten
+        except Exception:  # never fail a query because parts of it could not be pushed down
+            log.warning("sub-plan pushdown skipped", exc_info=True)
+            return None
+        if rewritten.schema() != frame.schema():
+            log.info("sub-plan pushdown skipped: the rewritten query has another result schema")
+            return None
+        return _Split(rewritten, stated, split.subplans)
 
     def _whole_query(self, frame: DataFrame) -> RemoteQuery | None:
         try:
@@ -100,9 +150,24 @@ class QueryEngine:
             log.warning("whole-query pushdown skipped", exc_info=True)
             return None
 
+    def register_udf(self, udf) -> None:
+        """A scalar function callable from SQL (the Runtime registers model functions this way)."""
+        self.ctx.register_udf(udf)
+
+    def add_rewriter(self, rewrite: Callable[[str], str]) -> None:
+        """``rewrite(sql) -> sql`` runs on every statement, after its ``?`` are numbered and before
+        it is planned: for calls a UDF's fixed signature cannot take (optional or variadic
+        arguments, e.g. ``predict('m', a, b)``). It raises QueryError for a call it refuses."""
+        self._rewriters.append(rewrite)
+
+    def _rewrite(self, sql: str) -> str:
+        for rewrite in self._rewriters:
+            sql = rewrite(sql)
+        return sql
+
     def parameter_schema(self, sql: str) -> pa.Schema:
         """The parameters a statement takes, with the types DataFusion infers for them."""
-        numbered = number_placeholders(sql)
+        numbered = self._rewrite(number_placeholders(sql))
         count = placeholder_count(numbered)
         if count == 0:
             return pa.schema([])
@@ -126,9 +191,27 @@ class QueryEngine:
                 extra = pa.table([pa.array([r[0] for r in planned.explain_rows]),
                                   pa.array([r[1] for r in planned.explain_rows])], schema=explained.schema)
                 return pa.concat_tables([explained, extra]).to_reader()
+            if planned.subplans:
+                return self._with_fallback(planned)
             return pa.RecordBatchReader.from_stream(planned.frame)
         except Exception as error:
             raise self._query_error(error) from None
+
+    def _with_fallback(self, planned: PlannedQuery) -> pa.RecordBatchReader:
+        """The query's stream, its first batch read here: a backend rejects a statement (e.g. a
+        function it lacks) as the scan sending it starts, before any result, and then the query
+        runs without pushed parts instead, as a whole query does."""
+        try:
+            pushed = pa.RecordBatchReader.from_stream(planned.frame)
+            first = pushed.read_next_batch()
+        except StopIteration:
+            return pa.RecordBatchReader.from_batches(planned.schema, [])
+        except Exception as error:
+            if FAILED not in str(error):
+                raise
+            log.info("sub-plan pushdown failed, running in DataFusion: %s", clean_engine_message(str(error)))
+            return pa.RecordBatchReader.from_stream(planned.local_frame)
+        return pa.RecordBatchReader.from_batches(planned.schema, itertools.chain([first], pushed))
 
     def query(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:
         return self.execute(self.plan(sql, params))
@@ -159,7 +242,7 @@ class QueryEngine:
         dataset = self.catalog.find(schema_name, table_name)
         if dataset is None or dataset.connector is None:
             return None
-        return dataset.connector.row_count(dataset.spec.location)
+        return dataset.connector.row_count(dataset.table)
 
     def _query_error(self, error: Exception) -> QueryError:
         message = clean_engine_message(str(error))
@@ -181,15 +264,22 @@ def clean_engine_message(text: str) -> str:
     DataFusion chains causes as "outer\ncaused by\ninner": the innermost cause is
     the precise one, so it goes first.
     """
+    raised_in_python = _PYTHON_ERROR.search(text)  # a Python callback's exception, e.g. a table function
+    if raised_in_python:
+        text = raised_in_python.group(2).replace("\\'", "'")
     lines = [line.strip() for line in text.strip().splitlines()]
     lines = [line for line in lines if line and not _is_python_frame(line)]
     causes = [line for line in lines if line != "caused by"]
     text = causes[-1] if len(causes) > 1 and "caused by" in lines else " ".join(causes)
     text = text or "query failed"
     for prefix in ("DataFusion error: ", "External error: ", "Execution error: ",
-                   "Error during planning: ", "SQL error: ", "ArrowError(ExternalError("):
+                   "Error during planning: ", "SQL error: ", "ArrowError(ExternalError(",
+                   "Arrow error: ", "ConnectorError: "):
         text = text.replace(prefix, "")
     return text.strip() or "query failed"
+
+
+_PYTHON_ERROR = re.compile(r"PyErr \{ type: <class '[^']+'>, value: \w+\((['\"])(.*?)\1\)", re.DOTALL)
 
 
 def _is_python_frame(line: str) -> bool:
@@ -210,6 +300,61 @@ def number_placeholders(sql: str) -> str:
     for index, token in reversed(list(enumerate(question_marks, start=1))):
         sql = sql[:token.start] + f"${index}" + sql[token.end + 1:]
     return sql
+
+
+_CLAUSES = {TokenType.FROM, TokenType.JOIN, TokenType.WHERE, TokenType.GROUP_BY, TokenType.ORDER_BY,
+            TokenType.HAVING, TokenType.LIMIT, TokenType.SELECT, TokenType.ON, TokenType.UNION}
+
+
+def inline_table_function_arguments(numbered_sql: str, values: dict[str, pa.Scalar]) -> str:
+    """``$n`` arguments of table functions (``FROM vector_search(docs, $1, 5)``) as literals.
+
+    DataFusion calls a table function while planning, before parameters are bound, so its
+    arguments must be literals; an unbound one (a statement being prepared) becomes NULL.
+    """
+    try:
+        tokens = sqlglot.tokenize(numbered_sql, read="postgres")
+    except TokenError:
+        return numbered_sql
+    replacements = []  # (start, end, literal)
+    clause_at_depth = [None]
+    call_depth = None  # the paren depth inside a table function's argument list
+    for index, token in enumerate(tokens):
+        kind = token.token_type
+        if kind == TokenType.L_PAREN:
+            previous = tokens[index - 1] if index else None
+            opens_call = (call_depth is None and previous is not None and index >= 2
+                          and previous.token_type == TokenType.VAR
+                          and clause_at_depth[-1] in (TokenType.FROM, TokenType.JOIN)
+                          and tokens[index - 2].token_type in (TokenType.FROM, TokenType.JOIN, TokenType.COMMA))
+            clause_at_depth.append(None)
+            if opens_call:
+                call_depth = len(clause_at_depth)
+        elif kind == TokenType.R_PAREN:
+            if call_depth == len(clause_at_depth):
+                call_depth = None
+            if len(clause_at_depth) > 1:
+                clause_at_depth.pop()
+        elif kind in _CLAUSES:
+            clause_at_depth[-1] = kind
+        elif (kind == TokenType.PARAMETER and call_depth is not None and index + 1 < len(tokens)
+              and tokens[index + 1].token_type == TokenType.NUMBER):
+            number = tokens[index + 1]
+            replacements.append((token.start, number.end + 1, _sql_literal(values.get(number.text))))
+    for start, end, literal in reversed(replacements):
+        numbered_sql = numbered_sql[:start] + literal + numbered_sql[end:]
+    return numbered_sql
+
+
+def _sql_literal(value: pa.Scalar | None) -> str:
+    python = value.as_py() if isinstance(value, pa.Scalar) else value
+    if python is None:
+        return "NULL"
+    if isinstance(python, bool):
+        return "TRUE" if python else "FALSE"
+    if isinstance(python, (int, float)):
+        return repr(python)
+    return "'" + str(python).replace("'", "''") + "'"
 
 
 def placeholder_count(numbered_sql: str) -> int:

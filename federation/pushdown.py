@@ -15,11 +15,16 @@ timestamp→text formats differ), LIKE patterns with a backslash (DuckDB has no 
 any column the backend does not compare exactly (its comparison rule is not EXACT: text under
 a non-C collation, citext, char(n), SQLite dates kept as text, ...), and ``*`` or a column count that differs from
 the plan's (the unparser drops duplicate names).
+
+The same guards decide about the parts of a query that reads several backends: see
+``federation.subplan``, which offers each single-backend part to ``whole_query``.
 """
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from typing import Mapping, Protocol
 
 import pyarrow as pa
 import sqlglot
@@ -55,10 +60,9 @@ def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
     if not _safe_plan(plan, scans) or not scans:
         return None
     datasets = [_dataset(catalog, fqn) for fqn in scans]
-    if any(d is None or not isinstance(d.connector, SqlConnector) for d in datasets):
-        return None
-    connector = datasets[0].connector
-    if any(d.connector is not connector for d in datasets) or connector.dialect not in DIALECTS:
+    backends = [sql_backend(d) for d in datasets]
+    connector = backends[0]
+    if connector is None or any(b is not connector for b in backends):
         return None
     try:
         sql = unparser.Unparser(DIALECTS[connector.dialect]()).plan_to_sql(plan)
@@ -68,8 +72,18 @@ def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
         return None
     if not _same_meaning(tree, connector, datasets) or not _same_columns(tree, frame):
         return None
+    if not _in_plan_order(tree, plan, frame.schema().names):
+        return None
     _point_at_remote_tables(tree, catalog, connector)
     return RemoteQuery(connector, tree.sql(dialect=connector.dialect))
+
+
+def sql_backend(dataset: Dataset | None) -> SqlConnector | None:
+    """The connector a dataset is read through when statements may be sent to it: SQL, in a
+    dialect whose differences from DataFusion are known (see above)."""
+    if dataset is None or dataset.state != "ready" or not isinstance(dataset.connector, SqlConnector):
+        return None
+    return dataset.connector if dataset.connector.dialect in DIALECTS else None
 
 
 def _safe_plan(node, scans: list[tuple]) -> bool:
@@ -92,7 +106,7 @@ def _dataset(catalog: Catalog, fqn: tuple) -> Dataset | None:
 def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[Dataset]) -> bool:
     types = {f.name: f.type for d in datasets for f in d.arrow_schema}
     decimal_columns = {name for name, t in types.items() if pa.types.is_decimal(t)}
-    rules = [connector.comparison_rules(d.spec.location) for d in datasets]
+    rules = [connector.comparison_rules(d.table) for d in datasets]
     inexact = {name for rule in rules for name, kind in rule.items() if kind != fx.EXACT}
     if connector.dialect == "sqlite":
         inexact |= decimal_columns  # SQLite keeps decimals as binary floats
@@ -134,6 +148,52 @@ def _same_columns(tree: exp.Expression, frame: DataFrame) -> bool:
     return len(tree.expressions) == len(frame.schema())
 
 
+_BARE_NAME = re.compile(r"\w+")
+_FUNCTION_NAME = re.compile(r"(\w+)\(")
+
+
+def _in_plan_order(tree: exp.Select, plan, names: list[str]) -> bool:
+    """The statement's result columns in the plan's order: results are read by position. The
+    unparser writes an Aggregate with no Projection above it as ``SELECT <aggregates>,
+    <groups>``; those are put back in order, and anything else out of order is refused."""
+    expressions = list(tree.expressions)
+    if _named_like(expressions, names):
+        return True
+    top = plan
+    while type(top.to_variant()).__name__ in ("Sort", "Limit", "Filter"):  # ORDER BY, LIMIT, HAVING
+        top = top.inputs()[0]
+    if type(top.to_variant()).__name__ != "Aggregate":
+        return False
+    aggregates = len(top.to_variant().aggregate_exprs())
+    rotated = expressions[aggregates:] + expressions[:aggregates]
+    group, order = tree.args.get("group"), tree.args.get("order")
+    ordinals = any(isinstance(e, exp.Literal) for e in (group.expressions if group else [])) or any(
+        isinstance(o.this, exp.Literal) for o in (order.expressions if order else []))
+    if ordinals or not _named_like(rotated, names):
+        return False  # positions in GROUP BY / ORDER BY would move with the columns
+    tree.set("expressions", rotated)
+    return True
+
+
+def _named_like(expressions: list[exp.Expression], names: list[str]) -> bool:
+    """Each expression could be the plan's column of that name: an alias or column by its name,
+    an aggregate by its function, anything computed by a name that is not a bare column's."""
+    for expression, name in zip(expressions, names):
+        if isinstance(expression, exp.Alias):
+            same = expression.alias == name
+        elif isinstance(expression, exp.Column):
+            same = expression.name == name
+        else:
+            same = not _BARE_NAME.fullmatch(name)
+            if same and isinstance(expression, exp.AggFunc):
+                called = _FUNCTION_NAME.match(name)
+                function = expression.name if isinstance(expression, exp.Anonymous) else expression.key
+                same = called is not None and called.group(1).lower() == function.lower()
+        if not same:
+            return False
+    return True
+
+
 def _columns_in(node: exp.Expression) -> set[str]:
     return {column.name for column in node.find_all(exp.Column)}
 
@@ -144,7 +204,7 @@ def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: S
         dataset = catalog.find(table.db or DEFAULT_SCHEMA, table.name)
         if dataset is None:
             continue
-        remote = sqlglot.parse_one(f"SELECT 1 FROM {connector.quote_table(dataset.spec.location)}",
+        remote = sqlglot.parse_one(f"SELECT 1 FROM {connector.quote_table(dataset.table)}",
                                    read=connector.dialect).find(exp.Table)
         alias = table.alias or table.name
         replacement = remote.copy()
@@ -190,23 +250,39 @@ def planner_filter(expression) -> fx.Expr | None:
     return None
 
 
-def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | None) -> list[tuple[str, str]]:
-    """(label, request) per backend the query will reach: the whole statement, or each scan's."""
+class SubplanRequests(Protocol):
+    """A pushed sub-plan as EXPLAIN sees it (federation.subplan.PushedSubplan)."""
+
+    def describe(self) -> str: ...
+
+    def request(self, columns: list[str] | None, filters: list[fx.Expr]) -> str: ...
+
+
+def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | None,
+                     subplans: Mapping[str, SubplanRequests] | None = None) -> list[tuple[str, str]]:
+    """(label, request) per backend the query will reach: the whole statement, or each scan's.
+    ``subplans`` (hidden table name -> sub-plan) are parts sent as statements of their own."""
     if remote is not None:
         return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.sql)]
     requests = []
     for node in _table_scans(frame.optimized_logical_plan()):
         variant = node.to_variant()
-        dataset = _dataset(catalog, tuple(p for p in variant.fqn() if p))
-        if dataset is None or dataset.connector is None or _read_natively(dataset):
-            continue
+        fqn = tuple(p for p in variant.fqn() if p)
         columns = [name for _, name in variant.projection()]
         filters = [f for f in (planner_filter(e) for e in variant.filters()) if f is not None]
+        # What the scan fetches: a pushed filter may name columns outside the projection.
+        needed = columns + sorted(set().union(*(fx.referenced_columns(f) for f in filters)) - set(columns))
+        subplan = (subplans or {}).get(fqn[-1])
+        if subplan is not None:
+            requests.append((f"flightdeck: sub-plan sent to {subplan.describe()}", subplan.request(needed, filters)))
+            continue
+        dataset = _dataset(catalog, fqn)
+        if dataset is None or dataset.connector is None or _read_natively(dataset):
+            continue
         connector = dataset.connector
         label = f"flightdeck: scan of {dataset.qualified_name} on {connector.describe()}"
         if isinstance(connector, SqlConnector):
-            needed = columns + sorted(set().union(*(fx.referenced_columns(f) for f in filters)) - set(columns))
-            requests.append((label, connector.select_sql(dataset.spec.location, needed, filters, None)))
+            requests.append((label, connector.select_sql(dataset.table, needed, filters, None)))
         else:
             requests.append((label, f"columns {columns}; filters pushed where the source can take them: "
                                     f"{[str(f) for f in filters]}"))
@@ -220,4 +296,4 @@ def _table_scans(node) -> list:
 
 
 def _read_natively(dataset: Dataset) -> bool:
-    return dataset.spec.kind == "file"  # DataFusion's own plan lines describe these scans
+    return dataset.spec.kind == "file" and not dataset.spec.accelerated  # DataFusion describes these scans

@@ -16,8 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from accel.spec import AccelerationSpec
+from flight.search import ColumnSearchSpec
 from federation.catalog import DatasetSpec
 from federation.connectors import check_kind
+from inference.errors import ModelError
+from inference.registry import BUNDLED_MINILM, ModelRegistry
 
 ENV_REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -143,6 +146,32 @@ class Acceleration(_Strict):
         return self.on_conflict
 
 
+class Chunking(_Strict):
+    enabled: bool = True
+    target_chunk_size: int = Field(default=800, ge=50, le=100_000)   # characters
+    overlap_size: int = Field(default=100, ge=0, le=10_000)
+
+
+class ColumnEmbedding(_Strict):
+    from_: str = Field(alias="from")   # the name of an embedding model (`minilm` is always there)
+    chunking: Chunking | None = None
+
+
+class FullTextSearch(_Strict):
+    enabled: bool = True
+
+
+class ColumnConfig(_Strict):
+    name: str
+    description: str = ""
+    embeddings: list[ColumnEmbedding] = Field(default_factory=list, max_length=1)
+    full_text_search: FullTextSearch | None = None
+
+    @property
+    def searchable(self) -> bool:
+        return bool(self.embeddings) or bool(self.full_text_search and self.full_text_search.enabled)
+
+
 class DatasetConfig(_Strict):
     from_: str = Field(alias="from")
     name: str
@@ -151,13 +180,34 @@ class DatasetConfig(_Strict):
     time_column: str | None = None
     ready_state: Literal["on_load", "on_registration"] = "on_load"
     acceleration: Acceleration | None = None
+    columns: list[ColumnConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent_acceleration(self) -> "DatasetConfig":
         spec = self.acceleration_spec()
         if spec is not None and spec.problems():
             raise ValueError(f"acceleration: {spec.problems()[0]}")
+        searchable = [c.name for c in self.columns if c.searchable]
+        if searchable and not self.accelerated:
+            raise ValueError(f"columns {searchable}: embeddings and full-text search are built when the "
+                             "accelerated copy refreshes: enable acceleration on this dataset")
         return self
+
+    def search_specs(self) -> list[ColumnSearchSpec]:
+        qualified = self.name if "." in self.name else f"public.{self.name}"
+        specs = []
+        for column in self.columns:
+            if not column.searchable:
+                continue
+            embedding = column.embeddings[0] if column.embeddings else None
+            chunking = embedding.chunking if embedding and embedding.chunking else None
+            specs.append(ColumnSearchSpec(
+                dataset=qualified, column=column.name, model=embedding.from_ if embedding else None,
+                chunking=bool(chunking and chunking.enabled),
+                target_chunk_size=chunking.target_chunk_size if chunking else 800,
+                overlap_size=chunking.overlap_size if chunking else 100,
+                full_text=bool(column.full_text_search and column.full_text_search.enabled)))
+        return specs
 
     @property
     def accelerated(self) -> bool:
@@ -204,12 +254,124 @@ class DatasetConfig(_Strict):
                            description=self.description, accelerated=self.accelerated)
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def _model_name(value: str) -> str:
+    if not MODEL_NAME.match(value):
+        raise ValueError("expected a name like 'minilm' or 'churn-v2' (letters, digits, '_', '.', '-'); "
+                         "SQL calls it by this name, e.g. embed(text, 'minilm')")
+    return value
+
+
+def _check_with_registry(**entries) -> None:
+    """The rules that tie keys together (a .onnx file needs a tokenizer, ...) live in the registry."""
+    try:
+        ModelRegistry(**entries)
+    except ModelError as error:  # the location already names the entry
+        raise ValueError(re.sub(r"^(embedding )?model '[^']*': ", "", str(error))) from None
+
+
+class EmbeddingParams(_Strict):
+    quantization: Literal["none", "int8"] = "none"
+    threads: int | None = Field(default=None, ge=1, le=1024)           # onnxruntime intra-op threads
+    inter_op_threads: int | None = Field(default=None, ge=1, le=1024)
+    batch_size: int | None = Field(default=None, ge=1, le=65_536)      # texts per onnxruntime run
+    max_seq_length: int | None = Field(default=None, ge=2, le=8192)    # tokens; longer texts are cut
+    tokenizer: str | None = None                                        # tokenizer.json, for .onnx files
+    pooling: Literal["mean", "cls", "max"] | None = None               # .onnx files only
+    normalize: bool | None = None                                       # .onnx files only
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class EmbeddingConfig(_Strict):
+    """`embeddings[]`: a text embedding model, called in SQL as embed(text, 'name')."""
+    name: str
+    from_: str = Field(alias="from")  # minilm | huggingface:sentence-transformers/all-MiniLM-L6-v2 | file:PATH
+    description: str = ""
+    params: EmbeddingParams = Field(default_factory=EmbeddingParams)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _model_name(value)
+
+    @field_validator("from_")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value.strip().lower() in BUNDLED_MINILM or value.startswith("file:"):
+            return value
+        if value.startswith("huggingface:"):
+            raise ValueError("only huggingface:sentence-transformers/all-MiniLM-L6-v2 is bundled (there is no "
+                             "model hub access); save another model to a folder and use file:path/to/folder")
+        raise ValueError("expected minilm, huggingface:sentence-transformers/all-MiniLM-L6-v2, "
+                         "file:<sentence-transformers folder> or file:<model>.onnx")
+
+    @model_validator(mode="after")
+    def _loadable(self) -> "EmbeddingConfig":
+        _check_with_registry(embeddings=[self.registry_entry()])
+        return self
+
+    def registry_entry(self) -> dict[str, Any]:
+        return {"name": self.name, "from": self.from_,
+                "params": self.params.model_dump(exclude_none=True, exclude_defaults=True)}
+
+
+class ModelParams(_Strict):
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    inter_op_threads: int | None = Field(default=None, ge=1, le=1024)
+
+
+class ModelConfig(_Strict):
+    """`models[]`: a tabular ONNX model (e.g. from skl2onnx), called as predict('name', col, ...)."""
+    name: str
+    from_: str = Field(alias="from")  # file:PATH.onnx
+    description: str = ""
+    params: ModelParams = Field(default_factory=ModelParams)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _model_name(value)
+
+    @field_validator("from_")
+    @classmethod
+    def _onnx_file(cls, value: str) -> str:
+        if not value.startswith("file:") or not value.lower().endswith(".onnx"):
+            raise ValueError("expected 'file:<path>.onnx' (an ONNX file, e.g. exported with skl2onnx)")
+        return value
+
+    def registry_entry(self) -> dict[str, Any]:
+        return {"name": self.name, "from": self.from_, "params": self.params.model_dump(exclude_none=True)}
+
+
+def _unique(entries: list, key: str) -> None:
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        if entry.name in seen:
+            raise ValueError(f"{key}[{index}].name: '{entry.name}' is already used by {key}[{seen[entry.name]}]")
+        seen[entry.name] = index
+
+
 class FlightdeckConfig(_Strict):
     version: str = "v1"
     kind: str = "Flightdeck"
     name: str = "flightdeck"
     runtime: Runtime = Field(default_factory=Runtime)
     datasets: list[DatasetConfig] = Field(default_factory=list)
+    # None (no key): only the bundled `minilm`; it is there in any case unless a list names its own.
+    embeddings: list[EmbeddingConfig] | None = None
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> "FlightdeckConfig":
+        _unique(self.embeddings or [], "embeddings")
+        _unique(self.models, "models")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> "FlightdeckConfig":
@@ -224,6 +386,9 @@ class FlightdeckConfig(_Strict):
 
     def dataset_specs(self) -> list[DatasetSpec]:
         return [d.spec() for d in self.datasets]
+
+    def search_specs(self) -> list[ColumnSearchSpec]:
+        return [spec for dataset in self.datasets for spec in dataset.search_specs()]
 
     def acceleration_specs(self) -> list[AccelerationSpec]:
         return [spec for spec in (d.acceleration_spec() for d in self.datasets) if spec is not None]

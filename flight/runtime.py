@@ -10,6 +10,8 @@ from federation.catalog import Catalog
 from federation.engine import EngineSettings, QueryEngine
 from flight.auth import AuthPolicy
 from flight.config import LoadedConfig
+from flight.search import DatasetSearchSettings, SearchIndexes
+from flight.models import ModelFunctions, model_registry
 from flight.server import FlightSqlServer
 
 log = logging.getLogger("flightdeck.runtime")
@@ -25,6 +27,11 @@ class Runtime:
         self.accelerator = self._accelerator(loaded)
         self.catalog.status_extension = self._acceleration_status
         self.engine = QueryEngine(self.catalog, EngineSettings(batch_rows=runtime.limits.batch_rows))
+        # `embeddings` / `models` from the config (plus the bundled minilm), each loaded on first use;
+        # embed() and predict() in SQL.
+        self.models = model_registry(loaded)
+        self.model_functions = ModelFunctions(self.models).install(self.engine)
+        self.search = self._search_indexes(loaded)
         host = flight_host or runtime.flight.host
         port = runtime.flight.port if flight_port is None else flight_port
         auth = AuthPolicy(runtime.auth.api_keys, {u.username: u.password for u in runtime.auth.users})
@@ -54,6 +61,27 @@ class Runtime:
             self.catalog.close()
             raise
 
+    def _search_indexes(self, loaded: LoadedConfig) -> SearchIndexes:
+        """Search indexes over accelerated columns, rebuilt by each refresh; SQL table functions."""
+        accelerations = {spec.dataset: spec for spec in loaded.config.acceleration_specs()}
+
+        def settings(dataset: str) -> DatasetSearchSettings:
+            acceleration = accelerations[dataset]
+            return DatasetSearchSettings(
+                self.catalog.datasets[dataset].arrow_schema,
+                loaded.data_dir / "embeddings" if acceleration.mode == "file" else None,
+                acceleration.ready_timeout)
+
+        specs = [spec for spec in loaded.config.search_specs() if spec.dataset in self.accelerator.refreshers]
+        indexes = SearchIndexes(specs, self.models.embedder, settings)
+        for dataset in indexes.datasets():
+            refresher = self.accelerator.refreshers.get(dataset)
+            if refresher is not None:
+                refresher.listeners.append(lambda r, name=dataset: indexes.on_refreshed(name, r.store.read_all()))
+        for function in indexes.table_functions():
+            self.engine.ctx.register_udtf(function)
+        return indexes
+
     def refresh(self, dataset: str, refresh_sql: str | None = None) -> dict:
         """Refresh an accelerated dataset now; returns its status after the refresh."""
         self.accelerator.refresh(dataset, refresh_sql)
@@ -64,10 +92,12 @@ class Runtime:
         if refresher is None:
             return {}
         row = refresher.status_row()
+        row["embedded_last_refresh"], row["embedded_total"] = self.search.embedded(dataset)
         return {"acceleration": f"{row['engine']} ({row['mode']})", "refresh_state": row["state"],
                 **{key: row[key] for key in ("refresh_mode", "last_refresh_start", "last_refresh_end",
                                              "last_refresh_rows", "rows_loaded", "rows", "bytes",
-                                             "last_error", "data_as_of", "refreshes", "failures")}}
+                                             "last_error", "data_as_of", "refreshes", "failures",
+                                             "embedded_last_refresh", "embedded_total")}}
 
     def serve(self) -> None:
         """Serve until SIGINT/SIGTERM (or shutdown()); then release every backend."""

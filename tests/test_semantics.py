@@ -72,6 +72,26 @@ def test_postgres_collations_citext_char_and_nan(pg_probe, tmp_path):
     assert engine.plan("SELECT id, n FROM t WHERE n > 0").remote is not None  # numbers still go down whole
 
 
+def test_sub_plans_of_mixed_queries_keep_the_meaning(pg_probe, tmp_path):
+    """Two PostgreSQL tables joined with a SQLite one: the PostgreSQL join goes down only
+    where every column it touches compares exactly and every expression means the same."""
+    with sqlite3.connect(tmp_path / "labels.sqlite") as con:
+        con.execute("CREATE TABLE labels (id INTEGER, label TEXT)")
+        con.executemany("INSERT INTO labels VALUES (?, ?)", [(1, "one"), (2, "two"), (3, "three")])
+    specs = pg_probe + [DatasetSpec("labels", "sqlite:labels", {"sqlite_file": "labels.sqlite"})]
+    join = "FROM t JOIN t2 ON t2.id = t.id JOIN labels l ON l.id = t.id"
+    pushed_sql = [f"SELECT l.label, t.r {join} WHERE t.r > 0", f"SELECT l.label, t2.n {join} WHERE NOT (t.r < 0)",
+                  f"SELECT l.label, t.n + t2.n AS m {join} WHERE t2.n IS NOT NULL",
+                  f"SELECT l.label, CAST(t.r AS INT) AS i {join} WHERE t.id = 2",  # the cast stays local
+                  f"SELECT l.label {join} WHERE t.n / 2 < t2.n"]  # so does the division
+    local_sql = [f"SELECT l.label {join} WHERE t.icu < 'a'", f"SELECT l.label {join} WHERE t.ci = 'abc'",
+                 f"SELECT l.label {join} WHERE t.ch = 'ab'", f"SELECT l.label, t.icu {join} ORDER BY t.icu",
+                 "SELECT l.label FROM t JOIN t2 ON t2.n / 2 = t.n JOIN labels l ON l.id = t.id"]  # no cross product
+    engine = check(specs, tmp_path, pushed_sql + local_sql + [f"SELECT lower(t.s) AS low, l.label {join}"])
+    assert all(len(engine.plan(sql).subplans) == 1 for sql in pushed_sql)
+    assert all(engine.plan(sql).subplans == [] for sql in local_sql)
+
+
 def test_mysql_case_insensitive_collation(tmp_path):
     admin = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
     with admin.cursor() as cursor:
