@@ -43,7 +43,9 @@ test: $(VENV)/.installed-test .venv-fakesnow/.installed services
 bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.flight
 	$(BIN)/python -m bench.federation
+	$(BIN)/python -m bench.acceleration
 	$(BIN)/python -m bench.embeddings
+	$(BIN)/python -m bench.search
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"

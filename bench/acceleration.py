@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.flight import DATA, RESULTS, flightdeck_server
-from tests.tpch_queries import QUERIES
+from tests.tpch_queries import QUERIES, sql_type
 
 TABLES = ("nation", "region", "part", "supplier", "partsupp", "customer", "orders", "lineitem")
 PG_URI = "postgresql://postgres@127.0.0.1:5432/test"
@@ -55,18 +55,6 @@ def _plain(table: pa.Table) -> pa.Table:
                                  for f in table.schema]))
 
 
-def _pg_type(arrow_type: pa.DataType) -> str:
-    if pa.types.is_decimal(arrow_type):
-        return f"NUMERIC({arrow_type.precision},{arrow_type.scale})"
-    if pa.types.is_date32(arrow_type):
-        return "DATE"
-    if pa.types.is_int32(arrow_type):
-        return "INTEGER"
-    if pa.types.is_int64(arrow_type):
-        return "BIGINT"
-    return "TEXT"
-
-
 def load_postgres(folder: Path, schema: str) -> int:
     """Load the Parquet files into ``schema`` unless it already holds them; returns total rows."""
     expected = {name: pq.ParquetFile(folder / f"{name}.parquet").metadata.num_rows for name in TABLES}
@@ -80,7 +68,7 @@ def load_postgres(folder: Path, schema: str) -> int:
         for name in TABLES:
             table = _plain(pq.read_table(folder / f"{name}.parquet"))
             progress(f"loading {name} ({table.num_rows:,} rows) into PostgreSQL")
-            columns = ", ".join(f"{f.name} {_pg_type(f.type)}" for f in table.schema)
+            columns = ", ".join(f"{f.name} {sql_type(f.type, 'postgres')}" for f in table.schema)
             cursor.execute(f"CREATE TABLE {schema}.{name} ({columns})")
             cursor.adbc_ingest(name, table, mode="append", db_schema_name=schema)
             cursor.execute(f"ANALYZE {schema}.{name}")

@@ -253,9 +253,17 @@ class QueryEngine:
             if dataset is not None and dataset.state == "unavailable":
                 return QueryError(f"dataset {dataset.spec.name} is unavailable: {dataset.error}",
                                   kind="unavailable")
-        if "External error" in str(error) or "ConnectorError" in str(error):
-            return QueryError(message, kind="unavailable")
-        return QueryError(message)
+        return QueryError(message, kind=error_kind(str(error)))
+
+
+def error_kind(text: str) -> str:
+    """A DataFusion error's kind: a backend's failure is "unavailable" (a client may retry), a
+    Python function refusing its input (a model, a search) or anything else is "invalid"."""
+    if "ConnectorError" in text:
+        return "unavailable"
+    if "PyErr" in text or "QueryError" in text:
+        return "invalid"
+    return "unavailable" if "External error" in text else "invalid"
 
 
 def clean_engine_message(text: str) -> str:

@@ -19,33 +19,37 @@ from federation.arrow_expr import decode_fully, referenced_fields
 from federation.connectors.base import Connector
 
 
-class ConnectorDataset(ds.InMemoryDataset):
-    def __init__(self, connector: Connector, table: str, schema: pa.Schema):
+class LazyDataset(ds.InMemoryDataset):
+    """A pyarrow dataset that DataFusion scans lazily: a subclass makes the batches for the
+    columns and filter DataFusion pushes (``batches``). These are the calls DataFusion 55
+    makes on a Python dataset (NOTES.md); this class is the one place that knows them."""
+
+    def __init__(self, schema: pa.Schema):
         super().__init__(schema.empty_table())
-        self.connector = connector
-        self.table = table
         self.table_schema = schema
 
-    def get_fragments(self, filter: pc.Expression | None = None) -> list["ConnectorFragment"]:
-        return [ConnectorFragment(self)]
+    def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def get_fragments(self, filter: pc.Expression | None = None) -> list["_Fragment"]:
+        return [_Fragment(self)]
 
     def scanner(self, columns: list[str] | None = None, filter: pc.Expression | None = None,
-                **_options) -> "ConnectorScan":
-        return ConnectorScan(self, columns, filter)
+                **_options) -> "_Scan":
+        return _Scan(self, columns, filter)
 
 
-class ConnectorFragment:
-    def __init__(self, dataset: ConnectorDataset):
+class _Fragment:
+    def __init__(self, dataset: LazyDataset):
         self.dataset = dataset
 
     def scanner(self, schema: pa.Schema | None = None, columns: list[str] | None = None,
-                filter: pc.Expression | None = None, **_options) -> "ConnectorScan":
-        return ConnectorScan(self.dataset, columns, filter)
+                filter: pc.Expression | None = None, **_options) -> "_Scan":
+        return _Scan(self.dataset, columns, filter)
 
 
-class ConnectorScan:
-    def __init__(self, dataset: ConnectorDataset, columns: list[str] | None,
-                 filter: pc.Expression | None):
+class _Scan:
+    def __init__(self, dataset: LazyDataset, columns: list[str] | None, filter: pc.Expression | None):
         self.dataset = dataset
         self.columns = list(dataset.table_schema.names) if columns is None else list(columns)
         self.filter = filter
@@ -55,21 +59,31 @@ class ConnectorScan:
         return pa.schema([self.dataset.table_schema.field(c) for c in self.columns])
 
     def to_batches(self) -> Iterator[pa.RecordBatch]:
+        return self.dataset.batches(self.columns, self.filter)
+
+
+class ConnectorDataset(LazyDataset):
+    def __init__(self, connector: Connector, table: str, schema: pa.Schema):
+        super().__init__(schema)
+        self.connector = connector
+        self.table = table
+
+    def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
         # A pushed filter may name columns outside the projection: fetch them too.
-        filter_columns = sorted(referenced_fields(self.filter) - set(self.columns))
-        fetched = self.columns + filter_columns
-        decoded, complete = decode_fully(self.filter)
+        filter_columns = sorted(referenced_fields(filter) - set(columns))
+        fetched = columns + filter_columns
+        decoded, complete = decode_fully(filter)
         conjuncts = fx.conjuncts(decoded)
-        connector, table = self.dataset.connector, self.dataset.table
+        connector, table = self.connector, self.table
         # Filter again unless the source applied the whole filter exactly: pyarrow's own
         # comparison rules (e.g. NaN never greater) are not DataFusion's.
-        refilter = self.filter is not None and not (complete and connector.filters_exact(table, conjuncts))
+        refilter = filter is not None and not (complete and connector.filters_exact(table, conjuncts))
         reader = connector.scan(table, fetched, conjuncts, None)
-        target = self.projected_schema
+        target = pa.schema([self.table_schema.field(c) for c in columns])
         for batch in reader:
             if refilter:
-                batch = batch.filter(self.filter)
-            batch = batch.select(self.columns)
+                batch = batch.filter(filter)
+            batch = batch.select(columns)
             if batch.schema != target:
                 batch = batch.cast(target)
             yield batch

@@ -124,7 +124,7 @@ class PushedSubplan(Connector):
 
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
-        # ConnectorScan re-applies the whole filter (filters_exact is False): pushing one is
+        # ConnectorDataset re-applies the whole filter (filters_exact is False): pushing one is
         # only ever a narrowing of what crosses the wire.
         fetched = self._fetched(columns)
         target = pa.schema([self.result_schema.field(c) for c in fetched])

@@ -288,17 +288,21 @@ class EmbeddingParams(_Strict):
         return value.lower() if isinstance(value, str) else value
 
 
-class EmbeddingConfig(_Strict):
-    """`embeddings[]`: a text embedding model, called in SQL as embed(text, 'name')."""
+class _NamedModel(_Strict):
     name: str
-    from_: str = Field(alias="from")  # minilm | huggingface:sentence-transformers/all-MiniLM-L6-v2 | file:PATH
+    from_: str = Field(alias="from")
     description: str = ""
-    params: EmbeddingParams = Field(default_factory=EmbeddingParams)
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return _model_name(value)
+
+
+class EmbeddingConfig(_NamedModel):
+    """`embeddings[]`: a text embedding model, called in SQL as embed(text, 'name');
+    `from`: minilm | huggingface:sentence-transformers/all-MiniLM-L6-v2 | file:PATH."""
+    params: EmbeddingParams = Field(default_factory=EmbeddingParams)
 
     @field_validator("from_")
     @classmethod
@@ -326,17 +330,10 @@ class ModelParams(_Strict):
     inter_op_threads: int | None = Field(default=None, ge=1, le=1024)
 
 
-class ModelConfig(_Strict):
-    """`models[]`: a tabular ONNX model (e.g. from skl2onnx), called as predict('name', col, ...)."""
-    name: str
-    from_: str = Field(alias="from")  # file:PATH.onnx
-    description: str = ""
+class ModelConfig(_NamedModel):
+    """`models[]`: a tabular ONNX model (e.g. from skl2onnx), called as predict('name', col, ...);
+    `from`: file:PATH.onnx."""
     params: ModelParams = Field(default_factory=ModelParams)
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        return _model_name(value)
 
     @field_validator("from_")
     @classmethod
@@ -371,6 +368,18 @@ class FlightdeckConfig(_Strict):
     def _unique_model_names(self) -> "FlightdeckConfig":
         _unique(self.embeddings or [], "embeddings")
         _unique(self.models, "models")
+        return self
+
+    @model_validator(mode="after")
+    def _known_column_models(self) -> "FlightdeckConfig":
+        known = {e.name for e in self.embeddings or []} | {"minilm"}  # the bundled one is always there
+        for index, dataset in enumerate(self.datasets):
+            for column_index, column in enumerate(dataset.columns):
+                for embedding in column.embeddings:
+                    if embedding.from_ not in known:
+                        raise ValueError(
+                            f"datasets[{index}].columns[{column_index}].embeddings[0].from: unknown embedding "
+                            f"model '{embedding.from_}' (known: {', '.join(sorted(known))})")
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,6 +31,7 @@ import pyarrow.dataset as ds
 from datafusion import Table, udtf
 
 from federation.arrow_expr import referenced_fields
+from federation.scan import LazyDataset
 from inference.chunking import chunk_document
 from inference.embedder import TextEmbedder
 from inference.search import SearchResult, TextIndex, VectorIndex, reciprocal_rank_fusion
@@ -38,6 +40,8 @@ log = logging.getLogger("flightdeck.search")
 MODES = ("vector", "text", "hybrid")
 RESULT_FIELDS = [pa.field("score", pa.float64()), pa.field("chunk", pa.string())]
 FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
+EMBED_SLICE = 2048  # texts per embedder call while indexing: progress can be reported between them
+PROGRESS_EVERY_SECONDS = 5.0
 
 
 class SearchError(ValueError):
@@ -123,9 +127,7 @@ class ColumnIndex:
         if missing:
             log.info("%s.%s: embedding %s chunks (%s already embedded)", self.spec.dataset, self.spec.column,
                      f"{len(missing):,}", f"{len(keys) - len(missing):,}")
-            fresh = self._embedder().embed_numpy([texts[i] for i in missing])
-            for row, i in enumerate(missing):
-                self._cache[keys[i]] = fresh[row]
+            self._embed_missing([texts[i] for i in missing], [keys[i] for i in missing])
         self.embedded_last = len(missing)
         self.embedded_total += len(missing)
         dim = next(iter(self._cache.values())).shape[0] if self._cache else 1
@@ -134,6 +136,19 @@ class ColumnIndex:
         if missing:
             self._save_cache()
         return VectorIndex(matrix)
+
+    def _embed_missing(self, texts: list[str], keys: list[bytes]) -> None:
+        """Embed in slices, with a progress line every few seconds (100k rows take minutes)."""
+        started = last_report = time.monotonic()
+        for start in range(0, len(texts), EMBED_SLICE):
+            fresh = self._embedder().embed_numpy(texts[start:start + EMBED_SLICE])
+            for offset, vector in enumerate(fresh):
+                self._cache[keys[start + offset]] = vector
+            done, now = min(start + EMBED_SLICE, len(texts)), time.monotonic()
+            if now - last_report >= PROGRESS_EVERY_SECONDS and done < len(texts):
+                last_report = now
+                log.info("%s.%s: embedded %s of %s chunks (%.0f/s)", self.spec.dataset, self.spec.column,
+                         f"{done:,}", f"{len(texts):,}", done / (now - started))
 
     def _load_cache(self) -> dict[bytes, np.ndarray]:
         if self.cache_file is None or not self.cache_file.exists():
@@ -313,46 +328,17 @@ def _argument(expression) -> object:
     return value.as_py() if isinstance(value, pa.Scalar) else value
 
 
-class SearchResults(ds.InMemoryDataset):
+class SearchResults(LazyDataset):
     """One search, run when DataFusion scans it, with the WHERE it pushes applied first."""
 
     def __init__(self, index: ColumnIndex, mode: str, query: str | None, k: int | None):
-        self.result_schema = index.schema
-        super().__init__(self.result_schema.empty_table())
+        super().__init__(index.schema)
         self.index, self.mode, self.query, self.k = index, mode, query, k
 
-    def get_fragments(self, filter: pc.Expression | None = None) -> list["_Fragment"]:
-        return [_Fragment(self)]
-
-    def scanner(self, columns: list[str] | None = None, filter: pc.Expression | None = None,
-                **_options) -> "_Scan":
-        return _Scan(self, columns, filter)
-
-
-class _Fragment:
-    def __init__(self, results: SearchResults):
-        self.results = results
-
-    def scanner(self, schema=None, columns: list[str] | None = None, filter: pc.Expression | None = None,
-                **_options) -> "_Scan":
-        return _Scan(self.results, columns, filter)
-
-
-class _Scan:
-    def __init__(self, results: SearchResults, columns: list[str] | None, filter: pc.Expression | None):
-        self.results = results
-        self.columns = list(results.result_schema.names) if columns is None else list(columns)
-        self.filter = filter
-
-    @property
-    def projected_schema(self) -> pa.Schema:
-        return pa.schema([self.results.result_schema.field(c) for c in self.columns])
-
-    def to_batches(self) -> Iterator[pa.RecordBatch]:
-        r = self.results
-        if r.query is None or r.k is None:
-            raise SearchError(f"{r.mode}_search: the query and k must be given (bind the parameters)")
-        table = r.index.search(r.mode, r.query, r.k, self.filter)
-        if self.filter is not None:
-            table = table.filter(self.filter)
-        yield from table.select(self.columns).to_batches()
+    def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+        if self.query is None or self.k is None:
+            raise SearchError(f"{self.mode}_search: the query and k must be given (bind the parameters)")
+        table = self.index.search(self.mode, self.query, self.k, filter)
+        if filter is not None:
+            table = table.filter(filter)
+        yield from table.select(columns).to_batches()

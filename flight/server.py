@@ -20,7 +20,7 @@ import pyarrow.flight as flight
 from google.protobuf import any_pb2
 
 from federation.connectors import ConnectorError
-from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message
+from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message, error_kind
 from flight import __version__, metadata
 from flight.auth import AuthMiddlewareFactory, AuthPolicy, NoOpAuthHandler
 from flight.proto import flight_sql_pb2 as sql_pb
@@ -455,5 +455,4 @@ def _unwrap_stream_error(error: Exception) -> Exception:
     if isinstance(error, (QueryError, ConnectorError, flight.FlightError)):
         return error
     text = str(error)
-    kind = "unavailable" if ("ConnectorError" in text or "External error" in text) else "invalid"
-    return QueryError(clean_engine_message(text), kind=kind)
+    return QueryError(clean_engine_message(text), kind=error_kind(text))

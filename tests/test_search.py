@@ -56,6 +56,7 @@ def test_search_errors_are_precise_and_the_server_goes_on(connection):
         with pytest.raises(Exception) as raised:
             _rows(connection, sql)
         assert message in str(raised.value) and "Traceback" not in str(raised.value)
+        assert "UNAVAILABLE" not in str(raised.value)
     assert _rows(connection, "SELECT count(*) FROM guides")[0][0] == 6
 
 
@@ -124,3 +125,19 @@ def test_append_refresh_embeds_new_rows_and_file_copies_keep_their_embeddings(no
         assert refresher.loaded.is_set()
         runtime.refresh("notes")
         assert _embedded(runtime)[1] == 0  # nothing embedded again after the restart
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ({"acceleration": {}, "columns": [{"name": "content", "embeddings": [{"from": "minilmm"}]}]},
+     "datasets[0].columns[0].embeddings[0].from: unknown embedding model 'minilmm' (known: minilm)"),
+    ({"columns": [{"name": "content", "full_text_search": {}}]},
+     "built when the accelerated copy refreshes: enable acceleration"),
+    ({"acceleration": {}, "columns": [{"name": "content", "embeddings": [{"from": "minilm", "chunking":
+                                                                           {"target_chunk_size": 5}}]}]},
+     "target_chunk_size"),
+])
+def test_search_config_errors_name_the_key(tmp_path, dataset, message):
+    from flight.config import ConfigError, parse_config
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"datasets": [{"from": "file:guides/", "name": "guides", **dataset}]}, tmp_path, {})
+    assert message in str(raised.value)

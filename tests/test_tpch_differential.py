@@ -21,7 +21,7 @@ import pytest
 from federation.catalog import Catalog, DatasetSpec
 from federation.engine import QueryEngine
 
-from tpch_queries import QUERIES
+from tpch_queries import QUERIES, sql_type
 
 PLACEMENT = {  # table -> where it lives
     "customer": "postgres", "orders": "postgres",
@@ -46,25 +46,13 @@ def _generate(folder: Path) -> dict[str, pa.Table]:
     return tables
 
 
-def _sql_type(arrow_type: pa.DataType, dialect: str) -> str:
-    if pa.types.is_decimal(arrow_type):
-        return f"DECIMAL({arrow_type.precision},{arrow_type.scale})"
-    if pa.types.is_date32(arrow_type):
-        return "DATE"
-    if pa.types.is_int32(arrow_type):
-        return "INTEGER"
-    if pa.types.is_int64(arrow_type):
-        return "BIGINT" if dialect != "sqlite" else "INTEGER"
-    return "TEXT" if dialect != "mysql" else "VARCHAR(200)"
-
-
 def _load_postgres(tables: dict[str, pa.Table], schema: str = "fd_tpch") -> None:
     with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
             conn.cursor() as cursor:
         cursor.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         cursor.execute(f"CREATE SCHEMA {schema}")
         for name, table in tables.items():
-            columns = ", ".join(f"{f.name} {_sql_type(f.type, 'postgres')}" for f in table.schema)
+            columns = ", ".join(f"{f.name} {sql_type(f.type, 'postgres')}" for f in table.schema)
             cursor.execute(f"CREATE TABLE {schema}.{name} ({columns})")
             cursor.adbc_ingest(name, table, mode="append", db_schema_name=schema)
 
@@ -75,7 +63,7 @@ def _load_mysql(tables: dict[str, pa.Table]) -> None:
         cursor.execute("DROP DATABASE IF EXISTS fd_tpch")
         cursor.execute("CREATE DATABASE fd_tpch")
         for name, table in tables.items():
-            columns = ", ".join(f"{f.name} {_sql_type(f.type, 'mysql')}" for f in table.schema)
+            columns = ", ".join(f"{f.name} {sql_type(f.type, 'mysql')}" for f in table.schema)
             cursor.execute(f"CREATE TABLE fd_tpch.{name} ({columns})")
             marks = ", ".join(["%s"] * table.num_columns)
             rows = [tuple(r.values()) for r in table.to_pylist()]
@@ -87,7 +75,7 @@ def _load_mysql(tables: dict[str, pa.Table]) -> None:
 def _load_sqlite(tables: dict[str, pa.Table], path: Path) -> None:
     with sqlite3.connect(path) as connection:
         for name, table in tables.items():
-            columns = ", ".join(f"{f.name} {_sql_type(f.type, 'sqlite')}" for f in table.schema)
+            columns = ", ".join(f"{f.name} {sql_type(f.type, 'sqlite')}" for f in table.schema)
             connection.execute(f"CREATE TABLE {name} ({columns})")
             rows = [tuple(str(v) if isinstance(v, (decimal.Decimal, dt.date)) else v for v in r.values())
                     for r in table.to_pylist()]

@@ -1,5 +1,7 @@
 """The 22 TPC-H queries with the specification's validation parameters (Q15's view as a CTE)."""
 
+import pyarrow as pa
+
 QUERIES = {
     1: """
 select l_returnflag, l_linestatus, sum(l_quantity) as sum_qty, sum(l_extendedprice) as sum_base_price,
@@ -209,3 +211,16 @@ from (
 group by cntrycode
 order by cntrycode""",
 }
+
+
+def sql_type(arrow_type: pa.DataType, dialect: str) -> str:
+    """The column type for a TPC-H column in a backend's DDL (tests and bench load TPC-H)."""
+    if pa.types.is_decimal(arrow_type):
+        return f"DECIMAL({arrow_type.precision},{arrow_type.scale})"
+    if pa.types.is_date32(arrow_type):
+        return "DATE"
+    if pa.types.is_int32(arrow_type):
+        return "INTEGER"
+    if pa.types.is_int64(arrow_type):
+        return "BIGINT" if dialect != "sqlite" else "INTEGER"
+    return "TEXT" if dialect != "mysql" else "VARCHAR(200)"
