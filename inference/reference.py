@@ -1,4 +1,5 @@
-"""Reference embeddings to check a model against (shared/fixtures/minilm_reference.json).
+"""Reference embeddings to check a model against (tests/fixtures/minilm_reference.json, a copy of
+shared/fixtures/minilm_reference.json).
 
 Kept in the package rather than in one test file because several suites compare against
 the same file: the library tests here, and end-to-end tests that embed the same texts
@@ -15,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-# The repository's shared/ folder sits beside the checkout (CI clones main with shared/ next
-# to it); FLIGHTDECK_SHARED_DIR overrides that for other layouts.
-_DEFAULT_SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+# A copy of shared/fixtures/minilm_reference.json ships with the tests, so a fresh clone
+# anywhere has it; FLIGHTDECK_REFERENCE_DIR points elsewhere (e.g. the shared folder itself).
+_DEFAULT_FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,7 @@ class ReferenceSet:
 
 
 def reference_path(name: str = "minilm_reference.json") -> Path:
-    shared = Path(os.environ.get("FLIGHTDECK_SHARED_DIR", _DEFAULT_SHARED))
-    return shared / "fixtures" / name
+    return Path(os.environ.get("FLIGHTDECK_REFERENCE_DIR", _DEFAULT_FIXTURES)) / name
 
 
 def load_reference(path: str | Path | None = None) -> ReferenceSet:
