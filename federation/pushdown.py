@@ -7,8 +7,10 @@ the table). Everything else runs in DataFusion with projection and filters pushe
 
 What makes a query ineligible (each is a way the backend could answer differently):
 semi/anti/outer joins (NOTES: the unparser drops filters there), dialects other than
-PostgreSQL, DuckDB and SQLite (MySQL's collations and NULL ordering differ; SQLite's LIKE
-ignores case and its decimals are binary floats, so neither is pushed there), functions outside a short allow-list (``lower``/``upper`` differ on some Unicode),
+PostgreSQL, DuckDB, SQLite and MySQL/MariaDB (SQLite's LIKE ignores case and its decimals are
+binary floats, so neither is pushed there; on MySQL no text column (collations ignore case and
+trailing spaces), ORDER BY (NULLs sort first), avg (a rounded decimal), LIKE, TIMESTAMP columns
+(session time zone) or backslashes in strings), functions outside a short allow-list (``lower``/``upper`` differ on some Unicode),
 division (decimal scale and DuckDB's float division differ), ``avg`` over decimals, casts
 other than widening ones (PostgreSQL and DuckDB round float→int, DataFusion truncates;
 timestamp→text formats differ), LIKE patterns with a backslash (DuckDB has no default escape),
@@ -40,7 +42,7 @@ log = logging.getLogger("flightdeck.pushdown")
 SAFE_NODES = {"Projection", "Filter", "Aggregate", "Sort", "Limit", "TableScan", "SubqueryAlias",
               "Join", "Distinct"}
 DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb,
-            "sqlite": unparser.Dialect.sqlite}
+            "sqlite": unparser.Dialect.sqlite, "mysql": unparser.Dialect.mysql}
 SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Cast,
                   exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
 FLOAT_TYPES = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
@@ -112,6 +114,8 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
         inexact |= decimal_columns  # SQLite keeps decimals as binary floats
     if _columns_in(tree) & inexact:
         return False
+    if connector.dialect == "mysql" and not _same_on_mysql(tree, types):
+        return False
     for node in tree.walk():
         if isinstance(node, (exp.Div, exp.IntDiv)):
             return False
@@ -124,6 +128,19 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
         if isinstance(node, exp.Like) and (connector.dialect == "sqlite" or "\\" in node.expression.sql()):
             return False  # SQLite's LIKE ignores case; DuckDB's has no default escape
     return True
+
+
+def _same_on_mysql(tree: exp.Expression, types: dict[str, pa.DataType]) -> bool:
+    """What MySQL/MariaDB computes differently (text is already out: its collations are loose):
+    ORDER BY puts NULLs first, avg() returns a decimal rounded to 4 more digits, LIKE ignores
+    case, TIMESTAMP columns follow the session time zone, and backslashes in strings escape."""
+    zoned = {name for name, t in types.items() if pa.types.is_timestamp(t)}
+    for node in tree.walk():
+        if isinstance(node, (exp.Order, exp.Avg, exp.Like, exp.ILike)):
+            return False
+        if isinstance(node, exp.Literal) and node.is_string and "\\" in node.this:
+            return False
+    return not (_columns_in(tree) & zoned)
 
 
 def _widening_cast(node: exp.Cast, types: dict[str, pa.DataType]) -> bool:

@@ -57,18 +57,18 @@ def _load_postgres(tables: dict[str, pa.Table], schema: str = "fd_tpch") -> None
             cursor.adbc_ingest(name, table, mode="append", db_schema_name=schema)
 
 
-def _load_mysql(tables: dict[str, pa.Table]) -> None:
+def _load_mysql(tables: dict[str, pa.Table], database: str = "fd_tpch") -> None:
     connection = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
     with connection.cursor() as cursor:
-        cursor.execute("DROP DATABASE IF EXISTS fd_tpch")
-        cursor.execute("CREATE DATABASE fd_tpch")
+        cursor.execute(f"DROP DATABASE IF EXISTS {database}")
+        cursor.execute(f"CREATE DATABASE {database}")
         for name, table in tables.items():
             columns = ", ".join(f"{f.name} {sql_type(f.type, 'mysql')}" for f in table.schema)
-            cursor.execute(f"CREATE TABLE fd_tpch.{name} ({columns})")
+            cursor.execute(f"CREATE TABLE {database}.{name} ({columns})")
             marks = ", ".join(["%s"] * table.num_columns)
             rows = [tuple(r.values()) for r in table.to_pylist()]
             for start in range(0, len(rows), 5000):
-                cursor.executemany(f"INSERT INTO fd_tpch.{name} VALUES ({marks})", rows[start:start + 5000])
+                cursor.executemany(f"INSERT INTO {database}.{name} VALUES ({marks})", rows[start:start + 5000])
     connection.close()
 
 
@@ -115,7 +115,9 @@ def tpch(tmp_path_factory):
             target.unregister("incoming")
     all_in_sqlite = folder / "tpch_all.sqlite"
     _load_sqlite(tables, all_in_sqlite)
+    _load_mysql(tables, "fd_tpch_all")
     single_source = {
+        "mysql": QueryEngine(Catalog([DatasetSpec(n, f"mysql:fd_tpch_all.{n}", MY) for n in PLACEMENT], folder)),
         "postgres": QueryEngine(Catalog([DatasetSpec(n, f"postgres:fd_tpch_all.{n}", PG) for n in PLACEMENT], folder)),
         "sqlite": QueryEngine(Catalog([DatasetSpec(n, f"sqlite:{n}", {"sqlite_file": all_in_sqlite.name})
                                        for n in PLACEMENT], folder)),
@@ -133,6 +135,7 @@ def tpch(tmp_path_factory):
     connection = pymysql.connect(host="127.0.0.1", user="root", autocommit=True)
     with connection.cursor() as cursor:
         cursor.execute("DROP DATABASE IF EXISTS fd_tpch")
+        cursor.execute("DROP DATABASE IF EXISTS fd_tpch_all")
     connection.close()
 
 
@@ -178,23 +181,24 @@ def test_tpch_query_matches_duckdb(tpch, number):
 
 
 def test_sub_plan_pushdown_covered_tpch_queries():
-    # Runs after the mixed-placement cases above (file order). Only customer+orders share a
-    # backend whose statements may go down: MariaDB is never sent statements, and the SQLite
-    # pair (supplier, partsupp) is only joined where its decimals are read, which SQLite keeps
-    # as binary floats.
+    # Runs after the mixed-placement cases above (file order). customer+orders share
+    # PostgreSQL; MariaDB (lineitem, part) takes only parts without text, ORDER BY or avg (Q15's
+    # revenue aggregate); the SQLite pair (supplier, partsupp) is only joined where its decimals
+    # are read, which SQLite keeps as binary floats.
     if len(PLANNED) < len(QUERIES):
         pytest.skip("the mixed-placement TPC-H cases did not all run")
     print(f"\nsub-plan pushdown: {len(SUB_PLANS)} of {len(QUERIES)} queries {sorted(SUB_PLANS)}")
     assert len(SUB_PLANS) >= 5
-    assert all(statement.startswith("postgres: ") and '"customer"' in statement and '"orders"' in statement
+    assert all((statement.startswith("postgres: ") and '"customer"' in statement and '"orders"' in statement)
+               or (statement.startswith("mysql: ") and "`lineitem`" in statement)
                for statements in SUB_PLANS.values() for statement in statements)
 
 
-PUSHED: dict[str, set[int]] = {"postgres": set(), "duckdb": set(), "sqlite": set()}
-PARTS_PUSHED: dict[str, set[int]] = {"postgres": set(), "duckdb": set(), "sqlite": set()}
+PUSHED: dict[str, set[int]] = {"postgres": set(), "duckdb": set(), "sqlite": set(), "mysql": set()}
+PARTS_PUSHED: dict[str, set[int]] = {"postgres": set(), "duckdb": set(), "sqlite": set(), "mysql": set()}
 
 
-@pytest.mark.parametrize("backend", ["postgres", "duckdb", "sqlite"])
+@pytest.mark.parametrize("backend", ["postgres", "duckdb", "sqlite", "mysql"])
 @pytest.mark.parametrize("number", sorted(QUERIES))
 def test_tpch_on_one_backend_matches_duckdb(tpch, backend, number):
     """All eight tables on one backend: eligible queries run there whole, and still agree."""
@@ -214,4 +218,4 @@ def test_whole_query_pushdown_covered_tpch_queries():
     # Runs after the parametrized cases above (file order): the guards leave a useful share.
     print("\nwhole-query pushdown: " + ", ".join(f"{b} {sorted(q)}" for b, q in PUSHED.items()))
     print("sub-plans where the whole was refused: " + ", ".join(f"{b} {sorted(q)}" for b, q in PARTS_PUSHED.items()))
-    assert len(PUSHED["postgres"]) >= 4 and len(PUSHED["duckdb"]) >= 4
+    assert len(PUSHED["postgres"]) >= 4 and len(PUSHED["duckdb"]) >= 4 and len(PUSHED["mysql"]) >= 1
