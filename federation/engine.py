@@ -15,7 +15,7 @@ from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
-from federation.connectors.base import ConnectorError
+from federation.connectors.base import Connector, ConnectorError
 from federation.pushdown import RemoteQuery, backend_requests, literal_value, whole_query
 from federation.subplan import FAILED, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
@@ -47,7 +47,31 @@ class PlannedQuery:
     remote: RemoteQuery | None = None  # set when the whole query runs on one backend
     explain_rows: list[tuple[str, str]] | None = None  # EXPLAIN: what each backend is sent
     subplans: list[PushedSubplan] = field(default_factory=list)  # parts ``frame`` sends as statements
+    limited_scan: "LimitedScan | None" = None  # a bare ``SELECT cols FROM t LIMIT n``, read directly
     local_frame: DataFrame | None = None  # ``frame`` without them: run when a backend rejects one
+
+
+@dataclass
+class LimitedScan:
+    """A plain scan with a LIMIT, read from the connector directly with the limit passed down."""
+    connector: Connector
+    table: str
+    columns: list[str]
+    limit: int
+
+    def read(self, schema: pa.Schema) -> pa.RecordBatchReader:
+        reader = self.connector.scan(self.table, self.columns, [], self.limit)
+
+        def batches():
+            remaining = self.limit
+            for batch in reader:  # a connector may send more than asked: cut at the limit
+                if remaining <= 0:
+                    break
+                batch = batch.slice(0, remaining).select(self.columns)
+                remaining -= batch.num_rows
+                yield batch if batch.schema == schema else batch.cast(schema)
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 @dataclass
@@ -99,7 +123,9 @@ class QueryEngine:
                                                           numbered[explained.end():], values)
         elif self.settings.whole_query_pushdown:
             planned.remote = self._whole_query(frame)
-            split = None if planned.remote is not None else self._split(numbered, frame, values)
+            if planned.remote is None:
+                planned.limited_scan = self._limited_scan(planned)
+            split = None if planned.remote or planned.limited_scan else self._split(numbered, frame, values)
             if split is not None:
                 planned.frame, planned.subplans, planned.local_frame = split.frame, split.subplans, frame
         return planned
@@ -180,6 +206,8 @@ class QueryEngine:
         return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
 
     def execute(self, planned: PlannedQuery) -> pa.RecordBatchReader:
+        if planned.limited_scan is not None:
+            return planned.limited_scan.read(planned.schema)
         if planned.remote is not None:
             try:
                 return planned.remote.connector.stream(planned.remote.sql, None, planned.schema)
@@ -215,6 +243,33 @@ class QueryEngine:
 
     def query(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:
         return self.execute(self.plan(sql, params))
+
+    def _limited_scan(self, planned: PlannedQuery) -> "LimitedScan | None":
+        """``SELECT columns FROM t LIMIT n`` (no filter, no other work): the connector is asked for
+        n rows itself, since DataFusion hands a Python dataset no limit."""
+        node = planned.frame.optimized_logical_plan()
+        fetch = None
+        while True:
+            variant = node.to_variant()
+            kind = type(variant).__name__
+            if kind == "Projection" and all(type(e.to_variant()).__name__ == "Column" for e in variant.projections()):
+                node = node.inputs()[0]
+            elif kind == "Limit" and fetch is None and not _skip_of(variant):
+                fetch = _fetch_of(variant)
+                node = node.inputs()[0]
+            elif kind == "TableScan" and fetch is not None and not variant.filters():
+                break
+            else:
+                return None
+        *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in variant.fqn() if p])
+        dataset = self.catalog.find(schema_name, table_name)
+        if dataset is None or not dataset.registrations or dataset.arrow_schema is None:
+            return None  # natively read files (DataFusion stops their scans itself) and system tables
+        columns = planned.schema.names
+        fields = {f.name: f.type for f in dataset.arrow_schema}
+        if any(fields.get(f.name) != f.type for f in planned.schema):
+            return None  # renamed or computed columns: not a plain scan
+        return LimitedScan(dataset.connector, dataset.table, columns, fetch)
 
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""

@@ -42,7 +42,9 @@ log = logging.getLogger("flightdeck.pushdown")
 SAFE_NODES = {"Projection", "Filter", "Aggregate", "Sort", "Limit", "TableScan", "SubqueryAlias",
               "Join", "Distinct"}
 DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb,
-            "sqlite": unparser.Dialect.sqlite, "mysql": unparser.Dialect.mysql}
+            "sqlite": unparser.Dialect.sqlite, "mysql": unparser.Dialect.mysql,
+            "snowflake": unparser.Dialect.postgres}  # no Snowflake unparser: standard SQL, then sqlglot
+PARSE_AS = {"snowflake": "postgres"}  # how the unparsed SQL of a dialect is read back
 SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Cast,
                   exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
 FLOAT_TYPES = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
@@ -68,7 +70,7 @@ def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
         return None
     try:
         sql = unparser.Unparser(DIALECTS[connector.dialect]()).plan_to_sql(plan)
-        tree = sqlglot.parse_one(sql, read=connector.dialect)
+        tree = sqlglot.parse_one(sql, read=PARSE_AS.get(connector.dialect, connector.dialect))
     except Exception as error:  # the unparser or the parser cannot express it: run locally
         log.debug("no whole-query pushdown: %s", error)
         return None
@@ -77,6 +79,7 @@ def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
     if not _in_plan_order(tree, plan, frame.schema().names):
         return None
     _point_at_remote_tables(tree, catalog, connector)
+    _point_at_remote_columns(tree, connector)
     return RemoteQuery(connector, tree.sql(dialect=connector.dialect))
 
 
@@ -116,6 +119,8 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
         return False
     if connector.dialect == "mysql" and not _same_on_mysql(tree, types):
         return False
+    if connector.dialect == "snowflake" and not _same_on_snowflake(tree, types):
+        return False
     for node in tree.walk():
         if isinstance(node, (exp.Div, exp.IntDiv)):
             return False
@@ -128,6 +133,14 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
         if isinstance(node, exp.Like) and (connector.dialect == "sqlite" or "\\" in node.expression.sql()):
             return False  # SQLite's LIKE ignores case; DuckDB's has no default escape
     return True
+
+
+def _same_on_snowflake(tree: exp.Expression, types: dict[str, pa.DataType]) -> bool:
+    """Snowflake: timestamps carry its own NTZ/LTZ/TZ semantics, and LIKE has no default escape."""
+    zoned = {name for name, t in types.items() if pa.types.is_timestamp(t)}
+    if any(isinstance(node, (exp.Like, exp.ILike)) for node in tree.walk()):
+        return False
+    return not (_columns_in(tree) & zoned)
 
 
 def _same_on_mysql(tree: exp.Expression, types: dict[str, pa.DataType]) -> bool:
@@ -227,6 +240,14 @@ def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: S
         replacement = remote.copy()
         replacement.set("alias", exp.TableAlias(this=exp.to_identifier(alias, quoted=True)))
         table.replace(replacement)
+
+
+def _point_at_remote_columns(tree: exp.Expression, connector: SqlConnector) -> None:
+    """Column names as the backend spells them (Snowflake's upper case), where they differ."""
+    for column in list(tree.find_all(exp.Column)):
+        remote = connector.remote_column(column.name)
+        if remote != column.name:
+            column.set("this", exp.to_identifier(remote, quoted=True))
 
 
 # ---- what each backend will be sent (for EXPLAIN) --------------------------

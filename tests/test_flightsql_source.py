@@ -5,7 +5,7 @@ import pytest
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
-from federation.engine import QueryEngine
+from federation.engine import EngineSettings, QueryEngine
 
 
 
@@ -26,6 +26,19 @@ def test_a_remote_flightdeck_as_a_source(server, tmp_path):
         "ON c.customer_id = o.customer_id WHERE o.error_code = 'DB_CONN_EXHAUSTED' "
         "GROUP BY c.tier ORDER BY c.tier").read_all()
     assert sum(result.column("n").to_pylist()) == 470
+
+
+def test_aggregates_over_a_remote_flightdeck_go_down_whole(server, tmp_path):
+    params = {"flightsql_endpoint": server.url}
+    engine = QueryEngine(Catalog([DatasetSpec("remote_orders", "flightsql:public.orders", params)], tmp_path))
+    connector = engine.catalog.datasets["public.remote_orders"].connector
+    sql = "SELECT count(*) AS n, sum(latency_ms) AS total, max(order_id) AS last FROM remote_orders WHERE order_id > 100010"
+    planned = engine.plan(sql)
+    assert planned.remote is not None and planned.remote.connector is connector
+    result = engine.execute(planned).read_all()
+    assert connector.stats.rows == 1  # the aggregate ran on the remote server
+    local = QueryEngine(engine.catalog, EngineSettings(whole_query_pushdown=False)).query(sql).read_all()
+    assert result.to_pylist() == local.to_pylist()
 
 
 def test_remote_errors_and_unreachable_servers(server, tmp_path):

@@ -63,6 +63,16 @@ def test_filters_and_projection_become_the_find_command(mongo, tmp_path):
     assert by_id.column("number").to_pylist() == [7]
 
 
+def test_a_plain_limit_reaches_the_find_command(mongo, tmp_path):
+    engine = _engine(mongo, tmp_path)
+    mongo.commands.clear()
+    result = engine.query("SELECT number, status FROM tickets LIMIT 3").read_all()
+    assert result.num_rows == 3 and result.column_names == ["number", "status"]
+    [find] = [c for c in mongo.commands if "find" in c]
+    assert find["limit"] == 3  # the server was asked for 3 documents, not all of them
+    assert engine.catalog.datasets["public.tickets"].connector.stats.rows == 3
+
+
 def test_only_reads_are_sent_and_writes_are_refused(mongo, tmp_path):
     engine = _engine(mongo, tmp_path)
     mongo.commands.clear()

@@ -16,7 +16,7 @@ import pytest
 import snowflake.connector
 
 from federation.catalog import Catalog, DatasetSpec
-from federation.engine import QueryEngine
+from federation.engine import EngineSettings, QueryEngine
 
 from conftest import REPO
 
@@ -78,6 +78,20 @@ def test_snowflake_discovery_pushdown_and_types(fakesnow, tmp_path):
     assert stats.rows == 3 and '"REGION" = \'eu\'' in stats.last_request and '"ID" <= 9' in stats.last_request
     totals = engine.query("SELECT region, count(*) AS n FROM orders GROUP BY region ORDER BY region").read_all()
     assert totals.to_pylist() == [{"region": "eu", "n": 100}, {"region": "us", "n": 200}]
+
+
+def test_snowflake_aggregate_goes_down_whole(fakesnow, tmp_path):
+    engine = QueryEngine(Catalog([DatasetSpec("orders", "snowflake:shop.sales.orders", fakesnow)], tmp_path))
+    stats = engine.catalog.datasets["public.orders"].connector.stats
+    sql = "SELECT paid, count(*) AS n, sum(amount) AS total, max(id) AS last FROM orders WHERE id > 10 GROUP BY paid"
+    planned = engine.plan(sql)
+    assert planned.remote is not None and '"SHOP"."SALES"."ORDERS"' in planned.remote.sql
+    assert '"PAID"' in planned.remote.sql and '"AMOUNT"' in planned.remote.sql  # Snowflake's spelling
+    result = engine.execute(planned).read_all()
+    assert stats.errors == 0 and stats.rows == 2  # one row per group came back
+    local = QueryEngine(engine.catalog, EngineSettings(whole_query_pushdown=False)).query(sql).read_all()
+    assert sorted(result.to_pylist(), key=str) == sorted(local.to_pylist(), key=str)
+    assert engine.plan("SELECT region, count(*) FROM orders GROUP BY region").remote is None  # text: loose
 
 
 def test_snowflake_errors_never_show_the_password(fakesnow, tmp_path):

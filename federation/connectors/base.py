@@ -182,6 +182,10 @@ class SqlConnector(Connector):
     def quote_table(self, table: str) -> str:
         return ".".join(self.renderer.quote_identifier(part) for part in table.split("."))
 
+    def remote_column(self, name: str) -> str:
+        """A column's name in the backend, when it differs from the dataset's (e.g. case)."""
+        return name
+
     def comparison_rules(self, table: str) -> dict[str, str]:
         """Per column, how faithfully the backend compares it (expr.EXACT when absent); asked of
         the backend once per table, since every scan and every plan consults it."""

@@ -68,7 +68,10 @@ class SnowflakeConnector(SqlConnector):
         return f"snowflake ({self.account})"
 
     def _quote_remote(self, name: str) -> str:
-        return fx.quote_double(self._names.get(name, name))
+        return fx.quote_double(self.remote_column(name))
+
+    def remote_column(self, name: str) -> str:
+        return self._names.get(name, name)
 
     def _connect(self):
         try:
