@@ -16,7 +16,7 @@ from sqlglot.tokens import TokenType
 
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
-from federation.pushdown import RemoteQuery, backend_requests, literal_value, whole_query
+from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, whole_query
 from federation.subplan import FAILED, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
 
@@ -58,9 +58,10 @@ class LimitedScan:
     table: str
     columns: list[str]
     limit: int
+    filters: list = field(default_factory=list)  # applied exactly by the connector
 
     def read(self, schema: pa.Schema) -> pa.RecordBatchReader:
-        reader = self.connector.scan(self.table, self.columns, [], self.limit)
+        reader = self.connector.scan(self.table, self.columns, self.filters, self.limit)
 
         def batches():
             remaining = self.limit
@@ -245,8 +246,9 @@ class QueryEngine:
         return self.execute(self.plan(sql, params))
 
     def _limited_scan(self, planned: PlannedQuery) -> "LimitedScan | None":
-        """``SELECT columns FROM t LIMIT n`` (no filter, no other work): the connector is asked for
-        n rows itself, since DataFusion hands a Python dataset no limit."""
+        """``SELECT columns FROM t [WHERE ...] LIMIT n`` with nothing else to do and a filter the
+        connector applies exactly: the connector is asked for n rows itself, since DataFusion
+        hands a Python dataset no limit."""
         node = planned.frame.optimized_logical_plan()
         fetch = None
         while True:
@@ -257,7 +259,7 @@ class QueryEngine:
             elif kind == "Limit" and fetch is None and not _skip_of(variant):
                 fetch = _fetch_of(variant)
                 node = node.inputs()[0]
-            elif kind == "TableScan" and fetch is not None and not variant.filters():
+            elif kind == "TableScan" and fetch is not None:
                 break
             else:
                 return None
@@ -269,7 +271,10 @@ class QueryEngine:
         fields = {f.name: f.type for f in dataset.arrow_schema}
         if any(fields.get(f.name) != f.type for f in planned.schema):
             return None  # renamed or computed columns: not a plain scan
-        return LimitedScan(dataset.connector, dataset.table, columns, fetch)
+        filters = [planner_filter(e) for e in variant.filters()]
+        if None in filters or (filters and not dataset.connector.filters_exact(dataset.table, filters)):
+            return None  # a limit before a filter applied locally would lose rows
+        return LimitedScan(dataset.connector, dataset.table, columns, fetch, filters)
 
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""

@@ -202,6 +202,15 @@ def test_mysql_filters_are_pushed(mariadb, tmp_path):
     assert "`tier` = 'enterprise'" in stats.last_request and "`customer_id` < 10" in stats.last_request
 
 
+def test_a_limit_over_an_exact_filter_reaches_mariadb(mariadb, tmp_path):
+    engine, catalog = _engine([DatasetSpec("customers", "mysql:fd_test.customers", mariadb)], tmp_path)
+    stats = catalog.datasets["public.customers"].connector.stats
+    result = engine.query("SELECT name, tier FROM customers WHERE customer_id > 100 LIMIT 4").read_all()
+    assert result.num_rows == 4
+    assert "`customer_id` > 100" in stats.last_request and "LIMIT 4" in stats.last_request
+    assert stats.rows == 4  # text columns keep it from going whole, the limit still goes down
+
+
 def test_mysql_aggregate_goes_down_whole_where_mariadb_agrees(mariadb, tmp_path):
     engine, catalog = _engine([DatasetSpec("customers", "mysql:fd_test.customers", mariadb)], tmp_path)
     stats = catalog.datasets["public.customers"].connector.stats
