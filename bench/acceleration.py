@@ -29,7 +29,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.flight import DATA, RESULTS, flightdeck_server
+from bench.flight import DATA, RESULTS, flightdeck_server, wait_until_accelerated
 from tests.tpch_queries import QUERIES, sql_type
 
 TABLES = ("nation", "region", "part", "supplier", "partsupp", "customer", "orders", "lineitem")
@@ -101,19 +101,8 @@ def write_config(folder: Path, schema: str, accelerated: bool, timeout: float) -
 
 def wait_for_copies(url: str) -> dict:
     """Wait until every copy is loaded; the refresh figures from the server's own status."""
-    with flightsql.connect(url, autocommit=True) as conn, conn.cursor() as cursor:
-        while True:
-            cursor.execute("SELECT name, refresh_state, rows, last_refresh_start, last_refresh_end, last_error, "
-                           "rows_loaded FROM flightdeck.runtime.datasets")
-            rows = cursor.fetch_arrow_table().to_pylist()
-            errors = [r for r in rows if r["last_error"]]
-            if errors:
-                raise RuntimeError(f"refresh failed: {errors}")
-            if all(r["refresh_state"] == "ready" for r in rows):
-                break
-            loading = sum(r["rows_loaded"] or 0 for r in rows)
-            progress(f"refreshing copies: {loading:,} rows loaded")
-            time.sleep(2)
+    rows = wait_until_accelerated(
+        url, report=lambda rows: f"refreshing copies: {sum(r['rows_loaded'] or 0 for r in rows):,} rows loaded")
     started = min(r["last_refresh_start"] for r in rows)
     ended = max(r["last_refresh_end"] for r in rows)
     total = sum(r["rows"] for r in rows)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +78,26 @@ class Process:
 def flightdeck_server(config: Path, env: dict | None = None) -> Process:
     return Process([sys.executable, "-m", "flight.cli", "--log-level", "warning", "run",
                     "-c", str(config), "--flight-port", "0"], env)
+
+
+def wait_until_accelerated(url: str, names: list[str] | None = None,
+                           report: Callable[[list[dict]], str] | None = None, every: float = 2.0) -> list[dict]:
+    """Poll a server's `runtime.datasets` until the accelerated datasets (or ``names``) are
+    ready; raises on a refresh error; ``report(rows)`` is printed as progress while waiting."""
+    import adbc_driver_flightsql.dbapi as flightsql
+
+    with flightsql.connect(url, autocommit=True) as connection, connection.cursor() as cursor:
+        while True:
+            cursor.execute("SELECT * FROM flightdeck.runtime.datasets WHERE acceleration IS NOT NULL")
+            rows = [r for r in cursor.fetch_arrow_table().to_pylist() if names is None or r["name"] in names]
+            errors = [f"{r['name']}: {r['last_error']}" for r in rows if r["last_error"]]
+            if errors:
+                raise RuntimeError(f"refresh failed: {errors}")
+            if rows and all(r["refresh_state"] == "ready" for r in rows):
+                return rows
+            if report is not None:
+                progress(report(rows))
+            time.sleep(every)
 
 
 def read_flightdeck(client: flight.FlightClient) -> tuple[int, int]:

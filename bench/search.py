@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.flight import DATA, RESULTS, flightdeck_server, percentile
+from bench.flight import DATA, RESULTS, flightdeck_server, percentile, wait_until_accelerated
 
 SERVICES = ["checkout-api", "orders-db", "pgbouncer", "payments", "catalog", "search", "auth", "cdn"]
 SYMPTOMS = ["connection pool exhausted", "p99 latency above SLO", "disk 95% full on log volume",
@@ -63,17 +63,8 @@ def write_config(folder: Path, parquet: Path) -> Path:
 
 
 def wait_indexed(url: str) -> None:
-    with flightsql.connect(url, autocommit=True) as connection, connection.cursor() as cursor:
-        while True:
-            cursor.execute("SELECT refresh_state, embedded_total, last_error FROM flightdeck.runtime.datasets "
-                           "WHERE name = 'public.notes'")
-            state, embedded, error = cursor.fetchone()
-            if error:
-                raise RuntimeError(error)
-            if state == "ready":
-                return
-            progress(f"loading and embedding the notes ({state})")
-            time.sleep(5)
+    wait_until_accelerated(url, ["public.notes"], every=5,
+                           report=lambda rows: "loading and embedding the notes (progress lines in the server log)")
 
 
 def measure(connection, sql: str, queries: list[str]) -> dict:
