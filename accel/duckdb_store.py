@@ -19,7 +19,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from accel.store import Stamp, Store, StoreError, first_line, local_table_name
+from accel.store import Stamp, Store, StoreError, local_table_name
+from federation.connectors.base import first_line
 from federation.connectors.duckdb import DuckDBConnector
 
 FILE_CATALOG = "accel_file"

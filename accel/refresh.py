@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 from accel.spec import AccelerationSpec
-from accel.store import Stamp, Store, StoreError, first_line
+from accel.store import Stamp, Store, StoreError
 from accel.working_set import WorkingSet
 from federation import expr as fx
 from federation.arrow_expr import to_arrow
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, first_line
 from federation.engine import clean_engine_message
 
 log = logging.getLogger("flightdeck.accel")
@@ -199,7 +199,7 @@ class Refresher:
             try:
                 listener(self)
             except Exception as error:  # the copy is good; only what is built from it failed
-                self.status.last_error = f"after refresh: {self.source.mask_secrets(first_line(error))}"
+                self.status.last_error = f"after refresh: {self.source.clean_error(error)}"
                 log.warning("%s: %s", self.spec.dataset, self.status.last_error, exc_info=True)
 
     def _append_start(self) -> tuple[Any, bool]:
@@ -214,14 +214,17 @@ class Refresher:
     def _describe(self, error: Exception) -> str:
         """The error for status and logs: precise, one line, no secret."""
         if isinstance(error, (ConnectorError, StoreError)):
-            return self.source.mask_secrets(first_line(error))
+            return self.source.clean_error(error)
         return self.source.mask_secrets(clean_engine_message(str(error)))
 
-    def _serve_copy(self) -> None:
-        connector = self.store.connector
+    def serving(self) -> Connector:
+        """What reads the copy: the store, or with ``use_source`` the store then the source."""
         if self.spec.on_zero_results == "use_source":
-            connector = SourceWhenEmpty(connector, self.source, self.source_table)
-        self.route(connector, self.store.table)
+            return SourceWhenEmpty(self.store.connector, self.source, self.source_table)
+        return self.store.connector
+
+    def _serve_copy(self) -> None:
+        self.route(self.serving(), self.store.table)
         self.loaded.set()
         self._measure()
         if self.status.state in ("pending", "error"):
@@ -325,10 +328,7 @@ class PendingCopy(Connector):
             raise ConnectorError(
                 f"dataset {refresher.spec.dataset} is not loaded yet (acceleration ready_state: on_load, "
                 f"waited {refresher.spec.ready_timeout:g}s){why}")
-        serving = refresher.store.connector
-        if refresher.spec.on_zero_results == "use_source":
-            serving = SourceWhenEmpty(serving, refresher.source, refresher.source_table)
-        return serving.scan(refresher.store.table, columns, filters, limit)
+        return refresher.serving().scan(refresher.store.table, columns, filters, limit)
 
 
 class SourceWhenEmpty(Connector):

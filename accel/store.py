@@ -94,8 +94,3 @@ def local_table_name(dataset: str) -> str:
     """The table a copy lives in: the dataset's name with its schema folded in."""
     return dataset.replace(".", "__")
 
-
-def first_line(error: Exception) -> str:
-    """An engine error's first line: the precise part, without engine-internal detail."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

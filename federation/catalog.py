@@ -44,6 +44,10 @@ class DatasetSpec:
     def table_name(self) -> str:
         return self.name.split(".")[-1]
 
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema_name}.{self.table_name}"
+
 
 @dataclass
 class Dataset:
@@ -63,7 +67,7 @@ class Dataset:
 
     @property
     def qualified_name(self) -> str:
-        return f"{self.spec.schema_name}.{self.spec.table_name}"
+        return self.spec.qualified_name
 
 
 class Catalog:
@@ -143,6 +147,11 @@ class Catalog:
 
     def find(self, schema_name: str, table_name: str) -> Dataset | None:
         return self.datasets.get(f"{schema_name}.{table_name}")
+
+    def scanned(self, fqn: tuple) -> Dataset | None:
+        """The dataset a plan's table scan names (its qualified name; empty parts skipped)."""
+        *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in fqn if p])
+        return self.find(schema_name, table_name)
 
     def register_into(self, ctx: SessionContext) -> None:
         catalog = ctx.catalog(CATALOG_NAME)

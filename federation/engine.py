@@ -14,6 +14,7 @@ from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
 from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
+from federation import expr as fx
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
 from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, whole_query
@@ -249,60 +250,32 @@ class QueryEngine:
         """``SELECT columns FROM t [WHERE ...] LIMIT n`` with nothing else to do and a filter the
         connector applies exactly: the connector is asked for n rows itself, since DataFusion
         hands a Python dataset no limit."""
-        node = planned.frame.optimized_logical_plan()
-        fetch = None
-        while True:
-            variant = node.to_variant()
-            kind = type(variant).__name__
-            if kind == "Projection" and all(type(e.to_variant()).__name__ == "Column" for e in variant.projections()):
-                node = node.inputs()[0]
-            elif kind == "Limit" and fetch is None and not _skip_of(variant):
-                fetch = _fetch_of(variant)
-                node = node.inputs()[0]
-            elif kind == "TableScan" and fetch is not None:
-                break
-            else:
-                return None
-        *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in variant.fqn() if p])
-        dataset = self.catalog.find(schema_name, table_name)
+        bare = _bare_scan(planned.frame.optimized_logical_plan())
+        if bare is None or bare.fetch is None or not bare.picks_columns:
+            return None
+        dataset = self.catalog.scanned(bare.scan.fqn())
         if dataset is None or not dataset.registrations or dataset.arrow_schema is None:
             return None  # natively read files (DataFusion stops their scans itself) and system tables
         columns = planned.schema.names
         fields = {f.name: f.type for f in dataset.arrow_schema}
         if any(fields.get(f.name) != f.type for f in planned.schema):
             return None  # renamed or computed columns: not a plain scan
-        filters = [planner_filter(e) for e in variant.filters()]
+        filters = [planner_filter(e) for e in bare.scan.filters()]
         if None in filters or (filters and not dataset.connector.filters_exact(dataset.table, filters)):
             return None  # a limit before a filter applied locally would lose rows
-        return LimitedScan(dataset.connector, dataset.table, columns, fetch, filters)
+        return LimitedScan(dataset.connector, dataset.table, columns, bare.fetch, filters)
 
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""
-        node = planned.frame.optimized_logical_plan()
-        fetch = None
-        while True:
-            variant = node.to_variant()
-            kind = type(variant).__name__
-            if kind == "Projection":
-                node = node.inputs()[0]
-            elif kind == "Limit" and fetch is None and not _skip_of(variant):
-                fetch = _fetch_of(variant)
-                if fetch is None:
-                    return None
-                node = node.inputs()[0]
-            elif kind == "TableScan" and not variant.filters():
-                count = self._table_row_count(variant.fqn())
-                limits = [n for n in (count, fetch, _literal_int(variant.fetch())) if n is not None]
-                return None if count is None else min(limits)
-            else:
-                return None
-
-    def _table_row_count(self, fqn: tuple) -> int | None:
-        *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in fqn if p])
-        dataset = self.catalog.find(schema_name, table_name)
+        bare = _bare_scan(planned.frame.optimized_logical_plan())
+        if bare is None or bare.scan.filters():
+            return None
+        dataset = self.catalog.scanned(bare.scan.fqn())
         if dataset is None or dataset.connector is None:
             return None
-        return dataset.connector.row_count(dataset.table)
+        count = dataset.connector.row_count(dataset.table)
+        limits = [n for n in (count, bare.fetch, _literal_int(bare.scan.fetch())) if n is not None]
+        return None if count is None else min(limits)
 
     def _query_error(self, error: Exception) -> QueryError:
         message = clean_engine_message(str(error))
@@ -416,13 +389,7 @@ def inline_table_function_arguments(numbered_sql: str, values: dict[str, pa.Scal
 
 def _sql_literal(value: pa.Scalar | None) -> str:
     python = value.as_py() if isinstance(value, pa.Scalar) else value
-    if python is None:
-        return "NULL"
-    if isinstance(python, bool):
-        return "TRUE" if python else "FALSE"
-    if isinstance(python, (int, float)):
-        return repr(python)
-    return "'" + str(python).replace("'", "''") + "'"
+    return fx.standard_literal(python) or fx.standard_literal(str(python))
 
 
 def placeholder_count(numbered_sql: str) -> int:
@@ -471,6 +438,34 @@ def _literal_int(expression) -> int | None:
         return literal_value(expression)
     except Exception:
         return None
+
+
+@dataclass
+class _BareScan:
+    scan: Any              # the TableScan variant
+    fetch: int | None      # the LIMIT above it, if any
+    picks_columns: bool    # every projection above it only picks columns
+
+
+def _bare_scan(node) -> _BareScan | None:
+    """A plan that only projects and limits one table scan ([Projection] [Limit] [Projection]
+    TableScan); None for any other plan, or for a LIMIT with an offset or no count."""
+    fetch, limited, picks_columns = None, False, True
+    while True:
+        variant = node.to_variant()
+        kind = type(variant).__name__
+        if kind == "TableScan":
+            return _BareScan(variant, fetch, picks_columns)
+        if kind == "Projection":
+            picks_columns = picks_columns and all(type(e.to_variant()).__name__ == "Column"
+                                                  for e in variant.projections())
+        elif kind == "Limit" and not limited and not _skip_of(variant):
+            limited, fetch = True, _fetch_of(variant)
+            if fetch is None:
+                return None
+        else:
+            return None
+        node = node.inputs()[0]
 
 
 def _fetch_of(limit_variant) -> int | None:

@@ -34,7 +34,7 @@ from datafusion import DataFrame, unparser
 from sqlglot import exp
 
 from federation import expr as fx
-from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog, Dataset
+from federation.catalog import DEFAULT_SCHEMA, Catalog, Dataset
 from federation.connectors.base import SqlConnector
 
 log = logging.getLogger("flightdeck.pushdown")
@@ -63,7 +63,7 @@ def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
     scans: list[tuple] = []
     if not _safe_plan(plan, scans) or not scans:
         return None
-    datasets = [_dataset(catalog, fqn) for fqn in scans]
+    datasets = [catalog.scanned(fqn) for fqn in scans]
     backends = [sql_backend(d) for d in datasets]
     connector = backends[0]
     if connector is None or any(b is not connector for b in backends):
@@ -101,11 +101,6 @@ def _safe_plan(node, scans: list[tuple]) -> bool:
     if kind == "TableScan":
         scans.append(tuple(p for p in variant.fqn() if p))
     return all(_safe_plan(child, scans) for child in node.inputs())
-
-
-def _dataset(catalog: Catalog, fqn: tuple) -> Dataset | None:
-    *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *fqn)
-    return catalog.find(schema_name, table_name)
 
 
 def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[Dataset]) -> bool:
@@ -314,7 +309,7 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
         if subplan is not None:
             requests.append((f"flightdeck: sub-plan sent to {subplan.describe()}", subplan.request(needed, filters)))
             continue
-        dataset = _dataset(catalog, fqn)
+        dataset = catalog.scanned(fqn)
         if dataset is None or dataset.connector is None or _read_natively(dataset):
             continue
         connector = dataset.connector

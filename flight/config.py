@@ -194,7 +194,6 @@ class DatasetConfig(_Strict):
         return self
 
     def search_specs(self) -> list[ColumnSearchSpec]:
-        qualified = self.name if "." in self.name else f"public.{self.name}"
         specs = []
         for column in self.columns:
             if not column.searchable:
@@ -202,12 +201,16 @@ class DatasetConfig(_Strict):
             embedding = column.embeddings[0] if column.embeddings else None
             chunking = embedding.chunking if embedding and embedding.chunking else None
             specs.append(ColumnSearchSpec(
-                dataset=qualified, column=column.name, model=embedding.from_ if embedding else None,
+                dataset=self.qualified_name, column=column.name, model=embedding.from_ if embedding else None,
                 chunking=bool(chunking and chunking.enabled),
                 target_chunk_size=chunking.target_chunk_size if chunking else 800,
                 overlap_size=chunking.overlap_size if chunking else 100,
                 full_text=bool(column.full_text_search and column.full_text_search.enabled)))
         return specs
+
+    @property
+    def qualified_name(self) -> str:
+        return self.spec().qualified_name
 
     @property
     def accelerated(self) -> bool:
@@ -217,9 +220,8 @@ class DatasetConfig(_Strict):
         if not self.accelerated:
             return None
         a = self.acceleration
-        qualified = self.name if "." in self.name else f"public.{self.name}"
         return AccelerationSpec(
-            dataset=qualified, engine=a.engine, mode=a.mode, refresh_mode=a.refresh_mode,
+            dataset=self.qualified_name, engine=a.engine, mode=a.mode, refresh_mode=a.refresh_mode,
             refresh_check_interval=a.refresh_check_interval, refresh_sql=a.refresh_sql,
             refresh_data_window=a.refresh_data_window,
             refresh_append_overlap=a.refresh_append_overlap or 0.0,
@@ -386,7 +388,7 @@ class FlightdeckConfig(_Strict):
     def _unique_names(self) -> "FlightdeckConfig":
         seen: dict[str, int] = {}
         for index, dataset in enumerate(self.datasets):
-            qualified = dataset.name if "." in dataset.name else f"public.{dataset.name}"
+            qualified = dataset.qualified_name
             if qualified in seen:
                 raise ValueError(f"datasets[{index}].name: '{dataset.name}' is already used "
                                  f"by datasets[{seen[qualified]}]")

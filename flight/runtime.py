@@ -74,10 +74,9 @@ class Runtime:
 
         specs = [spec for spec in loaded.config.search_specs() if spec.dataset in self.accelerator.refreshers]
         indexes = SearchIndexes(specs, self.models.embedder, settings)
-        for dataset in indexes.datasets():
-            refresher = self.accelerator.refreshers.get(dataset)
-            if refresher is not None:
-                refresher.listeners.append(lambda r, name=dataset: indexes.on_refreshed(name, r.store.read_all()))
+        for dataset in indexes.datasets():  # each is accelerated: the specs were filtered above
+            self.accelerator.refreshers[dataset].listeners.append(
+                lambda refresher, name=dataset: indexes.on_refreshed(name, refresher.store.read_all()))
         for function in indexes.table_functions():
             self.engine.ctx.register_udtf(function)
         return indexes

@@ -21,6 +21,12 @@ class ConnectorError(Exception):
     """A backend failed; the message names the dataset source, never a secret."""
 
 
+def first_line(error: Exception) -> str:
+    """An error's first line: the precise part, without a driver's or engine's detail."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 @dataclass
 class SourceStats:
     """Counters for what one backend was asked and sent back."""
@@ -129,8 +135,7 @@ class Connector(ABC):
 
     def clean_error(self, error: Exception) -> str:
         """A backend error for a message: its first line, secrets masked."""
-        lines = str(error).strip().splitlines()
-        return self.mask_secrets(lines[0] if lines else type(error).__name__)
+        return self.mask_secrets(first_line(error))
 
     def mask_secrets(self, text: str) -> str:
         for name in self.secret_params:
