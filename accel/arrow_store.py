@@ -98,7 +98,10 @@ class ArrowStore(Store):
             previous = self._stamp.bytes if self._stamp else 0
             self._stamp = Stamp(stamp.as_of, previous + stamp.bytes)
 
-    def delete_older(self, column: str, cutoff: Any) -> int:
+    def _record_bytes(self, size: int) -> None:
+        self._stamp = Stamp(self._stamp.as_of, size)
+
+    def _delete_older(self, column: str, cutoff: Any) -> int:
         with self._write_lock:
             live = self._live()
             keep = pc.invert(pc.fill_null(pc.less(live[column], pa.scalar(cutoff, live.schema.field(column).type)),

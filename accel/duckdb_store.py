@@ -170,9 +170,12 @@ class DuckDBStore(Store):
                         [self.dataset])
         return None if row is None else Stamp(_utc(row[0]), int(row[1] or 0))
 
-    def delete_older(self, column: str, cutoff: Any) -> int:
+    def _delete_older(self, column: str, cutoff: Any) -> int:
         row = self._one(f'DELETE FROM {self._qualified(self.name)} WHERE "{column}" < ?', [cutoff])
         return int(row[0]) if row else 0
+
+    def _record_bytes(self, size: int) -> None:
+        self._one(f"UPDATE {self.catalog}.main.{META_TABLE} SET bytes = ? WHERE dataset = ?", [size, self.dataset])
 
     def max_value(self, column: str) -> Any:
         return self._one(f'SELECT max("{column}") FROM {self._qualified(self.name)}')[0]

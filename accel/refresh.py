@@ -247,14 +247,7 @@ class Refresher:
 
     def _delete_expired(self) -> int:
         cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=self.spec.retention_period)
-        before = self.store.row_count()
-        deleted = self.store.delete_older(self.spec.time_column,
-                                          self.working_set.time_value(cutoff).as_py())
-        if deleted and before:
-            stamp = self.store.stamp()
-            if stamp is not None:  # the bytes estimate shrinks with the rows
-                stamp_bytes = int(stamp.bytes * (before - deleted) / before)
-                self.status.bytes = stamp_bytes
+        deleted = self.store.delete_older(self.spec.time_column, self.working_set.time_value(cutoff).as_py())
         if deleted:
             log.info("%s: retention deleted %s rows older than %s", self.spec.dataset, f"{deleted:,}", cutoff)
         return deleted

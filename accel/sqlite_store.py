@@ -180,11 +180,14 @@ class SQLiteStore(Store):
         row = self._one(f"SELECT as_of, bytes FROM {META_TABLE} WHERE dataset = ?", [self.dataset])
         return None if row is None else Stamp(dt.datetime.fromisoformat(row[0]), int(row[1] or 0))
 
-    def delete_older(self, column: str, cutoff: Any) -> int:
+    def _delete_older(self, column: str, cutoff: Any) -> int:
         with self.sqlite.lock:
             cursor = self.sqlite.writer.execute(f'DELETE FROM "{self.name}" WHERE "{column}" < ?',
                                                 [_sqlite_value(cutoff)])
             return cursor.rowcount
+
+    def _record_bytes(self, size: int) -> None:
+        self._one(f"UPDATE {META_TABLE} SET bytes = ? WHERE dataset = ?", [size, self.dataset])
 
     def max_value(self, column: str) -> Any:
         value = self._one(f'SELECT max("{column}") FROM "{self.name}"')[0]

@@ -63,9 +63,23 @@ class Store(ABC):
         """Add ``reader``'s rows atomically; a row whose ``key`` is already present replaces it
         (``upsert``) or is dropped (``drop``). No key: rows are appended as they are."""
 
-    @abstractmethod
     def delete_older(self, column: str, cutoff: Any) -> int:
+        """Delete rows whose ``column`` is before ``cutoff``; returns how many went. The recorded
+        size shrinks in proportion, so it stays an estimate of the copy's Arrow bytes."""
+        before = self.row_count()
+        deleted = self._delete_older(column, cutoff)
+        stamp = self.stamp()
+        if deleted and before and stamp is not None:
+            self._record_bytes(stamp.bytes * (before - deleted) // before)
+        return deleted
+
+    @abstractmethod
+    def _delete_older(self, column: str, cutoff: Any) -> int:
         """Delete rows whose ``column`` is before ``cutoff``; returns how many went."""
+
+    @abstractmethod
+    def _record_bytes(self, size: int) -> None:
+        """Record ``size`` as the copy's Arrow bytes, keeping the stamp's as-of time."""
 
     @abstractmethod
     def max_value(self, column: str) -> Any:

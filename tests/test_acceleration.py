@@ -150,10 +150,17 @@ def test_append_on_conflict_drop_keeps_the_first_copy(source, tmp_path, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_retention_deletes_old_rows_locally(source, tmp_path, engine):
     acceleration = {"engine": engine, "retention_period": "1d", "retention_check_interval": "1s"}
-    with serving(_config(tmp_path, acceleration), tmp_path) as runtime:
+    config = _config(tmp_path, acceleration)
+    # The same rows without retention: the copies' reported sizes must agree per row.
+    config["datasets"].append({**config["datasets"][0], "name": "events_all",
+                               "acceleration": {"engine": engine}})
+    with serving(config, tmp_path) as runtime:
         _loaded(runtime)
+        all_rows = _loaded(runtime, "public.events_all").status
         assert _scalar(runtime, "SELECT count(*) FROM events") == 900  # applied after the load
         assert _scalar(runtime, "SELECT min(id) FROM events") == 1
+        kept = runtime.accelerator.refresher("public.events").status
+        assert kept.bytes / 900 == pytest.approx(all_rows.bytes / all_rows.rows, rel=0.02)  # shrank with the rows
         _insert(7001, 4, at="now() - interval '2 days'")
         _insert(7101, 2)
         runtime.refresh("events")
