@@ -410,9 +410,15 @@ def test_sixteen_clients_looping_cause_no_source_queries_between_refreshes(sourc
 
 
 def _stats(url: str) -> dict:
-    queries = _query(url, "SELECT queries FROM flightdeck.runtime.source_stats WHERE kind = 'postgres'")[0][0]
-    refreshes = _query(url, "SELECT refreshes FROM flightdeck.runtime.datasets WHERE name = 'public.events'")[0][0]
-    return {"queries": queries, "refreshes": refreshes}
+    """Source queries and finished refreshes, read while no refresh is under way: a refresh
+    counts its query when it starts and itself when it ends."""
+    refresh_sql = "SELECT refresh_state, refreshes FROM flightdeck.runtime.datasets WHERE name = 'public.events'"
+    while True:
+        state, refreshes = _query(url, refresh_sql)[0]
+        queries = _query(url, "SELECT queries FROM flightdeck.runtime.source_stats WHERE kind = 'postgres'")[0][0]
+        if state == "ready" and _query(url, refresh_sql)[0] == (state, refreshes):
+            return {"queries": queries, "refreshes": refreshes}
+        time.sleep(0.05)
 
 
 def test_status_reports_engine_mode_rows_and_times(source, tmp_path):
