@@ -30,7 +30,11 @@ _index_numbers = itertools.count()
 
 
 class AcceleratedDuckDB(DuckDBConnector):
-    """Reads the local copies; the planner sees one DuckDB backend holding all of them."""
+    """Reads the local copies; the planner sees one DuckDB backend holding all of them.
+
+    The instance it reads is the writable one the refreshes write to, so every read runs in
+    a READ ONLY transaction: DuckDB itself refuses any write a statement could attempt (a
+    table, a sequence, an attachment), whatever reached it."""
 
     def __init__(self, connection: duckdb.DuckDBPyConnection, base_dir: Path):
         super(DuckDBConnector, self).__init__({}, base_dir)
@@ -43,6 +47,11 @@ class AcceleratedDuckDB(DuckDBConnector):
 
     def describe(self) -> str:
         return "duckdb (accelerated copies)"
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = super()._cursor()
+        cursor.execute("BEGIN TRANSACTION READ ONLY")
+        return cursor
 
 
 class DuckDBEngine:

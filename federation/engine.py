@@ -18,7 +18,7 @@ from federation import expr as fx
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
 from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, whole_query
-from federation.subplan import FAILED, PushedSubplan, ensure_hidden_schema, registered, split_query
+from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
 
 
@@ -124,7 +124,7 @@ class QueryEngine:
             planned.explain_rows = self._backend_requests(planned, numbered[:explained.end()],
                                                           numbered[explained.end():], values)
         elif self.settings.whole_query_pushdown:
-            planned.remote = self._whole_query(frame)
+            planned.remote = self._whole_query(frame, numbered, values)
             if planned.remote is None:
                 planned.limited_scan = self._limited_scan(planned)
             split = None if planned.remote or planned.limited_scan else self._split(numbered, frame, values)
@@ -138,7 +138,7 @@ class QueryEngine:
         (and, when parts of it are pushed, the plan that reads them in place of the local one)."""
         try:
             inner = self.ctx.sql(inner_sql, options=self.read_only, param_values=values or None)
-            remote = self._whole_query(inner) if self.settings.whole_query_pushdown else None
+            remote = self._whole_query(inner, inner_sql, values) if self.settings.whole_query_pushdown else None
             split = None
             if remote is None and self.settings.whole_query_pushdown:
                 split = self._split(inner_sql, inner, values, prefix)
@@ -152,9 +152,8 @@ class QueryEngine:
 
     def _split(self, sql: str, frame: DataFrame, values: dict, prefix: str = "") -> _Split | None:
         """The query planned with its single-backend parts sent as statements, or None."""
-        def plan(text: str) -> DataFrame:
-            return self.ctx.sql(text, options=self.read_only, param_values=values or None)
-
+        plan = Planner(lambda text: self.ctx.sql(text, options=self.read_only, param_values=values or None),
+                       lambda text: self.ctx.sql(text, options=self.read_only), values)
         try:
             split = split_query(sql, frame, self.catalog, plan)
             if split is None:
@@ -171,9 +170,14 @@ class QueryEngine:
             return None
         return _Split(rewritten, stated, split.subplans)
 
-    def _whole_query(self, frame: DataFrame) -> RemoteQuery | None:
+    def _whole_query(self, frame: DataFrame, sql: str, values: dict) -> RemoteQuery | None:
+        """The whole query as one backend statement, or None. With parameters, the statement
+        is written from the plan with its placeholders unbound: their values go to the
+        backend's driver and never through SQL text."""
         try:
-            return whole_query(frame, self.catalog)
+            if values:
+                frame = self.ctx.sql(sql, options=self.read_only)
+            return whole_query(frame, self.catalog, values)
         except Exception:  # never fail a query because it could not be pushed down
             log.warning("whole-query pushdown skipped", exc_info=True)
             return None
@@ -212,7 +216,7 @@ class QueryEngine:
             return planned.limited_scan.read(planned.schema)
         if planned.remote is not None:
             try:
-                return planned.remote.connector.stream(planned.remote.sql, None, planned.schema)
+                return planned.remote.connector.stream(planned.remote.sql, planned.remote.params, planned.schema)
             except ConnectorError as error:  # e.g. a function the backend lacks: run it here
                 log.info("whole-query pushdown failed, running in DataFusion: %s", error)
         try:
@@ -388,8 +392,12 @@ def inline_table_function_arguments(numbered_sql: str, values: dict[str, pa.Scal
 
 
 def _sql_literal(value: pa.Scalar | None) -> str:
+    """A value as a literal of DataFusion's own SQL. Its tokenizer lets a backslash escape the
+    next quote even in a plain string, so text goes as an E-string, both escaped."""
     python = value.as_py() if isinstance(value, pa.Scalar) else value
-    return fx.standard_literal(python) or fx.standard_literal(str(python))
+    if isinstance(python, str):
+        return "E'" + python.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return fx.standard_literal(python) or _sql_literal(str(python))
 
 
 def placeholder_count(numbered_sql: str) -> int:

@@ -105,65 +105,114 @@ NONE = "none"          # nothing can be pushed (e.g. an untyped SQLite column)
 _ALLOWED = {EXACT: {"=", "!=", "<", "<=", ">", ">="}, EQUALITY: {"=", "!="}, LOOSE: {"="}, NONE: set()}
 
 
-class SqlRenderer:
-    """Renders filter expressions as SQL text for one dialect.
+# How a driver marks a bound value in a statement's text.
+PARAM_STYLES: dict[str, Callable[[int], str]] = {
+    "numbered": lambda n: f"${n}",  # PostgreSQL (ADBC), DuckDB
+    "qmark": lambda n: "?",         # SQLite, Flight SQL (ADBC)
+    "format": lambda n: "%s",       # PyMySQL, Snowflake (client-side binding: literal % is written %%)
+}
 
-    ``quote_identifier`` and ``render_literal`` are the dialect's choices. A column's rule
-    (EXACT by default) decides what may be pushed: a pushed filter may match more rows than
-    the planner's (the exact filter is re-applied), never fewer.
+
+class Bindings:
+    """The values one statement binds, in the order their placeholders appear in its text."""
+
+    def __init__(self, style: str):
+        self.style = style
+        self.values: list[object] = []
+
+    def add(self, value: object) -> str:
+        """Bind ``value``; the placeholder to write where it goes."""
+        self.values.append(value)
+        return PARAM_STYLES[self.style](len(self.values))
+
+
+class SqlRenderer:
+    """Renders filter expressions as SQL for one dialect.
+
+    Text values are never written into the statement: each becomes a placeholder bound by
+    the backend's driver (``param_style``). Other values are written by ``render_literal``,
+    which only ever formats numbers, booleans, NULL and dates from their Python types (no
+    text from a client reaches it). A column's rule (EXACT by default) decides what may be
+    pushed: a pushed filter may match more rows than the planner's (the exact filter is
+    re-applied), never fewer.
     """
 
     def __init__(self, quote_identifier: Callable[[str], str],
-                 render_literal: Callable[[object], str | None]):
+                 render_literal: Callable[[object], str | None], param_style: str = "numbered"):
         self.quote_identifier = quote_identifier
         self.render_literal = render_literal
+        self.param_style = param_style
 
-    def _render(self, expr: Expr, rules: dict[str, str]) -> tuple[str, bool] | None:
+    def bindings(self) -> Bindings:
+        return Bindings(self.param_style)
+
+    def value(self, value: object, bindings: Bindings) -> str | None:
+        """A value's place in a statement: a bound placeholder for text, else its literal."""
+        if isinstance(value, str):
+            return bindings.add(value)
+        if isinstance(value, (bytes, bytearray)):
+            return None
+        return self.render_literal(value)
+
+    def _render(self, expr: Expr, rules: dict[str, str], bindings: Bindings) -> tuple[str, bool] | None:
         """(SQL, exact): exact when the backend keeps exactly the rows the planner would."""
         if isinstance(expr, Column):
             return self.quote_identifier(expr.name), True
         if isinstance(expr, Literal):
-            text = self.render_literal(expr.value)
+            text = self.value(expr.value, bindings)
             return None if text is None else (text, True)
         if isinstance(expr, Compare):
             rule = _combined_rule(referenced_columns(expr), rules)
             if expr.op not in _ALLOWED[rule]:
                 return None
-            left, right = self._render(expr.left, rules), self._render(expr.right, rules)
+            left = self._render(expr.left, rules, bindings)
+            right = self._render(expr.right, rules, bindings) if left is not None else None
             if left is None or right is None:
                 return None
             op = "<>" if expr.op == "!=" else expr.op
             return f"({left[0]} {op} {right[0]})", rule != LOOSE
         if isinstance(expr, (And, Or)):
-            parts = [self._render(a, rules) for a in expr.args]
-            if any(p is None for p in parts):
-                return None
+            parts = []
+            for arg in expr.args:
+                part = self._render(arg, rules, bindings)
+                if part is None:
+                    return None
+                parts.append(part)
             joiner = " AND " if isinstance(expr, And) else " OR "
             return "(" + joiner.join(p[0] for p in parts) + ")", all(p[1] for p in parts)
         if isinstance(expr, Not):
-            inner = self._render(expr.arg, rules)
+            inner = self._render(expr.arg, rules, bindings)
             if inner is None or not inner[1]:
                 return None  # NOT of a looser filter would be stricter
             return f"(NOT {inner[0]})", True
         if isinstance(expr, IsNull):
-            inner = self._render(expr.arg, rules)
+            inner = self._render(expr.arg, rules, bindings)
             return None if inner is None else (f"({inner[0]} IS NULL)", inner[1])
         if isinstance(expr, InList):
             rule = _combined_rule(referenced_columns(expr.arg), rules)
-            inner = self._render(expr.arg, rules)
-            values = [self.render_literal(v) for v in expr.values]
-            if "=" not in _ALLOWED[rule] or inner is None or not values or any(v is None for v in values):
+            inner = self._render(expr.arg, rules, bindings)
+            if "=" not in _ALLOWED[rule] or inner is None or not expr.values:
                 return None
+            values = []
+            for value in expr.values:
+                text = self.value(value, bindings)
+                if text is None:
+                    return None
+                values.append(text)
             return f"({inner[0]} IN ({', '.join(values)}))", rule != LOOSE
         return None
 
-    def render_where(self, filters: list[Expr], rules: dict[str, str] | None = None
-                     ) -> tuple[str | None, list[Expr], bool]:
-        """(WHERE body or None, the conjuncts left out, whether the backend filters exactly)."""
+    def render_where(self, filters: list[Expr], rules: dict[str, str] | None = None,
+                     bindings: Bindings | None = None) -> tuple[str | None, list[Expr], bool]:
+        """(WHERE body or None, the conjuncts left out, whether the backend filters exactly).
+        The values of the pushed conjuncts are added to ``bindings``, in text order."""
+        bindings = bindings if bindings is not None else self.bindings()
         pushed, kept_local, exact = [], [], True
         for part in filters:
-            rendered = self._render(part, rules or {})
+            mark = len(bindings.values)
+            rendered = self._render(part, rules or {}, bindings)
             if rendered is None:
+                del bindings.values[mark:]  # a conjunct left out binds nothing
                 kept_local.append(part)
             else:
                 pushed.append(rendered[0])

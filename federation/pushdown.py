@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol
 
 import pyarrow as pa
@@ -34,6 +34,7 @@ from datafusion import DataFrame, unparser
 from sqlglot import exp
 
 from federation import expr as fx
+from federation.backend_statement import StatementRefused, bound_statement, log_refusal_once, table_key
 from federation.catalog import DEFAULT_SCHEMA, Catalog, Dataset
 from federation.connectors.base import SqlConnector
 
@@ -55,10 +56,18 @@ INTEGER_TYPES = {exp.DataType.Type.BIGINT, exp.DataType.Type.INT, exp.DataType.T
 class RemoteQuery:
     connector: SqlConnector
     sql: str
+    params: list = field(default_factory=list)  # bound by the driver, in placeholder order
+
+    def describe_request(self) -> str:
+        """The statement as EXPLAIN shows it, with the values it binds."""
+        return self.sql + (f"  -- parameters: {self.params!r}" if self.params else "")
 
 
-def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
-    """The statement to send when the whole query can run on one backend, else None."""
+def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object] | None = None
+                ) -> RemoteQuery | None:
+    """The statement to send when the whole query can run on one backend, else None.
+    ``frame`` may hold unbound ``$n`` placeholders: ``values`` (by number) are then bound by
+    the backend's driver, so they never pass through the unparser."""
     plan = frame.optimized_logical_plan()
     scans: list[tuple] = []
     if not _safe_plan(plan, scans) or not scans:
@@ -78,9 +87,15 @@ def whole_query(frame: DataFrame, catalog: Catalog) -> RemoteQuery | None:
         return None
     if not _in_plan_order(tree, plan, frame.schema().names):
         return None
-    _point_at_remote_tables(tree, catalog, connector)
+    remote_tables = _point_at_remote_tables(tree, catalog, connector)
     _point_at_remote_columns(tree, connector)
-    return RemoteQuery(connector, tree.sql(dialect=connector.dialect))
+    try:
+        statement = bound_statement(tree, connector.dialect, connector.renderer.param_style, plan,
+                                    dict(values) if values else None, remote_tables)
+    except StatementRefused as refused:
+        log_refusal_once(str(refused))
+        return None
+    return RemoteQuery(connector, statement.sql, statement.params)
 
 
 def sql_backend(dataset: Dataset | None) -> SqlConnector | None:
@@ -223,8 +238,11 @@ def _columns_in(node: exp.Expression) -> set[str]:
     return {column.name for column in node.find_all(exp.Column)}
 
 
-def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: SqlConnector) -> None:
-    """Dataset names become the backend's own table names; the old name stays as the alias."""
+def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: SqlConnector
+                            ) -> set[tuple[str, ...]]:
+    """Dataset names become the backend's own table names; the old name stays as the alias.
+    Returns the backend tables now read (a name no dataset has is left as it is, unread)."""
+    remote_tables = set()
     for table in list(tree.find_all(exp.Table)):
         dataset = catalog.find(table.db or DEFAULT_SCHEMA, table.name)
         if dataset is None:
@@ -235,6 +253,8 @@ def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: S
         replacement = remote.copy()
         replacement.set("alias", exp.TableAlias(this=exp.to_identifier(alias, quoted=True)))
         table.replace(replacement)
+        remote_tables.add(table_key(replacement))
+    return remote_tables
 
 
 def _point_at_remote_columns(tree: exp.Expression, connector: SqlConnector) -> None:
@@ -286,9 +306,11 @@ def planner_filter(expression) -> fx.Expr | None:
 class SubplanRequests(Protocol):
     """A pushed sub-plan as EXPLAIN sees it (federation.subplan.PushedSubplan)."""
 
+    backend: SqlConnector
+
     def describe(self) -> str: ...
 
-    def request(self, columns: list[str] | None, filters: list[fx.Expr]) -> str: ...
+    def request(self, columns: list[str] | None, filters: list[fx.Expr]) -> tuple[str, list]: ...
 
 
 def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | None,
@@ -296,7 +318,7 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
     """(label, request) per backend the query will reach: the whole statement, or each scan's.
     ``subplans`` (hidden table name -> sub-plan) are parts sent as statements of their own."""
     if remote is not None:
-        return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.sql)]
+        return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.describe_request())]
     requests = []
     for node in _table_scans(frame.optimized_logical_plan()):
         variant = node.to_variant()
@@ -307,7 +329,9 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
         needed = columns + sorted(set().union(*(fx.referenced_columns(f) for f in filters)) - set(columns))
         subplan = (subplans or {}).get(fqn[-1])
         if subplan is not None:
-            requests.append((f"flightdeck: sub-plan sent to {subplan.describe()}", subplan.request(needed, filters)))
+            sql, params = subplan.request(needed, filters)
+            requests.append((f"flightdeck: sub-plan sent to {subplan.describe()}",
+                             RemoteQuery(subplan.backend, sql, params).describe_request()))
             continue
         dataset = catalog.scanned(fqn)
         if dataset is None or dataset.connector is None or _read_natively(dataset):
@@ -315,7 +339,8 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
         connector = dataset.connector
         label = f"flightdeck: scan of {dataset.qualified_name} on {connector.describe()}"
         if isinstance(connector, SqlConnector):
-            requests.append((label, connector.select_sql(dataset.table, needed, filters, None)))
+            sql, params = connector.select_sql(dataset.table, needed, filters, None)
+            requests.append((label, RemoteQuery(connector, sql, params).describe_request()))
         else:
             requests.append((label, f"columns {columns}; filters pushed where the source can take them: "
                                     f"{[str(f) for f in filters]}"))

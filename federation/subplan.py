@@ -70,7 +70,7 @@ from sqlglot import exp
 from federation import expr as fx
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError, SqlConnector
-from federation.pushdown import sql_backend, whole_query
+from federation.pushdown import RemoteQuery, sql_backend, whole_query
 from federation.scan import ConnectorDataset
 
 log = logging.getLogger("flightdeck.subplan")
@@ -81,7 +81,27 @@ SQL_DIALECT = "postgres"  # sqlglot's closest dialect to DataFusion's SQL; the r
 WORTH_PUSHING = {"Aggregate", "Join", "Distinct", "Limit"}  # a plain scan is pushed per table already
 WRAPPER = "_fd_subplan"
 
-Planner = Callable[[str], DataFrame]  # plans SQL in the query's session, with its parameter values
+@dataclass
+class Planner:
+    """Plans SQL in the query's session: ``bound`` with the statement's parameter values (what
+    runs here), ``unbound`` with its ``$n`` placeholders left open (what is written for a
+    backend, whose driver then binds ``values``)."""
+    bound: Callable[[str], DataFrame]
+    unbound: Callable[[str], DataFrame]
+    values: dict[str, object]
+
+    def __call__(self, sql: str) -> DataFrame:
+        return self.bound(sql)
+
+    def remote(self, sql: str, planned: DataFrame, catalog: Catalog) -> RemoteQuery | None:
+        """The statement for a part planned alone as ``planned``, or None."""
+        if not self.values:
+            return whole_query(planned, catalog)
+        try:
+            open_plan = self.unbound(sql)
+        except Exception:
+            return None
+        return whole_query(open_plan, catalog, self.values)
 
 
 class PushedSubplan(Connector):
@@ -90,10 +110,11 @@ class PushedSubplan(Connector):
 
     kind = "subplan"
 
-    def __init__(self, backend: SqlConnector, sql: str, schema: pa.Schema):
+    def __init__(self, backend: SqlConnector, remote: RemoteQuery, schema: pa.Schema):
         super().__init__({}, backend.base_dir)
         self.backend = backend
-        self.sql = sql
+        self.sql = remote.sql
+        self.params = remote.params
         self.result_schema = schema
         self.table = f"t_{uuid.uuid4().hex}"  # unique: concurrent queries never share one
 
@@ -106,21 +127,24 @@ class PushedSubplan(Connector):
     def describe(self) -> str:
         return self.backend.describe()
 
-    def request(self, columns: list[str] | None, filters: list[fx.Expr]) -> str:
-        """The statement the backend receives for a scan of ``columns`` under ``filters``."""
+    def request(self, columns: list[str] | None, filters: list[fx.Expr]) -> tuple[str, list]:
+        """The statement the backend receives for a scan of ``columns`` under ``filters``,
+        and the values it binds (the part's own first: they come first in the text)."""
         names = self.result_schema.names
         fetched = self._fetched(columns)
         pushable = [f for f in filters if self._exactly_compared(f)]
-        where = self.backend.renderer.render_where(pushable)[0] if pushable else None
+        bindings = self.backend.renderer.bindings()
+        bindings.values.extend(self.params)
+        where = self.backend.renderer.render_where(pushable, bindings=bindings)[0] if pushable else None
         if fetched == names and where is None:
-            return self.sql
+            return self.sql, list(self.params)
         # A CTE with a column list names the statement's columns by position: the unparsed
         # statement's own output names need not be DataFusion's (SQLite has no derived-table
         # column lists; all three dialects take this form).
         quote = self.backend.renderer.quote_identifier
         sql = (f"WITH {quote(WRAPPER)}({', '.join(quote(n) for n in names)}) AS ({self.sql}) "
                f"SELECT {', '.join(quote(c) for c in fetched)} FROM {quote(WRAPPER)}")
-        return sql + (f" WHERE {where}" if where else "")
+        return sql + (f" WHERE {where}" if where else ""), bindings.values
 
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
@@ -129,7 +153,8 @@ class PushedSubplan(Connector):
         fetched = self._fetched(columns)
         target = pa.schema([self.result_schema.field(c) for c in fetched])
         try:
-            return self.backend.stream(self.request(columns, filters), None, target)
+            sql, params = self.request(columns, filters)
+            return self.backend.stream(sql, params, target)
         except ConnectorError as error:
             raise ConnectorError(f"{FAILED}: {error}") from None
 
@@ -332,24 +357,25 @@ class _Splitter:
             return False  # planned alone, a CTE's name would mean a table
         if not any(self._backend_of(t) for t in query.find_all(exp.Table)):
             return False
+        text = query.sql(dialect=SQL_DIALECT)
         try:
-            piece = self.plan(query.sql(dialect=SQL_DIALECT))  # a correlated subquery fails here
+            piece = self.plan(text)  # a correlated subquery fails here
         except Exception:
             return False
         schema = piece.schema()
         if len(set(schema.names)) != len(schema.names) or not _does_more_than_scan(piece.optimized_logical_plan()):
             return False
-        remote = whole_query(piece, self.catalog)
+        remote = self.plan.remote(text, piece, self.catalog)
         if remote is None:
             return False
-        subplan = self.add_subplan(remote.connector, remote.sql, schema)
+        subplan = self.add_subplan(remote, schema)
         query.replace(sqlglot.parse_one(f"SELECT * FROM {hidden_table(subplan.table)}", read=SQL_DIALECT))
         return True
 
-    def add_subplan(self, backend: SqlConnector, sql: str, schema: pa.Schema) -> PushedSubplan:
-        subplan = PushedSubplan(backend, sql, schema)
+    def add_subplan(self, remote: RemoteQuery, schema: pa.Schema) -> PushedSubplan:
+        subplan = PushedSubplan(remote.connector, remote, schema)
         self.subplans.append(subplan)
-        log.debug("sub-plan for %s: %s", backend.describe(), sql)
+        log.debug("sub-plan for %s: %s", remote.connector.describe(), remote.sql)
         return subplan
 
     # ---- join groups: inner-joined tables of one backend in one SELECT ----
@@ -527,15 +553,16 @@ class _JoinGroup:
         names = self._output_names(outside)
         if not names:
             return False
+        text = self._statement(names, moved)
         try:
-            piece = self.splitter.plan(self._statement(names, moved))
+            piece = self.splitter.plan(text)
         except Exception as error:
             log.debug("join group not planned alone: %s", error)
             return False
-        remote = whole_query(piece, self.splitter.catalog)
+        remote = self.splitter.plan.remote(text, piece, self.splitter.catalog)
         if remote is None or not self._rewrite_outputs(outside, names):
             return False
-        subplan = self.splitter.add_subplan(remote.connector, remote.sql, piece.schema())
+        subplan = self.splitter.add_subplan(remote, piece.schema())
         self._rebuild_from(sources, moved, subplan)
         return True
 

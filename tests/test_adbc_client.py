@@ -125,7 +125,8 @@ def test_explain_shows_what_each_backend_is_sent(connection):
         requests = {k: v for k, v in cursor.fetchall() if k.startswith("flightdeck")}
         assert requests == {
             "flightdeck: scan of public.orders on duckdb (orders.duckdb)":
-                'SELECT "customer_id", "error_code" FROM "orders" WHERE ("error_code" = \'DB_CONN_EXHAUSTED\')',
+                'SELECT "customer_id", "error_code" FROM "orders" WHERE ("error_code" = $1)'
+                "  -- parameters: ['DB_CONN_EXHAUSTED']",
             "flightdeck: scan of crm.customers on sqlite (crm.sqlite)":
                 'SELECT "customer_id", "email" FROM "customers"',
         }

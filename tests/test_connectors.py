@@ -51,13 +51,19 @@ def test_to_arrow_round_trips():
 
 def test_sql_rendering():
     renderer = fx.SqlRenderer(fx.quote_double, fx.standard_literal)
+    bindings = renderer.bindings()
     where, kept, exact = renderer.render_where([
         fx.Compare("=", fx.Column('we"ird'), fx.Literal("it's")),
         fx.Compare(">", fx.Column("at"), fx.Literal(dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))),
         fx.InList(fx.Column("n"), (1, 2)),
-    ])
-    assert where == '("we""ird" = \'it\'\'s\') AND ("n" IN (1, 2))'
+        fx.InList(fx.Column("s"), ("x\\'", "y")),
+    ], bindings=bindings)
+    # Text is bound, never written: only identifiers and numbers are in the statement.
+    assert where == '("we""ird" = $1) AND ("n" IN (1, 2)) AND ("s" IN ($2, $3))'
+    assert bindings.values == ["it's", "x\\'", "y"]
     assert len(kept) == 1 and not exact  # a time-zone literal stays local
+    qmark = fx.SqlRenderer(fx.quote_double, fx.standard_literal, "qmark")
+    assert qmark.render_where([fx.Compare("=", fx.Column("a"), fx.Literal("v"))])[0] == '("a" = ?)'
 
 
 # ---- file: ----
@@ -156,7 +162,8 @@ def test_filters_and_projection_reach_the_backend(databases):
     assert sorted(rows.column("name").to_pylist()) == ["p10", "p2", "p4", "p6", "p8"]
     people = catalog.datasets["public.people"].connector.stats
     assert people.rows == 5
-    assert "WHERE" in people.last_request and '"city" = \'Rome\'' in people.last_request
+    # The value is bound by the driver: the statement holds only its placeholder.
+    assert "WHERE" in people.last_request and '"city" = ?' in people.last_request and "Rome" not in people.last_request
     assert people.last_request.startswith('SELECT "name", ')
 
     engine.query("SELECT label FROM events WHERE id IN (7, 70, 700)").read_all()
@@ -240,5 +247,5 @@ def test_a_limit_is_never_applied_before_a_filter_the_source_cannot_take(databas
     connector = SQLiteConnector({"sqlite_file": "crm.sqlite"}, databases)
     pushable = fx.Compare("<", fx.Column("id"), fx.Literal(100))
     local_only = fx.Compare("=", fx.Column("name"), fx.Literal(dt.datetime(2026, 1, 1)))  # not renderable
-    assert connector.select_sql("people", ["id"], [pushable], 5).endswith("LIMIT 5")
-    assert "LIMIT" not in connector.select_sql("people", ["id"], [pushable, local_only], 5)
+    assert connector.select_sql("people", ["id"], [pushable], 5)[0].endswith("LIMIT 5")
+    assert "LIMIT" not in connector.select_sql("people", ["id"], [pushable, local_only], 5)[0]

@@ -211,16 +211,18 @@ class SqlConnector(Connector):
         return self.renderer.render_where(filters, self.comparison_rules(table))[2]
 
     def select_sql(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
-                   limit: int | None) -> str:
+                   limit: int | None) -> tuple[str, list[Any]]:
+        """The scan's SELECT and the values it binds (text values never enter its text)."""
         quote = self.renderer.quote_identifier
         projection = "*" if columns is None else ", ".join(quote(c) for c in columns)
         sql = f"SELECT {projection} FROM {self.quote_table(table)}"
-        where, _, exact = self.renderer.render_where(filters, self.comparison_rules(table))
+        bindings = self.renderer.bindings()
+        where, _, exact = self.renderer.render_where(filters, self.comparison_rules(table), bindings)
         if where:
             sql += f" WHERE {where}"
         if limit is not None and exact:  # a limit before the exact filter would lose rows
             sql += f" LIMIT {int(limit)}"
-        return sql
+        return sql, bindings.values
 
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
@@ -230,11 +232,12 @@ class SqlConnector(Connector):
         if columns == []:
             columns = schema.names[:1]  # a row count: fetch the narrowest thing there is
         target = pa.schema([schema.field(c) for c in columns])
-        return self.stream_select(self.select_sql(table, columns, filters, limit), target)
+        sql, params = self.select_sql(table, columns, filters, limit)
+        return self.stream_select(sql, params, target)
 
-    def stream_select(self, sql: str, target: pa.Schema) -> pa.RecordBatchReader:
+    def stream_select(self, sql: str, params: list[Any], target: pa.Schema) -> pa.RecordBatchReader:
         """Stream a generated SELECT whose result has the ``target`` schema."""
-        return self.stream(sql, None, target)
+        return self.stream(sql, params, target)
 
     def counted(self, schema: pa.Schema, sql: str,
                 batches: Callable[[], Iterator[pa.RecordBatch]]) -> pa.RecordBatchReader:

@@ -12,12 +12,14 @@ import adbc_driver_flightsql.dbapi as adbc_flightsql
 import pyarrow as pa
 from adbc_driver_flightsql import DatabaseOptions
 
+from federation import expr as fx
 from federation.connectors.base import ConnectorError, SqlConnector
 
 
 class FlightSQLConnector(SqlConnector):
     kind = "flightsql"
     dialect = "postgres"  # standard double-quoted identifiers and ANSI literals
+    renderer = fx.SqlRenderer(fx.quote_double, fx.standard_literal, "qmark")
     secret_params = ("flightsql_api_key", "flightsql_password")
 
     def __init__(self, params: dict[str, Any], base_dir):

@@ -42,17 +42,10 @@ def arrow_type_for(data_type: str, column_type: str, precision: int | None,
     return _SIMPLE_TYPES.get(data_type)
 
 
-def mysql_literal(value: object) -> str | None:
-    """MySQL treats backslashes in strings as escapes: double them."""
-    if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-    if isinstance(value, bytes):
-        return None
-    return fx.standard_literal(value)
-
-
-def _quote_backtick(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
+def quote_backtick(name: str) -> str:
+    """A MySQL identifier. Every statement is sent with a parameter list, so PyMySQL reads
+    its text as a format string: a ``%`` in a name is written ``%%``."""
+    return "`" + name.replace("`", "``").replace("%", "%%") + "`"
 
 
 def _converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
@@ -71,7 +64,7 @@ class MySQLConnector(SqlConnector):
     kind = "mysql"
     dialect = "mysql"
     secret_params = ("mysql_pass",)
-    renderer = fx.SqlRenderer(_quote_backtick, mysql_literal)
+    renderer = fx.SqlRenderer(quote_backtick, fx.standard_literal, "format")
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
@@ -128,13 +121,13 @@ class MySQLConnector(SqlConnector):
 
     def quote_table(self, table: str) -> str:
         database, table_name = self._split(table)
-        return f"{_quote_backtick(database)}.{_quote_backtick(table_name)}"
+        return f"{quote_backtick(database)}.{quote_backtick(table_name)}"
 
     def _query_all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
         connection = self._connect()
         try:
             with connection.cursor(pymysql.cursors.Cursor) as cursor:
-                cursor.execute(sql, params)
+                cursor.execute(sql, params or ())
                 return list(cursor.fetchall())
         except pymysql.MySQLError as error:
             raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
@@ -189,7 +182,7 @@ class MySQLConnector(SqlConnector):
         connection = self._connect()
         cursor = connection.cursor()
         try:
-            cursor.execute(sql, params)
+            cursor.execute(sql, params or ())  # always formatted: see quote_backtick
         except pymysql.MySQLError as error:
             connection.close()
             self.stats.record_error()

@@ -202,8 +202,7 @@ class PostgresConnector(SqlConnector):
         return [row[0] for row in rows]
 
     def quote_table(self, table: str) -> str:
-        schema_name, table_name = self._split(table)
-        return f'"{schema_name}"."{table_name}"'.replace('""', '"')
+        return ".".join(fx.quote_double(part) for part in self._split(table))
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection, cursor = self._run(sql, params)

@@ -50,6 +50,7 @@ class SnowflakeConnector(SqlConnector):
             "password": self._password, "warehouse": params.get("snowflake_warehouse"),
             "role": params.get("snowflake_role"), "login_timeout": int(params.get("connect_timeout", 30)),
             "network_timeout": int(params.get("query_timeout", 300)),
+            "paramstyle": "qmark",  # values are bound by the server, never formatted into the text
             "session_parameters": {"QUERY_TAG": "flightdeck",
                                    "STATEMENT_TIMEOUT_IN_SECONDS": int(params.get("query_timeout", 300))},
         }
@@ -58,7 +59,7 @@ class SnowflakeConnector(SqlConnector):
                 self.connect_args[key] = params[f"snowflake_{key}"]
         self.connect_args = {k: v for k, v in self.connect_args.items() if v is not None}
         self._names: dict[str, str] = {}  # column as shown -> column in Snowflake
-        self.renderer = fx.SqlRenderer(self._quote_remote, fx.standard_literal)
+        self.renderer = fx.SqlRenderer(self._quote_remote, fx.standard_literal, "qmark")
 
     @property
     def compute_context(self) -> str:
@@ -103,7 +104,7 @@ class SnowflakeConnector(SqlConnector):
         database = str(self.params.get("snowflake_database", ""))
         if not database:
             return []
-        rows = self._rows(f'SELECT table_schema, table_name FROM "{database.upper()}".information_schema.tables '
+        rows = self._rows(f'SELECT table_schema, table_name FROM {fx.quote_double(database.upper())}.information_schema.tables '
                           "WHERE table_schema <> 'INFORMATION_SCHEMA' ORDER BY 1, 2")
         return [f"{database}.{schema}.{name}".lower() for schema, name in rows]
 
@@ -114,8 +115,8 @@ class SnowflakeConnector(SqlConnector):
     def schema(self, table: str) -> pa.Schema:
         database, schema_name, table_name = self._split(table)
         rows = self._rows(
-            f'SELECT column_name, data_type, numeric_precision, numeric_scale FROM "{database.upper()}"'
-            ".information_schema.columns WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+            f'SELECT column_name, data_type, numeric_precision, numeric_scale FROM {fx.quote_double(database.upper())}'
+            ".information_schema.columns WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
             [schema_name.upper(), table_name.upper()])
         if not rows:
             raise ConnectorError(f"{self.describe()}: no table {table}")

@@ -70,7 +70,7 @@ def sqlite_literal(value: object) -> str | None:
 class SQLiteConnector(SqlConnector):
     kind = "sqlite"
     dialect = "sqlite"
-    renderer = fx.SqlRenderer(fx.quote_double, sqlite_literal)
+    renderer = fx.SqlRenderer(fx.quote_double, sqlite_literal, "qmark")
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
