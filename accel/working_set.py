@@ -16,6 +16,7 @@ from datafusion import SessionConfig, SessionContext, SQLOptions
 from federation.catalog import CATALOG_NAME
 from federation.connectors.base import Connector
 from federation.engine import clean_engine_message
+from federation.expr import quote_double
 from federation.safety import UnsafeStatement, check_read_only
 from federation.scan import ConnectorDataset
 
@@ -37,7 +38,7 @@ class WorkingSet:
         self.ctx.register_dataset(table_name, ConnectorDataset(connector, table, schema))
         self.read_only = (SQLOptions().with_allow_ddl(False).with_allow_dml(False)
                           .with_allow_statements(False))
-        self.default_sql = f'SELECT * FROM "{table_name}"'
+        self.default_sql = f"SELECT * FROM {quote_double(table_name)}"
         self.check(refresh_sql)
         self.refresh_sql = refresh_sql or self.default_sql
 
@@ -64,7 +65,7 @@ class WorkingSet:
         values = None
         if since is not None:
             operator = ">" if strictly_after else ">="
-            sql = f'SELECT * FROM ({sql}) AS working_set WHERE "{self.time_column}" {operator} $1'
+            sql = f"SELECT * FROM ({sql}) AS working_set WHERE {quote_double(self.time_column)} {operator} $1"
             values = {"1": self.time_value(since)}
         frame = self.ctx.sql(sql, options=self.read_only, param_values=values)
         return pa.RecordBatchReader.from_stream(frame)

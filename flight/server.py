@@ -7,6 +7,7 @@ Everything that writes is refused: flightdeck is read-only.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf import any_pb2
 
+from federation.cancel import Cancellation, cancellation_scope
 from federation.connectors import ConnectorError
 from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message, error_kind
 from flight import __version__, metadata
@@ -79,6 +81,47 @@ class PreparedStatement:
 class PendingQuery:
     planned: PlannedQuery
     cancelled: threading.Event = field(default_factory=threading.Event)
+    backend: Cancellation = field(default_factory=Cancellation)  # its running backend statements
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.backend.cancel()
+
+
+class ClientWatch:
+    """While a call waits on the engine (for a backend's first rows, say), a thread watches
+    whether its client went away or cancelled, and then cancels the query's backend
+    statements at once. A call context is only valid during its call, so it is looked at
+    only inside ``waiting`` and under the lock that ``waiting`` takes on its way out."""
+
+    def __init__(self, interval_seconds: float = 0.1):
+        self.interval_seconds = interval_seconds
+        self._waiting: dict[int, tuple[Any, PendingQuery]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def waiting(self, context, query: PendingQuery) -> Iterator[None]:
+        key = id(context)
+        with self._lock:
+            self._waiting[key] = (context, query)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flightdeck-client-watch", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval_seconds)
+            with self._lock:
+                gone = [query for context, query in self._waiting.values()
+                        if query.cancelled.is_set() or context.is_cancelled()]
+            for query in gone:
+                query.cancel()
 
 
 class HandleRegistry(Generic[Item]):
@@ -150,6 +193,7 @@ class FlightSqlServer(flight.FlightServerBase):
             handle_ttl_seconds, "unknown or expired ticket: call GetFlightInfo again")
         self.redact = redact
         self.refresh = refresh  # refreshes an accelerated dataset (the Refresh action)
+        self.client_watch = ClientWatch()
 
     def to_flight_error(self, error: Exception) -> flight.FlightError:
         if isinstance(error, flight.FlightError):
@@ -248,9 +292,12 @@ class FlightSqlServer(flight.FlightServerBase):
             self.queries.remove(handle)
             raise flight.FlightCancelledError("the query was cancelled")
         try:
-            reader = self.engine.execute(query.planned)
+            with self.client_watch.waiting(context, query), cancellation_scope(query.backend):
+                reader = self.engine.execute(query.planned)
         except Exception:
             self.queries.remove(handle)
+            if query.cancelled.is_set() or context.is_cancelled():
+                raise flight.FlightCancelledError("the query was cancelled") from None
             raise
         batches = self._guarded(context, handle, query, reader)
         return flight.GeneratorStream(reader.schema, batches)
@@ -259,13 +306,19 @@ class FlightSqlServer(flight.FlightServerBase):
                  reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
         """Stream batches under the message size limit; stop when the client cancels."""
         try:
-            for batch in reader:
+            while True:
+                with self.client_watch.waiting(context, query):
+                    batch = next(reader, None)
+                if batch is None:
+                    break
                 if query.cancelled.is_set() or context.is_cancelled():
                     raise flight.FlightCancelledError("the query was cancelled")
                 yield from split_batch(batch, self.max_batch_bytes)
         except flight.FlightError:
             raise
         except Exception as error:
+            if query.cancelled.is_set():  # the backend stopped because the query was cancelled
+                raise flight.FlightCancelledError("the query was cancelled") from None
             raise self.to_flight_error(_unwrap_stream_error(error)) from None
         finally:
             reader.close()
@@ -425,7 +478,7 @@ class FlightSqlServer(flight.FlightServerBase):
             handle = parse(sql_pb.TicketStatementQuery, body).statement_handle
             query = self.queries.find(handle)
             if query is not None:
-                query.cancelled.set()
+                query.cancel()
                 cancelled = True
         return CANCEL_STATUS_CANCELLED if cancelled else CANCEL_STATUS_NOT_CANCELLABLE
 

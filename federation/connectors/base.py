@@ -27,6 +27,14 @@ def first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def cancel_quietly(cancel: Callable[[], None]) -> None:
+    """Stop a backend statement that may already have ended."""
+    try:
+        cancel()
+    except Exception:
+        pass
+
+
 @dataclass
 class SourceStats:
     """Counters for what one backend was asked and sent back."""

@@ -8,6 +8,7 @@ import duckdb
 import pyarrow as pa
 
 from federation import expr as fx
+from federation.cancel import on_cancel
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
 
 
@@ -84,6 +85,7 @@ class DuckDBConnector(SqlConnector):
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         cursor = self._cursor()
+        on_cancel(cursor.interrupt)
         try:
             reader = cursor.sql(sql, params=params).to_arrow_reader(DEFAULT_BATCH_ROWS) \
                 if params else cursor.sql(sql).to_arrow_reader(DEFAULT_BATCH_ROWS)

@@ -13,7 +13,8 @@ import pyarrow as pa
 from adbc_driver_flightsql import DatabaseOptions
 
 from federation import expr as fx
-from federation.connectors.base import ConnectorError, SqlConnector
+from federation.cancel import on_cancel
+from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly
 
 
 class FlightSQLConnector(SqlConnector):
@@ -71,6 +72,7 @@ class FlightSQLConnector(SqlConnector):
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()
+        on_cancel(cursor.adbc_cancel)
         try:
             cursor.execute(sql, params)
             reader = cursor.fetch_record_batch()
@@ -80,6 +82,8 @@ class FlightSQLConnector(SqlConnector):
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
         def release(finished: bool) -> None:
+            if not finished:
+                cancel_quietly(cursor.adbc_cancel)
             cursor.close()
             connection.close()
 

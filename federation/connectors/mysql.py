@@ -14,6 +14,7 @@ import pymysql
 import pymysql.cursors
 
 from federation import expr as fx
+from federation.cancel import on_cancel
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
 
 _SIMPLE_TYPES = {
@@ -177,10 +178,20 @@ class MySQLConnector(SqlConnector):
         text columns take only = and IN, which may match more rows, never fewer."""
         return self.loose_columns(table, lambda t: pa.types.is_string(t) or pa.types.is_binary(t))
 
+    def _kill_query(self, thread_id: int) -> None:
+        """Stop the statement a session is running (from another session: its own is busy)."""
+        killer = self._connect()
+        try:
+            with killer.cursor(pymysql.cursors.Cursor) as cursor:
+                cursor.execute("KILL QUERY %s", (int(thread_id),))
+        finally:
+            killer.close()
+
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()
+        on_cancel(lambda: self._kill_query(connection.thread_id()))
         try:
             cursor.execute(sql, params or ())  # always formatted: see quote_backtick
         except pymysql.MySQLError as error:

@@ -14,7 +14,8 @@ import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow as pa
 
 from federation import expr as fx
-from federation.connectors.base import ConnectorError, SqlConnector
+from federation.cancel import on_cancel
+from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly
 
 POOL_SIZE = 4
 
@@ -118,9 +119,11 @@ class PostgresConnector(SqlConnector):
         except queue.Full:
             connection.close()
 
-    def _run(self, sql: str, params: list[Any] | None = None) -> tuple[Any, Any]:
+    def _run(self, sql: str, params: list[Any] | None = None, cancellable: bool = False) -> tuple[Any, Any]:
         connection = self._take()
         cursor = connection.cursor()
+        if cancellable:
+            on_cancel(cursor.adbc_cancel)
         try:
             cursor.execute(sql, params)
         except Exception as error:
@@ -205,10 +208,12 @@ class PostgresConnector(SqlConnector):
         return ".".join(fx.quote_double(part) for part in self._split(table))
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
-        connection, cursor = self._run(sql, params)
+        connection, cursor = self._run(sql, params, cancellable=True)
         reader = cursor.fetch_record_batch()
 
         def release(finished: bool) -> None:
+            if not finished:
+                cancel_quietly(cursor.adbc_cancel)  # the server stops the statement too
             cursor.close()
             if finished:
                 self._give_back(connection)

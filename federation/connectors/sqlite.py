@@ -10,6 +10,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from federation import expr as fx
+from federation.cancel import on_cancel
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
 
 _DECIMAL = re.compile(r"(DECIMAL|NUMERIC)\s*\(\s*(\d+)\s*(?:,\s*(\d+))?\s*\)")
@@ -133,6 +134,7 @@ class SQLiteConnector(SqlConnector):
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         """Results take the table's declared types; computed columns are read as text."""
         connection = self._connect()
+        on_cancel(connection.interrupt)
         try:
             cursor = connection.execute(sql, params or [])
         except sqlite3.Error as error:
