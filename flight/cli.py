@@ -10,15 +10,15 @@ from pathlib import Path
 import click
 import pyarrow as pa
 
-from flight import __version__
-from flight.config import ConfigError, LoadedConfig, load_config
+from flightdeck import __version__
+from flightdeck.config import ConfigError, LoadedConfig, load_config
 
 DEFAULT_URL = "grpc://127.0.0.1:50051"
 
 
 def _load(config_path: str | None) -> LoadedConfig:
     if config_path is None:
-        from flight.demo import ensure_demo
+        from flightdeck.demo import ensure_demo
         click.echo("no -c given: serving the bundled demo (the SRE incident of 2026-11-20)", err=True)
         config_path = str(ensure_demo())
     try:
@@ -46,7 +46,7 @@ def main(log_level: str) -> None:
 def run(config_path: str | None, flight_port: int | None, http_port: int | None,
         host: str | None) -> None:
     """Start the stack and serve until Ctrl-C."""
-    from flight.runtime import Runtime
+    from flightdeck.stack import Runtime
 
     loaded = _load(config_path)
     if host and host not in ("127.0.0.1", "localhost", "::1") and not loaded.config.runtime.auth.enabled:

@@ -16,9 +16,9 @@ import pyarrow.flight as flight
 import pytest
 import yaml
 
-from flight.config import parse_config
-from flight.demo import ensure_demo
-from flight.runtime import Runtime
+from flightdeck.config import parse_config
+from flightdeck.demo import ensure_demo
+from flightdeck.stack import Runtime
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from accel.spec import AccelerationSpec
-from flight.search import ColumnSearchSpec
+from flightdeck.search_functions import ColumnSearchSpec
 from federation.catalog import DatasetSpec
 from federation.connectors import check_kind
 from inference.errors import ModelError

@@ -8,11 +8,11 @@ import threading
 from accel.accelerator import AcceleratedSource, Accelerator
 from federation.catalog import Catalog
 from federation.engine import EngineSettings, QueryEngine
-from flight.auth import AuthPolicy
-from flight.config import LoadedConfig
-from flight.search import DatasetSearchSettings, SearchIndexes
-from flight.models import ModelFunctions, model_registry
-from flight.server import FlightSqlServer
+from flight.flightsql.auth import AuthPolicy
+from flightdeck.config import LoadedConfig
+from flightdeck.search_functions import DatasetSearchSettings, SearchIndexes
+from flightdeck.model_functions import ModelFunctions, model_registry
+from flight.flightsql.server import FlightSqlServer
 
 log = logging.getLogger("flightdeck.runtime")
 

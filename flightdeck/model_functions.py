@@ -47,7 +47,7 @@ from sqlglot.errors import TokenError
 from sqlglot.tokens import Token, TokenType
 
 from federation.engine import QueryEngine, QueryError
-from flight.config import LoadedConfig
+from flightdeck.config import LoadedConfig
 from inference.embedder import TextEmbedder
 from inference.errors import ModelError
 from inference.registry import ModelRegistry

@@ -21,9 +21,10 @@ from google.protobuf import any_pb2
 
 from federation.connectors import ConnectorError
 from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message, error_kind
-from flight import __version__, metadata
-from flight.auth import AuthMiddlewareFactory, AuthPolicy, NoOpAuthHandler
-from flight.proto import flight_sql_pb2 as sql_pb
+from flight.flightsql import metadata
+from flightdeck import __version__
+from flight.flightsql.auth import AuthMiddlewareFactory, AuthPolicy, NoOpAuthHandler
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 
 log = logging.getLogger("flightdeck.flight")
 
