@@ -1,79 +1,38 @@
-"""Authentication: username/password (Basic, answered with a bearer token) and API keys.
+"""Authentication on Flight: Basic (answered with a bearer token) and bearer API keys.
 
-pyarrow answers Handshake with UNIMPLEMENTED unless an auth handler is set, so a
-no-op handler is installed and the real checks happen in a middleware that sees
-every call's headers, Handshake included (NOTES.md).
+pyarrow answers Handshake with UNIMPLEMENTED unless an auth handler is set, so a no-op
+handler is installed and the real check happens in a middleware that sees every call's
+headers, Handshake included; the Service decides who the caller is.
 """
 from __future__ import annotations
 
 import base64
-import hmac
-import secrets
-import threading
-import time
+from typing import Callable
 
 import pyarrow.flight as flight
 
-TOKEN_TTL_SECONDS = 24 * 3600
+from flightdeck.auth import Credentials, Principal
+from flightdeck.errors import UNAUTHENTICATED, ServiceError
+from flightdeck.service import Service
 
 
-class AuthPolicy:
-    def __init__(self, api_keys: list[str], users: dict[str, str]):
-        self.api_keys = [k for k in api_keys if k]
-        self.users = users
-        self._tokens: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.api_keys or self.users)
-
-    def check(self, headers: dict[str, list]) -> tuple[str, str | None]:
-        """(who is calling, a new bearer token to send back or None); raises if refused."""
-        values = headers.get("authorization") or headers.get("Authorization") or []
-        header = values[0] if values else ""
-        header = header.decode() if isinstance(header, bytes) else header
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() == "basic":
-            return self._basic(credential.strip())
-        if scheme.lower() == "bearer":
-            return self._bearer(credential.strip()), None
-        if self.enabled:
-            raise flight.FlightUnauthenticatedError(
-                "authentication required: send a bearer API key or username and password")
-        return "anonymous", None
-
-    def _basic(self, credential: str) -> tuple[str, str]:
+def credentials(headers: dict[str, list]) -> Credentials:
+    """What the call's `authorization` header presents."""
+    values = headers.get("authorization") or headers.get("Authorization") or []
+    header = values[0] if values else ""
+    header = header.decode() if isinstance(header, bytes) else header
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() == "basic":
         try:
             # Go's Flight client sends base64 without padding.
-            padded = credential + "=" * (-len(credential) % 4)
+            padded = credential.strip() + "=" * (-len(credential.strip()) % 4)
             username, _, password = base64.b64decode(padded).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            raise flight.FlightUnauthenticatedError("malformed Basic credentials") from None
-        if self.enabled:
-            expected = self.users.get(username)
-            if expected is None or not hmac.compare_digest(expected, password):
-                raise flight.FlightUnauthenticatedError("invalid username or password")
-        return username, self._issue(username)
-
-    def _bearer(self, token: str) -> str:
-        if any(hmac.compare_digest(token, key) for key in self.api_keys):
-            return "api-key"
-        with self._lock:
-            entry = self._tokens.get(token)
-            if entry and entry[1] > time.monotonic():
-                return entry[0]
-        if self.enabled:
-            raise flight.FlightUnauthenticatedError("invalid or expired bearer token")
-        return "anonymous"
-
-    def _issue(self, username: str) -> str:
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = {t: e for t, e in self._tokens.items() if e[1] > now}
-            self._tokens[token] = (username, now + TOKEN_TTL_SECONDS)
-        return token
+            raise ServiceError(UNAUTHENTICATED, "malformed Basic credentials") from None
+        return Credentials(username=username, password=password)
+    if scheme.lower() == "bearer":
+        return Credentials(bearer=credential.strip())
+    return Credentials()
 
 
 class NoOpAuthHandler(flight.ServerAuthHandler):
@@ -85,18 +44,20 @@ class NoOpAuthHandler(flight.ServerAuthHandler):
 
 
 class AuthMiddleware(flight.ServerMiddleware):
-    def __init__(self, identity: str, token: str | None):
-        self.identity = identity
-        self.token = token
+    def __init__(self, principal: Principal):
+        self.principal = principal
 
     def sending_headers(self):
-        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+        return {"authorization": f"Bearer {self.principal.token}"} if self.principal.token else {}
 
 
 class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
-    def __init__(self, policy: AuthPolicy):
-        self.policy = policy
+    def __init__(self, service: Service, flight_error: Callable[[Exception], flight.FlightError]):
+        self.service = service
+        self.flight_error = flight_error
 
     def start_call(self, info, headers):
-        identity, token = self.policy.check(headers)
-        return AuthMiddleware(identity, token)
+        try:
+            return AuthMiddleware(self.service.authenticate(credentials(headers)))
+        except Exception as error:
+            raise self.flight_error(error) from None

@@ -1,8 +1,10 @@
-"""The Arrow Flight SQL server, on pyarrow.flight.
+"""The Arrow Flight SQL door, on pyarrow.flight.
 
-Commands arrive packed in ``google.protobuf.Any``; queries are planned at
-GetFlightInfo (so a bad query fails before any data moves) and streamed at DoGet.
-Everything that writes is refused: flightdeck is read-only.
+Commands arrive packed in ``google.protobuf.Any`` and are dispatched from one table
+(COMMANDS: message class, result schema, handler; ACTIONS for DoAction). Queries are
+planned at GetFlightInfo (so a bad query fails before any data moves) and streamed at
+DoGet. Everything that writes is refused: flightdeck is read-only. Every request goes to
+the Service; its errors become Flight errors in one place (``flight_error``).
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf import any_pb2
 
-from federation.connectors import ConnectorError
-from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message, error_kind
 from flight.flightsql import metadata
-from flightdeck import __version__
-from flight.flightsql.auth import AuthMiddlewareFactory, AuthPolicy, NoOpAuthHandler
+from flight.flightsql.auth import AuthMiddlewareFactory, NoOpAuthHandler
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from flightdeck import __version__
+from flightdeck.auth import Principal
+from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT,
+                               UNAUTHENTICATED, UNAVAILABLE, ServiceError)
+from flightdeck.service import Planned, Service
 
-log = logging.getLogger("flightdeck.flight")
+log = logging.getLogger("flightdeck.flightsql")
 
 TYPE_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
 Item = TypeVar("Item")
@@ -34,6 +38,44 @@ READ_ONLY_MESSAGE = "flightdeck is read-only: {what} is not allowed"
 CANCEL_STATUS_CANCELLED, CANCEL_STATUS_NOT_CANCELLABLE = 1, 3
 CLOSE_SESSION_CLOSED = 1
 
+
+# ---- errors: the core's kinds as Flight statuses, in one place ----
+
+FLIGHT_ERRORS: dict[str, type[flight.FlightError]] = {
+    INVALID: flight.FlightServerError,
+    NOT_FOUND: flight.FlightServerError,
+    REFUSED: flight.FlightUnauthorizedError,
+    UNAVAILABLE: flight.FlightUnavailableError,
+    LIMIT_EXCEEDED: flight.FlightServerError,
+    UNAUTHENTICATED: flight.FlightUnauthenticatedError,
+    CANCELLED: flight.FlightCancelledError,
+    TIMED_OUT: flight.FlightTimedOutError,
+}
+
+
+def flight_error(error: Exception) -> flight.FlightError:
+    """Any failure as the Flight error a client sees: a clean message, never a traceback."""
+    if isinstance(error, flight.FlightError):
+        return error
+    if isinstance(error, ServiceError):
+        return FLIGHT_ERRORS[error.kind](error.message)
+    log.exception("internal error")
+    return flight.FlightInternalError(f"internal error ({type(error).__name__}); details are in the server log")
+
+
+def clean_errors(method: Callable) -> Callable:
+    """Only FlightError subclasses cross pyarrow without the server's Python traceback
+    attached, so every other exception is translated here."""
+    @functools.wraps(method)
+    def wrapper(self: "FlightSqlServer", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            raise flight_error(error) from None
+    return wrapper
+
+
+# ---- the wire format ----
 
 def pack(message) -> bytes:
     wrapper = any_pb2.Any()
@@ -47,9 +89,9 @@ def unpack(data: bytes) -> tuple[str, bytes]:
     try:
         wrapper.ParseFromString(data)
     except Exception:
-        raise flight.FlightServerError("malformed request: not a Flight SQL command") from None
+        raise ServiceError(INVALID, "malformed request: not a Flight SQL command") from None
     if not wrapper.type_url.startswith(TYPE_PREFIX):
-        raise flight.FlightServerError(f"unsupported command type {wrapper.type_url or '(none)'}")
+        raise ServiceError(INVALID, f"unsupported command type {wrapper.type_url or '(none)'}")
     return wrapper.type_url[len(TYPE_PREFIX):], wrapper.value
 
 
@@ -58,16 +100,17 @@ def parse(message_class, data: bytes):
     try:
         message.ParseFromString(data)
     except Exception:
-        raise flight.FlightServerError(f"malformed {message_class.__name__}") from None
+        raise ServiceError(INVALID, f"malformed {message_class.__name__}") from None
     return message
 
 
-# ---- server-side state --------------------------------------------------
+# ---- server-side state ----
 
 @dataclass
 class PreparedStatement:
+    principal: Principal
     sql: str
-    planned: PlannedQuery          # the plan without parameters, reused until some are bound
+    planned: Planned               # the plan without parameters, reused until some are bound
     parameter_schema: pa.Schema
     parameters: list[Any] | None = None
 
@@ -78,12 +121,14 @@ class PreparedStatement:
 
 @dataclass
 class PendingQuery:
-    planned: PlannedQuery
+    principal: Principal
+    planned: Planned
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class HandleRegistry(Generic[Item]):
-    """Items by opaque handle; an item unused for ``ttl_seconds`` is forgotten."""
+    """Items by opaque handle, each visible to its own principal only; an item unused for
+    ``ttl_seconds`` is forgotten."""
 
     def __init__(self, ttl_seconds: float, missing: str):
         self.ttl_seconds = ttl_seconds
@@ -99,208 +144,224 @@ class HandleRegistry(Generic[Item]):
             self._items[handle] = (item, time.monotonic())
         return handle
 
-    def get(self, handle: bytes) -> Item:
+    def get(self, handle: bytes, principal: Principal) -> Item:
+        item = self.find(handle, principal)
+        if item is None:
+            raise ServiceError(NOT_FOUND, self.missing)
         with self._lock:
-            entry = self._items.get(handle)
-            if entry is None:
-                raise flight.FlightServerError(self.missing)
-            self._items[handle] = (entry[0], time.monotonic())
-        return entry[0]
+            if handle in self._items:
+                self._items[handle] = (item, time.monotonic())
+        return item
 
-    def find(self, handle: bytes) -> Item | None:
+    def find(self, handle: bytes, principal: Principal) -> Item | None:
         with self._lock:
             entry = self._items.get(handle)
-        return None if entry is None else entry[0]
+        if entry is None or entry[0].principal.name != principal.name:
+            return None
+        return entry[0]
 
     def remove(self, handle: bytes) -> None:
         with self._lock:
             self._items.pop(handle, None)
 
 
-# ---- error mapping --------------------------------------------------------
+# ---- the command table ----
 
-def clean_errors(method: Callable) -> Callable:
-    """Every failure reaches the client as a Flight error with a clean message.
+@dataclass(frozen=True)
+class Command:
+    """How the door answers one Flight SQL command. ``schema`` gives the result schema
+    (GetFlightInfo, GetSchema); a statement has ``plan`` (planned at GetFlightInfo, streamed
+    by ticket), a metadata command has ``rows`` (its result, at DoGet), a command DoPut takes
+    has ``put``; ``refusal`` answers a command flightdeck does not run."""
+    message: type
+    schema: Callable[["FlightSqlServer", Principal, Any], pa.Schema] | None = None
+    plan: Callable[["FlightSqlServer", Principal, Any], Planned] | None = None
+    rows: Callable[["FlightSqlServer", Principal, Any], pa.Table] | None = None
+    put: Callable[["FlightSqlServer", Principal, Any, Any, Any], None] | None = None
+    refusal: tuple[str, str] | None = None   # (error kind, message)
 
-    Only FlightError subclasses cross pyarrow without the server's Python traceback
-    attached, so every other exception is translated here.
-    """
-    @functools.wraps(method)
-    def wrapper(self: "FlightSqlServer", *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as error:
-            raise self.to_flight_error(error) from None
-    return wrapper
+
+def _fixed(schema: pa.Schema):
+    return lambda server, principal, command: schema
 
 
-# ---- the server -------------------------------------------------------------
+def _refused(what: str) -> tuple[str, str]:
+    return REFUSED, READ_ONLY_MESSAGE.format(what=what)
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def _tables_schema(server, principal, command) -> pa.Schema:
+    return metadata.TABLES_WITH_SCHEMA_SCHEMA if command.include_schema else metadata.TABLES_SCHEMA
+
+
+def _tables_rows(server: "FlightSqlServer", principal: Principal, command) -> pa.Table:
+    service = server.service
+    return metadata.tables_table(
+        service.catalog_name, service.tables(principal), _optional(command, "catalog"),
+        _optional(command, "db_schema_filter_pattern"), _optional(command, "table_name_filter_pattern"),
+        list(command.table_types), command.include_schema)
+
+
+_FOREIGN_KEYS = Command(sql_pb.CommandGetExportedKeys, _fixed(metadata.FOREIGN_KEYS_SCHEMA),
+                        rows=lambda server, principal, command: metadata.foreign_keys_table())
+_SUBSTRAIT = (INVALID, "Substrait plans are not supported: send SQL")
+
+COMMANDS: dict[str, Command] = {
+    "CommandStatementQuery": Command(
+        sql_pb.CommandStatementQuery,
+        schema=lambda server, principal, command: server.plan_statement(principal, command).schema,
+        plan=lambda server, principal, command: server.plan_statement(principal, command)),
+    "CommandPreparedStatementQuery": Command(
+        sql_pb.CommandPreparedStatementQuery,
+        schema=lambda server, principal, command: server.prepared.get(
+            command.prepared_statement_handle, principal).dataset_schema,
+        plan=lambda server, principal, command: server.plan_prepared(principal, command),
+        put=lambda server, principal, command, reader, writer: server.bind(principal, command, reader, writer)),
+    "CommandGetSqlInfo": Command(
+        sql_pb.CommandGetSqlInfo, _fixed(metadata.SQL_INFO_SCHEMA),
+        rows=lambda server, principal, command: metadata.sql_info_table(list(command.info), __version__)),
+    "CommandGetCatalogs": Command(
+        sql_pb.CommandGetCatalogs, _fixed(metadata.CATALOGS_SCHEMA),
+        rows=lambda server, principal, command: metadata.catalogs_table(server.service.catalog_name)),
+    "CommandGetDbSchemas": Command(
+        sql_pb.CommandGetDbSchemas, _fixed(metadata.DB_SCHEMAS_SCHEMA),
+        rows=lambda server, principal, command: metadata.db_schemas_table(
+            server.service.catalog_name, server.service.schema_names(principal),
+            _optional(command, "catalog"), _optional(command, "db_schema_filter_pattern"))),
+    "CommandGetTables": Command(sql_pb.CommandGetTables, _tables_schema, rows=_tables_rows),
+    "CommandGetTableTypes": Command(
+        sql_pb.CommandGetTableTypes, _fixed(metadata.TABLE_TYPES_SCHEMA),
+        rows=lambda server, principal, command: metadata.table_types_table()),
+    "CommandGetPrimaryKeys": Command(
+        sql_pb.CommandGetPrimaryKeys, _fixed(metadata.PRIMARY_KEYS_SCHEMA),
+        rows=lambda server, principal, command: metadata.primary_keys_table(
+            server.service.catalog_name,
+            server.service.primary_keys(principal, command.table, _optional(command, "db_schema")),
+            _optional(command, "catalog"))),
+    "CommandGetExportedKeys": _FOREIGN_KEYS,
+    "CommandGetImportedKeys": Command(sql_pb.CommandGetImportedKeys, _FOREIGN_KEYS.schema, rows=_FOREIGN_KEYS.rows),
+    "CommandGetCrossReference": Command(sql_pb.CommandGetCrossReference, _FOREIGN_KEYS.schema,
+                                        rows=_FOREIGN_KEYS.rows),
+    "CommandGetXdbcTypeInfo": Command(
+        sql_pb.CommandGetXdbcTypeInfo, _fixed(metadata.XDBC_TYPE_INFO_SCHEMA),
+        rows=lambda server, principal, command: metadata.xdbc_type_info_table(_optional(command, "data_type"))),
+    "CommandStatementSubstraitPlan": Command(sql_pb.CommandStatementSubstraitPlan, refusal=_SUBSTRAIT),
+    "CommandStatementUpdate": Command(sql_pb.CommandStatementUpdate,
+                                      refusal=_refused("CommandStatementUpdate")),
+    "CommandPreparedStatementUpdate": Command(sql_pb.CommandPreparedStatementUpdate,
+                                              refusal=_refused("CommandPreparedStatementUpdate")),
+    "CommandStatementIngest": Command(sql_pb.CommandStatementIngest, refusal=_refused("CommandStatementIngest")),
+}
+
+
+def command_of(data: bytes) -> tuple[Command, Any]:
+    """The table entry for an Any-packed command, and the command parsed."""
+    name, body = unpack(data)
+    command = COMMANDS.get(name)
+    if command is None:
+        raise ServiceError(INVALID, f"unsupported Flight SQL command {name}")
+    if command.refusal is not None:
+        raise ServiceError(*command.refusal)
+    return command, parse(command.message, body)
+
+
+# ---- the server ----
 
 class FlightSqlServer(flight.FlightServerBase):
-    def __init__(self, engine: QueryEngine, location: str, auth: AuthPolicy,
-                 max_batch_bytes: int = 8 * 1024 * 1024, handle_ttl_seconds: float = 3600,
-                 redact: Callable[[str], str] = lambda text: text,
-                 refresh: Callable[[str, str | None], dict] | None = None):
+    def __init__(self, service: Service, location: str, max_batch_bytes: int = 8 * 1024 * 1024,
+                 handle_ttl_seconds: float = 3600):
         super().__init__(location, auth_handler=NoOpAuthHandler(),
-                         middleware={"auth": AuthMiddlewareFactory(auth)})
-        self.engine = engine
+                         middleware={"auth": AuthMiddlewareFactory(service, flight_error)})
+        self.service = service
         self.max_batch_bytes = max_batch_bytes
         self.prepared: HandleRegistry[PreparedStatement] = HandleRegistry(
             handle_ttl_seconds, "unknown or closed prepared statement handle")
         self.queries: HandleRegistry[PendingQuery] = HandleRegistry(
             handle_ttl_seconds, "unknown or expired ticket: call GetFlightInfo again")
-        self.redact = redact
-        self.refresh = refresh  # refreshes an accelerated dataset (the Refresh action)
 
-    def to_flight_error(self, error: Exception) -> flight.FlightError:
-        if isinstance(error, flight.FlightError):
-            return error
-        message = self.redact(str(error))
-        if isinstance(error, QueryError):
-            if error.kind == "refused":
-                return flight.FlightUnauthorizedError(message)
-            if error.kind == "unavailable":
-                return flight.FlightUnavailableError(message)
-            return flight.FlightServerError(message)
-        if isinstance(error, ConnectorError):
-            return flight.FlightUnavailableError(message)
-        log.exception("internal error")
-        return flight.FlightInternalError(
-            f"internal error ({type(error).__name__}); details are in the server log")
+    @staticmethod
+    def principal(context) -> Principal:
+        return context.get_middleware("auth").principal
 
     # ---- GetFlightInfo / GetSchema ----
 
     @clean_errors
     def get_flight_info(self, context, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        name, body = unpack(descriptor.command)
-        if name in ("CommandStatementQuery", "CommandPreparedStatementQuery"):
-            planned = self._plan(name, body)
-            handle = self.queries.add(PendingQuery(planned))
+        principal = self.principal(context)
+        command, message = command_of(descriptor.command)
+        if command.plan is not None:
+            planned = command.plan(self, principal, message)
+            handle = self.queries.add(PendingQuery(principal, planned))
             ticket = pack(sql_pb.TicketStatementQuery(statement_handle=handle))
-            rows = self.engine.known_row_count(planned)
+            rows = self.service.row_count(planned)
             return flight.FlightInfo(planned.schema, descriptor, [flight.FlightEndpoint(ticket, [])],
                                      -1 if rows is None else rows, -1)
-        schema = self._metadata_schema(name, body)
-        return flight.FlightInfo(schema, descriptor,
+        if command.rows is None:
+            raise ServiceError(INVALID, f"GetFlightInfo does not take {type(message).__name__}")
+        return flight.FlightInfo(command.schema(self, principal, message), descriptor,
                                  [flight.FlightEndpoint(descriptor.command, [])], -1, -1)
 
     @clean_errors
     def get_schema(self, context, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        name, body = unpack(descriptor.command)
-        if name == "CommandStatementQuery":
-            return flight.SchemaResult(self._plan(name, body).schema)
-        if name == "CommandPreparedStatementQuery":
-            handle = parse(sql_pb.CommandPreparedStatementQuery, body).prepared_statement_handle
-            return flight.SchemaResult(self.prepared.get(handle).dataset_schema)
-        return flight.SchemaResult(self._metadata_schema(name, body))
+        principal = self.principal(context)
+        command, message = command_of(descriptor.command)
+        if command.schema is None:
+            raise ServiceError(INVALID, f"GetSchema does not take {type(message).__name__}")
+        return flight.SchemaResult(command.schema(self, principal, message))
 
-    def _plan(self, name: str, body: bytes) -> PlannedQuery:
-        if name == "CommandStatementQuery":
-            command = parse(sql_pb.CommandStatementQuery, body)
-            self._refuse_transaction(command)
-            return self.engine.plan(command.query)
-        handle = parse(sql_pb.CommandPreparedStatementQuery, body).prepared_statement_handle
-        statement = self.prepared.get(handle)
+    def plan_statement(self, principal: Principal, command) -> Planned:
+        self._refuse_transaction(command)
+        return self.service.plan(principal, command.query)
+
+    def plan_prepared(self, principal: Principal, command) -> Planned:
+        statement = self.prepared.get(command.prepared_statement_handle, principal)
         if statement.parameters is None and len(statement.parameter_schema) == 0:
             return statement.planned  # ADBC prepares every statement: plan it once
-        return self.engine.plan(statement.sql, statement.parameters)
+        return self.service.plan(principal, statement.sql, statement.parameters)
 
     @staticmethod
     def _refuse_transaction(command) -> None:
         if command.HasField("transaction_id"):
-            raise flight.FlightUnauthorizedError(READ_ONLY_MESSAGE.format(what="a transaction"))
-
-    def _metadata_schema(self, name: str, body: bytes) -> pa.Schema:
-        schemas = {
-            "CommandGetSqlInfo": metadata.SQL_INFO_SCHEMA,
-            "CommandGetCatalogs": metadata.CATALOGS_SCHEMA,
-            "CommandGetDbSchemas": metadata.DB_SCHEMAS_SCHEMA,
-            "CommandGetTableTypes": metadata.TABLE_TYPES_SCHEMA,
-            "CommandGetPrimaryKeys": metadata.PRIMARY_KEYS_SCHEMA,
-            "CommandGetExportedKeys": metadata.FOREIGN_KEYS_SCHEMA,
-            "CommandGetImportedKeys": metadata.FOREIGN_KEYS_SCHEMA,
-            "CommandGetCrossReference": metadata.FOREIGN_KEYS_SCHEMA,
-            "CommandGetXdbcTypeInfo": metadata.XDBC_TYPE_INFO_SCHEMA,
-        }
-        if name == "CommandGetTables":
-            include = parse(sql_pb.CommandGetTables, body).include_schema
-            return metadata.TABLES_WITH_SCHEMA_SCHEMA if include else metadata.TABLES_SCHEMA
-        if name in schemas:
-            return schemas[name]
-        if name == "CommandStatementSubstraitPlan":
-            raise flight.FlightServerError("Substrait plans are not supported: send SQL")
-        if name in ("CommandStatementUpdate", "CommandPreparedStatementUpdate", "CommandStatementIngest"):
-            raise flight.FlightUnauthorizedError(READ_ONLY_MESSAGE.format(what=name))
-        raise flight.FlightServerError(f"unsupported Flight SQL command {name}")
+            raise ServiceError(*_refused("a transaction"))
 
     # ---- DoGet ----
 
     @clean_errors
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
+        principal = self.principal(context)
         name, body = unpack(ticket.ticket)
         if name == "TicketStatementQuery":
             handle = parse(sql_pb.TicketStatementQuery, body).statement_handle
-            return self._stream_query(context, handle)
-        return flight.RecordBatchStream(self._metadata_table(name, body))
+            return self._stream_query(context, principal, handle)
+        command, message = command_of(ticket.ticket)
+        if command.rows is None:
+            raise ServiceError(INVALID, f"unsupported ticket {name}")
+        return flight.RecordBatchStream(command.rows(self, principal, message))
 
-    def _stream_query(self, context, handle: bytes) -> flight.FlightDataStream:
-        query = self.queries.get(handle)
-        if query.cancelled.is_set():
-            self.queries.remove(handle)
-            raise flight.FlightCancelledError("the query was cancelled")
+    def _stream_query(self, context, principal: Principal, handle: bytes) -> flight.FlightDataStream:
+        query = self.queries.get(handle, principal)
         try:
-            reader = self.engine.execute(query.planned)
+            reader = self.service.execute(query.planned, query.cancelled)
         except Exception:
             self.queries.remove(handle)
             raise
-        batches = self._guarded(context, handle, query, reader)
-        return flight.GeneratorStream(reader.schema, batches)
+        return flight.GeneratorStream(reader.schema, self._guarded(context, handle, reader))
 
-    def _guarded(self, context, handle: bytes, query: PendingQuery,
-                 reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    def _guarded(self, context, handle: bytes, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
         """Stream batches under the message size limit; stop when the client cancels."""
         try:
             for batch in reader:
-                if query.cancelled.is_set() or context.is_cancelled():
-                    raise flight.FlightCancelledError("the query was cancelled")
+                if context.is_cancelled():
+                    raise ServiceError(CANCELLED, "the query was cancelled")
                 yield from split_batch(batch, self.max_batch_bytes)
-        except flight.FlightError:
-            raise
         except Exception as error:
-            raise self.to_flight_error(_unwrap_stream_error(error)) from None
+            raise flight_error(error) from None
         finally:
             reader.close()
             self.queries.remove(handle)
-
-    def _metadata_table(self, name: str, body: bytes) -> pa.Table:
-        catalog = self.engine.catalog
-        if name == "CommandGetSqlInfo":
-            return metadata.sql_info_table(list(parse(sql_pb.CommandGetSqlInfo, body).info), __version__)
-        if name == "CommandGetCatalogs":
-            return metadata.catalogs_table()
-        if name == "CommandGetDbSchemas":
-            command = parse(sql_pb.CommandGetDbSchemas, body)
-            return metadata.db_schemas_table(catalog, _optional(command, "catalog"),
-                                             _optional(command, "db_schema_filter_pattern"))
-        if name == "CommandGetTables":
-            command = parse(sql_pb.CommandGetTables, body)
-            return metadata.tables_table(
-                catalog, _optional(command, "catalog"), _optional(command, "db_schema_filter_pattern"),
-                _optional(command, "table_name_filter_pattern"), list(command.table_types),
-                command.include_schema)
-        if name == "CommandGetTableTypes":
-            return metadata.table_types_table()
-        if name == "CommandGetPrimaryKeys":
-            command = parse(sql_pb.CommandGetPrimaryKeys, body)
-            return metadata.primary_keys_table(catalog, _optional(command, "catalog"),
-                                               _optional(command, "db_schema"), command.table)
-        if name in ("CommandGetExportedKeys", "CommandGetImportedKeys", "CommandGetCrossReference"):
-            return metadata.foreign_keys_table()
-        if name == "CommandGetXdbcTypeInfo":
-            command = parse(sql_pb.CommandGetXdbcTypeInfo, body)
-            return metadata.xdbc_type_info_table(_optional(command, "data_type"))
-        self._metadata_schema(name, body)  # raises the precise error for this command
-        raise flight.FlightServerError(f"unsupported ticket {name}")
 
     # ---- not part of Flight SQL: refused cleanly rather than with pyarrow's default ----
 
@@ -314,21 +375,25 @@ class FlightSqlServer(flight.FlightServerBase):
 
     @clean_errors
     def do_put(self, context, descriptor: flight.FlightDescriptor, reader, writer) -> None:
-        name, body = unpack(descriptor.command)
-        if name != "CommandPreparedStatementQuery":
-            self._metadata_schema(name, body)  # raises: writes are refused, others unsupported
-            raise flight.FlightServerError(f"DoPut does not take {name}")
-        handle = parse(sql_pb.CommandPreparedStatementQuery, body).prepared_statement_handle
-        statement = self.prepared.get(handle)
+        principal = self.principal(context)
+        command, message = command_of(descriptor.command)
+        if command.put is None:
+            raise ServiceError(INVALID, f"DoPut does not take {type(message).__name__}")
+        command.put(self, principal, message, reader, writer)
+
+    def bind(self, principal: Principal, command, reader, writer) -> None:
+        """Parameters for a prepared statement: one row, one value per placeholder."""
+        handle = command.prepared_statement_handle
+        statement = self.prepared.get(handle, principal)
         parameters = reader.read_all()
         if parameters.num_rows > 1:
-            raise flight.FlightServerError(
-                "a query takes one set of parameters; bind one row (executemany is for updates, "
-                "and flightdeck is read-only)")
+            raise ServiceError(
+                INVALID, "a query takes one set of parameters; bind one row (executemany is for updates, "
+                         "and flightdeck is read-only)")
         expected = len(statement.parameter_schema)
         if parameters.num_rows == 1 and parameters.num_columns != expected:
-            raise flight.FlightServerError(
-                f"the statement takes {expected} parameter(s), {parameters.num_columns} were bound")
+            raise ServiceError(
+                INVALID, f"the statement takes {expected} parameter(s), {parameters.num_columns} were bound")
         statement.parameters = ([parameters.column(i)[0] for i in range(parameters.num_columns)]
                                 if parameters.num_rows else None)
         result = sql_pb.DoPutPreparedStatementResult(prepared_statement_handle=handle)
@@ -337,44 +402,28 @@ class FlightSqlServer(flight.FlightServerBase):
     # ---- DoAction ----
 
     def list_actions(self, context):
-        return [
-            ("CreatePreparedStatement", "Prepare a read statement; returns its handle and schemas"),
-            ("ClosePreparedStatement", "Release a prepared statement"),
-            ("CancelFlightInfo", "Cancel the query behind a FlightInfo"),
-            ("CancelQuery", "Cancel the query behind a FlightInfo (deprecated form)"),
-            ("CloseSession", "End the client's session"),
-            ("Refresh", 'flightdeck: refresh an accelerated dataset now; body JSON '
-                        '{"dataset": NAME, "refresh_sql": optional one-off working set}; returns its status'),
-        ]
+        return [(name, description) for name, (_, description) in ACTIONS.items()]
 
     @clean_errors
     def do_action(self, context, action: flight.Action):
-        handlers = {
-            "CreatePreparedStatement": self._create_prepared_statement,
-            "ClosePreparedStatement": self._close_prepared_statement,
-            "CancelFlightInfo": self._cancel_flight_info,
-            "CancelQuery": self._cancel_query,
-            "CloseSession": self._close_session,
-            "Refresh": self._refresh,
-        }
+        principal = self.principal(context)
         kind = action.type
         body = action.body.to_pybytes() if action.body is not None else b""
-        if kind in handlers:
-            return handlers[kind](body)
-        if kind in ("BeginTransaction", "EndTransaction", "BeginSavepoint", "EndSavepoint"):
-            raise flight.FlightUnauthorizedError(READ_ONLY_MESSAGE.format(what="a transaction"))
-        if kind == "CreatePreparedSubstraitPlan":
-            raise flight.FlightServerError("Substrait plans are not supported: send SQL")
-        raise flight.FlightServerError(f"unsupported action {kind!r}")
+        if kind in ACTIONS:
+            return ACTIONS[kind][0](self, principal, body)
+        if kind in REFUSED_ACTIONS:
+            raise ServiceError(*REFUSED_ACTIONS[kind])
+        raise ServiceError(INVALID, f"unsupported action {kind!r}")
 
-    def _create_prepared_statement(self, body: bytes) -> list[flight.Result]:
+    def create_prepared_statement(self, principal: Principal, body: bytes) -> list[flight.Result]:
         name, value = unpack(body)
         if name != "ActionCreatePreparedStatementRequest":
-            raise flight.FlightServerError(f"CreatePreparedStatement expects its request, got {name}")
+            raise ServiceError(INVALID, f"CreatePreparedStatement expects its request, got {name}")
         request = parse(sql_pb.ActionCreatePreparedStatementRequest, value)
         self._refuse_transaction(request)
-        planned = self.engine.plan(request.query)
-        statement = PreparedStatement(request.query, planned, self.engine.parameter_schema(request.query))
+        planned = self.service.plan(principal, request.query)
+        statement = PreparedStatement(principal, request.query, planned,
+                                      self.service.parameter_schema(principal, request.query))
         handle = self.prepared.add(statement)
         result = sql_pb.ActionCreatePreparedStatementResult(
             prepared_statement_handle=handle,
@@ -382,61 +431,71 @@ class FlightSqlServer(flight.FlightServerBase):
             parameter_schema=statement.parameter_schema.serialize().to_pybytes())
         return [flight.Result(pa.py_buffer(pack(result)))]
 
-    def _refresh(self, body: bytes) -> list[flight.Result]:
+    def close_prepared_statement(self, principal: Principal, body: bytes) -> list:
+        _, value = unpack(body)
+        handle = parse(sql_pb.ActionClosePreparedStatementRequest, value).prepared_statement_handle
+        if self.prepared.find(handle, principal) is not None:
+            self.prepared.remove(handle)
+        return []
+
+    def refresh(self, principal: Principal, body: bytes) -> list[flight.Result]:
         try:
             request = json.loads(body or b"{}")
             dataset, refresh_sql = request["dataset"], request.get("refresh_sql")
         except (ValueError, KeyError, TypeError):
-            raise flight.FlightServerError(
-                'Refresh expects a JSON body {"dataset": NAME, "refresh_sql": optional SQL}') from None
-        if self.refresh is None:
-            raise flight.FlightServerError("no dataset is accelerated on this server")
-        try:
-            status = self.refresh(str(dataset), refresh_sql)
-        except ValueError as error:  # not accelerated, or a refresh_sql that cannot be used
-            raise flight.FlightServerError(str(error)) from None
+            raise ServiceError(
+                INVALID, 'Refresh expects a JSON body {"dataset": NAME, "refresh_sql": optional SQL}') from None
+        status = self.service.refresh(principal, str(dataset), refresh_sql)
         return [flight.Result(pa.py_buffer(json.dumps(status, default=str).encode()))]
 
-    def _close_prepared_statement(self, body: bytes) -> list:
-        _, value = unpack(body)
-        handle = parse(sql_pb.ActionClosePreparedStatementRequest, value).prepared_statement_handle
-        self.prepared.remove(handle)
-        return []
-
-    def _cancel_flight_info(self, body: bytes) -> list[flight.Result]:
-        info_bytes = parse(sql_pb.CancelFlightInfoRequest, body).info
-        status = self._cancel(info_bytes)
+    def cancel_flight_info(self, principal: Principal, body: bytes) -> list[flight.Result]:
+        status = self._cancel(principal, parse(sql_pb.CancelFlightInfoRequest, body).info)
         return [flight.Result(pa.py_buffer(sql_pb.CancelFlightInfoResult(status=status).SerializeToString()))]
 
-    def _cancel_query(self, body: bytes) -> list[flight.Result]:
+    def cancel_query(self, principal: Principal, body: bytes) -> list[flight.Result]:
         _, value = unpack(body)
-        status = self._cancel(parse(sql_pb.ActionCancelQueryRequest, value).info)
+        status = self._cancel(principal, parse(sql_pb.ActionCancelQueryRequest, value).info)
         return [flight.Result(pa.py_buffer(pack(sql_pb.ActionCancelQueryResult(result=status))))]
 
-    def _cancel(self, info_bytes: bytes) -> int:
+    def _cancel(self, principal: Principal, info_bytes: bytes) -> int:
         try:
             info = flight.FlightInfo.deserialize(info_bytes)
         except Exception:
-            raise flight.FlightServerError("malformed FlightInfo in cancel request") from None
+            raise ServiceError(INVALID, "malformed FlightInfo in cancel request") from None
         cancelled = False
         for endpoint in info.endpoints:
             name, body = unpack(endpoint.ticket.ticket)
             if name != "TicketStatementQuery":
                 continue
             handle = parse(sql_pb.TicketStatementQuery, body).statement_handle
-            query = self.queries.find(handle)
+            query = self.queries.find(handle, principal)
             if query is not None:
                 query.cancelled.set()
                 cancelled = True
         return CANCEL_STATUS_CANCELLED if cancelled else CANCEL_STATUS_NOT_CANCELLABLE
 
-    def _close_session(self, body: bytes) -> list[flight.Result]:
+    def close_session(self, principal: Principal, body: bytes) -> list[flight.Result]:
         result = sql_pb.CloseSessionResult(status=CLOSE_SESSION_CLOSED)
         return [flight.Result(pa.py_buffer(result.SerializeToString()))]
 
 
-def _optional(message, name: str):
-    return getattr(message, name) if message.HasField(name) else None
+# DoAction: name -> (handler, description for ListActions)
+ACTIONS: dict[str, tuple[Callable[[FlightSqlServer, Principal, bytes], list], str]] = {
+    "CreatePreparedStatement": (FlightSqlServer.create_prepared_statement,
+                                "Prepare a read statement; returns its handle and schemas"),
+    "ClosePreparedStatement": (FlightSqlServer.close_prepared_statement, "Release a prepared statement"),
+    "CancelFlightInfo": (FlightSqlServer.cancel_flight_info, "Cancel the query behind a FlightInfo"),
+    "CancelQuery": (FlightSqlServer.cancel_query, "Cancel the query behind a FlightInfo (deprecated form)"),
+    "CloseSession": (FlightSqlServer.close_session, "End the client's session"),
+    "Refresh": (FlightSqlServer.refresh, 'flightdeck: refresh an accelerated dataset now; body JSON '
+                                         '{"dataset": NAME, "refresh_sql": optional one-off working set}; '
+                                         'returns its status'),
+}
+REFUSED_ACTIONS: dict[str, tuple[str, str]] = {
+    **{name: _refused("a transaction")
+       for name in ("BeginTransaction", "EndTransaction", "BeginSavepoint", "EndSavepoint")},
+    "CreatePreparedSubstraitPlan": _SUBSTRAIT,
+}
 
 
 def split_batch(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:
@@ -449,11 +508,3 @@ def split_batch(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatc
     rows = max(1, batch.num_rows // pieces)
     for start in range(0, batch.num_rows, rows):
         yield from split_batch(batch.slice(start, rows), max_bytes)
-
-
-def _unwrap_stream_error(error: Exception) -> Exception:
-    """Errors raised inside the engine's stream come back as bare Exceptions or ArrowErrors."""
-    if isinstance(error, (QueryError, ConnectorError, flight.FlightError)):
-        return error
-    text = str(error)
-    return QueryError(clean_engine_message(text), kind=error_kind(text))
