@@ -1,4 +1,4 @@
-"""Models as SQL functions: ``embed`` and ``predict``, installed into the engine by the Runtime.
+"""Models as SQL functions: ``embed`` and ``predict``, installed into the engine by the Stack.
 
     SELECT path, embed(content) FROM guides                  -- FixedSizeList<float32, 384>
     SELECT embed(?, 'minilm_int8')                           -- a model named in `embeddings:`
