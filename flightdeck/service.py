@@ -70,10 +70,6 @@ class Service:
 
     # ---- who is calling ----
 
-    @property
-    def auth_enabled(self) -> bool:
-        return self.authenticator.enabled
-
     def authenticate(self, credentials: Credentials) -> Principal:
         return self.authenticator.authenticate(credentials)
 
