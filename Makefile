@@ -49,7 +49,7 @@ bench: $(VENV)/.installed-test services
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/python -m grpc_tools.protoc -Iflight/proto --python_out=flight/proto flight/proto/flight_sql.proto
+	$(BIN)/python -m grpc_tools.protoc -Iflight/flightsql/proto --python_out=flight/flightsql/proto flight/flightsql/proto/flight_sql.proto
 
 clean:
 	rm -rf $(VENV) .venv-fakesnow build *.egg-info bench/data

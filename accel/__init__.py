@@ -1,1 +1,1 @@
-"""Accelerated table stores (DuckDB, SQLite, Arrow), refresh and retention: see issue 4."""
+"""Accelerated table stores (DuckDB, SQLite, Arrow), refresh and retention."""

@@ -1,6 +1,6 @@
 """The runtime's accelerations: one store and refresher per accelerated dataset.
 
-The Runtime hands each accelerated dataset over with its source connector and a ``route``
+The Stack hands each accelerated dataset over with its source connector and a ``route``
 callback that points the dataset's queries at a connector; this module never imports the
 planner. Engines are shared: every DuckDB copy lives in one DuckDB instance (so queries over
 several copies run whole inside it), every SQLite copy of a mode in one database file, and

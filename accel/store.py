@@ -1,4 +1,4 @@
-"""The accelerated-store contract (DESIGN.md, Contracts) and what every engine shares.
+"""The accelerated-store contract and what every engine shares.
 
 A store holds one dataset's local copy. Writes are atomic: ``replace`` builds the new copy
 beside the live one and swaps it in one transaction, ``upsert`` adds a batch of rows in one

@@ -150,8 +150,8 @@ def as_matrix(column: pa.ChunkedArray) -> np.ndarray:
 def measure(config: Path, texts: dict[str, list[str]], repeats: int) -> dict:
     from inference.registry import ModelRegistry
     from inference.st_dir import bundled_minilm_dir
-    from flight.config import load_config
-    from flight.models import model_registry
+    from flightdeck.config import load_config
+    from flightdeck.model_functions import model_registry
 
     results: dict = {}
     server = flightdeck_server(config)

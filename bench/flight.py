@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from flight.proto import flight_sql_pb2 as sql_pb
-from flight.server import pack
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from flight.flightsql.server import pack
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / "data"
@@ -169,7 +169,7 @@ def measure_latency(config: Path, queries: int) -> dict:
 
     from federation.catalog import Catalog
     from federation.engine import QueryEngine
-    from flight.config import load_config
+    from flightdeck.config import load_config
 
     statements = {
         "SELECT 1": "SELECT 1 AS one",
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=300)
     args = parser.parse_args()
 
-    from flight.demo import ensure_demo
+    from flightdeck.demo import ensure_demo
     parquet = make_parquet(args.rows)
     config = DATA / "bench.yaml"
     config.write_text(f"datasets:\n  - from: file:{parquet.name}\n    name: big\n")

@@ -183,7 +183,7 @@ class QueryEngine:
             return None
 
     def register_udf(self, udf) -> None:
-        """A scalar function callable from SQL (the Runtime registers model functions this way)."""
+        """A scalar function callable from SQL (the Stack registers model functions this way)."""
         self.ctx.register_udf(udf)
 
     def add_rewriter(self, rewrite: Callable[[str], str]) -> None:

@@ -2,7 +2,7 @@
 
 DataFusion cannot take a table provider written in Python, but it scans a
 ``pyarrow.dataset.Dataset`` and hands it the projected columns and the filters
-it could push (NOTES.md). This subclass receives them and turns them into a
+it could push. This subclass receives them and turns them into a
 ``Connector.scan`` call. The filter is re-applied exactly to every batch, so a
 connector may push a looser filter than asked, never a stricter one.
 """
@@ -22,7 +22,7 @@ from federation.connectors.base import Connector
 class LazyDataset(ds.InMemoryDataset):
     """A pyarrow dataset that DataFusion scans lazily: a subclass makes the batches for the
     columns and filter DataFusion pushes (``batches``). These are the calls DataFusion 55
-    makes on a Python dataset (NOTES.md); this class is the one place that knows them."""
+    makes on a Python dataset (internals: datafusion is pinned to 55.x); this class is the one place that knows them."""
 
     def __init__(self, schema: pa.Schema):
         super().__init__(schema.empty_table())

@@ -8,7 +8,7 @@ of such a query as one statement.
 
 Route: the rewrite works on the SQL text, with sqlglot. DataFusion takes no Python table
 provider and cannot rebuild a logical plan from parts, and its unparser is known to lose
-filters around semi/anti joins (NOTES.md), so the mixed plan itself is never unparsed. Each
+filters around semi/anti joins, so the mixed plan itself is never unparsed. Each
 candidate part is cut out of the SQL, planned alone by DataFusion and offered to
 ``whole_query``: every guard of the whole-query path decides about the part, unchanged. An
 accepted part becomes a table in a hidden schema (a ``PushedSubplan`` scanned through

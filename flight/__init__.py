@@ -1,3 +1,1 @@
-"""flightdeck's front doors: Flight SQL server, CLI, configuration and the Runtime."""
-
-__version__ = "0.1.0"
+"""flightdeck's front doors (Flight SQL) and the `flightdeck` command, the composition root."""

@@ -4,21 +4,86 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 import pyarrow as pa
 
-from flight import __version__
-from flight.config import ConfigError, LoadedConfig, load_config
+from flightdeck import __version__
+from flightdeck.auth import OPERATOR
+from flightdeck.config import ConfigError, LoadedConfig, load_config
+from flightdeck.runtime_config import FLIGHT_PORT, Endpoint, RuntimeConfig
 
-DEFAULT_URL = "grpc://127.0.0.1:50051"
+DEFAULT_URL = f"grpc://127.0.0.1:{FLIGHT_PORT}"
+log = logging.getLogger("flightdeck")
+
+
+class Serving:
+    """A running flightdeck: one Stack, the Service over it, and the enabled doors, all stopped
+    along one path (``close``)."""
+
+    def __init__(self, loaded: LoadedConfig, runtime: RuntimeConfig | None = None):
+        from flight.flightsql.server import FlightSqlServer
+        from flightdeck.service import Service
+        from flightdeck.stack import Stack
+
+        runtime = runtime or loaded.config.runtime
+        self.stack = Stack(loaded)
+        self.service = Service(self.stack)
+        self.doors: list = []  # each has shutdown(), which waits for its calls in flight
+        self.flightsql: FlightSqlServer | None = None
+        self.flight_url: str | None = None
+        # Where the HTTP door is to listen; it is not served by this version.
+        self.http: Endpoint | None = runtime.http if runtime.http.enabled else None
+        self._stop = threading.Event()
+        try:
+            if runtime.flight.enabled:
+                endpoint = runtime.flight
+                self.flightsql = FlightSqlServer(
+                    self.service, f"grpc://{endpoint.host}:{endpoint.port}",
+                    max_batch_bytes=runtime.limits.max_batch_bytes,
+                    handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds)
+                self.flight_url = f"grpc://{endpoint.host}:{self.flightsql.port}"
+                self.doors.append(self.flightsql)
+        except Exception:
+            self.stack.close()
+            raise
+
+    def serve(self) -> None:
+        """Serve until SIGINT/SIGTERM (or shutdown()); then close everything. A door serves
+        from its own threads once built, so this thread only waits."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Ask serve() to return (from any thread)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop every door (each waits for its calls in flight), then the stack."""
+        self._stop.set()
+        for door in reversed(self.doors):
+            door.shutdown()
+        self.doors.clear()
+        self.stack.close()
 
 
 def _load(config_path: str | None) -> LoadedConfig:
     if config_path is None:
-        from flight.demo import ensure_demo
+        from flightdeck.demo import ensure_demo
         click.echo("no -c given: serving the bundled demo (the SRE incident of 2026-11-20)", err=True)
         config_path = str(ensure_demo())
     try:
@@ -37,34 +102,40 @@ def main(log_level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+PORT = click.IntRange(0, 65535)
+
+
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
               help="flightdeck.yaml (default: the bundled demo)")
-@click.option("--flight-port", type=int, help="Flight SQL port (default 50051; 0 picks a free one)")
-@click.option("--http-port", type=int, help="HTTP port (the HTTP API is not served by this version)")
+@click.option("--flight-port", type=PORT, help=f"Flight SQL port (default {FLIGHT_PORT}; 0 picks a free one)")
+@click.option("--http-port", type=PORT, help="HTTP port (default 8090); the HTTP door is not served yet")
 @click.option("--host", help="interface to bind (default 127.0.0.1)")
 def run(config_path: str | None, flight_port: int | None, http_port: int | None,
         host: str | None) -> None:
     """Start the stack and serve until Ctrl-C."""
-    from flight.runtime import Runtime
-
     loaded = _load(config_path)
-    if host and host not in ("127.0.0.1", "localhost", "::1") and not loaded.config.runtime.auth.enabled:
-        raise click.ClickException("binding beyond loopback needs runtime.auth in the configuration")
     try:
-        runtime = Runtime(loaded, flight_port=flight_port, flight_host=host)
+        runtime = loaded.config.runtime.with_overrides(host=host, flight_port=flight_port, http_port=http_port)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if not runtime.flight.enabled:
+        raise click.ClickException("runtime.flight.enabled is false: Flight SQL is the only door this version serves")
+    try:
+        serving = Serving(loaded, runtime)
     except Exception as error:
         raise click.ClickException(f"cannot start: {loaded.redact(str(error))}") from None
-    if http_port is not None:
-        click.echo("note: the HTTP API is not part of this version; --http-port is ignored", err=True)
-    for dataset in runtime.catalog.datasets.values():
-        state = "ready" if dataset.state == "ready" else f"UNAVAILABLE: {dataset.error}"
-        click.echo(f"  {dataset.qualified_name:<28} {dataset.spec.kind:<8} {state}", err=True)
-    click.echo(f"flightdeck {__version__}: Flight SQL on {runtime.flight_url} (Ctrl-C stops)", err=True)
+    for dataset in serving.service.datasets(OPERATOR):
+        state = "ready" if dataset["state"] == "ready" else f"UNAVAILABLE: {dataset['error']}"
+        click.echo(f"  {dataset['name']:<28} {dataset['kind']:<8} {state}", err=True)
+    if http_port is not None and serving.http is not None:
+        click.echo("note: the HTTP door is not part of this version yet; nothing listens on "
+                   f"{serving.http.host}:{serving.http.port}", err=True)
+    click.echo(f"flightdeck {__version__}: Flight SQL on {serving.flight_url} (Ctrl-C stops)", err=True)
     # Tests and scripts wait for this exact line on stdout.
-    click.echo(f"READY {runtime.flight_url}")
+    click.echo(f"READY {serving.flight_url}")
     sys.stdout.flush()
-    runtime.serve()
+    serving.serve()
     click.echo("flightdeck stopped", err=True)
 
 
@@ -72,20 +143,12 @@ def run(config_path: str | None, flight_port: int | None, http_port: int | None,
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def validate(config_path: str) -> None:
     """Check a configuration file without starting anything."""
+    from flightdeck.sources import source_problems
+
     loaded = _load(config_path)
-    problems = _check_sources(loaded)
-    for name, kind, problem in problems:
-        click.echo(f"warning: datasets {name} ({kind}): {loaded.redact(problem)}", err=True)
+    for name, kind, problem in source_problems(loaded):
+        click.echo(f"warning: datasets {name} ({kind}): {problem}", err=True)
     click.echo(f"{config_path}: valid ({len(loaded.config.datasets)} datasets)")
-
-
-def _check_sources(loaded: LoadedConfig) -> list[tuple[str, str, str]]:
-    from federation.catalog import Catalog
-    catalog = Catalog(loaded.config.dataset_specs(), loaded.base_dir)
-    try:
-        return [(d.spec.name, d.spec.kind, d.error) for d in catalog.datasets.values() if d.error]
-    finally:
-        catalog.close()
 
 
 def _server_options(command):
@@ -129,27 +192,19 @@ def refresh(dataset: str, refresh_sql: str | None, url: str, api_key: str | None
 @click.option("--api-key", default=lambda: os.environ.get("FLIGHTDECK_API_KEY"), help="bearer API key")
 def datasets(config_path: str | None, rows: bool, url: str | None, api_key: str | None) -> None:
     """List datasets: name, source kind, state, schema and rows (or a server's live status)."""
-    from federation.catalog import Catalog
     from rich.console import Console
     from rich.table import Table
+
+    from flightdeck.sources import dataset_overview
 
     if url:
         _print_live_datasets(url, api_key)
         return
     loaded = _load(config_path)
-    catalog = Catalog(loaded.config.dataset_specs(), loaded.base_dir)
     table = Table("dataset", "from", "state", "rows", "schema")
-    try:
-        for dataset in catalog.datasets.values():
-            count = ""
-            if rows and dataset.connector is not None:
-                known = dataset.connector.row_count(dataset.spec.location)
-                count = "" if known is None else f"{known:,}"
-            schema = ", ".join(f"{f.name} {f.type}" for f in dataset.arrow_schema) \
-                if dataset.arrow_schema is not None else loaded.redact(dataset.error or "")
-            table.add_row(dataset.qualified_name, dataset.spec.kind, dataset.state, count, schema)
-    finally:
-        catalog.close()
+    for row in dataset_overview(loaded, count_rows=rows):
+        count = "" if row["rows"] is None else f"{row['rows']:,}"
+        table.add_row(row["name"], row["kind"], row["state"], count, row["schema"])
     Console().print(table)
 
 

@@ -1,4 +1,4 @@
-"""Local models (ONNX Runtime embeddings, tabular models) and search: see issue 5.
+"""Local models (ONNX Runtime embeddings, tabular models) and search indexes.
 
 Modules, each importable on its own (nothing heavy is imported by this package):
 - registry:  ModelRegistry, built from the config's `embeddings` / `models` lists

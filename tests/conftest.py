@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,9 +15,9 @@ import pyarrow.flight as flight
 import pytest
 import yaml
 
-from flight.config import parse_config
-from flight.demo import ensure_demo
-from flight.runtime import Runtime
+from flight.cli import Serving
+from flightdeck.config import parse_config
+from flightdeck.demo import ensure_demo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,21 +68,31 @@ def flight_client(server) -> Iterator[flight.FlightClient]:
     client.close()
 
 
+class InProcess:
+    """An in-process flightdeck as tests see it: the Stack's parts, the Service, the Flight SQL door."""
+
+    def __init__(self, serving: Serving):
+        self.serving = serving
+        self.stack, self.service = serving.stack, serving.service
+        self.engine, self.catalog = serving.stack.engine, serving.stack.catalog
+        self.accelerator, self.models = serving.stack.accelerator, serving.stack.models
+        self.server, self.flight_url = serving.flightsql, serving.flight_url
+
+    def refresh(self, dataset: str, refresh_sql: str | None = None) -> dict:
+        return self.stack.refresh(dataset, refresh_sql)
+
+
 @contextmanager
-def serving(config: dict, base_dir: Path, environ: dict | None = None) -> Iterator[Runtime]:
-    """A Runtime serving ``config`` in this process (tests can look inside it)."""
+def serving(config: dict, base_dir: Path, environ: dict | None = None) -> Iterator[InProcess]:
+    """flightdeck serving ``config`` in this process (tests can look inside it)."""
     config.setdefault("runtime", {}).setdefault("flight", {"port": 0})
     loaded = parse_config(config, base_dir, environ if environ is not None else {})
-    runtime = Runtime(loaded)
-    thread = threading.Thread(target=runtime.server.serve, daemon=True)
-    thread.start()
+    running = Serving(loaded)
     try:
-        yield runtime
+        yield InProcess(running)
     finally:
-        runtime.server.shutdown()
-        thread.join(timeout=10)
-        runtime.close()
-        del runtime
+        running.close()
+        del running
         gc.collect()  # free what is left of it here, not on an engine thread during the next test
 
 

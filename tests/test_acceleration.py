@@ -16,7 +16,7 @@ import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow.flight as flight
 import pytest
 
-from flight.config import ConfigError, parse_config
+from flightdeck.config import ConfigError, parse_config
 
 from conftest import REPO, ServerProcess, serving, write_config
 

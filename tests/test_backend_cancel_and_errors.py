@@ -11,8 +11,8 @@ import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow.flight as flight
 import pytest
 
-from flight.proto import flight_sql_pb2 as sql_pb
-from flight.server import pack
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from flight.flightsql.server import pack
 from conftest import serving
 
 PG = {"pg_host": "127.0.0.1", "pg_port": 5432, "pg_db": "test", "pg_user": "postgres"}

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow.flight as flight
 
-from flight.proto import flight_sql_pb2 as sql_pb
-from flight.server import pack
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from flight.flightsql.server import pack
 
 QUERIES = {
     "SELECT count(*) FROM orders WHERE status = 'failed'": 576,

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from flight.cli import main
-from flight.config import ConfigError, load_config, parse_config
+from flightdeck.config import ConfigError, load_config, parse_config
 
 from conftest import REPO, ServerProcess, write_config
 

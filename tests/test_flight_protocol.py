@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from flight import metadata
-from flight.proto import flight_sql_pb2 as sql_pb
-from flight.server import pack
+from flight.flightsql import metadata
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from flight.flightsql.server import pack
 
 
 def descriptor(message) -> flight.FlightDescriptor:

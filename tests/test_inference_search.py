@@ -14,7 +14,7 @@ from inference.errors import ModelError
 from inference.search import SearchResult, TextIndex, VectorIndex, reciprocal_rank_fusion
 from inference.st_dir import bundled_minilm_dir
 
-GUIDES = sorted((Path(__file__).resolve().parent.parent / "flight" / "demo" / "guides").glob("*.md"))
+GUIDES = sorted((Path(__file__).resolve().parent.parent / "flightdeck" / "demo" / "guides").glob("*.md"))
 POOLER = "connection-pooler-transaction-mode"
 QUERY = "orders failing after scaling to three replicas: too many database connections"
 

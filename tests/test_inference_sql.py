@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ServerProcess, serving, write_config
-from flight.config import ConfigError, parse_config
+from flightdeck.config import ConfigError, parse_config
 from inference.reference import load_reference
 
 REFERENCE = load_reference()
@@ -293,7 +293,7 @@ def test_config_errors_name_the_key(raw, expected, tmp_path):
 
 
 def test_config_paths_and_cache_dir(tmp_path):
-    from flight.models import model_registry
+    from flightdeck.model_functions import model_registry
 
     loaded = parse_config({
         "embeddings": [{"name": "docs", "from": "file:models/encoder.onnx",

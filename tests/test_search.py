@@ -137,7 +137,7 @@ def test_append_refresh_embeds_new_rows_and_file_copies_keep_their_embeddings(no
      "target_chunk_size"),
 ])
 def test_search_config_errors_name_the_key(tmp_path, dataset, message):
-    from flight.config import ConfigError, parse_config
+    from flightdeck.config import ConfigError, parse_config
     with pytest.raises(ConfigError) as raised:
         parse_config({"datasets": [{"from": "file:guides/", "name": "guides", **dataset}]}, tmp_path, {})
     assert message in str(raised.value)

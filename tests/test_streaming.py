@@ -13,8 +13,8 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from flight.proto import flight_sql_pb2 as sql_pb
-from flight.server import pack, split_batch
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from flight.flightsql.server import pack, split_batch
 
 from conftest import ServerProcess, serving, write_config
 

@@ -171,7 +171,7 @@ def _run(engine: QueryEngine, catalog: Catalog, sql: str, params=None) -> tuple[
     return result, _delta(before, _stats(catalog, "public.pg_orders"))
 
 
-# ---- the issue's example and its siblings, by the backends' counters --------------------
+# ---- a pushed sub-plan and its siblings, by the backends' counters --------------------
 
 def test_join_of_two_postgres_tables_goes_down_as_one_statement(world, engines):
     _, catalog, reference = world

@@ -1,4 +1,4 @@
-"""The connector contract every backend implements (see DESIGN.md, Contracts)."""
+"""The connector contract every backend implements."""
 from __future__ import annotations
 
 import threading

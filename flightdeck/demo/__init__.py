@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from flight import __version__
+from flightdeck import __version__
 
 log = logging.getLogger("flightdeck.demo")
 
@@ -262,6 +262,6 @@ def make_metrics(rng: np.random.Generator) -> pa.Table:
 
 def copy_guides(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for guide in resources.files("flight.demo").joinpath("guides").iterdir():
+    for guide in resources.files("flightdeck.demo").joinpath("guides").iterdir():
         if guide.name.endswith(".md"):
             (folder / guide.name).write_text(guide.read_text())

@@ -252,7 +252,7 @@ def _best_per_row(ranking: Callable[[int], SearchResult], chunk_rows: np.ndarray
 
 
 class SearchIndexes:
-    """Every searchable column of the runtime, kept in step with the accelerated copies."""
+    """Every searchable column of the stack, kept in step with the accelerated copies."""
 
     def __init__(self, specs: list[ColumnSearchSpec], embedder_for: Callable[[str], TextEmbedder],
                  settings_for: Callable[[str], "DatasetSearchSettings"]):

@@ -6,17 +6,17 @@ repeat a value, so a secret in a bad place is not echoed back.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from accel.spec import AccelerationSpec
-from flight.search import ColumnSearchSpec
+from flightdeck.runtime_config import RuntimeConfig, Strict
+from flightdeck.search_functions import ColumnSearchSpec
 from federation.catalog import DatasetSpec
 from federation.connectors import check_kind
 from inference.errors import ModelError
@@ -30,62 +30,6 @@ DATASET_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
 
 class ConfigError(ValueError):
     """The configuration is invalid; str() lists every problem, one per line."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class Endpoint(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(ge=0, le=65535)
-    enabled: bool = True
-
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-
-class User(_Strict):
-    username: str = Field(min_length=1)
-    password: str = Field(min_length=1)
-
-
-class Auth(_Strict):
-    api_keys: list[str] = Field(default_factory=list)
-    users: list[User] = Field(default_factory=list)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.api_keys or self.users)
-
-
-class Limits(_Strict):
-    max_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=15 * 1024 * 1024)
-    batch_rows: int = Field(default=65_536, ge=1024, le=1_048_576)
-    prepared_statement_ttl_seconds: int = Field(default=3600, ge=1)
-
-
-class Runtime(_Strict):
-    data_dir: str = ".flightdeck"  # file-mode copies and model caches, relative to the config file
-    flight: Endpoint = Field(default_factory=lambda: Endpoint(port=50051))
-    http: Endpoint = Field(default_factory=lambda: Endpoint(port=8090))
-    auth: Auth = Field(default_factory=Auth)
-    limits: Limits = Field(default_factory=Limits)
-
-    @model_validator(mode="after")
-    def _auth_beyond_loopback(self) -> "Runtime":
-        for name in ("flight", "http"):
-            endpoint = getattr(self, name)
-            if endpoint.enabled and not endpoint.is_loopback() and not self.auth.enabled:
-                raise ValueError(
-                    f"runtime.{name}.host binds beyond loopback: set runtime.auth "
-                    "(api_keys or users) first")
-        return self
 
 
 def parse_duration(value: Any) -> float | None:
@@ -103,7 +47,7 @@ def parse_duration(value: Any) -> float | None:
 Duration = float | str | None
 
 
-class Acceleration(_Strict):
+class Acceleration(Strict):
     """Spice AI's acceleration keys, where the feature is the same."""
     enabled: bool = True
     engine: Literal["duckdb", "sqlite", "arrow"] = "duckdb"
@@ -146,22 +90,22 @@ class Acceleration(_Strict):
         return self.on_conflict
 
 
-class Chunking(_Strict):
+class Chunking(Strict):
     enabled: bool = True
     target_chunk_size: int = Field(default=800, ge=50, le=100_000)   # characters
     overlap_size: int = Field(default=100, ge=0, le=10_000)
 
 
-class ColumnEmbedding(_Strict):
+class ColumnEmbedding(Strict):
     from_: str = Field(alias="from")   # the name of an embedding model (`minilm` is always there)
     chunking: Chunking | None = None
 
 
-class FullTextSearch(_Strict):
+class FullTextSearch(Strict):
     enabled: bool = True
 
 
-class ColumnConfig(_Strict):
+class ColumnConfig(Strict):
     name: str
     description: str = ""
     embeddings: list[ColumnEmbedding] = Field(default_factory=list, max_length=1)
@@ -172,7 +116,7 @@ class ColumnConfig(_Strict):
         return bool(self.embeddings) or bool(self.full_text_search and self.full_text_search.enabled)
 
 
-class DatasetConfig(_Strict):
+class DatasetConfig(Strict):
     from_: str = Field(alias="from")
     name: str
     description: str = ""
@@ -274,7 +218,7 @@ def _check_with_registry(**entries) -> None:
         raise ValueError(re.sub(r"^(embedding )?model '[^']*': ", "", str(error))) from None
 
 
-class EmbeddingParams(_Strict):
+class EmbeddingParams(Strict):
     quantization: Literal["none", "int8"] = "none"
     threads: int | None = Field(default=None, ge=1, le=1024)           # onnxruntime intra-op threads
     inter_op_threads: int | None = Field(default=None, ge=1, le=1024)
@@ -290,7 +234,7 @@ class EmbeddingParams(_Strict):
         return value.lower() if isinstance(value, str) else value
 
 
-class _NamedModel(_Strict):
+class _NamedModel(Strict):
     name: str
     from_: str = Field(alias="from")
     description: str = ""
@@ -327,7 +271,7 @@ class EmbeddingConfig(_NamedModel):
                 "params": self.params.model_dump(exclude_none=True, exclude_defaults=True)}
 
 
-class ModelParams(_Strict):
+class ModelParams(Strict):
     threads: int | None = Field(default=None, ge=1, le=1024)
     inter_op_threads: int | None = Field(default=None, ge=1, le=1024)
 
@@ -356,11 +300,11 @@ def _unique(entries: list, key: str) -> None:
         seen[entry.name] = index
 
 
-class FlightdeckConfig(_Strict):
+class FlightdeckConfig(Strict):
     version: str = "v1"
     kind: str = "Flightdeck"
     name: str = "flightdeck"
-    runtime: Runtime = Field(default_factory=Runtime)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     datasets: list[DatasetConfig] = Field(default_factory=list)
     # None (no key): only the bundled `minilm`; it is there in any case unless a list names its own.
     embeddings: list[EmbeddingConfig] | None = None

@@ -1,25 +1,21 @@
-"""The Runtime: one process wiring configuration, catalog, engine and front doors."""
+"""The Stack: what one configuration builds (catalog, engine, accelerator, models, search
+indexes), without any door; the Service answers requests over it."""
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 from accel.accelerator import AcceleratedSource, Accelerator
 from federation.catalog import Catalog
 from federation.engine import EngineSettings, QueryEngine
-from flight.auth import AuthPolicy
-from flight.config import LoadedConfig
-from flight.search import DatasetSearchSettings, SearchIndexes
-from flight.models import ModelFunctions, model_registry
-from flight.server import FlightSqlServer
+from flightdeck.config import LoadedConfig
+from flightdeck.model_functions import ModelFunctions, model_registry
+from flightdeck.search_functions import DatasetSearchSettings, SearchIndexes
 
-log = logging.getLogger("flightdeck.runtime")
+log = logging.getLogger("flightdeck.stack")
 
 
-class Runtime:
-    def __init__(self, loaded: LoadedConfig, flight_port: int | None = None,
-                 flight_host: str | None = None):
+class Stack:
+    def __init__(self, loaded: LoadedConfig):
         config = loaded.config
         runtime = config.runtime
         self.loaded = loaded
@@ -32,16 +28,6 @@ class Runtime:
         self.models = model_registry(loaded)
         self.model_functions = ModelFunctions(self.models).install(self.engine)
         self.search = self._search_indexes(loaded)
-        host = flight_host or runtime.flight.host
-        port = runtime.flight.port if flight_port is None else flight_port
-        auth = AuthPolicy(runtime.auth.api_keys, {u.username: u.password for u in runtime.auth.users})
-        self.server = FlightSqlServer(
-            self.engine, f"grpc://{host}:{port}", auth,
-            max_batch_bytes=runtime.limits.max_batch_bytes,
-            handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds,
-            redact=loaded.redact, refresh=self.refresh)
-        self.flight_url = f"grpc://{host}:{self.server.port}"
-        self._stopped = threading.Event()
         self.accelerator.start()
 
     def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
@@ -98,34 +84,14 @@ class Runtime:
                                              "last_error", "data_as_of", "refreshes", "failures",
                                              "embedded_last_refresh", "embedded_total")}}
 
-    def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM (or shutdown()); then release every backend."""
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self.server.serve()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.close()
-
-    def _on_signal(self, signum, frame) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        # shutdown() waits for in-flight calls, so it must not run on the serving thread.
-        threading.Thread(target=self.shutdown, daemon=True).start()
-
-    def shutdown(self) -> None:
-        if not self._stopped.is_set():
-            self._stopped.set()
-            self.server.shutdown()
-
     def close(self) -> None:
+        """Stop the refreshers and release every backend and local engine."""
         self.accelerator.close()
         self.catalog.close()
         # Break the reference cycles between the parts (callbacks, routed connectors), so that
         # they are freed here, on this thread, not by the cyclic collector on whatever thread
         # it runs next: freeing engine objects on one of DataFusion's threads crashes.
         self.catalog.status_extension = None
-        self.server.refresh = None
         self.accelerator.refreshers.clear()
         for dataset in self.catalog.datasets.values():
             dataset.registrations.clear()

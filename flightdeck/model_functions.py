@@ -1,4 +1,4 @@
-"""Models as SQL functions: ``embed`` and ``predict``, installed into the engine by the Runtime.
+"""Models as SQL functions: ``embed`` and ``predict``, installed into the engine by the Stack.
 
     SELECT path, embed(content) FROM guides                  -- FixedSizeList<float32, 384>
     SELECT embed(?, 'minilm_int8')                           -- a model named in `embeddings:`
@@ -47,7 +47,7 @@ from sqlglot.errors import TokenError
 from sqlglot.tokens import Token, TokenType
 
 from federation.engine import QueryEngine, QueryError
-from flight.config import LoadedConfig
+from flightdeck.config import LoadedConfig
 from inference.embedder import TextEmbedder
 from inference.errors import ModelError
 from inference.registry import ModelRegistry

@@ -5,7 +5,7 @@ import re
 
 import pyarrow as pa
 
-from federation.catalog import CATALOG_NAME, Catalog
+from flightdeck.service import PrimaryKey, TableEntry
 
 # ---- result schemas (names, order and nullability are the protocol's) ----
 
@@ -190,37 +190,35 @@ def _matches(pattern: re.Pattern | None, value: str) -> bool:
     return pattern is None or bool(pattern.match(value))
 
 
-def catalogs_table() -> pa.Table:
-    return pa.Table.from_pylist([{"catalog_name": CATALOG_NAME}], schema=CATALOGS_SCHEMA)
+def catalogs_table(catalog_name: str) -> pa.Table:
+    return pa.Table.from_pylist([{"catalog_name": catalog_name}], schema=CATALOGS_SCHEMA)
 
 
-def _catalog_matches(catalog: str | None) -> bool:
-    return catalog is None or catalog == CATALOG_NAME
-
-
-def db_schemas_table(catalog_model: Catalog, catalog: str | None, pattern: str | None) -> pa.Table:
+def db_schemas_table(catalog_name: str, schema_names: list[str], catalog: str | None,
+                     pattern: str | None) -> pa.Table:
     regex = like_pattern(pattern)
-    rows = [] if not _catalog_matches(catalog) else [
-        {"catalog_name": CATALOG_NAME, "db_schema_name": name}
-        for name in catalog_model.schema_names() if _matches(regex, name)]
+    rows = [] if catalog not in (None, catalog_name) else [
+        {"catalog_name": catalog_name, "db_schema_name": name}
+        for name in schema_names if _matches(regex, name)]
     return pa.Table.from_pylist(rows, schema=DB_SCHEMAS_SCHEMA)
 
 
-def tables_table(catalog_model: Catalog, catalog: str | None, schema_pattern: str | None,
-                 table_pattern: str | None, table_types: list[str], include_schema: bool) -> pa.Table:
+def tables_table(catalog_name: str, entries: list[TableEntry], catalog: str | None,
+                 schema_pattern: str | None, table_pattern: str | None, table_types: list[str],
+                 include_schema: bool) -> pa.Table:
     schema_regex, table_regex = like_pattern(schema_pattern), like_pattern(table_pattern)
     rows = []
     wanted_types = {t.upper() for t in table_types}
-    if _catalog_matches(catalog):
-        for schema_name, table_name, table_type, arrow_schema in catalog_model.listing():
-            if wanted_types and table_type not in wanted_types:
+    if catalog in (None, catalog_name):
+        for entry in entries:
+            if wanted_types and entry.table_type not in wanted_types:
                 continue
-            if not (_matches(schema_regex, schema_name) and _matches(table_regex, table_name)):
+            if not (_matches(schema_regex, entry.schema_name) and _matches(table_regex, entry.table_name)):
                 continue
-            row = {"catalog_name": CATALOG_NAME, "db_schema_name": schema_name,
-                   "table_name": table_name, "table_type": table_type}
+            row = {"catalog_name": catalog_name, "db_schema_name": entry.schema_name,
+                   "table_name": entry.table_name, "table_type": entry.table_type}
             if include_schema:
-                row["table_schema"] = arrow_schema.serialize().to_pybytes()
+                row["table_schema"] = entry.arrow_schema.serialize().to_pybytes()
             rows.append(row)
     schema = TABLES_WITH_SCHEMA_SCHEMA if include_schema else TABLES_SCHEMA
     return pa.Table.from_pylist(rows, schema=schema)
@@ -231,18 +229,11 @@ def table_types_table() -> pa.Table:
                                 schema=TABLE_TYPES_SCHEMA)
 
 
-def primary_keys_table(catalog_model: Catalog, catalog: str | None, db_schema: str | None,
-                       table: str) -> pa.Table:
-    rows = []
-    if _catalog_matches(catalog):
-        for dataset in catalog_model.datasets.values():
-            spec = dataset.spec
-            if spec.table_name != table or (db_schema is not None and spec.schema_name != db_schema):
-                continue
-            rows.extend({"catalog_name": CATALOG_NAME, "db_schema_name": spec.schema_name,
-                         "table_name": spec.table_name, "column_name": column,
-                         "key_sequence": position, "key_name": None}
-                        for position, column in enumerate(dataset.primary_key, start=1))
+def primary_keys_table(catalog_name: str, keys: list[PrimaryKey], catalog: str | None) -> pa.Table:
+    rows = [] if catalog not in (None, catalog_name) else [
+        {"catalog_name": catalog_name, "db_schema_name": key.schema_name, "table_name": key.table_name,
+         "column_name": column, "key_sequence": position, "key_name": None}
+        for key in keys for position, column in enumerate(key.columns, start=1)]
     return pa.Table.from_pylist(rows, schema=PRIMARY_KEYS_SCHEMA)
 
 

@@ -1,0 +1,31 @@
+"""One error taxonomy for every door: what went wrong, in words a client may see.
+
+A door maps each kind to its protocol once (a Flight status, an HTTP status, an MCP tool
+error); the message is already safe to show: no traceback, no secret.
+"""
+from __future__ import annotations
+
+INVALID = "invalid"                  # the request is wrong: bad SQL, bad arguments
+NOT_FOUND = "not_found"              # an unknown dataset, model or handle
+REFUSED = "refused"                  # understood and not allowed: a write, a transaction
+UNAVAILABLE = "unavailable"          # a backend failed or is down; a retry may work
+LIMIT_EXCEEDED = "limit_exceeded"    # over a configured limit
+UNAUTHENTICATED = "unauthenticated"  # no or wrong credentials
+CANCELLED = "cancelled"              # the caller stopped it
+TIMED_OUT = "timed_out"              # it ran out of time
+
+KINDS = (INVALID, NOT_FOUND, REFUSED, UNAVAILABLE, LIMIT_EXCEEDED, UNAUTHENTICATED, CANCELLED, TIMED_OUT)
+
+
+class ServiceError(Exception):
+    """A request failed in a way the caller should hear about; ``kind`` is one of KINDS."""
+
+    def __init__(self, kind: str, message: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ServiceError({self.kind!r}, {self.message!r})"

@@ -1,0 +1,274 @@
+"""The Service: the one API every door calls.
+
+Sync and blocking (an async door calls it in a worker thread). Every request names its
+caller (a Principal, from ``authenticate``); every failure is a ServiceError whose kind the
+door maps to its protocol and whose message is safe to show. The engine, the accelerator and
+the models stay behind this class: a door never imports them.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from accel.accelerator import AccelerationError
+from federation.cancel import Cancellation, cancellation_scope
+from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA
+from federation.connectors import ConnectorError
+from federation.engine import PlannedQuery, QueryError, clean_engine_message, error_kind
+from federation.expr import quote_double, standard_literal
+from flightdeck import __version__
+from flightdeck.auth import OPERATOR, Authenticator, Credentials, Principal
+from flightdeck.errors import CANCELLED, INVALID, NOT_FOUND, UNAVAILABLE, ServiceError
+from flightdeck.search_functions import MODES as SEARCH_MODES
+from flightdeck.search_functions import SearchError
+from flightdeck.stack import Stack
+from inference.errors import ModelError
+
+log = logging.getLogger("flightdeck.service")
+
+SAMPLE_KINDS = ("first", "random", "distinct")
+MAX_SAMPLE_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A statement planned for one principal: its result schema is known, nothing has run.
+    It can be executed any number of times."""
+    principal: Principal
+    sql: str
+    parameters: tuple[Any, ...] | None
+    schema: pa.Schema
+    query: PlannedQuery
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """A queryable table as catalog listings show it."""
+    schema_name: str
+    table_name: str
+    table_type: str              # TABLE or SYSTEM TABLE
+    arrow_schema: pa.Schema
+
+
+@dataclass(frozen=True)
+class PrimaryKey:
+    schema_name: str
+    table_name: str
+    columns: tuple[str, ...]
+
+
+class Service:
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        auth = stack.loaded.config.runtime.auth
+        self.authenticator = Authenticator(auth.api_keys, {u.username: u.password for u in auth.users})
+        self.redact = stack.loaded.redact
+
+    # ---- who is calling ----
+
+    def authenticate(self, credentials: Credentials) -> Principal:
+        return self.authenticator.authenticate(credentials)
+
+    # ---- SQL ----
+
+    def plan(self, principal: Principal, sql: str, parameters: list[Any] | None = None) -> Planned:
+        """Check and plan a read statement; ``parameters`` bind its placeholders (never spliced)."""
+        with self._translated():
+            query = self.stack.engine.plan(sql, list(parameters) if parameters is not None else None)
+        return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query)
+
+    def parameter_schema(self, principal: Principal, sql: str) -> pa.Schema:
+        """The parameters a statement takes (``$1``, ``?``), with the types inferred for them."""
+        with self._translated():
+            return self.stack.engine.parameter_schema(sql)
+
+    def row_count(self, planned: Planned) -> int | None:
+        """The result's row count when it is known without running the query."""
+        with self._translated():
+            return self.stack.engine.known_row_count(planned.query)
+
+    def execute(self, planned: Planned, cancelled: threading.Event | None = None,
+                backend: Cancellation | None = None) -> pa.RecordBatchReader:
+        """Run a planned statement; the reader raises ServiceError, and stops with a ``cancelled``
+        one once ``cancelled`` is set. Close the reader (or drop it) to release the backends.
+        Backend statements the query starts register with ``backend``: cancelling it stops
+        them at the backend (a door does so when its client goes away)."""
+        if cancelled is not None and cancelled.is_set():
+            raise ServiceError(CANCELLED, "the query was cancelled")
+        with self._translated(), cancellation_scope(backend or Cancellation()):
+            reader = self.stack.engine.execute(planned.query)
+        return pa.RecordBatchReader.from_batches(reader.schema, self._stream(reader, cancelled))
+
+    def query(self, principal: Principal, sql: str, parameters: list[Any] | None = None) -> pa.RecordBatchReader:
+        return self.execute(self.plan(principal, sql, parameters))
+
+    def _stream(self, reader: pa.RecordBatchReader,
+                cancelled: threading.Event | None) -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in reader:
+                if cancelled is not None and cancelled.is_set():
+                    raise ServiceError(CANCELLED, "the query was cancelled")
+                yield batch
+        except ServiceError:
+            raise
+        except (QueryError, ConnectorError) as error:
+            raise self._service_error(error) from None
+        except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors
+            text = str(error)
+            raise ServiceError(error_kind(text), self.redact(clean_engine_message(text))) from None
+        finally:
+            reader.close()
+
+    # ---- the catalog ----
+
+    @property
+    def catalog_name(self) -> str:
+        return CATALOG_NAME
+
+    def schema_names(self, principal: Principal) -> list[str]:
+        return self.stack.catalog.schema_names()
+
+    def tables(self, principal: Principal) -> list[TableEntry]:
+        """Every queryable table (datasets and system tables), sorted by schema and name."""
+        return [TableEntry(*row) for row in self.stack.catalog.listing()]
+
+    def primary_keys(self, principal: Principal, table: str, schema: str | None = None) -> list[PrimaryKey]:
+        return [PrimaryKey(d.spec.schema_name, d.spec.table_name, tuple(d.primary_key))
+                for d in self.stack.catalog.datasets.values()
+                if d.spec.table_name == table and (schema is None or d.spec.schema_name == schema)]
+
+    def datasets(self, principal: Principal) -> list[dict]:
+        """One entry per configured dataset: name, kind, state, description, acceleration status,
+        searchable columns."""
+        searchable: dict[str, list[str]] = {}
+        for dataset, column in self.stack.search.columns:
+            searchable.setdefault(dataset, []).append(column)
+        rows = []
+        for row in self.stack.catalog.dataset_rows():
+            for key in ("error", "last_error"):
+                if row.get(key):
+                    row[key] = self.redact(str(row[key]))
+            row["searchable_columns"] = searchable.get(row["name"], [])
+            rows.append(row)
+        return rows
+
+    def schema(self, principal: Principal, name: str) -> pa.Schema:
+        dataset = self._dataset(name)
+        if dataset.arrow_schema is None:
+            raise ServiceError(UNAVAILABLE, self.redact(f"dataset {dataset.qualified_name} is unavailable: "
+                                                        f"{dataset.error}"))
+        return dataset.arrow_schema
+
+    def sample(self, principal: Principal, name: str, n: int = 10, how: str = "first") -> pa.RecordBatchReader:
+        """Up to ``n`` rows of a dataset: the first ones, a random choice, or distinct rows."""
+        if how not in SAMPLE_KINDS:
+            raise ServiceError(INVALID, f"unknown sample kind {how!r} (expected {', '.join(SAMPLE_KINDS)})")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLE_ROWS:
+            raise ServiceError(INVALID, f"the sample size must be an integer from 1 to {MAX_SAMPLE_ROWS}")
+        dataset = self._dataset(name)
+        table = f"{quote_double(dataset.spec.schema_name)}.{quote_double(dataset.spec.table_name)}"
+        select = {"first": f"SELECT * FROM {table}",
+                  "random": f"SELECT * FROM {table} ORDER BY random()",
+                  "distinct": f"SELECT DISTINCT * FROM {table}"}[how]
+        return self.query(principal, f"{select} LIMIT {n}")
+
+    def search(self, principal: Principal, dataset: str, text: str, k: int = 10, mode: str = "hybrid",
+               where: str | None = None, column: str | None = None) -> pa.RecordBatchReader:
+        """The ``k`` best rows of a dataset for ``text`` (the dataset's columns plus ``score`` and
+        ``chunk``), through the search table functions, so it obeys everything SQL does.
+        ``where`` is a SQL condition on the dataset's columns, applied before ranking."""
+        if mode not in SEARCH_MODES:
+            raise ServiceError(INVALID, f"unknown search mode {mode!r} (expected {', '.join(SEARCH_MODES)})")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ServiceError(INVALID, "the number of results must be a positive integer")
+        if not isinstance(text, str) or not text.strip():
+            raise ServiceError(INVALID, "the search text must be a non-empty string")
+        qualified = self._dataset(dataset).qualified_name
+        arguments = [standard_literal(qualified), "$1", str(k)]
+        if column is not None:
+            arguments.append(standard_literal(column))
+        sql = f"SELECT * FROM {mode}_search({', '.join(arguments)})"
+        if where:
+            sql += f" WHERE {where}"
+        return self.query(principal, sql + " ORDER BY score DESC", [text])
+
+    # ---- models ----
+
+    def embedding_models(self, principal: Principal) -> list[str]:
+        return self.stack.models.embedding_names
+
+    def embed(self, principal: Principal, model: str | None, texts: list[str]) -> pa.FixedSizeListArray:
+        """One normalized vector per text; ``model`` None is the default embedding model."""
+        names = self.stack.models.embedding_names
+        name = model if model is not None else self.stack.model_functions.default_embedding
+        if name not in names:
+            raise ServiceError(NOT_FOUND, f"unknown embedding model {name!r} (known: {', '.join(names) or 'none'})")
+        if not all(isinstance(t, str) for t in texts):
+            raise ServiceError(INVALID, "every input to embed must be a string")
+        with self._translated():
+            return self.stack.models.embedder(name).embed(pa.array(texts, pa.string()))
+
+    # ---- acceleration ----
+
+    def refresh(self, principal: Principal, dataset: str, sql: str | None = None) -> dict:
+        """Refresh an accelerated dataset now and wait; its status after the refresh. A one-off
+        ``sql`` (SELECT * FROM NAME WHERE ...) replaces the working set for this refresh only."""
+        try:
+            with self._translated():
+                return self.stack.refresh(dataset, sql)
+        except ValueError as error:  # a refresh_sql that cannot be used for this dataset
+            raise ServiceError(INVALID, self.redact(str(error))) from None
+
+    # ---- the process ----
+
+    def health(self) -> dict:
+        return {"status": "ok", "version": __version__}
+
+    def ready(self) -> bool:
+        """True once every accelerated dataset with ``ready_state: on_load`` has a loaded copy."""
+        return all(refresher.loaded.is_set() for refresher in self.stack.accelerator.refreshers.values()
+                   if refresher.spec.ready_state == "on_load")
+
+    def status(self) -> dict:
+        return {"version": __version__, "ready": self.ready(),
+                "datasets": self.datasets(OPERATOR),
+                "sources": self.stack.catalog.source_stats()}
+
+    # ---- errors ----
+
+    def _dataset(self, name: str):
+        qualified = name if "." in name else f"{DEFAULT_SCHEMA}.{name}"
+        dataset = self.stack.catalog.datasets.get(qualified)
+        if dataset is None:
+            known = ", ".join(sorted(self.stack.catalog.datasets)) or "none"
+            raise ServiceError(NOT_FOUND, f"unknown dataset {name!r} (datasets: {known})")
+        return dataset
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Known failures of the engine, connectors, models and accelerator become ServiceErrors."""
+        try:
+            yield
+        except Exception as error:
+            translated = self._service_error(error)
+            if translated is None or translated is error:
+                raise
+            raise translated from None
+
+    def _service_error(self, error: Exception) -> ServiceError | None:
+        """The engine's, connectors', models' and accelerator's errors in the core's taxonomy;
+        None for anything else (a bug: the door reports an internal error)."""
+        if isinstance(error, ServiceError):
+            return error
+        if isinstance(error, QueryError):
+            return ServiceError(error.kind, self.redact(str(error)))
+        if isinstance(error, ConnectorError):
+            return ServiceError(UNAVAILABLE, self.redact(str(error)))
+        if isinstance(error, (ModelError, SearchError, AccelerationError)):
+            return ServiceError(INVALID, self.redact(str(error)))
+        return None

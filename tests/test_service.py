@@ -1,0 +1,189 @@
+"""The Service every door calls, in process over the demo: SQL with parameters, the catalog,
+sample, search, embed, refresh, health, and one error taxonomy."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow.flight as flight
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import ServerProcess, serving
+from flight.cli import main
+from flight.flightsql.server import FLIGHT_ERRORS, flight_error
+from flightdeck.auth import Authenticator, Credentials, Principal
+from flightdeck.errors import KINDS, ServiceError
+from flightdeck.runtime_config import RuntimeConfig
+
+ANYONE = Principal("anonymous")
+INCIDENT = "orders failing after scaling to three replicas: too many database connections"
+POOLER = "connection-pooler-transaction-mode.md"
+
+
+@pytest.fixture(scope="module")
+def deck(demo_config):
+    with serving(yaml.safe_load(demo_config.read_text()), demo_config.parent) as running:
+        assert running.accelerator.refresher("guides").loaded.wait(300)
+        yield running
+
+
+@pytest.fixture
+def service(deck):
+    return deck.service
+
+
+def _kind(call) -> ServiceError:
+    with pytest.raises(ServiceError) as raised:
+        result = call()
+        if hasattr(result, "read_all"):
+            result.read_all()
+    return raised.value
+
+
+def test_a_planned_statement_binds_parameters_and_runs_again(service):
+    planned = service.plan(ANYONE, "SELECT status, count(*) AS n FROM orders WHERE status = $1 GROUP BY status",
+                           ["completed"])
+    assert planned.schema.names == ["status", "n"]
+    for _ in range(2):
+        assert service.execute(planned).read_all().to_pylist() == [{"status": "completed", "n": 28858}]
+    assert [f.name for f in service.parameter_schema(ANYONE, "SELECT * FROM orders WHERE status = ?")] == ["$1"]
+
+
+@pytest.mark.parametrize("call, kind, words", [
+    (lambda s: s.plan(ANYONE, "SELECT 1 +"), "invalid", "Expected"),
+    (lambda s: s.plan(ANYONE, "SELEC 1"), "refused", "read-only"),
+    (lambda s: s.plan(ANYONE, "DELETE FROM orders"), "refused", "read"),
+    (lambda s: s.plan(ANYONE, "SELECT * FROM nowhere"), "invalid", "nowhere"),
+    (lambda s: s.query(ANYONE, "SELECT embed(order_id) FROM orders"), "invalid", "embed() takes text"),
+    (lambda s: s.schema(ANYONE, "nope"), "not_found", "unknown dataset 'nope'"),
+    (lambda s: s.sample(ANYONE, "orders", 0), "invalid", "sample size"),
+    (lambda s: s.sample(ANYONE, "orders", 3, "sideways"), "invalid", "sample kind"),
+    (lambda s: s.search(ANYONE, "guides", "pool", mode="fuzzy"), "invalid", "search mode"),
+    (lambda s: s.search(ANYONE, "orders", "pool"), "invalid", "searchable column"),
+    (lambda s: s.search(ANYONE, "nope", "pool"), "not_found", "unknown dataset"),
+    (lambda s: s.embed(ANYONE, "nope", ["x"]), "not_found", "unknown embedding model 'nope'"),
+    (lambda s: s.refresh(ANYONE, "orders"), "invalid", "not accelerated"),
+])
+def test_failures_come_back_as_one_taxonomy(service, call, kind, words):
+    error = _kind(lambda: call(service))
+    assert error.kind == kind and words in error.message, error
+    assert "Traceback" not in error.message
+
+
+def test_a_cancelled_query_stops(service):
+    planned = service.plan(ANYONE, "SELECT value FROM generate_series(1, 2000000)")
+    stopped = threading.Event()
+    stopped.set()
+    assert _kind(lambda: service.execute(planned, stopped)).kind == "cancelled"
+    running = threading.Event()
+    reader = service.execute(planned, running)
+    reader.read_next_batch()
+    running.set()
+    assert _kind(reader.read_all).kind == "cancelled"
+
+
+def test_datasets_schema_and_samples(service, deck):
+    datasets = {d["name"]: d for d in service.datasets(ANYONE)}
+    assert {"public.orders", "crm.customers", "public.logs", "public.metrics", "public.guides"} <= set(datasets)
+    assert datasets["public.guides"]["searchable_columns"] == ["content"]
+    assert datasets["public.guides"]["acceleration"] == "duckdb (memory)"
+    assert datasets["public.orders"]["searchable_columns"] == []
+    assert service.schema(ANYONE, "orders") == deck.catalog.datasets["public.orders"].arrow_schema
+    assert "email" in service.schema(ANYONE, "crm.customers").names or len(service.schema(ANYONE, "crm.customers"))
+    first = service.sample(ANYONE, "orders", 5).read_all()
+    assert first.num_rows == 5 and first.schema == service.schema(ANYONE, "orders")
+    assert service.sample(ANYONE, "orders", 7, "random").read_all().num_rows == 7
+    distinct = service.sample(ANYONE, "metrics", 4, "distinct").read_all()
+    assert distinct.num_rows == 4 and len(set(map(str, distinct.to_pylist()))) == 4
+    entries = service.tables(ANYONE)
+    assert ("public", "orders", "TABLE") in {(e.schema_name, e.table_name, e.table_type) for e in entries}
+    assert ("runtime", "datasets", "SYSTEM TABLE") in {(e.schema_name, e.table_name, e.table_type) for e in entries}
+    assert {"public", "crm", "runtime"} <= set(service.schema_names(ANYONE))
+
+
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
+def test_search_finds_the_pooler_guide_first(service, mode):
+    rows = service.search(ANYONE, "guides", INCIDENT, 3, mode).read_all().to_pylist()
+    assert [r["path"] for r in rows][0] == POOLER and len(rows) == 3
+    assert rows[0]["score"] >= rows[1]["score"] >= rows[2]["score"]
+
+
+def test_search_applies_where_before_ranking(service):
+    rows = service.search(ANYONE, "guides", INCIDENT, 2, "hybrid", where=f"path <> '{POOLER}'").read_all()
+    assert rows.num_rows == 2 and POOLER not in rows.column("path").to_pylist()
+    quoted = service.search(ANYONE, "guides", "it's the pool's fault", 1, "text").read_all()
+    assert quoted.num_rows == 1  # the text is bound, never spliced into the SQL
+
+
+def test_embed_matches_sql(service):
+    texts = ["too many connections", "certificate expired"]
+    vectors = service.embed(ANYONE, None, texts)
+    assert len(vectors) == 2 and vectors.type.list_size == 384
+    in_sql = service.query(ANYONE, "SELECT embed($1) AS v", [texts[0]]).read_all().column("v")[0].values
+    a, b = np.asarray(vectors[0].values), np.asarray(in_sql)
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.9999
+    assert service.embedding_models(ANYONE) == ["minilm"]
+
+
+def test_refresh_health_ready_status(service):
+    status = service.refresh(ANYONE, "guides")
+    assert status["rows"] == 6 and not status["last_error"]
+    assert service.health()["status"] == "ok"
+    assert service.ready() is True
+    report = service.status()
+    assert report["ready"] and {d["name"] for d in report["datasets"]} >= {"public.guides"}
+    assert report["sources"] and report["version"]
+
+
+def test_authentication():
+    open_door = Authenticator([], {})
+    assert open_door.authenticate(Credentials()).name == "anonymous"
+    keyed = Authenticator(["k1"], {"ana": "pw"})
+    assert keyed.authenticate(Credentials(bearer="k1")).name == "api-key"
+    login = keyed.authenticate(Credentials(username="ana", password="pw"))
+    assert login.name == "ana" and login.token
+    assert keyed.authenticate(Credentials(bearer=login.token)).name == "ana"
+    for wrong in (Credentials(), Credentials(bearer="k2"), Credentials(username="ana", password="no")):
+        with pytest.raises(ServiceError) as raised:
+            keyed.authenticate(wrong)
+        assert raised.value.kind == "unauthenticated"
+
+
+def test_every_kind_has_one_flight_error():
+    assert set(FLIGHT_ERRORS) == set(KINDS)
+    assert isinstance(flight_error(ServiceError("refused", "no")), flight.FlightUnauthorizedError)
+    assert isinstance(flight_error(ServiceError("unavailable", "down")), flight.FlightUnavailableError)
+    assert isinstance(flight_error(ServiceError("cancelled", "stop")), flight.FlightCancelledError)
+    assert isinstance(flight_error(ServiceError("timed_out", "slow")), flight.FlightTimedOutError)
+    assert isinstance(flight_error(KeyError("x")), flight.FlightInternalError)
+    with pytest.raises(ValueError):
+        ServiceError("oops", "not a kind")
+
+
+def test_runtime_http_and_command_line_overrides():
+    runtime = RuntimeConfig()
+    assert (runtime.http.host, runtime.http.port, runtime.http.enabled) == ("127.0.0.1", 8090, True)
+    changed = runtime.with_overrides(flight_port=0, http_port=9000)
+    assert (changed.flight.port, changed.http.port) == (0, 9000)
+    with pytest.raises(ValueError, match="beyond loopback"):
+        runtime.with_overrides(host="0.0.0.0")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--http-port", "70000"], "70000"),
+    (["--http-port", "web"], "web"),
+    (["--host", "0.0.0.0"], "beyond loopback"),
+])
+def test_run_refuses_bad_options(demo_config, args, words):
+    result = CliRunner().invoke(main, ["run", "-c", str(demo_config), "--flight-port", "0", *args])
+    assert result.exit_code != 0 and words in result.output
+
+
+def test_run_keeps_the_http_port_and_stops_cleanly(demo_config):
+    process = ServerProcess(["run", "-c", str(demo_config), "--flight-port", "0", "--http-port", "0"])
+    with flight.FlightClient(process.url) as client:
+        assert [a.type for a in client.list_actions()][:1] == ["CreatePreparedStatement"]
+    code, err = process.stop()
+    assert code == 0 and "flightdeck stopped" in err and "HTTP door" in err
