@@ -28,7 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import sqlglot
 from datafusion import Table, udtf
+from sqlglot.errors import TokenError
+from sqlglot.tokens import TokenType
 
 from federation.arrow_expr import referenced_fields
 from federation.scan import LazyDataset
@@ -268,6 +271,22 @@ class SearchIndexes:
     def datasets(self) -> set[str]:
         return {dataset for dataset, _ in self.columns}
 
+    def datasets_searched(self, sql: str) -> list[str]:
+        """The qualified names of the datasets whose indexes a statement's search table
+        functions read (``hybrid_search(guides, ...)``), sorted."""
+        try:
+            tokens = sqlglot.tokenize(sql, read="postgres")
+        except TokenError:
+            return []
+        functions = {f"{mode}_search" for mode in MODES}
+        found = set()
+        for i, token in enumerate(tokens[:-2]):
+            if token.text.lower() in functions and tokens[i + 1].token_type == TokenType.L_PAREN:
+                name = _first_argument(tokens[i + 2:])
+                if name:
+                    found.add(name if "." in name else f"public.{name}")
+        return sorted(found & self.datasets())
+
     def on_refreshed(self, dataset: str, rows: pa.Table) -> None:
         with self._lock:
             for (name, _), index in self.columns.items():
@@ -317,6 +336,16 @@ class _TableFunction:
         if not unbound and (not isinstance(query, str) or not isinstance(k, int) or k < 1):
             raise SearchError(f"{self.mode}_search: the query must be text and k a positive integer")
         return Table(SearchResults(index, self.mode, query, k))
+
+
+def _first_argument(tokens: list) -> str:
+    """The text of a call's first argument (a string or a dotted name), from the tokens after ``(``."""
+    parts = []
+    for token in tokens:
+        if token.token_type in (TokenType.COMMA, TokenType.R_PAREN):
+            break
+        parts.append(token.text)
+    return "".join(parts)
 
 
 def _argument(expression) -> object:

@@ -7,6 +7,7 @@ the models stay behind this class: a door never imports them.
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from contextlib import contextmanager
@@ -44,6 +45,18 @@ class Planned:
     parameters: tuple[Any, ...] | None
     schema: pa.Schema
     query: PlannedQuery
+    accelerated: tuple[str, ...] = ()  # the accelerated datasets it reads (their copies or indexes)
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """When the accelerated copies a result reads were taken from their sources."""
+    datasets: dict[str, dt.datetime | None]  # qualified name -> data as of (None: no copy yet)
+
+    @property
+    def oldest(self) -> dt.datetime | None:
+        stamps = [stamp for stamp in self.datasets.values() if stamp is not None]
+        return min(stamps) if stamps else None
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,24 @@ class Service:
         """Check and plan a read statement; ``parameters`` bind its placeholders (never spliced)."""
         with self._translated():
             query = self.stack.engine.plan(sql, list(parameters) if parameters is not None else None)
-        return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query)
+        return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query,
+                       self._accelerated_read(query))
+
+    def data_as_of(self, planned: Planned) -> Freshness | None:
+        """How fresh the accelerated data a statement reads is, now; None when it reads none.
+        A door reports it with the result (read it just before executing)."""
+        if not planned.accelerated:
+            return None
+        refreshers = self.stack.accelerator.refreshers
+        return Freshness({name: refreshers[name].status.data_as_of for name in planned.accelerated
+                          if name in refreshers})
+
+    def _accelerated_read(self, query: PlannedQuery) -> tuple[str, ...]:
+        accelerated = self.stack.accelerator.refreshers.keys()
+        if not accelerated:
+            return ()
+        read = set(self.stack.engine.datasets_read(query)) | set(self.stack.search.datasets_searched(query.sql))
+        return tuple(sorted(read & accelerated))
 
     def parameter_schema(self, principal: Principal, sql: str) -> pa.Schema:
         """The parameters a statement takes (``$1``, ``?``), with the types inferred for them."""
@@ -166,22 +196,51 @@ class Service:
 
     def sample(self, principal: Principal, name: str, n: int = 10, how: str = "first") -> pa.RecordBatchReader:
         """Up to ``n`` rows of a dataset: the first ones, a random choice, or distinct rows."""
+        return self.execute(self.plan_sample(principal, name, n, how))
+
+    def plan_sample(self, principal: Principal, name: str, n: int = 10, how: str = "first") -> Planned:
         if how not in SAMPLE_KINDS:
             raise ServiceError(INVALID, f"unknown sample kind {how!r} (expected {', '.join(SAMPLE_KINDS)})")
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLE_ROWS:
-            raise ServiceError(INVALID, f"the sample size must be an integer from 1 to {MAX_SAMPLE_ROWS}")
-        dataset = self._dataset(name)
-        table = f"{quote_double(dataset.spec.schema_name)}.{quote_double(dataset.spec.table_name)}"
+        _check_sample_size(n)
+        table = self._table(name)
         select = {"first": f"SELECT * FROM {table}",
                   "random": f"SELECT * FROM {table} ORDER BY random()",
                   "distinct": f"SELECT DISTINCT * FROM {table}"}[how]
-        return self.query(principal, f"{select} LIMIT {n}")
+        return self.plan(principal, f"{select} LIMIT {n}")
+
+    def plan_top(self, principal: Principal, name: str, order_by: str, n: int = 10,
+                 descending: bool = True) -> Planned:
+        """The ``n`` rows of a dataset with the largest (or smallest) ``order_by``; NULLs last."""
+        _check_sample_size(n)
+        column = quote_double(self._columns(principal, name, [order_by])[0])
+        direction = "DESC" if descending else "ASC"
+        return self.plan(principal, f"SELECT * FROM {self._table(name)} ORDER BY {column} {direction} "
+                                    f"NULLS LAST LIMIT {n}")
+
+    def plan_distinct_values(self, principal: Principal, name: str, columns: list[str] | None = None,
+                             n: int = 10) -> Planned:
+        """Up to ``n`` distinct non-NULL values of each column (all of them by default), as text:
+        one row per value, ``column_name`` and ``value``, in the columns' order."""
+        _check_sample_size(n)
+        table = self._table(name)
+        chosen = self._columns(principal, name, columns)
+        parts = [f"SELECT {position} AS position, {standard_literal(column)} AS column_name, "
+                 f"CAST({quote_double(column)} AS VARCHAR) AS value "
+                 f"FROM (SELECT DISTINCT {quote_double(column)} FROM {table} "
+                 f"WHERE {quote_double(column)} IS NOT NULL LIMIT {n})"
+                 for position, column in enumerate(chosen)]
+        union = " UNION ALL ".join(f"({part})" for part in parts)
+        return self.plan(principal, f"SELECT column_name, value FROM ({union}) ORDER BY position, value")
 
     def search(self, principal: Principal, dataset: str, text: str, k: int = 10, mode: str = "hybrid",
                where: str | None = None, column: str | None = None) -> pa.RecordBatchReader:
         """The ``k`` best rows of a dataset for ``text`` (the dataset's columns plus ``score`` and
         ``chunk``), through the search table functions, so it obeys everything SQL does.
         ``where`` is a SQL condition on the dataset's columns, applied before ranking."""
+        return self.execute(self.plan_search(principal, dataset, text, k, mode, where, column))
+
+    def plan_search(self, principal: Principal, dataset: str, text: str, k: int = 10, mode: str = "hybrid",
+                    where: str | None = None, column: str | None = None) -> Planned:
         if mode not in SEARCH_MODES:
             raise ServiceError(INVALID, f"unknown search mode {mode!r} (expected {', '.join(SEARCH_MODES)})")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -195,7 +254,7 @@ class Service:
         sql = f"SELECT * FROM {mode}_search({', '.join(arguments)})"
         if where:
             sql += f" WHERE {where}"
-        return self.query(principal, sql + " ORDER BY score DESC", [text])
+        return self.plan(principal, sql + " ORDER BY score DESC", [text])
 
     # ---- models ----
 
@@ -249,6 +308,23 @@ class Service:
             raise ServiceError(NOT_FOUND, f"unknown dataset {name!r} (datasets: {known})")
         return dataset
 
+    def _table(self, name: str) -> str:
+        """A dataset's name quoted for SQL."""
+        spec = self._dataset(name).spec
+        return f"{quote_double(spec.schema_name)}.{quote_double(spec.table_name)}"
+
+    def _columns(self, principal: Principal, name: str, columns: list[str] | None) -> list[str]:
+        """``columns`` checked against the dataset's schema (None: every column)."""
+        known = self.schema(principal, name).names
+        if columns is None:
+            return list(known)
+        if not columns:
+            raise ServiceError(INVALID, "name at least one column")
+        unknown = [c for c in columns if c not in known]
+        if unknown:
+            raise ServiceError(INVALID, f"unknown column {unknown[0]!r} in {name} (columns: {', '.join(known)})")
+        return list(columns)
+
     @contextmanager
     def _translated(self) -> Iterator[None]:
         """Known failures of the engine, connectors, models and accelerator become ServiceErrors."""
@@ -272,3 +348,8 @@ class Service:
         if isinstance(error, (ModelError, SearchError, AccelerationError)):
             return ServiceError(INVALID, self.redact(str(error)))
         return None
+
+
+def _check_sample_size(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLE_ROWS:
+        raise ServiceError(INVALID, f"the sample size must be an integer from 1 to {MAX_SAMPLE_ROWS}")

@@ -103,6 +103,36 @@ def test_datasets_schema_and_samples(service, deck):
     assert {"public", "crm", "runtime"} <= set(service.schema_names(ANYONE))
 
 
+def test_top_rows_and_distinct_values_quote_their_identifiers(service):
+    top = service.execute(service.plan_top(ANYONE, "orders", "amount", 3)).read_all().column("amount").to_pylist()
+    assert top == sorted(top, reverse=True) and len(top) == 3
+    assert top[0] == service.query(ANYONE, "SELECT max(amount) AS m FROM orders").read_all().column("m")[0].as_py()
+    lowest = service.execute(service.plan_top(ANYONE, "orders", "amount", 2, descending=False)).read_all()
+    assert lowest.column("amount").to_pylist() == sorted(lowest.column("amount").to_pylist())
+    values = service.execute(service.plan_distinct_values(ANYONE, "orders", ["status", "replica"], 5)).read_all()
+    by_column: dict[str, list] = {}
+    for row in values.to_pylist():
+        by_column.setdefault(row["column_name"], []).append(row["value"])
+    assert list(by_column) == ["status", "replica"]
+    assert by_column["status"] == ["completed", "failed", "pending"]
+    for bad in ('amount" FROM orders; --', "nope"):
+        assert "unknown column" in _kind(lambda: service.plan_top(ANYONE, "orders", bad)).message
+        assert _kind(lambda: service.plan_distinct_values(ANYONE, "orders", [bad])).kind == "invalid"
+
+
+def test_a_plan_says_which_accelerated_copies_it_reads_and_how_fresh(service, deck):
+    stamp = deck.accelerator.refresher("guides").status.data_as_of
+    for planned in (service.plan(ANYONE, "SELECT count(*) FROM guides g JOIN orders o ON true"),
+                    service.plan(ANYONE, "SELECT path FROM hybrid_search(guides, $1, 2)", ["pool"]),
+                    service.plan_search(ANYONE, "guides", INCIDENT, 2),
+                    service.plan_sample(ANYONE, "guides", 2)):
+        assert planned.accelerated == ("public.guides",)
+        freshness = service.data_as_of(planned)
+        assert freshness.datasets == {"public.guides": stamp} and freshness.oldest == stamp
+    federated = service.plan(ANYONE, "SELECT count(*) FROM orders")
+    assert federated.accelerated == () and service.data_as_of(federated) is None
+
+
 @pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
 def test_search_finds_the_pooler_guide_first(service, mode):
     rows = service.search(ANYONE, "guides", INCIDENT, 3, mode).read_all().to_pylist()
