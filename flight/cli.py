@@ -139,6 +139,38 @@ def run(config_path: str | None, flight_port: int | None, http_port: int | None,
     click.echo("flightdeck stopped", err=True)
 
 
+@main.command("mcp")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="flightdeck.yaml (default: the bundled demo)")
+@click.option("--api-key", default=lambda: os.environ.get("FLIGHTDECK_API_KEY"),
+              help="one of runtime.auth.api_keys, when auth is on (or FLIGHTDECK_API_KEY)")
+def mcp_command(config_path: str | None, api_key: str | None) -> None:
+    """Serve the MCP tools over stdio, for an agent that starts its tools as subprocesses.
+    Nothing but MCP messages goes to stdout; logs go to stderr."""
+    from flight.mcp import stdio_server
+    from flightdeck.errors import ServiceError
+
+    loaded = _load(config_path)
+    runtime = loaded.config.runtime
+    # Only the stack: the network doors belong to `flightdeck run`, which may be running too.
+    stack_only = runtime.model_copy(update={"flight": runtime.flight.model_copy(update={"enabled": False}),
+                                            "http": runtime.http.model_copy(update={"enabled": False})})
+    try:
+        serving = Serving(loaded, stack_only)
+    except Exception as error:
+        raise click.ClickException(f"cannot start: {loaded.redact(str(error))}") from None
+    try:
+        server = stdio_server(serving.service, runtime, api_key)
+        click.echo(f"flightdeck {__version__}: MCP over stdio", err=True)
+        server.run("stdio")
+    except ServiceError as error:
+        raise click.ClickException(error.message) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serving.close()
+
+
 @main.command()
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def validate(config_path: str) -> None:

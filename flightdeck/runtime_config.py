@@ -48,12 +48,21 @@ class Limits(Strict):
     prepared_statement_ttl_seconds: int = Field(default=3600, ge=1)
 
 
+class Mcp(Strict):
+    """MCP tool results sized for a model's context (a result over a cap comes back cut, marked
+    ``truncated`` with a notice), and the Host headers its HTTP endpoint accepts besides loopback."""
+    max_rows: int = Field(default=1000, ge=1, le=100_000)
+    max_chars: int = Field(default=50_000, ge=1000, le=10_000_000)
+    allowed_hosts: list[str] = Field(default_factory=list)  # e.g. "flightdeck.internal:8090"
+
+
 class RuntimeConfig(Strict):
     data_dir: str = ".flightdeck"  # file-mode copies and model caches, relative to the config file
     flight: Endpoint = Field(default_factory=lambda: Endpoint(port=FLIGHT_PORT))
     http: Endpoint = Field(default_factory=lambda: Endpoint(port=HTTP_PORT))
     auth: Auth = Field(default_factory=Auth)
     limits: Limits = Field(default_factory=Limits)
+    mcp: Mcp = Field(default_factory=Mcp)
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> "RuntimeConfig":

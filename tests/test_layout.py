@@ -15,6 +15,7 @@ ENGINE = {"federation", "accel", "inference"}
 CORE_FOR_DOORS = {"flightdeck", "flightdeck.service", "flightdeck.errors", "flightdeck.auth",
                   "flightdeck.runtime_config"}
 PROTOCOL = {"pyarrow.flight", "grpc", "google.protobuf", "click", "flight"}
+PROTOCOL_PACKAGES = ("grpc", "flight", "mcp", "starlette", "uvicorn")
 # Which packages each package may import (DESIGN's arrows: flight -> flightdeck -> engine, accel -> federation).
 ALLOWED = {"flight": {"flightdeck"}, "flightdeck": ENGINE, "accel": {"federation"},
            "federation": set(), "inference": set()}
@@ -50,7 +51,7 @@ def test_no_door_imports_the_engine(path):
     assert not engine, f"{_name(path)} imports the engine directly: {sorted(engine)}"
 
 
-@pytest.mark.parametrize("path", modules("flight/flightsql"), ids=_name)
+@pytest.mark.parametrize("path", modules("flight/flightsql") + modules("flight/mcp"), ids=_name)
 def test_a_door_takes_only_the_service_from_the_core(path):
     core = {m for m in imports(path) if m.split(".")[0] == "flightdeck"}
     assert core <= CORE_FOR_DOORS, f"{_name(path)} imports {sorted(core - CORE_FOR_DOORS)}"
@@ -58,7 +59,7 @@ def test_a_door_takes_only_the_service_from_the_core(path):
 
 @pytest.mark.parametrize("path", modules("flightdeck"), ids=_name)
 def test_the_core_has_no_protocol_code(path):
-    protocol = {m for m in imports(path) if m in PROTOCOL or m.split(".")[0] in ("grpc", "flight")
+    protocol = {m for m in imports(path) if m in PROTOCOL or m.split(".")[0] in PROTOCOL_PACKAGES
                 or m.startswith(("pyarrow.flight", "google.protobuf"))}
     assert not protocol, f"{_name(path)} imports protocol code: {sorted(protocol)}"
 

@@ -1,0 +1,102 @@
+"""The MCP door: one MCPServer over the Service, served over stdio or streamable HTTP.
+
+stdio (``flightdeck mcp``) is for desktop agents that start their tools as subprocesses: the
+caller is whoever started the process, authenticated once with the API key it was given.
+Over HTTP every request carries a bearer API key (when auth is on), checked by the SDK's
+TokenVerifier against the same keys as the other doors.
+
+To serve it inside another Starlette app, mount ``http_app(server, runtime, "/mcp")`` at
+``/v1`` (the exact path ``/v1/mcp`` then answers without a redirect) and enter
+``server.session_manager.run()`` in that app's lifespan: a mounted app's own lifespan does
+not run.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from mcp.server import MCPServer
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+
+from flight.mcp.tools import Tools
+from flightdeck import __version__
+from flightdeck.auth import Credentials, Principal
+from flightdeck.errors import ServiceError
+from flightdeck.runtime_config import RuntimeConfig
+from flightdeck.service import Service
+
+INSTRUCTIONS = """\
+flightdeck: read-only SQL over the datasets provisioned for you, joined across sources in one
+query, plus search over their text. Start with list_datasets and table_schema (or the schema
+resources); sample_distinct_columns shows what values look like before you filter. Pass values
+as `parameters` ($1, $2, ...), never pasted into SQL. Results are capped for your context: when
+a result says `truncated`, aggregate or filter instead of paging. `data_as_of` tells how fresh
+the local copies a result read are."""
+
+
+class ApiKeyVerifier:
+    """The SDK's TokenVerifier over the Service: a bearer token is one of the configured API keys
+    (or a token a username/password login issued)."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            principal = self.service.authenticate(Credentials(bearer=token))
+        except ServiceError:
+            return None
+        return AccessToken(token=token, client_id=principal.name, scopes=[])
+
+
+def stdio_server(service: Service, runtime: RuntimeConfig, api_key: str | None = None) -> MCPServer:
+    """The server for one local agent; raises ServiceError (unauthenticated) when auth is on and
+    ``api_key`` is not one of its keys."""
+    principal = service.authenticate(Credentials(bearer=api_key))
+    return _server(service, runtime, lambda: principal)
+
+
+def http_server(service: Service, runtime: RuntimeConfig) -> MCPServer:
+    """The server behind the streamable-HTTP endpoint; with auth on, each request's bearer key
+    names its caller."""
+    if not service.authenticator.enabled:
+        anonymous = service.authenticate(Credentials())
+        return _server(service, runtime, lambda: anonymous)
+    endpoint = runtime.http
+    auth = AuthSettings(issuer_url=f"http://{_url_host(endpoint.host)}:{endpoint.port}", resource_server_url=None)
+    return _server(service, runtime, _caller, token_verifier=ApiKeyVerifier(service), auth=auth)
+
+
+def http_app(server: MCPServer, runtime: RuntimeConfig, path: str = "/mcp") -> Starlette:
+    """The streamable-HTTP ASGI app answering at ``path`` (both protocol eras). Requests whose
+    Host header is not loopback are refused unless listed in ``runtime.mcp.allowed_hosts``
+    (DNS rebinding protection) when the HTTP door listens on loopback."""
+    security = None
+    if runtime.mcp.allowed_hosts:
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[*runtime.mcp.allowed_hosts, "127.0.0.1:*", "localhost:*", "[::1]:*"],
+            allowed_origins=[f"{scheme}://{allowed}" for allowed in runtime.mcp.allowed_hosts
+                             for scheme in ("http", "https")])
+    return server.streamable_http_app(streamable_http_path=path, transport_security=security,
+                                      host=runtime.http.host)
+
+
+def _server(service: Service, runtime: RuntimeConfig, principal: Callable[[], Principal], **auth) -> MCPServer:
+    server = MCPServer(name="flightdeck", version=__version__, instructions=INSTRUCTIONS, **auth)
+    return Tools(service, runtime.mcp, principal).install(server)
+
+
+def _caller() -> Principal:
+    token = get_access_token()
+    if token is None:  # the SDK's middleware answers 401 before a tool runs; this is a second lock
+        raise ToolError("unauthenticated: send a bearer API key")
+    return Principal(token.client_id)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
