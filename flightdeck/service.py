@@ -187,6 +187,11 @@ class Service:
             rows.append(row)
         return rows
 
+    def dataset(self, principal: Principal, name: str) -> dict:
+        """One dataset's entry as ``datasets`` lists it (``name`` may leave out the ``public`` schema)."""
+        qualified = self._dataset(name).qualified_name
+        return next(row for row in self.datasets(principal) if row["name"] == qualified)
+
     def schema(self, principal: Principal, name: str) -> pa.Schema:
         dataset = self._dataset(name)
         if dataset.arrow_schema is None:

@@ -91,6 +91,8 @@ def test_datasets_schema_and_samples(service, deck):
     assert datasets["public.guides"]["acceleration"] == "duckdb (memory)"
     assert datasets["public.orders"]["searchable_columns"] == []
     assert service.schema(ANYONE, "orders") == deck.catalog.datasets["public.orders"].arrow_schema
+    assert service.dataset(ANYONE, "orders") == datasets["public.orders"]
+    assert _kind(lambda: service.dataset(ANYONE, "nope")).kind == "not_found"
     assert "email" in service.schema(ANYONE, "crm.customers").names or len(service.schema(ANYONE, "crm.customers"))
     first = service.sample(ANYONE, "orders", 5).read_all()
     assert first.num_rows == 5 and first.schema == service.schema(ANYONE, "orders")
