@@ -131,13 +131,9 @@ class Tools:
 
     def _table_schema(self, principal: Principal, name: str) -> TableSchema:
         schema = self.service.schema(principal, name)
-        entry = self._entry(principal, name)
+        entry = self.service.dataset(principal, name)
         return TableSchema(dataset=entry["name"], description=entry.get("description"), columns=columns(schema),
                            primary_key=list(entry.get("primary_key") or []))
-
-    def _entry(self, principal: Principal, name: str) -> dict:
-        qualified = name if "." in name else f"public.{name}"
-        return next((d for d in self.service.datasets(principal) if d["name"] == qualified), {"name": qualified})
 
     def _schema_resource(self, name: str, description: str | None) -> FunctionResource:
         async def read() -> str:
@@ -227,15 +223,14 @@ class Tools:
 
     def _search(self, principal: Principal, text: str, names: list[str] | None, mode: str, where: str | None,
                 limit: int) -> SearchResult:
-        listing = {d["name"]: d for d in self.service.datasets(principal)}
         if names is None:
-            names = [name for name, d in listing.items() if d["searchable_columns"]]
+            names = [d["name"] for d in self.service.datasets(principal) if d["searchable_columns"]]
         matches: list[dict] = []
         freshness: dict = {}
         for name in names:
             planned = self.service.plan_search(principal, name, text, limit, mode, where)
-            qualified = self._entry(principal, name)["name"]
-            key = listing.get(qualified, {}).get("primary_key") or []
+            entry = self.service.dataset(principal, name)
+            qualified, key = entry["name"], entry.get("primary_key") or []
             found = self.service.data_as_of(planned)
             freshness.update(found.datasets if found else {})
             for row in self.service.execute(planned).read_all().to_pylist():
@@ -261,7 +256,7 @@ class Tools:
         if status.get("last_error"):
             raise ToolError(f"refresh failed: {status['last_error']} (the copy as of "
                             f"{json_value(status.get('data_as_of'))} keeps serving)")
-        return RefreshResult(dataset=self._entry(principal, dataset)["name"], state=status["state"],
+        return RefreshResult(dataset=self.service.dataset(principal, dataset)["name"], state=status["state"],
                              rows=status.get("rows"), last_refresh_rows=status.get("last_refresh_rows"),
                              data_as_of=json_value(status.get("data_as_of")))
 
