@@ -17,7 +17,7 @@ from sqlglot.tokens import TokenType
 from federation import expr as fx
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
-from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, whole_query
+from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, table_scans, whole_query
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
 
@@ -268,6 +268,20 @@ class QueryEngine:
         if None in filters or (filters and not dataset.connector.filters_exact(dataset.table, filters)):
             return None  # a limit before a filter applied locally would lose rows
         return LimitedScan(dataset.connector, dataset.table, columns, bare.fetch, filters)
+
+    def scanned_datasets(self, planned: PlannedQuery) -> list[str]:
+        """The qualified names of the datasets a planned query reads, in plan order."""
+        frame = planned.local_frame or planned.frame
+        try:
+            plan = frame.optimized_logical_plan()
+        except Exception:  # a plan that cannot be optimized reads nothing it could report
+            return []
+        names: list[str] = []
+        for node in table_scans(plan):
+            dataset = self.catalog.scanned(tuple(p for p in node.to_variant().fqn() if p))
+            if dataset is not None and dataset.qualified_name not in names:
+                names.append(dataset.qualified_name)
+        return names
 
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""

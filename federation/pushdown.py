@@ -320,7 +320,7 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
     if remote is not None:
         return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.describe_request())]
     requests = []
-    for node in _table_scans(frame.optimized_logical_plan()):
+    for node in table_scans(frame.optimized_logical_plan()):
         variant = node.to_variant()
         fqn = tuple(p for p in variant.fqn() if p)
         columns = [name for _, name in variant.projection()]
@@ -347,10 +347,10 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
     return requests
 
 
-def _table_scans(node) -> list:
+def table_scans(node) -> list:
     if type(node.to_variant()).__name__ == "TableScan":
         return [node]
-    return [scan for child in node.inputs() for scan in _table_scans(child)]
+    return [scan for child in node.inputs() for scan in table_scans(child)]
 
 
 def _read_natively(dataset: Dataset) -> bool:

@@ -181,9 +181,9 @@ def test_run_refuses_bad_options(demo_config, args, words):
     assert result.exit_code != 0 and words in result.output
 
 
-def test_run_keeps_the_http_port_and_stops_cleanly(demo_config):
+def test_run_serves_http_on_its_port_and_stops_cleanly(demo_config):
     process = ServerProcess(["run", "-c", str(demo_config), "--flight-port", "0", "--http-port", "0"])
     with flight.FlightClient(process.url) as client:
         assert [a.type for a in client.list_actions()][:1] == ["CreatePreparedStatement"]
     code, err = process.stop()
-    assert code == 0 and "flightdeck stopped" in err and "HTTP door" in err
+    assert code == 0 and "flightdeck stopped" in err and f"HTTP on {process.http_url}" in err

@@ -33,6 +33,7 @@ from flightdeck.service import Cancellation, Planned, Service
 
 log = logging.getLogger("flightdeck.flightsql")
 
+DOOR = "flightsql"  # this door's label in the metrics
 TYPE_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
 Item = TypeVar("Item")
 READ_ONLY_MESSAGE = "flightdeck is read-only: {what} is not allowed"
@@ -357,13 +358,13 @@ class FlightSqlServer(flight.FlightServerBase):
 
     def plan_statement(self, principal: Principal, command) -> Planned:
         self._refuse_transaction(command)
-        return self.service.plan(principal, command.query)
+        return self.service.plan(principal, command.query, door=DOOR)
 
     def plan_prepared(self, principal: Principal, command) -> Planned:
         statement = self.prepared.get(command.prepared_statement_handle, principal)
         if statement.parameters is None and len(statement.parameter_schema) == 0:
             return statement.planned  # ADBC prepares every statement: plan it once
-        return self.service.plan(principal, statement.sql, statement.parameters)
+        return self.service.plan(principal, statement.sql, statement.parameters, door=DOOR)
 
     @staticmethod
     def _refuse_transaction(command) -> None:
@@ -474,7 +475,7 @@ class FlightSqlServer(flight.FlightServerBase):
             raise ServiceError(INVALID, f"CreatePreparedStatement expects its request, got {name}")
         request = parse(sql_pb.ActionCreatePreparedStatementRequest, value)
         self._refuse_transaction(request)
-        planned = self.service.plan(principal, request.query)
+        planned = self.service.plan(principal, request.query, door=DOOR)
         statement = PreparedStatement(principal, request.query, planned,
                                       self.service.parameter_schema(principal, request.query))
         handle = self.prepared.add(statement)
