@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import adbc_driver_flightsql.dbapi as flightsql
@@ -18,6 +17,7 @@ import openai
 import pandas as pd
 import polars as pl
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pytest
 
@@ -296,7 +296,7 @@ def test_metrics_count_queries_by_door(http, server):
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     folder = tmp_path_factory.mktemp("secured")
-    pa.csv.write_csv(pa.table({"id": [1, 2, 3]}), folder / "t.csv")
+    pacsv.write_csv(pa.table({"id": [1, 2, 3]}), folder / "t.csv")
     config = {"datasets": [{"from": "file:t.csv", "name": "t"}],
               "runtime": {"auth": {"api_keys": [KEY], "users": [{"username": "agent", "password": "pw"}]}}}
     with serving(config, folder) as runtime:

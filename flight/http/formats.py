@@ -11,7 +11,7 @@ import base64
 import datetime as dt
 import decimal
 import json
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -234,10 +234,3 @@ class Compressor:
         self._stream.close()
         return self._drain.take()
 
-
-def encoded(encoder: Encoder, coding: str | None) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
-    """(piece, finish): what to send for each encoder output, and the compressed tail."""
-    if coding is None:
-        return (lambda data: data), (lambda: b"")
-    compressor = Compressor(coding)
-    return compressor.piece, compressor.end
