@@ -1,4 +1,4 @@
-"""SQL injection acceptance tests (issue 9), written as an attacker would.
+"""SQL injection acceptance tests, written as an attacker would.
 
 Every backend kind holds the same table ``t(id, name)`` filled with hostile strings (a
 deterministic corpus: quotes, backslashes, dollar quotes, comment markers, control characters,
