@@ -158,3 +158,17 @@ def test_no_rpc_answers_with_a_traceback(flight_client, label, command):
             list(flight_client.do_action(flight.Action(action, command)))
         except flight.FlightError as error:
             _assert_clean(error)
+
+
+def test_get_schema_errors_carry_no_server_path(flight_client):
+    """GetSchema cannot return a clean status with pyarrow 26 (its callback wraps any error
+    with a traceback), but what the client sees holds the message and no server file path."""
+    command = pack(sql_pb.CommandStatementQuery(query="DROP TABLE orders"))
+    with pytest.raises(Exception) as raised:
+        flight_client.get_schema(flight.FlightDescriptor.for_command(command))
+    text = str(raised.value)
+    assert "flightdeck is read-only" in text
+    assert "/work/" not in text and ".py\"" not in text and "site-packages" not in text, text
+    command = pack(sql_pb.CommandStatementQuery(query="SELECT 1 AS one"))
+    assert flight_client.get_schema(flight.FlightDescriptor.for_command(command)).schema.names == ["one"]
+
