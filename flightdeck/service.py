@@ -24,8 +24,8 @@ from federation.connectors import ConnectorError
 from federation.engine import PlannedQuery, QueryError, clean_engine_message, error_kind
 from federation.expr import quote_double, standard_literal
 from flightdeck import __version__
-from flightdeck.auth import OPERATOR, Authenticator, Credentials, Principal
-from flightdeck.errors import CANCELLED, INVALID, NOT_FOUND, UNAVAILABLE, ServiceError
+from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal
+from flightdeck.errors import CANCELLED, INVALID, NOT_FOUND, REFUSED, UNAVAILABLE, ServiceError
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from flightdeck.metrics import INTERNAL_ERROR, OK
 from flightdeck.search_functions import MODES as SEARCH_MODES
@@ -74,7 +74,9 @@ class Service:
     def __init__(self, stack: Stack):
         self.stack = stack
         auth = stack.loaded.config.runtime.auth
-        self.authenticator = Authenticator(auth.api_keys, {u.username: u.password for u in auth.users})
+        self.authenticator = Authenticator(
+            [Key(k.name, k.key, k.refresh) for k in auth.keys()],
+            {u.username: (u.password, u.refresh) for u in auth.users})
         self.redact = stack.loaded.redact
 
     # ---- who is calling ----
@@ -287,7 +289,11 @@ class Service:
 
     def refresh(self, principal: Principal, dataset: str, sql: str | None = None) -> dict:
         """Refresh an accelerated dataset now and wait; its status after the refresh. A one-off
-        ``sql`` (SELECT * FROM NAME WHERE ...) replaces the working set for this refresh only."""
+        ``sql`` (SELECT * FROM NAME WHERE ...) replaces the working set for this refresh only.
+        A refresh makes the backend work on demand: only a caller allowed to refresh may."""
+        if not principal.may_refresh:
+            raise ServiceError(REFUSED, f"{principal.name} may not refresh datasets: "
+                                        "give its key `refresh: true` in runtime.auth")
         try:
             with self._translated():
                 return self.stack.refresh(dataset, sql)

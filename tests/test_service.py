@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import ServerProcess, serving
 from flight.cli import main
 from flight.flightsql.server import FLIGHT_ERRORS, flight_error
-from flightdeck.auth import Authenticator, Credentials, Principal
+from flightdeck.auth import Authenticator, Credentials, Key, Principal
 from flightdeck.errors import KINDS, ServiceError
 from flightdeck.runtime_config import RuntimeConfig
 
@@ -140,11 +140,14 @@ def test_refresh_health_ready_status(service):
 def test_authentication():
     open_door = Authenticator([], {})
     assert open_door.authenticate(Credentials()).name == "anonymous"
-    keyed = Authenticator(["k1"], {"ana": "pw"})
+    keyed = Authenticator([Key("api-key", "k1", True), Key("loop-agent", "k3", False)], {"ana": ("pw", False)})
     assert keyed.authenticate(Credentials(bearer="k1")).name == "api-key"
+    agent = keyed.authenticate(Credentials(bearer="k3"))
+    assert agent.name == "loop-agent" and not agent.may_refresh
     login = keyed.authenticate(Credentials(username="ana", password="pw"))
-    assert login.name == "ana" and login.token
-    assert keyed.authenticate(Credentials(bearer=login.token)).name == "ana"
+    assert login.name == "ana" and login.token and not login.may_refresh
+    again = keyed.authenticate(Credentials(bearer=login.token))
+    assert again.name == "ana" and not again.may_refresh
     for wrong in (Credentials(), Credentials(bearer="k2"), Credentials(username="ana", password="no")):
         with pytest.raises(ServiceError) as raised:
             keyed.authenticate(wrong)
