@@ -40,6 +40,9 @@ class QueryControl:
         self.backend.cancel()
 
 
+_CLOSED = pa.RecordBatchReader.from_batches(pa.schema([]), [])
+
+
 class ResultStream:
     """A reader, its encoder and optional compression; pulled from worker threads one piece at a
     time. ``close`` may come from any thread: it waits for a pull under way."""
@@ -85,6 +88,9 @@ class ResultStream:
     def _close_locked(self) -> None:
         self._finished = True
         self._reader.close()
+        # Drop the reader now: the Service's stream ends (and records its outcome) when it is
+        # freed, not whenever a reference cycle around this object is collected.
+        self._reader = _CLOSED
 
     def close(self) -> None:
         with self._lock:
