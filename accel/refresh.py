@@ -116,7 +116,11 @@ class Refresher:
     # ---- refresh -----------------------------------------------------------
 
     def refresh(self, refresh_sql: str | None = None) -> RefreshStatus:
-        """Refresh now (with retries); returns the status after it. Never raises."""
+        """Refresh now (with retries); returns the status after it. A one-off ``refresh_sql``
+        that cannot define this dataset's working set raises WorkingSetError at once, before
+        anything is read or recorded; the refresh itself never raises."""
+        if refresh_sql:
+            self.working_set.check(refresh_sql)
         with self._turn:
             attempts = self.spec.refresh_retry_max_attempts if self.spec.refresh_retry_enabled else 1
             for attempt in range(1, attempts + 1):

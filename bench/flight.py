@@ -77,7 +77,7 @@ class Process:
 
 def flightdeck_server(config: Path, env: dict | None = None) -> Process:
     return Process([sys.executable, "-m", "flight.cli", "--log-level", "warning", "run",
-                    "-c", str(config), "--flight-port", "0"], env)
+                    "-c", str(config), "--flight-port", "0", "--http-port", "0"], env)
 
 
 def wait_until_accelerated(url: str, names: list[str] | None = None,

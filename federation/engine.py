@@ -17,8 +17,7 @@ from sqlglot.tokens import TokenType
 from federation import expr as fx
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
-from federation.pushdown import (RemoteQuery, backend_requests, literal_value, planner_filter, table_scans,
-                                 whole_query)
+from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, table_scans, whole_query
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
 
@@ -270,17 +269,19 @@ class QueryEngine:
             return None  # a limit before a filter applied locally would lose rows
         return LimitedScan(dataset.connector, dataset.table, columns, bare.fetch, filters)
 
-    def datasets_read(self, planned: PlannedQuery) -> list[str]:
-        """The qualified names of the datasets a plan scans, sorted (system tables and table
-        functions are not datasets)."""
-        frame = planned.local_frame if planned.local_frame is not None else planned.frame
+    def scanned_datasets(self, planned: PlannedQuery) -> list[str]:
+        """The qualified names of the datasets a planned query reads, in plan order."""
+        frame = planned.local_frame or planned.frame
         try:
-            scans = table_scans(frame.optimized_logical_plan())
-        except Exception:  # a plan DataFusion cannot optimize again reads nothing we can name
-            log.warning("could not list the datasets a plan reads", exc_info=True)
+            plan = frame.optimized_logical_plan()
+        except Exception:  # a plan that cannot be optimized reads nothing it could report
             return []
-        found = (self.catalog.scanned(scan.to_variant().fqn()) for scan in scans)
-        return sorted({dataset.qualified_name for dataset in found if dataset is not None})
+        names: list[str] = []
+        for node in table_scans(plan):
+            dataset = self.catalog.scanned(tuple(p for p in node.to_variant().fqn() if p))
+            if dataset is not None and dataset.qualified_name not in names:
+                names.append(dataset.qualified_name)
+        return names
 
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""

@@ -15,7 +15,7 @@ import pyarrow as pa
 from flightdeck import __version__
 from flightdeck.auth import OPERATOR
 from flightdeck.config import ConfigError, LoadedConfig, load_config
-from flightdeck.runtime_config import FLIGHT_PORT, Endpoint, RuntimeConfig
+from flightdeck.runtime_config import FLIGHT_PORT, HTTP_PORT, RuntimeConfig
 
 DEFAULT_URL = f"grpc://127.0.0.1:{FLIGHT_PORT}"
 log = logging.getLogger("flightdeck")
@@ -27,6 +27,7 @@ class Serving:
 
     def __init__(self, loaded: LoadedConfig, runtime: RuntimeConfig | None = None):
         from flight.flightsql.server import FlightSqlServer
+        from flight.http.server import HttpServer
         from flightdeck.service import Service
         from flightdeck.stack import Stack
 
@@ -36,8 +37,8 @@ class Serving:
         self.doors: list = []  # each has shutdown(), which waits for its calls in flight
         self.flightsql: FlightSqlServer | None = None
         self.flight_url: str | None = None
-        # Where the HTTP door is to listen; it is not served by this version.
-        self.http: Endpoint | None = runtime.http if runtime.http.enabled else None
+        self.http: HttpServer | None = None
+        self.http_url: str | None = None
         self._stop = threading.Event()
         try:
             if runtime.flight.enabled:
@@ -48,7 +49,13 @@ class Serving:
                     handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds)
                 self.flight_url = f"grpc://{endpoint.host}:{self.flightsql.port}"
                 self.doors.append(self.flightsql)
+            if runtime.http.enabled:
+                self.http = HttpServer(self.service, runtime.http.host, runtime.http.port)
+                self.http_url = self.http.url
+                self.doors.append(self.http)
         except Exception:
+            for door in reversed(self.doors):
+                door.shutdown()
             self.stack.close()
             raise
 
@@ -109,7 +116,7 @@ PORT = click.IntRange(0, 65535)
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
               help="flightdeck.yaml (default: the bundled demo)")
 @click.option("--flight-port", type=PORT, help=f"Flight SQL port (default {FLIGHT_PORT}; 0 picks a free one)")
-@click.option("--http-port", type=PORT, help="HTTP port (default 8090); the HTTP door is not served yet")
+@click.option("--http-port", type=PORT, help=f"HTTP port (default {HTTP_PORT}; 0 picks a free one)")
 @click.option("--host", help="interface to bind (default 127.0.0.1)")
 def run(config_path: str | None, flight_port: int | None, http_port: int | None,
         host: str | None) -> None:
@@ -119,8 +126,8 @@ def run(config_path: str | None, flight_port: int | None, http_port: int | None,
         runtime = loaded.config.runtime.with_overrides(host=host, flight_port=flight_port, http_port=http_port)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    if not runtime.flight.enabled:
-        raise click.ClickException("runtime.flight.enabled is false: Flight SQL is the only door this version serves")
+    if not runtime.flight.enabled and not runtime.http.enabled:
+        raise click.ClickException("runtime.flight and runtime.http are both disabled: nothing to serve")
     try:
         serving = Serving(loaded, runtime)
     except Exception as error:
@@ -128,12 +135,11 @@ def run(config_path: str | None, flight_port: int | None, http_port: int | None,
     for dataset in serving.service.datasets(OPERATOR):
         state = "ready" if dataset["state"] == "ready" else f"UNAVAILABLE: {dataset['error']}"
         click.echo(f"  {dataset['name']:<28} {dataset['kind']:<8} {state}", err=True)
-    if http_port is not None and serving.http is not None:
-        click.echo("note: the HTTP door is not part of this version yet; nothing listens on "
-                   f"{serving.http.host}:{serving.http.port}", err=True)
-    click.echo(f"flightdeck {__version__}: Flight SQL on {serving.flight_url} (Ctrl-C stops)", err=True)
-    # Tests and scripts wait for this exact line on stdout.
-    click.echo(f"READY {serving.flight_url}")
+    doors = [f"{name} on {url}" for name, url in (("Flight SQL", serving.flight_url), ("HTTP", serving.http_url))
+             if url]
+    click.echo(f"flightdeck {__version__}: {', '.join(doors)} (Ctrl-C stops)", err=True)
+    # Tests and scripts wait for this exact line on stdout: READY, then each door's URL.
+    click.echo(" ".join(["READY", *(url for url in (serving.flight_url, serving.http_url) if url)]))
     sys.stdout.flush()
     serving.serve()
     click.echo("flightdeck stopped", err=True)

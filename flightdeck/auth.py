@@ -25,8 +25,16 @@ class Credentials:
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller."""
-    name: str                    # "anonymous", "api-key" or the username
+    name: str                    # "anonymous", "api-key", a key's name or the username
     token: str | None = None     # issued by a username/password login: the bearer to use from now on
+    may_refresh: bool = True     # may refresh accelerated datasets on demand
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    secret: str
+    may_refresh: bool
 
 
 OPERATOR = Principal("operator")  # the process itself: startup listings, status
@@ -35,8 +43,9 @@ OPERATOR = Principal("operator")  # the process itself: startup listings, status
 class Authenticator:
     """The configured API keys and users; with neither, every caller is anonymous."""
 
-    def __init__(self, api_keys: list[str], users: dict[str, str]):
-        self.api_keys = [k for k in api_keys if k]
+    def __init__(self, api_keys: list[Key], users: dict[str, tuple[str, bool]]):
+        """``users``: username -> (password, may refresh)."""
+        self.api_keys = [k for k in api_keys if k.secret]
         self.users = users
         self._tokens: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
@@ -49,34 +58,38 @@ class Authenticator:
         if credentials.username is not None:
             return self._login(credentials.username, credentials.password or "")
         if credentials.bearer is not None:
-            return Principal(self._bearer(credentials.bearer))
+            return self._bearer(credentials.bearer)
         if self.enabled:
             raise ServiceError(UNAUTHENTICATED,
                                "authentication required: send a bearer API key or username and password")
         return Principal(ANONYMOUS)
 
     def _login(self, username: str, password: str) -> Principal:
+        may_refresh = True
         if self.enabled:
-            expected = self.users.get(username)
-            if expected is None or not hmac.compare_digest(expected, password):
+            expected, may_refresh = self.users.get(username, (None, False))
+            if expected is None or not hmac.compare_digest(expected.encode(), password.encode()):
                 raise ServiceError(UNAUTHENTICATED, "invalid username or password")
-        return Principal(username, self._issue(username))
+        principal = Principal(username, None, may_refresh)
+        return Principal(username, self._issue(principal), may_refresh)
 
-    def _bearer(self, token: str) -> str:
-        if any(hmac.compare_digest(token, key) for key in self.api_keys):
-            return API_KEY
+    def _bearer(self, token: str) -> Principal:
+        # Every key is compared (in constant time each), so timing does not tell which matched.
+        matches = [key for key in self.api_keys if hmac.compare_digest(token.encode(), key.secret.encode())]
+        if matches:
+            return Principal(matches[0].name, None, matches[0].may_refresh)
         with self._lock:
             entry = self._tokens.get(token)
             if entry and entry[1] > time.monotonic():
                 return entry[0]
         if self.enabled:
             raise ServiceError(UNAUTHENTICATED, "invalid or expired bearer token")
-        return ANONYMOUS
+        return Principal(ANONYMOUS)
 
-    def _issue(self, username: str) -> str:
+    def _issue(self, principal: Principal) -> str:
         token = secrets.token_urlsafe(32)
         with self._lock:
             now = time.monotonic()
             self._tokens = {t: e for t, e in self._tokens.items() if e[1] > now}
-            self._tokens[token] = (username, now + TOKEN_TTL_SECONDS)
+            self._tokens[token] = (principal, now + TOKEN_TTL_SECONDS)
         return token

@@ -28,14 +28,29 @@ class Endpoint(Strict):
             return False
 
 
+API_KEY_NAME = "api-key"
+
+
 class User(Strict):
     username: str = Field(min_length=1)
     password: str = Field(min_length=1)
+    refresh: bool = True  # may refresh accelerated datasets on demand
+
+
+class ApiKey(Strict):
+    """An API key with a name (shown in logs, never the key) and what it may do beyond reading."""
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    refresh: bool = False  # may refresh accelerated datasets on demand
 
 
 class Auth(Strict):
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str | ApiKey] = Field(default_factory=list)  # a plain string: a key that may do everything
     users: list[User] = Field(default_factory=list)
+
+    def keys(self) -> list[ApiKey]:
+        return [k if isinstance(k, ApiKey) else ApiKey(name=API_KEY_NAME, key=k, refresh=True)
+                for k in self.api_keys if (k.key if isinstance(k, ApiKey) else k)]
 
     @property
     def enabled(self) -> bool:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -23,8 +24,10 @@ from federation.connectors import ConnectorError
 from federation.engine import PlannedQuery, QueryError, clean_engine_message, error_kind
 from federation.expr import quote_double, standard_literal
 from flightdeck import __version__
-from flightdeck.auth import OPERATOR, Authenticator, Credentials, Principal
-from flightdeck.errors import CANCELLED, INVALID, NOT_FOUND, UNAVAILABLE, ServiceError
+from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal
+from flightdeck.errors import CANCELLED, INVALID, NOT_FOUND, REFUSED, UNAVAILABLE, ServiceError
+from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from flightdeck.metrics import INTERNAL_ERROR, OK
 from flightdeck.search_functions import MODES as SEARCH_MODES
 from flightdeck.search_functions import SearchError
 from flightdeck.stack import Stack
@@ -33,19 +36,22 @@ from inference.errors import ModelError
 log = logging.getLogger("flightdeck.service")
 
 SAMPLE_KINDS = ("first", "random", "distinct")
+CORE = "core"  # the door label of queries the core runs for itself
 MAX_SAMPLE_ROWS = 10_000
 
 
 @dataclass(frozen=True)
 class Planned:
     """A statement planned for one principal: its result schema is known, nothing has run.
-    It can be executed any number of times."""
+    It can be executed any number of times. ``accelerated`` names the accelerated datasets it
+    reads (``Service.data_as_of`` tells how fresh their copies are); ``door`` labels its metrics."""
     principal: Principal
     sql: str
     parameters: tuple[Any, ...] | None
     schema: pa.Schema
     query: PlannedQuery
     accelerated: tuple[str, ...] = ()  # the accelerated datasets it reads (their copies or indexes)
+    door: str = CORE
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,9 @@ class Service:
     def __init__(self, stack: Stack):
         self.stack = stack
         auth = stack.loaded.config.runtime.auth
-        self.authenticator = Authenticator(auth.api_keys, {u.username: u.password for u in auth.users})
+        self.authenticator = Authenticator(
+            [Key(k.name, k.key, k.refresh) for k in auth.keys()],
+            {u.username: (u.password, u.refresh) for u in auth.users})
         self.redact = stack.loaded.redact
 
     # ---- who is calling ----
@@ -89,14 +97,39 @@ class Service:
 
     # ---- SQL ----
 
-    def plan(self, principal: Principal, sql: str, parameters: list[Any] | None = None) -> Planned:
-        """Check and plan a read statement; ``parameters`` bind its placeholders (never spliced)."""
-        with self._translated():
-            query = self.stack.engine.plan(sql, list(parameters) if parameters is not None else None)
+    def plan(self, principal: Principal, sql: str, parameters: list[Any] | None = None,
+             door: str = CORE) -> Planned:
+        """Check and plan a read statement; ``parameters`` bind its placeholders (never spliced).
+        ``door`` is the interface asking (a metrics label)."""
+        started = time.perf_counter()
+        try:
+            with self._translated():
+                query = self.stack.engine.plan(sql, list(parameters) if parameters is not None else None)
+                accelerated = self._accelerated(query)
+        except Exception as error:
+            self.stack.metrics.query_finished(door, _outcome(error), time.perf_counter() - started, 0, 0)
+            raise
         return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query,
-                       self._accelerated_read(query))
+                       accelerated, door)
 
-    def data_as_of(self, planned: Planned) -> Freshness | None:
+    def _accelerated(self, query: PlannedQuery) -> tuple[str, ...]:
+        refreshers = self.stack.accelerator.refreshers
+        if not refreshers:
+            return ()
+        read = set(self.stack.engine.scanned_datasets(query)) | set(self.stack.search.datasets_searched(query.sql))
+        return tuple(sorted(name for name in read if name in refreshers))
+
+    def data_as_of(self, datasets: Iterable[str]) -> dict[str, dt.datetime]:
+        """For each of these datasets that queries read from an accelerated copy now: when that
+        copy's data was read from its source. Datasets read from their source are left out."""
+        found = {}
+        for name in datasets:
+            refresher = self.stack.accelerator.refreshers.get(self._dataset(name).qualified_name)
+            if refresher is not None and refresher.loaded.is_set() and refresher.status.data_as_of is not None:
+                found[refresher.spec.dataset] = refresher.status.data_as_of
+        return found
+
+    def freshness(self, planned: Planned) -> Freshness | None:
         """How fresh the accelerated data a statement reads is, now; None when it reads none.
         A door reports it with the result (read it just before executing)."""
         if not planned.accelerated:
@@ -104,13 +137,6 @@ class Service:
         refreshers = self.stack.accelerator.refreshers
         return Freshness({name: refreshers[name].status.data_as_of for name in planned.accelerated
                           if name in refreshers})
-
-    def _accelerated_read(self, query: PlannedQuery) -> tuple[str, ...]:
-        accelerated = self.stack.accelerator.refreshers.keys()
-        if not accelerated:
-            return ()
-        read = set(self.stack.engine.datasets_read(query)) | set(self.stack.search.datasets_searched(query.sql))
-        return tuple(sorted(read & accelerated))
 
     def parameter_schema(self, principal: Principal, sql: str) -> pa.Schema:
         """The parameters a statement takes (``$1``, ``?``), with the types inferred for them."""
@@ -128,31 +154,50 @@ class Service:
         one once ``cancelled`` is set. Close the reader (or drop it) to release the backends.
         Backend statements the query starts register with ``backend``: cancelling it stops
         them at the backend (a door does so when its client goes away)."""
-        if cancelled is not None and cancelled.is_set():
-            raise ServiceError(CANCELLED, "the query was cancelled")
-        with self._translated(), cancellation_scope(backend or Cancellation()):
-            reader = self.stack.engine.execute(planned.query)
-        return pa.RecordBatchReader.from_batches(reader.schema, self._stream(reader, cancelled))
+        started = time.perf_counter()
+        try:
+            if cancelled is not None and cancelled.is_set():
+                raise ServiceError(CANCELLED, "the query was cancelled")
+            with self._translated(), cancellation_scope(backend or Cancellation()):
+                reader = self.stack.engine.execute(planned.query)
+        except Exception as error:
+            self.stack.metrics.query_finished(planned.door, _outcome(error), time.perf_counter() - started, 0, 0)
+            raise
+        return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started))
 
-    def query(self, principal: Principal, sql: str, parameters: list[Any] | None = None) -> pa.RecordBatchReader:
-        return self.execute(self.plan(principal, sql, parameters))
+    def query(self, principal: Principal, sql: str, parameters: list[Any] | None = None,
+              door: str = CORE) -> pa.RecordBatchReader:
+        return self.execute(self.plan(principal, sql, parameters, door))
 
-    def _stream(self, reader: pa.RecordBatchReader,
-                cancelled: threading.Event | None) -> Iterator[pa.RecordBatch]:
+    def _stream(self, planned: Planned, reader: pa.RecordBatchReader, cancelled: threading.Event | None,
+                started: float) -> Iterator[pa.RecordBatch]:
+        rows = nbytes = 0
+        outcome = INTERNAL_ERROR
         try:
             for batch in reader:
                 if cancelled is not None and cancelled.is_set():
                     raise ServiceError(CANCELLED, "the query was cancelled")
+                rows += batch.num_rows
+                nbytes += batch.nbytes
                 yield batch
-        except ServiceError:
+            outcome = OK
+        except GeneratorExit:  # the door closed the stream before its end
+            outcome = CANCELLED
+            raise
+        except ServiceError as error:
+            outcome = error.kind
             raise
         except (QueryError, ConnectorError) as error:
-            raise self._service_error(error) from None
+            translated = self._service_error(error)
+            outcome = translated.kind
+            raise translated from None
         except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors
             text = str(error)
-            raise ServiceError(error_kind(text), self.redact(clean_engine_message(text))) from None
+            outcome = error_kind(text)
+            raise ServiceError(outcome, self.redact(clean_engine_message(text))) from None
         finally:
             reader.close()
+            self.stack.metrics.query_finished(planned.door, outcome, time.perf_counter() - started, rows, nbytes)
 
     # ---- the catalog ----
 
@@ -199,11 +244,13 @@ class Service:
                                                         f"{dataset.error}"))
         return dataset.arrow_schema
 
-    def sample(self, principal: Principal, name: str, n: int = 10, how: str = "first") -> pa.RecordBatchReader:
+    def sample(self, principal: Principal, name: str, n: int = 10, how: str = "first",
+               door: str = CORE) -> pa.RecordBatchReader:
         """Up to ``n`` rows of a dataset: the first ones, a random choice, or distinct rows."""
-        return self.execute(self.plan_sample(principal, name, n, how))
+        return self.execute(self.plan_sample(principal, name, n, how, door))
 
-    def plan_sample(self, principal: Principal, name: str, n: int = 10, how: str = "first") -> Planned:
+    def plan_sample(self, principal: Principal, name: str, n: int = 10, how: str = "first",
+                    door: str = CORE) -> Planned:
         if how not in SAMPLE_KINDS:
             raise ServiceError(INVALID, f"unknown sample kind {how!r} (expected {', '.join(SAMPLE_KINDS)})")
         _check_sample_size(n)
@@ -211,7 +258,7 @@ class Service:
         select = {"first": f"SELECT * FROM {table}",
                   "random": f"SELECT * FROM {table} ORDER BY random()",
                   "distinct": f"SELECT DISTINCT * FROM {table}"}[how]
-        return self.plan(principal, f"{select} LIMIT {n}")
+        return self.plan(principal, f"{select} LIMIT {n}", door=door)
 
     def plan_top(self, principal: Principal, name: str, order_by: str, n: int = 10,
                  descending: bool = True) -> Planned:
@@ -238,14 +285,14 @@ class Service:
         return self.plan(principal, f"SELECT column_name, value FROM ({union}) ORDER BY position, value")
 
     def search(self, principal: Principal, dataset: str, text: str, k: int = 10, mode: str = "hybrid",
-               where: str | None = None, column: str | None = None) -> pa.RecordBatchReader:
+               where: str | None = None, column: str | None = None, door: str = CORE) -> pa.RecordBatchReader:
         """The ``k`` best rows of a dataset for ``text`` (the dataset's columns plus ``score`` and
         ``chunk``), through the search table functions, so it obeys everything SQL does.
         ``where`` is a SQL condition on the dataset's columns, applied before ranking."""
-        return self.execute(self.plan_search(principal, dataset, text, k, mode, where, column))
+        return self.execute(self.plan_search(principal, dataset, text, k, mode, where, column, door))
 
     def plan_search(self, principal: Principal, dataset: str, text: str, k: int = 10, mode: str = "hybrid",
-                    where: str | None = None, column: str | None = None) -> Planned:
+                    where: str | None = None, column: str | None = None, door: str = CORE) -> Planned:
         if mode not in SEARCH_MODES:
             raise ServiceError(INVALID, f"unknown search mode {mode!r} (expected {', '.join(SEARCH_MODES)})")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -259,7 +306,11 @@ class Service:
         sql = f"SELECT * FROM {mode}_search({', '.join(arguments)})"
         if where:
             sql += f" WHERE {where}"
-        return self.plan(principal, sql + " ORDER BY score DESC", [text])
+        return self.plan(principal, sql + " ORDER BY score DESC", [text], door=door)
+
+    def qualified_name(self, principal: Principal, dataset: str) -> str:
+        """A dataset's full name (``schema.table``); NOT_FOUND for an unknown one."""
+        return self._dataset(dataset).qualified_name
 
     # ---- models ----
 
@@ -268,20 +319,37 @@ class Service:
 
     def embed(self, principal: Principal, model: str | None, texts: list[str]) -> pa.FixedSizeListArray:
         """One normalized vector per text; ``model`` None is the default embedding model."""
+        name = self._embedding_model(model, texts)
+        with self._translated():
+            embedder = self.stack.models.embedder(name)
+            vectors = embedder.embed(pa.array(texts, pa.string()))
+            self.stack.metrics.embedded(name, len(texts), sum(embedder.count_tokens(texts)))
+        return vectors
+
+    def count_tokens(self, principal: Principal, model: str | None, texts: list[str]) -> list[int]:
+        """Each text's length in the model's tokens, before the model's own truncation."""
+        name = self._embedding_model(model, texts)
+        with self._translated():
+            return self.stack.models.embedder(name).count_tokens(texts)
+
+    def _embedding_model(self, model: str | None, texts: list[str]) -> str:
         names = self.stack.models.embedding_names
         name = model if model is not None else self.stack.model_functions.default_embedding
         if name not in names:
             raise ServiceError(NOT_FOUND, f"unknown embedding model {name!r} (known: {', '.join(names) or 'none'})")
         if not all(isinstance(t, str) for t in texts):
             raise ServiceError(INVALID, "every input to embed must be a string")
-        with self._translated():
-            return self.stack.models.embedder(name).embed(pa.array(texts, pa.string()))
+        return name
 
     # ---- acceleration ----
 
     def refresh(self, principal: Principal, dataset: str, sql: str | None = None) -> dict:
         """Refresh an accelerated dataset now and wait; its status after the refresh. A one-off
-        ``sql`` (SELECT * FROM NAME WHERE ...) replaces the working set for this refresh only."""
+        ``sql`` (SELECT * FROM NAME WHERE ...) replaces the working set for this refresh only.
+        A refresh makes the backend work on demand: only a caller allowed to refresh may."""
+        if not principal.may_refresh:
+            raise ServiceError(REFUSED, f"{principal.name} may not refresh datasets: "
+                                        "give its key `refresh: true` in runtime.auth")
         try:
             with self._translated():
                 return self.stack.refresh(dataset, sql)
@@ -297,6 +365,10 @@ class Service:
         """True once every accelerated dataset with ``ready_state: on_load`` has a loaded copy."""
         return all(refresher.loaded.is_set() for refresher in self.stack.accelerator.refreshers.values()
                    if refresher.spec.ready_state == "on_load")
+
+    def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return self.stack.metrics.render(), METRICS_CONTENT_TYPE
 
     def status(self) -> dict:
         return {"version": __version__, "ready": self.ready(),
@@ -358,3 +430,8 @@ class Service:
 def _check_sample_size(n: int) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLE_ROWS:
         raise ServiceError(INVALID, f"the sample size must be an integer from 1 to {MAX_SAMPLE_ROWS}")
+
+
+def _outcome(error: Exception) -> str:
+    """A failure as a metrics outcome: its error kind, or an internal error."""
+    return error.kind if isinstance(error, ServiceError) else INTERNAL_ERROR

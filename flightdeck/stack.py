@@ -8,6 +8,7 @@ from accel.accelerator import AcceleratedSource, Accelerator
 from federation.catalog import Catalog
 from federation.engine import EngineSettings, QueryEngine
 from flightdeck.config import LoadedConfig
+from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
 from flightdeck.search_functions import DatasetSearchSettings, SearchIndexes
 
@@ -28,6 +29,7 @@ class Stack:
         self.models = model_registry(loaded)
         self.model_functions = ModelFunctions(self.models).install(self.engine)
         self.search = self._search_indexes(loaded)
+        self.metrics = self._metrics()
         self.accelerator.start()
 
     def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
@@ -66,6 +68,14 @@ class Stack:
         for function in indexes.table_functions():
             self.engine.ctx.register_udtf(function)
         return indexes
+
+    def _metrics(self) -> Metrics:
+        metrics = Metrics()
+        metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows)
+        for refresher in self.accelerator.refreshers.values():
+            refresher.listeners.append(lambda r: metrics.refreshed(
+                r.spec.dataset, (r.status.last_refresh_end - r.status.last_refresh_start).total_seconds()))
+        return metrics
 
     def refresh(self, dataset: str, refresh_sql: str | None = None) -> dict:
         """Refresh an accelerated dataset now; returns its status after the refresh."""

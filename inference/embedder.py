@@ -47,6 +47,7 @@ class TextEmbedder:
         self.pooling, self.normalize = pooling, bool(normalize)
         self.batch_size, self.max_seq_length = int(batch_size), int(max_seq_length)
         self._tokenizer = _load_tokenizer(Path(tokenizer_path), self.max_seq_length)
+        self._counter = None  # the tokenizer without truncation, built on first count_tokens
         self._pad_id = _pad_id(self._tokenizer)
         self._session = make_session(onnx_path, threads, inter_op_threads)
         self._inputs = {i.name: numpy_type(i.type, f"{onnx_path} input {i.name}")
@@ -123,6 +124,17 @@ class TextEmbedder:
         if any(t is None for t in texts):
             raise ModelError("embed_numpy does not accept None; use embed() for nullable input")
         return self._embed_numpy(texts)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's token count before truncation to ``max_seq_length`` (special tokens
+        not counted): what a request limit or a usage report is about."""
+        if self._counter is None:
+            from tokenizers import Tokenizer
+            counter = Tokenizer.from_str(self._tokenizer.to_str())
+            counter.no_truncation()
+            counter.no_padding()
+            self._counter = counter
+        return [len(e.ids) for e in self._counter.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     # ------------------------------------------------------------------ internals
 

@@ -28,7 +28,12 @@ def demo_config(tmp_path_factory) -> Path:
 
 
 class ServerProcess:
+    """``flightdeck ARGS`` in its own process; ``run`` gets a free HTTP port unless one is given.
+    ``url`` is the Flight SQL URL, ``http_url`` the HTTP one (from the READY line)."""
+
     def __init__(self, args: list[str], env: dict | None = None):
+        if args[:1] == ["run"] and "--http-port" not in args:
+            args = [*args, "--http-port", "0"]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flight.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
@@ -36,7 +41,9 @@ class ServerProcess:
         if not line.startswith("READY "):
             self.process.kill()
             raise RuntimeError(f"server did not start: {line}{self.process.stderr.read()}")
-        self.url = line.split()[1]
+        urls = line.split()[1:]
+        self.url = next((u for u in urls if u.startswith("grpc")), None)
+        self.http_url = next((u for u in urls if u.startswith("http")), None)
 
     def stop(self) -> tuple[int, str]:
         self.process.send_signal(signal.SIGINT)
@@ -77,6 +84,7 @@ class InProcess:
         self.engine, self.catalog = serving.stack.engine, serving.stack.catalog
         self.accelerator, self.models = serving.stack.accelerator, serving.stack.models
         self.server, self.flight_url = serving.flightsql, serving.flight_url
+        self.http_url = serving.http_url
 
     def refresh(self, dataset: str, refresh_sql: str | None = None) -> dict:
         return self.stack.refresh(dataset, refresh_sql)
@@ -86,6 +94,7 @@ class InProcess:
 def serving(config: dict, base_dir: Path, environ: dict | None = None) -> Iterator[InProcess]:
     """flightdeck serving ``config`` in this process (tests can look inside it)."""
     config.setdefault("runtime", {}).setdefault("flight", {"port": 0})
+    config["runtime"].setdefault("http", {"port": 0})
     loaded = parse_config(config, base_dir, environ if environ is not None else {})
     running = Serving(loaded)
     try:

@@ -196,8 +196,11 @@ def test_cross_backend_join(databases):
 def test_backends_are_opened_read_only(databases):
     _, catalog = _engine(databases)
     sqlite = catalog.datasets["public.people"].connector
-    with pytest.raises(ConnectorError, match="readonly"):
+    with pytest.raises(ConnectorError, match="not authorized"):  # the authorizer lets statements only read
         sqlite.execute_sql("DELETE FROM people").read_all()
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # and the file is opened mode=ro beneath
+        raw = sqlite3.connect(f"file:{sqlite.path}?mode=ro", uri=True)
+        raw.execute("DELETE FROM people")
     duck = catalog.datasets["public.events"].connector
     with pytest.raises(ConnectorError, match="(?i)read-only|read only"):
         duck.execute_sql("DELETE FROM events").read_all()

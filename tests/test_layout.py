@@ -51,7 +51,7 @@ def test_no_door_imports_the_engine(path):
     assert not engine, f"{_name(path)} imports the engine directly: {sorted(engine)}"
 
 
-@pytest.mark.parametrize("path", modules("flight/flightsql") + modules("flight/mcp"), ids=_name)
+@pytest.mark.parametrize("path", modules("flight/flightsql") + modules("flight/http") + modules("flight/mcp"), ids=_name)
 def test_a_door_takes_only_the_service_from_the_core(path):
     core = {m for m in imports(path) if m.split(".")[0] == "flightdeck"}
     assert core <= CORE_FOR_DOORS, f"{_name(path)} imports {sorted(core - CORE_FOR_DOORS)}"

@@ -1,9 +1,12 @@
 """Only reads run; refusals and failures reach the client cleanly; the server keeps serving."""
 from __future__ import annotations
 
+import json
+
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_manager
 import duckdb
+import pyarrow.flight as flight
 import pytest
 
 from federation.connectors import ConnectorError
@@ -106,8 +109,10 @@ def test_duckdb_connector_sessions_are_locked(tmp_path):
         connector.execute_sql("INSERT INTO t VALUES (2)").read_all()
     with pytest.raises(ConnectorError, match="(?i)external access|disabled"):
         connector.execute_sql("SELECT * FROM read_csv('/etc/passwd')").read_all()
-    with pytest.raises(ConnectorError, match="(?i)lock|configuration"):
+    with pytest.raises(ConnectorError, match="(?i)only one SELECT is run, not SET"):
         connector.execute_sql("SET enable_external_access = true").read_all()
+    with pytest.raises(duckdb.Error, match="(?i)lock|configuration"):  # the session's own lock, beneath
+        connector._cursor().execute("SET enable_external_access = true")
     assert connector.execute_sql("SELECT a FROM t").read_all().to_pylist() == [{"a": 1}]
     connector.close()
 
@@ -160,3 +165,39 @@ def test_auth_with_api_keys_and_passwords(tmp_path):
             message = str(raised.value)
             assert "UNAUTHENTICATED" in message
             assert API_KEY not in message and PASSWORD not in message
+
+
+def _refresh(client: flight.FlightClient, key: str, body: dict) -> dict:
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {key}".encode())])
+    [result] = list(client.do_action(flight.Action("Refresh", json.dumps(body).encode()), options))
+    return json.loads(result.body.to_pybytes())
+
+
+def test_only_a_key_allowed_to_refresh_can_refresh(tmp_path):
+    """A refresh makes the backend work on demand: with auth on, only keys given `refresh: true`
+    (and plain keys, which may do everything) may ask for one; a one-off refresh_sql cannot read
+    beyond the dataset's own table."""
+    (tmp_path / "events.csv").write_text("id,region\n1,eu\n2,us\n")
+    (tmp_path / "secret.csv").write_text("id,token\n1,hunter2\n")
+    config = {"datasets": [{"from": "file:events.csv", "name": "events", "acceleration": {"enabled": True}},
+                           {"from": "file:secret.csv", "name": "secret"}],
+              "runtime": {"flight": {"port": 0},
+                          "auth": {"api_keys": ["admin-key-000000",
+                                                {"name": "loop-agent", "key": "agent-key-11111"},
+                                                {"name": "ops-agent", "key": "ops-key-2222222", "refresh": True}]}}}
+    with serving(config, tmp_path, {}) as runtime, flight.FlightClient(runtime.flight_url) as client:
+        assert runtime.accelerator.refresher("events").loaded.wait(60)
+        with pytest.raises(flight.FlightUnauthorizedError) as raised:
+            _refresh(client, "agent-key-11111", {"dataset": "events"})
+        assert "loop-agent may not refresh" in str(raised.value) and "agent-key" not in str(raised.value)
+        assert _refresh(client, "ops-key-2222222", {"dataset": "events"})["state"] == "ready"
+        assert _refresh(client, "admin-key-000000", {"dataset": "events"})["state"] == "ready"
+        for widening in ("SELECT * FROM secret", "SELECT * FROM events UNION ALL SELECT * FROM secret",
+                         "SELECT e.* FROM events e JOIN secret s ON s.id = e.id",
+                         "SELECT * FROM events WHERE region = 'zz\\' OR 1=1) --'",
+                         "DROP TABLE events"):
+            with pytest.raises(flight.FlightError) as raised:
+                _refresh(client, "ops-key-2222222", {"dataset": "events", "refresh_sql": widening})
+            assert "Traceback" not in str(raised.value)
+        rows = runtime.engine.query("SELECT count(*) AS n FROM events").read_all().to_pylist()
+        assert rows == [{"n": 2}]  # the copy still holds exactly the dataset's rows

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import ServerProcess, serving
 from flight.cli import main
 from flight.flightsql.server import FLIGHT_ERRORS, flight_error
-from flightdeck.auth import Authenticator, Credentials, Principal
+from flightdeck.auth import Authenticator, Credentials, Key, Principal
 from flightdeck.errors import KINDS, ServiceError
 from flightdeck.runtime_config import RuntimeConfig
 
@@ -172,11 +172,14 @@ def test_refresh_health_ready_status(service):
 def test_authentication():
     open_door = Authenticator([], {})
     assert open_door.authenticate(Credentials()).name == "anonymous"
-    keyed = Authenticator(["k1"], {"ana": "pw"})
+    keyed = Authenticator([Key("api-key", "k1", True), Key("loop-agent", "k3", False)], {"ana": ("pw", False)})
     assert keyed.authenticate(Credentials(bearer="k1")).name == "api-key"
+    agent = keyed.authenticate(Credentials(bearer="k3"))
+    assert agent.name == "loop-agent" and not agent.may_refresh
     login = keyed.authenticate(Credentials(username="ana", password="pw"))
-    assert login.name == "ana" and login.token
-    assert keyed.authenticate(Credentials(bearer=login.token)).name == "ana"
+    assert login.name == "ana" and login.token and not login.may_refresh
+    again = keyed.authenticate(Credentials(bearer=login.token))
+    assert again.name == "ana" and not again.may_refresh
     for wrong in (Credentials(), Credentials(bearer="k2"), Credentials(username="ana", password="no")):
         with pytest.raises(ServiceError) as raised:
             keyed.authenticate(wrong)
@@ -213,9 +216,9 @@ def test_run_refuses_bad_options(demo_config, args, words):
     assert result.exit_code != 0 and words in result.output
 
 
-def test_run_keeps_the_http_port_and_stops_cleanly(demo_config):
+def test_run_serves_http_on_its_port_and_stops_cleanly(demo_config):
     process = ServerProcess(["run", "-c", str(demo_config), "--flight-port", "0", "--http-port", "0"])
     with flight.FlightClient(process.url) as client:
         assert [a.type for a in client.list_actions()][:1] == ["CreatePreparedStatement"]
     code, err = process.stop()
-    assert code == 0 and "flightdeck stopped" in err and "HTTP door" in err
+    assert code == 0 and "flightdeck stopped" in err and f"HTTP on {process.http_url}" in err

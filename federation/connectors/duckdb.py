@@ -21,6 +21,18 @@ def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     return connection
 
 
+def _one_select(sql: str) -> None:
+    """DuckDB's own parser must see exactly one SELECT: a second statement could end the
+    read-only transaction a copy is read in (``COMMIT; CREATE ...``), or DETACH a database."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as error:
+        raise ConnectorError(f"duckdb: {error}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(str(s.type).split(".")[-1] for s in statements) or "nothing"
+        raise ConnectorError(f"duckdb: read-only: only one SELECT is run, not {kinds}")
+
+
 class DuckDBConnector(SqlConnector):
     kind = "duckdb"
     dialect = "duckdb"
@@ -84,6 +96,7 @@ class DuckDBConnector(SqlConnector):
             f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+        _one_select(sql)
         cursor = self._cursor()
         on_cancel(cursor.interrupt)
         try:

@@ -68,6 +68,24 @@ def sqlite_literal(value: object) -> str | None:
     return fx.standard_literal(value)
 
 
+_READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+_SCHEMA_TABLES = {"sqlite_master", "sqlite_temp_master", "sqlite_schema", "sqlite_temp_schema"}
+_READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "foreign_key_list"}
+
+
+def _reads_only(action: int, first: str | None, second: str | None, database: str | None,
+                trigger: str | None) -> int:
+    """SQLite authorizer: reading tables and calling functions; the schema pragmas
+    (``pragma_table_info``) that describe a table; nothing else."""
+    if action in _READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (first or "").lower() in _READ_PRAGMAS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_UPDATE and first in _SCHEMA_TABLES:
+        return sqlite3.SQLITE_OK  # SQLite loading the schema (the connection is mode=ro besides)
+    return sqlite3.SQLITE_DENY
+
+
 class SQLiteConnector(SqlConnector):
     kind = "sqlite"
     dialect = "sqlite"
@@ -85,7 +103,11 @@ class SQLiteConnector(SqlConnector):
         return f"sqlite ({self.path.name})"
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        # mode=ro keeps this database unchanged, but not the host: VACUUM INTO and ATTACH write
+        # other files. SQLite's authorizer lets a statement only read.
+        connection.set_authorizer(_reads_only)
+        return connection
 
     def tables(self) -> list[str]:
         with self._connect() as connection:
@@ -141,6 +163,9 @@ class SQLiteConnector(SqlConnector):
             connection.close()
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {error}") from None
+        if cursor.description is None:
+            connection.close()
+            raise ConnectorError(f"{self.describe()}: not a query (only SELECT statements are read)")
         schema = self._result_schema(cursor, declared)
 
         def batches():

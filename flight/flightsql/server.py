@@ -33,6 +33,7 @@ from flightdeck.service import Cancellation, Planned, Service
 
 log = logging.getLogger("flightdeck.flightsql")
 
+DOOR = "flightsql"  # this door's label in the metrics
 TYPE_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
 Item = TypeVar("Item")
 READ_ONLY_MESSAGE = "flightdeck is read-only: {what} is not allowed"
@@ -347,8 +348,15 @@ class FlightSqlServer(flight.FlightServerBase):
         return flight.FlightInfo(command.schema(self, principal, message), descriptor,
                                  [flight.FlightEndpoint(descriptor.command, [])], -1, -1)
 
-    @clean_errors
-    def get_schema(self, context, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+    def schema_or_error(self, context, descriptor: flight.FlightDescriptor
+                        ) -> tuple[flight.SchemaResult | None, flight.FlightError | None]:
+        """GetSchema's answer, or the error to send instead (see ``get_schema`` below)."""
+        try:
+            return self._schema(context, descriptor), None
+        except Exception as error:
+            return None, flight_error(error)
+
+    def _schema(self, context, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         principal = self.principal(context)
         command, message = command_of(descriptor.command)
         if command.schema is None:
@@ -357,13 +365,13 @@ class FlightSqlServer(flight.FlightServerBase):
 
     def plan_statement(self, principal: Principal, command) -> Planned:
         self._refuse_transaction(command)
-        return self.service.plan(principal, command.query)
+        return self.service.plan(principal, command.query, door=DOOR)
 
     def plan_prepared(self, principal: Principal, command) -> Planned:
         statement = self.prepared.get(command.prepared_statement_handle, principal)
         if statement.parameters is None and len(statement.parameter_schema) == 0:
             return statement.planned  # ADBC prepares every statement: plan it once
-        return self.service.plan(principal, statement.sql, statement.parameters)
+        return self.service.plan(principal, statement.sql, statement.parameters, door=DOOR)
 
     @staticmethod
     def _refuse_transaction(command) -> None:
@@ -474,7 +482,7 @@ class FlightSqlServer(flight.FlightServerBase):
             raise ServiceError(INVALID, f"CreatePreparedStatement expects its request, got {name}")
         request = parse(sql_pb.ActionCreatePreparedStatementRequest, value)
         self._refuse_transaction(request)
-        planned = self.service.plan(principal, request.query)
+        planned = self.service.plan(principal, request.query, door=DOOR)
         statement = PreparedStatement(principal, request.query, planned,
                                       self.service.parameter_schema(principal, request.query))
         handle = self.prepared.add(statement)
@@ -561,3 +569,19 @@ def split_batch(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatc
     rows = max(1, batch.num_rows // pieces)
     for start in range(0, batch.num_rows, rows):
         yield from split_batch(batch.slice(start, rows), max_bytes)
+
+
+# pyarrow 26's GetSchema callback, unlike every other, does not catch FlightError: whatever
+# get_schema raises reaches the client as UNKNOWN with the Python traceback attached. The
+# status cannot be fixed from Python, but the traceback can be kept free of server paths:
+# get_schema is compiled without a source file, and raises from its own frame only.
+_GET_SCHEMA = """
+def get_schema(self, context, descriptor):
+    schema, error = self.schema_or_error(context, descriptor)
+    if error is not None:
+        raise error
+    return schema
+"""
+_compiled: dict = {}
+exec(compile(_GET_SCHEMA, "flightdeck", "exec"), _compiled)
+FlightSqlServer.get_schema = _compiled["get_schema"]

@@ -114,7 +114,7 @@ class Tools:
             return await anyio.to_thread.run_sync(functools.partial(work, principal))
 
     def _rows(self, planned: Planned) -> Rows:
-        freshness = self.service.data_as_of(planned)
+        freshness = self.service.freshness(planned)
         return rows_result(self.service.execute(planned), self.caps, freshness)
 
     # ---- the catalog ----
@@ -191,7 +191,7 @@ class Tools:
 
     def _distinct(self, principal: Principal, dataset: str, names: list[str] | None, limit: int) -> DistinctValues:
         planned = self.service.plan_distinct_values(principal, dataset, names, limit)
-        freshness = self.service.data_as_of(planned)
+        freshness = self.service.freshness(planned)
         reader = self.service.execute(planned)
         try:
             result = sized(reader_rows(reader, self.caps.max_rows + 1), self.caps, "values")
@@ -231,7 +231,7 @@ class Tools:
             planned = self.service.plan_search(principal, name, text, limit, mode, where)
             entry = self.service.dataset(principal, name)
             qualified, key = entry["name"], entry.get("primary_key") or []
-            found = self.service.data_as_of(planned)
+            found = self.service.freshness(planned)
             freshness.update(found.datasets if found else {})
             for row in self.service.execute(planned).read_all().to_pylist():
                 matches.append(Match(dataset=qualified, score=row.pop("score"), chunk=row.pop("chunk", None),

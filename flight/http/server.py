@@ -1,0 +1,58 @@
+"""The HTTP door as the composition root runs it: uvicorn serving the app from its own thread
+on a socket bound up front (so port 0 is known at once); ``shutdown`` stops it and waits."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+
+from flight.http.app import build_app
+from flightdeck.service import Service
+
+log = logging.getLogger("flightdeck.http")
+START_TIMEOUT_SECONDS = 30
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+class HttpServer:
+    def __init__(self, service: Service, host: str, port: int, app: Starlette | None = None):
+        self.app = app or build_app(service)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError as error:
+            self._socket.close()
+            raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+        self.host, self.port = host, self._socket.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="flightdeck-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.shutdown()
+                raise RuntimeError(f"the HTTP server did not start on {host}:{self.port}")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def shutdown(self) -> None:
+        """Stop accepting, let requests in flight finish (streams are cut after a grace period)."""
+        self._server.should_exit = True
+        self._thread.join(GRACEFUL_SHUTDOWN_SECONDS + 5)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(5)
+        self._socket.close()

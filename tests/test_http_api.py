@@ -1,0 +1,533 @@
+"""The HTTP door through real clients (httpx, curl, the stock openai client) against real servers."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import json
+import subprocess
+import sys
+import time
+
+import adbc_driver_flightsql.dbapi as flightsql
+import duckdb
+import httpx
+import numpy as np
+import openai
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pytest
+
+from conftest import ServerProcess, serving, write_config
+from test_backend_cancel_and_errors import SLOW, _config as slow_config, _running_statements, slow_table  # noqa: F401
+from test_streaming import PeakMemory
+
+ORDERS_BY_STATUS = "SELECT status, count(*) AS n FROM orders GROUP BY status ORDER BY status"
+EXPECTED_BY_STATUS = [{"status": "completed", "n": 28858}, {"status": "failed", "n": 576},
+                      {"status": "pending", "n": 566}]
+TYPED = ("SELECT order_id, customer_id, created_at, status, amount, latency_ms, error_code FROM orders "
+         "WHERE order_id <= 102000 ORDER BY order_id")
+ARROW = "application/vnd.apache.arrow.stream"
+HOSTILE = "x'); DROP TABLE orders; -- \\' \" \u2603 %s $1 ?"
+KEY = "http-test-key-123"
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.http_url, timeout=60) as client:
+        yield client
+
+
+def sql(http: httpx.Client, query: str, accept: str | None = None, parameters: list | None = None,
+        **headers) -> httpx.Response:
+    if accept:
+        headers["Accept"] = accept
+    if parameters is None:
+        return http.post("/v1/sql", content=query, headers={"Content-Type": "text/plain", **headers})
+    return http.post("/v1/sql", json={"sql": query, "parameters": parameters}, headers=headers)
+
+
+def flight_table(server, query: str, parameters: tuple = ()) -> pa.Table:
+    with flightsql.connect(server.url, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute(query, parameters or None)
+        return cursor.fetch_arrow_table()
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text and "File \"" not in response.text
+    return body["error"]
+
+
+# ---- POST /v1/sql: every format ----
+
+def test_json_is_the_default_format(http):
+    response = sql(http, ORDERS_BY_STATUS)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    assert response.json() == EXPECTED_BY_STATUS
+
+
+def test_spice_json_carries_schema_and_row_count(http):
+    body = sql(http, ORDERS_BY_STATUS, "application/vnd.spiceai.sql.v1+json").json()
+    assert body["row_count"] == 3 and body["data"] == EXPECTED_BY_STATUS
+    assert [f["name"] for f in body["schema"]["fields"]] == ["status", "n"]
+
+
+def test_arrow_stream_equals_the_flight_sql_result(http, server):
+    response = sql(http, TYPED, ARROW)
+    assert response.headers["content-type"] == ARROW
+    table = ipc.open_stream(response.content).read_all()
+    expected = flight_table(server, TYPED)
+    assert table.num_rows == 2000 and table.equals(expected)
+
+
+@pytest.mark.parametrize("coding", ["zstd", "gzip"])
+def test_arrow_stream_is_compressed_when_the_client_allows(http, server, coding):
+    with http.stream("POST", "/v1/sql", content=TYPED, headers={"Accept": ARROW, "Accept-Encoding": coding}) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.headers["content-encoding"] == coding
+    plain = pa.CompressedInputStream(pa.BufferReader(raw), coding).read()
+    assert len(raw) < len(plain)
+    assert ipc.open_stream(plain).read_all().equals(flight_table(server, TYPED))
+
+
+def test_csv_reads_back_with_pandas(http):
+    response = sql(http, TYPED, "text/csv")
+    assert response.headers["content-type"].startswith("text/csv")
+    frame = pd.read_csv(io.StringIO(response.text))
+    assert len(frame) == 2000 and list(frame.columns)[:2] == ["order_id", "customer_id"]
+    assert frame["order_id"].tolist() == list(range(100001, 102001))
+
+
+def test_ndjson_reads_back_with_polars(http, server):
+    response = sql(http, TYPED, "application/x-ndjson")
+    frame = pl.read_ndjson(io.BytesIO(response.content))
+    expected = pl.from_arrow(flight_table(server, TYPED))
+    assert frame.height == 2000 and frame["order_id"].to_list() == expected["order_id"].to_list()
+    assert frame["status"].to_list() == expected["status"].to_list()
+    assert frame["amount"].to_list() == [float(a) for a in expected["amount"].to_list()]
+
+
+def test_json_values_are_plain_json(http):
+    rows = sql(http, "SELECT CAST('NaN' AS DOUBLE) AS nan, CAST(1.5 AS DECIMAL(5, 2)) AS d, "
+                     "TIMESTAMP '2026-11-20 14:02:00' AS ts, [1, 2] AS list, NULL AS nothing").json()
+    assert rows == [{"nan": None, "d": 1.5, "ts": "2026-11-20T14:02:00", "list": [1, 2], "nothing": None}]
+
+
+def test_empty_results_in_every_format(http):
+    query = "SELECT order_id FROM orders WHERE order_id < 0"
+    assert sql(http, query).json() == []
+    assert sql(http, query, "application/vnd.spiceai.sql.v1+json").json()["row_count"] == 0
+    assert sql(http, query, "application/x-ndjson").content == b""
+    assert sql(http, query, "text/csv").text.strip() == '"order_id"'
+    assert ipc.open_stream(sql(http, query, ARROW).content).read_all().num_rows == 0
+
+
+def test_accept_negotiation(http):
+    assert sql(http, "SELECT 1 AS a", "text/csv;q=0.5, application/x-ndjson").text == '{"a":1}\n'
+    assert sql(http, "SELECT 1 AS a", "*/*").json() == [{"a": 1}]
+    refused = sql(http, "SELECT 1 AS a", "image/png")
+    assert refused.status_code == 406 and ARROW in error_of(refused)["message"]
+    nested = sql(http, "SELECT [1, 2] AS list", "text/csv")
+    assert nested.status_code == 400 and "CSV" in error_of(nested)["message"]
+
+
+# ---- parameters ----
+
+def test_parameters_are_bound_not_spliced(http, server):
+    response = sql(http, "SELECT * FROM crm.customers WHERE customer_id = ?", ARROW, parameters=[42])
+    assert ipc.open_stream(response.content).read_all().equals(
+        flight_table(server, "SELECT * FROM crm.customers WHERE customer_id = ?", (42,)))
+    assert sql(http, "SELECT $1 AS s, $2 AS n, $3 AS b", parameters=[HOSTILE, 2.5, True]).json() == \
+        [{"s": HOSTILE, "n": 2.5, "b": True}]
+    assert sql(http, "SELECT count(*) AS n FROM orders WHERE status = ?", parameters=[HOSTILE]).json() == [{"n": 0}]
+    assert sql(http, "SELECT count(*) AS n FROM orders").json() == [{"n": 30000}]  # nothing was dropped
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"sql": "SELECT ?", "parameters": [{"a": 1}]}, "parameters[0]"),
+    ({"sql": "SELECT ?", "parameters": "x"}, "list"),
+    ({"sql": "SELECT ?", "parameters": [2 ** 70]}, "64-bit"),
+    ({"parameters": []}, "'sql' is required"),
+    ({"sql": "  "}, "no SQL"),
+])
+def test_bad_sql_bodies_are_400(http, body, words):
+    response = http.post("/v1/sql", json=body)
+    assert response.status_code == 400 and words in error_of(response)["message"]
+
+
+# ---- errors and statuses ----
+
+@pytest.mark.parametrize("query, status, kind", [
+    ("SELECT nope FROM orders", 400, "invalid"),
+    ("SELECT FROM WHERE", 400, "invalid"),
+    ("SELECT * FROM no_such_table", 400, "invalid"),
+    ("DROP TABLE orders", 403, "refused"),
+    ("INSERT INTO orders (order_id) VALUES (1)", 403, "refused"),
+])
+def test_sql_errors_map_to_statuses(http, query, status, kind):
+    response = sql(http, query)
+    assert response.status_code == status and error_of(response)["code"] == kind
+
+
+def test_unavailable_source_is_503(tmp_path):
+    config = {"datasets": [{"from": "sqlite:t", "name": "gone", "params": {"sqlite_file": "missing.sqlite"}}]}
+    with serving(config, tmp_path) as runtime, httpx.Client(base_url=runtime.http_url) as client:
+        response = client.post("/v1/sql", content="SELECT * FROM gone")
+        assert response.status_code == 503 and error_of(response)["code"] == "unavailable"
+        assert client.get("/v1/datasets/gone").status_code == 503
+
+
+def test_unknown_routes_and_methods(http):
+    assert http.get("/v1/nope").status_code == 404 and error_of(http.get("/v1/nope"))["code"] == "not_found"
+    assert http.get("/v1/sql").status_code == 405
+
+
+# ---- the other routes ----
+
+def test_datasets_and_schema(http, server):
+    listing = {d["name"]: d for d in http.get("/v1/datasets").json()}
+    assert set(listing) == {"public.orders", "crm.customers", "public.logs", "public.metrics", "public.guides"}
+    guides = listing["public.guides"]
+    assert guides["state"] == "ready" and guides["searchable_columns"] == ["content"]
+    assert guides["acceleration"]["acceleration"] == "duckdb (memory)" and guides["acceleration"]["rows"] == 6
+    assert listing["public.orders"]["acceleration"] is None and listing["public.orders"]["kind"] == "duckdb"
+    schema = http.get("/v1/datasets/orders").json()
+    expected = flight_table(server, "SELECT * FROM orders LIMIT 0").schema
+    assert schema["name"] == "public.orders"
+    assert [(f["name"], f["data_type"]) for f in schema["schema"]["fields"]] == \
+        [(f.name, str(f.type)) for f in expected]
+    missing = http.get("/v1/datasets/nope")
+    assert missing.status_code == 404 and "nope" in error_of(missing)["message"]
+
+
+def test_health_ready_status(http):
+    assert http.get("/health").json()["status"] == "ok"
+    assert http.get("/v1/ready").json() == {"ready": True}
+    status = http.get("/v1/status").json()
+    assert status["ready"] is True and {d["name"] for d in status["datasets"]} >= {"public.orders"}
+    assert any(source["kind"] == "duckdb" for source in status["sources"])
+
+
+def test_search_finds_the_pooler_guide(http):
+    for mode in ("vector", "text", "hybrid"):
+        response = http.post("/v1/search", json={
+            "text": "orders failing after scaling to three replicas: too many database connections",
+            "limit": 3, "mode": mode, "additional_columns": ["path", "title"]})
+        body = response.json()
+        assert response.status_code == 200 and len(body["matches"]) == 3 and body["duration_ms"] > 0
+        best = body["matches"][0]
+        assert best["dataset"] == "public.guides" and "pooler" in best["metadata"]["path"]
+        assert best["value"] and best["score"] >= body["matches"][1]["score"]
+        assert "X-Flightdeck-Data-As-Of" in response.headers
+    filtered = http.post("/v1/search", json={"text": "database connections", "datasets": ["guides"],
+                                             "where": "path LIKE 'cache%'", "limit": 5}).json()
+    assert {m["dataset"] for m in filtered["matches"]} == {"public.guides"}
+    assert all(m["value"] for m in filtered["matches"]) and len(filtered["matches"]) == 1
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"limit": 3}, 400),
+    ({"text": "x", "mode": "fuzzy"}, 400),
+    ({"text": "x", "limit": 0}, 400),
+    ({"text": "x", "datasets": ["nope"]}, 404),
+    ({"text": "x", "datasets": ["orders"]}, 400),
+    ({"text": "x", "additional_columns": ["nope"]}, 400),
+])
+def test_search_errors(http, body, status):
+    response = http.post("/v1/search", json=body)
+    assert response.status_code == status, response.text
+    error_of(response)
+
+
+# ---- freshness ----
+
+def _status_data_as_of(server) -> dt.datetime:
+    table = flight_table(server, "SELECT data_as_of FROM flightdeck.runtime.datasets WHERE name = 'public.guides'")
+    return table.column(0)[0].as_py()
+
+
+def test_data_as_of_follows_the_accelerated_copy(http, server):
+    response = sql(http, "SELECT count(*) AS n FROM guides")
+    before = dt.datetime.fromisoformat(response.headers["X-Flightdeck-Data-As-Of"])
+    assert before == _status_data_as_of(server)
+    assert response.headers["X-Flightdeck-Data-As-Of-Datasets"] == f"public.guides={before.isoformat()}"
+    assert "X-Flightdeck-Data-As-Of" not in sql(http, "SELECT count(*) AS n FROM orders").headers
+    refreshed = http.post("/v1/datasets/guides/acceleration/refresh")
+    assert refreshed.status_code == 200 and refreshed.json()["last_refresh_rows"] == 6
+    response = sql(http, "SELECT g.path, o.n FROM guides g CROSS JOIN (SELECT count(*) AS n FROM orders) o")
+    after = dt.datetime.fromisoformat(response.headers["X-Flightdeck-Data-As-Of"])
+    assert after > before and after == _status_data_as_of(server)
+    assert after == dt.datetime.fromisoformat(refreshed.json()["data_as_of"])
+
+
+def test_refresh_errors(http):
+    assert http.post("/v1/datasets/nope/acceleration/refresh").status_code == 404
+    assert http.post("/v1/datasets/orders/acceleration/refresh").status_code == 400
+    bad = http.post("/v1/datasets/guides/acceleration/refresh", json={"refresh_sql": "SELECT 1 AS x"})
+    assert bad.status_code == 400 and error_of(bad)
+
+
+# ---- metrics ----
+
+def test_metrics_count_queries_by_door(http, server):
+    sql(http, "SELECT 1 AS a")
+    sql(http, "DROP TABLE orders")
+    flight_table(server, "SELECT 1 AS a")
+    text = http.get("/metrics").text
+    assert 'flightdeck_queries_total{door="http",outcome="ok"}' in text
+    assert 'flightdeck_queries_total{door="http",outcome="refused"}' in text
+    assert 'flightdeck_queries_total{door="flightsql",outcome="ok"}' in text
+    for name in ("flightdeck_query_duration_seconds_bucket", "flightdeck_result_rows_total",
+                 "flightdeck_result_bytes_total", "flightdeck_source_requests_total",
+                 "flightdeck_source_rows_total", "flightdeck_source_errors_total", "flightdeck_dataset_ready",
+                 "flightdeck_refreshes_total", "flightdeck_refresh_failures_total",
+                 "flightdeck_refresh_duration_seconds_bucket"):
+        assert name in text, name
+    assert "DROP" not in text and "SELECT" not in text
+
+
+# ---- auth ----
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("secured")
+    pacsv.write_csv(pa.table({"id": [1, 2, 3]}), folder / "t.csv")
+    config = {"datasets": [{"from": "file:t.csv", "name": "t"}],
+              "runtime": {"auth": {"api_keys": [KEY], "users": [{"username": "agent", "password": "pw"}]}}}
+    with serving(config, folder) as runtime:
+        yield runtime
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 401),
+    ({"Authorization": "Bearer wrong"}, 401),
+    ({"X-API-Key": "wrong"}, 401),
+    ({"Authorization": f"Bearer {KEY}"}, 200),
+    ({"X-API-Key": KEY}, 200),
+    ({"Authorization": "Basic " + base64.b64encode(b"agent:pw").decode()}, 401),  # logins are Flight's
+])
+def test_auth_on(secured, headers, status):
+    with httpx.Client(base_url=secured.http_url) as client:
+        response = client.post("/v1/sql", content="SELECT count(*) AS n FROM t", headers=headers)
+        assert response.status_code == status
+        if status == 401:
+            assert error_of(response)["code"] == "unauthenticated" and "WWW-Authenticate" in response.headers
+            assert KEY not in response.text
+        for path in ("/v1/datasets", "/v1/status", "/metrics", "/v1/models"):
+            assert client.get(path, headers=headers).status_code == status
+        assert client.get("/health").status_code == 200 and client.get("/v1/ready").status_code == 200
+
+
+def test_binding_beyond_loopback_needs_auth(tmp_path):
+    config = write_config(tmp_path / "flightdeck.yaml", {"datasets": [], "runtime": {
+        "flight": {"enabled": False, "port": 0}, "http": {"host": "0.0.0.0", "port": 0}}})
+    refused = subprocess.run([sys.executable, "-m", "flight.cli", "run", "-c", str(config)],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "runtime.http.host binds beyond loopback" in refused.stderr
+
+
+# ---- curl ----
+
+def test_curl(server):
+    base = server.http_url
+    out = subprocess.run(["curl", "-sS", "-X", "POST", f"{base}/v1/sql", "-d", ORDERS_BY_STATUS],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == EXPECTED_BY_STATUS
+    out = subprocess.run(["curl", "-sS", "-X", "POST", f"{base}/v1/sql", "-H", "Accept: text/csv", "-H",
+                          "Content-Type: application/json", "-d",
+                          json.dumps({"sql": "SELECT customer_id FROM crm.customers WHERE customer_id = ?",
+                                      "parameters": [42]})], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ['"customer_id"', "42"]
+    arrow = subprocess.run(["curl", "-sS", "--compressed", "-X", "POST", f"{base}/v1/sql", "-H", f"Accept: {ARROW}",
+                            "-d", TYPED], capture_output=True, check=True).stdout
+    assert ipc.open_stream(arrow).read_all().num_rows == 2000
+    code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", f"{base}/v1/sql",
+                           "-d", "DELETE FROM orders"], capture_output=True, text=True).stdout
+    assert code == "403"
+    out = subprocess.run(["curl", "-sS", f"{base}/v1/models"], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["data"][0]["id"] == "minilm"
+
+
+# ---- OpenAI embeddings with the stock client ----
+
+TEXTS = ["too many database connections", "PgBouncer transaction pooling", "a cache stampede after deploy"]
+
+
+def _flight_embeddings(server) -> np.ndarray:
+    with flightsql.connect(server.url, autocommit=True) as conn, conn.cursor() as cursor:
+        vectors = []
+        for text in TEXTS:
+            cursor.execute("SELECT embed(?) AS v", (text,))
+            vectors.append(cursor.fetch_arrow_table().column(0)[0].as_py())
+    return np.array(vectors, dtype=np.float64)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_openai_client_embeddings_equal_embed_over_flight_sql(server):
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused-without-auth")
+    expected = _flight_embeddings(server)
+    default = client.embeddings.create(model="minilm", input=TEXTS)  # base64 on the wire
+    assert [d.index for d in default.data] == [0, 1, 2] and default.model == "minilm"
+    got = np.array([d.embedding for d in default.data])
+    assert got.shape == (3, 384) and (_cosines(got, expected) >= 0.9999).all()
+    floats = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="float")
+    assert (_cosines(np.array([d.embedding for d in floats.data]), expected) >= 0.9999).all()
+    assert default.usage.prompt_tokens == default.usage.total_tokens > len(TEXTS)
+    single = client.embeddings.create(model="minilm", input=TEXTS[0])
+    assert len(single.data) == 1 and _cosines(np.array([single.data[0].embedding]), expected[:1])[0] >= 0.9999
+    assert [m.id for m in client.models.list()] == ["minilm"]
+    assert client.models.retrieve("minilm").id == "minilm"
+
+
+def test_openai_client_errors(server, secured):
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.embeddings.create(model="nope", input=["x"])
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    with pytest.raises(openai.BadRequestError, match="token-id input is not supported"):
+        client.embeddings.create(model="minilm", input=[[101, 2000]])
+    with pytest.raises(openai.BadRequestError, match="at most 2048"):
+        client.embeddings.create(model="minilm", input=["x"] * 2049)
+    with pytest.raises(openai.BadRequestError, match="at most 8192"):
+        client.embeddings.create(model="minilm", input=["word " * 9000])
+    with pytest.raises(openai.BadRequestError, match="300000"):
+        client.embeddings.create(model="minilm", input=["word " * 8000] * 40)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model="minilm", input=["x"], dimensions=128)
+    bad_key = openai.OpenAI(base_url=f"{secured.http_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.embeddings.create(model="minilm", input=["x"])
+    good_key = openai.OpenAI(base_url=f"{secured.http_url}/v1", api_key=KEY)
+    assert len(good_key.embeddings.create(model="minilm", input=["x"]).data[0].embedding) == 384
+    assert 'flightdeck_embedding_tokens_total{model="minilm"}' in httpx.get(f"{server.http_url}/metrics").text
+
+
+# ---- cancellation and large results ----
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("events")
+    with duckdb.connect(str(folder / "big.duckdb")) as con:
+        con.execute("CREATE TABLE events AS SELECT range AS id, range % 7 AS kind FROM range(3000000)")
+    return folder
+
+
+def test_a_client_disconnect_mid_stream_stops_the_query(events):
+    config = {"datasets": [{"from": "duckdb:events", "name": "events", "params": {"duckdb_open": "big.duckdb"}}],
+              "runtime": {"limits": {"batch_rows": 4096}}}
+    with serving(config, events) as runtime:
+        stats = runtime.catalog.datasets["public.events"].connector.stats
+        with httpx.Client(base_url=runtime.http_url, timeout=30) as client:
+            with client.stream("POST", "/v1/sql", content="SELECT * FROM events", headers={"Accept": "text/csv"}) \
+                    as response:
+                assert response.status_code == 200
+                next(response.iter_bytes())
+            # leaving the block closes the connection mid-stream
+            time.sleep(1.0)
+            rows_after = stats.rows
+            time.sleep(1.0)
+            assert stats.rows == rows_after < 3_000_000  # the scan stopped
+            assert sql(client, "SELECT count(*) AS n FROM events").json() == [{"n": 3_000_000}]
+        cancelled = 'flightdeck_queries_total{door="http",outcome="cancelled"} 1.0'
+        deadline = time.monotonic() + 5
+        while cancelled not in httpx.get(f"{runtime.http_url}/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cancelled in httpx.get(f"{runtime.http_url}/metrics").text
+
+
+def test_a_disconnect_while_waiting_cancels_the_backend_statement(slow_table, tmp_path):  # noqa: F811
+    with serving(slow_config(), tmp_path) as runtime:
+        query = SLOW.replace("fd_cancel.big", "big")
+        client = subprocess.Popen([sys.executable, "-c", "import httpx, sys; httpx.post(sys.argv[1], "
+                                   "content=sys.argv[2], timeout=120)", f"{runtime.http_url}/v1/sql", query])
+        deadline = time.monotonic() + 15
+        while _running_statements() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _running_statements() == 1, "the statement never started in PostgreSQL"
+        client.kill()
+        client.wait()
+        gone_at = time.monotonic()
+        while _running_statements() and time.monotonic() - gone_at < 5:
+            time.sleep(0.05)
+        assert _running_statements() == 0 and time.monotonic() - gone_at < 2
+        assert httpx.post(f"{runtime.http_url}/v1/sql", content="SELECT count(*) AS n FROM big").json() == [{"n": 3000}]
+
+
+class _ResponseFile(io.RawIOBase):
+    """An httpx streaming body as a file pyarrow can read from."""
+
+    def __init__(self, response: httpx.Response):
+        self._chunks = response.iter_bytes()
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            self._buffer = next(self._chunks, None)
+            if self._buffer is None:
+                self._buffer = b""
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+TEN_MILLION = 10_000_000
+
+
+@pytest.mark.slow
+def test_ten_million_rows_stream_as_arrow_with_bounded_server_memory(tmp_path):
+    with duckdb.connect(str(tmp_path / "big.duckdb")) as con:
+        con.execute(f"CREATE TABLE big AS SELECT range AS id, random() AS value, "
+                    f"['alpha', 'beta', 'gamma', 'delta'][range % 4 + 1] AS label FROM range({TEN_MILLION})")
+    config = write_config(tmp_path / "flightdeck.yaml", {"datasets": [
+        {"from": "duckdb:big", "name": "big", "params": {"duckdb_open": "big.duckdb"}}]})
+    server = ServerProcess(["run", "-c", str(config), "--flight-port", "0"])
+    try:
+        with httpx.Client(base_url=server.http_url, timeout=300) as client:
+            sql(client, "SELECT 1 AS warm")
+            with PeakMemory(server.process.pid) as memory:
+                with client.stream("POST", "/v1/sql", content="SELECT id, value, label FROM big",
+                                   headers={"Accept": ARROW}) as response:
+                    reader = ipc.open_stream(io.BufferedReader(_ResponseFile(response), 1 << 20))
+                    rows = result_bytes = 0
+                    for batch in reader:
+                        rows += batch.num_rows
+                        result_bytes += batch.nbytes
+        growth = memory.peak - memory.baseline
+        print(f"\nHTTP Arrow result {result_bytes / 2**20:.0f} MiB; server RSS baseline "
+              f"{memory.baseline / 2**20:.0f} MiB, peak {memory.peak / 2**20:.0f} MiB (growth {growth / 2**20:.0f} MiB)")
+        assert rows == TEN_MILLION
+        assert growth < result_bytes  # batches are produced as the client reads them
+        assert memory.peak < 2 * result_bytes
+    finally:
+        code, err = server.stop()
+        assert code == 0 and "flightdeck stopped" in err
+
+
+# ---- one process, two doors, one shutdown ----
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_run_serves_both_doors_and_stops_cleanly(demo_config, signal_name):
+    import signal as signals
+    process = ServerProcess(["run", "-c", str(demo_config), "--flight-port", "0"])
+    assert process.url.startswith("grpc://") and process.http_url.startswith("http://127.0.0.1:")
+    assert httpx.get(f"{process.http_url}/health").status_code == 200
+    process.process.send_signal(getattr(signals, signal_name))
+    _, err = process.process.communicate(timeout=30)
+    assert process.process.returncode == 0 and "flightdeck stopped" in err
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{process.http_url}/health")
