@@ -129,10 +129,10 @@ def test_a_plan_says_which_accelerated_copies_it_reads_and_how_fresh(service, de
                     service.plan_search(ANYONE, "guides", INCIDENT, 2),
                     service.plan_sample(ANYONE, "guides", 2)):
         assert planned.accelerated == ("public.guides",)
-        freshness = service.data_as_of(planned)
+        freshness = service.freshness(planned)
         assert freshness.datasets == {"public.guides": stamp} and freshness.oldest == stamp
     federated = service.plan(ANYONE, "SELECT count(*) FROM orders")
-    assert federated.accelerated == () and service.data_as_of(federated) is None
+    assert federated.accelerated == () and service.freshness(federated) is None
 
 
 @pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
