@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 from datafusion import SessionContext
@@ -60,6 +60,9 @@ class Dataset:
     source_connector: Connector | None = None   # the backend the dataset comes from
     table: str = ""                             # the dataset's table within ``connector``
     registrations: list[ConnectorDataset] = field(default_factory=list)
+    # Seen through a grant that hides some columns: no statement goes to its backend whole,
+    # since a statement could name what the grant hides (the scan asks only for visible ones).
+    columns_restricted: bool = False
 
     @property
     def state(self) -> str:
@@ -114,23 +117,18 @@ class Catalog:
     def source_stats(self) -> list[dict]:
         """One row per backend connection configuration (and per local engine holding
         accelerated copies): what it was asked and sent back."""
-        by_connector: dict[int, tuple[Connector, list[str]]] = {}
-        for dataset in self.datasets.values():
-            for connector in {id(c): c for c in (dataset.source_connector, dataset.connector) if c}.values():
-                entry = by_connector.setdefault(id(connector), (connector, []))
-                entry[1].append(dataset.qualified_name)
-        return [{"datasets": ", ".join(sorted(names)), "kind": connector.kind,
-                 "source": connector.describe(), **connector.stats.snapshot()}
-                for connector, names in by_connector.values()]
+        return source_rows(self.datasets.values())
 
     def dataset_rows(self) -> list[dict]:
-        return [{"name": d.qualified_name, "kind": d.spec.kind,
-                 "source": d.source_connector.describe() if d.source_connector else d.spec.kind,
-                 "state": d.state, "error": d.error, "primary_key": d.primary_key,
-                 "columns": len(d.arrow_schema) if d.arrow_schema is not None else None,
-                 "skipped_columns": d.skipped_columns, "description": d.spec.description,
-                 **self._extension(d)}
-                for d in self.datasets.values()]
+        return [self.dataset_row(d) for d in self.datasets.values()]
+
+    def dataset_row(self, d: Dataset) -> dict:
+        return {"name": d.qualified_name, "kind": d.spec.kind,
+                "source": d.source_connector.describe() if d.source_connector else d.spec.kind,
+                "state": d.state, "error": d.error, "primary_key": d.primary_key,
+                "columns": len(d.arrow_schema) if d.arrow_schema is not None else None,
+                "skipped_columns": d.skipped_columns, "description": d.spec.description,
+                **self._extension(d)}
 
     def _extension(self, dataset: Dataset) -> dict:
         if self.status_extension is None or not dataset.spec.accelerated:
@@ -184,3 +182,15 @@ class Catalog:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def source_rows(datasets: Iterable[Dataset]) -> list[dict]:
+    """The ``source_stats`` rows of the connectors these datasets are read through."""
+    by_connector: dict[int, tuple[Connector, list[str]]] = {}
+    for dataset in datasets:
+        for connector in {id(c): c for c in (dataset.source_connector, dataset.connector) if c}.values():
+            entry = by_connector.setdefault(id(connector), (connector, []))
+            entry[1].append(dataset.qualified_name)
+    return [{"datasets": ", ".join(sorted(names)), "kind": connector.kind,
+             "source": connector.describe(), **connector.stats.snapshot()}
+            for connector, names in by_connector.values()]

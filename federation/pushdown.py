@@ -101,7 +101,8 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
 def sql_backend(dataset: Dataset | None) -> SqlConnector | None:
     """The connector a dataset is read through when statements may be sent to it: SQL, in a
     dialect whose differences from DataFusion are known (see above)."""
-    if dataset is None or dataset.state != "ready" or not isinstance(dataset.connector, SqlConnector):
+    if (dataset is None or dataset.state != "ready" or dataset.columns_restricted
+            or not isinstance(dataset.connector, SqlConnector)):
         return None
     return dataset.connector if dataset.connector.dialect in DIALECTS else None
 

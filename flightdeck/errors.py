@@ -20,12 +20,15 @@ KINDS = (INVALID, NOT_FOUND, REFUSED, UNAVAILABLE, LIMIT_EXCEEDED, UNAUTHENTICAT
 class ServiceError(Exception):
     """A request failed in a way the caller should hear about; ``kind`` is one of KINDS."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, retry_after: float | None = None):
+        """``retry_after``: the request may work if sent again after so many seconds (a place
+        among running queries, a load budget): doors that can say so (HTTP 429) do."""
         if kind not in KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return f"ServiceError({self.kind!r}, {self.message!r})"

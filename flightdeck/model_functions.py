@@ -39,6 +39,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import sqlglot
@@ -97,12 +98,17 @@ class ModelFunctions:
         names = registry.embedding_names
         # embed(text) uses the first model listed under `embeddings:` (minilm when none is).
         self.default_embedding = default_embedding or (names[0] if names else None)
-        self._engine = lambda: None  # a weak reference: the engine holds this object's rewrite
-        self._registered: set[str] = set()
+        # Weak references: each engine holds this object's rewrite. The per-model UDFs made so
+        # far are registered in every engine (an engine made later gets them at install).
+        self._engines: list[weakref.ref] = []
+        self._udfs: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def install(self, engine: QueryEngine) -> "ModelFunctions":
-        self._engine = weakref.ref(engine)
+        with self._lock:
+            self._engines.append(weakref.ref(engine))
+            for function in self._udfs.values():
+                engine.register_udf(function)
         engine.add_rewriter(self.rewrite)
         return self
 
@@ -150,7 +156,7 @@ class ModelFunctions:
 
     def _embedding_function(self, model: str) -> str:
         name = f"embed:{model}"
-        if name in self._registered:
+        if name in self._udfs:
             return name
         embedder = _loaded(lambda: self.registry.embedder(model), "embed")
         self._register(name, lambda: udf(_embed_function(embedder), [pa.string(), pa.string()], embedder.type,
@@ -170,7 +176,7 @@ class ModelFunctions:
             raise QueryError(f"predict('{model_name}', ...) takes {expected} feature arguments{vector}; "
                              f"got {count}")
         name = f"predict:{model_name}" + ("" if count == expected else f"/{count}")
-        if name not in self._registered:
+        if name not in self._udfs:
             try:  # the output's Arrow type: what the model returns for zero rows
                 output = model.predict([pa.array([], t) for t in types]).type
             except ModelError as error:
@@ -180,9 +186,11 @@ class ModelFunctions:
 
     def _register(self, name: str, make) -> None:
         with self._lock:
-            if name not in self._registered:
-                self._engine().register_udf(make())
-                self._registered.add(name)
+            if name not in self._udfs:
+                function = make()
+                for engine in filter(None, (ref() for ref in self._engines)):
+                    engine.register_udf(function)
+                self._udfs[name] = function
 
 
 class _Rewriter:

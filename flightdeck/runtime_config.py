@@ -31,17 +31,49 @@ class Endpoint(Strict):
 API_KEY_NAME = "api-key"
 
 
-class User(Strict):
+class QueryLimitSettings(Strict):
+    """Limits a principal may be given its own values of (under its key's ``limits``)."""
+    query_timeout_seconds: float | None = Field(default=None, gt=0)   # the whole query, streaming included
+    max_result_rows: int | None = Field(default=None, ge=1)
+    max_result_bytes: int | None = Field(default=None, ge=1)
+    max_concurrent_queries: int | None = Field(default=None, ge=1)  # of this principal
+
+
+class Granted(Strict):
+    """What a principal may read: datasets by glob over ``schema.table`` (a bare name or glob
+    means the ``public`` schema), and for some of them the only columns it sees. Everything else
+    does not exist for it."""
+    datasets: list[str] = Field(default_factory=lambda: ["*"])
+    columns: dict[str, list[str]] = Field(default_factory=dict)  # dataset -> its visible columns
+    limits: QueryLimitSettings = Field(default_factory=QueryLimitSettings)
+
+    @model_validator(mode="after")
+    def _columns_name_granted_datasets(self) -> "Granted":
+        for dataset, columns in self.columns.items():
+            if not columns:
+                raise ValueError(f"columns of {dataset}: list at least one column (or leave the dataset out)")
+        return self
+
+
+class User(Granted):
     username: str = Field(min_length=1)
     password: str = Field(min_length=1)
     refresh: bool = True  # may refresh accelerated datasets on demand
 
 
-class ApiKey(Strict):
-    """An API key with a name (shown in logs, never the key) and what it may do beyond reading."""
+class ApiKey(Granted):
+    """An API key with a name (shown in logs, never the key), what it may read, and whether it
+    may refresh. ``key_sha256`` (hex) instead of ``key`` keeps the secret out of the config."""
     name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    key: str | None = Field(default=None, min_length=1)
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     refresh: bool = False  # may refresh accelerated datasets on demand
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "ApiKey":
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"api key {self.name}: give exactly one of key and key_sha256")
+        return self
 
 
 class Auth(Strict):
@@ -50,7 +82,16 @@ class Auth(Strict):
 
     def keys(self) -> list[ApiKey]:
         return [k if isinstance(k, ApiKey) else ApiKey(name=API_KEY_NAME, key=k, refresh=True)
-                for k in self.api_keys if (k.key if isinstance(k, ApiKey) else k)]
+                for k in self.api_keys if (isinstance(k, ApiKey) or k)]
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "Auth":
+        names = [k.name for k in self.api_keys if isinstance(k, ApiKey)] + [u.username for u in self.users]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"runtime.auth: each key and user needs its own name ({', '.join(repeated)} "
+                             "is given twice): the name is whose queries and handles are whose")
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +102,13 @@ class Limits(Strict):
     max_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=15 * 1024 * 1024)
     batch_rows: int = Field(default=65_536, ge=1024, le=1_048_576)
     prepared_statement_ttl_seconds: int = Field(default=3600, ge=1)
+    query_timeout_seconds: float | None = Field(default=300.0, gt=0)
+    max_result_rows: int | None = Field(default=None, ge=1)
+    max_result_bytes: int | None = Field(default=None, ge=1)
+    max_concurrent_queries: int = Field(default=32, ge=1)                # in all
+    max_concurrent_queries_per_principal: int = Field(default=8, ge=1)
+    admission_wait_seconds: float = Field(default=2.0, ge=0)  # how long a query waits for a place
+    max_sql_length: int = Field(default=100_000, ge=100)      # characters of one statement
 
 
 class Mcp(Strict):

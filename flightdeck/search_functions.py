@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -254,6 +254,9 @@ def _best_per_row(ranking: Callable[[int], SearchResult], chunk_rows: np.ndarray
     return chunk_rows[result.row_ids[order]], result.scores[order], result.row_ids[order]
 
 
+Visible = Callable[[str], Sequence[str] | None]  # a dataset's visible columns; None: a hidden dataset
+
+
 class SearchIndexes:
     """Every searchable column of the stack, kept in step with the accelerated copies."""
 
@@ -298,32 +301,43 @@ class SearchIndexes:
         indexes = [i for (name, _), i in self.columns.items() if name == dataset]
         return sum(i.embedded_last for i in indexes), sum(i.embedded_total for i in indexes)
 
-    def find(self, dataset: str, column: str | None, mode: str) -> ColumnIndex:
+    def searchable(self, visible: Visible | None = None) -> dict[tuple[str, str], ColumnIndex]:
+        """The indexes a grant may search: of the datasets and columns it sees (a hidden column is
+        never searched: its chunks are its text)."""
+        if visible is None:
+            return self.columns
+        return {(name, col): index for (name, col), index in self.columns.items()
+                if col in (visible(name) or ())}
+
+    def find(self, dataset: str, column: str | None, mode: str, visible: Visible | None = None) -> ColumnIndex:
         qualified = dataset if "." in dataset else f"public.{dataset}"
-        candidates = [index for (name, col), index in self.columns.items()
+        searchable = self.searchable(visible)
+        candidates = [index for (name, col), index in searchable.items()
                       if name == qualified and (column is None or col == column)]
         if mode != "text":
             candidates = [c for c in candidates if c.spec.model] or candidates
         if mode != "vector":
             candidates = [c for c in candidates if c.spec.full_text] or candidates
         if not candidates:
-            known = ", ".join(f"{d}.{c}" for d, c in sorted(self.columns)) or "none"
+            known = ", ".join(f"{d}.{c}" for d, c in sorted(searchable)) or "none"
             raise SearchError(f"no searchable column {dataset}{'.' + column if column else ''} "
                               f"(searchable columns: {known})")
         if len(candidates) > 1:
             raise SearchError(f"{dataset} has several searchable columns: name one as the 4th argument")
         return candidates[0]
 
-    def table_functions(self) -> list:
-        return [udtf(_TableFunction(self, mode), f"{mode}_search") for mode in MODES]
+    def table_functions(self, visible: Visible | None = None) -> list:
+        """The search table functions of one engine session, over what ``visible`` shows."""
+        return [udtf(_TableFunction(self, mode, visible), f"{mode}_search") for mode in MODES]
 
 
 class _TableFunction:
     """``<mode>_search(dataset, query, k [, column])``: a lazy table DataFusion scans."""
 
-    def __init__(self, indexes: SearchIndexes, mode: str):
+    def __init__(self, indexes: SearchIndexes, mode: str, visible: Visible | None):
         self.indexes = indexes
         self.mode = mode
+        self.visible = visible
 
     def __call__(self, *args) -> Table:
         if len(args) not in (3, 4):
@@ -331,11 +345,12 @@ class _TableFunction:
                               f"got {len(args)}")
         dataset, query, k = (_argument(a) for a in args[:3])
         column = _argument(args[3]) if len(args) == 4 else None
-        index = self.indexes.find(str(dataset), None if column is None else str(column), self.mode)
+        index = self.indexes.find(str(dataset), None if column is None else str(column), self.mode, self.visible)
         unbound = query is None or k is None  # a statement being prepared: parameters come later
         if not unbound and (not isinstance(query, str) or not isinstance(k, int) or k < 1):
             raise SearchError(f"{self.mode}_search: the query must be text and k a positive integer")
-        return Table(SearchResults(index, self.mode, query, k))
+        shown = None if self.visible is None else self.visible(index.spec.dataset)
+        return Table(SearchResults(index, self.mode, query, k, shown))
 
 
 def _first_argument(tokens: list) -> str:
@@ -360,8 +375,12 @@ def _argument(expression) -> object:
 class SearchResults(LazyDataset):
     """One search, run when DataFusion scans it, with the WHERE it pushes applied first."""
 
-    def __init__(self, index: ColumnIndex, mode: str, query: str | None, k: int | None):
-        super().__init__(index.schema)
+    def __init__(self, index: ColumnIndex, mode: str, query: str | None, k: int | None,
+                 shown: Sequence[str] | None = None):
+        schema = index.schema
+        if shown is not None:  # the dataset's columns a grant shows, and the result's own
+            schema = pa.schema([f for f in schema if f.name in shown or f in RESULT_FIELDS])
+        super().__init__(schema)
         self.index, self.mode, self.query, self.k = index, mode, query, k
 
     def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:

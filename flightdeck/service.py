@@ -19,13 +19,18 @@ import pyarrow as pa
 
 from accel.accelerator import AccelerationError
 from federation.cancel import Cancellation, cancellation_scope
-from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA
+from federation.catalog import CATALOG_NAME
+from federation.catalog_view import visible_columns
 from federation.connectors import ConnectorError
-from federation.engine import PlannedQuery, QueryError, clean_engine_message, error_kind
+from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message, error_kind
 from federation.expr import quote_double, standard_literal
 from flightdeck import __version__
-from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal
-from flightdeck.errors import CANCELLED, INVALID, NOT_FOUND, REFUSED, UNAVAILABLE, ServiceError
+from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal, User
+from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT, UNAVAILABLE,
+                               ServiceError)
+from flightdeck.grants import Grant, qualified
+from flightdeck.limits import Admission, QueryLimits, Slot
+from flightdeck.runtime_config import QueryLimitSettings
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from flightdeck.metrics import INTERNAL_ERROR, OK
 from flightdeck.search_functions import MODES as SEARCH_MODES
@@ -83,11 +88,24 @@ class PrimaryKey:
 class Service:
     def __init__(self, stack: Stack):
         self.stack = stack
-        auth = stack.loaded.config.runtime.auth
+        runtime = stack.loaded.config.runtime
+        auth, self.limits = runtime.auth, runtime.limits
         self.authenticator = Authenticator(
-            [Key(k.name, k.key, k.refresh) for k in auth.keys()],
-            {u.username: (u.password, u.refresh) for u in auth.users})
+            [Key(k.name, k.key, k.refresh, Grant.of(k.datasets, k.columns), k.key_sha256, self._limits(k.limits))
+             for k in auth.keys()],
+            {u.username: User(u.password, u.refresh, Grant.of(u.datasets, u.columns), self._limits(u.limits))
+             for u in auth.users},
+            self._limits(QueryLimitSettings()))
+        self.admission = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds)
         self.redact = stack.loaded.redact
+
+    def _limits(self, own: QueryLimitSettings) -> QueryLimits:
+        """A principal's limits: its own where it has them, the global ones elsewhere."""
+        def pick(name: str, global_name: str | None = None):
+            value = getattr(own, name)
+            return value if value is not None else getattr(self.limits, global_name or name)
+        return QueryLimits(pick("query_timeout_seconds"), pick("max_result_rows"), pick("max_result_bytes"),
+                           pick("max_concurrent_queries", "max_concurrent_queries_per_principal"))
 
     # ---- who is calling ----
 
@@ -102,20 +120,32 @@ class Service:
         ``door`` is the interface asking (a metrics label)."""
         started = time.perf_counter()
         try:
+            if len(sql) > self.limits.max_sql_length:
+                raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
+                                                   f"{self.limits.max_sql_length} (max_sql_length)")
             with self._translated():
-                query = self.stack.engine.plan(sql, list(parameters) if parameters is not None else None)
-                accelerated = self._accelerated(query)
+                engine = self._engine(principal)
+                query = engine.plan(sql, list(parameters) if parameters is not None else None)
+                accelerated = self._accelerated(engine, query)
         except Exception as error:
             self.stack.metrics.query_finished(door, _outcome(error), time.perf_counter() - started, 0, 0)
             raise
         return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query,
                        accelerated, door)
 
-    def _accelerated(self, query: PlannedQuery) -> tuple[str, ...]:
+    def _engine(self, principal: Principal) -> QueryEngine:
+        """The engine of the principal's grant: its session holds only what the grant shows."""
+        return self.stack.engine_for(principal.grant)
+
+    def _view(self, principal: Principal):
+        """The catalog as the principal's grant shows it."""
+        return self._engine(principal).catalog
+
+    def _accelerated(self, engine: QueryEngine, query: PlannedQuery) -> tuple[str, ...]:
         refreshers = self.stack.accelerator.refreshers
         if not refreshers:
             return ()
-        read = set(self.stack.engine.scanned_datasets(query)) | set(self.stack.search.datasets_searched(query.sql))
+        read = set(engine.scanned_datasets(query)) | set(self.stack.search.datasets_searched(query.sql))
         return tuple(sorted(name for name in read if name in refreshers))
 
     def freshness(self, datasets: Iterable[str]) -> Freshness | None:
@@ -124,7 +154,7 @@ class Service:
         result: pass ``Planned.accelerated`` (or the datasets searched) just before executing."""
         found = {}
         for name in datasets:
-            refresher = self.stack.accelerator.refreshers.get(self._dataset(name).qualified_name)
+            refresher = self.stack.accelerator.refreshers.get(qualified(name))
             if refresher is not None and refresher.loaded.is_set() and refresher.status.data_as_of is not None:
                 found[refresher.spec.dataset] = refresher.status.data_as_of
         return Freshness(found) if found else None
@@ -132,45 +162,58 @@ class Service:
     def parameter_schema(self, principal: Principal, sql: str) -> pa.Schema:
         """The parameters a statement takes (``$1``, ``?``), with the types inferred for them."""
         with self._translated():
-            return self.stack.engine.parameter_schema(sql)
+            return self._engine(principal).parameter_schema(sql)
 
     def row_count(self, planned: Planned) -> int | None:
         """The result's row count when it is known without running the query."""
         with self._translated():
-            return self.stack.engine.known_row_count(planned.query)
+            return self._engine(planned.principal).known_row_count(planned.query)
 
     def execute(self, planned: Planned, cancelled: threading.Event | None = None,
                 backend: Cancellation | None = None) -> pa.RecordBatchReader:
         """Run a planned statement; the reader raises ServiceError, and stops with a ``cancelled``
         one once ``cancelled`` is set. Close the reader (or drop it) to release the backends.
         Backend statements the query starts register with ``backend``: cancelling it stops
-        them at the backend (a door does so when its client goes away)."""
+        them at the backend (a door does so when its client goes away). The principal's limits
+        hold until the stream ends: a place among running queries, a deadline, a result size."""
         started = time.perf_counter()
+        cancelled = cancelled or threading.Event()
+        backend = backend or Cancellation()
+        slot = None
         try:
-            if cancelled is not None and cancelled.is_set():
+            if cancelled.is_set():
                 raise ServiceError(CANCELLED, "the query was cancelled")
-            with self._translated(), cancellation_scope(backend or Cancellation()):
-                reader = self.stack.engine.execute(planned.query)
+            limits = planned.principal.limits
+            slot = Slot(self.admission.enter(planned.principal.name, limits.max_concurrent),
+                        limits.timeout_seconds, lambda: (cancelled.set(), backend.cancel()))
+            with self._translated(), cancellation_scope(backend):
+                reader = self._engine(planned.principal).execute(planned.query)
         except Exception as error:
+            if slot is not None:
+                slot.release()
             self.stack.metrics.query_finished(planned.door, _outcome(error), time.perf_counter() - started, 0, 0)
             raise
-        return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started))
+        return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started, slot))
 
     def query(self, principal: Principal, sql: str, parameters: list[Any] | None = None,
               door: str = CORE) -> pa.RecordBatchReader:
         return self.execute(self.plan(principal, sql, parameters, door))
 
-    def _stream(self, planned: Planned, reader: pa.RecordBatchReader, cancelled: threading.Event | None,
-                started: float) -> Iterator[pa.RecordBatch]:
+    def _stream(self, planned: Planned, reader: pa.RecordBatchReader, cancelled: threading.Event,
+                started: float, slot: Slot) -> Iterator[pa.RecordBatch]:
         rows = nbytes = 0
         outcome = INTERNAL_ERROR
+        limits = planned.principal.limits
         try:
             for batch in reader:
-                if cancelled is not None and cancelled.is_set():
-                    raise ServiceError(CANCELLED, "the query was cancelled")
+                if cancelled.is_set():
+                    raise _stopped(slot, limits)
                 rows += batch.num_rows
                 nbytes += batch.nbytes
+                limits.check_result(rows, nbytes)
                 yield batch
+            if slot.expired:  # the backend stopped early because the deadline passed
+                raise _stopped(slot, limits)
             outcome = OK
         except GeneratorExit:  # the door closed the stream before its end
             outcome = CANCELLED
@@ -179,14 +222,17 @@ class Service:
             outcome = error.kind
             raise
         except (QueryError, ConnectorError) as error:
-            translated = self._service_error(error)
+            translated = _stopped(slot, limits) if slot.expired else self._service_error(error)
             outcome = translated.kind
             raise translated from None
         except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors
             text = str(error)
-            outcome = error_kind(text)
-            raise ServiceError(outcome, self.redact(clean_engine_message(text))) from None
+            translated = (_stopped(slot, limits) if slot.expired
+                          else ServiceError(error_kind(text), self.redact(clean_engine_message(text))))
+            outcome = translated.kind
+            raise translated from None
         finally:
+            slot.release()
             reader.close()
             self.stack.metrics.query_finished(planned.door, outcome, time.perf_counter() - started, rows, nbytes)
 
@@ -197,25 +243,26 @@ class Service:
         return CATALOG_NAME
 
     def schema_names(self, principal: Principal) -> list[str]:
-        return self.stack.catalog.schema_names()
+        return self._view(principal).schema_names()
 
     def tables(self, principal: Principal) -> list[TableEntry]:
-        """Every queryable table (datasets and system tables), sorted by schema and name."""
-        return [TableEntry(*row) for row in self.stack.catalog.listing()]
+        """Every table the principal may query (datasets and system tables), sorted by schema and name."""
+        return [TableEntry(*row) for row in self._view(principal).listing()]
 
     def primary_keys(self, principal: Principal, table: str, schema: str | None = None) -> list[PrimaryKey]:
         return [PrimaryKey(d.spec.schema_name, d.spec.table_name, tuple(d.primary_key))
-                for d in self.stack.catalog.datasets.values()
+                for d in self._view(principal).datasets.values()
                 if d.spec.table_name == table and (schema is None or d.spec.schema_name == schema)]
 
     def datasets(self, principal: Principal) -> list[dict]:
         """One entry per configured dataset: name, kind, state, description, acceleration status,
         searchable columns."""
+        view = self._view(principal)
         searchable: dict[str, list[str]] = {}
-        for dataset, column in self.stack.search.columns:
+        for dataset, column in self.stack.search.searchable(visible_columns(view)):
             searchable.setdefault(dataset, []).append(column)
         rows = []
-        for row in self.stack.catalog.dataset_rows():
+        for row in view.dataset_rows():
             for key in ("error", "last_error"):
                 if row.get(key):
                     row[key] = self.redact(str(row[key]))
@@ -225,11 +272,11 @@ class Service:
 
     def dataset(self, principal: Principal, name: str) -> dict:
         """One dataset's entry as ``datasets`` lists it (``name`` may leave out the ``public`` schema)."""
-        qualified = self._dataset(name).qualified_name
-        return next(row for row in self.datasets(principal) if row["name"] == qualified)
+        found = self._dataset(principal, name).qualified_name
+        return next(row for row in self.datasets(principal) if row["name"] == found)
 
     def schema(self, principal: Principal, name: str) -> pa.Schema:
-        dataset = self._dataset(name)
+        dataset = self._dataset(principal, name)
         if dataset.arrow_schema is None:
             raise ServiceError(UNAVAILABLE, self.redact(f"dataset {dataset.qualified_name} is unavailable: "
                                                         f"{dataset.error}"))
@@ -245,7 +292,7 @@ class Service:
         if how not in SAMPLE_KINDS:
             raise ServiceError(INVALID, f"unknown sample kind {how!r} (expected {', '.join(SAMPLE_KINDS)})")
         _check_sample_size(n)
-        table = self._table(name)
+        table = self._table(principal, name)
         select = {"first": f"SELECT * FROM {table}",
                   "random": f"SELECT * FROM {table} ORDER BY random()",
                   "distinct": f"SELECT DISTINCT * FROM {table}"}[how]
@@ -257,7 +304,7 @@ class Service:
         _check_sample_size(n)
         column = quote_double(self._columns(principal, name, [order_by])[0])
         direction = "DESC" if descending else "ASC"
-        return self.plan(principal, f"SELECT * FROM {self._table(name)} ORDER BY {column} {direction} "
+        return self.plan(principal, f"SELECT * FROM {self._table(principal, name)} ORDER BY {column} {direction} "
                                     f"NULLS LAST LIMIT {n}")
 
     def plan_distinct_values(self, principal: Principal, name: str, columns: list[str] | None = None,
@@ -265,7 +312,7 @@ class Service:
         """Up to ``n`` distinct non-NULL values of each column (all of them by default), as text:
         one row per value, ``column_name`` and ``value``, in the columns' order."""
         _check_sample_size(n)
-        table = self._table(name)
+        table = self._table(principal, name)
         chosen = self._columns(principal, name, columns)
         parts = [f"SELECT {position} AS position, {standard_literal(column)} AS column_name, "
                  f"CAST({quote_double(column)} AS VARCHAR) AS value "
@@ -290,8 +337,8 @@ class Service:
             raise ServiceError(INVALID, "the number of results must be a positive integer")
         if not isinstance(text, str) or not text.strip():
             raise ServiceError(INVALID, "the search text must be a non-empty string")
-        qualified = self._dataset(dataset).qualified_name
-        arguments = [standard_literal(qualified), "$1", str(k)]
+        searched = self._dataset(principal, dataset).qualified_name
+        arguments = [standard_literal(searched), "$1", str(k)]
         if column is not None:
             arguments.append(standard_literal(column))
         sql = f"SELECT * FROM {mode}_search({', '.join(arguments)})"
@@ -301,7 +348,7 @@ class Service:
 
     def qualified_name(self, principal: Principal, dataset: str) -> str:
         """A dataset's full name (``schema.table``); NOT_FOUND for an unknown one."""
-        return self._dataset(dataset).qualified_name
+        return self._dataset(principal, dataset).qualified_name
 
     # ---- models ----
 
@@ -341,9 +388,10 @@ class Service:
         if not principal.may_refresh:
             raise ServiceError(REFUSED, f"{principal.name} may not refresh datasets: "
                                         "give its key `refresh: true` in runtime.auth")
+        name = self._dataset(principal, dataset).qualified_name
         try:
             with self._translated():
-                return self.stack.refresh(dataset, sql)
+                return self.stack.refresh(name, sql)
         except ValueError as error:  # a refresh_sql that cannot be used for this dataset
             raise ServiceError(INVALID, self.redact(str(error))) from None
 
@@ -361,24 +409,26 @@ class Service:
         """The Prometheus text exposition and its content type."""
         return self.stack.metrics.render(), METRICS_CONTENT_TYPE
 
-    def status(self) -> dict:
+    def status(self, principal: Principal = OPERATOR) -> dict:
+        """The process and what the principal may see of its datasets and sources."""
         return {"version": __version__, "ready": self.ready(),
-                "datasets": self.datasets(OPERATOR),
-                "sources": self.stack.catalog.source_stats()}
+                "datasets": self.datasets(principal),
+                "sources": self._view(principal).source_stats()}
 
     # ---- errors ----
 
-    def _dataset(self, name: str):
-        qualified = name if "." in name else f"{DEFAULT_SCHEMA}.{name}"
-        dataset = self.stack.catalog.datasets.get(qualified)
+    def _dataset(self, principal: Principal, name: str):
+        """A dataset as the principal sees it; one it may not see is as unknown as one that does not exist."""
+        datasets = self._view(principal).datasets
+        dataset = datasets.get(qualified(name))
         if dataset is None:
-            known = ", ".join(sorted(self.stack.catalog.datasets)) or "none"
+            known = ", ".join(sorted(datasets)) or "none"
             raise ServiceError(NOT_FOUND, f"unknown dataset {name!r} (datasets: {known})")
         return dataset
 
-    def _table(self, name: str) -> str:
+    def _table(self, principal: Principal, name: str) -> str:
         """A dataset's name quoted for SQL."""
-        spec = self._dataset(name).spec
+        spec = self._dataset(principal, name).spec
         return f"{quote_double(spec.schema_name)}.{quote_double(spec.table_name)}"
 
     def _columns(self, principal: Principal, name: str, columns: list[str] | None) -> list[str]:
@@ -416,6 +466,14 @@ class Service:
         if isinstance(error, (ModelError, SearchError, AccelerationError)):
             return ServiceError(INVALID, self.redact(str(error)))
         return None
+
+
+def _stopped(slot: Slot, limits: QueryLimits) -> ServiceError:
+    """Why a query stopped before its end: its deadline, or its caller."""
+    if slot.expired:
+        return ServiceError(TIMED_OUT, f"the query ran out of time (its limit is {limits.timeout_seconds:g} s: "
+                                       "query_timeout_seconds)")
+    return ServiceError(CANCELLED, "the query was cancelled")
 
 
 def _check_sample_size(n: int) -> None:

@@ -3,11 +3,14 @@ indexes), without any door; the Service answers requests over it."""
 from __future__ import annotations
 
 import logging
+import threading
 
 from accel.accelerator import AcceleratedSource, Accelerator
 from federation.catalog import Catalog
+from federation.catalog_view import CatalogView, visible_columns
 from federation.engine import EngineSettings, QueryEngine
 from flightdeck.config import LoadedConfig
+from flightdeck.grants import Grant
 from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
 from flightdeck.search_functions import DatasetSearchSettings, SearchIndexes
@@ -23,12 +26,15 @@ class Stack:
         self.catalog = Catalog(config.dataset_specs(), loaded.base_dir)
         self.accelerator = self._accelerator(loaded)
         self.catalog.status_extension = self._acceleration_status
-        self.engine = QueryEngine(self.catalog, EngineSettings(batch_rows=runtime.limits.batch_rows))
+        self.engine_settings = EngineSettings(batch_rows=runtime.limits.batch_rows)
+        self.engine = QueryEngine(self.catalog, self.engine_settings)
         # `embeddings` / `models` from the config (plus the bundled minilm), each loaded on first use;
         # embed() and predict() in SQL.
         self.models = model_registry(loaded)
         self.model_functions = ModelFunctions(self.models).install(self.engine)
         self.search = self._search_indexes(loaded)
+        self._granted_engines: dict[Grant, QueryEngine] = {}
+        self._engines_lock = threading.Lock()
         self.metrics = self._metrics()
         self.accelerator.start()
 
@@ -69,6 +75,25 @@ class Stack:
             self.engine.ctx.register_udtf(function)
         return indexes
 
+    def engine_for(self, grant: Grant) -> QueryEngine:
+        """The engine whose session holds only what ``grant`` shows (made on first use; one per
+        distinct grant, so principals granted alike share it)."""
+        if grant.is_full:
+            return self.engine
+        with self._engines_lock:
+            engine = self._granted_engines.get(grant)
+            if engine is None:
+                engine = self._granted_engines[grant] = self._granted_engine(grant)
+            return engine
+
+    def _granted_engine(self, grant: Grant) -> QueryEngine:
+        view = CatalogView(self.catalog, grant.sees, grant.columns_of)
+        engine = QueryEngine(view, self.engine_settings)
+        self.model_functions.install(engine)
+        for function in self.search.table_functions(visible_columns(view)):
+            engine.ctx.register_udtf(function)
+        return engine
+
     def _metrics(self) -> Metrics:
         metrics = Metrics()
         metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows)
@@ -103,5 +128,6 @@ class Stack:
         # it runs next: freeing engine objects on one of DataFusion's threads crashes.
         self.catalog.status_extension = None
         self.accelerator.refreshers.clear()
+        self._granted_engines.clear()
         for dataset in self.catalog.datasets.values():
             dataset.registrations.clear()

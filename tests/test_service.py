@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import ServerProcess
 from flight.cli import main
 from flight.flightsql.server import FLIGHT_ERRORS, flight_error
-from flightdeck.auth import Authenticator, Credentials, Key, Principal
+from flightdeck.auth import Authenticator, Credentials, Key, Principal, User
 from flightdeck.errors import KINDS, ServiceError
 from flightdeck.runtime_config import RuntimeConfig
 
@@ -164,7 +164,7 @@ def test_refresh_health_ready_status(service):
 def test_authentication():
     open_door = Authenticator([], {})
     assert open_door.authenticate(Credentials()).name == "anonymous"
-    keyed = Authenticator([Key("api-key", "k1", True), Key("loop-agent", "k3", False)], {"ana": ("pw", False)})
+    keyed = Authenticator([Key("api-key", "k1", True), Key("loop-agent", "k3", False)], {"ana": User("pw", False)})
     assert keyed.authenticate(Credentials(bearer="k1")).name == "api-key"
     agent = keyed.authenticate(Credentials(bearer="k3"))
     assert agent.name == "loop-agent" and not agent.may_refresh

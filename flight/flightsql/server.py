@@ -201,7 +201,7 @@ class HandleRegistry(Generic[Item]):
     def find(self, handle: bytes, principal: Principal) -> Item | None:
         with self._lock:
             entry = self._items.get(handle)
-        if entry is None or entry[0].principal.name != principal.name:
+        if entry is None or not entry[0].principal.owns(principal):
             return None
         return entry[0]
 

@@ -187,8 +187,8 @@ class HttpApi:
 
     @answered
     async def status(self, request: Request) -> Response:
-        self.principal(request)
-        return json_response(await self.blocking(self.service.status))
+        principal = self.principal(request)
+        return json_response(await self.blocking(self.service.status, principal))
 
     @answered
     async def metrics(self, request: Request) -> Response:

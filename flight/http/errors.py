@@ -17,6 +17,7 @@ from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, RE
 
 log = logging.getLogger("flightdeck.http")
 
+TOO_MANY_REQUESTS = 429
 CLIENT_CLOSED_REQUEST = 499  # the client went away (nginx's code); nobody reads this answer
 
 
@@ -63,5 +64,7 @@ def error_response(error: Exception, headers: dict[str, str] | None = None) -> R
     param = getattr(error, "param", None)
     code = getattr(error, "code", None) or error.kind
     status = getattr(error, "status", None) or mapped.status
+    if error.retry_after is not None:  # busy, not wrong: the same request may work in a moment
+        status, headers = TOO_MANY_REQUESTS, {**(headers or {}), "Retry-After": f"{error.retry_after:.0f}"}
     return Response(error_body(error.message, mapped.type, param, code), status, headers,
                     media_type="application/json")

@@ -18,6 +18,7 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import Resource
 from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -68,7 +69,7 @@ def http_server(service: Service, runtime: RuntimeConfig) -> MCPServer:
         return _server(service, runtime, lambda: anonymous)
     endpoint = runtime.http
     auth = AuthSettings(issuer_url=f"http://{_url_host(endpoint.host)}:{endpoint.port}", resource_server_url=None)
-    return _server(service, runtime, _caller, token_verifier=ApiKeyVerifier(service), auth=auth)
+    return _server(service, runtime, _caller_of(service), token_verifier=ApiKeyVerifier(service), auth=auth)
 
 
 HTTP_PATH = "/v1/mcp"
@@ -110,16 +111,30 @@ class ApiKeyHeader:
         await self.app(scope, receive, send)
 
 
+class GrantedServer(MCPServer):
+    """Lists the schema resources of the datasets the caller may see (the SDK lists one fixed set)."""
+
+    def __init__(self, tools: Tools, **settings):
+        super().__init__(**settings)
+        self.tools = tools
+        tools.install(self)
+
+    async def list_resources(self) -> list[Resource]:
+        return await self.tools.schema_resources()
+
+
 def _server(service: Service, runtime: RuntimeConfig, principal: Callable[[], Principal], **auth) -> MCPServer:
-    server = MCPServer(name="flightdeck", version=__version__, instructions=INSTRUCTIONS, **auth)
-    return Tools(service, runtime.mcp, principal).install(server)
+    return GrantedServer(Tools(service, runtime.mcp, principal), name="flightdeck", version=__version__,
+                         instructions=INSTRUCTIONS, **auth)
 
 
-def _caller() -> Principal:
-    token = get_access_token()
-    if token is None:  # the SDK's middleware answers 401 before a tool runs; this is a second lock
-        raise ToolError("unauthenticated: send a bearer API key")
-    return Principal(token.client_id)
+def _caller_of(service: Service) -> Callable[[], Principal]:
+    def caller() -> Principal:
+        token = get_access_token()
+        if token is None:  # the SDK's middleware answers 401 before a tool runs; this is a second lock
+            raise ToolError("unauthenticated: send a bearer API key")
+        return service.authenticate(Credentials(bearer=token.token))
+    return caller
 
 
 def _url_host(host: str) -> str:

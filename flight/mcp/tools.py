@@ -14,13 +14,12 @@ from typing_extensions import TypedDict
 import anyio.to_thread
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.server.mcpserver.resources import FunctionResource
-from mcp.types import ToolAnnotations
+from mcp.types import Resource, ToolAnnotations
 from pydantic import Field
 
 from flight.mcp.errors import resource_errors, tool_errors
 from flight.mcp.results import Column, DataAsOf, Rows, columns, data_as_of, json_value, reader_rows, rows_result, sized
-from flightdeck.auth import OPERATOR, Principal
+from flightdeck.auth import Principal
 from flightdeck.runtime_config import Mcp as Caps
 from flightdeck.service import Planned, Service
 
@@ -103,8 +102,10 @@ class Tools:
                      self.random_sample, self.top_n_sample, self.explain):
             server.add_tool(tool, annotations=READ_ONLY, structured_output=True)
         server.add_tool(self.refresh_dataset, annotations=REFRESHES, structured_output=True)
-        for dataset in self.service.datasets(OPERATOR):  # listed for all; read as the caller
-            server.add_resource(self._schema_resource(dataset["name"], dataset.get("description")))
+        # A template, not one resource per dataset: which datasets exist depends on the caller
+        # (GrantedServer lists the caller's own).
+        server.resource(SCHEMA_URI, name="dataset schema", mime_type="application/json",
+                        description="columns and primary key of a dataset")(self._read_schema)
         return server
 
     async def _run(self, tool: str, work: Callable[[Principal], Any]) -> Any:
@@ -135,16 +136,22 @@ class Tools:
         return TableSchema(dataset=entry["name"], description=entry.get("description"), columns=columns(schema),
                            primary_key=list(entry.get("primary_key") or []))
 
-    def _schema_resource(self, name: str, description: str | None) -> FunctionResource:
-        async def read() -> str:
-            with resource_errors():
-                principal = self.principal()
-                schema = await anyio.to_thread.run_sync(self._table_schema, principal, name)
-            return json.dumps(schema)
+    async def _read_schema(self, name: str) -> str:
+        with resource_errors():
+            principal = self.principal()
+            schema = await anyio.to_thread.run_sync(self._table_schema, principal, name)
+        return json.dumps(schema)
 
-        return FunctionResource(uri=SCHEMA_URI.format(name=name), name=f"{name} schema", mime_type="application/json",
-                                description=f"columns and primary key of {name}" + (f": {description}" if description
-                                                                                      else ""), fn=read)
+    async def schema_resources(self) -> list[Resource]:
+        """The schema resource of each dataset the caller may see."""
+        with resource_errors():
+            principal = self.principal()
+            datasets = await anyio.to_thread.run_sync(self.service.datasets, principal)
+        return [Resource(uri=SCHEMA_URI.format(name=d["name"]), name=f"{d['name']} schema",
+                         mime_type="application/json",
+                         description=f"columns and primary key of {d['name']}"
+                                     + (f": {d['description']}" if d.get("description") else ""))
+                for d in datasets]
 
     # ---- SQL ----
 

@@ -1,0 +1,116 @@
+"""What one grant set sees of the catalog: some datasets, some of their columns.
+
+An engine planning over a view has only these tables in its DataFusion session (and in its
+information_schema and system tables), so a dataset outside the view does not exist for it, in
+SQL, listings or error messages alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Sequence
+
+import pyarrow as pa
+from datafusion import SessionContext
+from datafusion.catalog import Schema as DataFusionSchema
+
+from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog, Dataset, source_rows
+from federation.connectors import ConnectorError
+from federation.scan import ConnectorDataset
+from federation.system import DATASETS_SCHEMA, SOURCE_STATS_SCHEMA, SYSTEM_SCHEMA, SnapshotConnector
+
+log = logging.getLogger("flightdeck.catalog")
+# A backend's last statement may carry another caller's filter values: a view does not show it.
+PRIVATE_SOURCE_FIELDS = ("last_request",)
+
+
+class CatalogView:
+    """The catalog as a grant sees it. ``sees(qualified name)`` picks the datasets;
+    ``columns_of(qualified name)`` names the only columns one shows (None: all)."""
+
+    def __init__(self, catalog: Catalog, sees: Callable[[str], bool],
+                 columns_of: Callable[[str], Sequence[str] | None]):
+        self.base = catalog
+        self.sees = sees
+        self.columns_of = columns_of
+        self.system_tables = {
+            "source_stats": SnapshotConnector("source_stats", SOURCE_STATS_SCHEMA, self.source_stats),
+            "datasets": SnapshotConnector("datasets", DATASETS_SCHEMA, self.dataset_rows),
+        }
+
+    @property
+    def datasets(self) -> dict[str, Dataset]:
+        return {name: self._seen(dataset) for name, dataset in self.base.datasets.items() if self.sees(name)}
+
+    def _seen(self, dataset: Dataset) -> Dataset:
+        """The dataset with only the columns the grant shows (the same object when it shows all).
+        The copy shares the original's registrations, which routing to a local copy updates."""
+        columns = self.columns_of(dataset.qualified_name)
+        if columns is None or dataset.arrow_schema is None:
+            return dataset
+        shown = pa.schema([f for f in dataset.arrow_schema if f.name in columns])
+        return dataclasses.replace(
+            dataset, arrow_schema=shown, columns_restricted=True,
+            primary_key=dataset.primary_key if set(dataset.primary_key) <= set(shown.names) else [],
+            skipped_columns=[c for c in dataset.skipped_columns if c in columns])
+
+    def find(self, schema_name: str, table_name: str) -> Dataset | None:
+        name = f"{schema_name}.{table_name}"
+        dataset = self.base.datasets.get(name)
+        return self._seen(dataset) if dataset is not None and self.sees(name) else None
+
+    def scanned(self, fqn: tuple) -> Dataset | None:
+        *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in fqn if p])
+        return self.find(schema_name, table_name)
+
+    def schema_names(self) -> list[str]:
+        return sorted({d.spec.schema_name for d in self.datasets.values()} | {DEFAULT_SCHEMA, SYSTEM_SCHEMA})
+
+    def listing(self) -> list[tuple[str, str, str, pa.Schema]]:
+        rows = [(d.spec.schema_name, d.spec.table_name, "TABLE", d.arrow_schema)
+                for d in self.datasets.values() if d.arrow_schema is not None]
+        rows += [(SYSTEM_SCHEMA, name, "SYSTEM TABLE", table.table_schema)
+                 for name, table in self.system_tables.items()]
+        return sorted(rows, key=lambda row: row[:2])
+
+    def dataset_rows(self) -> list[dict]:
+        return [self.base.dataset_row(d) for d in self.datasets.values()]
+
+    def source_stats(self) -> list[dict]:
+        return [{**row, **{field: None for field in PRIVATE_SOURCE_FIELDS}}
+                for row in source_rows(self.datasets.values())]
+
+    def register_into(self, ctx: SessionContext) -> None:
+        catalog = ctx.catalog(CATALOG_NAME)
+        for schema_name in self.schema_names():
+            if schema_name not in catalog.schema_names():
+                catalog.register_schema(schema_name, DataFusionSchema.memory_schema())
+        for dataset in self.datasets.values():
+            if dataset.state == "ready":
+                self._register(ctx, dataset)
+        for name, table in self.system_tables.items():
+            ctx.register_dataset(f"{SYSTEM_SCHEMA}.{name}", ConnectorDataset(table, name, table.table_schema))
+
+    def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
+        """As the catalog registers it, except that a dataset whose columns are restricted is
+        always scanned through its connector (a native reader would show every column)."""
+        spec = dataset.spec
+        try:
+            if (not spec.accelerated and not dataset.columns_restricted
+                    and dataset.connector.register_native(ctx, dataset.qualified_name, spec.location)):
+                return
+        except ConnectorError as error:
+            log.warning("dataset %s is not readable through a grant: %s", spec.name, error)
+            return
+        registered = ConnectorDataset(dataset.connector, dataset.table, dataset.arrow_schema)
+        ctx.register_dataset(dataset.qualified_name, registered)
+        if spec.accelerated:  # routing to the local copy swaps the connector inside
+            self.base.datasets[dataset.qualified_name].registrations.append(registered)
+
+
+def visible_columns(catalog: Catalog | CatalogView) -> Callable[[str], list[str] | None]:
+    """A dataset's columns as a catalog (or a grant's view of it) shows them; None: hidden."""
+    def visible(dataset: str) -> list[str] | None:
+        seen = catalog.datasets.get(dataset)
+        return None if seen is None or seen.arrow_schema is None else seen.arrow_schema.names
+    return visible

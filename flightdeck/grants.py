@@ -1,0 +1,48 @@
+"""What a principal may read: datasets chosen by glob, and per dataset the only columns it sees.
+
+A grant is a value (hashable): principals with equal grants share one engine session, whose
+catalog holds only what the grant shows, so no door has a check to forget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Mapping, Sequence
+
+from federation.catalog import DEFAULT_SCHEMA
+
+EVERYTHING = "*"
+
+
+def qualified(name: str) -> str:
+    """A dataset name with its schema (``orders`` is ``public.orders``)."""
+    return name if "." in name else f"{DEFAULT_SCHEMA}.{name}"
+
+
+@dataclass(frozen=True)
+class Grant:
+    datasets: tuple[str, ...] = (EVERYTHING,)             # globs over schema.table; a bare one means public
+    columns: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (dataset, the only columns it shows)
+
+    @classmethod
+    def of(cls, datasets: Sequence[str], columns: Mapping[str, Sequence[str]] | None = None) -> "Grant":
+        return cls(tuple(datasets), tuple(sorted((qualified(name), tuple(cols))
+                                                 for name, cols in (columns or {}).items())))
+
+    @property
+    def is_full(self) -> bool:
+        return self.datasets == (EVERYTHING,) and not self.columns
+
+    def sees(self, dataset: str) -> bool:
+        """Whether the dataset (its qualified name) exists for this grant."""
+        schema, _, table = dataset.partition(".")
+        return any(fnmatchcase(dataset, pattern) or
+                   ("." not in pattern and schema == DEFAULT_SCHEMA and fnmatchcase(table, pattern))
+                   for pattern in self.datasets)
+
+    def columns_of(self, dataset: str) -> tuple[str, ...] | None:
+        """The only columns of a granted dataset this grant shows; None: all of them."""
+        return dict(self.columns).get(dataset)
+
+
+FULL = Grant()

@@ -1,0 +1,154 @@
+"""Limits on what one query may take: time, result size, and a place among those running.
+
+Every door's queries pass through the Service, which applies these, so one agent looping hard
+cannot starve the others or the process.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+from flightdeck.errors import LIMIT_EXCEEDED, ServiceError
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """One principal's limits (the global ones with its own overrides applied)."""
+    timeout_seconds: float | None = 300.0    # the whole query, streaming included
+    max_rows: int | None = None              # per result
+    max_bytes: int | None = None             # per result, in Arrow bytes
+    max_concurrent: int = 8                  # this principal's queries running at once
+
+    def check_result(self, rows: int, nbytes: int) -> None:
+        """Raises LIMIT_EXCEEDED once a result has grown past a limit."""
+        if self.max_rows is not None and rows > self.max_rows:
+            raise ServiceError(LIMIT_EXCEEDED, f"the result has more than {self.max_rows} rows (the limit "
+                                               "max_result_rows): aggregate, filter or add a LIMIT")
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise ServiceError(LIMIT_EXCEEDED, f"the result is larger than {self.max_bytes} bytes (the limit "
+                                               "max_result_bytes): select fewer columns or rows")
+
+
+class Admission:
+    """Places for running queries: so many in all, so many per principal. A query waits a short
+    while for a place, then is refused; its place is held until its stream ends."""
+
+    def __init__(self, max_concurrent: int, wait_seconds: float):
+        self.max_concurrent = max_concurrent
+        self.wait_seconds = wait_seconds
+        self._running: dict[str, int] = {}
+        self._total = 0
+        self._changed = threading.Condition()
+
+    def enter(self, who: str, own_limit: int) -> Callable[[], None]:
+        """Wait for a place; returns the function that gives it back (idempotent)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._total < self.max_concurrent
+                                          and self._running.get(who, 0) < own_limit, self.wait_seconds):
+                mine = self._running.get(who, 0)
+                which = (f"{who} already runs {mine} queries (its limit)" if mine >= own_limit
+                         else f"{self._total} queries are running (the server's limit)")
+                raise ServiceError(LIMIT_EXCEEDED, f"too many concurrent queries: {which}; retry shortly",
+                                   retry_after=1.0)
+            self._running[who] = self._running.get(who, 0) + 1
+            self._total += 1
+        released = []
+
+        def release() -> None:
+            with self._changed:
+                if released:
+                    return
+                released.append(True)
+                self._running[who] -= 1
+                self._total -= 1
+                self._changed.notify_all()
+        return release
+
+    def running(self) -> int:
+        with self._changed:
+            return self._total
+
+
+class Deadlines:
+    """One thread that fires the deadlines of every running query (a timer thread per query
+    would cost more than a small query itself)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cancelled: set[int] = set()
+        self._counter = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, seconds: float, action: Callable[[], None]) -> int:
+        """Run ``action`` in ``seconds`` unless cancelled; returns the handle to cancel it with."""
+        handle = next(self._counter)
+        with self._changed:
+            heapq.heappush(self._heap, (time.monotonic() + seconds, handle, action))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flightdeck-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return handle
+
+    def cancel(self, handle: int) -> None:
+        with self._changed:
+            self._cancelled.add(handle)
+            if len(self._cancelled) > 1024 and len(self._cancelled) * 2 > len(self._heap):
+                # Most entries are cancelled (queries end long before their deadlines): drop them.
+                self._heap = [entry for entry in self._heap if entry[1] not in self._cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._heap and self._heap[0][1] in self._cancelled:
+                    self._cancelled.discard(heapq.heappop(self._heap)[1])
+                if not self._heap:
+                    self._changed.wait()
+                    continue
+                when, handle, action = self._heap[0]
+                if when > time.monotonic():
+                    self._changed.wait(when - time.monotonic())
+                    continue
+                heapq.heappop(self._heap)
+            action()
+
+
+DEADLINES = Deadlines()
+
+
+class Slot:
+    """A running query's place and deadline. ``release`` (also when the slot is dropped unused,
+    e.g. a stream never read) gives the place back and stops the clock."""
+
+    def __init__(self, release: Callable[[], None], timeout_seconds: float | None, on_expiry: Callable[[], None]):
+        self._release = release
+        self.expired = False
+        self._deadline: int | None = None
+        if timeout_seconds is not None:
+            # The clock holds the slot weakly: a slot dropped unused must still be collected.
+            alive = weakref.ref(self)
+            self._deadline = DEADLINES.schedule(timeout_seconds, lambda: _expire(alive, on_expiry))
+
+    def release(self) -> None:
+        if self._deadline is not None and not self.expired:
+            DEADLINES.cancel(self._deadline)
+            self._deadline = None
+        self._release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _expire(slot: Callable[[], Slot | None], on_expiry: Callable[[], None]) -> None:
+    alive = slot()
+    if alive is not None:
+        alive.expired = True
+        on_expiry()

@@ -1,0 +1,199 @@
+"""Grants: each key sees only its datasets and columns, through every door, and nothing else of
+the others — not in SQL, listings, metadata, search, system tables, handles or error messages."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+import adbc_driver_flightsql.dbapi as flightsql
+import anyio
+import httpx
+import pyarrow.flight as flight
+import pytest
+import yaml
+from google.protobuf import any_pb2
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import serving
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+
+SRE, METRICS, HASHED = "sre-key-0123456789", "metrics-key-0123456789", "hashed-key-0123456789"
+KEYS = [
+    {"name": "sre-agent", "key": SRE, "datasets": ["orders", "crm.customers", "guides"],
+     "columns": {"crm.customers": ["customer_id", "tier", "country"]}},
+    {"name": "metrics-agent", "key": METRICS, "datasets": ["logs", "metrics"]},
+    {"name": "hashed-agent", "key_sha256": hashlib.sha256(HASHED.encode()).hexdigest(), "datasets": ["metr*"]},
+]
+SRE_SEES = {"public.orders", "crm.customers", "public.guides"}
+METRICS_SEES = {"public.logs", "public.metrics"}
+HIDDEN_FROM_METRICS = ["orders", "public.orders", "crm.customers", "guides"]
+INCIDENT = "too many database connections after scaling out"
+
+
+@pytest.fixture(scope="module")
+def deck(demo_config) -> Iterator[Any]:
+    config = yaml.safe_load(demo_config.read_text())
+    config["runtime"] = {"auth": {"api_keys": KEYS}}
+    with serving(config, demo_config.parent) as running:
+        assert running.accelerator.refresher("guides").loaded.wait(300)
+        yield running
+
+
+def adbc(deck, key: str):
+    return flightsql.connect(deck.flight_url, autocommit=True,
+                             db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {key}"})
+
+
+def query(deck, key: str, sql: str, parameters: list | None = None) -> list[dict]:
+    with adbc(deck, key) as conn, conn.cursor() as cursor:
+        cursor.execute(sql, parameters)
+        return cursor.fetch_arrow_table().to_pylist()
+
+
+def failure(deck, key: str, sql: str) -> str:
+    with adbc(deck, key) as conn, conn.cursor() as cursor:
+        with pytest.raises(Exception) as raised:
+            cursor.execute(sql)
+            cursor.fetch_arrow_table()
+    return str(raised.value)
+
+
+def _as_unknown(message: str, name: str, stand_in: str) -> str:
+    return message.replace(stand_in, name)
+
+
+# ---- Flight SQL ----
+
+def test_sql_sees_only_granted_datasets_and_hidden_ones_fail_like_missing_ones(deck):
+    assert query(deck, SRE, "SELECT count(*) AS n FROM orders") == [{"n": 30000}]
+    for name in HIDDEN_FROM_METRICS:
+        hidden = failure(deck, METRICS, f"SELECT * FROM {name}")
+        stand_in = name.replace(name.split(".")[-1], "zz" + name.split(".")[-1][2:])
+        missing = failure(deck, METRICS, f"SELECT * FROM {stand_in}")
+        assert "not found" in hidden and _as_unknown(missing, name, stand_in) == hidden
+    explained = failure(deck, METRICS, "EXPLAIN SELECT * FROM orders")
+    assert "not found" in explained and "order_id" not in explained
+    joined = failure(deck, METRICS, "SELECT * FROM metrics m JOIN orders o ON true")
+    assert "orders" in joined and "not found" in joined
+
+
+def test_catalog_listings_hold_only_granted_datasets(deck):
+    tables = query(deck, METRICS, "SELECT table_schema, table_name FROM information_schema.tables "
+                                  "WHERE table_schema NOT IN ('information_schema', 'runtime')")
+    assert {f"{t['table_schema']}.{t['table_name']}" for t in tables} == METRICS_SEES
+    shown = query(deck, METRICS, "SHOW TABLES")
+    assert not {"orders", "customers", "guides"} & {row["table_name"] for row in shown}
+    with adbc(deck, METRICS) as conn:
+        objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+        with pytest.raises(Exception):
+            conn.adbc_get_table_schema("orders", db_schema_filter="public")
+    listed = {f"{schema['db_schema_name']}.{table['table_name']}"
+              for catalog in objects for schema in catalog["catalog_db_schemas"] for table in schema["db_schema_tables"]}
+    assert {name for name in listed if not name.startswith("runtime.")} == METRICS_SEES
+    assert "crm" not in {schema["db_schema_name"] for c in objects for schema in c["catalog_db_schemas"]}
+
+
+def test_system_tables_show_only_granted_datasets_and_no_statements(deck):
+    query(deck, SRE, "SELECT count(*) FROM orders WHERE status = 'secret-filter-value'")
+    datasets = query(deck, METRICS, "SELECT name FROM flightdeck.runtime.datasets")
+    assert {row["name"] for row in datasets} == METRICS_SEES
+    sources = query(deck, METRICS, "SELECT datasets, last_request FROM flightdeck.runtime.source_stats")
+    assert sources and all(row["last_request"] is None for row in sources)
+    assert set(", ".join(row["datasets"] for row in sources).split(", ")) <= METRICS_SEES
+
+
+def test_column_grants_show_only_the_granted_columns(deck):
+    rows = query(deck, SRE, "SELECT * FROM crm.customers ORDER BY customer_id LIMIT 2")
+    assert list(rows[0]) == ["customer_id", "tier", "country"]
+    for sql in ("SELECT email FROM crm.customers", "SELECT count(*) FROM crm.customers WHERE email = 'x'",
+                "SELECT c.customer_id FROM crm.customers c JOIN orders o ON c.name = o.status"):
+        message = failure(deck, SRE, sql)
+        assert "email" in message or "name" in message
+        assert "@example.com" not in message and "John" not in message
+    joined = query(deck, SRE, "SELECT c.tier, count(*) AS failed FROM orders o JOIN crm.customers c "
+                              "ON c.customer_id = o.customer_id WHERE o.status = $1 GROUP BY c.tier ORDER BY c.tier",
+                   ["failed"])
+    assert joined and set(joined[0]) == {"tier", "failed"}
+    columns = query(deck, SRE, "SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")
+    assert {row["column_name"] for row in columns} == {"customer_id", "tier", "country"}
+
+
+def test_a_query_handle_belongs_to_the_key_that_made_it(deck):
+    def client(key: str) -> flight.FlightClient:
+        return flight.FlightClient(deck.flight_url)
+
+    command = any_pb2.Any()
+    command.Pack(sql_pb.CommandStatementQuery(query="SELECT count(*) AS n FROM orders"), "type.googleapis.com")
+    sre_options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {SRE}".encode())])
+    metrics_options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {METRICS}".encode())])
+    sre = client(SRE)
+    info = sre.get_flight_info(flight.FlightDescriptor.for_command(command.SerializeToString()), sre_options)
+    with pytest.raises(flight.FlightError) as stolen:
+        sre.do_get(info.endpoints[0].ticket, metrics_options).read_all()
+    assert "30000" not in str(stolen.value)
+    assert sre.do_get(info.endpoints[0].ticket, sre_options).read_all().to_pylist() == [{"n": 30000}]
+
+
+def test_hashed_keys_and_globs(deck):
+    assert query(deck, HASHED, "SELECT count(*) > 0 AS some FROM metrics") == [{"some": True}]
+    assert "not found" in failure(deck, HASHED, "SELECT * FROM logs")
+    with pytest.raises(Exception) as raised:  # the stored hash is not a key
+        query(deck, hashlib.sha256(HASHED.encode()).hexdigest(), "SELECT 1")
+    assert "nauthenticated" in str(raised.value)
+
+
+# ---- HTTP ----
+
+def http(deck, key: str) -> httpx.Client:
+    return httpx.Client(base_url=deck.http_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_http_lists_searches_and_answers_only_within_the_grant(deck):
+    with http(deck, METRICS) as client:
+        assert {d["name"] for d in client.get("/v1/datasets").json()} == METRICS_SEES
+        status = client.get("/v1/status").json()
+        assert {d["name"] for d in status["datasets"]} == METRICS_SEES
+        hidden, missing = client.get("/v1/datasets/orders"), client.get("/v1/datasets/zzders")
+        assert hidden.status_code == missing.status_code == 404
+        assert hidden.json()["error"]["message"].replace("orders", "zzders") == missing.json()["error"]["message"]
+        assert "crm" not in hidden.text and "guides" not in hidden.text
+        assert client.post("/v1/sql", content="SELECT * FROM orders").status_code == 400
+        searched = client.post("/v1/search", json={"text": INCIDENT, "datasets": ["guides"]})
+        assert searched.status_code == 404 and "guides" not in searched.json()["error"]["message"].split("(")[-1]
+        assert client.post("/v1/search", json={"text": INCIDENT}).json()["matches"] == []
+        assert client.post("/v1/datasets/guides/acceleration/refresh").status_code in (403, 404)
+    with http(deck, SRE) as client:
+        found = client.post("/v1/search", json={"text": INCIDENT, "limit": 1, "additional_columns": ["path"]})
+        assert found.status_code == 200 and found.json()["matches"][0]["dataset"] == "public.guides"
+        schema = client.get("/v1/datasets/crm.customers").json()
+        assert [f["name"] for f in schema["schema"]["fields"]] == ["customer_id", "tier", "country"]
+
+
+# ---- MCP ----
+
+def mcp(deck, key: str, calls) -> Any:
+    async def main() -> Any:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as client:
+            async with Client(streamable_http_client(f"{deck.http_url}/v1/mcp", http_client=client)) as session:
+                return await calls(session)
+    return anyio.run(main)
+
+
+def test_mcp_tools_and_resources_hold_only_the_grant(deck):
+    async def calls(session):
+        return (await session.call_tool("list_datasets", {}), await session.list_resources(),
+                await session.call_tool("sql", {"query": "SELECT * FROM orders"}),
+                await session.call_tool("search", {"text": INCIDENT, "datasets": ["guides"]}),
+                await session.call_tool("table_schema", {"dataset": "crm.customers"}))
+    listed, resources, sql, search, schema = mcp(deck, METRICS, calls)
+    assert {d["name"] for d in listed.structured_content["datasets"]} == METRICS_SEES
+    assert {str(r.uri).split("/")[3] for r in resources.resources} == METRICS_SEES
+    for refused in (sql, search, schema):
+        assert refused.is_error and "Traceback" not in refused.content[0].text
+        assert "crm.customers" not in refused.content[0].text.split("(")[-1]
+
+    async def sre_calls(session):
+        return await session.call_tool("random_sample", {"dataset": "crm.customers", "limit": 3})
+    sample = mcp(deck, SRE, sre_calls)
+    assert not sample.is_error and set(sample.structured_content["rows"][0]) == {"customer_id", "tier", "country"}

@@ -1,0 +1,144 @@
+"""Query limits, global and per key: a deadline over the whole stream, result size, places
+among running queries (held until the stream ends), statement length; each ends with a clean
+error of its kind through every door while other callers keep being answered."""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from typing import Any, Iterator
+
+import adbc_driver_flightsql.dbapi as flightsql
+import httpx
+import pytest
+import yaml
+
+from conftest import serving
+from flightdeck.auth import Credentials
+from flightdeck.errors import CANCELLED, LIMIT_EXCEEDED, TIMED_OUT, ServiceError
+
+LOOPER, PATIENT, OTHER = "looper-key-0123456789", "patient-key-0123456789", "other-key-0123456789"
+HURRIED = "hurried-key-0123456789"
+KEYS = [
+    {"name": "looper", "key": LOOPER, "limits": {"max_result_rows": 100, "max_concurrent_queries": 1}},
+    {"name": "hurried", "key": HURRIED, "limits": {"query_timeout_seconds": 1}},
+    {"name": "patient", "key": PATIENT, "limits": {"max_result_bytes": 1_000_000}},
+    {"name": "other", "key": OTHER},
+]
+ENDLESS = "SELECT a.order_id, b.order_id AS other FROM orders a CROSS JOIN orders b"  # 900M rows
+
+
+@pytest.fixture(scope="module")
+def deck(demo_config) -> Iterator[Any]:
+    config = yaml.safe_load(demo_config.read_text())
+    config["datasets"] = [d for d in config["datasets"] if d["name"] in ("orders", "metrics")]
+    config["runtime"] = {"auth": {"api_keys": KEYS},
+                         "limits": {"admission_wait_seconds": 0.2, "max_sql_length": 5000}}
+    with serving(config, demo_config.parent) as running:
+        yield running
+
+
+def principal(deck, key: str):
+    return deck.service.authenticate(Credentials(bearer=key))
+
+
+def raised(call) -> ServiceError:
+    with pytest.raises(ServiceError) as error:
+        result = call()
+        if hasattr(result, "read_all"):
+            result.read_all()
+    return error.value
+
+
+def test_a_result_over_the_row_or_byte_limit_fails_naming_the_limit(deck):
+    looper, patient = principal(deck, LOOPER), principal(deck, PATIENT)
+    service = deck.service
+    assert service.query(looper, "SELECT * FROM orders LIMIT 100").read_all().num_rows == 100
+    error = raised(lambda: service.query(looper, "SELECT * FROM orders LIMIT 101"))
+    assert error.kind == LIMIT_EXCEEDED and "max_result_rows" in error.message and "100" in error.message
+    error = raised(lambda: service.query(patient, "SELECT * FROM orders"))
+    assert error.kind == LIMIT_EXCEEDED and "max_result_bytes" in error.message
+    assert service.query(principal(deck, OTHER), "SELECT * FROM orders").read_all().num_rows == 30000
+
+
+def test_the_deadline_covers_the_whole_stream_and_others_keep_answering(deck):
+    hurried = principal(deck, HURRIED)
+    answered: list[float] = []
+    stop = threading.Event()
+
+    def other_caller():
+        other = principal(deck, OTHER)
+        while not stop.is_set():
+            started = time.monotonic()
+            deck.service.query(other, "SELECT count(*) FROM metrics").read_all()
+            answered.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=other_caller)
+    thread.start()
+    started = time.monotonic()
+    try:
+        reader = deck.service.execute(deck.service.plan(hurried, ENDLESS))
+        with pytest.raises(ServiceError) as error:
+            while True:
+                reader.read_next_batch()
+                time.sleep(0.01)  # a slow client: the deadline counts its reading too
+    finally:
+        stop.set()
+        thread.join()
+    assert error.value.kind == TIMED_OUT and "query_timeout_seconds" in error.value.message
+    assert 0.9 < time.monotonic() - started < 10
+    assert answered and max(answered) < 1.0
+    assert deck.service.admission.running() == 0
+
+
+def test_places_are_held_until_the_stream_ends_and_given_back_when_it_is_dropped(deck):
+    looper, other = principal(deck, LOOPER), principal(deck, OTHER)
+    service = deck.service
+    first = service.execute(service.plan(looper, "SELECT * FROM orders LIMIT 50"))
+    busy = raised(lambda: service.execute(service.plan(looper, "SELECT 1")))
+    assert busy.kind == LIMIT_EXCEEDED and "looper already runs 1" in busy.message and busy.retry_after
+    assert service.query(other, "SELECT 1 AS one").read_all().num_rows == 1  # its own places
+    first.read_all()
+    assert service.query(looper, "SELECT 1 AS one").read_all().num_rows == 1
+    unread = service.execute(service.plan(looper, "SELECT * FROM orders LIMIT 50"))
+    del unread
+    gc.collect()
+    assert service.query(looper, "SELECT 1 AS one").read_all().num_rows == 1
+    assert service.admission.running() == 0
+
+
+def test_a_statement_over_the_length_limit_is_refused_before_planning(deck):
+    error = raised(lambda: deck.service.plan(principal(deck, OTHER), "SELECT 1" + " " * 5000))
+    assert error.kind == LIMIT_EXCEEDED and "max_sql_length" in error.message
+
+
+def test_each_door_reports_its_limit_errors(deck):
+    options = {"adbc.flight.sql.authorization_header": f"Bearer {LOOPER}"}
+    with flightsql.connect(deck.flight_url, autocommit=True, db_kwargs=options) as conn, conn.cursor() as cursor:
+        with pytest.raises(Exception) as over:
+            cursor.execute("SELECT * FROM orders LIMIT 500")
+            cursor.fetch_arrow_table()
+        assert "max_result_rows" in str(over.value)
+    headers = {"Authorization": f"Bearer {LOOPER}"}
+    with httpx.Client(base_url=deck.http_url, headers=headers, timeout=30) as client:
+        first = deck.service.execute(deck.service.plan(principal(deck, LOOPER), "SELECT * FROM orders"))
+        try:
+            busy = client.post("/v1/sql", content="SELECT 1")
+        finally:
+            first.close()
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+        assert "too many concurrent queries" in busy.json()["error"]["message"]
+        too_long = client.post("/v1/sql", content="SELECT 1" + " " * 5000)
+        assert too_long.status_code == 400 and "max_sql_length" in too_long.json()["error"]["message"]
+
+
+def test_a_cancelled_query_is_reported_as_cancelled_not_timed_out(deck):
+    cancelled = threading.Event()
+    reader = deck.service.execute(deck.service.plan(principal(deck, OTHER), ENDLESS), cancelled)
+    reader.read_next_batch()
+    cancelled.set()
+    with pytest.raises(ServiceError) as error:
+        reader.read_next_batch()
+    assert error.value.kind == CANCELLED
+    reader.close()
