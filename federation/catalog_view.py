@@ -29,13 +29,16 @@ class CatalogView:
     ``columns_of(qualified name)`` names the only columns one shows (None: all)."""
 
     def __init__(self, catalog: Catalog, sees: Callable[[str], bool],
-                 columns_of: Callable[[str], Sequence[str] | None]):
+                 columns_of: Callable[[str], Sequence[str] | None],
+                 own_tables: Sequence[SnapshotConnector] = ()):
+        """``own_tables``: system tables of the view's own (e.g. the queries its principals ran)."""
         self.base = catalog
         self.sees = sees
         self.columns_of = columns_of
         self.system_tables = {
             "source_stats": SnapshotConnector("source_stats", SOURCE_STATS_SCHEMA, self.source_stats),
             "datasets": SnapshotConnector("datasets", DATASETS_SCHEMA, self.dataset_rows),
+            **{table.name: table for table in own_tables},
         }
 
     @property

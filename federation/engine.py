@@ -50,6 +50,7 @@ class PlannedQuery:
     subplans: list[PushedSubplan] = field(default_factory=list)  # parts ``frame`` sends as statements
     limited_scan: "LimitedScan | None" = None  # a bare ``SELECT cols FROM t LIMIT n``, read directly
     local_frame: DataFrame | None = None  # ``frame`` without them: run when a backend rejects one
+    scanned: list[str] | None = None  # the datasets it reads, once asked (see scanned_datasets)
 
 
 @dataclass
@@ -271,6 +272,11 @@ class QueryEngine:
 
     def scanned_datasets(self, planned: PlannedQuery) -> list[str]:
         """The qualified names of the datasets a planned query reads, in plan order."""
+        if planned.scanned is None:
+            planned.scanned = self._scanned_datasets(planned)
+        return planned.scanned
+
+    def _scanned_datasets(self, planned: PlannedQuery) -> list[str]:
         frame = planned.local_frame or planned.frame
         try:
             plan = frame.optimized_logical_plan()

@@ -111,6 +111,16 @@ class Limits(Strict):
     max_sql_length: int = Field(default=100_000, ge=100)      # characters of one statement
 
 
+class Audit(Strict):
+    """Every query's record: kept in ``flightdeck.runtime.queries`` (the last ``capacity``) and,
+    with ``log`` set, as JSON lines in that file (rotated at ``max_bytes``, ``backups`` kept)."""
+    log: str | None = None            # relative to the config file
+    capacity: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=10 * 2**20, ge=4096)
+    backups: int = Field(default=5, ge=0)
+    parameters: bool = False          # record bound parameter values (by default only their count)
+
+
 class Mcp(Strict):
     """MCP tool results sized for a model's context (a result over a cap comes back cut, marked
     ``truncated`` with a notice), and the Host headers its HTTP endpoint accepts besides loopback."""
@@ -126,6 +136,7 @@ class RuntimeConfig(Strict):
     auth: Auth = Field(default_factory=Auth)
     limits: Limits = Field(default_factory=Limits)
     mcp: Mcp = Field(default_factory=Mcp)
+    audit: Audit = Field(default_factory=Audit)
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> "RuntimeConfig":

@@ -25,6 +25,7 @@ from federation.connectors import ConnectorError
 from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message, error_kind
 from federation.expr import quote_double, standard_literal
 from flightdeck import __version__
+from flightdeck.audit import AuditEntry
 from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal, User
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT, UNAVAILABLE,
                                ServiceError)
@@ -128,7 +129,7 @@ class Service:
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)
                 accelerated = self._accelerated(engine, query)
         except Exception as error:
-            self.stack.metrics.query_finished(door, _outcome(error), time.perf_counter() - started, 0, 0)
+            self._finished(principal, door, sql, parameters, None, _outcome(error), started, 0, 0, error)
             raise
         return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query,
                        accelerated, door)
@@ -191,7 +192,8 @@ class Service:
         except Exception as error:
             if slot is not None:
                 slot.release()
-            self.stack.metrics.query_finished(planned.door, _outcome(error), time.perf_counter() - started, 0, 0)
+            self._finished(planned.principal, planned.door, planned.sql, planned.parameters, planned.query,
+                           _outcome(error), started, 0, 0, error)
             raise
         return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started, slot))
 
@@ -202,7 +204,7 @@ class Service:
     def _stream(self, planned: Planned, reader: pa.RecordBatchReader, cancelled: threading.Event,
                 started: float, slot: Slot) -> Iterator[pa.RecordBatch]:
         rows = nbytes = 0
-        outcome = INTERNAL_ERROR
+        outcome, failure = INTERNAL_ERROR, None
         limits = planned.principal.limits
         try:
             for batch in reader:
@@ -219,22 +221,35 @@ class Service:
             outcome = CANCELLED
             raise
         except ServiceError as error:
-            outcome = error.kind
+            outcome, failure = error.kind, error
             raise
         except (QueryError, ConnectorError) as error:
-            translated = _stopped(slot, limits) if slot.expired else self._service_error(error)
-            outcome = translated.kind
-            raise translated from None
+            failure = _stopped(slot, limits) if slot.expired else self._service_error(error)
+            outcome = failure.kind
+            raise failure from None
         except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors
             text = str(error)
-            translated = (_stopped(slot, limits) if slot.expired
-                          else ServiceError(error_kind(text), self.redact(clean_engine_message(text))))
-            outcome = translated.kind
-            raise translated from None
+            failure = (_stopped(slot, limits) if slot.expired
+                       else ServiceError(error_kind(text), self.redact(clean_engine_message(text))))
+            outcome = failure.kind
+            raise failure from None
         finally:
             slot.release()
             reader.close()
-            self.stack.metrics.query_finished(planned.door, outcome, time.perf_counter() - started, rows, nbytes)
+            self._finished(planned.principal, planned.door, planned.sql, planned.parameters, planned.query,
+                           outcome, started, rows, nbytes, failure)
+
+    def _finished(self, principal: Principal, door: str, sql: str, parameters: Any, query: PlannedQuery | None,
+                  outcome: str, started: float, rows: int, nbytes: int, error: Exception | None) -> None:
+        """A query's end, in the metrics and the audit log."""
+        seconds = time.perf_counter() - started
+        self.stack.metrics.query_finished(door, outcome, seconds, rows, nbytes)
+        audit = self.stack.audit
+        datasets = self._engine(principal).scanned_datasets(query) if query is not None else []
+        message = error.message if isinstance(error, ServiceError) else None
+        audit.record(AuditEntry(principal.name, door, self.redact(sql), audit.parameters(
+            None if parameters is None else tuple(parameters)), datasets, rows, nbytes, round(seconds, 6), outcome,
+            message, grant=principal.grant))
 
     # ---- the catalog ----
 

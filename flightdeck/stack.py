@@ -8,7 +8,9 @@ import threading
 from accel.accelerator import AcceleratedSource, Accelerator
 from federation.catalog import Catalog
 from federation.catalog_view import CatalogView, visible_columns
+from federation.system import SnapshotConnector
 from federation.engine import EngineSettings, QueryEngine
+from flightdeck.audit import QUERIES_SCHEMA, QUERIES_TABLE, AuditLog
 from flightdeck.config import LoadedConfig
 from flightdeck.grants import Grant
 from flightdeck.metrics import Metrics
@@ -26,6 +28,8 @@ class Stack:
         self.catalog = Catalog(config.dataset_specs(), loaded.base_dir)
         self.accelerator = self._accelerator(loaded)
         self.catalog.status_extension = self._acceleration_status
+        self.audit = self._audit_log(loaded)
+        self.catalog.system_tables[QUERIES_TABLE] = SnapshotConnector(QUERIES_TABLE, QUERIES_SCHEMA, self.audit.rows)
         self.engine_settings = EngineSettings(batch_rows=runtime.limits.batch_rows)
         self.engine = QueryEngine(self.catalog, self.engine_settings)
         # `embeddings` / `models` from the config (plus the bundled minilm), each loaded on first use;
@@ -86,8 +90,16 @@ class Stack:
                 engine = self._granted_engines[grant] = self._granted_engine(grant)
             return engine
 
+    def _audit_log(self, loaded: LoadedConfig) -> AuditLog:
+        audit = loaded.config.runtime.audit
+        path = loaded.base_dir / audit.log if audit.log else None
+        return AuditLog(audit.capacity, path, audit.max_bytes, audit.backups, audit.parameters)
+
     def _granted_engine(self, grant: Grant) -> QueryEngine:
-        view = CatalogView(self.catalog, grant.sees, grant.columns_of)
+        # The queries of principals granted alike (usually one key): a grant's own audit rows.
+        own_queries = SnapshotConnector(QUERIES_TABLE, QUERIES_SCHEMA,
+                                        lambda: self.audit.rows(lambda entry: entry.grant == grant))
+        view = CatalogView(self.catalog, grant.sees, grant.columns_of, [own_queries])
         engine = QueryEngine(view, self.engine_settings)
         self.model_functions.install(engine)
         for function in self.search.table_functions(visible_columns(view)):
@@ -123,6 +135,7 @@ class Stack:
         """Stop the refreshers and release every backend and local engine."""
         self.accelerator.close()
         self.catalog.close()
+        self.audit.close()
         # Break the reference cycles between the parts (callbacks, routed connectors), so that
         # they are freed here, on this thread, not by the cyclic collector on whatever thread
         # it runs next: freeing engine objects on one of DataFusion's threads crashes.

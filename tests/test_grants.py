@@ -19,11 +19,13 @@ from conftest import serving
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 
 SRE, METRICS, HASHED = "sre-key-0123456789", "metrics-key-0123456789", "hashed-key-0123456789"
+AUDITOR = "auditor-key-0123456789"  # a plain key: full access, the whole audit log
 KEYS = [
     {"name": "sre-agent", "key": SRE, "datasets": ["orders", "crm.customers", "guides"],
      "columns": {"crm.customers": ["customer_id", "tier", "country"]}},
     {"name": "metrics-agent", "key": METRICS, "datasets": ["logs", "metrics"]},
     {"name": "hashed-agent", "key_sha256": hashlib.sha256(HASHED.encode()).hexdigest(), "datasets": ["metr*"]},
+    AUDITOR,
 ]
 SRE_SEES = {"public.orders", "crm.customers", "public.guides"}
 METRICS_SEES = {"public.logs", "public.metrics"}
@@ -32,11 +34,13 @@ INCIDENT = "too many database connections after scaling out"
 
 
 @pytest.fixture(scope="module")
-def deck(demo_config) -> Iterator[Any]:
+def deck(demo_config, tmp_path_factory) -> Iterator[Any]:
     config = yaml.safe_load(demo_config.read_text())
-    config["runtime"] = {"auth": {"api_keys": KEYS}}
+    audit_log = tmp_path_factory.mktemp("audit") / "queries.jsonl"
+    config["runtime"] = {"auth": {"api_keys": KEYS}, "audit": {"log": str(audit_log)}}
     with serving(config, demo_config.parent) as running:
         assert running.accelerator.refresher("guides").loaded.wait(300)
+        running.audit_log = audit_log
         yield running
 
 
@@ -197,3 +201,25 @@ def test_mcp_tools_and_resources_hold_only_the_grant(deck):
         return await session.call_tool("random_sample", {"dataset": "crm.customers", "limit": 3})
     sample = mcp(deck, SRE, sre_calls)
     assert not sample.is_error and set(sample.structured_content["rows"][0]) == {"customer_id", "tier", "country"}
+
+
+# ---- the audit log ----
+
+def test_each_key_reads_its_own_audit_rows_and_the_file_holds_every_query(deck):
+    query(deck, SRE, "SELECT count(*) AS n FROM orders WHERE status = $1", ["failed"])
+    query(deck, METRICS, "SELECT count(*) AS n FROM metrics")
+    failure(deck, METRICS, "SELECT * FROM orders")
+    own = query(deck, METRICS, "SELECT principal, door, statement, parameters, datasets, rows, outcome, error "
+                               "FROM flightdeck.runtime.queries")
+    assert own and {row["principal"] for row in own} == {"metrics-agent"}
+    counted = next(r for r in own if r["statement"] == "SELECT count(*) AS n FROM metrics")
+    assert (counted["datasets"], counted["rows"], counted["outcome"]) == (["public.metrics"], 1, "ok")
+    refused = next(r for r in own if r["statement"] == "SELECT * FROM orders")
+    assert refused["outcome"] == "invalid" and "not found" in refused["error"] and refused["door"] == "flightsql"
+    every = query(deck, AUDITOR, "SELECT principal, statement, parameters FROM flightdeck.runtime.queries")
+    assert {"sre-agent", "metrics-agent"} <= {row["principal"] for row in every}
+    sre = next(r for r in every if r["principal"] == "sre-agent" and "status = $1" in r["statement"])
+    assert sre["parameters"] == "redacted: 1 value"  # values are left out by default
+    lines = deck.audit_log.read_text().splitlines()
+    assert len(lines) >= 3 and all(SRE not in line and METRICS not in line for line in lines)
+    assert any('"principal": "metrics-agent"' in line and '"outcome": "ok"' in line for line in lines)
