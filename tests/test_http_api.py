@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import io
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +22,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from conftest import ServerProcess, serving, write_config
+from flight.http.server import HttpServer
 from test_backend_cancel_and_errors import SLOW, _config as slow_config, _running_statements, slow_table  # noqa: F401
 from test_streaming import PeakMemory
 
@@ -524,6 +529,20 @@ def test_ten_million_rows_stream_as_arrow_with_bounded_server_memory(tmp_path):
 
 
 # ---- one process, two doors, one shutdown ----
+
+def test_responses_leave_at_once_on_a_kept_alive_connection():
+    """Accepted connections have Nagle off: with it on, each response after a connection's first
+    waits for the client's delayed ACK (about 40 ms on Linux) before its body leaves."""
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    server = HttpServer(app, "127.0.0.1", 0)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/").text == client.get("/").text == "ok"
+            accepted = [c.transport.get_extra_info("socket") for c in server._server.server_state.connections]
+            assert accepted and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in accepted)
+    finally:
+        server.shutdown()
+
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_run_serves_both_doors_and_stops_cleanly(demo_config, signal_name):
