@@ -29,15 +29,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.flight import DATA, RESULTS, flightdeck_server, wait_until_accelerated
+from bench.common import DATA, RESULTS, flightdeck_server, progress, wait_until_accelerated
 from tests.tpch_queries import QUERIES, sql_type
 
 TABLES = ("nation", "region", "part", "supplier", "partsupp", "customer", "orders", "lineitem")
 PG_URI = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def progress(message: str) -> None:
-    print(f"[bench.acceleration] {message}", file=sys.stderr, flush=True)
 
 
 def generate(scale: float) -> Path:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,34 +31,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.flight import DATA, RESULTS, flightdeck_server
+from bench.common import DATA, RESULTS, busy_note, flightdeck_server, progress, sentences
 
 HERE = DATA / "embeddings"
 THREADS = 2
 BATCH = 64
 MODELS = {"fp32": "minilm", "int8": "minilm_int8"}
-WORDS = ("order orders checkout payment payments gateway latency timeout timeouts database connection "
-         "connections pool pooler pgbouncer replica replicas scale scaled service services error errors "
-         "failed failing retry retries queue consumer lag kafka disk volume log logs memory leak cache "
-         "stampede certificate expiry expired TLS DNS node cluster pod deployment rollback incident "
-         "postmortem customer customers region traffic spike query slow index missing transaction mode "
-         "session server client limit exceeded alert metric dashboard on-call engineer runbook guide "
-         "after before during when because while the a an of to in on for with from by at and or but "
-         "is was were are be been has have had not no too many high low p99 seconds minutes three two").split()
-
-
-def progress(message: str) -> None:
-    print(f"[bench.embeddings] {message}", file=sys.stderr, flush=True)
-
-
-def sentences(count: int, low: int, high: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    words = np.array(WORDS)
-    out = []
-    for i in range(count):
-        text = " ".join(words[rng.integers(0, len(words), int(rng.integers(low, high + 1)))])
-        out.append(f"{text[0].upper()}{text[1:]} (#{i}).")
-    return out
 
 
 def write_data(short: int, long: int) -> tuple[Path, dict[str, list[str]]]:
@@ -256,9 +233,8 @@ def main() -> None:
     config, texts = write_data(args.short, args.long)
     progress(f"{args.short} short and {args.long} long texts; server config {config}")
     load_before = os.getloadavg()[0]
-    if load_before > 0.5 * (os.cpu_count() or 1):
-        progress(f"note: the machine is busy (load average {load_before:.1f} on {os.cpu_count()} cores): "
-                 "figures will be low and noisy")
+    if note := busy_note():
+        progress(note)
     report = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pyarrow": pa.__version__,
                     "onnxruntime": onnxruntime.__version__, "threads": THREADS, "batch_size": BATCH},

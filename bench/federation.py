@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pymysql
 
-from bench.flight import DATA, RESULTS, flightdeck_server, progress
+from bench.common import DATA, RESULTS, flightdeck_server, progress
 
 SELECTIVE = "SELECT id, kind, amount, note FROM {table} WHERE id >= 5000 AND id < 5100"
 FULL = "SELECT id, kind, amount, note FROM {table}"

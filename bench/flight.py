@@ -17,101 +17,23 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
-import pyarrow.parquet as pq
 
-from flight.flightsql.proto import flight_sql_pb2 as sql_pb
-from flight.flightsql.server import pack
+from bench.common import (DATA, RESULTS, ROOT, Process, drain, flightdeck_server, make_parquet, percentile,
+                          progress, read_flightsql)
 
-ROOT = Path(__file__).resolve().parent
-DATA = ROOT / "data"
-RESULTS = ROOT / "results"
 THROUGHPUT_QUERY = "SELECT id, value, label FROM big"
 WARMUP_RUNS = 3
 
 
-def progress(message: str) -> None:
-    print(f"[bench.flight] {message}", file=sys.stderr, flush=True)
-
-
-def make_parquet(rows: int) -> Path:
-    path = DATA / f"big_{rows}.parquet"
-    if path.exists():
-        return path
-    DATA.mkdir(parents=True, exist_ok=True)
-    progress(f"writing {rows:,} rows to {path}")
-    rng = np.random.default_rng(42)
-    table = pa.table({
-        "id": np.arange(rows, dtype=np.int64),
-        "value": rng.random(rows),
-        "label": pa.array(np.array(["alpha", "beta", "gamma", "delta"])[rng.integers(0, 4, rows)]),
-    })
-    pq.write_table(table, path, row_group_size=1_000_000)
-    return path
-
-
-class Process:
-    """A server in its own process; waits for its READY line."""
-
-    def __init__(self, args: list[str], env: dict | None = None):
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        text=True, env={**os.environ, **(env or {})})
-        line = self.process.stdout.readline()
-        if not line.startswith("READY "):
-            self.process.kill()
-            raise RuntimeError(f"server did not start: {args}")
-        self.url = line.split()[1]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
-def flightdeck_server(config: Path, env: dict | None = None) -> Process:
-    return Process([sys.executable, "-m", "flight.cli", "--log-level", "warning", "run",
-                    "-c", str(config), "--flight-port", "0", "--http-port", "0"], env)
-
-
-def wait_until_accelerated(url: str, names: list[str] | None = None,
-                           report: Callable[[list[dict]], str] | None = None, every: float = 2.0) -> list[dict]:
-    """Poll a server's `runtime.datasets` until the accelerated datasets (or ``names``) are
-    ready; raises on a refresh error; ``report(rows)`` is printed as progress while waiting."""
-    import adbc_driver_flightsql.dbapi as flightsql
-
-    with flightsql.connect(url, autocommit=True) as connection, connection.cursor() as cursor:
-        while True:
-            cursor.execute("SELECT * FROM flightdeck.runtime.datasets WHERE acceleration IS NOT NULL")
-            rows = [r for r in cursor.fetch_arrow_table().to_pylist() if names is None or r["name"] in names]
-            errors = [f"{r['name']}: {r['last_error']}" for r in rows if r["last_error"]]
-            if errors:
-                raise RuntimeError(f"refresh failed: {errors}")
-            if rows and all(r["refresh_state"] == "ready" for r in rows):
-                return rows
-            if report is not None:
-                progress(report(rows))
-            time.sleep(every)
-
-
 def read_flightdeck(client: flight.FlightClient) -> tuple[int, int]:
-    command = pack(sql_pb.CommandStatementQuery(query=THROUGHPUT_QUERY))
-    info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
-    return drain(client.do_get(info.endpoints[0].ticket))
-
-
-def drain(reader: flight.FlightStreamReader) -> tuple[int, int]:
-    rows = size = 0
-    for chunk in reader:
-        rows += chunk.data.num_rows
-        size += chunk.data.nbytes
-    return rows, size
+    return read_flightsql(client, THROUGHPUT_QUERY)
 
 
 def measure_throughput(parquet: Path, config: Path, repeats: int) -> dict:
@@ -158,10 +80,6 @@ def measure_throughput(parquet: Path, config: Path, repeats: int) -> dict:
         report[name]["ratio_vs_bare_parquet"] = round(bare_parquet / report[name]["median_seconds"], 3)
         report[name]["ratio_vs_ceiling"] = round(ceiling / report[name]["median_seconds"], 3)
     return report
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q))
 
 
 def measure_latency(config: Path, queries: int) -> dict:

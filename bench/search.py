@@ -23,17 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.flight import DATA, RESULTS, flightdeck_server, percentile, wait_until_accelerated
+from bench.common import DATA, RESULTS, flightdeck_server, percentile, progress, wait_until_accelerated
 
 SERVICES = ["checkout-api", "orders-db", "pgbouncer", "payments", "catalog", "search", "auth", "cdn"]
 SYMPTOMS = ["connection pool exhausted", "p99 latency above SLO", "disk 95% full on log volume",
             "TLS certificate expires in 3 days", "cache hit ratio dropped to 20%", "502 from the gateway",
             "sequential scan on orders", "too many clients already", "retry storm after deploy",
             "OOM killed after scale out"]
-
-
-def progress(message: str) -> None:
-    print(f"[bench.search] {message}", file=sys.stderr, flush=True)
 
 
 def make_notes(rows: int, path: Path) -> None:

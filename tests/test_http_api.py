@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import io
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +22,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from conftest import ServerProcess, serving, write_config
+from flight.http.server import HttpServer
+from http_stream import ChunkFile
 from test_backend_cancel_and_errors import SLOW, _config as slow_config, _running_statements, slow_table  # noqa: F401
 from test_streaming import PeakMemory
 
@@ -467,28 +473,6 @@ def test_a_disconnect_while_waiting_cancels_the_backend_statement(slow_table, tm
         assert httpx.post(f"{runtime.http_url}/v1/sql", content="SELECT count(*) AS n FROM big").json() == [{"n": 3000}]
 
 
-class _ResponseFile(io.RawIOBase):
-    """An httpx streaming body as a file pyarrow can read from."""
-
-    def __init__(self, response: httpx.Response):
-        self._chunks = response.iter_bytes()
-        self._buffer = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target) -> int:
-        while not self._buffer:
-            self._buffer = next(self._chunks, None)
-            if self._buffer is None:
-                self._buffer = b""
-                return 0
-        n = min(len(target), len(self._buffer))
-        target[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        return n
-
-
 TEN_MILLION = 10_000_000
 
 
@@ -506,7 +490,7 @@ def test_ten_million_rows_stream_as_arrow_with_bounded_server_memory(tmp_path):
             with PeakMemory(server.process.pid) as memory:
                 with client.stream("POST", "/v1/sql", content="SELECT id, value, label FROM big",
                                    headers={"Accept": ARROW}) as response:
-                    reader = ipc.open_stream(io.BufferedReader(_ResponseFile(response), 1 << 20))
+                    reader = ipc.open_stream(io.BufferedReader(ChunkFile(response.iter_bytes()), 1 << 20))
                     rows = result_bytes = 0
                     for batch in reader:
                         rows += batch.num_rows
@@ -524,6 +508,20 @@ def test_ten_million_rows_stream_as_arrow_with_bounded_server_memory(tmp_path):
 
 
 # ---- one process, two doors, one shutdown ----
+
+def test_responses_leave_at_once_on_a_kept_alive_connection():
+    """Accepted connections have Nagle off: with it on, each response after a connection's first
+    waits for the client's delayed ACK (about 40 ms on Linux) before its body leaves."""
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    server = HttpServer(app, "127.0.0.1", 0)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/").text == client.get("/").text == "ok"
+            accepted = [c.transport.get_extra_info("socket") for c in server._server.server_state.connections]
+            assert accepted and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in accepted)
+    finally:
+        server.shutdown()
+
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_run_serves_both_doors_and_stops_cleanly(demo_config, signal_name):

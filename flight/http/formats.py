@@ -11,6 +11,7 @@ import base64
 import datetime as dt
 import decimal
 import json
+import zlib
 from typing import Any
 
 import pyarrow as pa
@@ -26,6 +27,7 @@ NDJSON = "application/x-ndjson"
 CSV = "text/csv"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 CODINGS = ("zstd", "gzip")  # in order of preference
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflate stream
 
 
 class _Drain:
@@ -216,8 +218,8 @@ def content_coding(accept_encoding: str | None) -> str | None:
 
 
 class Compressor:
-    """Compresses a stream of pieces with pyarrow's codecs (zstd frames, gzip members), flushing
-    after each piece so the client can decode everything sent so far."""
+    """Compresses a stream of pieces with a pyarrow codec (zstd frames), flushing after each
+    piece so the client can decode everything sent so far."""
 
     def __init__(self, coding: str):
         self._drain = _Drain()
@@ -234,3 +236,23 @@ class Compressor:
         self._stream.close()
         return self._drain.take()
 
+
+class GzipCompressor:
+    """The same for gzip (one member), at zlib's default level: pyarrow's gzip stream takes no
+    level and always uses 9, about ten times slower on Arrow data for an output 1% smaller."""
+
+    def __init__(self) -> None:
+        self._deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, GZIP_WBITS)
+
+    def piece(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        return self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
+
+    def end(self) -> bytes:
+        return self._deflate.flush(zlib.Z_FINISH)
+
+
+def compressor(coding: str) -> Compressor | GzipCompressor:
+    """The compressor for a coding of ``CODINGS``."""
+    return GzipCompressor() if coding == "gzip" else Compressor(coding)

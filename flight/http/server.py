@@ -20,7 +20,9 @@ class HttpServer:
     def __init__(self, app: Starlette, host: str, port: int):
         self.app = app
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        # asyncio turns Nagle off (TCP_NODELAY) only on sockets whose protocol says TCP; without
+        # it a keep-alive client's next response waits ~40 ms for the client's delayed ACK.
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._socket.bind((host, port))

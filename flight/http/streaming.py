@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from flight.http.formats import Compressor, Encoder
+from flight.http.formats import Encoder, compressor
 from flightdeck.errors import CANCELLED, ServiceError
 from flightdeck.service import Cancellation
 
@@ -51,7 +51,7 @@ class ResultStream:
                  control: QueryControl):
         self._reader = reader
         self._encoder = encoder
-        self._compressor = Compressor(coding) if coding else None
+        self._compressor = compressor(coding) if coding else None
         self.control = control
         self._lock = threading.Lock()
         self._finished = False
