@@ -16,6 +16,7 @@ from flightdeck import __version__
 from flightdeck.auth import OPERATOR
 from flightdeck.config import ConfigError, LoadedConfig, load_config
 from flightdeck.runtime_config import FLIGHT_PORT, HTTP_PORT, RuntimeConfig
+from flightdeck.tls import tls_files
 
 DEFAULT_URL = f"grpc://127.0.0.1:{FLIGHT_PORT}"
 log = logging.getLogger("flightdeck")
@@ -32,6 +33,8 @@ class Serving:
         from flightdeck.stack import Stack
 
         runtime = runtime or loaded.config.runtime
+        tls = tls_files(runtime.tls, loaded.base_dir)  # read before anything starts: a bad file stops here
+        warn_plain_text_beyond_loopback(runtime)
         self.stack = Stack(loaded)
         self.service = Service(self.stack)
         self.doors: list = []  # each has shutdown(), which waits for its calls in flight
@@ -43,14 +46,15 @@ class Serving:
         try:
             if runtime.flight.enabled:
                 endpoint = runtime.flight
+                scheme = "grpc+tls" if tls else "grpc"
                 self.flightsql = FlightSqlServer(
-                    self.service, f"grpc://{endpoint.host}:{endpoint.port}",
+                    self.service, f"{scheme}://{endpoint.host}:{endpoint.port}",
                     max_batch_bytes=runtime.limits.max_batch_bytes,
-                    handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds)
-                self.flight_url = f"grpc://{endpoint.host}:{self.flightsql.port}"
+                    handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds, tls=tls)
+                self.flight_url = f"{scheme}://{endpoint.host}:{self.flightsql.port}"
                 self.doors.append(self.flightsql)
             if runtime.http.enabled:
-                self.http = HttpServer(self.service, runtime.http.host, runtime.http.port)
+                self.http = HttpServer(self.service, runtime.http.host, runtime.http.port, tls=tls)
                 self.http_url = self.http.url
                 self.doors.append(self.http)
         except Exception:
@@ -86,6 +90,18 @@ class Serving:
             door.shutdown()
         self.doors.clear()
         self.stack.close()
+
+
+def warn_plain_text_beyond_loopback(runtime: RuntimeConfig) -> None:
+    """Keys and results cross the network in clear text when a door listens beyond loopback
+    without TLS; allowed (a trusted network, a proxy that terminates TLS), but said out loud."""
+    if runtime.tls is not None:
+        return
+    for name in ("flight", "http"):
+        endpoint = getattr(runtime, name)
+        if endpoint.enabled and not endpoint.is_loopback():
+            log.warning("runtime.%s listens on %s without TLS: API keys and results cross the network "
+                        "in plain text (set runtime.tls)", name, endpoint.host)
 
 
 def _load(config_path: str | None) -> LoadedConfig:

@@ -71,6 +71,14 @@ class Mcp(Strict):
     allowed_hosts: list[str] = Field(default_factory=list)  # e.g. "flightdeck.internal:8090"
 
 
+class Tls(Strict):
+    """Flight SQL and HTTP over TLS (PEM files, relative to the config file). With ``client_ca``
+    every client must present a certificate signed by it (mutual TLS)."""
+    cert: str = Field(min_length=1)       # the server's certificate chain
+    key: str = Field(min_length=1)        # its private key
+    client_ca: str | None = None          # the CA that signs client certificates
+
+
 class RuntimeConfig(Strict):
     data_dir: str = ".flightdeck"  # file-mode copies and model caches, relative to the config file
     flight: Endpoint = Field(default_factory=lambda: Endpoint(port=FLIGHT_PORT))
@@ -78,6 +86,7 @@ class RuntimeConfig(Strict):
     auth: Auth = Field(default_factory=Auth)
     limits: Limits = Field(default_factory=Limits)
     mcp: Mcp = Field(default_factory=Mcp)
+    tls: Tls | None = None
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> "RuntimeConfig":

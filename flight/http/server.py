@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -12,15 +13,29 @@ from starlette.applications import Starlette
 
 from flight.http.app import build_app
 from flightdeck.service import Service
+from flightdeck.tls import TlsFiles
 
 log = logging.getLogger("flightdeck.http")
 START_TIMEOUT_SECONDS = 30
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
+def ssl_options(tls: TlsFiles | None) -> dict:
+    """uvicorn's TLS settings: the certificate, and with mutual TLS the CA every client
+    certificate must chain to (a client without one is refused in the handshake)."""
+    if tls is None:
+        return {}
+    options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+    if tls.client_ca is not None:
+        options.update(ssl_ca_certs=str(tls.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
 class HttpServer:
-    def __init__(self, service: Service, host: str, port: int, app: Starlette | None = None):
+    def __init__(self, service: Service, host: str, port: int, app: Starlette | None = None,
+                 tls: TlsFiles | None = None):
         self.app = app or build_app(service)
+        self.tls = tls
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -31,7 +46,7 @@ class HttpServer:
             raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
         self.host, self.port = host, self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **ssl_options(tls))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="flightdeck-http", daemon=True)
@@ -46,7 +61,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def shutdown(self) -> None:
         """Stop accepting, let requests in flight finish (streams are cut after a grace period)."""
