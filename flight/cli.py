@@ -16,7 +16,6 @@ from flightdeck import __version__
 from flightdeck.auth import OPERATOR
 from flightdeck.config import ConfigError, LoadedConfig, load_config
 from flightdeck.runtime_config import FLIGHT_PORT, HTTP_PORT, RuntimeConfig
-from flightdeck.tls import tls_files
 
 DEFAULT_URL = f"grpc://127.0.0.1:{FLIGHT_PORT}"
 log = logging.getLogger("flightdeck")
@@ -33,7 +32,7 @@ class Serving:
         from flightdeck.stack import Stack
 
         runtime = runtime or loaded.config.runtime
-        tls = tls_files(runtime.tls, loaded.base_dir)  # read before anything starts: a bad file stops here
+        tls = runtime.tls.files(loaded.base_dir) if runtime.tls else None  # a bad file stops the start here
         warn_plain_text_beyond_loopback(runtime)
         self.stack = Stack(loaded)
         self.service = Service(self.stack)

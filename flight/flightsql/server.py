@@ -29,8 +29,8 @@ from flightdeck import __version__
 from flightdeck.auth import Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT,
                                UNAUTHENTICATED, UNAVAILABLE, ServiceError)
+from flightdeck.runtime_config import TlsFiles
 from flightdeck.service import Cancellation, Planned, Service
-from flightdeck.tls import TlsFiles
 
 log = logging.getLogger("flightdeck.flightsql")
 

@@ -12,8 +12,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from flight.http.app import build_app
+from flightdeck.runtime_config import TlsFiles
 from flightdeck.service import Service
-from flightdeck.tls import TlsFiles
 
 log = logging.getLogger("flightdeck.http")
 START_TIMEOUT_SECONDS = 30
