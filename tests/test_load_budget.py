@@ -140,6 +140,10 @@ def test_a_query_that_gets_no_slot_in_time_fails_clearly_everywhere(items, tmp_p
             response = httpx.post(f"{running.http_url}/v1/sql", content=PUSHED.format(k=1),
                                   headers={"Content-Type": "text/plain"}, timeout=30)
             assert BUDGET_ERROR in response.text and response.status_code >= 400
+            metrics = httpx.get(f"{running.http_url}/metrics").text
+            source = 'source="postgres (127.0.0.1:5432/test)"'
+            assert f"flightdeck_source_budget_refusals_total{{{source}}} 3.0" in metrics
+            assert f"flightdeck_source_budget_in_use{{{source}}} 1.0" in metrics
         finally:
             held.close()
             del held  # a closed pyarrow reader keeps its source until dropped; then the slot goes back
