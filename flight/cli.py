@@ -27,7 +27,9 @@ class Serving:
 
     def __init__(self, loaded: LoadedConfig, runtime: RuntimeConfig | None = None):
         from flight.flightsql.server import FlightSqlServer
+        from flight.http.app import build_app
         from flight.http.server import HttpServer
+        from flight.mcp import http_route, http_server
         from flightdeck.service import Service
         from flightdeck.stack import Stack
 
@@ -53,7 +55,10 @@ class Serving:
                 self.flight_url = f"{scheme}://{endpoint.host}:{self.flightsql.port}"
                 self.doors.append(self.flightsql)
             if runtime.http.enabled:
-                self.http = HttpServer(self.service, runtime.http.host, runtime.http.port, tls=tls)
+                mcp = http_server(self.service, runtime)
+                app = build_app(self.service, [http_route(mcp, runtime)],
+                                lifespan=lambda app: mcp.session_manager.run())
+                self.http = HttpServer(app, runtime.http.host, runtime.http.port, tls=tls)
                 self.http_url = self.http.url
                 self.doors.append(self.http)
         except Exception:

@@ -44,7 +44,7 @@ MAX_SAMPLE_ROWS = 10_000
 class Planned:
     """A statement planned for one principal: its result schema is known, nothing has run.
     It can be executed any number of times. ``accelerated`` names the accelerated datasets it
-    reads (``Service.data_as_of`` tells how fresh their copies are); ``door`` labels its metrics."""
+    reads (``Service.freshness`` tells how fresh their copies are); ``door`` labels its metrics."""
     principal: Principal
     sql: str
     parameters: tuple[Any, ...] | None
@@ -57,12 +57,11 @@ class Planned:
 @dataclass(frozen=True)
 class Freshness:
     """When the accelerated copies a result reads were taken from their sources."""
-    datasets: dict[str, dt.datetime | None]  # qualified name -> data as of (None: no copy yet)
+    datasets: dict[str, dt.datetime]  # qualified name -> its copy's data as of
 
     @property
-    def oldest(self) -> dt.datetime | None:
-        stamps = [stamp for stamp in self.datasets.values() if stamp is not None]
-        return min(stamps) if stamps else None
+    def oldest(self) -> dt.datetime:
+        return min(self.datasets.values())
 
 
 @dataclass(frozen=True)
@@ -119,24 +118,16 @@ class Service:
         read = set(self.stack.engine.scanned_datasets(query)) | set(self.stack.search.datasets_searched(query.sql))
         return tuple(sorted(name for name in read if name in refreshers))
 
-    def data_as_of(self, datasets: Iterable[str]) -> dict[str, dt.datetime]:
-        """For each of these datasets that queries read from an accelerated copy now: when that
-        copy's data was read from its source. Datasets read from their source are left out."""
+    def freshness(self, datasets: Iterable[str]) -> Freshness | None:
+        """When the accelerated copies of these datasets that queries read now were taken from
+        their sources; None when none of them is read from a copy. A door reports it with a
+        result: pass ``Planned.accelerated`` (or the datasets searched) just before executing."""
         found = {}
         for name in datasets:
             refresher = self.stack.accelerator.refreshers.get(self._dataset(name).qualified_name)
             if refresher is not None and refresher.loaded.is_set() and refresher.status.data_as_of is not None:
                 found[refresher.spec.dataset] = refresher.status.data_as_of
-        return found
-
-    def freshness(self, planned: Planned) -> Freshness | None:
-        """How fresh the accelerated data a statement reads is, now; None when it reads none.
-        A door reports it with the result (read it just before executing)."""
-        if not planned.accelerated:
-            return None
-        refreshers = self.stack.accelerator.refreshers
-        return Freshness({name: refreshers[name].status.data_as_of for name in planned.accelerated
-                          if name in refreshers})
+        return Freshness(found) if found else None
 
     def parameter_schema(self, principal: Principal, sql: str) -> pa.Schema:
         """The parameters a statement takes (``$1``, ``?``), with the types inferred for them."""

@@ -105,6 +105,15 @@ def serving(config: dict, base_dir: Path, environ: dict | None = None) -> Iterat
         gc.collect()  # free what is left of it here, not on an engine thread during the next test
 
 
+@pytest.fixture(scope="module")
+def deck(demo_config) -> Iterator[InProcess]:
+    """The bundled demo served in this process, its guides' copy loaded (one per test module:
+    a process opens the demo's DuckDB file once)."""
+    with serving(yaml.safe_load(demo_config.read_text()), demo_config.parent) as running:
+        assert running.accelerator.refresher("guides").loaded.wait(300)
+        yield running
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path

@@ -515,8 +515,9 @@ def test_ten_million_rows_stream_as_arrow_with_bounded_server_memory(tmp_path):
         print(f"\nHTTP Arrow result {result_bytes / 2**20:.0f} MiB; server RSS baseline "
               f"{memory.baseline / 2**20:.0f} MiB, peak {memory.peak / 2**20:.0f} MiB (growth {growth / 2**20:.0f} MiB)")
         assert rows == TEN_MILLION
+        # What the result costs the server is its growth over the idle process (whose libraries
+        # alone take ~350 MiB): under the result's size, so never the result held whole.
         assert growth < result_bytes  # batches are produced as the client reads them
-        assert memory.peak < 2 * result_bytes
     finally:
         code, err = server.stop()
         assert code == 0 and "flightdeck stopped" in err

@@ -34,13 +34,6 @@ API_KEY = "mcp-test-key"
 
 
 @pytest.fixture(scope="module")
-def deck(demo_config):
-    with serving(yaml.safe_load(demo_config.read_text()), demo_config.parent) as running:
-        assert running.accelerator.refresher("guides").loaded.wait(300)
-        yield running
-
-
-@pytest.fixture(scope="module")
 def runtime(deck) -> RuntimeConfig:
     return deck.stack.loaded.config.runtime
 
@@ -301,26 +294,27 @@ def test_streamable_http(deck, runtime):
     assert foreign.status_code == 421  # DNS rebinding protection on a loopback server
 
 
-def test_streamable_http_takes_the_same_api_keys(demo_config):
+def test_served_at_v1_mcp_on_the_http_port_with_the_same_api_keys(demo_config):
     config = yaml.safe_load(demo_config.read_text())
     # A second stack beside the module's: without the DuckDB file, which one process opens once.
     config["datasets"] = [d for d in config["datasets"] if d["name"] == "crm.customers"]
     config["runtime"] = {"auth": {"api_keys": [API_KEY]}}
+    listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    accept = {"Accept": "application/json, text/event-stream"}
     with serving(config, demo_config.parent) as running:
-        runtime = running.stack.loaded.config.runtime
-        app = http_app(http_server(running.service, runtime), runtime)
-        with uvicorn_serving(app) as base:
-            anonymous = httpx2.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-                                    headers={"Accept": "application/json, text/event-stream"})
-            wrong = httpx2.post(f"{base}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-                                headers={"Authorization": "Bearer nope",
-                                         "Accept": "application/json, text/event-stream"})
+        endpoint = f"{running.http_url}/v1/mcp"
+        anonymous = httpx2.post(endpoint, json=listing, headers=accept)
+        wrong = httpx2.post(endpoint, json=listing, headers={"Authorization": "Bearer nope", **accept})
+        wrong_header = httpx2.post(endpoint, json=listing, headers={"X-API-Key": "nope", **accept})
+        unknown_route = httpx2.get(f"{running.http_url}/v1/mcp-nope", headers={"Authorization": f"Bearer {API_KEY}"})
 
-            async def with_key():
-                headers = {"Authorization": f"Bearer {API_KEY}"}
-                async with httpx2.AsyncClient(headers=headers) as http:
-                    async with Client(streamable_http_client(f"{base}/mcp", http_client=http)) as client:
-                        return await client.call_tool("sql", {"query": "SELECT count(*) AS n FROM crm.customers"})
-            answer = anyio.run(with_key)
-    assert anonymous.status_code == 401 and wrong.status_code == 401
-    assert ok(answer)["rows"] == [{"n": 2000}]
+        async def with_key(headers: dict):
+            async with httpx2.AsyncClient(headers=headers) as http:
+                async with Client(streamable_http_client(endpoint, http_client=http)) as client:
+                    return await client.call_tool("sql", {"query": "SELECT count(*) AS n FROM crm.customers"})
+        answers = [anyio.run(with_key, headers) for headers in ({"Authorization": f"Bearer {API_KEY}"},
+                                                                 {"X-API-Key": API_KEY})]
+    assert anonymous.status_code == wrong.status_code == wrong_header.status_code == 401
+    assert unknown_route.status_code == 404 and unknown_route.json()["error"]["code"] == "not_found"
+    for answer in answers:
+        assert ok(answer)["rows"] == [{"n": 2000}]

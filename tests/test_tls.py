@@ -1,5 +1,5 @@
 """TLS on both network doors: a CA, a server and a client certificate made at run time; real
-clients (ADBC, pyarrow.flight, httpx) connect with the CA, plain text is refused, and with
+clients (ADBC, pyarrow.flight, httpx, the MCP SDK) connect with the CA, plain text is refused, and with
 mutual TLS a client without a certificate is refused."""
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import adbc_driver_flightsql.dbapi as flightsql
+import anyio
 import httpx
+import httpx2
 import pyarrow.flight as flight
 import pytest
 from adbc_driver_flightsql import DatabaseOptions
@@ -19,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from conftest import serving
 from flight.cli import warn_plain_text_beyond_loopback
@@ -134,6 +138,17 @@ def http_total(url: str, verify: ssl.SSLContext | bool) -> int:
         return response.json()[0]["total"]
 
 
+def mcp_total(url: str, verify: ssl.SSLContext) -> int:
+    """The MCP SDK's client over streamable HTTP at /v1/mcp, calling the sql tool."""
+    async def main() -> int:
+        async with httpx2.AsyncClient(verify=verify, timeout=30) as http:
+            async with Client(streamable_http_client(f"{url}/v1/mcp", http_client=http)) as client:
+                result = await client.call_tool("sql", {"query": QUERY})
+        assert not result.is_error, result.content[0].text
+        return result.structured_content["rows"][0]["total"]
+    return anyio.run(main)
+
+
 def trusting(pki: Pki, with_certificate: bool = False) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki.ca))
     if with_certificate:
@@ -160,6 +175,10 @@ def test_pyarrow_flight_over_tls_with_the_test_ca(tls_server, pki):
 
 def test_httpx_over_tls_with_the_test_ca(tls_server, pki):
     assert http_total(tls_server.http_url, trusting(pki)) == 6
+
+
+def test_mcp_client_over_tls_with_the_test_ca(tls_server, pki):
+    assert mcp_total(tls_server.http_url, trusting(pki)) == 6
 
 
 def test_a_client_that_does_not_trust_the_ca_is_refused(tls_server):
@@ -195,6 +214,7 @@ def test_mutual_tls_accepts_a_client_certificate(mtls_server, pki):
     finally:
         client.close()
     assert http_total(mtls_server.http_url, trusting(pki, with_certificate=True)) == 6
+    assert mcp_total(mtls_server.http_url, trusting(pki, with_certificate=True)) == 6
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server, pki):
@@ -208,6 +228,9 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server, pki):
         client.close()
     with pytest.raises(httpx.TransportError):
         http_total(mtls_server.http_url, trusting(pki))
+    with pytest.raises(ExceptionGroup) as refused:  # the SDK's task group carries the transport's error
+        mcp_total(mtls_server.http_url, trusting(pki))
+    assert refused.group_contains(httpx2.TransportError)
 
 
 def test_an_unreadable_tls_file_stops_the_start_with_its_setting(tmp_path, pki):

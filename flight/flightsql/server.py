@@ -30,7 +30,7 @@ from flightdeck.auth import Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT,
                                UNAUTHENTICATED, UNAVAILABLE, ServiceError)
 from flightdeck.runtime_config import TlsFiles
-from flightdeck.service import Cancellation, Planned, Service
+from flightdeck.service import Cancellation, Freshness, Planned, Service
 
 log = logging.getLogger("flightdeck.flightsql")
 
@@ -40,6 +40,8 @@ Item = TypeVar("Item")
 READ_ONLY_MESSAGE = "flightdeck is read-only: {what} is not allowed"
 CANCEL_STATUS_CANCELLED, CANCEL_STATUS_NOT_CANCELLABLE = 1, 3
 CLOSE_SESSION_CLOSED = 1
+DATA_AS_OF = "flightdeck.data_as_of"                    # result schema metadata: the oldest copy read
+DATA_AS_OF_DATASETS = "flightdeck.data_as_of.datasets"  # each copy read, as JSON {name: time}
 
 
 # ---- errors: the core's kinds as Flight statuses, in one place ----
@@ -355,7 +357,9 @@ class FlightSqlServer(flight.FlightServerBase):
             handle = self.queries.add(PendingQuery(principal, planned))
             ticket = pack(sql_pb.TicketStatementQuery(statement_handle=handle))
             rows = self.service.row_count(planned)
-            return flight.FlightInfo(planned.schema, descriptor, [flight.FlightEndpoint(ticket, [])],
+            schema = planned.schema.with_metadata({**(planned.schema.metadata or {}),
+                                                   **freshness_metadata(self.service.freshness(planned.accelerated))})
+            return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])],
                                      -1 if rows is None else rows, -1)
         if command.rows is None:
             raise ServiceError(INVALID, f"GetFlightInfo does not take {type(message).__name__}")
@@ -409,6 +413,7 @@ class FlightSqlServer(flight.FlightServerBase):
     def _stream_query(self, context, principal: Principal, handle: bytes) -> flight.FlightDataStream:
         query = self.queries.get(handle, principal)
         try:
+            freshness = self.service.freshness(query.planned.accelerated)
             with self.client_watch.waiting(context, query):
                 reader = self.service.execute(query.planned, query.cancelled, query.backend)
         except Exception as error:
@@ -416,7 +421,8 @@ class FlightSqlServer(flight.FlightServerBase):
             if query.cancelled.is_set():
                 raise ServiceError(CANCELLED, "the query was cancelled") from None
             raise error
-        return flight.GeneratorStream(reader.schema, self._guarded(context, handle, query, reader))
+        schema = reader.schema.with_metadata({**(reader.schema.metadata or {}), **freshness_metadata(freshness)})
+        return flight.GeneratorStream(schema, self._guarded(context, handle, query, reader))
 
     def _guarded(self, context, handle: bytes, query: PendingQuery,
                  reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
@@ -571,6 +577,14 @@ REFUSED_ACTIONS: dict[str, tuple[str, str]] = {
        for name in ("BeginTransaction", "EndTransaction", "BeginSavepoint", "EndSavepoint")},
     "CreatePreparedSubstraitPlan": _SUBSTRAIT,
 }
+
+
+def freshness_metadata(freshness: Freshness | None) -> dict[str, str]:
+    """Schema metadata telling when the accelerated copies a result read were taken."""
+    if freshness is None:
+        return {}
+    return {DATA_AS_OF: freshness.oldest.isoformat(),
+            DATA_AS_OF_DATASETS: json.dumps({name: when.isoformat() for name, when in freshness.datasets.items()})}
 
 
 def split_batch(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncContextManager, Awaitable, Callable, Sequence
 
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from flight.http import embeddings as openai_embeddings
 from flight.http import search as dataset_search
@@ -25,7 +25,7 @@ from flight.http.formats import ENCODERS, content_coding, negotiate
 from flight.http.streaming import ClientGone, QueryControl, ResultStream, StreamedResponse, run_watched
 from flightdeck.auth import Principal
 from flightdeck.errors import INVALID, NOT_FOUND, UNAUTHENTICATED, UNAVAILABLE, ServiceError
-from flightdeck.service import Service
+from flightdeck.service import Freshness, Service
 
 DOOR = "http"  # this door's label in the metrics
 DATA_AS_OF = "X-Flightdeck-Data-As-Of"                    # the oldest copy the answer read
@@ -35,14 +35,16 @@ ACCELERATION_KEYS = ("acceleration", "refresh_state", "refresh_mode", "last_refr
                      "refreshes", "failures", "embedded_last_refresh", "embedded_total")
 AFTER_REFRESH = "after refresh:"  # an error of what is built from a good copy (a search index)
 Handler = Callable[["HttpApi", Request], Awaitable[Response]]
+Lifespan = Callable[[Starlette], AsyncContextManager[None]]
 
 
-def freshness_headers(data_as_of: dict[str, dt.datetime]) -> dict[str, str]:
+def freshness_headers(freshness: Freshness | None) -> dict[str, str]:
     """When the accelerated copies an answer read were taken from their sources."""
-    if not data_as_of:
+    if freshness is None:
         return {}
-    return {DATA_AS_OF: min(data_as_of.values()).isoformat(),
-            DATA_AS_OF_DATASETS: ", ".join(f"{name}={when.isoformat()}" for name, when in sorted(data_as_of.items()))}
+    return {DATA_AS_OF: freshness.oldest.isoformat(),
+            DATA_AS_OF_DATASETS: ", ".join(f"{name}={when.isoformat()}"
+                                           for name, when in sorted(freshness.datasets.items()))}
 
 
 def answered(handler: Handler) -> Handler:
@@ -82,8 +84,9 @@ class HttpApi:
         coding = content_coding(request.headers.get("accept-encoding"))
         control = QueryControl()
 
-        def start() -> tuple[ResultStream, bytes, dict[str, dt.datetime]]:
+        def start() -> tuple[ResultStream, bytes, Freshness | None]:
             planned = self.service.plan(principal, sql, parameters, door=DOOR)
+            freshness = self.service.freshness(planned.accelerated)
             reader = self.service.execute(planned, control.cancelled, control.backend)
             stream = ResultStream(reader, encoder(reader.schema), coding, control)
             try:
@@ -93,10 +96,10 @@ class HttpApi:
                 raise
             if control.cancelled.is_set():  # the client left while the first rows came
                 stream.close()
-            return stream, head, self.service.data_as_of(planned.accelerated)
+            return stream, head, freshness
 
-        stream, head, data_as_of = await run_watched(request, start, control.cancel)
-        headers = {"Vary": "Accept, Accept-Encoding", **freshness_headers(data_as_of)}
+        stream, head, freshness = await run_watched(request, start, control.cancel)
+        headers = {"Vary": "Accept, Accept-Encoding", **freshness_headers(freshness)}
         if coding:
             headers["Content-Encoding"] = coding
         return StreamedResponse(stream, head, encoder.media_type, headers)
@@ -123,8 +126,8 @@ class HttpApi:
         principal = self.principal(request)
         parsed = dataset_search.parse_request(await json_object(request))
         answer, names = await self.blocking(dataset_search.search, self.service, principal, parsed, DOOR)
-        data_as_of = await self.blocking(self.service.data_as_of, names)
-        return json_response(answer, headers=freshness_headers(data_as_of))
+        freshness = await self.blocking(self.service.freshness, names)
+        return json_response(answer, headers=freshness_headers(freshness))
 
     # ---- datasets and acceleration ----
 
@@ -209,7 +212,9 @@ def _dataset_entry(row: dict) -> dict:
     return entry
 
 
-def build_app(service: Service) -> Starlette:
+def build_app(service: Service, mounted: Sequence[BaseRoute] = (), lifespan: Lifespan | None = None) -> Starlette:
+    """The HTTP door's routes, then ``mounted`` ones (another door served on this port, which
+    may need ``lifespan`` to run around the server's life)."""
     api = HttpApi(service)
 
     def route(path: str, handler: Handler, method: str) -> Route:
@@ -228,8 +233,10 @@ def build_app(service: Service) -> Starlette:
         route("/v1/ready", HttpApi.ready, "GET"),
         route("/v1/status", HttpApi.status, "GET"),
         route("/metrics", HttpApi.metrics, "GET"),
+        *mounted,
     ]
-    return Starlette(routes=routes, exception_handlers={404: api.not_found, 405: _method_not_allowed})
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={404: api.not_found, 405: _method_not_allowed})
 
 
 async def _method_not_allowed(request: Request, error: Exception) -> Response:

@@ -1,5 +1,6 @@
-"""The HTTP door as the composition root runs it: uvicorn serving the app from its own thread
-on a socket bound up front (so port 0 is known at once); ``shutdown`` stops it and waits."""
+"""The HTTP door as the composition root runs it: uvicorn serving an app (``build_app``'s) from
+its own thread on a socket bound up front (so port 0 is known at once); ``shutdown`` stops it
+and waits."""
 from __future__ import annotations
 
 import logging
@@ -11,9 +12,7 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 
-from flight.http.app import build_app
 from flightdeck.runtime_config import TlsFiles
-from flightdeck.service import Service
 
 log = logging.getLogger("flightdeck.http")
 START_TIMEOUT_SECONDS = 30
@@ -32,9 +31,8 @@ def ssl_options(tls: TlsFiles | None) -> dict:
 
 
 class HttpServer:
-    def __init__(self, service: Service, host: str, port: int, app: Starlette | None = None,
-                 tls: TlsFiles | None = None):
-        self.app = app or build_app(service)
+    def __init__(self, app: Starlette, host: str, port: int, tls: TlsFiles | None = None):
+        self.app = app
         self.tls = tls
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)

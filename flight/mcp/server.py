@@ -5,10 +5,8 @@ caller is whoever started the process, authenticated once with the API key it wa
 Over HTTP every request carries a bearer API key (when auth is on), checked by the SDK's
 TokenVerifier against the same keys as the other doors.
 
-To serve it inside another Starlette app, mount ``http_app(server, runtime, "/mcp")`` at
-``/v1`` (the exact path ``/v1/mcp`` then answers without a redirect) and enter
-``server.session_manager.run()`` in that app's lifespan: a mounted app's own lifespan does
-not run.
+The HTTP door serves it at ``/v1/mcp`` as one of its routes (``http_route``); that app's
+lifespan runs ``server.session_manager.run()``, since a routed app's own lifespan does not run.
 """
 from __future__ import annotations
 
@@ -21,6 +19,8 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flight.mcp.tools import Tools
 from flightdeck import __version__
@@ -71,7 +71,15 @@ def http_server(service: Service, runtime: RuntimeConfig) -> MCPServer:
     return _server(service, runtime, _caller, token_verifier=ApiKeyVerifier(service), auth=auth)
 
 
-def http_app(server: MCPServer, runtime: RuntimeConfig, path: str = "/mcp") -> Starlette:
+HTTP_PATH = "/v1/mcp"
+
+
+def http_route(server: MCPServer, runtime: RuntimeConfig, path: str = HTTP_PATH) -> Route:
+    """The streamable-HTTP endpoint as a route of another Starlette app, at exactly ``path``."""
+    return Route(path, endpoint=http_app(server, runtime, path))
+
+
+def http_app(server: MCPServer, runtime: RuntimeConfig, path: str = "/mcp") -> ASGIApp:
     """The streamable-HTTP ASGI app answering at ``path`` (both protocol eras). Requests whose
     Host header is not loopback are refused unless listed in ``runtime.mcp.allowed_hosts``
     (DNS rebinding protection) when the HTTP door listens on loopback."""
@@ -82,8 +90,24 @@ def http_app(server: MCPServer, runtime: RuntimeConfig, path: str = "/mcp") -> S
             allowed_hosts=[*runtime.mcp.allowed_hosts, "127.0.0.1:*", "localhost:*", "[::1]:*"],
             allowed_origins=[f"{scheme}://{allowed}" for allowed in runtime.mcp.allowed_hosts
                              for scheme in ("http", "https")])
-    return server.streamable_http_app(streamable_http_path=path, transport_security=security,
-                                      host=runtime.http.host)
+    return ApiKeyHeader(server.streamable_http_app(streamable_http_path=path, transport_security=security,
+                                                   host=runtime.http.host))
+
+
+class ApiKeyHeader:
+    """Lets MCP clients send their key as ``X-API-Key``, as on the other HTTP routes: the SDK's
+    authentication reads only ``Authorization: Bearer``."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            key = next((value for name, value in headers if name == b"x-api-key"), None)
+            if key is not None and not any(name == b"authorization" for name, _ in headers):
+                scope = {**scope, "headers": [*headers, (b"authorization", b"Bearer " + key)]}
+        await self.app(scope, receive, send)
 
 
 def _server(service: Service, runtime: RuntimeConfig, principal: Callable[[], Principal], **auth) -> MCPServer:

@@ -22,7 +22,7 @@ from flight.mcp.errors import resource_errors, tool_errors
 from flight.mcp.results import Column, DataAsOf, Rows, columns, data_as_of, json_value, reader_rows, rows_result, sized
 from flightdeck.auth import OPERATOR, Principal
 from flightdeck.runtime_config import Mcp as Caps
-from flightdeck.service import Freshness, Planned, Service
+from flightdeck.service import Planned, Service
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True)
 REFRESHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True)
@@ -114,7 +114,7 @@ class Tools:
             return await anyio.to_thread.run_sync(functools.partial(work, principal))
 
     def _rows(self, planned: Planned) -> Rows:
-        freshness = self.service.freshness(planned)
+        freshness = self.service.freshness(planned.accelerated)
         return rows_result(self.service.execute(planned), self.caps, freshness)
 
     # ---- the catalog ----
@@ -191,7 +191,7 @@ class Tools:
 
     def _distinct(self, principal: Principal, dataset: str, names: list[str] | None, limit: int) -> DistinctValues:
         planned = self.service.plan_distinct_values(principal, dataset, names, limit)
-        freshness = self.service.freshness(planned)
+        freshness = self.service.freshness(planned.accelerated)
         reader = self.service.execute(planned)
         try:
             result = sized(reader_rows(reader, self.caps.max_rows + 1), self.caps, "values")
@@ -226,20 +226,19 @@ class Tools:
         if names is None:
             names = [d["name"] for d in self.service.datasets(principal) if d["searchable_columns"]]
         matches: list[dict] = []
-        freshness: dict = {}
+        searched = []
         for name in names:
             planned = self.service.plan_search(principal, name, text, limit, mode, where)
             entry = self.service.dataset(principal, name)
             qualified, key = entry["name"], entry.get("primary_key") or []
-            found = self.service.freshness(planned)
-            freshness.update(found.datasets if found else {})
+            searched.extend(planned.accelerated)
             for row in self.service.execute(planned).read_all().to_pylist():
                 matches.append(Match(dataset=qualified, score=row.pop("score"), chunk=row.pop("chunk", None),
                                      primary_key={k: json_value(row[k]) for k in key} if key else None, row=row))
         matches.sort(key=lambda m: m["score"], reverse=True)
         result = sized(matches[:limit], self.caps, "matches")
         return SearchResult(matches=result.rows, truncated=result.truncated, notice=result.notice,
-                            data_as_of=data_as_of(Freshness(freshness) if freshness else None))
+                            data_as_of=data_as_of(self.service.freshness(searched)))
 
     # ---- acceleration ----
 
