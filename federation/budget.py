@@ -94,8 +94,10 @@ class LoadBudget:
         if not self.limited:
             return open_stream()
         how = getattr(_patience, "how", None)
-        if how is None:
-            self._take(lambda: self._fits(claim=1), self._claim, 0.0)
+        if how is None:  # an engine thread: on a reserved slot (its start already paced), or a free one
+            with self._changed:
+                covered = self._claimed < self._reserved
+            self._take(lambda: self._fits(claim=1), self._claim, 0.0, paced=not covered)
             release = self._unclaim
         else:
             self._take(lambda: self._fits(direct=1), self._start_direct, self._wait_seconds(how))
@@ -116,9 +118,11 @@ class LoadBudget:
             self.refusals += 1
             raise BudgetExceeded(f"source {self.source} is at its load budget: the query needs {count} "
                                  f"concurrent requests to it, over max_concurrent_requests {self.max_concurrent}")
+        wait = self._wait_seconds(how)
+        deadline = None if wait is None else time.monotonic() + wait
         for taken in range(count):
             try:
-                self._take(lambda: self._fits(reserve=1), self._reserve_one, self._wait_seconds(how))
+                self._take(lambda: self._fits(reserve=1), self._reserve_one, wait, deadline=deadline)
             except BudgetExceeded:
                 self._unreserve(taken)
                 raise
@@ -141,15 +145,19 @@ class LoadBudget:
     def _wait_seconds(self, how: str) -> float | None:
         return None if how == REFRESH else self.timeout
 
-    def _take(self, fits: Callable[[], bool], take: Callable[[], None], wait: float | None) -> None:
-        """Wait (at most ``wait`` seconds; None: forever) until a request fits and may start by the
-        rate, then ``take`` its slot; raise BudgetExceeded when the time is up."""
-        deadline = None if wait is None else time.monotonic() + wait
+    def _take(self, fits: Callable[[], bool], take: Callable[[], None], wait: float | None,
+              paced: bool = True, deadline: float | None = None) -> None:
+        """Wait (at most ``wait`` seconds, or until ``deadline``; None: forever) until a request
+        fits and, when ``paced``, may start by the rate; then ``take`` its slot. Raises
+        BudgetExceeded when the time is up."""
+        if deadline is None and wait is not None:
+            deadline = time.monotonic() + wait
         with self._changed:
             waited = False
             while True:
                 now = time.monotonic()
-                if fits() and now >= self._next_start:
+                on_time = not paced or now >= self._next_start
+                if fits() and on_time:
                     break
                 remaining = None if deadline is None else deadline - now
                 if remaining is not None and remaining <= 0:
@@ -163,7 +171,7 @@ class LoadBudget:
                     pause = min(pause, remaining)
                 self._changed.wait(pause)
             take()
-            if self.max_per_second is not None:
+            if paced and self.max_per_second is not None:
                 self._next_start = max(now, self._next_start) + 1.0 / self.max_per_second
 
     def _refusal(self, wait: float | None) -> str:
