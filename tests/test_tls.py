@@ -7,6 +7,8 @@ import datetime as dt
 import ipaddress
 import logging
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import serving
+from conftest import REPO, serving
 from flight.cli import warn_plain_text_beyond_loopback
 from flight.flightsql.server import pack
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
@@ -179,6 +181,14 @@ def test_httpx_over_tls_with_the_test_ca(tls_server, pki):
 
 def test_mcp_client_over_tls_with_the_test_ca(tls_server, pki):
     assert mcp_total(tls_server.http_url, trusting(pki)) == 6
+
+
+def test_the_command_line_client_with_the_test_ca(tls_server, pki):
+    run = subprocess.run([sys.executable, "-m", "flight.cli", "sql", "--url", tls_server.flight_url,
+                          "--tls-ca", str(pki.ca), "-e", QUERY, "--format", "json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == '{"total": 6}'
 
 
 def test_a_client_that_does_not_trust_the_ca_is_refused(tls_server):
