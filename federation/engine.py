@@ -28,8 +28,9 @@ class QueryError(Exception):
 
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
-        self.kind = kind  # "invalid" (the request), "refused" (not read-only), "unavailable" (a backend),
+        # "invalid" (the request), "refused" (not read-only), "unavailable" (a backend),
         # "limit_exceeded" (a source at its load budget)
+        self.kind = kind
 
 
 LIMIT_EXCEEDED = "limit_exceeded"
