@@ -45,7 +45,7 @@ class ArrowCopies(Connector):
     def row_count(self, table: str) -> int | None:
         return self._copy(table).num_rows
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         data = self._copy(table)
         if columns is not None:

@@ -318,7 +318,7 @@ class PendingCopy(Connector):
     def schema(self, table: str) -> pa.Schema:
         return self.refresher.store.schema
 
-    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+    def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
         refresher = self.refresher
         if not refresher.loaded.wait(refresher.spec.ready_timeout):
             why = f"; the last attempt failed: {refresher.status.last_error}" if refresher.status.last_error else ""
@@ -349,7 +349,7 @@ class SourceWhenEmpty(Connector):
     def schema(self, table: str) -> pa.Schema:
         return self.copy.schema(table)
 
-    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+    def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
         # Filter columns may lie outside the projection: read them to judge emptiness.
         needed = None if columns is None else \
             columns + sorted(set().union(*map(fx.referenced_columns, filters)) - set(columns))

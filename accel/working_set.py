@@ -13,10 +13,12 @@ from typing import Any
 import pyarrow as pa
 from datafusion import SessionConfig, SessionContext, SQLOptions
 
+from federation.budget import REFRESH, reserve, run_reserved
 from federation.catalog import CATALOG_NAME
 from federation.connectors.base import Connector
 from federation.engine import clean_engine_message
 from federation.expr import quote_double
+from federation.pushdown import table_scans
 from federation.safety import UnsafeStatement, check_read_only
 from federation.scan import ConnectorDataset
 
@@ -31,6 +33,7 @@ class WorkingSet:
         self.dataset = dataset
         self.schema = schema
         self.time_column = time_column
+        self.budget = connector.budget
         schema_name, _, table_name = dataset.partition(".")
         config = (SessionConfig().with_default_catalog_and_schema(CATALOG_NAME, schema_name)
                   .with_create_default_catalog_and_schema(True).with_batch_size(batch_rows))
@@ -68,7 +71,9 @@ class WorkingSet:
             sql = f"SELECT * FROM ({sql}) AS working_set WHERE {quote_double(self.time_column)} {operator} $1"
             values = {"1": self.time_value(since)}
         frame = self.ctx.sql(sql, options=self.read_only, param_values=values)
-        return pa.RecordBatchReader.from_stream(frame)
+        # A refresh waits for its slots of the source's load budget, however long that takes.
+        give_back = reserve([self.budget] * len(table_scans(frame.optimized_logical_plan())), REFRESH)
+        return run_reserved(give_back, lambda: pa.RecordBatchReader.from_stream(frame))
 
     def time_value(self, moment: Any) -> pa.Scalar:
         """``moment`` as a scalar of the time column's own type, so the comparison is pushed as is."""

@@ -33,6 +33,7 @@ class CatalogView:
                  own_tables: Sequence[SnapshotConnector] = ()):
         """``own_tables``: system tables of the view's own (e.g. the queries its principals ran)."""
         self.base = catalog
+        self.pool = catalog.pool  # the connectors (and their load budgets) are the catalog's
         self.sees = sees
         self.columns_of = columns_of
         self.system_tables = {

@@ -15,6 +15,7 @@ from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
 from federation import expr as fx
+from federation.budget import QUERY, BudgetExceeded, LoadBudget, patience, reserve, run_reserved
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
 from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, table_scans, whole_query
@@ -27,7 +28,12 @@ class QueryError(Exception):
 
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
-        self.kind = kind  # "invalid" (the request), "refused" (not read-only), "unavailable" (a backend)
+        # "invalid" (the request), "refused" (not read-only), "unavailable" (a backend),
+        # "limit_exceeded" (a source at its load budget)
+        self.kind = kind
+
+
+LIMIT_EXCEEDED = "limit_exceeded"
 
 
 log = logging.getLogger("flightdeck.engine")
@@ -213,13 +219,27 @@ class QueryEngine:
         return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
 
     def execute(self, planned: PlannedQuery) -> pa.RecordBatchReader:
-        if planned.limited_scan is not None:
-            return planned.limited_scan.read(planned.schema)
-        if planned.remote is not None:
-            try:
-                return planned.remote.connector.stream(planned.remote.sql, planned.remote.params, planned.schema)
-            except ConnectorError as error:  # e.g. a function the backend lacks: run it here
-                log.info("whole-query pushdown failed, running in DataFusion: %s", error)
+        """The query's stream. A request to a source waits for a slot of the source's load
+        budget on this thread (DataFusion's threads must not wait: its scans run on slots
+        reserved here first); no slot within the source's ``budget_timeout`` fails the query."""
+        try:
+            if planned.limited_scan is not None:
+                with patience(QUERY):
+                    return planned.limited_scan.read(planned.schema)
+            if planned.remote is not None:
+                try:
+                    with patience(QUERY):
+                        return planned.remote.connector.stream(planned.remote.sql, planned.remote.params,
+                                                               planned.schema)
+                except ConnectorError as error:  # e.g. a function the backend lacks: run it here
+                    log.info("whole-query pushdown failed, running in DataFusion: %s", error)
+            give_back = reserve(self._scanned_budgets(planned), QUERY)
+        except BudgetExceeded as error:
+            raise QueryError(str(error), kind=LIMIT_EXCEEDED) from None
+        return run_reserved(give_back, lambda: self._run(planned))
+
+    def _run(self, planned: PlannedQuery) -> pa.RecordBatchReader:
+        """The query run by DataFusion (with its pushed statements, if any)."""
         try:
             if planned.explain_rows:
                 explained = planned.frame.to_arrow_table()
@@ -270,24 +290,32 @@ class QueryEngine:
             return None  # a limit before a filter applied locally would lose rows
         return LimitedScan(dataset.connector, dataset.table, columns, bare.fetch, filters)
 
-    def scanned_datasets(self, planned: PlannedQuery) -> list[str]:
-        """The qualified names of the datasets a planned query reads, in plan order."""
-        if planned.scanned is None:
-            planned.scanned = self._scanned_datasets(planned)
-        return planned.scanned
-
-    def _scanned_datasets(self, planned: PlannedQuery) -> list[str]:
+    def _scans(self, planned: PlannedQuery) -> list:
+        """The catalog dataset of each scan of the plan, in plan order. The plan without pushed
+        statements counts: a pushed statement stands for one or more of its scans."""
         frame = planned.local_frame or planned.frame
         try:
             plan = frame.optimized_logical_plan()
-        except Exception:  # a plan that cannot be optimized reads nothing it could report
+        except Exception:  # a plan that cannot be optimized reads nothing
             return []
-        names: list[str] = []
-        for node in table_scans(plan):
-            dataset = self.catalog.scanned(tuple(p for p in node.to_variant().fqn() if p))
-            if dataset is not None and dataset.qualified_name not in names:
-                names.append(dataset.qualified_name)
-        return names
+        found = (self.catalog.scanned(tuple(p for p in node.to_variant().fqn() if p)) for node in table_scans(plan))
+        return [dataset for dataset in found if dataset is not None]
+
+    def _scanned_budgets(self, planned: PlannedQuery) -> list[LoadBudget]:
+        """The load budget of each scan DataFusion makes of a source."""
+        if not self.catalog.pool.budgets.limited:
+            return []
+        return [dataset.connector.budget for dataset in self._scans(planned) if dataset.connector is not None]
+
+    def scanned_datasets(self, planned: PlannedQuery) -> list[str]:
+        """The qualified names of the datasets a planned query reads, in plan order."""
+        if planned.scanned is None:
+            names: list[str] = []
+            for dataset in self._scans(planned):
+                if dataset.qualified_name not in names:
+                    names.append(dataset.qualified_name)
+            planned.scanned = names
+        return planned.scanned
 
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""
@@ -315,7 +343,10 @@ class QueryEngine:
 
 def error_kind(text: str) -> str:
     """A DataFusion error's kind: a backend's failure is "unavailable" (a client may retry), a
-    Python function refusing its input (a model, a search) or anything else is "invalid"."""
+    source at its load budget "limit_exceeded", a Python function refusing its input (a model,
+    a search) or anything else "invalid"."""
+    if BudgetExceeded.__name__ in text:
+        return LIMIT_EXCEEDED
     if "ConnectorError" in text:
         return "unavailable"
     if "PyErr" in text or "QueryError" in text:

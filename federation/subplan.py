@@ -146,7 +146,7 @@ class PushedSubplan(Connector):
                f"SELECT {', '.join(quote(c) for c in fetched)} FROM {quote(WRAPPER)}")
         return sql + (f" WHERE {where}" if where else ""), bindings.values
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         # ConnectorDataset re-applies the whole filter (filters_exact is False): pushing one is
         # only ever a narrowing of what crosses the wire.

@@ -47,5 +47,5 @@ class SnapshotConnector(Connector):
     def schema(self, table: str) -> pa.Schema:
         return self.table_schema
 
-    def scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+    def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
         return self.rows_reader(self.build(), self.table_schema, columns, filters, limit)

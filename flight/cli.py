@@ -34,6 +34,8 @@ class Serving:
         from flightdeck.stack import Stack
 
         runtime = runtime or loaded.config.runtime
+        tls = runtime.tls.files(loaded.base_dir) if runtime.tls else None  # a bad file stops the start here
+        warn_plain_text_beyond_loopback(runtime)
         self.stack = Stack(loaded)
         self.service = Service(self.stack)
         self.doors: list = []  # each has shutdown(), which waits for its calls in flight
@@ -45,17 +47,18 @@ class Serving:
         try:
             if runtime.flight.enabled:
                 endpoint = runtime.flight
+                scheme = "grpc+tls" if tls else "grpc"
                 self.flightsql = FlightSqlServer(
-                    self.service, f"grpc://{endpoint.host}:{endpoint.port}",
+                    self.service, f"{scheme}://{endpoint.host}:{endpoint.port}",
                     max_batch_bytes=runtime.limits.max_batch_bytes,
-                    handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds)
-                self.flight_url = f"grpc://{endpoint.host}:{self.flightsql.port}"
+                    handle_ttl_seconds=runtime.limits.prepared_statement_ttl_seconds, tls=tls)
+                self.flight_url = f"{scheme}://{endpoint.host}:{self.flightsql.port}"
                 self.doors.append(self.flightsql)
             if runtime.http.enabled:
                 mcp = http_server(self.service, runtime)
                 app = build_app(self.service, [http_route(mcp, runtime)],
                                 lifespan=lambda app: mcp.session_manager.run())
-                self.http = HttpServer(app, runtime.http.host, runtime.http.port)
+                self.http = HttpServer(app, runtime.http.host, runtime.http.port, tls=tls)
                 self.http_url = self.http.url
                 self.doors.append(self.http)
         except Exception:
@@ -91,6 +94,18 @@ class Serving:
             door.shutdown()
         self.doors.clear()
         self.stack.close()
+
+
+def warn_plain_text_beyond_loopback(runtime: RuntimeConfig) -> None:
+    """Keys and results cross the network in clear text when a door listens beyond loopback
+    without TLS; allowed (a trusted network, a proxy that terminates TLS), but said out loud."""
+    if runtime.tls is not None:
+        return
+    for name in ("flight", "http"):
+        endpoint = getattr(runtime, name)
+        if endpoint.enabled and not endpoint.is_loopback():
+            log.warning("runtime.%s listens on %s without TLS: API keys and results cross the network "
+                        "in plain text (set runtime.tls)", name, endpoint.host)
 
 
 def _load(config_path: str | None) -> LoadedConfig:
@@ -194,6 +209,11 @@ def validate(config_path: str) -> None:
     click.echo(f"{config_path}: valid ({len(loaded.config.datasets)} datasets)")
 
 
+TLS_CA_OPTION = click.option(
+    "--tls-ca", default=lambda: os.environ.get("FLIGHTDECK_TLS_CA"), type=click.Path(exists=True, dir_okay=False),
+    help="PEM file of the CA that signed a grpc+tls:// server's certificate (or FLIGHTDECK_TLS_CA)")
+
+
 def _server_options(command):
     """--url and credentials, for commands that talk to a running server."""
     for option in reversed([
@@ -202,6 +222,7 @@ def _server_options(command):
         click.option("--api-key", default=lambda: os.environ.get("FLIGHTDECK_API_KEY"), help="bearer API key"),
         click.option("--username", help="username (with --password)"),
         click.option("--password", help="password", default=lambda: os.environ.get("FLIGHTDECK_PASSWORD")),
+        TLS_CA_OPTION,
     ]):
         command = option(command)
     return command
@@ -212,12 +233,13 @@ def _server_options(command):
 @click.option("--sql", "refresh_sql", help="a one-off working set for this refresh (SELECT * FROM NAME WHERE ...)")
 @_server_options
 def refresh(dataset: str, refresh_sql: str | None, url: str, api_key: str | None, username: str | None,
-            password: str | None) -> None:
+            password: str | None, tls_ca: str | None) -> None:
     """Refresh an accelerated dataset of a running server now, and wait for it."""
     from flight.client import refresh as request_refresh
 
     try:
-        status = request_refresh(url, dataset, refresh_sql, api_key=api_key, username=username, password=password)
+        status = request_refresh(url, dataset, refresh_sql, api_key=api_key, username=username, password=password,
+                                 tls_ca=tls_ca)
     except Exception as error:
         raise click.ClickException(_first_line(error)) from None
     if status.get("last_error"):
@@ -233,7 +255,8 @@ def refresh(dataset: str, refresh_sql: str | None, url: str, api_key: str | None
 @click.option("--rows/--no-rows", default=True, help="count rows where that is cheap")
 @click.option("--url", help="show a running server's live status (acceleration, refreshes) instead")
 @click.option("--api-key", default=lambda: os.environ.get("FLIGHTDECK_API_KEY"), help="bearer API key")
-def datasets(config_path: str | None, rows: bool, url: str | None, api_key: str | None) -> None:
+@TLS_CA_OPTION
+def datasets(config_path: str | None, rows: bool, url: str | None, api_key: str | None, tls_ca: str | None) -> None:
     """List datasets: name, source kind, state, schema and rows (or a server's live status)."""
     from rich.console import Console
     from rich.table import Table
@@ -241,7 +264,7 @@ def datasets(config_path: str | None, rows: bool, url: str | None, api_key: str 
     from flightdeck.sources import dataset_overview
 
     if url:
-        _print_live_datasets(url, api_key)
+        _print_live_datasets(url, api_key, tls_ca)
         return
     loaded = _load(config_path)
     table = Table("dataset", "from", "state", "rows", "schema")
@@ -255,11 +278,11 @@ LIVE_COLUMNS = ["name", "kind", "state", "acceleration", "refresh_state", "rows"
                 "data_as_of", "last_error"]
 
 
-def _print_live_datasets(url: str, api_key: str | None) -> None:
+def _print_live_datasets(url: str, api_key: str | None, tls_ca: str | None) -> None:
     from flight.client import connect, run_query
 
     try:
-        with connect(url, api_key=api_key) as connection:
+        with connect(url, api_key=api_key, tls_ca=tls_ca) as connection:
             table = run_query(connection, f"SELECT {', '.join(LIVE_COLUMNS)} FROM flightdeck.runtime.datasets "
                                           "ORDER BY name")
     except Exception as error:
@@ -276,12 +299,12 @@ def _print_live_datasets(url: str, api_key: str | None) -> None:
 @_server_options
 @click.option("--format", "output", type=click.Choice(["table", "csv", "json"]), default="table")
 def sql(query: str | None, url: str, api_key: str | None, username: str | None,
-        password: str | None, output: str) -> None:
+        password: str | None, tls_ca: str | None, output: str) -> None:
     """Run SQL against a flightdeck server over Flight SQL (a REPL without -e)."""
     from flight.client import connect, run_query
 
     try:
-        connection = connect(url, api_key=api_key, username=username, password=password)
+        connection = connect(url, api_key=api_key, username=username, password=password, tls_ca=tls_ca)
     except Exception as error:
         raise click.ClickException(f"cannot connect to {url}: {_first_line(error)}") from None
     with connection:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow as pa
@@ -10,13 +11,17 @@ from adbc_driver_flightsql import DatabaseOptions
 
 
 def connect(url: str, api_key: str | None = None, username: str | None = None,
-            password: str | None = None) -> flightsql.Connection:
-    kwargs: dict = {}
+            password: str | None = None, tls_ca: str | None = None) -> flightsql.Connection:
+    """``tls_ca``: a PEM file of the CA that signed a ``grpc+tls://`` server's certificate, when
+    the system's roots do not cover it."""
+    options: dict[str, str] = {}
     if api_key:
-        kwargs["db_kwargs"] = {DatabaseOptions.AUTHORIZATION_HEADER.value: f"Bearer {api_key}"}
+        options[DatabaseOptions.AUTHORIZATION_HEADER.value] = f"Bearer {api_key}"
     elif username:
-        kwargs["db_kwargs"] = {"username": username, "password": password or ""}
-    return flightsql.connect(url, autocommit=True, **kwargs)
+        options.update(username=username, password=password or "")
+    if tls_ca:
+        options[DatabaseOptions.TLS_ROOT_CERTS.value] = Path(tls_ca).read_text()
+    return flightsql.connect(url, autocommit=True, db_kwargs=options or None)
 
 
 def run_query(connection: flightsql.Connection, query: str,
@@ -27,9 +32,9 @@ def run_query(connection: flightsql.Connection, query: str,
 
 
 def refresh(url: str, dataset: str, refresh_sql: str | None = None, api_key: str | None = None,
-            username: str | None = None, password: str | None = None) -> dict:
+            username: str | None = None, password: str | None = None, tls_ca: str | None = None) -> dict:
     """Ask the server to refresh an accelerated dataset now (the Refresh action); its status after."""
-    client = flight.FlightClient(url)
+    client = flight.FlightClient(url, tls_root_certs=Path(tls_ca).read_bytes() if tls_ca else None)
     try:
         headers = []
         if api_key:

@@ -62,9 +62,10 @@ class Metrics:
         self.embedding_inputs.labels(model).inc(inputs)
         self.embedding_tokens.labels(model).inc(tokens)
 
-    def watch(self, sources: Callable[[], list[dict]], datasets: Callable[[], list[dict]]) -> None:
-        """Read per-source traffic and dataset state from these callables at each scrape."""
-        self.registry.register(_StackCollector(sources, datasets))
+    def watch(self, sources: Callable[[], list[dict]], datasets: Callable[[], list[dict]],
+              budgets: Callable[[], list[dict]]) -> None:
+        """Read per-source traffic, dataset state and load budgets from these callables at each scrape."""
+        self.registry.register(_StackCollector(sources, datasets, budgets))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -72,13 +73,31 @@ class Metrics:
 
 
 class _StackCollector(Collector):
-    def __init__(self, sources: Callable[[], list[dict]], datasets: Callable[[], list[dict]]):
+    def __init__(self, sources: Callable[[], list[dict]], datasets: Callable[[], list[dict]],
+                 budgets: Callable[[], list[dict]]):
         self.sources = sources
         self.datasets = datasets
+        self.budgets = budgets
 
     def collect(self) -> Iterable:
         yield from self._sources(self.sources())
         yield from self._datasets(self.datasets())
+        yield from self._budgets(self.budgets())
+
+    @staticmethod
+    def _budgets(rows: list[dict]) -> Iterable:
+        in_use = GaugeMetricFamily("flightdeck_source_budget_in_use",
+                                   "Slots of each source's load budget held now", labels=["source"])
+        waits = CounterMetricFamily("flightdeck_source_budget_waits",
+                                    "Requests that waited for a slot of their source's load budget", labels=["source"])
+        refusals = CounterMetricFamily("flightdeck_source_budget_refusals",
+                                       "Queries refused: their source's load budget had no slot in time",
+                                       labels=["source"])
+        for row in rows:
+            in_use.add_metric([row["source"]], row["in_use"])
+            waits.add_metric([row["source"]], row["waits"])
+            refusals.add_metric([row["source"]], row["refusals"])
+        yield from (in_use, waits, refusals)
 
     @staticmethod
     def _sources(rows: list[dict]) -> Iterable:

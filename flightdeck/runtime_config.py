@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -129,6 +131,42 @@ class Mcp(Strict):
     allowed_hosts: list[str] = Field(default_factory=list)  # e.g. "flightdeck.internal:8090"
 
 
+class Tls(Strict):
+    """Flight SQL and HTTP over TLS (PEM files, relative to the config file). With ``client_ca``
+    every client must present a certificate signed by it (mutual TLS)."""
+    cert: str = Field(min_length=1)       # the server's certificate chain
+    key: str = Field(min_length=1)        # its private key
+    client_ca: str | None = None          # the CA that signs client certificates
+
+    def files(self, base_dir: Path) -> "TlsFiles":
+        """These files resolved against the config's folder, each checked to be a readable PEM
+        file; raises ValueError naming the setting whose file is not."""
+        resolved: dict[str, Path | None] = {}
+        for setting in ("cert", "key", "client_ca"):
+            value = getattr(self, setting)
+            if value is None:
+                resolved[setting] = None
+                continue
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else base_dir / path
+            try:
+                if b"-----BEGIN " not in path.read_bytes():
+                    raise ValueError(f"runtime.tls.{setting}: {value} is not a PEM file")
+            except OSError as error:
+                raise ValueError(f"runtime.tls.{setting}: cannot read {value}: {error.strerror}") from None
+            resolved[setting] = path
+        return TlsFiles(**resolved)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The TLS files a door serves with: its certificate and key, and with ``client_ca`` (mutual
+    TLS) the CA every client certificate must chain to."""
+    cert: Path
+    key: Path
+    client_ca: Path | None
+
+
 class RuntimeConfig(Strict):
     data_dir: str = ".flightdeck"  # file-mode copies and model caches, relative to the config file
     flight: Endpoint = Field(default_factory=lambda: Endpoint(port=FLIGHT_PORT))
@@ -137,6 +175,7 @@ class RuntimeConfig(Strict):
     limits: Limits = Field(default_factory=Limits)
     mcp: Mcp = Field(default_factory=Mcp)
     audit: Audit = Field(default_factory=Audit)
+    tls: Tls | None = None
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> "RuntimeConfig":

@@ -108,7 +108,7 @@ class Stack:
 
     def _metrics(self) -> Metrics:
         metrics = Metrics()
-        metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows)
+        metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows, self.catalog.pool.budgets.snapshot)
         for refresher in self.accelerator.refreshers.values():
             refresher.listeners.append(lambda r: metrics.refreshed(
                 r.spec.dataset, (r.status.last_refresh_end - r.status.last_refresh_start).total_seconds()))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from federation.budget import LoadBudgets
 from federation.connectors.base import Connector, ConnectorError, SqlConnector
 
 AVAILABLE_KINDS = {
@@ -38,11 +39,13 @@ def check_kind(kind: str) -> str | None:
 
 
 class ConnectorPool:
-    """Opens connectors, sharing one per backend configuration (same file, same server)."""
+    """Opens connectors, sharing one per backend configuration (same file, same server), and
+    gives each the load budget of its source."""
 
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
         self._open: dict[str, Connector] = {}
+        self.budgets = LoadBudgets()
 
     def open(self, kind: str, location: str, params: dict[str, Any]) -> Connector:
         problem = check_kind(kind)
@@ -53,11 +56,18 @@ class ConnectorPool:
         if kind in PER_LOCATION_KINDS:
             if kind in ("http", "https"):
                 location = f"{kind}:{location}"  # the connector takes the whole URL
-            return connector_class(params, self.base_dir, location)
+            return self._budgeted(connector_class(params, self.base_dir, location), params)
         key = kind + json.dumps(params, sort_keys=True, default=str)
         if key not in self._open:
             self._open[key] = connector_class(params, self.base_dir)
-        return self._open[key]
+        return self._budgeted(self._open[key], params)
+
+    def _budgeted(self, connector: Connector, params: dict[str, Any]) -> Connector:
+        try:
+            connector.budget = self.budgets.of(connector.source_identity, connector.describe(), params)
+        except ValueError as error:
+            raise ConnectorError(str(error)) from None
+        return connector
 
     def close(self) -> None:
         for connector in self._open.values():

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.arrow_expr import to_arrow
+from federation.budget import UNLIMITED, LoadBudget
 from federation.connectors.typing import conform_batch
 
 DEFAULT_BATCH_ROWS = 65_536
@@ -78,6 +79,7 @@ class Connector(ABC):
         self.params = params
         self.base_dir = base_dir
         self.stats = SourceStats()
+        self.budget: LoadBudget = UNLIMITED  # the source's, shared with its other connectors (ConnectorPool)
         self._known_schemas: dict[str, pa.Schema] = {}
 
     @abstractmethod
@@ -88,12 +90,23 @@ class Connector(ABC):
     def schema(self, table: str) -> pa.Schema:
         """The Arrow schema of one table."""
 
-    @abstractmethod
     def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         """Stream rows: only ``columns`` (None = all), pre-filtered by what of ``filters``
         the backend can take (the caller re-applies the exact filter), at most ``limit``
-        (honoured only when every filter was applied: cutting earlier would lose rows)."""
+        (honoured only when every filter was applied: cutting earlier would lose rows).
+        The stream holds a slot of the source's load budget until it ends or is closed."""
+        return self.budget.hold(lambda: self.open_scan(table, columns, filters, limit))
+
+    @abstractmethod
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+                  limit: int | None) -> pa.RecordBatchReader:
+        """``scan`` as the backend does it (the budget is the base class's business)."""
+
+    @property
+    def source_identity(self) -> str:
+        """Equal for two connectors exactly when they load the same backend (one load budget)."""
+        return f"{self.kind}:{self.describe()}"
 
     def cached_schema(self, table: str) -> pa.Schema:
         """``schema(table)``, asked of the backend once: scans and planning need it every query."""
@@ -184,9 +197,18 @@ class SqlConnector(Connector):
     def compute_context(self) -> str:
         """Equal for two datasets exactly when one query may join them on the backend."""
 
-    @abstractmethod
+    @property
+    def source_identity(self) -> str:
+        return self.compute_context
+
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
-        """Run one read statement and stream its result, as ``target`` when given."""
+        """Run one read statement and stream its result, as ``target`` when given, on a slot of
+        the source's load budget held until the stream ends or is closed."""
+        return self.budget.hold(lambda: self.open_stream(sql, params, target))
+
+    @abstractmethod
+    def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+        """``stream`` as the backend does it (the budget is the base class's business)."""
 
     def execute_sql(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:
         """Run one read statement on the backend and stream its result in the backend's types."""
@@ -232,8 +254,8 @@ class SqlConnector(Connector):
             sql += f" LIMIT {int(limit)}"
         return sql, bindings.values
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
-             limit: int | None) -> pa.RecordBatchReader:
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+                  limit: int | None) -> pa.RecordBatchReader:
         schema = self.cached_schema(table)
         if columns is None:
             columns = schema.names  # never SELECT *: columns of unsupported types stay out
@@ -244,8 +266,9 @@ class SqlConnector(Connector):
         return self.stream_select(sql, params, target)
 
     def stream_select(self, sql: str, params: list[Any], target: pa.Schema) -> pa.RecordBatchReader:
-        """Stream a generated SELECT whose result has the ``target`` schema."""
-        return self.stream(sql, params, target)
+        """Stream a generated SELECT whose result has the ``target`` schema (within a scan,
+        which holds the budget's slot)."""
+        return self.open_stream(sql, params, target)
 
     def counted(self, schema: pa.Schema, sql: str,
                 batches: Callable[[], Iterator[pa.RecordBatch]]) -> pa.RecordBatchReader:

@@ -95,7 +95,7 @@ class DuckDBConnector(SqlConnector):
         return self._cursor().execute(
             f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
-    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+    def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         _one_select(sql)
         cursor = self._cursor()
         on_cancel(cursor.interrupt)

@@ -159,7 +159,7 @@ class FileConnector(Connector):
             return None  # counting CSV or JSON means reading it all
         return self.dataset().count_rows()
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         arrow_filter = to_arrow(fx.And(tuple(filters))) if filters else None
         scanner = self.dataset().scanner(columns=columns, filter=arrow_filter)

@@ -69,7 +69,7 @@ class FlightSQLConnector(SqlConnector):
         reader = self.execute_sql(f"SELECT * FROM {self.quote_table(table)} LIMIT 0")
         return reader.schema
 
-    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+    def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()
         on_cancel(cursor.adbc_cancel)

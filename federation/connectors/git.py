@@ -74,7 +74,7 @@ class GitConnector(Connector):
             return int(self._git("rev-list", "--count", "HEAD").strip() or 0)
         return self._git("ls-tree", "-r", "-z", "HEAD").count(b"\x00")
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         schema = self.schema(table)
         columns = schema.names if columns is None else (columns or schema.names[:1])

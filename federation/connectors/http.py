@@ -223,7 +223,7 @@ class HttpConnector(Connector):
             return {"value": record}
         return {"_".join(path): value for path, value in flatten_document(record).items()}
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         schema = self.schema(table)
         columns = schema.names if columns is None else (columns or schema.names[:1])

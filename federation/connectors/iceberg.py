@@ -145,7 +145,7 @@ class IcebergConnector(Connector):
         total = snapshot.summary.get("total-records")
         return None if total is None else int(total)
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         iceberg_table = self._table(table)
         schema = plain_types(iceberg_table.schema().as_arrow())

@@ -198,7 +198,7 @@ class MongoDBConnector(Connector):
 
     # ---- scans ----
 
-    def scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         schema, paths, kinds = self._describe_table(table)
         columns = schema.names if columns is None else (columns or schema.names[:1])

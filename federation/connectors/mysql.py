@@ -187,7 +187,7 @@ class MySQLConnector(SqlConnector):
         finally:
             killer.close()
 
-    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
+    def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()

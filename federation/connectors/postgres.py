@@ -207,7 +207,7 @@ class PostgresConnector(SqlConnector):
     def quote_table(self, table: str) -> str:
         return ".".join(fx.quote_double(part) for part in self._split(table))
 
-    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+    def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection, cursor = self._run(sql, params, cancellable=True)
         reader = cursor.fetch_record_batch()
 

@@ -130,7 +130,7 @@ class SnowflakeConnector(SqlConnector):
             fields.append(pa.field(shown, arrow_type))
         return pa.schema(fields)
 
-    def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
+    def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         connection = self._connect()
         cursor = connection.cursor()
         try:

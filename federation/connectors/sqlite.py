@@ -152,7 +152,7 @@ class SQLiteConnector(SqlConnector):
         with self._connect() as connection:
             return connection.execute(f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
-    def stream(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
+    def open_stream(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         """Results take the table's declared types; computed columns are read as text."""
         connection = self._connect()

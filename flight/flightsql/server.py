@@ -29,6 +29,7 @@ from flightdeck import __version__
 from flightdeck.auth import Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT,
                                UNAUTHENTICATED, UNAVAILABLE, ServiceError)
+from flightdeck.runtime_config import TlsFiles
 from flightdeck.service import Cancellation, Freshness, Planned, Service
 
 log = logging.getLogger("flightdeck.flightsql")
@@ -302,6 +303,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def tls_options(tls: TlsFiles | None) -> dict[str, Any]:
+    """pyarrow.flight's server TLS arguments: the certificate, and with mutual TLS the CA that
+    every client certificate must chain to."""
+    if tls is None:
+        return {}
+    options: dict[str, Any] = {"tls_certificates": [(tls.cert.read_bytes(), tls.key.read_bytes())]}
+    if tls.client_ca is not None:
+        options.update(verify_client=True, root_certificates=tls.client_ca.read_bytes())
+    return options
+
+
 def command_of(data: bytes) -> tuple[Command, Any]:
     """The table entry for an Any-packed command, and the command parsed."""
     name, body = unpack(data)
@@ -317,9 +329,11 @@ def command_of(data: bytes) -> tuple[Command, Any]:
 
 class FlightSqlServer(flight.FlightServerBase):
     def __init__(self, service: Service, location: str, max_batch_bytes: int = 8 * 1024 * 1024,
-                 handle_ttl_seconds: float = 3600):
+                 handle_ttl_seconds: float = 3600, tls: TlsFiles | None = None):
+        """``location`` is ``grpc://host:port`` (``grpc+tls://`` when ``tls`` is given)."""
         super().__init__(location, auth_handler=NoOpAuthHandler(),
-                         middleware={"auth": AuthMiddlewareFactory(service, flight_error)})
+                         middleware={"auth": AuthMiddlewareFactory(service, flight_error)},
+                         **tls_options(tls))
         self.service = service
         self.max_batch_bytes = max_batch_bytes
         self.prepared: HandleRegistry[PreparedStatement] = HandleRegistry(

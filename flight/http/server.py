@@ -5,20 +5,35 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 
 import uvicorn
 from starlette.applications import Starlette
 
+from flightdeck.runtime_config import TlsFiles
+
 log = logging.getLogger("flightdeck.http")
 START_TIMEOUT_SECONDS = 30
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
+def ssl_options(tls: TlsFiles | None) -> dict:
+    """uvicorn's TLS settings: the certificate, and with mutual TLS the CA every client
+    certificate must chain to (a client without one is refused in the handshake)."""
+    if tls is None:
+        return {}
+    options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+    if tls.client_ca is not None:
+        options.update(ssl_ca_certs=str(tls.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
 class HttpServer:
-    def __init__(self, app: Starlette, host: str, port: int):
+    def __init__(self, app: Starlette, host: str, port: int, tls: TlsFiles | None = None):
         self.app = app
+        self.tls = tls
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # asyncio turns Nagle off (TCP_NODELAY) only on sockets whose protocol says TCP; without
         # it a keep-alive client's next response waits ~40 ms for the client's delayed ACK.
@@ -31,7 +46,7 @@ class HttpServer:
             raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
         self.host, self.port = host, self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **ssl_options(tls))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="flightdeck-http", daemon=True)
@@ -46,7 +61,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def shutdown(self) -> None:
         """Stop accepting, let requests in flight finish (streams are cut after a grace period)."""
