@@ -230,7 +230,7 @@ class Service:
         except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors
             text = str(error)
             failure = (_stopped(slot, limits) if slot.expired
-                       else ServiceError(error_kind(text), self.redact(clean_engine_message(text))))
+                       else _engine_error(error_kind(text), self.redact(clean_engine_message(text))))
             outcome = failure.kind
             raise failure from None
         finally:
@@ -475,12 +475,17 @@ class Service:
         if isinstance(error, ServiceError):
             return error
         if isinstance(error, QueryError):
-            return ServiceError(error.kind, self.redact(str(error)))
+            return _engine_error(error.kind, self.redact(str(error)))
         if isinstance(error, ConnectorError):
             return ServiceError(UNAVAILABLE, self.redact(str(error)))
         if isinstance(error, (ModelError, SearchError, AccelerationError)):
             return ServiceError(INVALID, self.redact(str(error)))
         return None
+
+
+def _engine_error(kind: str, message: str) -> ServiceError:
+    """The engine's limit errors are a source's load budget, busy now: a retry may work."""
+    return ServiceError(kind, message, retry_after=1.0 if kind == LIMIT_EXCEEDED else None)
 
 
 def _stopped(slot: Slot, limits: QueryLimits) -> ServiceError:
