@@ -62,13 +62,14 @@ class Process:
     """A server in its own process; waits for its READY line."""
 
     def __init__(self, args: list[str], env: dict | None = None):
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT.parent,
                                         text=True, env={**os.environ, **(env or {})})
         line = self.process.stdout.readline()
         if not line.startswith("READY "):
             self.process.kill()
             raise RuntimeError(f"server did not start: {args}")
-        self.url = line.split()[1]
+        self.urls = line.split()[1:]  # flightdeck: Flight SQL, then HTTP
+        self.url = self.urls[0]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -115,7 +116,7 @@ def drain(reader: flight.FlightStreamReader) -> tuple[int, int]:
 
 
 def measure_throughput(parquet: Path, config: Path, repeats: int) -> dict:
-    bare = Process([sys.executable, str(ROOT / "bare_flight_server.py"), str(parquet)])
+    bare = Process([sys.executable, "-m", "bench.bare_flight_server", str(parquet)])
     ours = flightdeck_server(config)
     # DataFusion's allocator (mimalloc) keeps freed memory for reuse; purging at once returns
     # it to the OS after every query. This series shows what that would cost.

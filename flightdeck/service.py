@@ -105,7 +105,7 @@ class Service:
         try:
             with self._translated():
                 query = self.stack.engine.plan(sql, list(parameters) if parameters is not None else None)
-                accelerated = self._accelerated(query)
+                accelerated = query.derive("accelerated", lambda: self._accelerated(query))
         except Exception as error:
             self.stack.metrics.query_finished(door, _outcome(error), time.perf_counter() - started, 0, 0)
             raise

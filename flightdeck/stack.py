@@ -23,7 +23,8 @@ class Stack:
         self.catalog = Catalog(config.dataset_specs(), loaded.base_dir)
         self.accelerator = self._accelerator(loaded)
         self.catalog.status_extension = self._acceleration_status
-        self.engine = QueryEngine(self.catalog, EngineSettings(batch_rows=runtime.limits.batch_rows))
+        self.engine = QueryEngine(self.catalog, EngineSettings(batch_rows=runtime.limits.batch_rows,
+                                                                  plan_cache_entries=runtime.limits.plan_cache_entries))
         # `embeddings` / `models` from the config (plus the bundled minilm), each loaded on first use;
         # embed() and predict() in SQL.
         self.models = model_registry(loaded)
