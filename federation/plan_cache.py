@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Hashable
 
 DEFAULT_ENTRIES = 512
@@ -61,8 +61,9 @@ class PlanCache:
         with self._lock:
             setattr(self.stats, what, getattr(self.stats, what) + 1)
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {**asdict(self.stats), "entries": len(self._entries)}
 
     def _catch_up(self, generation: int) -> None:
         if generation > self._generation:

@@ -73,6 +73,7 @@ class Stack:
     def _metrics(self) -> Metrics:
         metrics = Metrics()
         metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows)
+        metrics.watch_plans(self.engine.plans.snapshot)
         for refresher in self.accelerator.refreshers.values():
             refresher.listeners.append(lambda r: metrics.refreshed(
                 r.spec.dataset, (r.status.last_refresh_end - r.status.last_refresh_start).total_seconds()))
