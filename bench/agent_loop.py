@@ -1,6 +1,6 @@
 """Agent-loop benchmark: many small queries from many clients, flightdeck vs the transport's floor.
 
-    python -m bench.agent_loop [--seconds 20] [--clients 1,4,16] [--rows 1000000] [--only NAME,...]
+    python -m bench.agent_loop [--seconds 20] [--clients 1,4,16] [--rows 1000000] [--only 'NAME;NAME']
 
 The floor is a bare pyarrow.flight server answering the Flight SQL call sequence of the ADBC
 driver with a constant one-row batch (bench/bare_flight_server.py). Against it, flightdeck runs
@@ -288,12 +288,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each series")
     parser.add_argument("--clients", default="1,4,16", help="client counts, comma-separated")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the looked-up table")
-    parser.add_argument("--only", default="", help="workload names to run (comma-separated; default all)")
+    parser.add_argument("--only", default="", help="workload names to run, separated by semicolons (default: all)")
     parser.add_argument("--no-profile", action="store_true", help="skip the in-process cProfile")
     parser.add_argument("--output", default=str(RESULTS / "agent_loop.json"))
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    chosen = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
+    chosen = [w for w in WORKLOADS if not args.only or w.name in args.only.split(";")]
 
     ensure_table(args.rows)
     folder = Path(tempfile.mkdtemp(prefix="fd-agent-loop-"))

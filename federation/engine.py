@@ -324,9 +324,13 @@ class QueryEngine:
         try:
             planned = self.plan(sql)
         except QueryError:  # planning errors surface when the statement runs
-            count = placeholder_count(self._rewrite(number_placeholders(sql)))
+            planned = None
+        if planned is not None and "parameter_schema" in planned.derived:
+            return planned.derived["parameter_schema"]
+        count = placeholder_count(self._rewrite(number_placeholders(sql)))  # table functions' arguments too
+        if planned is None or count == 0:
             return pa.schema([pa.field(f"${i}", pa.null()) for i in range(1, count + 1)])
-        return planned.derive("parameter_schema", lambda: _parameter_schema(planned))
+        return planned.derive("parameter_schema", lambda: _parameter_schema(planned, count))
 
     def execute(self, planned: PlannedQuery) -> pa.RecordBatchReader:
         if planned.limited_scan is not None:
@@ -430,10 +434,7 @@ class QueryEngine:
         return QueryError(message, kind=error_kind(str(error)))
 
 
-def _parameter_schema(planned: PlannedQuery) -> pa.Schema:
-    count = placeholder_count(planned.sql)
-    if count == 0:
-        return pa.schema([])
+def _parameter_schema(planned: PlannedQuery, count: int) -> pa.Schema:
     plan_text = str(planned.frame.logical_plan())
     types = {int(n): _arrow_type(t) for n, t in _PLACEHOLDER_TYPE.findall(plan_text)}
     return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
