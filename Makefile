@@ -46,6 +46,7 @@ bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.acceleration
 	$(BIN)/python -m bench.embeddings
 	$(BIN)/python -m bench.search
+	$(BIN)/python -m bench.agent_loop
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
