@@ -47,6 +47,7 @@ bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.embeddings
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.doors
+	$(BIN)/python -m bench.agent_loop
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"

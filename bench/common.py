@@ -40,7 +40,7 @@ class Process:
     """A server in its own process; waits for its READY line (READY, then each door's URL)."""
 
     def __init__(self, args: list[str], env: dict | None = None):
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT.parent,
                                         text=True, env={**os.environ, **(env or {})})
         line = self.process.stdout.readline()
         if not line.startswith("READY "):

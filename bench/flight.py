@@ -37,7 +37,7 @@ def read_flightdeck(client: flight.FlightClient) -> tuple[int, int]:
 
 
 def measure_throughput(parquet: Path, config: Path, repeats: int) -> dict:
-    bare = Process([sys.executable, str(ROOT / "bare_flight_server.py"), str(parquet)])
+    bare = Process([sys.executable, "-m", "bench.bare_flight_server", str(parquet)])
     ours = flightdeck_server(config)
     # DataFusion's allocator (mimalloc) keeps freed memory for reuse; purging at once returns
     # it to the OS after every query. This series shows what that would cost.

@@ -1,6 +1,7 @@
 """The catalog: configured datasets, their connectors and schemas, in DataFusion."""
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,10 @@ class Catalog:
             dataset = self._open(spec)
             self.datasets[dataset.qualified_name] = dataset
         self.status_extension: Callable[[str], dict] | None = None  # e.g. acceleration status
+        # Moves on whenever what a plan depends on changes (where a dataset is read, whether it
+        # is available, its schema): plans kept from before are then made again.
+        self.generation = 0
+        self._generations = itertools.count(1)
         self.system_tables = {
             "source_stats": SnapshotConnector("source_stats", SOURCE_STATS_SCHEMA, self.source_stats),
             "datasets": SnapshotConnector("datasets", DATASETS_SCHEMA, self.dataset_rows),
@@ -142,6 +147,12 @@ class Catalog:
         dataset.connector, dataset.table = connector, table
         for registered in dataset.registrations:
             registered.connector, registered.table = connector, table
+        self.changed()
+
+    def changed(self) -> None:
+        """Plans made before now may no longer hold: a dataset's routing, availability or schema
+        changed."""
+        self.generation = next(self._generations)
 
     def find(self, schema_name: str, table_name: str) -> Dataset | None:
         return self.datasets.get(f"{schema_name}.{table_name}")
@@ -179,6 +190,7 @@ class Catalog:
         except ConnectorError as error:
             dataset.error = str(error)
             log.warning("dataset %s is unavailable: %s", spec.name, error)
+            self.changed()
 
     def close(self) -> None:
         self.pool.close()

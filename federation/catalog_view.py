@@ -43,6 +43,11 @@ class CatalogView:
         }
 
     @property
+    def generation(self) -> int:
+        """The catalog's: what a view's plans depend on changes with it."""
+        return self.base.generation
+
+    @property
     def datasets(self) -> dict[str, Dataset]:
         return {name: self._seen(dataset) for name, dataset in self.base.datasets.items() if self.sees(name)}
 

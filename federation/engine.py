@@ -18,7 +18,9 @@ from federation import expr as fx
 from federation.budget import QUERY, BudgetExceeded, LoadBudget, patience, reserve, run_reserved
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
-from federation.pushdown import RemoteQuery, backend_requests, literal_value, planner_filter, table_scans, whole_query
+from federation.plan_cache import DEFAULT_ENTRIES, PlanCache
+from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, literal_value, parameter_slots, planner_filter,
+                                 table_scans, whole_query)
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
 
@@ -44,19 +46,62 @@ class EngineSettings:
     batch_rows: int = 65_536
     target_partitions: int = os.cpu_count() or 2
     whole_query_pushdown: bool = True  # False: no statement goes down whole, nor any sub-plan
+    plan_cache_entries: int = DEFAULT_ENTRIES  # plans kept for reuse (0: plan every statement anew)
 
 
 @dataclass
 class PlannedQuery:
     sql: str
-    frame: DataFrame
+    _frame: DataFrame | None  # None until asked for: ``make_frame`` plans it
     schema: pa.Schema
     remote: RemoteQuery | None = None  # set when the whole query runs on one backend
     explain_rows: list[tuple[str, str]] | None = None  # EXPLAIN: what each backend is sent
     subplans: list[PushedSubplan] = field(default_factory=list)  # parts ``frame`` sends as statements
     limited_scan: "LimitedScan | None" = None  # a bare ``SELECT cols FROM t LIMIT n``, read directly
     local_frame: DataFrame | None = None  # ``frame`` without them: run when a backend rejects one
-    scanned: list[str] | None = None  # the datasets it reads, once asked (see scanned_datasets)
+    reusable: bool = False  # may be kept and executed again, or bound again with other values
+    # What is derived from the plan once and holds for every execution and binding of it
+    # (e.g. the datasets it reads); shared by the bindings of one cached plan.
+    derived: dict[str, Any] = field(default_factory=dict)
+    make_frame: Callable[[], DataFrame] | None = None
+
+    @property
+    def frame(self) -> DataFrame:
+        """The DataFusion plan (a statement sent whole to its backend plans it only if needed)."""
+        if self._frame is None:
+            self._frame = self.make_frame()
+        return self._frame
+
+    @frame.setter
+    def frame(self, frame: DataFrame) -> None:
+        self._frame = frame
+
+    def derive(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per cached plan: it must depend on the plan only, not on values."""
+        if name not in self.derived:
+            self.derived[name] = compute()
+        return self.derived[name]
+
+
+@dataclass
+class _Binding:
+    """A parameterized statement planned for parameters of given types: each call binds its
+    values without planning the statement again."""
+    sql: str                      # numbered, rewritten: what DataFusion plans
+    schema: pa.Schema
+    remote: RemoteQuery | None    # written once, with ParameterSlots where the values go
+    optimized: bool               # the first binding found a limited scan or sub-plans: look again
+    derived: dict[str, Any]
+
+    def bind(self, engine: "QueryEngine", values: dict[str, pa.Scalar]) -> PlannedQuery:
+        if self.remote is not None:
+            return PlannedQuery(self.sql, None, self.schema, self.remote.bound(values), reusable=True,
+                                derived=self.derived, make_frame=lambda: engine._bound_frame(self.sql, values))
+        frame = engine._bound_frame(self.sql, values)
+        planned = PlannedQuery(self.sql, frame, self.schema, reusable=True, derived=self.derived)
+        if self.optimized:
+            engine._optimize_locally(planned, values)
+        return planned
 
 
 @dataclass
@@ -109,35 +154,109 @@ class QueryEngine:
                           .with_allow_statements(False))
         catalog.register_into(self.ctx)
         ensure_hidden_schema(self.ctx)
+        # Plans are kept per session: a statement means what the session it is planned in holds.
+        self.session_id = self.ctx.session_id()
+        self.plans = PlanCache(self.settings.plan_cache_entries)
+        self._changes = 0  # functions registered after start: plans made before may not hold
+
+    @property
+    def generation(self) -> int:
+        """Moves on when what plans depend on changes; cached plans of an older one are dropped."""
+        return self.catalog.generation + self._changes
 
     def plan(self, sql: str, params: list[Any] | None = None) -> PlannedQuery:
+        """The statement checked and planned, or, when it was already (in this session, with
+        parameters of the same types), the kept plan with ``params`` bound."""
+        values = {str(i + 1): _as_scalar(v) for i, v in enumerate(params or [])}
+        generation = self.generation
+        key = (self.session_id, sql, tuple(v.type for v in values.values()))
+        cached = self.plans.get(key, generation)
+        if cached is not None:
+            return cached.bind(self, values) if values else cached
+        if not values:
+            planned = self._plan(sql, values)
+            if planned.reusable:
+                self.plans.put(key, generation, planned)
+            return planned
+        statement = self.plans.get((self.session_id, sql, ()), generation)
+        if statement is None:
+            statement = self._plan(sql, {})
+            if statement.reusable:
+                self.plans.put((self.session_id, sql, ()), generation, statement)
+        if not statement.reusable:
+            return self._plan(sql, values)
+        binding, planned = self._first_binding(statement, values)
+        self.plans.put(key, generation, binding)
+        return planned
+
+    def _plan(self, sql: str, values: dict[str, pa.Scalar]) -> PlannedQuery:
+        """The read-only gate, placeholders, rewriters, then DataFusion's plan and the decision
+        where each part runs. Without ``values``, a statement with placeholders is planned for
+        its schemas only (as a prepared statement is): nothing is decided about backends."""
+        self.plans.count("statements_planned")
         try:
             check_read_only(sql)
         except UnsafeStatement as error:
             raise QueryError(str(error), kind="refused") from None
         original = number_placeholders(sql)
         numbered = self._rewrite(original)
-        values = {str(i + 1): _as_scalar(v) for i, v in enumerate(params or [])}
-        numbered = inline_table_function_arguments(numbered, values)
+        inlined = inline_table_function_arguments(numbered, values)
         try:
-            frame = self.ctx.sql(numbered, options=self.read_only, param_values=values or None)
-            planned = PlannedQuery(numbered, frame, frame.schema())
-            if numbered != original:  # UDF arguments are coerced (or refused) when the plan is optimized: now
+            frame = self.ctx.sql(inlined, options=self.read_only, param_values=values or None)
+            planned = PlannedQuery(inlined, frame, frame.schema())
+            if inlined != original:  # UDF arguments are coerced (or refused) when the plan is optimized: now
                 frame.optimized_logical_plan()
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
-        explained = _EXPLAIN.match(numbered)
+        explained = _EXPLAIN.match(inlined)
+        # EXPLAIN, table functions (called while planning) and the time (fixed when planned)
+        # make a plan that holds for this one execution only.
+        planned.reusable = not (explained or inlined != numbered or calls_table_function(numbered)
+                                or _PLANNING_TIME.search(numbered))
         if explained:
-            planned.explain_rows = self._backend_requests(planned, numbered[:explained.end()],
-                                                          numbered[explained.end():], values)
+            planned.explain_rows = self._backend_requests(planned, inlined[:explained.end()],
+                                                          inlined[explained.end():], values)
+        elif placeholder_count(inlined) and not values:
+            pass  # unbound: whatever runs it must bind values first
         elif self.settings.whole_query_pushdown:
-            planned.remote = self._whole_query(frame, numbered, values)
+            planned.remote = self._whole_query(frame, inlined, values)
             if planned.remote is None:
-                planned.limited_scan = self._limited_scan(planned)
-            split = None if planned.remote or planned.limited_scan else self._split(numbered, frame, values)
-            if split is not None:
-                planned.frame, planned.subplans, planned.local_frame = split.frame, split.subplans, frame
+                self._optimize_locally(planned, values)
         return planned
+
+    def _optimize_locally(self, planned: PlannedQuery, values: dict[str, pa.Scalar]) -> None:
+        """For a query DataFusion runs: a bare limited scan read directly, or its single-backend
+        parts sent as statements."""
+        planned.limited_scan = self._limited_scan(planned)
+        split = None if planned.limited_scan else self._split(planned.sql, planned.frame, values)
+        if split is not None:
+            planned.frame, planned.subplans, planned.local_frame = split.frame, split.subplans, planned.frame
+
+    def _first_binding(self, statement: PlannedQuery, values: dict[str, pa.Scalar]
+                       ) -> tuple[_Binding, PlannedQuery]:
+        """A planned statement bound to values of new types: what to keep for later bindings of
+        these types, and this call's plan. A statement sent whole to its backend is written once
+        from the unbound plan, its values left to the driver."""
+        self.plans.count("bindings_planned")
+        frame = self._bound_frame(statement.sql, values)
+        planned = PlannedQuery(statement.sql, frame, frame.schema(), reusable=True)
+        template = None
+        if self.settings.whole_query_pushdown:
+            template = self._whole_query(statement.local_frame or statement.frame, statement.sql,
+                                         parameter_slots(len(values)))
+        if template is not None:
+            planned.remote = template.bound(values)
+        elif self.settings.whole_query_pushdown:
+            self._optimize_locally(planned, values)
+        optimized = planned.limited_scan is not None or bool(planned.subplans)
+        binding = _Binding(statement.sql, planned.schema, template, optimized, planned.derived)
+        return binding, planned
+
+    def _bound_frame(self, numbered: str, values: dict[str, pa.Scalar]) -> DataFrame:
+        try:
+            return self.ctx.sql(numbered, options=self.read_only, param_values=values)
+        except Exception as error:  # DataFusion raises bare Exceptions
+            raise self._query_error(error) from None
 
     def _backend_requests(self, planned: PlannedQuery, prefix: str, inner_sql: str,
                           values: dict) -> list[tuple[str, str]]:
@@ -180,9 +299,10 @@ class QueryEngine:
     def _whole_query(self, frame: DataFrame, sql: str, values: dict) -> RemoteQuery | None:
         """The whole query as one backend statement, or None. With parameters, the statement
         is written from the plan with its placeholders unbound: their values go to the
-        backend's driver and never through SQL text."""
+        backend's driver and never through SQL text. ``values`` may be ParameterSlots
+        (``frame`` is then the unbound plan already)."""
         try:
-            if values:
+            if values and not isinstance(next(iter(values.values())), ParameterSlot):
                 frame = self.ctx.sql(sql, options=self.read_only)
             return whole_query(frame, self.catalog, values)
         except Exception:  # never fail a query because it could not be pushed down
@@ -192,6 +312,7 @@ class QueryEngine:
     def register_udf(self, udf) -> None:
         """A scalar function callable from SQL (the Stack registers model functions this way)."""
         self.ctx.register_udf(udf)
+        self._changes += 1
 
     def add_rewriter(self, rewrite: Callable[[str], str]) -> None:
         """``rewrite(sql) -> sql`` runs on every statement, after its ``?`` are numbered and before
@@ -206,17 +327,16 @@ class QueryEngine:
 
     def parameter_schema(self, sql: str) -> pa.Schema:
         """The parameters a statement takes, with the types DataFusion infers for them."""
-        numbered = self._rewrite(number_placeholders(sql))
-        count = placeholder_count(numbered)
-        if count == 0:
-            return pa.schema([])
-        types = {}
         try:
-            plan_text = str(self.ctx.sql(numbered, options=self.read_only).logical_plan())
-            types = {int(n): _arrow_type(t) for n, t in _PLACEHOLDER_TYPE.findall(plan_text)}
-        except Exception:  # planning errors surface when the statement runs
-            pass
-        return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
+            planned = self.plan(sql)
+        except QueryError:  # planning errors surface when the statement runs
+            planned = None
+        if planned is not None and "parameter_schema" in planned.derived:
+            return planned.derived["parameter_schema"]
+        count = placeholder_count(self._rewrite(number_placeholders(sql)))  # table functions' arguments too
+        if planned is None or count == 0:
+            return pa.schema([pa.field(f"${i}", pa.null()) for i in range(1, count + 1)])
+        return planned.derive("parameter_schema", lambda: _parameter_schema(planned, count))
 
     def execute(self, planned: PlannedQuery) -> pa.RecordBatchReader:
         """The query's stream. A request to a source waits for a slot of the source's load
@@ -309,18 +429,16 @@ class QueryEngine:
 
     def scanned_datasets(self, planned: PlannedQuery) -> list[str]:
         """The qualified names of the datasets a planned query reads, in plan order."""
-        if planned.scanned is None:
-            names: list[str] = []
-            for dataset in self._scans(planned):
-                if dataset.qualified_name not in names:
-                    names.append(dataset.qualified_name)
-            planned.scanned = names
-        return planned.scanned
+        return planned.derive("scanned_datasets", lambda: list(dict.fromkeys(
+            dataset.qualified_name for dataset in self._scans(planned))))
 
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""
+        if planned.derived.get("not_a_bare_scan"):
+            return None
         bare = _bare_scan(planned.frame.optimized_logical_plan())
         if bare is None or bare.scan.filters():
+            planned.derived["not_a_bare_scan"] = True
             return None
         dataset = self.catalog.scanned(bare.scan.fqn())
         if dataset is None or dataset.connector is None:
@@ -339,6 +457,12 @@ class QueryEngine:
                 return QueryError(f"dataset {dataset.spec.name} is unavailable: {dataset.error}",
                                   kind="unavailable")
         return QueryError(message, kind=error_kind(str(error)))
+
+
+def _parameter_schema(planned: PlannedQuery, count: int) -> pa.Schema:
+    plan_text = str(planned.frame.logical_plan())
+    types = {int(n): _arrow_type(t) for n, t in _PLACEHOLDER_TYPE.findall(plan_text)}
+    return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
 
 
 def error_kind(text: str) -> str:
@@ -408,11 +532,26 @@ def inline_table_function_arguments(numbered_sql: str, values: dict[str, pa.Scal
     DataFusion calls a table function while planning, before parameters are bound, so its
     arguments must be literals; an unbound one (a statement being prepared) becomes NULL.
     """
+    replacements = [(start, end, _sql_literal(values.get(number)))
+                    for start, end, number in _table_function_calls(numbered_sql)[1]]
+    for start, end, literal in reversed(replacements):
+        numbered_sql = numbered_sql[:start] + literal + numbered_sql[end:]
+    return numbered_sql
+
+
+def calls_table_function(numbered_sql: str) -> bool:
+    """Whether the statement reads a table function (``FROM vector_search(...)``)."""
+    return _table_function_calls(numbered_sql)[0]
+
+
+def _table_function_calls(numbered_sql: str) -> tuple[bool, list[tuple[int, int, str]]]:
+    """Whether a table function is called, and where its ``$n`` arguments are: (start, end,
+    number) of each."""
     try:
         tokens = sqlglot.tokenize(numbered_sql, read="postgres")
     except TokenError:
-        return numbered_sql
-    replacements = []  # (start, end, literal)
+        return False, []
+    called, arguments = False, []
     clause_at_depth = [None]
     call_depth = None  # the paren depth inside a table function's argument list
     for index, token in enumerate(tokens):
@@ -425,7 +564,7 @@ def inline_table_function_arguments(numbered_sql: str, values: dict[str, pa.Scal
                           and tokens[index - 2].token_type in (TokenType.FROM, TokenType.JOIN, TokenType.COMMA))
             clause_at_depth.append(None)
             if opens_call:
-                call_depth = len(clause_at_depth)
+                called, call_depth = True, len(clause_at_depth)
         elif kind == TokenType.R_PAREN:
             if call_depth == len(clause_at_depth):
                 call_depth = None
@@ -436,10 +575,8 @@ def inline_table_function_arguments(numbered_sql: str, values: dict[str, pa.Scal
         elif (kind == TokenType.PARAMETER and call_depth is not None and index + 1 < len(tokens)
               and tokens[index + 1].token_type == TokenType.NUMBER):
             number = tokens[index + 1]
-            replacements.append((token.start, number.end + 1, _sql_literal(values.get(number.text))))
-    for start, end, literal in reversed(replacements):
-        numbered_sql = numbered_sql[:start] + literal + numbered_sql[end:]
-    return numbered_sql
+            arguments.append((token.start, number.end + 1, number.text))
+    return called, arguments
 
 
 def _sql_literal(value: pa.Scalar | None) -> str:
@@ -461,6 +598,9 @@ def _strip_strings(sql: str) -> str:
 
 
 _EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+VERBOSE)?\s+(?!ANALYZE)", re.IGNORECASE)
+# Functions DataFusion evaluates once, when it plans the statement.
+_PLANNING_TIME = re.compile(r"\b(now|today|current_date|current_time|current_timestamp|localtime|localtimestamp)\b",
+                            re.IGNORECASE)
 _PLACEHOLDER_TYPE = re.compile(
     r'Placeholder \{ id: "\$(\d+)", field: Some\(Field \{ name: "[^"]*", data_type: (.+?), nullable:')
 _DECIMAL_TYPE = re.compile(r"Decimal128\((\d+), (-?\d+)\)")

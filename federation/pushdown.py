@@ -62,6 +62,27 @@ class RemoteQuery:
         """The statement as EXPLAIN shows it, with the values it binds."""
         return self.sql + (f"  -- parameters: {self.params!r}" if self.params else "")
 
+    def bound(self, values: Mapping[str, object]) -> "RemoteQuery":
+        """The statement with each ParameterSlot among its params replaced by that parameter's
+        value from ``values`` (by number): one statement written once, bound for each call."""
+        params = [_python(values[p.number]) if isinstance(p, ParameterSlot) else p for p in self.params]
+        return RemoteQuery(self.connector, self.sql, params)
+
+
+@dataclass(frozen=True)
+class ParameterSlot:
+    """Stands for the value of parameter ``$number`` in a statement written for any values:
+    passed to ``whole_query`` in place of the values, it lands where the driver binds it."""
+    number: str
+
+
+def parameter_slots(count: int) -> dict[str, ParameterSlot]:
+    return {str(n): ParameterSlot(str(n)) for n in range(1, count + 1)}
+
+
+def _python(value: object) -> object:
+    return value.as_py() if hasattr(value, "as_py") else value
+
 
 def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object] | None = None
                 ) -> RemoteQuery | None:

@@ -67,6 +67,10 @@ class Metrics:
         """Read per-source traffic, dataset state and load budgets from these callables at each scrape."""
         self.registry.register(_StackCollector(sources, datasets, budgets))
 
+    def watch_plans(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Read the plan cache's counters (``PlanCacheStats`` fields, ``entries``) at each scrape."""
+        self.registry.register(_PlanCollector(stats))
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
@@ -132,3 +136,24 @@ class _StackCollector(Collector):
                 failures.add_metric([row["name"]], row["failures"] or 0)
                 copy_rows.add_metric([row["name"]], row.get("rows") or 0)
         yield from (state, refreshes, failures, copy_rows)
+
+
+class _PlanCollector(Collector):
+    COUNTERS = {
+        "statements_planned": ("flightdeck_statements_planned", "Statements checked and planned from their text"),
+        "bindings_planned": ("flightdeck_plan_bindings",
+                             "Planned statements bound to parameters of new types for the first time"),
+        "hits": ("flightdeck_plan_cache_hits", "Plans answered from the plan cache"),
+        "evictions": ("flightdeck_plan_cache_evictions", "Plans dropped to keep the cache within its size"),
+        "invalidations": ("flightdeck_plan_cache_invalidations",
+                          "Times every cached plan was dropped because datasets changed"),
+    }
+
+    def __init__(self, stats: Callable[[], dict[str, int]]):
+        self.stats = stats
+
+    def collect(self) -> Iterable:
+        stats = self.stats()
+        for key, (name, documentation) in self.COUNTERS.items():
+            yield CounterMetricFamily(name, documentation, value=stats[key])
+        yield GaugeMetricFamily("flightdeck_plan_cache_entries", "Plans kept in the plan cache", value=stats["entries"])

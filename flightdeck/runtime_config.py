@@ -104,6 +104,7 @@ class Limits(Strict):
     max_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=15 * 1024 * 1024)
     batch_rows: int = Field(default=65_536, ge=1024, le=1_048_576)
     prepared_statement_ttl_seconds: int = Field(default=3600, ge=1)
+    plan_cache_entries: int = Field(default=512, ge=0, le=100_000)  # statements kept planned (0: none)
     query_timeout_seconds: float | None = Field(default=300.0, gt=0)
     max_result_rows: int | None = Field(default=None, ge=1)
     max_result_bytes: int | None = Field(default=None, ge=1)

@@ -127,7 +127,7 @@ class Service:
             with self._translated():
                 engine = self._engine(principal)
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)
-                accelerated = self._accelerated(engine, query)
+                accelerated = query.derive("accelerated", lambda: self._accelerated(engine, query))
         except Exception as error:
             self._finished(principal, door, sql, parameters, None, _outcome(error), started, 0, 0, error)
             raise

@@ -30,7 +30,8 @@ class Stack:
         self.catalog.status_extension = self._acceleration_status
         self.audit = self._audit_log(loaded)
         self.catalog.system_tables[QUERIES_TABLE] = SnapshotConnector(QUERIES_TABLE, QUERIES_SCHEMA, self.audit.rows)
-        self.engine_settings = EngineSettings(batch_rows=runtime.limits.batch_rows)
+        self.engine_settings = EngineSettings(batch_rows=runtime.limits.batch_rows,
+                                              plan_cache_entries=runtime.limits.plan_cache_entries)
         self.engine = QueryEngine(self.catalog, self.engine_settings)
         # `embeddings` / `models` from the config (plus the bundled minilm), each loaded on first use;
         # embed() and predict() in SQL.
@@ -109,6 +110,7 @@ class Stack:
     def _metrics(self) -> Metrics:
         metrics = Metrics()
         metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows, self.catalog.pool.budgets.snapshot)
+        metrics.watch_plans(self.engine.plans.snapshot)
         for refresher in self.accelerator.refreshers.values():
             refresher.listeners.append(lambda r: metrics.refreshed(
                 r.spec.dataset, (r.status.last_refresh_end - r.status.last_refresh_start).total_seconds()))

@@ -1,6 +1,7 @@
 """`duckdb:` — tables of a DuckDB database file, opened read-only."""
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -21,9 +22,11 @@ def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     return connection
 
 
+@functools.lru_cache(maxsize=1024)  # a statement kept planned is sent again and again, values bound apart
 def _one_select(sql: str) -> None:
     """DuckDB's own parser must see exactly one SELECT: a second statement could end the
-    read-only transaction a copy is read in (``COMMIT; CREATE ...``), or DETACH a database."""
+    read-only transaction a copy is read in (``COMMIT; CREATE ...``), or DETACH a database.
+    Only statements that pass are remembered: a refused one raises every time."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as error:

@@ -42,6 +42,7 @@ CANCEL_STATUS_CANCELLED, CANCEL_STATUS_NOT_CANCELLABLE = 1, 3
 CLOSE_SESSION_CLOSED = 1
 DATA_AS_OF = "flightdeck.data_as_of"                    # result schema metadata: the oldest copy read
 DATA_AS_OF_DATASETS = "flightdeck.data_as_of.datasets"  # each copy read, as JSON {name: time}
+SMALL_RESULT_BYTES = 256 * 1024  # a result this small is read whole before it is sent
 
 
 # ---- errors: the core's kinds as Flight statuses, in one place ----
@@ -411,6 +412,8 @@ class FlightSqlServer(flight.FlightServerBase):
         return flight.RecordBatchStream(command.rows(self, principal, message))
 
     def _stream_query(self, context, principal: Principal, handle: bytes) -> flight.FlightDataStream:
+        """A small result is read whole here and sent by pyarrow from C++ (no Python per batch);
+        a larger one streams through ``_guarded``, starting with the batches already read."""
         query = self.queries.get(handle, principal)
         try:
             freshness = self.service.freshness(query.planned.accelerated)
@@ -422,15 +425,32 @@ class FlightSqlServer(flight.FlightServerBase):
                 raise ServiceError(CANCELLED, "the query was cancelled") from None
             raise error
         schema = reader.schema.with_metadata({**(reader.schema.metadata or {}), **freshness_metadata(freshness)})
-        return flight.GeneratorStream(schema, self._guarded(context, handle, query, reader))
-
-    def _guarded(self, context, handle: bytes, query: PendingQuery,
-                 reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
-        """Stream batches under the message size limit; stop when the client cancels."""
+        head, complete, failure = [], False, None
         try:
+            with self.client_watch.waiting(context, query):
+                head, complete = read_head(reader, min(SMALL_RESULT_BYTES, self.max_batch_bytes))
+        except Exception as error:  # the client meets it in the stream, as it would have later
+            failure = error
+        if complete and all(batch.nbytes <= self.max_batch_bytes for batch in head):
+            reader.close()
+            self.queries.remove(handle)
+            return flight.RecordBatchStream(pa.Table.from_batches(head, reader.schema).replace_schema_metadata(
+                schema.metadata))
+        return flight.GeneratorStream(schema, self._guarded(context, handle, query, reader, head, failure))
+
+    def _guarded(self, context, handle: bytes, query: PendingQuery, reader: pa.RecordBatchReader,
+                 head: list[pa.RecordBatch], failure: Exception | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream batches under the message size limit, ``head`` first (or ``failure`` met while
+        reading it); stop when the client cancels."""
+        try:
+            if failure is not None:
+                raise failure
             while True:
-                with self.client_watch.waiting(context, query):
-                    batch = next(reader, None)
+                if head:
+                    batch = head.pop(0)
+                else:
+                    with self.client_watch.waiting(context, query):
+                        batch = next(reader, None)
                 if batch is None:
                     break
                 if query.cancelled.is_set() or context.is_cancelled():
@@ -585,6 +605,18 @@ def freshness_metadata(freshness: Freshness | None) -> dict[str, str]:
         return {}
     return {DATA_AS_OF: freshness.oldest.isoformat(),
             DATA_AS_OF_DATASETS: json.dumps({name: when.isoformat() for name, when in freshness.datasets.items()})}
+
+
+def read_head(reader: pa.RecordBatchReader, max_bytes: int) -> tuple[list[pa.RecordBatch], bool]:
+    """The first batches of a result, up to about ``max_bytes``, and whether that was all of it."""
+    head, size = [], 0
+    while size <= max_bytes:
+        batch = next(reader, None)
+        if batch is None:
+            return head, True
+        head.append(batch)
+        size += batch.nbytes
+    return head, False
 
 
 def split_batch(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:

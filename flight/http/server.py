@@ -39,6 +39,9 @@ class HttpServer:
         # it a keep-alive client's next response waits ~40 ms for the client's delayed ACK.
         self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it: without, each small response waited ~40 ms for the
+        # client's delayed ACK (Nagle), which an agent's loop of small queries pays every call.
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self._socket.bind((host, port))
         except OSError as error:
