@@ -71,7 +71,7 @@ def test_adbc_get_objects(connection):
     schemas = {s["db_schema_name"]: s for s in objects[0]["catalog_db_schemas"]}
     assert set(schemas) == {"crm", "public", "runtime"}
     system = {t["table_name"]: t["table_type"] for t in schemas["runtime"]["db_schema_tables"]}
-    assert system == {"datasets": "SYSTEM TABLE", "source_stats": "SYSTEM TABLE"}
+    assert system == {"datasets": "SYSTEM TABLE", "queries": "SYSTEM TABLE", "source_stats": "SYSTEM TABLE"}
     tables = {t["table_name"]: t for t in schemas["public"]["db_schema_tables"]}
     assert set(tables) == {"guides", "logs", "metrics", "orders"}
     columns = [c["column_name"] for c in tables["orders"]["table_columns"]]

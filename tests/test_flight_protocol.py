@@ -82,7 +82,7 @@ def test_get_tables_filters_and_schema(flight_client):
     _, views = fetch(flight_client, sql_pb.CommandGetTables(table_types=["VIEW"]))
     assert views.num_rows == 0
     _, system = fetch(flight_client, sql_pb.CommandGetTables(table_types=["SYSTEM TABLE"]))
-    assert system.column("table_name").to_pylist() == ["datasets", "source_stats"]
+    assert system.column("table_name").to_pylist() == ["datasets", "queries", "source_stats"]
     _, other_catalog = fetch(flight_client, sql_pb.CommandGetTables(catalog="elsewhere"))
     assert other_catalog.num_rows == 0
 
