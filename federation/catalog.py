@@ -109,15 +109,11 @@ class Catalog:
         return dataset
 
     def schema_names(self) -> list[str]:
-        return sorted({d.spec.schema_name for d in self.datasets.values()} | {DEFAULT_SCHEMA, SYSTEM_SCHEMA})
+        return schema_names(self.datasets.values())
 
     def listing(self) -> list[tuple[str, str, str, pa.Schema]]:
         """(schema, table, table type, Arrow schema) of every queryable table, sorted."""
-        rows = [(d.spec.schema_name, d.spec.table_name, "TABLE", d.arrow_schema)
-                for d in self.datasets.values() if d.arrow_schema is not None]
-        rows += [(SYSTEM_SCHEMA, name, "SYSTEM TABLE", table.table_schema)
-                 for name, table in self.system_tables.items()]
-        return sorted(rows, key=lambda row: row[:2])
+        return listing(self.datasets.values(), self.system_tables)
 
     def source_stats(self) -> list[dict]:
         """One row per backend connection configuration (and per local engine holding
@@ -159,20 +155,10 @@ class Catalog:
 
     def scanned(self, fqn: tuple) -> Dataset | None:
         """The dataset a plan's table scan names (its qualified name; empty parts skipped)."""
-        *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in fqn if p])
-        return self.find(schema_name, table_name)
+        return self.find(*scanned_name(fqn))
 
     def register_into(self, ctx: SessionContext) -> None:
-        catalog = ctx.catalog(CATALOG_NAME)
-        for schema_name in self.schema_names():
-            if schema_name not in catalog.schema_names():
-                catalog.register_schema(schema_name, DataFusionSchema.memory_schema())
-        for dataset in self.datasets.values():
-            if dataset.state == "ready":
-                self._register(ctx, dataset)
-        for name, table in self.system_tables.items():
-            ctx.register_dataset(f"{SYSTEM_SCHEMA}.{name}",
-                                 ConnectorDataset(table, name, table.table_schema))
+        register_tables(ctx, self)
 
     def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
         spec = dataset.spec
@@ -194,6 +180,38 @@ class Catalog:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def register_tables(ctx: SessionContext, catalog: Any) -> None:
+    """A catalog's (or a view's) schemas, ready datasets (each by its ``_register``) and system
+    tables, in a DataFusion session."""
+    registered = ctx.catalog(CATALOG_NAME)
+    for schema_name in catalog.schema_names():
+        if schema_name not in registered.schema_names():
+            registered.register_schema(schema_name, DataFusionSchema.memory_schema())
+    for dataset in catalog.datasets.values():
+        if dataset.state == "ready":
+            catalog._register(ctx, dataset)
+    for name, table in catalog.system_tables.items():
+        ctx.register_dataset(f"{SYSTEM_SCHEMA}.{name}", ConnectorDataset(table, name, table.table_schema))
+
+
+def schema_names(datasets: Iterable[Dataset]) -> list[str]:
+    return sorted({d.spec.schema_name for d in datasets} | {DEFAULT_SCHEMA, SYSTEM_SCHEMA})
+
+
+def listing(datasets: Iterable[Dataset], system_tables: dict[str, SnapshotConnector]
+            ) -> list[tuple[str, str, str, pa.Schema]]:
+    rows = [(d.spec.schema_name, d.spec.table_name, "TABLE", d.arrow_schema)
+            for d in datasets if d.arrow_schema is not None]
+    rows += [(SYSTEM_SCHEMA, name, "SYSTEM TABLE", table.table_schema) for name, table in system_tables.items()]
+    return sorted(rows, key=lambda row: row[:2])
+
+
+def scanned_name(fqn: tuple) -> tuple[str, str]:
+    """(schema, table) of the table a plan's scan names (empty parts skipped, defaults filled in)."""
+    *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in fqn if p])
+    return schema_name, table_name
 
 
 def source_rows(datasets: Iterable[Dataset]) -> list[dict]:

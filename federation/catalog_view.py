@@ -12,12 +12,12 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 from datafusion import SessionContext
-from datafusion.catalog import Schema as DataFusionSchema
 
-from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog, Dataset, source_rows
+from federation.catalog import (Catalog, Dataset, listing, register_tables, scanned_name, schema_names,
+                                source_rows)
 from federation.connectors import ConnectorError
 from federation.scan import ConnectorDataset
-from federation.system import DATASETS_SCHEMA, SOURCE_STATS_SCHEMA, SYSTEM_SCHEMA, SnapshotConnector
+from federation.system import DATASETS_SCHEMA, SOURCE_STATS_SCHEMA, SnapshotConnector
 
 log = logging.getLogger("flightdeck.catalog")
 # A backend's last statement may carry another caller's filter values: a view does not show it.
@@ -69,18 +69,13 @@ class CatalogView:
         return self._seen(dataset) if dataset is not None and self.sees(name) else None
 
     def scanned(self, fqn: tuple) -> Dataset | None:
-        *_, schema_name, table_name = (CATALOG_NAME, DEFAULT_SCHEMA, *[p for p in fqn if p])
-        return self.find(schema_name, table_name)
+        return self.find(*scanned_name(fqn))
 
     def schema_names(self) -> list[str]:
-        return sorted({d.spec.schema_name for d in self.datasets.values()} | {DEFAULT_SCHEMA, SYSTEM_SCHEMA})
+        return schema_names(self.datasets.values())
 
     def listing(self) -> list[tuple[str, str, str, pa.Schema]]:
-        rows = [(d.spec.schema_name, d.spec.table_name, "TABLE", d.arrow_schema)
-                for d in self.datasets.values() if d.arrow_schema is not None]
-        rows += [(SYSTEM_SCHEMA, name, "SYSTEM TABLE", table.table_schema)
-                 for name, table in self.system_tables.items()]
-        return sorted(rows, key=lambda row: row[:2])
+        return listing(self.datasets.values(), self.system_tables)
 
     def dataset_rows(self) -> list[dict]:
         return [self.base.dataset_row(d) for d in self.datasets.values()]
@@ -90,15 +85,7 @@ class CatalogView:
                 for row in source_rows(self.datasets.values())]
 
     def register_into(self, ctx: SessionContext) -> None:
-        catalog = ctx.catalog(CATALOG_NAME)
-        for schema_name in self.schema_names():
-            if schema_name not in catalog.schema_names():
-                catalog.register_schema(schema_name, DataFusionSchema.memory_schema())
-        for dataset in self.datasets.values():
-            if dataset.state == "ready":
-                self._register(ctx, dataset)
-        for name, table in self.system_tables.items():
-            ctx.register_dataset(f"{SYSTEM_SCHEMA}.{name}", ConnectorDataset(table, name, table.table_schema))
+        register_tables(ctx, self)
 
     def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
         """As the catalog registers it, except that a dataset whose columns are restricted is

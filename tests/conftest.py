@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow.flight as flight
 import pytest
 import yaml
@@ -18,6 +19,7 @@ import yaml
 from flight.cli import Serving
 from flightdeck.config import parse_config
 from flightdeck.demo import ensure_demo
+from flightdeck.errors import ServiceError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,6 +114,35 @@ def deck(demo_config) -> Iterator[InProcess]:
     with serving(yaml.safe_load(demo_config.read_text()), demo_config.parent) as running:
         assert running.accelerator.refresher("guides").loaded.wait(300)
         yield running
+
+
+def service_error(call) -> ServiceError:
+    """The ServiceError ``call()`` raises (reading the result, if it returns a reader)."""
+    with pytest.raises(ServiceError) as raised:
+        result = call()
+        if hasattr(result, "read_all"):
+            result.read_all()
+    return raised.value
+
+
+POSTGRES_URI = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres(sql: str, params: list | None = None) -> list[tuple]:
+    """Run one statement on the test PostgreSQL as its administrator; its rows, if any."""
+    with adbc_postgres.connect(POSTGRES_URI, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def require_postgres() -> None:
+    """Skip the test without PostgreSQL; under CI, fail loudly instead."""
+    try:
+        postgres("SELECT 1")
+    except Exception as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is not reachable: {error}")
+        pytest.skip(f"needs PostgreSQL: {error}")
 
 
 def write_config(path: Path, config: dict) -> Path:

@@ -1,19 +1,17 @@
 """A pushed statement outlives nobody, and no RPC answers with a traceback or a file path."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 import time
 
-import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow.flight as flight
 import pytest
 
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 from flight.flightsql.server import pack
-from conftest import serving
+from conftest import postgres, require_postgres, serving
 
 PG = {"pg_host": "127.0.0.1", "pg_port": 5432, "pg_db": "test", "pg_user": "postgres"}
 SLOW = ("SELECT count(*) AS n FROM fd_cancel.big a, fd_cancel.big b, fd_cancel.big c "
@@ -21,30 +19,19 @@ SLOW = ("SELECT count(*) AS n FROM fd_cancel.big a, fd_cancel.big b, fd_cancel.b
 MARK = '"fd_cancel"."big" AS "a"'  # as the pushed statement names the table
 
 
-def _admin(sql: str) -> list[tuple]:
-    with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
-            conn.cursor() as cursor:
-        cursor.execute(sql)
-        return cursor.fetchall() if cursor.description else []
-
-
 @pytest.fixture(scope="module")
 def slow_table():
-    try:
-        _admin("DROP SCHEMA IF EXISTS fd_cancel CASCADE")
-    except Exception as error:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"needs PostgreSQL: {error}")
-    _admin("CREATE SCHEMA fd_cancel")
-    _admin("CREATE TABLE fd_cancel.big (id int PRIMARY KEY, v int)")
-    _admin("INSERT INTO fd_cancel.big SELECT g, g % 7 FROM generate_series(1, 3000) g")
+    require_postgres()
+    postgres("DROP SCHEMA IF EXISTS fd_cancel CASCADE")
+    postgres("CREATE SCHEMA fd_cancel")
+    postgres("CREATE TABLE fd_cancel.big (id int PRIMARY KEY, v int)")
+    postgres("INSERT INTO fd_cancel.big SELECT g, g % 7 FROM generate_series(1, 3000) g")
     yield
-    _admin("DROP SCHEMA fd_cancel CASCADE")
+    postgres("DROP SCHEMA fd_cancel CASCADE")
 
 
 def _running_statements() -> int:
-    return _admin("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+    return postgres("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
                   f"AND query LIKE '%{MARK}%' AND pid <> pg_backend_pid()")[0][0]
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import serving
+from conftest import service_error, serving
 from flightdeck.auth import Credentials
 from flightdeck.errors import CANCELLED, LIMIT_EXCEEDED, TIMED_OUT, ServiceError
 
@@ -42,21 +42,13 @@ def principal(deck, key: str):
     return deck.service.authenticate(Credentials(bearer=key))
 
 
-def raised(call) -> ServiceError:
-    with pytest.raises(ServiceError) as error:
-        result = call()
-        if hasattr(result, "read_all"):
-            result.read_all()
-    return error.value
-
-
 def test_a_result_over_the_row_or_byte_limit_fails_naming_the_limit(deck):
     looper, patient = principal(deck, LOOPER), principal(deck, PATIENT)
     service = deck.service
     assert service.query(looper, "SELECT * FROM orders LIMIT 100").read_all().num_rows == 100
-    error = raised(lambda: service.query(looper, "SELECT * FROM orders LIMIT 101"))
+    error = service_error(lambda: service.query(looper, "SELECT * FROM orders LIMIT 101"))
     assert error.kind == LIMIT_EXCEEDED and "max_result_rows" in error.message and "100" in error.message
-    error = raised(lambda: service.query(patient, "SELECT * FROM orders"))
+    error = service_error(lambda: service.query(patient, "SELECT * FROM orders"))
     assert error.kind == LIMIT_EXCEEDED and "max_result_bytes" in error.message
     assert service.query(principal(deck, OTHER), "SELECT * FROM orders").read_all().num_rows == 30000
 
@@ -96,7 +88,7 @@ def test_places_are_held_until_the_stream_ends_and_given_back_when_it_is_dropped
     looper, other = principal(deck, LOOPER), principal(deck, OTHER)
     service = deck.service
     first = service.execute(service.plan(looper, "SELECT * FROM orders LIMIT 50"))
-    busy = raised(lambda: service.execute(service.plan(looper, "SELECT 1")))
+    busy = service_error(lambda: service.execute(service.plan(looper, "SELECT 1")))
     assert busy.kind == LIMIT_EXCEEDED and "looper already runs 1" in busy.message and busy.retry_after
     assert service.query(other, "SELECT 1 AS one").read_all().num_rows == 1  # its own places
     first.read_all()
@@ -109,7 +101,7 @@ def test_places_are_held_until_the_stream_ends_and_given_back_when_it_is_dropped
 
 
 def test_a_statement_over_the_length_limit_is_refused_before_planning(deck):
-    error = raised(lambda: deck.service.plan(principal(deck, OTHER), "SELECT 1" + " " * 5000))
+    error = service_error(lambda: deck.service.plan(principal(deck, OTHER), "SELECT 1" + " " * 5000))
     assert error.kind == LIMIT_EXCEEDED and "max_sql_length" in error.message
 
 

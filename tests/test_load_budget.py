@@ -3,7 +3,6 @@ sampled from a separate connection while 64 ADBC clients hammer one source and a
 copy of the same source keeps refreshing."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -16,13 +15,12 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from conftest import ServerProcess, serving, write_config
+from conftest import POSTGRES_URI, ServerProcess, postgres, require_postgres, serving, write_config
 from test_backend_cancel_and_errors import CLIENT
 from federation.budget import LoadBudget, released_at_end
 from flightdeck.auth import OPERATOR
 
 PG = {"pg_host": "127.0.0.1", "pg_port": 5432, "pg_db": "test", "pg_user": "postgres"}
-ADMIN_URI = "postgresql://postgres@127.0.0.1:5432/test"
 BUDGET_ERROR = "is at its load budget"
 # A self-join PostgreSQL runs whole (about 0.1 s), so statements overlap under load.
 PUSHED = "SELECT count(*) AS n FROM items a, items b WHERE a.v + b.v > {k}"
@@ -35,25 +33,15 @@ ACTIVE = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fligh
           "AND datname = 'test' AND state = 'active' AND pid <> pg_backend_pid()")
 
 
-def _admin(sql: str) -> list[tuple]:
-    with adbc_postgres.connect(ADMIN_URI, autocommit=True) as conn, conn.cursor() as cursor:
-        cursor.execute(sql)
-        return cursor.fetchall() if cursor.description else []
-
-
 @pytest.fixture(scope="module")
 def items():
-    try:
-        _admin("DROP SCHEMA IF EXISTS fd_budget CASCADE")
-    except Exception as error:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"needs PostgreSQL: {error}")
-    _admin("CREATE SCHEMA fd_budget")
-    _admin("CREATE TABLE fd_budget.items (id int PRIMARY KEY, v int)")
-    _admin("INSERT INTO fd_budget.items SELECT g, g % 13 FROM generate_series(1, 1200) g")
+    require_postgres()
+    postgres("DROP SCHEMA IF EXISTS fd_budget CASCADE")
+    postgres("CREATE SCHEMA fd_budget")
+    postgres("CREATE TABLE fd_budget.items (id int PRIMARY KEY, v int)")
+    postgres("INSERT INTO fd_budget.items SELECT g, g % 13 FROM generate_series(1, 1200) g")
     yield
-    _admin("DROP SCHEMA fd_budget CASCADE")
+    postgres("DROP SCHEMA fd_budget CASCADE")
 
 
 def _config(tmp_path, budget: dict, accelerated: bool = False) -> dict:
@@ -79,7 +67,7 @@ class ActivitySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with adbc_postgres.connect(ADMIN_URI, autocommit=True) as conn, conn.cursor() as cursor:
+        with adbc_postgres.connect(POSTGRES_URI, autocommit=True) as conn, conn.cursor() as cursor:
             while not self._stop.is_set():
                 cursor.execute(ACTIVE)
                 self.samples.append(cursor.fetchone()[0])
@@ -162,9 +150,9 @@ def test_a_client_that_goes_away_gives_its_slot_back(items, tmp_path):
     with serving(_config(tmp_path, {"max_concurrent_requests": 1, "budget_timeout": 20}), tmp_path) as running:
         client = subprocess.Popen([sys.executable, "-c", CLIENT, running.flight_url, ENDLESS])
         deadline = time.monotonic() + 15
-        while _admin(ACTIVE)[0][0] == 0 and time.monotonic() < deadline:
+        while postgres(ACTIVE)[0][0] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _admin(ACTIVE)[0][0] == 1, "the statement never started in PostgreSQL"
+        assert postgres(ACTIVE)[0][0] == 1, "the statement never started in PostgreSQL"
         client.kill()  # mid-statement, holding the one slot
         client.wait()
         assert _run_query(running.flight_url, PUSHED.format(k=0)) == "ok"  # within budget_timeout

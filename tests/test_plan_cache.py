@@ -5,21 +5,18 @@ dataset, every parameter type, and concurrent bindings that never mix."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import threading
 
 import adbc_driver_flightsql.dbapi as flightsql
-import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import serving
+from conftest import postgres, require_postgres, serving
 from federation.catalog import CATALOG_NAME
 from federation.engine import EngineSettings, QueryEngine
 
-PG_URI = "postgresql://postgres@127.0.0.1:5432/test"
 PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
 SCHEMA = "fd_plan_cache"
 FILLER = range(100, 1300)  # ids of plain rows, besides the special ones below
@@ -34,30 +31,20 @@ SPECIAL = [  # id, i, f, t, b, d, ts
 COLUMNS = ["i", "f", "t", "b", "d", "ts"]
 
 
-def _admin(sql: str, params: list | None = None) -> None:
-    with adbc_postgres.connect(PG_URI, autocommit=True) as conn, conn.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
 @pytest.fixture(scope="module")
 def table():
-    try:
-        _admin("SELECT 1")
-    except Exception as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL is not reachable: {error}")
-        pytest.skip(f"needs PostgreSQL: {error}")
-    _admin(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-    _admin(f"CREATE SCHEMA {SCHEMA}")
-    _admin(f"CREATE TABLE {SCHEMA}.typed (id bigint PRIMARY KEY, i integer, f double precision, t text, "
+    require_postgres()
+    postgres(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    postgres(f"CREATE SCHEMA {SCHEMA}")
+    postgres(f"CREATE TABLE {SCHEMA}.typed (id bigint PRIMARY KEY, i integer, f double precision, t text, "
            f"b boolean, d date, ts timestamp)")
     for row in SPECIAL:
-        _admin(f"INSERT INTO {SCHEMA}.typed VALUES ($1, $2, $3, $4, $5, $6, $7)", list(row))
-    _admin(f"INSERT INTO {SCHEMA}.typed SELECT g, g % 10, g * 0.5, 'row ' || g, g % 2 = 0, "
+        postgres(f"INSERT INTO {SCHEMA}.typed VALUES ($1, $2, $3, $4, $5, $6, $7)", list(row))
+    postgres(f"INSERT INTO {SCHEMA}.typed SELECT g, g % 10, g * 0.5, 'row ' || g, g % 2 = 0, "
            f"DATE '2020-01-01' + g, TIMESTAMP '2020-01-01' + g * interval '1 hour' "
            f"FROM generate_series({FILLER.start}, {FILLER.stop - 1}) g")
     yield
-    _admin(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    postgres(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
 
 
 def _config(tmp_path) -> dict:
@@ -159,7 +146,7 @@ def test_cached_plans_see_a_refresh_and_a_routing_change(runtime):
     with flightsql.connect(runtime.flight_url, autocommit=True) as connection, connection.cursor() as cursor:
         cursor.execute(sql, [9001])
         assert cursor.fetchall() == []
-        _admin(f"INSERT INTO {SCHEMA}.typed VALUES (9001, 1, 1, 'fresh', true, NULL, NULL)")
+        postgres(f"INSERT INTO {SCHEMA}.typed VALUES (9001, 1, 1, 'fresh', true, NULL, NULL)")
         try:
             cursor.execute(sql, [9001])
             assert cursor.fetchall() == []  # the copy, until it is refreshed
@@ -175,7 +162,7 @@ def test_cached_plans_see_a_refresh_and_a_routing_change(runtime):
             assert cursor.fetchall() == [(9001, "fresh")]
         finally:
             runtime.catalog.route("public.typed_copy", copy, copy_table)
-            _admin(f"DELETE FROM {SCHEMA}.typed WHERE id = 9001")
+            postgres(f"DELETE FROM {SCHEMA}.typed WHERE id = 9001")
             runtime.refresh("typed_copy")
 
 

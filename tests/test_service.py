@@ -9,7 +9,7 @@ import pyarrow.flight as flight
 import pytest
 from click.testing import CliRunner
 
-from conftest import ServerProcess
+from conftest import ServerProcess, service_error
 from flight.cli import main
 from flight.flightsql.server import FLIGHT_ERRORS, flight_error
 from flightdeck.auth import Authenticator, Credentials, Key, Principal, User
@@ -24,14 +24,6 @@ POOLER = "connection-pooler-transaction-mode.md"
 @pytest.fixture
 def service(deck):
     return deck.service
-
-
-def _kind(call) -> ServiceError:
-    with pytest.raises(ServiceError) as raised:
-        result = call()
-        if hasattr(result, "read_all"):
-            result.read_all()
-    return raised.value
 
 
 def test_a_planned_statement_binds_parameters_and_runs_again(service):
@@ -59,7 +51,7 @@ def test_a_planned_statement_binds_parameters_and_runs_again(service):
     (lambda s: s.refresh(ANYONE, "orders"), "invalid", "not accelerated"),
 ])
 def test_failures_come_back_as_one_taxonomy(service, call, kind, words):
-    error = _kind(lambda: call(service))
+    error = service_error(lambda: call(service))
     assert error.kind == kind and words in error.message, error
     assert "Traceback" not in error.message
 
@@ -68,12 +60,12 @@ def test_a_cancelled_query_stops(service):
     planned = service.plan(ANYONE, "SELECT value FROM generate_series(1, 2000000)")
     stopped = threading.Event()
     stopped.set()
-    assert _kind(lambda: service.execute(planned, stopped)).kind == "cancelled"
+    assert service_error(lambda: service.execute(planned, stopped)).kind == "cancelled"
     running = threading.Event()
     reader = service.execute(planned, running)
     reader.read_next_batch()
     running.set()
-    assert _kind(reader.read_all).kind == "cancelled"
+    assert service_error(reader.read_all).kind == "cancelled"
 
 
 def test_datasets_schema_and_samples(service, deck):
@@ -84,7 +76,7 @@ def test_datasets_schema_and_samples(service, deck):
     assert datasets["public.orders"]["searchable_columns"] == []
     assert service.schema(ANYONE, "orders") == deck.catalog.datasets["public.orders"].arrow_schema
     assert service.dataset(ANYONE, "orders") == datasets["public.orders"]
-    assert _kind(lambda: service.dataset(ANYONE, "nope")).kind == "not_found"
+    assert service_error(lambda: service.dataset(ANYONE, "nope")).kind == "not_found"
     assert "email" in service.schema(ANYONE, "crm.customers").names or len(service.schema(ANYONE, "crm.customers"))
     first = service.sample(ANYONE, "orders", 5).read_all()
     assert first.num_rows == 5 and first.schema == service.schema(ANYONE, "orders")
@@ -110,8 +102,8 @@ def test_top_rows_and_distinct_values_quote_their_identifiers(service):
     assert list(by_column) == ["status", "replica"]
     assert by_column["status"] == ["completed", "failed", "pending"]
     for bad in ('amount" FROM orders; --', "nope"):
-        assert "unknown column" in _kind(lambda: service.plan_top(ANYONE, "orders", bad)).message
-        assert _kind(lambda: service.plan_distinct_values(ANYONE, "orders", [bad])).kind == "invalid"
+        assert "unknown column" in service_error(lambda: service.plan_top(ANYONE, "orders", bad)).message
+        assert service_error(lambda: service.plan_distinct_values(ANYONE, "orders", [bad])).kind == "invalid"
 
 
 def test_a_plan_says_which_accelerated_copies_it_reads_and_how_fresh(service, deck):
