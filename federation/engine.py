@@ -589,7 +589,15 @@ def _sql_literal(value: pa.Scalar | None) -> str:
 
 
 def placeholder_count(numbered_sql: str) -> int:
-    numbers = [int(n) for n in re.findall(r"\$(\d+)", _strip_strings(numbered_sql))]
+    """The highest ``$n`` of a statement, read from its tokens: a ``$1`` inside a string literal
+    (escaped quotes included, ``E'\\'$1'``) is text, not a placeholder."""
+    try:
+        tokens = sqlglot.tokenize(numbered_sql, read="postgres")
+    except TokenError:
+        return max((int(n) for n in re.findall(r"\$(\d+)", _strip_strings(numbered_sql))), default=0)
+    numbers = [int(number.text) for dollar, number in zip(tokens, tokens[1:])
+               if dollar.token_type == TokenType.PARAMETER and dollar.text == "$"
+               and number.token_type == TokenType.NUMBER and number.start == dollar.end + 1]
     return max(numbers, default=0)
 
 

@@ -353,7 +353,7 @@ def test_refresh_action_and_cli_with_one_off_refresh_sql(source, tmp_path):
         assert _flight_refresh(server.url)["rows"] == ROWS  # the configured working set again
         refused = subprocess.run([sys.executable, "-m", "flight.cli", "refresh", "nope", "--url", server.url],
                                  cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert refused.returncode != 0 and "nope is not accelerated" in refused.stderr
+        assert refused.returncode != 0 and "unknown dataset 'nope'" in refused.stderr
         assert "Traceback" not in refused.stderr
         bad = subprocess.run([sys.executable, "-m", "flight.cli", "refresh", "events", "--url", server.url,
                               "--sql", "DELETE FROM events"], cwd=REPO, capture_output=True, text=True, timeout=60)
