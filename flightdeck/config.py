@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from accel.spec import AccelerationSpec
 from flightdeck.runtime_config import RuntimeConfig, Strict
 from flightdeck.search_functions import ColumnSearchSpec
+from inference.ann import EXPANSION_SEARCH
 from federation.catalog import DatasetSpec
 from federation.connectors import check_kind
 from inference.errors import ModelError
@@ -96,9 +97,19 @@ class Chunking(Strict):
     overlap_size: int = Field(default=100, ge=0, le=10_000)
 
 
+class VectorIndexConfig(Strict):
+    # Chunks from which vector search goes through an approximate (HNSW) index; below, it is
+    # exact brute force, which is as fast at that size and needs no index.
+    approximate_above: int = Field(default=20_000, ge=0)
+    # Candidates the index considers per search (HNSW's efSearch): higher finds more of the
+    # exact top k, slower.
+    ef_search: int = Field(default=EXPANSION_SEARCH, ge=16, le=100_000)
+
+
 class ColumnEmbedding(Strict):
     from_: str = Field(alias="from")   # the name of an embedding model (`minilm` is always there)
     chunking: Chunking | None = None
+    vector_index: VectorIndexConfig = Field(default_factory=VectorIndexConfig)
 
 
 class FullTextSearch(Strict):
@@ -149,7 +160,9 @@ class DatasetConfig(Strict):
                 chunking=bool(chunking and chunking.enabled),
                 target_chunk_size=chunking.target_chunk_size if chunking else 800,
                 overlap_size=chunking.overlap_size if chunking else 100,
-                full_text=bool(column.full_text_search and column.full_text_search.enabled)))
+                full_text=bool(column.full_text_search and column.full_text_search.enabled),
+                approximate_above=embedding.vector_index.approximate_above if embedding else 0,
+                ef_search=embedding.vector_index.ef_search if embedding else EXPANSION_SEARCH))
         return specs
 
     @property

@@ -13,13 +13,16 @@ the dataset's columns plus `score` and `chunk`. A WHERE clause on the dataset's 
 handed to the search by DataFusion's filter pushdown and applied before ranking, so it never
 leaves fewer than k rows when k rows match. Hybrid search fuses the vector and BM25 rankings
 with reciprocal rank fusion.
+
+Vector search is exact for columns under ``approximate_above`` chunks and goes through an
+HNSW index above (``search_vectors``): its candidates are rescored exactly, a WHERE too
+selective for it is searched exactly over the matching chunks, and query embeddings of
+repeated texts come from a bounded LRU shared by every column.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -35,16 +38,18 @@ from sqlglot.tokens import TokenType
 
 from federation.arrow_expr import referenced_fields
 from federation.scan import LazyDataset
+from flightdeck.search_vectors import ColumnVectors, VectorSnapshot
+from inference.ann import EXPANSION_SEARCH
 from inference.chunking import chunk_document
 from inference.embedder import TextEmbedder
-from inference.search import SearchResult, TextIndex, VectorIndex, reciprocal_rank_fusion
+from inference.query_cache import QueryVectorCache
+from inference.search import SearchResult, TextIndex, reciprocal_rank_fusion
 
 log = logging.getLogger("flightdeck.search")
 MODES = ("vector", "text", "hybrid")
 RESULT_FIELDS = [pa.field("score", pa.float64()), pa.field("chunk", pa.string())]
 FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
-EMBED_SLICE = 2048  # texts per embedder call while indexing: progress can be reported between them
-PROGRESS_EVERY_SECONDS = 5.0
+QUERY_CACHE_SIZE = 4096  # query embeddings kept, over every model
 
 
 class SearchError(ValueError):
@@ -60,6 +65,8 @@ class ColumnSearchSpec:
     target_chunk_size: int = 800
     overlap_size: int = 100
     full_text: bool = False
+    approximate_above: int = 20_000  # chunks from which vector search uses the approximate index
+    ef_search: int = EXPANSION_SEARCH  # candidates the approximate index considers per search
 
 
 @dataclass(frozen=True)
@@ -75,30 +82,38 @@ class _Indexed:
     rows: pa.Table
     chunk_rows: np.ndarray           # row position of each chunk
     chunk_texts: pa.StringArray
-    vectors: VectorIndex | None
+    vectors: VectorSnapshot | None
     text: TextIndex | None
 
 
 class ColumnIndex:
     def __init__(self, spec: ColumnSearchSpec, rows_schema: pa.Schema, embedder: Callable[[], TextEmbedder] | None,
-                 cache_file: Path | None, ready_timeout: float = 30.0):
+                 cache_file: Path | None, ready_timeout: float = 30.0, query_cache: QueryVectorCache | None = None):
         self.spec = spec
         self.rows_schema = rows_schema
         self._embedder = embedder
-        self.cache_file = cache_file
         self.ready_timeout = ready_timeout
-        self._cache: dict[bytes, np.ndarray] = self._load_cache()
+        self.query_cache = query_cache or QueryVectorCache()
+        self.vectors = ColumnVectors(f"{spec.dataset}.{spec.column}", spec.model, embedder, cache_file,
+                                     spec.approximate_above, spec.ef_search) if spec.model else None
         self._state: _Indexed | None = None
         self._indexed = threading.Event()
-        self.embedded_last = 0    # chunks embedded by the last rebuild (the rest came from the cache)
-        self.embedded_total = 0
+
+    @property
+    def embedded_last(self) -> int:
+        """Chunks embedded by the last rebuild (the rest came from the cache)."""
+        return self.vectors.embedded_last if self.vectors else 0
+
+    @property
+    def embedded_total(self) -> int:
+        return self.vectors.embedded_total if self.vectors else 0
 
     # ---- building -----------------------------------------------------------
 
     def rebuild(self, rows: pa.Table) -> None:
         """Index a new copy's rows; only chunks never embedded before go through the model."""
         chunk_rows, chunk_texts, embed_texts = self._chunks(rows.column(self.spec.column))
-        vectors = self._vectors(embed_texts) if self.spec.model else None
+        vectors = self.vectors.update(embed_texts) if self.vectors else None
         text = None
         if self.spec.full_text:
             text = TextIndex()
@@ -123,60 +138,6 @@ class ColumnIndex:
                 texts.append(chunk.text)
                 embedded.append(chunk.contextual_text())
         return np.array(rows, np.int64), pa.array(texts, pa.string()), embedded
-
-    def _vectors(self, texts: list[str]) -> VectorIndex:
-        keys = [hashlib.sha256(f"{self.spec.model}\0{t}".encode()).digest() for t in texts]
-        missing = sorted({k: i for i, k in enumerate(keys) if k not in self._cache}.values())
-        if missing:
-            log.info("%s.%s: embedding %s chunks (%s already embedded)", self.spec.dataset, self.spec.column,
-                     f"{len(missing):,}", f"{len(keys) - len(missing):,}")
-            self._embed_missing([texts[i] for i in missing], [keys[i] for i in missing])
-        self.embedded_last = len(missing)
-        self.embedded_total += len(missing)
-        dim = next(iter(self._cache.values())).shape[0] if self._cache else 1
-        matrix = np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, dim), np.float32)
-        self._cache = {k: self._cache[k] for k in keys}  # forget texts no longer in the copy
-        if missing:
-            self._save_cache()
-        return VectorIndex(matrix)
-
-    def _embed_missing(self, texts: list[str], keys: list[bytes]) -> None:
-        """Embed in slices, with a progress line every few seconds (100k rows take minutes)."""
-        started = last_report = time.monotonic()
-        for start in range(0, len(texts), EMBED_SLICE):
-            fresh = self._embedder().embed_numpy(texts[start:start + EMBED_SLICE])
-            for offset, vector in enumerate(fresh):
-                self._cache[keys[start + offset]] = vector
-            done, now = min(start + EMBED_SLICE, len(texts)), time.monotonic()
-            if now - last_report >= PROGRESS_EVERY_SECONDS and done < len(texts):
-                last_report = now
-                log.info("%s.%s: embedded %s of %s chunks (%.0f/s)", self.spec.dataset, self.spec.column,
-                         f"{done:,}", f"{len(texts):,}", done / (now - started))
-
-    def _load_cache(self) -> dict[bytes, np.ndarray]:
-        if self.cache_file is None or not self.cache_file.exists():
-            return {}
-        try:
-            table = pa.ipc.open_file(self.cache_file).read_all()
-        except (pa.ArrowInvalid, OSError) as error:
-            log.warning("ignoring the embedding cache %s: %s", self.cache_file, error)
-            return {}
-        vectors = table.column("vector").combine_chunks()
-        matrix = vectors.values.to_numpy(zero_copy_only=False).reshape(len(vectors), vectors.type.list_size)
-        return dict(zip(table.column("key").to_pylist(), matrix))
-
-    def _save_cache(self) -> None:
-        if self.cache_file is None:
-            return
-        keys = list(self._cache)
-        matrix = np.stack([self._cache[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, 1), np.float32)
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
-        table = pa.table({"key": pa.array(keys, pa.binary()), "vector": vectors})
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.cache_file.with_suffix(".partial")
-        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        partial.replace(self.cache_file)  # atomic: a crash leaves the old cache or the new one
 
     # ---- searching ----------------------------------------------------------
 
@@ -217,8 +178,8 @@ class ColumnIndex:
         if state.vectors is None:
             raise SearchError(f"{self.spec.dataset}.{self.spec.column} has no embeddings: "
                               "configure columns[].embeddings")
-        vector = self._embedder().embed_numpy([query])[0]
-        return _best_per_row(lambda depth: state.vectors.search(vector, depth, candidates=chunk_ids),
+        vector = self.query_cache.vector(self.spec.model, query, lambda text: self._embedder().embed_numpy([text])[0])
+        return _best_per_row(lambda depth: state.vectors.search(vector, depth, chunk_ids),
                              state.chunk_rows, k)
 
     def _text_rows(self, state: _Indexed, query: str, k: int, chunk_ids: np.ndarray | None):
@@ -263,12 +224,13 @@ class SearchIndexes:
     def __init__(self, specs: list[ColumnSearchSpec], embedder_for: Callable[[str], TextEmbedder],
                  settings_for: Callable[[str], "DatasetSearchSettings"]):
         self.columns: dict[tuple[str, str], ColumnIndex] = {}
+        self.query_cache = QueryVectorCache(QUERY_CACHE_SIZE)
         for spec in specs:
             embedder = (lambda model=spec.model: embedder_for(model)) if spec.model else None
             settings = settings_for(spec.dataset)
             cache = settings.cache_dir / f"{spec.dataset}.{spec.column}.arrow" if settings.cache_dir else None
             self.columns[(spec.dataset, spec.column)] = ColumnIndex(
-                spec, settings.schema, embedder, cache, settings.ready_timeout)
+                spec, settings.schema, embedder, cache, settings.ready_timeout, self.query_cache)
         self._lock = threading.Lock()
 
     def datasets(self) -> set[str]:

@@ -6,6 +6,8 @@ Modules, each importable on its own (nothing heavy is imported by this package):
 - bert_onnx: safetensors BERT encoder -> cached ONNX graph (+ int8 variant), no torch
 - tabular:   TabularModel.predict(record batch) -> array
 - search:    VectorIndex, TextIndex (tantivy BM25), reciprocal_rank_fusion
+- ann:       ApproximateIndex, HNSW (faiss) for large vector columns
+- query_cache: QueryVectorCache, a bounded LRU of query embeddings
 - chunking:  chunk_markdown / chunk_text with heading paths
 - reference: reference embeddings for accuracy tests
 - errors:    ModelError, the one user-facing exception
