@@ -112,8 +112,7 @@ class Stack:
         metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows, self.catalog.pool.budgets.snapshot)
         metrics.watch_plans(self.engine.plans.snapshot)
         for refresher in self.accelerator.refreshers.values():
-            refresher.listeners.append(lambda r: metrics.refreshed(
-                r.spec.dataset, (r.status.last_refresh_end - r.status.last_refresh_start).total_seconds()))
+            refresher.listeners.append(lambda r: _record_refresh(metrics, r))
         return metrics
 
     def refresh(self, dataset: str, refresh_sql: str | None = None) -> dict:
@@ -146,3 +145,10 @@ class Stack:
         self._granted_engines.clear()
         for dataset in self.catalog.datasets.values():
             dataset.registrations.clear()
+
+
+def _record_refresh(metrics: Metrics, refresher) -> None:
+    """A refresh's duration (a kept file copy served at start, before any refresh, has none)."""
+    start, end = refresher.status.last_refresh_start, refresher.status.last_refresh_end
+    if start is not None and end is not None:
+        metrics.refreshed(refresher.spec.dataset, (end - start).total_seconds())
