@@ -48,6 +48,7 @@ bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.doors
 	$(BIN)/python -m bench.agent_loop
+	$(BIN)/python -m bench.isolation
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
