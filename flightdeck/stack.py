@@ -85,6 +85,9 @@ class Stack:
         distinct grant, so principals granted alike share it)."""
         if grant.is_full:
             return self.engine
+        engine = self._granted_engines.get(grant)  # the common case needs no lock
+        if engine is not None:
+            return engine
         with self._engines_lock:
             engine = self._granted_engines.get(grant)
             if engine is None:
