@@ -100,9 +100,10 @@ class Stack:
         return AuditLog(audit.capacity, path, audit.max_bytes, audit.backups, audit.parameters)
 
     def _granted_engine(self, grant: Grant) -> QueryEngine:
-        # The queries of principals granted alike (usually one key): a grant's own audit rows.
+        # The queries of principals granted alike (usually one key): a grant's own audit rows,
+        # or everyone's for a grant that includes the audit.
         own_queries = SnapshotConnector(QUERIES_TABLE, QUERIES_SCHEMA,
-                                        lambda: self.audit.rows(lambda entry: entry.grant == grant))
+                                        lambda: self.audit.rows(lambda entry: grant.audit or entry.grant == grant))
         view = CatalogView(self.catalog, grant.sees, grant.columns_of, [own_queries])
         engine = QueryEngine(view, self.engine_settings)
         self.model_functions.install(engine)
