@@ -16,6 +16,13 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from federation.connectors.base import ConnectorError
+
+
+class SourceReset(ConnectorError):
+    """The stream cannot carry the copy on: the source table was truncated or its schema
+    changed. The copy stays as it was; only a new snapshot brings it back in step."""
+
 
 @dataclass(frozen=True)
 class ChangeBatch:
@@ -43,3 +50,8 @@ class ChangeSource(ABC):
 
     def cleanup(self, table: str) -> None:
         """Drop what the source keeps for this copy (a replication slot, a consumer's state)."""
+
+    def backlog(self, table: str) -> int | None:
+        """Bytes the source keeps for this copy that it has not confirmed yet (a replication
+        slot's lag), or None when the source cannot tell."""
+        return None
