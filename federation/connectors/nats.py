@@ -39,8 +39,12 @@ class NatsConnector(BusConnector):
         return f"nats ({self.servers.rpartition('@')[2]})"
 
     async def _connect(self) -> nats.NATS:
-        options: dict[str, Any] = {"connect_timeout": self.timeout, "allow_reconnect": True,
-                                   "max_reconnect_attempts": -1, "name": "flightdeck"}
+        # No reconnecting inside the client: a dropped stream fails, and the copy's consumer
+        # starts it again from its committed position (with backoff).
+        # (max_reconnect_attempts 1: the client's first connect otherwise tries forever.)
+        options: dict[str, Any] = {"connect_timeout": self.timeout, "allow_reconnect": False,
+                                   "max_reconnect_attempts": 1, "reconnect_time_wait": 0.2,
+                                   "name": "flightdeck"}
         for name in ("user", "password", "token"):
             if name in self.params:
                 options[name] = str(self.params[name])
@@ -79,8 +83,9 @@ class NatsConnector(BusConnector):
             info = await js.stream_info(table)
         except NotFoundError:
             raise ConnectorError(f"{self.describe()}: stream {table!r} does not exist") from None
-        if info.config.retention not in (None, RetentionPolicy.LIMITS):
-            raise ConnectorError(f"{self.describe()}: stream {table!r} has {info.config.retention.value} "
+        retention = str(getattr(info.config.retention, "value", info.config.retention))
+        if retention not in ("None", RetentionPolicy.LIMITS.value):
+            raise ConnectorError(f"{self.describe()}: stream {table!r} has {retention} "
                                  "retention: reading it would delete messages; use a limits stream")
         return info
 
