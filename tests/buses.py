@@ -21,6 +21,7 @@ from nats.js.api import StreamConfig
 
 NATS_URL = "nats://127.0.0.1:4222"
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+PUBLISH_WINDOW = 200  # JetStream publishes awaiting their acknowledgement at once
 
 
 def free_port() -> int:
@@ -78,6 +79,7 @@ class KafkaBroker:
         assert self.producer.flush(30) == 0, "the broker did not take every message"
 
     def stop(self) -> None:
+        self.producer = None  # gone before the broker, so it does not log reconnect attempts
         self.process.kill()
         self.process.wait()
         if self.process.stderr:
@@ -129,9 +131,11 @@ class JetStream:
         self._run(lambda js: js.delete_stream(name))
 
     def publish(self, subject: str, payloads: list[bytes]) -> None:
+        """Every payload stored (each publish acknowledged by the stream), a window at a time
+        in flight, in order."""
         async def send(js):
-            for payload in payloads:
-                await js.publish(subject, payload)
+            for start in range(0, len(payloads), PUBLISH_WINDOW):
+                await asyncio.gather(*(js.publish(subject, p) for p in payloads[start:start + PUBLISH_WINDOW]))
         self._run(send)
 
     def message_count(self, name: str) -> int:
