@@ -142,6 +142,7 @@ class BusConnector(Connector, ChangeSource):
 
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
+        self.timeout = float(params.get("connect_timeout", 10))  # seconds, to connect or to answer
         self.decoder = MessageDecoder(params, self.metadata, self.describe())
         self.sample_size = int(params.get("schema_sample_size", SAMPLE_SIZE))
         self.dedupe_key = tuple(str(c).replace(".", "_") for c in (params.get("dedupe_key") or ()))

@@ -22,17 +22,21 @@ ensure() {
   return 1
 }
 
+# ensure, for a server whose binary must be installed first.
+ensure_installed() {
+  local name=$1 port=$2 binary=$3 start=$4
+  if [ ! -x "$binary" ]; then echo "services: $name is not installed on this machine" >&2; return 1; fi
+  ensure "$name" "$port" "$start"
+}
+
 status=0
 if [ -d /etc/postgresql ]; then
   ensure PostgreSQL 5432 "pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" || status=1
 else
   echo "services: PostgreSQL is not installed on this machine" >&2; status=1
 fi
-if [ -x /usr/sbin/mariadbd ]; then
-  ensure MariaDB 3306 "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd" || status=1
-else
-  echo "services: MariaDB is not installed on this machine" >&2; status=1
-fi
+ensure_installed MariaDB 3306 /usr/sbin/mariadbd \
+  "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd" || status=1
 
 # Change data capture reads PostgreSQL's logical WAL and MariaDB's row binlog; a fresh machine has
 # neither. Each is switched on (a setting and a restart) only when it is not already, holding the
@@ -92,16 +96,9 @@ if [ "$status" -eq 0 ]; then
 fi
 
 # The message buses the bus tests read (the machine starts both; a stopped one is started).
-if [ -x /usr/sbin/nats-server ]; then
-  ensure "NATS JetStream" 4222 "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log" || status=1
-else
-  echo "services: nats-server is not installed on this machine" >&2; status=1
-fi
-if [ -x /usr/sbin/mosquitto ]; then
-  ensure Mosquitto 1883 "mosquitto -d -c /etc/mosquitto/mosquitto.conf" || status=1
-else
-  echo "services: Mosquitto is not installed on this machine" >&2; status=1
-fi
+ensure_installed "NATS JetStream" 4222 /usr/sbin/nats-server \
+  "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log" || status=1
+ensure_installed Mosquitto 1883 /usr/sbin/mosquitto "mosquitto -d -c /etc/mosquitto/mosquitto.conf" || status=1
 
 # The foundation's tests need neither server yet; in CI a missing service still fails the run
 # so that the integration tests of later issues never silently skip.

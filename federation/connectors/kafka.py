@@ -33,7 +33,6 @@ class KafkaConnector(BusConnector):
 
     def __init__(self, params: dict[str, Any], base_dir):
         self.servers = str(params.get("bootstrap_servers", "127.0.0.1:9092"))
-        self.timeout = float(params.get("connect_timeout", 10))
         super().__init__(params, base_dir)
 
     def describe(self) -> str:
@@ -43,7 +42,9 @@ class KafkaConnector(BusConnector):
         settings = {"bootstrap.servers": self.servers, "group.id": "flightdeck",
                     "enable.auto.commit": False, "enable.auto.offset.store": False,
                     "enable.partition.eof": True, "auto.offset.reset": "earliest",
-                    "socket.timeout.ms": int(self.timeout * 1000), "client.id": "flightdeck"}
+                    "socket.timeout.ms": int(self.timeout * 1000), "client.id": "flightdeck",
+                    # a broker may hold a fetch this long waiting for data: bounds the latency
+                    "fetch.wait.max.ms": 100}
         settings.update({k.replace("_", "."): str(self.params[k]) for k in PASSED_SETTINGS if k in self.params})
         return Consumer(settings, logger=_QUIET)
 

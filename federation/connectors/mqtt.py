@@ -44,7 +44,6 @@ class MqttConnector(BusConnector):
     def __init__(self, params: dict[str, Any], base_dir):
         self.host = str(params.get("host", "127.0.0.1"))
         self.port = int(params.get("port", 1883))
-        self.timeout = float(params.get("connect_timeout", 10))
         super().__init__(params, base_dir)
 
     def describe(self) -> str:

@@ -32,7 +32,6 @@ class NatsConnector(BusConnector):
 
     def __init__(self, params: dict[str, Any], base_dir):
         self.servers = str(params.get("servers", "nats://127.0.0.1:4222"))
-        self.timeout = float(params.get("connect_timeout", 10))
         super().__init__(params, base_dir)
 
     def describe(self) -> str:
