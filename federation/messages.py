@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.json as pa_json
 
 from federation import expr as fx
 from federation.changes import ChangeBatch, ChangeSource
@@ -78,20 +79,20 @@ class MessageDecoder:
         if not rows:
             raise ConnectorError(f"{self.describe}: no JSON messages to infer columns from; "
                                  "declare params.columns")
-        fields = {}
+        seen: dict[str, set[pa.DataType]] = {}
         for row in rows:
             for name, value in row.items():
-                if name in self.metadata.names:
-                    continue
-                if value is not None and fields.get(name) in (None, pa.null()):
-                    fields[name] = _inferred_type(value)
-                else:
-                    fields.setdefault(name, pa.null())
-        return pa.schema(list(self.metadata) + [(n, pa.string() if t == pa.null() else t)
-                                                 for n, t in fields.items()])
+                if name not in self.metadata.names:
+                    kinds = seen.setdefault(name, set())
+                    if value is not None:
+                        kinds.add(_inferred_type(value))
+        return pa.schema(list(self.metadata) + [(n, _merged(kinds)) for n, kinds in seen.items()])
 
     def rows(self, messages: list[Message], schema: pa.Schema) -> tuple[pa.Table, list[str]]:
         """``messages`` as rows of ``schema``; one reason per message skipped."""
+        fast = _parsed_together(messages, schema, self.metadata)
+        if fast is not None:
+            return fast, []
         rows, skipped = [], []
         payload_fields = [f for f in schema if f.name not in self.metadata.names]
         for message in messages:
@@ -100,8 +101,8 @@ class MessageDecoder:
                 skipped.append(f"{_where(message)}: {fields}")
                 continue
             try:
-                row = {f.name: json_value(fields.get(f.name), f.type) for f in payload_fields}
-            except ValueError as error:  # a timestamp column's text that is no timestamp
+                row = {f.name: _column_value(fields.get(f.name), f) for f in payload_fields}
+            except ValueError as error:  # a timestamp's text that is no timestamp, a fraction for an int
                 skipped.append(f"{_where(message)}: does not fit the columns: {error}")
                 continue
             row.update(message.metadata)
@@ -119,6 +120,63 @@ class MessageDecoder:
         return (pa.concat_tables(fitting) if fitting else schema.empty_table()), skipped
 
 
+def _parsed_together(messages: list[Message], schema: pa.Schema, metadata: pa.Schema) -> pa.Table | None:
+    """The rows by Arrow's JSON reader in one call, or None unless every message is one line of a
+    JSON object whose values fit the columns as they are (then ``rows`` reads each message by
+    itself, with the same result and a reason for each one it skips)."""
+    if not messages or any(b"\n" in m.payload or not m.payload.lstrip().startswith(b"{") for m in messages):
+        return None
+    try:
+        parsed = pa_json.read_json(pa.py_buffer(b"\n".join(m.payload for m in messages)),
+                                   read_options=pa_json.ReadOptions(block_size=1 << 26))
+        while any(pa.types.is_struct(f.type) for f in parsed.schema):
+            parsed = parsed.flatten()
+        parsed = parsed.rename_columns([name.replace(".", "_") for name in parsed.column_names])
+        if parsed.num_rows != len(messages) or len(set(parsed.column_names)) != parsed.num_columns:
+            return None
+        columns = []
+        for field in schema:
+            if field.name in metadata.names:
+                columns.append(pa.array([m.metadata[field.name] for m in messages], type=field.type))
+            elif field.name in parsed.column_names:
+                column = parsed.column(field.name)
+                if not _plain(column.type, field.type):
+                    return None  # e.g. a list or number in a text column: JSON text, row by row
+                columns.append(column.cast(field.type))
+            else:
+                columns.append(pa.nulls(len(messages), field.type))
+        return pa.Table.from_arrays(columns, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        return None
+
+
+def _plain(found: pa.DataType, wanted: pa.DataType) -> bool:
+    """True when casting ``found`` to ``wanted`` gives what reading each value would."""
+    if found == wanted or pa.types.is_null(found):
+        return True
+    if pa.types.is_integer(found) and (pa.types.is_floating(wanted) or pa.types.is_integer(wanted)):
+        return True
+    return pa.types.is_timestamp(found) and pa.types.is_timestamp(wanted)
+
+
+def _column_value(value: Any, field: pa.Field) -> Any:
+    """A payload value for its column; Arrow itself would cut 2.5 to 2 or take true as 1."""
+    if pa.types.is_integer(field.type) and (isinstance(value, bool) or
+                                            (isinstance(value, float) and not value.is_integer())):
+        raise ValueError(f"column {field.name}: {value!r} is not an integer")
+    return json_value(value, field.type)
+
+
+def _merged(kinds: set[pa.DataType]) -> pa.DataType:
+    """One column type for the values seen: integers and floats make a float column; any
+    other mix (or none seen) a text column holding JSON text."""
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    if kinds == {pa.int64(), pa.float64()}:
+        return pa.float64()
+    return pa.string()
+
+
 def _inferred_type(value: Any) -> pa.DataType:
     if isinstance(value, bool):
         return pa.bool_()
@@ -131,7 +189,7 @@ def _inferred_type(value: Any) -> pa.DataType:
 
 def _where(message: Message) -> str:
     return ", ".join(f"{k} {v}" for k, v in message.metadata.items()
-                     if k != "_key" and not isinstance(v, dt.datetime))
+                     if k != "_key" and v is not None and not isinstance(v, dt.datetime))
 
 
 class BusConnector(Connector, ChangeSource):

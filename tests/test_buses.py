@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import adbc_driver_flightsql.dbapi as flightsql
+import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
@@ -107,6 +108,8 @@ def test_messages_published_while_flightdeck_runs_are_queryable_within_2_s(tmp_p
             _until(lambda: len(_ids(runtime)) == start + 20, VISIBLE_WITHIN_SECONDS,
                    f"burst {burst} queryable")
         assert _ids(runtime) == list(range(first + 60))
+        # the status is counted just after each batch commits
+        _until(lambda: _status(runtime)["changes_applied"] == 60, 5, "the status counts every message")
         status = _status(runtime)
         assert status["state"] == "ready" and status["refresh_mode"] == "changes"
         assert status["changes_applied"] == 60 and status["lag_p99_ms"] is not None
@@ -265,3 +268,37 @@ def test_declared_columns_read_nested_fields_and_unreachable_brokers_fail_precis
         NatsConnector({"servers": "nats://127.0.0.1:9", "connect_timeout": 1}, Path(".")).tables()
     with pytest.raises(ConnectorError, match=r"^mqtt \(127.0.0.1:9\): "):
         MqttConnector({"port": 9, "columns": {"id": "int"}, "connect_timeout": 1}, Path(".")).snapshot("x/#")
+
+
+def test_decoding_a_batch_at_once_or_message_by_message_gives_the_same_rows():
+    from federation.messages import Message, MessageDecoder
+    from federation.connectors.kafka import METADATA
+    decoder = MessageDecoder({}, METADATA, "kafka (test)")
+    payloads = [b'{"id": 1, "user": {"name": "x", "address": {"city": "c"}}, "amount": 2}',
+                b'{"id": 2, "tags": ["a", "b"], "amount": 2.5, "extra": true}',
+                b'{"id": 3}']
+    schema = decoder.infer(payloads[:2])
+    assert schema.names[5:] == ["id", "user_name", "user_address_city", "amount", "tags", "extra"]
+
+    def message(index: int, payload: bytes) -> Message:
+        return Message(payload, {"_topic": "t", "_partition": 0, "_offset": index, "_timestamp": None,
+                                 "_key": None}, None)
+    whole, skipped = decoder.rows([message(i, p) for i, p in enumerate(payloads)], schema)
+    alone = [decoder.rows([message(i, p)], schema)[0] for i, p in enumerate(payloads)]
+    assert skipped == [] and whole.equals(pa.concat_tables(alone))
+    assert whole.select(["id", "user_name", "user_address_city", "amount", "tags", "extra"]).to_pylist() == [
+        {"id": 1, "user_name": "x", "user_address_city": "c", "amount": 2.0, "tags": None, "extra": None},
+        {"id": 2, "user_name": None, "user_address_city": None, "amount": 2.5, "tags": '["a", "b"]', "extra": True},
+        {"id": 3, "user_name": None, "user_address_city": None, "amount": None, "tags": None, "extra": None}]
+
+
+def test_a_value_arrow_would_silently_change_is_skipped_instead():
+    from federation.messages import Message, MessageDecoder
+    from federation.connectors.nats import METADATA
+    decoder = MessageDecoder({"columns": {"id": "int"}}, METADATA, "nats (test)")
+    messages = [Message(p, {"_subject": "s", "_sequence": i, "_timestamp": None}, None)
+                for i, p in enumerate([b'{"id": 2.5}', b'{"id": true}', b'{"id": 4.0}', b'{"id": 5}'])]
+    table, skipped = decoder.rows(messages, decoder.infer([]))
+    assert table.column("id").to_pylist() == [4, 5]
+    assert skipped == ["_subject s, _sequence 0: does not fit the columns: column id: 2.5 is not an integer",
+                       "_subject s, _sequence 1: does not fit the columns: column id: True is not an integer"]

@@ -145,12 +145,10 @@ class KafkaConnector(BusConnector):
             if ends is not None and offset >= ends[partition]:
                 continue  # past the snapshot's end: the change stream reads it
             offsets[partition] = offset + 1
-            key = record.key()
+            key, stamp = record.key(), utc_from_millis(record.timestamp()[1])
             messages.append(Message(record.value() or b"", {
-                "_topic": record.topic(), "_partition": partition, "_offset": offset,
-                "_timestamp": utc_from_millis(record.timestamp()[1]),
-                "_key": None if key is None else key.decode("utf-8", "replace")},
-                utc_from_millis(record.timestamp()[1])))
+                "_topic": record.topic(), "_partition": partition, "_offset": offset, "_timestamp": stamp,
+                "_key": None if key is None else key.decode("utf-8", "replace")}, stamp))
         return messages
 
 
