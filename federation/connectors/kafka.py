@@ -137,6 +137,8 @@ class KafkaConnector(BusConnector):
             error = record.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
+                    if ends is not None:  # all there is: the snapshot's end may be gone (retention)
+                        offsets[record.partition()] = max(offsets[record.partition()], ends[record.partition()])
                     continue
                 if error.fatal():
                     raise self._failed(KafkaException(error))

@@ -111,6 +111,8 @@ class NatsConnector(BusConnector):
                 messages = loop.run_until_complete(self._fetch(subscription, end))
                 if messages:
                     sequence = messages[-1].metadata["_sequence"]
+                elif end is not None and loop.run_until_complete(self._drained(subscription)):
+                    return  # the snapshot's last messages were deleted (limits) before being read
                 yield Delivery(messages, {"sequence": sequence})
         finally:
             if connection is not None:
@@ -127,6 +129,12 @@ class NatsConnector(BusConnector):
         try:
             return await js.pull_subscribe(subject, stream=info.config.name, config=config)
         except (NatsError, OSError) as error:
+            raise self._failed(error) from None
+
+    async def _drained(self, subscription) -> bool:
+        try:
+            return (await subscription.consumer_info()).num_pending == 0
+        except (NatsError, OSError, asyncio.TimeoutError) as error:
             raise self._failed(error) from None
 
     async def _fetch(self, subscription, end: int | None) -> list[Message]:
