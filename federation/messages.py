@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from federation.changes import ChangeBatch, ChangeSource
 from federation.connectors.base import Connector, ConnectorError
 from federation.connectors.typing import JSON_TYPES, flatten_document, json_value
 
+log = logging.getLogger("flightdeck.messages")
 SAMPLE_SIZE = 100             # messages read to infer the columns when none are declared
 BATCH_MESSAGES = 5_000        # most messages in one change batch
 BATCH_WAIT_SECONDS = 0.2      # how long a batch waits for more messages once one arrived
@@ -203,10 +205,9 @@ class BusConnector(Connector, ChangeSource):
         self.timeout = float(params.get("connect_timeout", 10))  # seconds, to connect or to answer
         self.decoder = MessageDecoder(params, self.metadata, self.describe())
         self.sample_size = int(params.get("schema_sample_size", SAMPLE_SIZE))
-        self.dedupe_key = tuple(str(c).replace(".", "_") for c in (params.get("dedupe_key") or ()))
-        if isinstance(params.get("dedupe_key"), str):
-            self.dedupe_key = (params["dedupe_key"].replace(".", "_"),)
-        self.skipped = 0  # messages skipped since the connector opened, for status
+        key = params.get("dedupe_key") or ()
+        # a payload field (or fields) that identifies a message: the copy upserts on it
+        self.dedupe_key = tuple(str(c).replace(".", "_") for c in ([key] if isinstance(key, str) else key))
 
     # ---- what each bus does ------------------------------------------------
 
@@ -263,10 +264,22 @@ class BusConnector(Connector, ChangeSource):
         until = self.end_position(table)
         self.stats.record_request(f"read {table} to {json.dumps(until)}")
 
-        def batches() -> Iterator[pa.RecordBatch]:
+        def decoded() -> Iterator[pa.Table]:
+            skipped: list[str] = []
             for delivery in self.deliveries(table, self.start_position(table), threading.Event(), until):
-                data, skipped = self.decoder.rows(delivery.messages, schema)
-                self.skipped += len(skipped)
+                data, reasons = self.decoder.rows(delivery.messages, schema)
+                skipped += reasons
+                yield data
+            if skipped:
+                log.warning("%s: %s: skipped %d messages; the last: %s", self.describe(), table,
+                            len(skipped), skipped[-1])
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            tables = decoded()
+            if self.dedupe_key:  # the copy holds one row per key from the start
+                tables = iter([_last_per_key(pa.concat_tables(list(tables) or [schema.empty_table()]),
+                                              self.dedupe_key)])
+            for data in tables:
                 for batch in data.to_batches():
                     self.stats.record_batch(batch, 0.0)
                     yield batch
@@ -280,7 +293,6 @@ class BusConnector(Connector, ChangeSource):
             if not delivery.messages:
                 continue
             data, skipped = self.decoder.rows(delivery.messages, schema)
-            self.skipped += len(skipped)
             if self.dedupe_key and data.num_rows:
                 data = _last_per_key(data, self.dedupe_key)
             times = [m.time for m in delivery.messages if m.time is not None]

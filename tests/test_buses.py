@@ -261,6 +261,10 @@ def test_declared_columns_read_nested_fields_and_unreachable_brokers_fail_precis
     table = connector.snapshot(topic)[0].read_all()
     assert table.column_names == ["_topic", "_partition", "_offset", "_timestamp", "_key", "id", "user_address_city"]
     assert table.column("user_address_city").to_pylist() == ["c0", "c1", "c2"]
+    kafka.publish(topic, events(1, 1))  # id 1 again: with a dedupe key the copy keeps it once
+    keyed = KafkaConnector({"bootstrap_servers": kafka.servers, "dedupe_key": "id"}, Path("."))
+    assert keyed.change_key(topic) == ("id",)
+    assert keyed.snapshot(topic)[0].read_all().column("_offset").to_pylist() == [0, 2, 3]
     gone = KafkaConnector({"bootstrap_servers": "127.0.0.1:9", "connect_timeout": 1}, Path("."))
     with pytest.raises(ConnectorError, match=r"^kafka \(127.0.0.1:9\): "):
         gone.tables()
