@@ -31,6 +31,7 @@ import adbc_driver_flightsql.dbapi as flightsql
 import yaml
 
 from bench.common import RESULTS, busy_note, flightdeck_server, progress, wait_until_accelerated
+from federation.connectors.mqtt import MqttConnector
 from tests.buses import JetStream, KafkaBroker, Mosquitto, events
 
 BUSES = ("kafka", "nats", "mqtt")
@@ -48,7 +49,7 @@ def config(folder: Path, broker: KafkaBroker, stream: str, topic: str) -> Path:
                                                                       "columns": COLUMNS}},
         {"from": f"nats:{stream}", "name": "nats_events", "params": {"columns": COLUMNS}},
         {"from": f"mqtt:{topic}/#", "name": "mqtt_events",
-         "params": {"columns": COLUMNS, "client_id": f"flightdeck-bench-{topic}"}},
+         "params": {"columns": COLUMNS, "client_id": f"flightdeck-bench-{topic}"}},  # ended by cleanup()
     ]
     path = folder / "flightdeck.yaml"
     path.write_text(yaml.safe_dump({"runtime": {"data_dir": str(folder / "data")},
@@ -120,6 +121,7 @@ def main() -> None:
                 server.stop()
     finally:
         mosquitto.close()
+        MqttConnector({"client_id": f"flightdeck-bench-{name}"}, Path(".")).cleanup(f"{name}/#")
         streams.delete_stream(name)
         streams.delete_stream(f"{name}_backlog")
         broker.stop()
