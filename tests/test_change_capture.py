@@ -188,7 +188,8 @@ def test_resnapshot_on_source_reset_when_configured(tmp_path):
         source.push(SourceReset("listsource: t was truncated"))
         _until(lambda: source.snapshots == 2)
         _until(lambda: _copy(accelerator).equals(source.table()))
-        assert accelerator.refresher("public.t").status.state == "ready"
+        _until(lambda: accelerator.refresher("public.t").status.state == "ready")
+        assert accelerator.refresher("public.t").status.last_error is None
     finally:
         accelerator.close()
 
@@ -197,6 +198,7 @@ def test_append_only_source_appends_and_counts_skipped_records(tmp_path):
     source = ListSource({}, key=())
     accelerator = _accelerator(tmp_path, source)
     try:
+        _caught_up(accelerator, source)
         source.commit(upserts=[(1, "a", 1.0), (1, "a", 1.0)], skipped=("offset 3: not JSON",))
         source.commit(upserts=[(2, "b", 2.0)], skipped=("offset 5: not JSON", "offset 6: no field id"))
         _caught_up(accelerator, source)
@@ -211,6 +213,7 @@ def test_a_transient_failure_is_retried_from_the_committed_position(tmp_path):
     source = ListSource({1: (1, "a", 1.0)})
     accelerator = _accelerator(tmp_path, source)
     try:
+        _caught_up(accelerator, source)
         source.commit(upserts=[(2, "b", 2.0)])
         source.push(ConnectionError("connection reset"))
         source.commit(upserts=[(3, "c", 3.0)])
