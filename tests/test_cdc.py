@@ -213,7 +213,7 @@ def test_sigkill_mid_stream_then_restart_resumes_without_loss_or_duplicates(peer
                                       "WHERE name = 'public.items'")[0][0] == "ready")
 
         def write() -> None:
-            _burst(peer, 1500, rng, START_ROWS + 1)
+            _burst(peer, 3000, rng, START_ROWS + 1)
             writer_done.set()
 
         writer = threading.Thread(target=write, daemon=True)

@@ -59,7 +59,7 @@ class MySQLChanges:
         try:
             with connection.cursor(pymysql.cursors.Cursor) as cursor:
                 cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
-                cursor.execute("SHOW STATUS LIKE 'binlog_snapshot_%%'")
+                cursor.execute("SHOW STATUS LIKE 'binlog_snapshot_%'")
                 status = dict(cursor.fetchall())
         except pymysql.MySQLError as error:
             connection.close()
@@ -83,7 +83,7 @@ class MySQLChanges:
             connection_settings={"host": connector.host, "port": connector.port, "user": connector.user,
                                  "passwd": connector._password, "connect_timeout": connector.timeout},
             server_id=self._server_id(), resume_stream=True, blocking=True,
-            log_file=since["file"], log_pos=since["pos"], is_mariadb=True,
+            log_file=since["file"], log_pos=since["pos"],  # file and position (is_mariadb would use GTIDs)
             only_events=[WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent, XidEvent, QueryEvent,
                          RotateEvent, HeartbeatLogEvent],
             only_schemas=[self.database], only_tables=[self.table_name],  # row events; statements all come
