@@ -83,7 +83,7 @@ class MariaDB(Source):
         self.run("CREATE TABLE fd_bench_cdc.items (id int PRIMARY KEY, name varchar(100), amount decimal(12,2), "
                  "at datetime(6))")
         self.run(f"INSERT INTO fd_bench_cdc.items SELECT seq, concat('item ', seq), seq * 1.25, now() "
-                 f"FROM seq_1_to_{TABLE_ROWS}")
+                 f"FROM fd_bench_cdc.seq_1_to_{TABLE_ROWS}")
         self.connection.autocommit(False)
 
     def close(self) -> None:

@@ -81,7 +81,7 @@ class MySQLChanges:
         key = tuple(connector.change_key(self.table))
         reader = BinLogStreamReader(
             connection_settings={"host": connector.host, "port": connector.port, "user": connector.user,
-                                 "passwd": connector._password, "connect_timeout": connector.timeout},
+                                 "password": connector._password, "connect_timeout": connector.timeout},
             server_id=self._server_id(), resume_stream=True, blocking=True,
             log_file=since["file"], log_pos=since["pos"],  # file and position (is_mariadb would use GTIDs)
             only_events=[WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent, XidEvent, QueryEvent,
