@@ -188,7 +188,8 @@ def test_resnapshot_on_source_reset_when_configured(tmp_path):
         source.push(SourceReset("listsource: t was truncated"))
         _until(lambda: source.snapshots == 2)
         _until(lambda: _copy(accelerator).equals(source.table()))
-        assert accelerator.refresher("public.t").status.state == "ready"
+        _until(lambda: accelerator.refresher("public.t").status.state == "ready")
+        assert accelerator.refresher("public.t").status.last_error is None
     finally:
         accelerator.close()
 
@@ -197,6 +198,7 @@ def test_append_only_source_appends_and_counts_skipped_records(tmp_path):
     source = ListSource({}, key=())
     accelerator = _accelerator(tmp_path, source)
     try:
+        _caught_up(accelerator, source)
         source.commit(upserts=[(1, "a", 1.0), (1, "a", 1.0)], skipped=("offset 3: not JSON",))
         source.commit(upserts=[(2, "b", 2.0)], skipped=("offset 5: not JSON", "offset 6: no field id"))
         _caught_up(accelerator, source)
@@ -211,6 +213,7 @@ def test_a_transient_failure_is_retried_from_the_committed_position(tmp_path):
     source = ListSource({1: (1, "a", 1.0)})
     accelerator = _accelerator(tmp_path, source)
     try:
+        _caught_up(accelerator, source)
         source.commit(upserts=[(2, "b", 2.0)])
         source.push(ConnectionError("connection reset"))
         source.commit(upserts=[(3, "c", 3.0)])
@@ -241,3 +244,49 @@ def test_a_source_without_a_change_stream_is_refused(tmp_path):
     plain = TableOnly({}, tmp_path)
     with pytest.raises(AccelerationError, match="refresh_mode 'changes' needs a source that streams"):
         Accelerator([AcceleratedSource(spec, SCHEMA, plain, "t", lambda c, t: None)], tmp_path, tmp_path)
+
+
+def test_pgoutput_messages_decode_into_collapsed_batches():
+    import struct
+
+    from federation.changes import PendingChanges
+    from federation.connectors import pgoutput
+    from federation.connectors.postgres_changes import value_parser
+
+    def text(value: str | None) -> bytes:
+        return b"n" if value is None else b"t" + struct.pack("!i", len(value.encode())) + value.encode()
+
+    def row(*values: str | None) -> bytes:
+        return struct.pack("!h", len(values)) + b"".join(text(v) for v in values)
+
+    relation = (b"R" + struct.pack("!I", 7) + b"fd\0items\0" + b"d" + struct.pack("!h", 2)
+                + b"\x01id\0" + struct.pack("!Ii", 23, -1) + b"\x00name\0" + struct.pack("!Ii", 25, -1))
+    assert pgoutput.decode(relation) == pgoutput.Relation(7, "fd", "items", (("id", 23), ("name", 25)))
+    begin = pgoutput.decode(b"B" + struct.pack("!qqi", 0x1_0000_0010, 1_000_000, 42))
+    assert begin.final_lsn == 0x1_0000_0010 and begin.committed_at.isoformat() == "2000-01-01T00:00:01+00:00"
+    commit = pgoutput.decode(b"C" + struct.pack("!bqqq", 0, 16, 24, 2_000_000))
+    assert (commit.commit_lsn, commit.end_lsn) == (16, 24)
+    insert = pgoutput.decode(b"I" + struct.pack("!I", 7) + b"N" + row("1", "a, \"b\""))
+    update = pgoutput.decode(b"U" + struct.pack("!I", 7) + b"K" + row("1", None) + b"N" + row("2", None))
+    delete = pgoutput.decode(b"D" + struct.pack("!I", 7) + b"K" + row("2", None))
+    truncate = pgoutput.decode(b"T" + struct.pack("!ib", 1, 0) + struct.pack("!I", 7))
+    assert insert == pgoutput.Insert(7, ("1", 'a, "b"'))
+    assert update == pgoutput.Update(7, ("1", None), ("2", None))
+    assert delete == pgoutput.Delete(7, ("2", None)) and truncate == pgoutput.Truncate((7,))
+    assert pgoutput.lsn_number(pgoutput.lsn_text(0x16_B374D848)) == 0x16_B374D848 == pgoutput.lsn_number("16/B374D848")
+
+    schema = pa.schema([("id", pa.int32()), ("name", pa.string())])
+    pending = PendingChanges(schema, ("id",))
+    pending.upsert({"id": 1, "name": "a"})
+    pending.upsert({"id": 2, "name": "b"})
+    pending.delete({"id": 1})
+    pending.upsert({"id": 2, "name": "b2"})
+    batch = pending.batch({"lsn": 24}, None)
+    assert batch.upserts.to_pylist() == [{"id": 2, "name": "b2"}]
+    assert batch.deletes.to_pylist() == [{"id": 1}]
+
+    parse = value_parser(pa.list_(pa.string()))
+    assert parse('{a,"b,c","d\\"e",NULL,"NULL"}') == ["a", "b,c", 'd"e', None, "NULL"]
+    assert value_parser(pa.bool_())("t") is True and value_parser(pa.binary())("\\x0aff") == b"\n\xff"
+    with pytest.raises(ValueError, match="not read from the change stream"):
+        value_parser(pa.month_day_nano_interval())("1 day")
