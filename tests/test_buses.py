@@ -306,3 +306,38 @@ def test_a_value_arrow_would_silently_change_is_skipped_instead():
     assert table.column("id").to_pylist() == [4, 5]
     assert skipped == ["_subject s, _sequence 0: does not fit the columns: column id: 2.5 is not an integer",
                        "_subject s, _sequence 1: does not fit the columns: column id: True is not an integer"]
+
+
+def test_cdc_cleanup_ends_the_mqtt_session(tmp_path, mosquitto):
+    from flightdeck.config import load_config
+    from flightdeck.sources import cleanup_changes
+    name = f"fd{uuid.uuid4().hex[:10]}"
+    bus = Bus("mqtt", name, f"mqtt:{name}/#", {"columns": MQTT_COLUMNS, "client_id": f"flightdeck-test-{name}"},
+              lambda p: None)
+    config = write_config(tmp_path / "flightdeck.yaml", _config(tmp_path, bus))
+    connector = MqttConnector(bus.params, tmp_path)
+    connector.snapshot(f"{name}/#")  # the session starts
+    assert _session_present(bus.params["client_id"], keep=True)
+    assert cleanup_changes(load_config(config)) == ["public.events"]
+    assert not _session_present(bus.params["client_id"], keep=False)
+
+
+def _session_present(client_id: str, keep: bool) -> bool:
+    """Whether the broker keeps a session for ``client_id``; ``keep``: leave it as it was
+    (else the probe ends whatever session it found, and leaves none behind)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    answered, present = threading.Event(), []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda c, u, flags, rc, p: (present.append(flags.session_present), answered.set())
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 3600 if keep else 0
+    client.connect("127.0.0.1", 1883, clean_start=False, properties=properties)
+    client.loop_start()
+    try:
+        assert answered.wait(10)
+        return present[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
