@@ -341,3 +341,18 @@ def _session_present(client_id: str, keep: bool) -> bool:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_a_bus_dataset_without_acceleration_reads_what_the_bus_retains(tmp_path, jetstream):
+    name = f"fd{uuid.uuid4().hex[:10]}"
+    jetstream.create_stream(name, [f"{name}.>"])
+    try:
+        jetstream.publish(f"{name}.a", events(0, 12))
+        config = {"datasets": [{"from": f"nats:{name}", "name": "events"}]}
+        with serving(config, tmp_path) as runtime:
+            assert _rows(runtime, "SELECT count(*) AS n, max(_sequence) AS last FROM events "
+                                  "WHERE user_address_city = 'c0'") == [{"n": 4, "last": 10}]
+            jetstream.publish(f"{name}.a", events(12, 3))  # each query reads the stream anew
+            assert _rows(runtime, "SELECT count(*) AS n FROM events") == [{"n": 15}]
+    finally:
+        jetstream.delete_stream(name)
