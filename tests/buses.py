@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -118,14 +120,24 @@ class JetStream:
     def check(self) -> None:
         self._run(lambda js: js.account_info())
 
-    def create_stream(self, name: str, subjects: list[str]) -> None:
+    def create_stream(self, name: str, subjects: list[str], **config: Any) -> None:
         async def create(js):
             try:
                 await js.delete_stream(name)
             except nats.js.errors.NotFoundError:
                 pass
-            await js.add_stream(StreamConfig(name=name, subjects=subjects))
+            await js.add_stream(StreamConfig(name=name, subjects=subjects, **config))
         self._run(create)
+
+    @contextmanager
+    def fresh_stream(self, **config: Any) -> Iterator[str]:
+        """A new stream taking the subjects ``NAME.>``, deleted afterwards; yields NAME."""
+        name = f"fd{uuid.uuid4().hex[:10]}"
+        self.create_stream(name, [f"{name}.>"], **config)
+        try:
+            yield name
+        finally:
+            self.delete_stream(name)
 
     def delete_stream(self, name: str) -> None:
         self._run(lambda js: js.delete_stream(name))

@@ -51,9 +51,9 @@ def bus(request) -> Bus:
                                                   [i % 2 for i in range(len(payloads))]))
     elif request.param == "nats":
         streams = request.getfixturevalue("jetstream")
-        streams.create_stream(name, [f"{name}.>"])
-        yield Bus("nats", name, f"nats:{name}", {}, lambda payloads: streams.publish(f"{name}.orders", payloads))
-        streams.delete_stream(name)
+        with streams.fresh_stream() as stream:
+            yield Bus("nats", stream, f"nats:{stream}", {},
+                      lambda payloads: streams.publish(f"{stream}.orders", payloads))
     else:
         publisher = request.getfixturevalue("mosquitto")
         params = {"columns": MQTT_COLUMNS, "client_id": f"flightdeck-test-{name}"}
@@ -224,31 +224,20 @@ def test_retention_deletes_old_messages_from_the_copy_only(tmp_path, kafka):
 
 
 def test_nats_copy_never_removes_messages_from_the_stream(tmp_path, jetstream):
-    name = f"fd{uuid.uuid4().hex[:10]}"
-    jetstream.create_stream(name, [f"{name}.>"])
-    try:
+    with jetstream.fresh_stream() as name:
         jetstream.publish(f"{name}.a", events(0, 30))
         bus = Bus("nats", name, f"nats:{name}", {}, lambda p: None)
         with serving(_config(tmp_path, bus), tmp_path) as runtime:
             _ready(runtime)
             _until(lambda: len(_ids(runtime)) == 30, 10, "copied")
             assert jetstream.message_count(name) == 30
-    finally:
-        jetstream.delete_stream(name)
 
 
 def test_a_work_queue_stream_is_refused_since_reading_would_delete(jetstream):
-    name = f"fd{uuid.uuid4().hex[:10]}"
-    from nats.js.api import RetentionPolicy, StreamConfig
-
-    async def create(js):
-        await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], retention=RetentionPolicy.WORK_QUEUE))
-    jetstream._run(create)
-    try:
+    from nats.js.api import RetentionPolicy
+    with jetstream.fresh_stream(retention=RetentionPolicy.WORK_QUEUE) as name:
         with pytest.raises(ConnectorError, match="workqueue retention: reading it would delete messages"):
             NatsConnector({"columns": {"id": "int"}}, Path(".")).snapshot(name)
-    finally:
-        jetstream.delete_stream(name)
 
 
 def test_declared_columns_read_nested_fields_and_unreachable_brokers_fail_precisely(kafka):
@@ -344,9 +333,7 @@ def _session_present(client_id: str, keep: bool) -> bool:
 
 
 def test_a_bus_dataset_without_acceleration_reads_what_the_bus_retains(tmp_path, jetstream):
-    name = f"fd{uuid.uuid4().hex[:10]}"
-    jetstream.create_stream(name, [f"{name}.>"])
-    try:
+    with jetstream.fresh_stream() as name:
         jetstream.publish(f"{name}.a", events(0, 12))
         config = {"datasets": [{"from": f"nats:{name}", "name": "events"}]}
         with serving(config, tmp_path) as runtime:
@@ -354,5 +341,3 @@ def test_a_bus_dataset_without_acceleration_reads_what_the_bus_retains(tmp_path,
                                   "WHERE user_address_city = 'c0'") == [{"n": 4, "last": 10}]
             jetstream.publish(f"{name}.a", events(12, 3))  # each query reads the stream anew
             assert _rows(runtime, "SELECT count(*) AS n FROM events") == [{"n": 15}]
-    finally:
-        jetstream.delete_stream(name)
