@@ -341,3 +341,47 @@ def test_a_bus_dataset_without_acceleration_reads_what_the_bus_retains(tmp_path,
                                   "WHERE user_address_city = 'c0'") == [{"n": 4, "last": 10}]
             jetstream.publish(f"{name}.a", events(12, 3))  # each query reads the stream anew
             assert _rows(runtime, "SELECT count(*) AS n FROM events") == [{"n": 15}]
+
+
+@pytest.mark.parametrize("kind", ["kafka", "nats"])
+def test_a_topic_made_again_is_a_source_reset_and_resnapshotted_when_configured(tmp_path, request, kind):
+    if kind == "kafka":
+        broker = request.getfixturevalue("kafka")
+        name = f"fd{uuid.uuid4().hex[:10]}"
+        broker.create_topic(name)
+        bus = Bus(kind, name, f"kafka:{name}", {"bootstrap_servers": broker.servers},
+                  lambda payloads: broker.publish(name, payloads))
+        from confluent_kafka.admin import AdminClient
+        admin = AdminClient({"bootstrap.servers": broker.servers})
+
+        def make_again() -> None:
+            admin.delete_topics([name])[name].result(30)
+            _until(lambda: name not in admin.list_topics(timeout=10).topics, 20, "topic deleted")
+            broker.create_topic(name)
+    else:
+        streams = request.getfixturevalue("jetstream")
+        name = f"fd{uuid.uuid4().hex[:10]}"
+        streams.create_stream(name, [f"{name}.>"])
+        request.addfinalizer(lambda: streams.delete_stream(name))
+        bus = Bus(kind, name, f"nats:{name}", {}, lambda payloads: streams.publish(f"{name}.a", payloads))
+
+        def make_again() -> None:
+            streams.create_stream(name, [f"{name}.>"])
+    bus.publish(events(0, 10))
+    config = write_config(tmp_path / "flightdeck.yaml", _config(tmp_path, bus, mode="file",
+                                                                refresh_on_source_reset="resnapshot"))
+    server = _server(config)
+    try:
+        _until(lambda: _query(server.url, "SELECT count(*) FROM events")[0][0] == 10, 20, "copied")
+    finally:
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=10)
+    make_again()
+    bus.publish(events(100, 3))
+    restarted = _server(config)
+    try:
+        _until(lambda: [r[0] for r in _query(restarted.url, "SELECT id FROM events ORDER BY id")] == [100, 101, 102],
+               30, "a new snapshot of the new topic")
+        assert _query(restarted.url, "SELECT refreshes FROM flightdeck.runtime.datasets")[0][0] == 1
+    finally:
+        restarted.stop()

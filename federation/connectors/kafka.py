@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from federation.changes import SourceReset
 from federation.connectors.base import ConnectorError
 from federation.messages import (BATCH_MESSAGES, BATCH_WAIT_SECONDS, TIMESTAMP, BusConnector, Delivery,
                                  Message, utc_from_millis)
@@ -112,6 +113,8 @@ class KafkaConnector(BusConnector):
 
     def deliveries(self, table: str, since: dict[str, Any], stop: threading.Event,
                    until: dict[str, Any] | None = None) -> Iterator[Delivery]:
+        if until is None:
+            self._check_not_reset(table, since)
         consumer = self._consumer()
         try:
             partitions = self._partitions(consumer, table)
@@ -125,6 +128,15 @@ class KafkaConnector(BusConnector):
                 yield Delivery(messages, {"offsets": {str(p): o for p, o in offsets.items()}})
         finally:
             consumer.close()
+
+    def _check_not_reset(self, table: str, since: dict[str, Any]) -> None:
+        """A stored offset past a partition's end: the topic was deleted and made again."""
+        ends = self.end_position(table)["offsets"]
+        for partition, offset in since.get("offsets", {}).items():
+            if int(offset) > int(ends.get(partition, 0)):
+                raise SourceReset(f"{self.describe()}: partition {partition} of {table} ends at offset "
+                                  f"{ends.get(partition, 0)}, before the copy's position {offset}: the topic "
+                                  "was made again")
 
     def _read(self, consumer: Consumer, offsets: dict[int, int], ends: dict[int, int] | None) -> list[Message]:
         """The next messages (at most a batch), advancing ``offsets`` past them."""

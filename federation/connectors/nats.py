@@ -18,6 +18,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy
 from nats.js.errors import NotFoundError
 
+from federation.changes import SourceReset
 from federation.connectors.base import ConnectorError
 from federation.messages import BATCH_MESSAGES, BATCH_WAIT_SECONDS, TIMESTAMP, BusConnector, Delivery, Message
 
@@ -122,6 +123,9 @@ class NatsConnector(BusConnector):
     async def _subscribe(self, js, table: str, since: dict[str, Any]):
         info = await self._stream(js, table)
         start = int(since.get("sequence", 0)) + 1
+        if start - 1 > info.state.last_seq:
+            raise SourceReset(f"{self.describe()}: stream {table!r} ends at sequence {info.state.last_seq}, "
+                              f"before the copy's position {start - 1}: the stream was made again")
         config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=IDLE_CONSUMER_SECONDS,
                                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
                                 max_ack_pending=-1)
