@@ -290,3 +290,15 @@ def test_pgoutput_messages_decode_into_collapsed_batches():
     assert value_parser(pa.bool_())("t") is True and value_parser(pa.binary())("\\x0aff") == b"\n\xff"
     with pytest.raises(ValueError, match="not read from the change stream"):
         value_parser(pa.month_day_nano_interval())("1 day")
+
+
+def test_changes_mode_refuses_keys_that_only_apply_to_re_reads(tmp_path):
+    from flightdeck.config import ConfigError, parse_config
+
+    dataset = {"from": "postgres:public.t", "name": "t",
+               "acceleration": {"refresh_mode": "changes", "refresh_check_interval": "1m"}}
+    with pytest.raises(ConfigError, match="refresh_check_interval does not apply to refresh_mode 'changes'"):
+        parse_config({"datasets": [dataset]}, tmp_path, {})
+    dataset["acceleration"] = {"refresh_mode": "changes", "refresh_on_source_reset": "sometimes"}
+    with pytest.raises(ConfigError, match="refresh_on_source_reset"):
+        parse_config({"datasets": [dataset]}, tmp_path, {})
