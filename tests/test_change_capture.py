@@ -23,7 +23,22 @@ from federation.connectors.base import Connector
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string()), ("amount", pa.float64())])
 
 
-class ListSource(Connector, ChangeSource):
+class TableOnly(Connector):
+    """A table and no change stream."""
+
+    kind = "tableonly"
+
+    def tables(self) -> list[str]:
+        return ["t"]
+
+    def schema(self, table: str) -> pa.Schema:
+        return SCHEMA
+
+    def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+        return SCHEMA.empty_table().to_reader()
+
+
+class ListSource(TableOnly, ChangeSource):
     """A keyed table whose commits are fed by the test; positions count commits."""
 
     kind = "listsource"
@@ -37,12 +52,6 @@ class ListSource(Connector, ChangeSource):
         self.snapshots = 0
         self.resumed_from: list[dict] = []
         self.cleaned = False
-
-    def tables(self) -> list[str]:
-        return ["t"]
-
-    def schema(self, table: str) -> pa.Schema:
-        return SCHEMA
 
     def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
         return self.table().to_reader()
@@ -224,19 +233,6 @@ def test_a_transient_failure_is_retried_from_the_committed_position(tmp_path):
         assert accelerator.refresher("public.t").status.failures == 1
     finally:
         accelerator.close()
-
-
-class TableOnly(Connector):
-    kind = "tableonly"
-
-    def tables(self) -> list[str]:
-        return ["t"]
-
-    def schema(self, table: str) -> pa.Schema:
-        return SCHEMA
-
-    def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
-        return SCHEMA.empty_table().to_reader()
 
 
 def test_a_source_without_a_change_stream_is_refused(tmp_path):
