@@ -10,7 +10,8 @@ in DuckDB (file mode):
 1. Apply throughput: the server is stopped, ``--backlog`` changes (updates and inserts, 500 to
    a transaction) are committed, the server starts again and resumes: changes/s from its
    READY line to the copy's position reaching the source's.
-2. Lag: ``--rate`` changes/s for ``--seconds`` (10-row transactions, paced); the copy's lag
+2. Lag: ``--rate`` changes/s for ``--seconds`` (25-row transactions, paced; the server restarted
+   first so its figures cover this phase only); the copy's lag
    (source commit -> applied, p50/p99 over the last batches) as ``runtime.datasets`` reports it.
 3. Baseline: one full refresh of the same table (the copy re-read whole).
 Writes bench/results/cdc.json and cdc.png.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +32,9 @@ import pymysql
 from bench.common import DATA, RESULTS, busy_note, flightdeck_server, progress, wait_until_accelerated
 
 TABLE_ROWS = 100_000
+LABELS = {"postgres": "PostgreSQL", "mysql": "MariaDB"}
+PG_PORT = int(os.environ.get("FD_CDC_PG_PORT", 5432))       # the machine's servers unless told
+MY_PORT = int(os.environ.get("FD_CDC_MYSQL_PORT", 3306))
 
 
 class Source:
@@ -48,10 +54,10 @@ class Source:
 
 
 class Postgres(Source):
-    kind, params = "postgres", {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+    kind, params = "postgres", {"pg_host": "127.0.0.1", "pg_port": PG_PORT, "pg_db": "test", "pg_user": "postgres"}
 
     def __init__(self):
-        self.connection = psycopg2.connect(host="127.0.0.1", dbname="test", user="postgres")
+        self.connection = psycopg2.connect(host="127.0.0.1", port=PG_PORT, dbname="test", user="postgres")
         self.connection.autocommit = True
         self.run("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                  "WHERE slot_name = 'flightdeck_fd_bench_cdc_items' AND NOT active")
@@ -74,10 +80,10 @@ class Postgres(Source):
 
 
 class MariaDB(Source):
-    kind, params = "mysql", {"mysql_host": "127.0.0.1", "mysql_tcp_port": 3306, "mysql_user": "root"}
+    kind, params = "mysql", {"mysql_host": "127.0.0.1", "mysql_tcp_port": MY_PORT, "mysql_user": "root"}
 
     def __init__(self):
-        self.connection = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
+        self.connection = pymysql.connect(host="127.0.0.1", port=MY_PORT, user="root", autocommit=True)
         self.run("DROP DATABASE IF EXISTS fd_bench_cdc")
         self.run("CREATE DATABASE fd_bench_cdc")
         self.run("CREATE TABLE fd_bench_cdc.items (id int PRIMARY KEY, name varchar(100), amount decimal(12,2), "
@@ -121,6 +127,7 @@ def _count(url: str) -> int:
 
 def _config(folder: Path, source: Source, mode: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / f"data-{source.kind}-{mode}", ignore_errors=True)  # its stream ended with the last run
     path = folder / f"cdc-{source.kind}-{mode}.json"
     acceleration = {"engine": "duckdb", "mode": "file", "refresh_mode": mode}
     path.write_text(json.dumps({"runtime": {"data_dir": str(folder / f"data-{source.kind}-{mode}")},
@@ -156,8 +163,12 @@ def measure(source: Source, backlog: int, seconds: float, rate: int) -> dict:
         throughput = backlog / applied_seconds
         progress(f"{source.kind}: backlog applied in {applied_seconds:.2f}s: {throughput:,.0f} changes/s")
 
+        # A fresh process: the lag it reports covers the steady phase only, not the backlog.
+        server.stop()
+        server = flightdeck_server(config)
+        wait_until_accelerated(server.url, ["public.items"])
         progress(f"{source.kind}: {rate:,} changes/s for {seconds:g}s")
-        per_tick, tick = 10, 10 / rate
+        per_tick = 50
         began, sent = time.monotonic(), 0
         while time.monotonic() - began < seconds:
             next_id = _changes(source, per_tick, next_id, per_tick)
@@ -172,12 +183,11 @@ def measure(source: Source, backlog: int, seconds: float, rate: int) -> dict:
     finally:
         server.stop()
 
-    baseline = _config(folder, source, "full")
-    started = time.monotonic()
-    server = flightdeck_server(baseline)
+    server = flightdeck_server(_config(folder, source, "full"))
     try:
-        wait_until_accelerated(server.url, ["public.items"], every=0.05)
-        full_refresh = time.monotonic() - started
+        wait_until_accelerated(server.url, ["public.items"], every=0.2)
+        refreshed = _status(server.url)
+        full_refresh = (refreshed["last_refresh_end"] - refreshed["last_refresh_start"]).total_seconds()
     finally:
         server.stop()
     p99 = status["lag_p99_ms"] / 1000
@@ -195,7 +205,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["source"] for r in results]
+    names = [LABELS[r["source"]] for r in results]
     left.bar(names, [r["apply_changes_per_second"] for r in results], color="#4477aa")
     left.set_title("backlog applied (changes/s)")
     width = 0.25
@@ -207,7 +217,7 @@ def plot(results: list[dict], path: Path) -> None:
     right.set_xticks(range(len(results)), names)
     right.set_yscale("log")
     right.set_title(f"staleness at {results[0]['steady_rate_offered']:,} changes/s (ms, log)")
-    right.legend()
+    right.legend(loc="upper left", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

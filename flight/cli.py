@@ -296,7 +296,7 @@ def cdc_cleanup(config_path: str | None, names: tuple[str, ...]) -> None:
 
 
 LIVE_COLUMNS = ["name", "kind", "state", "acceleration", "refresh_state", "rows", "last_refresh_end",
-                "data_as_of", "last_error"]
+                "data_as_of", "lag_p99_ms", "last_error"]
 
 
 def _print_live_datasets(url: str, api_key: str | None, tls_ca: str | None) -> None:

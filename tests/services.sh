@@ -75,6 +75,8 @@ binlog_format = ROW
 binlog_row_image = FULL
 binlog_row_metadata = FULL
 server-id = 1
+# the test suites write a lot; a day of binlog is plenty for them
+binlog_expire_logs_seconds = 86400
 CNF
   grep -qs "^!includedir $MARIADB_CNF_DIR" /etc/mysql/my.cnf || echo "!includedir $MARIADB_CNF_DIR/" >> /etc/mysql/my.cnf
   mariadb-admin -uroot shutdown || return 1

@@ -23,7 +23,22 @@ from federation.connectors.base import Connector
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string()), ("amount", pa.float64())])
 
 
-class ListSource(Connector, ChangeSource):
+class TableOnly(Connector):
+    """A table and no change stream."""
+
+    kind = "tableonly"
+
+    def tables(self) -> list[str]:
+        return ["t"]
+
+    def schema(self, table: str) -> pa.Schema:
+        return SCHEMA
+
+    def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
+        return SCHEMA.empty_table().to_reader()
+
+
+class ListSource(TableOnly, ChangeSource):
     """A keyed table whose commits are fed by the test; positions count commits."""
 
     kind = "listsource"
@@ -37,12 +52,6 @@ class ListSource(Connector, ChangeSource):
         self.snapshots = 0
         self.resumed_from: list[dict] = []
         self.cleaned = False
-
-    def tables(self) -> list[str]:
-        return ["t"]
-
-    def schema(self, table: str) -> pa.Schema:
-        return SCHEMA
 
     def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
         return self.table().to_reader()
@@ -226,19 +235,6 @@ def test_a_transient_failure_is_retried_from_the_committed_position(tmp_path):
         accelerator.close()
 
 
-class TableOnly(Connector):
-    kind = "tableonly"
-
-    def tables(self) -> list[str]:
-        return ["t"]
-
-    def schema(self, table: str) -> pa.Schema:
-        return SCHEMA
-
-    def open_scan(self, table, columns, filters, limit) -> pa.RecordBatchReader:
-        return SCHEMA.empty_table().to_reader()
-
-
 def test_a_source_without_a_change_stream_is_refused(tmp_path):
     spec = AccelerationSpec(dataset="public.t", refresh_mode="changes")
     plain = TableOnly({}, tmp_path)
@@ -290,3 +286,15 @@ def test_pgoutput_messages_decode_into_collapsed_batches():
     assert value_parser(pa.bool_())("t") is True and value_parser(pa.binary())("\\x0aff") == b"\n\xff"
     with pytest.raises(ValueError, match="not read from the change stream"):
         value_parser(pa.month_day_nano_interval())("1 day")
+
+
+def test_changes_mode_refuses_keys_that_only_apply_to_re_reads(tmp_path):
+    from flightdeck.config import ConfigError, parse_config
+
+    dataset = {"from": "postgres:public.t", "name": "t",
+               "acceleration": {"refresh_mode": "changes", "refresh_check_interval": "1m"}}
+    with pytest.raises(ConfigError, match="refresh_check_interval does not apply to refresh_mode 'changes'"):
+        parse_config({"datasets": [dataset]}, tmp_path, {})
+    dataset["acceleration"] = {"refresh_mode": "changes", "refresh_on_source_reset": "sometimes"}
+    with pytest.raises(ConfigError, match="refresh_on_source_reset"):
+        parse_config({"datasets": [dataset]}, tmp_path, {})
