@@ -24,6 +24,9 @@ AVAILABLE_KINDS = {
     "github": "federation.connectors.github:GitHubConnector",
     "snowflake": "federation.connectors.snowflake:SnowflakeConnector",
     "mongodb": "federation.connectors.mongodb:MongoDBConnector",
+    "kafka": "federation.connectors.kafka:KafkaConnector",
+    "nats": "federation.connectors.nats:NatsConnector",
+    "mqtt": "federation.connectors.mqtt:MqttConnector",
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
 PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")
