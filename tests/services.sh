@@ -16,7 +16,9 @@ ensure() {
   local name=$1 port=$2 start=$3
   if port_open "$port"; then echo "services: $name is up on $port"; return 0; fi
   echo "services: starting $name"
-  eval "$start" >/dev/null 2>&1 || true
+  # A server started here must not inherit a lock file descriptor (a test runner's flock, the
+  # lock below): it would hold that lock for as long as it runs.
+  eval "$start" >/dev/null 2>&1 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- || true
   if wait_port "$port"; then echo "services: $name is up on $port"; return 0; fi
   echo "services: $name did not start on port $port" >&2
   return 1
@@ -52,7 +54,7 @@ pg_logical() {
   [ "$(pg 'SHOW wal_level')" = logical ] && { echo "services: PostgreSQL wal_level is logical"; return 0; }
   echo "services: PostgreSQL: setting wal_level=logical and restarting"
   pg "ALTER SYSTEM SET wal_level = logical" || return 1
-  pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main restart || return 1
+  pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main restart 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- || return 1
   wait_port 5432 || return 1
   for _ in $(seq 1 30); do pg 'SELECT 1' >/dev/null 2>&1 && break; sleep 1; done
   [ "$(pg 'SHOW wal_level')" = logical ] || { echo "services: PostgreSQL wal_level is still not logical" >&2; return 1; }
@@ -81,7 +83,7 @@ CNF
   grep -qs "^!includedir $MARIADB_CNF_DIR" /etc/mysql/my.cnf || echo "!includedir $MARIADB_CNF_DIR/" >> /etc/mysql/my.cnf
   mariadb-admin -uroot shutdown || return 1
   for _ in $(seq 1 30); do port_open 3306 || break; sleep 1; done
-  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd >/dev/null 2>&1
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd >/dev/null 2>&1 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-
   wait_port 3306 || return 1
   for _ in $(seq 1 30); do maria 'SELECT 1' >/dev/null 2>&1 && break; sleep 1; done
   [ "$(maria 'SELECT @@log_bin, @@binlog_format, @@binlog_row_metadata, @@binlog_row_image' | tr '\t' ' ')" = "$want" ] \
@@ -102,7 +104,6 @@ ensure_installed "NATS JetStream" 4222 /usr/sbin/nats-server \
   "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log" || status=1
 ensure_installed Mosquitto 1883 /usr/sbin/mosquitto "mosquitto -d -c /etc/mosquitto/mosquitto.conf" || status=1
 
-# The foundation's tests need neither server yet; in CI a missing service still fails the run
-# so that the integration tests of later issues never silently skip.
+# In CI a missing service fails the run, so that integration tests never silently skip.
 if [ "$status" -ne 0 ] && [ "${CI:-}" = "true" ]; then exit 1; fi
 exit 0
