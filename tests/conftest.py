@@ -148,3 +148,17 @@ def require_postgres() -> None:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def search_peer():
+    """An OpenSearch-compatible server (osmem-server) behind a proxy that records requests."""
+    from peers import start_search_peer
+    yield from start_search_peer()
+
+
+@pytest.fixture(scope="session")
+def mongo_server():
+    """A MongoDB wire-protocol server (nx-27017), in memory."""
+    from peers import start_mongo_peer
+    yield from start_mongo_peer()
