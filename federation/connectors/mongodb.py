@@ -238,7 +238,7 @@ class MongoDBConnector(Connector):
         flat = [flatten_document(d) for d in documents]
         arrays = []
         for field in target:
-            values = [_column_value(row.get(paths[field.name]), kinds[field.name]) for row in flat]
+            values = [_column_value(_at(row, paths[field.name]), kinds[field.name]) for row in flat]
             try:
                 arrays.append(pa.array(values, type=field.type))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
@@ -251,6 +251,15 @@ class MongoDBConnector(Connector):
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _at(row: dict[tuple, Any], path: tuple) -> Any:
+    """A flattened document's value at ``path``; some servers (nx-27017) answer a projected
+    sub-field under its dotted name (``{"customer.id": 1}``) instead of nesting it."""
+    value = row.get(path)
+    if value is None and len(path) > 1:
+        value = row.get((".".join(path),))
+    return value
 
 
 def _column_value(value: Any, kind: str) -> Any:
