@@ -154,11 +154,13 @@ def write_config(path: Path, config: dict) -> Path:
 def search_peer():
     """An OpenSearch-compatible server (osmem-server) behind a proxy that records requests."""
     from peers import start_search_peer
-    yield from start_search_peer()
+    with start_search_peer() as peer:
+        yield peer
 
 
 @pytest.fixture(scope="session")
 def mongo_server():
     """A MongoDB wire-protocol server (nx-27017), in memory."""
     from peers import start_mongo_peer
-    yield from start_mongo_peer()
+    with start_mongo_peer() as server:
+        yield server

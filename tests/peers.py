@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -123,6 +124,7 @@ def _proxy_handler(peer: SearchPeer) -> type[BaseHTTPRequestHandler]:
     return Proxy
 
 
+@contextmanager
 def start_search_peer() -> Iterator[SearchPeer]:
     """osmem-server on a free port (it exits with this process) and the recording proxy."""
     try:
@@ -154,6 +156,7 @@ class MongoServer:
             self.process.wait()
 
 
+@contextmanager
 def start_mongo_peer() -> Iterator[MongoServer]:
     """nx-27017 (a MongoDB wire-protocol server on SQLite), in memory, on a free port."""
     executable = shutil.which("nx-27017") or str(Path(sys.executable).parent / "nx-27017")
@@ -175,3 +178,27 @@ def start_mongo_peer() -> Iterator[MongoServer]:
         yield server
     finally:
         server.stop()
+
+
+FAKESNOW = Path(__file__).resolve().parent.parent / ".venv-fakesnow" / "bin" / "fakesnow"
+
+
+@contextmanager
+def start_fakesnow() -> Iterator[int]:
+    """fakesnow's Snowflake HTTP server (from its own virtualenv) on a free port; yields the port."""
+    if not FAKESNOW.exists():
+        missing_peer("fakesnow is not installed (.venv-fakesnow): run `make test`")
+    port = free_port()
+    process = subprocess.Popen([str(FAKESNOW), "-s", "-p", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
