@@ -16,6 +16,7 @@ import pyarrow.flight as flight
 import pytest
 import yaml
 
+import contract_matrix
 from flight.cli import Serving
 from flightdeck.config import parse_config
 from flightdeck.demo import ensure_demo
@@ -164,3 +165,15 @@ def mongo_server():
     from peers import start_mongo_peer
     with start_mongo_peer() as server:
         yield server
+
+
+def pytest_runtest_logreport(report):
+    contract_matrix.record(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = contract_matrix.summary()
+    if lines:
+        terminalreporter.section("connector contract: connector x capability (gap = known, xfail strict)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -250,8 +251,9 @@ def _coerce(value: Any, arrow_type: pa.DataType) -> Any:
     if value is None:
         return None
     if pa.types.is_timestamp(arrow_type) and isinstance(value, str):
-        from datetime import datetime
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if pa.types.is_date(arrow_type) and isinstance(value, str):
+        return date.fromisoformat(value[:10])
     if pa.types.is_string(arrow_type) and not isinstance(value, str):
         return json.dumps(value)
     return value
