@@ -202,3 +202,17 @@ def start_fakesnow() -> Iterator[int]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def fakesnow_admin(port: int):
+    """A connection to fakesnow that sets up test data (the connector under test only reads)."""
+    import snowflake.connector
+    return snowflake.connector.connect(user="admin", password="x", account="fakesnow", host="localhost",
+                                       port=port, protocol="http")
+
+
+def fakesnow_params(port: int, database: str, password: str) -> dict:
+    """The snowflake: connector's params for a database on the fakesnow server."""
+    return {"snowflake_account": "fakesnow", "snowflake_username": "agent", "snowflake_password": password,
+            "snowflake_host": "localhost", "snowflake_port": port, "snowflake_protocol": "http",
+            "snowflake_database": database}

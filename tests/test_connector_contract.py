@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 import pymongo
 import pymysql
 import pytest
-import snowflake.connector
 from pyiceberg.catalog import load_catalog
 
 from federation import expr as fx
@@ -37,7 +36,7 @@ from federation.engine import QueryEngine
 
 from conftest import POSTGRES_URI, require_postgres, serving
 from json_api import JsonHandler, serving_api
-from peers import missing_peer, start_fakesnow, start_mongo_peer, start_search_peer
+from peers import fakesnow_admin, fakesnow_params, missing_peer, start_fakesnow, start_mongo_peer, start_search_peer
 
 # ---- the common table ----
 
@@ -255,8 +254,7 @@ def _mysql(tmp: Path) -> Iterator[Backend]:
 @backend("snowflake")
 def _snowflake(tmp: Path) -> Iterator[Backend]:
     with start_fakesnow() as port:
-        admin = snowflake.connector.connect(user="admin", password="x", account="fakesnow", host="localhost",
-                                            port=port, protocol="http")
+        admin = fakesnow_admin(port)
         cursor = admin.cursor()
         cursor.execute("CREATE DATABASE contract")
         cursor.execute("CREATE SCHEMA contract.s")
@@ -265,9 +263,7 @@ def _snowflake(tmp: Path) -> Iterator[Backend]:
         for statement in _inserts("contract.s.things"):
             cursor.execute(statement)
         admin.close()
-        params = {"snowflake_account": "fakesnow", "snowflake_username": "agent", "snowflake_password": "sf-secret",
-                  "snowflake_host": "localhost", "snowflake_port": port, "snowflake_protocol": "http",
-                  "snowflake_database": "contract"}
+        params = fakesnow_params(port, "contract", "sf-secret")
         yield Backend("snowflake", tmp, "snowflake:contract.s.things", params, "contract.s.things",
                       ("snowflake:contract.s.nope", params, "nope"),
                       ("snowflake:contract.s.things", {**params, "snowflake_port": 1, "connect_timeout": 2,

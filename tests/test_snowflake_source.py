@@ -9,12 +9,11 @@ from __future__ import annotations
 import decimal
 
 import pytest
-import snowflake.connector
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.engine import EngineSettings, QueryEngine
 
-from peers import start_fakesnow
+from peers import fakesnow_admin, fakesnow_params, start_fakesnow
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +24,8 @@ def fakesnow():
 
 def _shop(port: int) -> dict:
     """A shop database on the fakesnow server; the connector's params for it."""
-    params = {"snowflake_account": "fakesnow", "snowflake_username": "agent", "snowflake_password": "pw-secret-5",
-              "snowflake_host": "localhost", "snowflake_port": port, "snowflake_protocol": "http",
-              "snowflake_database": "shop"}
-    admin = snowflake.connector.connect(user="admin", password="x", account="fakesnow", host="localhost",
-                                        port=port, protocol="http")
+    params = fakesnow_params(port, "shop", "pw-secret-5")
+    admin = fakesnow_admin(port)
     cursor = admin.cursor()
     cursor.execute("CREATE DATABASE shop")
     cursor.execute("CREATE SCHEMA shop.sales")
