@@ -130,7 +130,9 @@ class Stack:
                 **{key: row[key] for key in ("refresh_mode", "last_refresh_start", "last_refresh_end",
                                              "last_refresh_rows", "rows_loaded", "rows", "bytes",
                                              "last_error", "data_as_of", "refreshes", "failures",
-                                             "embedded_last_refresh", "embedded_total")}}
+                                             "embedded_last_refresh", "embedded_total", "changes_applied",
+                                             "lag_p50_ms", "lag_p99_ms", "skipped", "last_skip_reason",
+                                             "position", "source_backlog_bytes")}}
 
     def close(self) -> None:
         """Stop the refreshers and release every backend and local engine."""
