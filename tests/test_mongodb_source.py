@@ -3,6 +3,7 @@ commands the connector sends are seen through pymongo's own command monitoring."
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pyarrow as pa
 import pymongo
@@ -12,6 +13,8 @@ from pymongo import monitoring
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.engine import QueryEngine
+
+from conftest import serving
 
 UTC = dt.timezone.utc
 READS = ("find", "getMore", "aggregate", "listCollections", "listDatabases", "count", "killCursors", "endSessions")
@@ -126,3 +129,52 @@ def test_declared_columns_and_unreachable_servers(mongo, tmp_path):
                                                        "connect_timeout": 1})], tmp_path)
     error = down.datasets["public.gone"].error
     assert "127.0.0.1:1" in error and "mongo-pw-1" not in error
+
+
+def _until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _live_config(mongo, tmp_path) -> dict:
+    return {"runtime": {"data_dir": str(tmp_path / "data")},
+            "datasets": [{"from": "mongodb:support.live", "name": "live", "params": {"mongo_uri": mongo.uri},
+                          "acceleration": {"refresh_mode": "changes", "engine": "duckdb", "mode": "file"}}]}
+
+
+def _status(runtime) -> dict:
+    return runtime.engine.query("SELECT refresh_state, refreshes, changes_applied, last_error "
+                                "FROM flightdeck.runtime.datasets WHERE name = 'public.live'").read_all().to_pylist()[0]
+
+
+def test_change_streams_keep_a_copy_equal_and_resume_after_a_restart(mongo, tmp_path):
+    live = pymongo.MongoClient(mongo.uri, tz_aware=True)["support"]["live"]
+    live.drop()
+    live.insert_many([{"_id": ObjectId(f"{i:024x}"), "number": i, "status": "new"} for i in range(1, 21)])
+
+    def source() -> list[dict]:
+        return [{"_id": str(d["_id"]), "number": d["number"], "status": d["status"]}
+                for d in live.find({}, sort=[("_id", 1)])]
+
+    def copy(runtime) -> list[dict]:
+        return runtime.engine.query("SELECT _id, number, status FROM live ORDER BY _id").read_all().to_pylist()
+
+    with serving(_live_config(mongo, tmp_path), tmp_path) as runtime:
+        _until(lambda: _status(runtime)["refresh_state"] == "ready")
+        assert copy(runtime) == source()
+        live.insert_many([{"_id": ObjectId(f"{i:024x}"), "number": i, "status": "new"} for i in range(21, 31)])
+        live.update_many({"number": {"$lte": 5}}, {"$set": {"status": "done"}})
+        live.delete_many({"number": {"$in": [7, 8, 22]}})
+        live.replace_one({"number": 9}, {"_id": ObjectId(f"{9:024x}"), "number": 9, "status": "replaced"})
+        _until(lambda: copy(runtime) == source())
+        status = _status(runtime)
+        assert status["refreshes"] == 1 and status["changes_applied"] >= 15 and status["last_error"] is None
+    # Changes made while flightdeck is down are picked up from the kept copy's stream position.
+    live.update_one({"number": 10}, {"$set": {"status": "while down"}})
+    live.delete_one({"number": 11})
+    with serving(_live_config(mongo, tmp_path), tmp_path) as runtime:
+        _until(lambda: _status(runtime)["refresh_state"] == "ready" and copy(runtime) == source())
+        assert _status(runtime)["refreshes"] == 0, "resumed from the stream position, not re-snapshotted"
+    live.drop()
