@@ -154,6 +154,10 @@ def test_nulls_and_negations_mean_what_sql_means(fresh, tmp_path):
         {"bool": {"must_not": [{"exists": {"field": "code"}}]}}]
     other = engine.query("SELECT _id FROM logs WHERE code <> 300 ORDER BY _id").read_all()
     assert other.column("_id").to_pylist() == [d["_id"] for d in DOCUMENTS if d.get("code") not in (None, 300)]
+    fresh.requests.clear()
+    negated = engine.query("SELECT _id FROM logs WHERE NOT ok ORDER BY _id").read_all()
+    assert negated.column("_id").to_pylist() == [d["_id"] for d in DOCUMENTS if d.get("ok") is False]
+    assert _scans(fresh)[-1].body["query"]["bool"]["filter"] == [{"term": {"ok": False}}]
 
 
 def test_pagination_past_ten_thousand_documents(fresh, tmp_path):

@@ -212,6 +212,14 @@ class ElasticsearchConnector(Connector):
             if field is None or field.term_field is None or not _has_exists(field):
                 return None
             return {"bool": {"must_not": [{"exists": {"field": field.term_field}}]}}
+        if isinstance(expression, fx.Column) or (isinstance(expression, fx.Not)
+                                                 and isinstance(expression.arg, fx.Column)):
+            # A boolean column as the filter (``WHERE ok``, ``WHERE NOT ok``): NULL keeps neither.
+            name = expression.name if isinstance(expression, fx.Column) else expression.arg.name
+            field = fields.get(name)
+            if field is None or field.es_type != "boolean" or field.term_field is None:
+                return None
+            return {"term": {field.term_field: isinstance(expression, fx.Column)}}
         if isinstance(expression, fx.Not) and isinstance(expression.arg, fx.IsNull):
             inner = self.clause(expression.arg, fields)
             return None if inner is None else inner["bool"]["must_not"][0]
