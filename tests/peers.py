@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -163,7 +164,9 @@ def start_mongo_peer() -> Iterator[MongoServer]:
     if not Path(executable).exists():
         missing_peer("nx-27017 is not installed (the test extra): run `make test`")
     port = free_port()
-    process = subprocess.Popen([executable, "--db", "memory", "--host", "127.0.0.1", "-p", str(port)],
+    own = Path(tempfile.mkdtemp(prefix="nx-27017-"))  # its log and pid files default to fixed /tmp paths
+    process = subprocess.Popen([executable, "--db", "memory", "--host", "127.0.0.1", "-p", str(port),
+                                "--log-file", str(own / "server.log"), "--pid-file", str(own / "server.pid")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):
         try:
@@ -178,6 +181,7 @@ def start_mongo_peer() -> Iterator[MongoServer]:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(own, ignore_errors=True)
 
 
 FAKESNOW = Path(__file__).resolve().parent.parent / ".venv-fakesnow" / "bin" / "fakesnow"
