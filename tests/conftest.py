@@ -16,6 +16,7 @@ import pyarrow.flight as flight
 import pytest
 import yaml
 
+import contract_matrix
 from flight.cli import Serving
 from flightdeck.config import parse_config
 from flightdeck.demo import ensure_demo
@@ -148,3 +149,31 @@ def require_postgres() -> None:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def search_peer():
+    """An OpenSearch-compatible server (osmem-server) behind a proxy that records requests."""
+    from peers import start_search_peer
+    with start_search_peer() as peer:
+        yield peer
+
+
+@pytest.fixture(scope="session")
+def mongo_server():
+    """A MongoDB wire-protocol server (nx-27017), in memory."""
+    from peers import start_mongo_peer
+    with start_mongo_peer() as server:
+        yield server
+
+
+def pytest_runtest_logreport(report):
+    contract_matrix.record(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = contract_matrix.summary()
+    if lines:
+        terminalreporter.section("connector contract: connector x capability (gap = known, xfail strict)")
+        for line in lines:
+            terminalreporter.write_line(line)

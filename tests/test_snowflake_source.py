@@ -7,49 +7,25 @@ path is the real one.
 from __future__ import annotations
 
 import decimal
-import os
-import socket
-import subprocess
-import time
 
 import pytest
-import snowflake.connector
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.engine import EngineSettings, QueryEngine
 
-from conftest import REPO
-
-FAKESNOW = REPO / ".venv-fakesnow" / "bin" / "fakesnow"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from peers import fakesnow_admin, fakesnow_params, start_fakesnow
 
 
 @pytest.fixture(scope="module")
 def fakesnow():
-    if not FAKESNOW.exists():
-        message = "fakesnow is not installed (.venv-fakesnow): run `make test`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    port = _free_port()
-    process = subprocess.Popen([str(FAKESNOW), "-s", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    params = {"snowflake_account": "fakesnow", "snowflake_username": "agent", "snowflake_password": "pw-secret-5",
-              "snowflake_host": "localhost", "snowflake_port": port, "snowflake_protocol": "http",
-              "snowflake_database": "shop"}
-    admin = snowflake.connector.connect(user="admin", password="x", account="fakesnow", host="localhost",
-                                        port=port, protocol="http")
+    with start_fakesnow() as port:
+        yield _shop(port)
+
+
+def _shop(port: int) -> dict:
+    """A shop database on the fakesnow server; the connector's params for it."""
+    params = fakesnow_params(port, "shop", "pw-secret-5")
+    admin = fakesnow_admin(port)
     cursor = admin.cursor()
     cursor.execute("CREATE DATABASE shop")
     cursor.execute("CREATE SCHEMA shop.sales")
@@ -59,9 +35,7 @@ def fakesnow():
                    "CASE WHEN seq4() % 3 = 0 THEN 'eu' ELSE 'us' END, "
                    "'2026-11-20 14:00:00'::TIMESTAMP_NTZ, seq4() % 2 = 0 FROM TABLE(GENERATOR(ROWCOUNT => 300))")
     admin.close()
-    yield params
-    process.terminate()
-    process.wait(timeout=10)
+    return params
 
 
 def test_snowflake_discovery_pushdown_and_types(fakesnow, tmp_path):

@@ -27,6 +27,7 @@ AVAILABLE_KINDS = {
     "kafka": "federation.connectors.kafka:KafkaConnector",
     "nats": "federation.connectors.nats:NatsConnector",
     "mqtt": "federation.connectors.mqtt:MqttConnector",
+    "elasticsearch": "federation.connectors.elasticsearch:ElasticsearchConnector",
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
 PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")

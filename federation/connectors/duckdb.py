@@ -16,10 +16,22 @@ from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlCo
 def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection that cannot reach host files or the network from SQL."""
     connection = duckdb.connect(path, read_only=read_only)
+    if _already_locked(connection):
+        return connection  # the same file opened before in this process shares its locked settings
     connection.execute("SET TimeZone = 'UTC'")  # literals mean what they mean to DataFusion
     connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")
     return connection
+
+
+def _already_locked(connection: duckdb.DuckDBPyConnection) -> bool:
+    """True when the database instance is already set up as ``open_locked_duckdb`` leaves it."""
+    locked, external, zone = connection.execute(
+        "SELECT current_setting('lock_configuration'), current_setting('enable_external_access'), "
+        "current_setting('TimeZone')").fetchone()
+    if locked and (external or zone not in ("UTC", "Etc/UTC")):
+        raise ConnectorError("duckdb: the database is already open in this process with other settings")
+    return bool(locked)
 
 
 @functools.lru_cache(maxsize=1024)  # a statement kept planned is sent again and again, values bound apart

@@ -118,8 +118,10 @@ class FileConnector(Connector):
                 "\t" if self.files[0].endswith(".tsv") else ",")
             has_header = self.params.get("csv_has_header", True)
             read_options = pacsv.ReadOptions(autogenerate_column_names=not has_header)
+            # An empty field is NULL in every column, text included; a quoted "" stays an empty text.
+            convert = pacsv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False)
             return ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                                    read_options=read_options)
+                                    read_options=read_options, convert_options=convert)
         if self.format == "json":
             return ds.JsonFileFormat()
         return "parquet"

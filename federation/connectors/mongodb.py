@@ -3,15 +3,17 @@
 Nested documents become ``parent_child`` columns; the columns are declared
 (``params.columns``) or sampled from the collection. Filters become the ``find`` filter,
 projection its projection, LIMIT its limit (only when every filter went down). Only
-``find`` and ``listCollections`` are ever sent; for a server-side guarantee, connect as a
+``find`` and ``listCollections`` are ever sent, plus a change stream (``aggregate`` with
+``$changeStream``) for a ``refresh_mode: changes`` copy; for a server-side guarantee, connect as a
 user with the ``read`` role.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import urllib.parse
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pymongo
@@ -19,11 +21,15 @@ from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from federation import expr as fx
+from federation.changes import ChangeBatch, ChangeSource, PendingChanges, SourceReset
 from federation.connectors.base import Connector, ConnectorError
 from federation.connectors.typing import flatten_document
 
 SAMPLE_SIZE = 200
 BATCH_ROWS = 10_000
+CHANGE_BATCH = 1_000    # change events collapsed into one batch at most
+AWAIT_MS = 200          # how long one wait for the next change event blocks (stop is checked between)
+ENDS_STREAM = ("drop", "dropDatabase", "rename", "invalidate")
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 DECLARED_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
                   "timestamp": TIMESTAMP, "objectid": pa.string(), "json": pa.string()}
@@ -69,7 +75,7 @@ def _merge(kinds: set[str]) -> str:
     return "json"  # mixed: the values as JSON text
 
 
-class MongoDBConnector(Connector):
+class MongoDBConnector(Connector, ChangeSource):
     kind = "mongodb"
 
     def __init__(self, params: dict[str, Any], base_dir):
@@ -238,7 +244,7 @@ class MongoDBConnector(Connector):
         flat = [flatten_document(d) for d in documents]
         arrays = []
         for field in target:
-            values = [_column_value(row.get(paths[field.name]), kinds[field.name]) for row in flat]
+            values = [_column_value(_at(row, paths[field.name]), kinds[field.name]) for row in flat]
             try:
                 arrays.append(pa.array(values, type=field.type))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
@@ -248,9 +254,80 @@ class MongoDBConnector(Connector):
         self.stats.record_batch(batch, 0.0)
         return batch
 
+    # ---- change streams (refresh_mode: changes) ----
+
+    def change_key(self, table: str) -> tuple[str, ...]:
+        if "_id" not in self.schema(table).names:
+            raise ConnectorError(f"{self.describe()}: refresh_mode 'changes' needs the _id column")
+        return ("_id",)
+
+    def snapshot(self, table: str) -> tuple[pa.RecordBatchReader, dict[str, Any]]:
+        """The stream's position is taken before the read: changes made while it runs are replayed
+        after it, and replaying a whole document or a delete again leaves the same state."""
+        try:
+            with self._collection(table).watch(full_document="updateLookup") as stream:
+                token = stream.resume_token
+        except PyMongoError as error:
+            raise self._failed(error) from None
+        return self.scan(table, None, [], None), {"resume_token": dict(token) if token else None}
+
+    def changes(self, table: str, since: dict[str, Any], stop: threading.Event) -> Iterator[ChangeBatch]:
+        schema, paths, kinds = self._describe_table(table)
+        try:
+            with self._collection(table).watch(full_document="updateLookup", max_await_time_ms=AWAIT_MS,
+                                               resume_after=since.get("resume_token")) as stream:
+                while not stop.is_set():
+                    pending, committed = PendingChanges(schema, ("_id",)), None
+                    while len(pending) < CHANGE_BATCH and not stop.is_set():
+                        event = stream.try_next()
+                        if event is None:
+                            break
+                        self._take(event, pending, schema, paths, kinds)
+                        committed = _event_time(event) or committed
+                    if len(pending) or pending.skipped:
+                        yield pending.batch({"resume_token": dict(stream.resume_token)}, committed)
+        except PyMongoError as error:
+            raise self._failed(error) from None
+
+    def _take(self, event: dict, pending: PendingChanges, schema: pa.Schema, paths: dict[str, tuple],
+              kinds: dict[str, str]) -> None:
+        operation = event.get("operationType")
+        if operation in ENDS_STREAM:
+            raise SourceReset(f"{self.describe()}: the collection saw {operation}")
+        if operation == "delete":
+            pending.delete({"_id": _column_value(event["documentKey"]["_id"], kinds["_id"])})
+        elif operation in ("insert", "update", "replace") and event.get("fullDocument") is not None:
+            # The key is the event's documentKey: a server may encode _id inside fullDocument its own
+            # way (nx-27017 does for ObjectIds).
+            document = {**event["fullDocument"], "_id": event["documentKey"]["_id"]}
+            try:
+                pending.upsert(self._batch([document], schema, paths, kinds).to_pylist()[0])
+            except ConnectorError as error:
+                pending.skipped.append(str(error))
+        # An update whose document is gone by now is followed by its delete; other events change no rows.
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _event_time(event: dict) -> dt.datetime | None:
+    """When the change was committed: ``wallTime`` (MongoDB 6+), else the cluster time."""
+    moment = event.get("wallTime") or event.get("clusterTime")
+    if isinstance(moment, dt.datetime):
+        return moment
+    if moment is not None and hasattr(moment, "time"):  # a bson Timestamp: seconds since the epoch
+        return dt.datetime.fromtimestamp(moment.time, dt.timezone.utc)
+    return None
+
+
+def _at(row: dict[tuple, Any], path: tuple) -> Any:
+    """A flattened document's value at ``path``; some servers (nx-27017) answer a projected
+    sub-field under its dotted name (``{"customer.id": 1}``) instead of nesting it."""
+    value = row.get(path)
+    if value is None and len(path) > 1:
+        value = row.get((".".join(path),))
+    return value
 
 
 def _column_value(value: Any, kind: str) -> Any:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -24,6 +24,8 @@ def json_value(value: Any, arrow_type: pa.DataType) -> Any:
         return None
     if pa.types.is_timestamp(arrow_type) and isinstance(value, str):
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if pa.types.is_date(arrow_type) and isinstance(value, str):
+        return date.fromisoformat(value[:10])
     if pa.types.is_string(arrow_type) and not isinstance(value, str):
         return json.dumps(value)
     return value
