@@ -120,6 +120,8 @@ class ChangeCapture(Refresher):
         self.status.last_error = self._describe(error)
         if not self.loaded.is_set():
             self.status.state = "error"
+        elif self.status.state == "refreshing":  # a new snapshot failed: the copy serves as it was
+            self.status.state = "ready"
         with self._done:  # a refresh waiting for a snapshot learns it failed
             self._done.notify_all()
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 MAX_BATCH_ROWS = 20_000       # a batch closes at the first transaction end past this many rows
 HEARTBEAT_SECONDS = 0.1       # the server's heartbeat while idle: how soon a stop or a pause is seen
 BATCH_SECONDS = 0.1           # while changes keep coming, a batch is handed on this often
+IDLE_POSITION_SECONDS = 5.0   # the table at rest: how often the copy's position follows the server's
 _DDL = re.compile(r"^\s*(truncate|alter|drop|rename|create\s+or\s+replace)\b", re.IGNORECASE)
 
 
@@ -90,12 +91,20 @@ class MySQLChanges:
             slave_heartbeat=HEARTBEAT_SECONDS)
         decoder = _Decoder(self, schema, key, since)
         first_complete = None  # when the oldest whole transaction not yet handed on ended
+        last_handed, handed = time.monotonic(), (since["file"], since["pos"])
         try:
             while not stop.is_set():
                 event = reader.fetchone()
                 if event is None:
                     continue
                 decoder.take(event, reader.log_file, reader.log_pos)
+                if isinstance(event, HeartbeatLogEvent) and decoder.idle() \
+                        and time.monotonic() - last_handed >= IDLE_POSITION_SECONDS \
+                        and (reader.log_file, reader.log_pos) != handed:
+                    # The server is quiet and has sent all it wrote, whole transactions only: the
+                    # copy stands there, current (its data_as_of moves on while the table rests).
+                    last_handed, handed = time.monotonic(), (reader.log_file, reader.log_pos)
+                    yield ChangeBatch(None, None, decoder.at(*handed), None)
                 if not decoder.complete():
                     continue
                 first_complete = first_complete or time.monotonic()
@@ -103,8 +112,10 @@ class MySQLChanges:
                 # there when the server goes quiet (its heartbeat), or after a short wait.
                 if isinstance(event, HeartbeatLogEvent) or decoder.complete(MAX_BATCH_ROWS) \
                         or time.monotonic() - first_complete >= BATCH_SECONDS:
-                    yield decoder.batch()
-                    first_complete = None
+                    batch = decoder.batch()
+                    yield batch
+                    first_complete, last_handed = None, time.monotonic()
+                    handed = (batch.position["file"], batch.position["pos"])
         except pymysql.MySQLError as error:
             raise ConnectorError(f"{self.describe()}: {connector.clean_error(error)}") from None
         finally:
@@ -132,7 +143,7 @@ class _Decoder:
         elif isinstance(event, XidEvent):
             if self.open:
                 self.open = False
-                self.position = {"file": log_file, "pos": log_pos, "columns": self.columns}
+                self.position = self.at(log_file, log_pos)
                 self.committed_at = dt.datetime.fromtimestamp(event.timestamp, dt.timezone.utc)
         elif isinstance(event, QueryEvent):
             self._statement(event)
@@ -174,6 +185,12 @@ class _Decoder:
         """Whole transactions are there (none open), with at least ``rows`` rows."""
         return not self.open and self.position is not None and \
             len(self.pending) + len(self.pending.skipped) >= rows
+
+    def idle(self) -> bool:
+        return not self.open and self.position is None
+
+    def at(self, log_file: str, log_pos: int) -> dict[str, Any]:
+        return {"file": log_file, "pos": log_pos, "columns": self.columns}
 
     def batch(self) -> ChangeBatch:
         batch = self.pending.batch(self.position, self.committed_at)
