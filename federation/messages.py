@@ -21,7 +21,7 @@ import pyarrow.json as pa_json
 
 from federation import expr as fx
 from federation.changes import ChangeBatch, ChangeSource
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, first_rows
 from federation.connectors.typing import JSON_TYPES, flatten_document, json_value
 
 log = logging.getLogger("flightdeck.messages")
@@ -246,8 +246,8 @@ class BusConnector(Connector, ChangeSource):
         reader, _ = self.snapshot(table)
         schema = reader.schema
         columns = schema.names if columns is None else (columns or schema.names[:1])
-        return pa.RecordBatchReader.from_batches(
-            pa.schema([schema.field(c) for c in columns]), (b.select(columns) for b in reader))
+        return first_rows(pa.RecordBatchReader.from_batches(
+            pa.schema([schema.field(c) for c in columns]), (b.select(columns) for b in reader)), limit)
 
     def _retained(self, table: str) -> Iterator[Delivery]:
         until = self.end_position(table)

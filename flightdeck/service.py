@@ -156,6 +156,8 @@ class Service:
         found = {}
         for name in datasets:
             refresher = self.stack.accelerator.refreshers.get(qualified(name))
+            if refresher is not None and not refresher.loaded.is_set() and refresher.spec.ready_state == "on_load":
+                refresher.loaded.wait(refresher.spec.ready_timeout)  # as the query itself will wait for it
             if refresher is not None and refresher.loaded.is_set() and refresher.status.data_as_of is not None:
                 found[refresher.spec.dataset] = refresher.status.data_as_of
         return Freshness(found) if found else None

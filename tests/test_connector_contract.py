@@ -36,6 +36,7 @@ from federation.engine import QueryEngine
 
 from conftest import POSTGRES_URI, require_postgres, serving
 from json_api import JsonHandler, serving_api
+from buses import JetStream, KafkaBroker
 from peers import fakesnow_admin, fakesnow_params, missing_peer, start_fakesnow, start_mongo_peer, start_search_peer
 
 # ---- the common table ----
@@ -92,12 +93,18 @@ KNOWN: dict[tuple[str, str], str] = {
     ("elasticsearch", "read-only"): "n/a: REST; only GET and search requests are sent "
                                     "(test_elasticsearch_source checks every request)",
     ("http", "read-only"): "n/a: only GET requests are sent",
+    ("kafka", "read-only"): "n/a: partitions are read at explicit offsets; nothing is committed or deleted "
+                            "(test_buses checks the broker)",
+    ("nats", "read-only"): "n/a: an ephemeral consumer that acknowledges nothing; streams whose retention "
+                           "deletes on acknowledgement are refused (test_buses)",
     ("http", "unreachable"): "n/a: checked in test_http_source (unreachable API)",
     ("snowflake", "values"): "gap: fakesnow returns a NULL timestamp as 1970-01-01 (the peer, not the connector)",
     ("snowflake", ">"): "gap: fakesnow returns a NULL timestamp as 1970-01-01 (the peer, not the connector)",
     ("snowflake", "read-only"): "gap: Snowflake has no read-only session; use a role that can only read",
 }
 NOT_IN_SUITE = {  # kinds whose tables cannot hold the common table
+    "mqtt": "an MQTT broker keeps no messages to scan: a copy holds what arrives after it subscribes "
+            "(tests/test_buses.py)",
     "git": "fixed schemas (files, commits) over a repository: tests/test_git_source.py",
     "github": "fixed schemas per resource over the GitHub API: tests/test_github_source.py",
 }
@@ -336,6 +343,40 @@ def _elasticsearch(tmp: Path) -> Iterator[Backend]:
                       ("elasticsearch:things", {"elasticsearch_endpoint": "http://127.0.0.1:1", "connect_timeout": 2,
                                                 "elasticsearch_api_key": "es-contract-secret"}, "127.0.0.1:1"),
                       secret="es-contract-secret")
+
+
+def _messages() -> list[bytes]:
+    return [json.dumps({k: (v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v)
+                        for k, v in row.items()}).encode() for row in ROWS]
+
+
+BUS_COLUMNS = {"id": "int", "n": "int", "score": "float", "name": "string", "flag": "bool", "day": "date",
+               "seen_at": "timestamp"}
+
+
+@backend("kafka")
+def _kafka(tmp: Path) -> Iterator[Backend]:
+    broker = KafkaBroker()
+    try:
+        broker.create_topic("things")
+        broker.publish("things", _messages())
+        params = {"bootstrap_servers": broker.servers, "columns": BUS_COLUMNS}
+        yield Backend("kafka", tmp, "kafka:things", params, "things", ("kafka:nope", params, "nope"),
+                      ("kafka:things", {"bootstrap_servers": "127.0.0.1:1", "connect_timeout": 2,
+                                        "columns": BUS_COLUMNS}, "127.0.0.1:1"))
+    finally:
+        broker.stop()
+
+
+@backend("nats")
+def _nats(tmp: Path) -> Iterator[Backend]:
+    streams = JetStream()
+    with streams.fresh_stream() as stream:
+        streams.publish(f"{stream}.things", _messages())
+        params = {"columns": BUS_COLUMNS}
+        yield Backend("nats", tmp, f"nats:{stream}", params, stream, ("nats:nope", params, "nope"),
+                      (f"nats:{stream}", {"servers": "nats://127.0.0.1:1", "connect_timeout": 2,
+                                          "columns": BUS_COLUMNS}, "127.0.0.1:1"))
 
 
 class _Things(JsonHandler):

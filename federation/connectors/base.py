@@ -308,3 +308,18 @@ class SqlConnector(Connector):
                 release(finished)
 
         return self.counted(schema, sql, batches)
+
+
+def first_rows(reader: pa.RecordBatchReader, limit: int | None) -> pa.RecordBatchReader:
+    """The reader cut after ``limit`` rows (a connector honouring a LIMIT it was handed)."""
+    if limit is None:
+        return reader
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        remaining = limit
+        for batch in reader:
+            if remaining <= 0:
+                return
+            yield batch.slice(0, remaining)
+            remaining -= batch.num_rows
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())

@@ -21,7 +21,7 @@ import pyarrow.json as pajson
 
 from federation import expr as fx
 from federation.arrow_expr import to_arrow
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, first_rows
 
 FORMATS_BY_SUFFIX = {
     ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
@@ -166,10 +166,7 @@ class FileConnector(Connector):
         arrow_filter = to_arrow(fx.And(tuple(filters))) if filters else None
         scanner = self.dataset().scanner(columns=columns, filter=arrow_filter)
         self.stats.record_request(f"scan {self.location}")
-        reader = scanner.to_reader()
-        if limit is None:
-            return reader
-        return pa.RecordBatchReader.from_batches(reader.schema, _take(reader, limit))
+        return first_rows(scanner.to_reader(), limit)
 
     # ---- DataFusion registration ----
 
@@ -197,12 +194,3 @@ class FileConnector(Connector):
             return []
         return [(f.name, f.type if pa.types.is_integer(f.type) else pa.string())
                 for f in partitioning.schema]
-
-
-def _take(reader: pa.RecordBatchReader, limit: int):
-    remaining = limit
-    for batch in reader:
-        if remaining <= 0:
-            return
-        yield batch.slice(0, remaining)
-        remaining -= batch.num_rows
