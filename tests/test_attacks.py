@@ -25,6 +25,7 @@ import adbc_driver_manager
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
@@ -32,6 +33,8 @@ from attack_cases import ANY, BACKENDS, CASES, PWNED, REFUSED, ROWS, Case
 from conftest import (duckdb_fingerprint, mariadb, postgres, require_mariadb, require_postgres, serving,
                       sqlite_fingerprint)
 from federation.connectors.base import ConnectorError
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from test_flight_protocol import descriptor, fetch
 
 SCHEMA = "fd_atk"  # PostgreSQL schema and MariaDB database of this file
 PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
@@ -236,6 +239,21 @@ def test_every_backend_is_unchanged_after_the_whole_suite(world, client):
     with client.cursor() as cursor:
         cursor.execute(" UNION ALL ".join(f"SELECT '{b}' AS b, count(*) AS n FROM {b}_t" for b in BACKENDS))
         assert sorted(cursor.fetchall()) == sorted((b, len(ROWS)) for b in BACKENDS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nul_byte_reaches_the_gate_whole_over_raw_flight(world, backend):
+    """ADBC cuts a statement at its first NUL; a raw Flight client sends all of it, and the gate
+    sees the second statement behind the NUL."""
+    table = f"{backend}_t"
+    with flight.FlightClient(world.runtime.flight_url) as raw:
+        for sql in (f"SELECT id FROM {table}\x00; DROP TABLE {table}",
+                    f"SELECT id FROM {table} WHERE name = 'a\x00'; DELETE FROM {table}"):
+            with pytest.raises(flight.FlightUnauthorizedError, match="only one statement"):
+                raw.get_flight_info(descriptor(sql_pb.CommandStatementQuery(query=sql)))
+        _, rows = fetch(raw, sql_pb.CommandStatementQuery(query=f"SELECT count(*) AS n FROM {table}"))
+        assert rows.to_pylist() == [{"n": len(ROWS)}]
+    assert world.fingerprint(backend) == world.baseline[backend]
 
 
 # ---- read-only at every layer -------------------------------------------------------------
