@@ -28,15 +28,15 @@ FILE_READING_FUNCTIONS = {
     "httpfs", "read_file", "lo_import", "pg_read_file", "pg_read_binary_file", "load_file",
 }
 
-# Functions that lock, change the session, move a sequence, sleep or reach other servers:
-# a read-only session still runs them, so no statement may call them.
+# Functions that lock, change the session, move a sequence, touch host files or reach other
+# servers: a read-only session still runs them, so no statement may call them. (Slow ones such
+# as pg_sleep are left to the query timeout.)
 SIDE_EFFECT_FUNCTIONS = {
     "set_config", "nextval", "setval", "lo_import", "lo_export", "lo_from_bytea", "lo_put",
-    "lo_unlink", "dblink", "dblink_exec", "dblink_connect", "dblink_send_query", "pg_sleep",
-    "pg_sleep_for", "pg_sleep_until", "pg_terminate_backend", "pg_cancel_backend",
-    "pg_reload_conf", "pg_ls_dir", "pg_stat_file", "pg_file_write", "get_lock", "release_lock",
-    "release_all_locks", "sleep", "benchmark", "load_extension", "writefile", "readfile",
-    "fts3_tokenizer", "edit",
+    "lo_unlink", "dblink", "dblink_exec", "dblink_connect", "dblink_send_query",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_ls_dir", "pg_stat_file",
+    "pg_file_write", "get_lock", "release_lock", "release_all_locks", "load_extension",
+    "writefile", "readfile", "fts3_tokenizer", "edit",
 } | {f"pg_{kind}advisory_{scope}lock{shared}" for kind in ("", "try_") for scope in ("", "xact_")
      for shared in ("", "_shared")}
 
