@@ -7,6 +7,7 @@ locked. The gate exists to give a precise message before anything is planned.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import sqlglot
@@ -27,12 +28,25 @@ FILE_READING_FUNCTIONS = {
     "httpfs", "read_file", "lo_import", "pg_read_file", "pg_read_binary_file", "load_file",
 }
 
+# Functions that lock, change the session, move a sequence, touch host files or reach other
+# servers: a read-only session still runs them, so no statement may call them. (Slow ones such
+# as pg_sleep are left to the query timeout.)
+SIDE_EFFECT_FUNCTIONS = {
+    "set_config", "nextval", "setval", "lo_import", "lo_export", "lo_from_bytea", "lo_put",
+    "lo_unlink", "dblink", "dblink_exec", "dblink_connect", "dblink_send_query",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_ls_dir", "pg_stat_file",
+    "pg_file_write", "get_lock", "release_lock", "release_all_locks", "load_extension",
+    "writefile", "readfile", "fts3_tokenizer", "edit",
+} | {f"pg_{kind}advisory_{scope}lock{shared}" for kind in ("", "try_") for scope in ("", "xact_")
+     for shared in ("", "_shared")}
+
 _WRITE_NODES = (
     exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter,
     exp.TruncateTable, exp.Copy, exp.Set, exp.Command, exp.Attach, exp.Detach,
     exp.Use, exp.Pragma, exp.Transaction, exp.Commit, exp.Rollback, exp.Into,
-    exp.LoadData, exp.Grant,
+    exp.LoadData, exp.Grant, exp.Lock,
 )
+_NODE_NAMES = {exp.Lock: "SELECT ... FOR UPDATE/SHARE (a row lock)"}
 
 
 class UnsafeStatement(ValueError):
@@ -94,17 +108,19 @@ def _strip_explain(sql: str) -> str:
     return inner
 
 
-def _check_tree(tree: exp.Expression) -> None:
+def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
     for node in tree.walk():
         if isinstance(node, _WRITE_NODES):
+            what = _NODE_NAMES.get(type(node), type(node).__name__.upper())
+            raise UnsafeStatement(f"{what} is not allowed: flightdeck is read-only")
+        name = (_function_name(node) or "").lower()
+        if name in FILE_READING_FUNCTIONS:
             raise UnsafeStatement(
-                f"{type(node).__name__.upper()} is not allowed: flightdeck is read-only")
-        name = _function_name(node)
-        if name and name.lower() in FILE_READING_FUNCTIONS:
-            raise UnsafeStatement(
-                f"{name.lower()}() is not allowed: SQL reaches files and networks only through "
+                f"{name}() is not allowed: SQL reaches files and networks only through "
                 "configured datasets")
-        if isinstance(node, exp.Table) and _looks_like_path(node):
+        if name in SIDE_EFFECT_FUNCTIONS:
+            raise UnsafeStatement(f"{name}() is not allowed: flightdeck is read-only")
+        if paths and isinstance(node, exp.Table) and _looks_like_path(node):
             raise UnsafeStatement(
                 f"reading '{node.name}' directly is not allowed: query a configured dataset")
 
@@ -127,3 +143,26 @@ def _looks_like_path(table: exp.Table) -> bool:
 
 _FILE_SUFFIX = re.compile(r"\.(csv|tsv|parquet|json|ndjson|jsonl|txt|db|duckdb|sqlite|arrow|gz|zst)$",
                           re.IGNORECASE)
+
+
+# MySQL and MariaDB run the text of /*! ... */ and /*M! ... */ comments as SQL.
+_EXECUTABLE_COMMENT = re.compile(r"/\*M?!")
+
+
+@functools.lru_cache(maxsize=1024)  # a kept plan sends the same text again and again
+def check_backend_select(sql: str, dialect: str, param_style: str) -> None:
+    """Raise UnsafeStatement unless ``sql`` is exactly one plain SELECT in the backend's
+    ``dialect``: what a connector sends is always one, and a read-only session would still
+    run a COPY TO, an INTO OUTFILE, a SET back to read-write or a lock. Only statements that
+    pass are remembered: a refused one raises every time."""
+    if dialect == "mysql" and _EXECUTABLE_COMMENT.search(sql):
+        raise UnsafeStatement("an executable comment (/*! ... */) is not sent to MySQL")
+    text = sql.replace("%%", "%").replace("%s", "?") if param_style == "format" else sql
+    try:
+        trees = sqlglot.parse(text, read=dialect)
+    except (ParseError, TokenError):
+        raise UnsafeStatement("the statement cannot be read as one SELECT") from None
+    if len(trees) != 1 or not isinstance(trees[0], exp.Select):
+        kinds = ", ".join(type(tree).__name__.upper() for tree in trees if tree is not None) or "nothing"
+        raise UnsafeStatement(f"only one SELECT is sent, not {kinds}")
+    _check_tree(trees[0], paths=False)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from typing import Iterator
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow.flight as flight
+import pymysql
 import pytest
 import yaml
 
@@ -144,6 +147,57 @@ def require_postgres() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL is not reachable: {error}")
         pytest.skip(f"needs PostgreSQL: {error}")
+
+
+def service_missing(what: str, error: Exception) -> None:
+    """Skip the test without ``what``; under CI, fail loudly instead."""
+    message = f"{what} is not reachable ({error}); `make test` starts it"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def mariadb(sql: str, params=None, database: str | None = None) -> list:
+    """Run one statement on the test MariaDB as root; its rows, if any."""
+    connection = pymysql.connect(host="127.0.0.1", user="root", autocommit=True, charset="utf8mb4",
+                                 database=database)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+    finally:
+        connection.close()
+
+
+def require_mariadb() -> None:
+    """Skip the test without MariaDB; under CI, fail loudly instead."""
+    try:
+        mariadb("SELECT 1")
+    except Exception as error:  # noqa: BLE001
+        service_missing("MariaDB", error)
+
+
+def digest(rows) -> str:
+    """A checksum of rows, in the order given."""
+    return hashlib.sha256(repr([tuple(r) for r in rows]).encode()).hexdigest()
+
+
+def sqlite_fingerprint(path: Path) -> dict:
+    """The tables of a SQLite file and a checksum of each one's ordered rows (read-only)."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+        names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")]
+        return {"tables": names, **{n: digest(con.execute(f'SELECT * FROM "{n}" ORDER BY 1')) for n in names}}
+
+
+def duckdb_fingerprint(run) -> dict:
+    """The tables and sequences a DuckDB session sees and a checksum of each table's ordered
+    rows; ``run(sql)`` returns an Arrow reader."""
+    def rows(sql: str) -> list[tuple]:
+        return [tuple(r.values()) for r in run(sql).read_all().to_pylist()]
+    tables = rows("SELECT database_name, schema_name, table_name FROM duckdb_tables() ORDER BY ALL")
+    return {"tables": tables, "sequences": rows("SELECT sequence_name FROM duckdb_sequences()"),
+            **{f"{d}.{s}.{n}": digest(rows(f'SELECT * FROM "{d}"."{s}"."{n}" ORDER BY ALL'))
+               for d, s, n in tables}}
 
 
 def write_config(path: Path, config: dict) -> Path:

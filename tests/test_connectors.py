@@ -196,8 +196,10 @@ def test_cross_backend_join(databases):
 def test_backends_are_opened_read_only(databases):
     _, catalog = _engine(databases)
     sqlite = catalog.datasets["public.people"].connector
-    with pytest.raises(ConnectorError, match="not authorized"):  # the authorizer lets statements only read
+    with pytest.raises(ConnectorError, match="only one SELECT is sent"):  # the connector sends only reads
         sqlite.execute_sql("DELETE FROM people").read_all()
+    with pytest.raises(ConnectorError, match="not authorized"):  # the authorizer lets statements only read
+        sqlite.open_stream("DELETE FROM people", None, None).read_all()
     with pytest.raises(sqlite3.OperationalError, match="readonly"):  # and the file is opened mode=ro beneath
         raw = sqlite3.connect(f"file:{sqlite.path}?mode=ro", uri=True)
         raw.execute("DELETE FROM people")

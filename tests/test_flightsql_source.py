@@ -50,5 +50,7 @@ def test_remote_errors_and_unreachable_servers(server, tmp_path):
     assert "127.0.0.1:1" in dataset.error and "remote-secret-99" not in dataset.error
     from federation.connectors.flightsql import FlightSQLConnector
     remote = FlightSQLConnector({"flightsql_endpoint": server.url}, tmp_path)
-    with pytest.raises(ConnectorError, match="not allowed"):
+    with pytest.raises(ConnectorError, match="only one SELECT is sent"):
         remote.execute_sql("DROP TABLE orders").read_all()
+    with pytest.raises(ConnectorError, match="not allowed"):  # and the peer refuses it itself
+        remote.open_stream("DROP TABLE orders", None, None).read_all()

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import adbc_driver_flightsql.dbapi as flightsql
 import anyio
 import httpx
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 import yaml
@@ -17,6 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from conftest import serving
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+from flight.flightsql.server import pack
 
 SRE, METRICS, HASHED = "sre-key-0123456789", "metrics-key-0123456789", "hashed-key-0123456789"
 AUDITOR = "auditor-key-0123456789"  # a plain key: full access, the whole audit log
@@ -139,6 +141,102 @@ def test_a_query_handle_belongs_to_the_key_that_made_it(deck):
         sre.do_get(info.endpoints[0].ticket, metrics_options).read_all()
     assert "30000" not in str(stolen.value)
     assert sre.do_get(info.endpoints[0].ticket, sre_options).read_all().to_pylist() == [{"n": 30000}]
+
+
+# ---- raw Flight SQL: metadata commands, tickets, prepared statements and cancels of another key ----
+
+def _as(key: str) -> flight.FlightCallOptions:
+    return flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {key}".encode())])
+
+
+def _command(message) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(pack(message))
+
+
+def _rows(client: flight.FlightClient, key: str, message) -> list[dict]:
+    info = client.get_flight_info(_command(message), _as(key))
+    return client.do_get(info.endpoints[0].ticket, _as(key)).read_all().to_pylist()
+
+
+def _error(call) -> str:
+    with pytest.raises(flight.FlightError) as raised:
+        result = call()
+        if hasattr(result, "read_all"):
+            result.read_all()
+    return str(raised.value)
+
+
+def test_raw_flight_metadata_commands_hold_only_the_grant(deck):
+    with flight.FlightClient(deck.flight_url) as client:
+        tables = _rows(client, METRICS, sql_pb.CommandGetTables(include_schema=True))
+        assert {f"{t['db_schema_name']}.{t['table_name']}" for t in tables
+                if t["db_schema_name"] != "runtime"} == METRICS_SEES
+        assert _rows(client, METRICS, sql_pb.CommandGetTables(table_name_filter_pattern="%ord%")) == []
+        schemas = {row["db_schema_name"] for row in _rows(client, METRICS, sql_pb.CommandGetDbSchemas())}
+        assert "crm" not in schemas and "public" in schemas
+        for hidden, missing in (("orders", "zzders"), ("customers", "zzstomers")):
+            keys = [_rows(client, METRICS, sql_pb.CommandGetPrimaryKeys(db_schema=schema, table=table))
+                    for schema, table in (("public", hidden), ("crm", hidden), ("public", missing))]
+            assert keys == [[], [], []]  # a hidden table has no key, exactly as a missing one
+            for command in (sql_pb.CommandGetExportedKeys, sql_pb.CommandGetImportedKeys):
+                assert _rows(client, METRICS, command(table=hidden)) == []
+        assert _rows(client, SRE, sql_pb.CommandGetPrimaryKeys(table="orders"))[0]["column_name"] == "order_id"
+        info = _rows(client, METRICS, sql_pb.CommandGetSqlInfo())
+        assert info and not any(name in str(info) for name in ("orders", "customers", "guides"))
+
+
+def test_another_keys_handles_are_unknown_to_a_key(deck):
+    """Prepared statements, query tickets and cancels of one key do nothing for another:
+    each fails exactly as an unknown handle does, and the owner's still work."""
+    with flight.FlightClient(deck.flight_url) as client:
+        [created] = list(client.do_action(flight.Action("CreatePreparedStatement", pack(
+            sql_pb.ActionCreatePreparedStatementRequest(query="SELECT count(*) AS n FROM orders WHERE order_id > ?"))),
+            _as(SRE)))
+        handle = sql_pb.ActionCreatePreparedStatementResult.FromString(
+            any_pb2.Any.FromString(created.body.to_pybytes()).value).prepared_statement_handle
+        stolen, unknown = (sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=h) for h in (handle, b"x" * 16))
+        for command in (stolen, unknown):
+            message = _error(lambda c=command: client.get_flight_info(_command(c), _as(METRICS)))
+            assert "unknown or closed prepared statement" in message and "orders" not in message
+        parameters = pa.table({"p": pa.array([0], pa.int64())})
+        writer, reader = client.do_put(_command(stolen), parameters.schema, _as(METRICS))
+        message = _error(lambda: (writer.write_table(parameters), writer.done_writing(), reader.read(), writer.close()))
+        assert "unknown or closed prepared statement" in message and "orders" not in message
+        close = sql_pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handle)
+        assert list(client.do_action(flight.Action("ClosePreparedStatement", pack(close)), _as(METRICS))) == []
+        writer, reader = client.do_put(_command(stolen), parameters.schema, _as(SRE))  # still the owner's
+        writer.write_table(parameters)
+        writer.done_writing()
+        reader.read()
+        writer.close()
+        assert _rows(client, SRE, stolen) == [{"n": 30000}]
+
+        info = client.get_flight_info(_command(sql_pb.CommandStatementQuery(query="SELECT count(*) AS n FROM orders")),
+                                      _as(SRE))
+        [cancel] = list(client.do_action(flight.Action("CancelFlightInfo", sql_pb.CancelFlightInfoRequest(
+            info=info.serialize()).SerializeToString()), _as(METRICS)))
+        assert sql_pb.CancelFlightInfoResult.FromString(cancel.body.to_pybytes()).status == 3  # NOT_CANCELLABLE
+        ticket = info.endpoints[0].ticket
+        forged = flight.Ticket(pack(sql_pb.TicketStatementQuery(statement_handle=b"y" * 16)))
+        assert _error(lambda: client.do_get(ticket, _as(METRICS))) == _error(lambda: client.do_get(forged, _as(METRICS)))
+        assert client.do_get(ticket, _as(SRE)).read_all().to_pylist() == [{"n": 30000}]  # not cancelled
+
+
+def test_refusals_name_no_ungranted_dataset(deck):
+    with flight.FlightClient(deck.flight_url) as client:
+        for sql in ("SELECT * FROM orders", "SELECT * FROM crm.customers", "SELECT * FROM guides"):
+            hidden = _error(lambda q=sql: list(client.do_action(flight.Action("CreatePreparedStatement", pack(
+                sql_pb.ActionCreatePreparedStatementRequest(query=q))), _as(METRICS))))
+            table = sql.split()[-1].split(".")[-1]
+            stand_in = sql.replace(table, "zz" + table[2:])
+            missing = _error(lambda q=stand_in: list(client.do_action(flight.Action("CreatePreparedStatement", pack(
+                sql_pb.ActionCreatePreparedStatementRequest(query=q))), _as(METRICS))))
+            assert hidden == missing.replace("zz" + table[2:], table)
+        refresh = _error(lambda: list(client.do_action(flight.Action("Refresh", b'{"dataset": "guides"}'),
+                                                       _as(METRICS))))
+        unknown = _error(lambda: list(client.do_action(flight.Action("Refresh", b'{"dataset": "zzides"}'),
+                                                       _as(METRICS))))
+        assert refresh == unknown.replace("zzides", "guides")
 
 
 def test_hashed_keys_and_globs(deck):

@@ -53,7 +53,10 @@ from federation.subplan import SQL_DIALECT
 from federation.connectors.base import ConnectorError
 from federation.engine import EngineSettings, QueryEngine, QueryError
 
-from conftest import REPO, ServerProcess, serving, write_config
+from conftest import REPO, ServerProcess, duckdb_fingerprint, serving, sqlite_fingerprint, write_config
+from conftest import digest as _digest
+from conftest import mariadb as _my
+from conftest import service_missing as _service_missing
 
 CI = os.environ.get("CI") == "true"
 EXAMPLES = int(os.environ.get("FD_INJECTION_EXAMPLES") or (2000 if CI else 150))
@@ -123,13 +126,6 @@ def df_literal(value: str) -> str:
 
 # ---- the backends -----------------------------------------------------------------------
 
-def _service_missing(what: str, error: Exception) -> None:
-    message = f"{what} is not reachable ({error}); `make test` starts it"
-    if CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -140,17 +136,6 @@ def _pg(sql: str, params=None) -> list:
     with adbc_postgres.connect(PG_URI, autocommit=True) as conn, conn.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall() if cursor.description else []
-
-
-def _my(sql: str, params=None, database: str | None = None) -> list:
-    connection = pymysql.connect(host="127.0.0.1", user="root", autocommit=True, charset="utf8mb4",
-                                 database=database)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return list(cursor.fetchall())
-    finally:
-        connection.close()
 
 
 def _load_postgres() -> None:
@@ -496,10 +481,6 @@ BREAKOUTS = [
 ]
 
 
-def _digest(rows) -> str:
-    return hashlib.sha256(repr([tuple(r) for r in rows]).encode()).hexdigest()
-
-
 def _arrow_rows(reader: pa.RecordBatchReader) -> list[tuple]:
     return [tuple(r.values()) for r in reader.read_all().to_pylist()]
 
@@ -519,21 +500,12 @@ def _fingerprint(world: World, key: str) -> dict:
                               f"table_schema = '{SCHEMA}' OR table_name LIKE '{PWNED}%' ORDER BY 1, 2")}
     if key in ("lite", "as"):
         path = world.folder / "lite.sqlite" if key == "lite" else world.runtime.accelerator._sqlite["file"].path
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-            names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")]
-            return {"tables": names, **{n: _digest(con.execute(f'SELECT * FROM "{n}" ORDER BY 1')) for n in names}}
+        return sqlite_fingerprint(path)
     if key in ("duck", "ad"):
         if key == "duck":
-            run = backend.dataset().connector.execute_sql
-        else:
-            cursor = world.runtime.accelerator._duckdb.cursor()
-            run = lambda sql: cursor.sql(sql).to_arrow_reader(65_536)  # noqa: E731
-        tables = _arrow_rows(run("SELECT database_name, schema_name, table_name FROM duckdb_tables() "
-                                 "ORDER BY ALL"))
-        extra = _arrow_rows(run("SELECT sequence_name FROM duckdb_sequences()"))
-        return {"tables": tables, "sequences": extra,
-                **{f"{d}.{s}.{n}": _digest(_arrow_rows(run(f'SELECT * FROM "{d}"."{s}"."{n}" ORDER BY ALL')))
-                   for d, s, n in tables}}
+            return duckdb_fingerprint(backend.dataset().connector.execute_sql)
+        cursor = world.runtime.accelerator._duckdb.cursor()
+        return duckdb_fingerprint(lambda sql: cursor.sql(sql).to_arrow_reader(65_536))
     connector = backend.dataset().connector
     if key == "snow":
         return {"t": _digest(_arrow_rows(connector.execute_sql("SELECT id, name FROM inj.s.t ORDER BY id"))),

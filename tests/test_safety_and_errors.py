@@ -107,10 +107,14 @@ def test_duckdb_connector_sessions_are_locked(tmp_path):
     connector = DuckDBConnector({"duckdb_open": str(path)}, tmp_path)
     with pytest.raises(ConnectorError, match="(?i)read-only|read only"):
         connector.execute_sql("INSERT INTO t VALUES (2)").read_all()
-    with pytest.raises(ConnectorError, match="(?i)external access|disabled"):
+    with pytest.raises(ConnectorError, match="read_csv\\(\\) is not allowed"):
         connector.execute_sql("SELECT * FROM read_csv('/etc/passwd')").read_all()
-    with pytest.raises(ConnectorError, match="(?i)only one SELECT is run, not SET"):
+    with pytest.raises(ConnectorError, match="(?i)external access|disabled"):  # the session's lock, beneath
+        connector.open_stream("SELECT * FROM read_csv('/etc/passwd')", None, None).read_all()
+    with pytest.raises(ConnectorError, match="(?i)only one SELECT is sent, not SET"):
         connector.execute_sql("SET enable_external_access = true").read_all()
+    with pytest.raises(ConnectorError, match="(?i)only one SELECT is run, not SET"):  # DuckDB's parser says so too
+        connector.open_stream("SET enable_external_access = true", None, None).read_all()
     with pytest.raises(duckdb.Error, match="(?i)lock|configuration"):  # the session's own lock, beneath
         connector._cursor().execute("SET enable_external_access = true")
     assert connector.execute_sql("SELECT a FROM t").read_all().to_pylist() == [{"a": 1}]

@@ -106,8 +106,10 @@ def test_postgres_discovery_types_and_read_only(postgres, tmp_path):
     assert first["uid"] == "4f426329-b8c0-4fd3-8e93-d2e7c384a76c" and first["raw"] == b"\x00\xff"
     assert first["at_tz"] == dt.datetime(2026, 11, 20, 14, 2, 3, 500000, tzinfo=dt.timezone.utc)
     assert all(value is None for key, value in second.items() if key != "id")
-    with pytest.raises(ConnectorError, match="read-only transaction"):
+    with pytest.raises(ConnectorError, match="only one SELECT is sent"):
         dataset.connector.execute_sql("DELETE FROM fd_test.orders").read_all()
+    with pytest.raises(ConnectorError, match="read-only transaction"):  # the session itself, beneath
+        dataset.connector.open_stream("DELETE FROM fd_test.orders", None, None).read_all()
     catalog.close()
 
 
@@ -191,6 +193,8 @@ def test_mysql_discovery_types_and_read_only(mariadb, tmp_path):
     assert engine.query("SELECT customer_id FROM customers WHERE name = 'c1\\x'").read_all().num_rows == 1
     with pytest.raises(ConnectorError, match="(?i)read.only"):
         dataset.connector.execute_sql("DELETE FROM fd_test.customers").read_all()
+    with pytest.raises(ConnectorError, match="READ ONLY transaction"):  # the session itself, beneath
+        dataset.connector.open_stream("DELETE FROM fd_test.customers", None, None).read_all()
 
 
 def test_mysql_filters_are_pushed(mariadb, tmp_path):

@@ -14,6 +14,7 @@ from federation import expr as fx
 from federation.arrow_expr import to_arrow
 from federation.budget import UNLIMITED, LoadBudget
 from federation.connectors.typing import conform_batch
+from federation.safety import UnsafeStatement, check_backend_select
 
 DEFAULT_BATCH_ROWS = 65_536
 
@@ -203,7 +204,13 @@ class SqlConnector(Connector):
 
     def stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         """Run one read statement and stream its result, as ``target`` when given, on a slot of
-        the source's load budget held until the stream ends or is closed."""
+        the source's load budget held until the stream ends or is closed. A backend gets one
+        plain SELECT and nothing else, whatever its session would allow."""
+        try:
+            check_backend_select(sql, self.dialect, self.renderer.param_style)
+        except UnsafeStatement as error:
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: read-only: {error}") from None
         return self.budget.hold(lambda: self.open_stream(sql, params, target))
 
     @abstractmethod
