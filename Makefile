@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test,bench,spark]"
 	touch $@
 
 # fakesnow (the Snowflake test peer) pins its own duckdb/sqlglot: it lives in its own venv.

@@ -24,6 +24,7 @@ AVAILABLE_KINDS = {
     "github": "federation.connectors.github:GitHubConnector",
     "snowflake": "federation.connectors.snowflake:SnowflakeConnector",
     "mongodb": "federation.connectors.mongodb:MongoDBConnector",
+    "spark": "federation.connectors.spark:SparkConnector",  # needs the spark extra
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
 PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")
