@@ -46,8 +46,8 @@ SAFE_NODES = {"Projection", "Filter", "Aggregate", "Sort", "Limit", "TableScan",
 DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb,
             "sqlite": unparser.Dialect.sqlite, "mysql": unparser.Dialect.mysql,
             "snowflake": unparser.Dialect.postgres,  # no Snowflake or Spark unparser: standard SQL, then sqlglot
-            "spark": unparser.Dialect.postgres}
-PARSE_AS = {"snowflake": "postgres", "spark": "postgres"}  # how the unparsed SQL of a dialect is read back
+            "sparkansi": unparser.Dialect.postgres}
+PARSE_AS = {"snowflake": "postgres", "sparkansi": "postgres"}  # how the unparsed SQL of a dialect is read back
 SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Cast,
                   exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
 FLOAT_TYPES = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
@@ -155,7 +155,7 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
         return False
     if connector.dialect == "snowflake" and not _same_on_snowflake(tree, types):
         return False
-    if connector.dialect == "spark" and _columns_in(tree) & _timestamp_columns(types):
+    if connector.dialect == "sparkansi" and _columns_in(tree) & _timestamp_columns(types):
         return False  # Spark's TIMESTAMP follows the session time zone
     for node in tree.walk():
         if isinstance(node, (exp.Div, exp.IntDiv)):

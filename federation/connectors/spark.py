@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.spark import Spark
 
 from federation import expr as fx
 from federation.cancel import on_cancel
@@ -30,6 +31,16 @@ try:  # the optional extra: without it, naming a spark: source says what to inst
     from pyspark.sql import types as spark_types
 except ImportError:  # pragma: no cover - exercised only without the extra
     SparkSession = None
+
+
+class SparkAnsi(Spark):
+    """Spark SQL as Spark 4 runs it (ANSI mode, set on every session here): CAST fails on a bad
+    value, as in DataFusion. sqlglot's own spark dialect reads CAST as TRY_CAST (Spark 3's
+    default), so a statement would not read back as the tree that was validated. Registered
+    with sqlglot by subclassing, under the name ``sparkansi``."""
+
+    class Parser(Spark.Parser):
+        STRICT_CAST = True
 
 
 def quote_backtick(name: str) -> str:
@@ -86,7 +97,7 @@ def _loose(data_type) -> bool:
 def check_select(sql: str) -> None:
     """Only one plain query may leave: Spark runs any command the moment ``sql()`` is called."""
     try:
-        statements = [s for s in sqlglot.parse(sql, read="spark") if s is not None]
+        statements = [s for s in sqlglot.parse(sql, read=SparkConnector.dialect) if s is not None]
     except sqlglot.errors.ParseError:
         raise ConnectorError("spark: not sent: the statement does not parse as Spark SQL") from None
     if len(statements) != 1 or not isinstance(statements[0], (exp.Select, exp.Union)):
@@ -95,7 +106,7 @@ def check_select(sql: str) -> None:
 
 class SparkConnector(SqlConnector):
     kind = "spark"
-    dialect = "spark"
+    dialect = "sparkansi"  # SparkAnsi above
     renderer = fx.SqlRenderer(quote_backtick, spark_literal, "qmark")
     secret_params = ("spark_token",)
 
@@ -140,8 +151,10 @@ class SparkConnector(SqlConnector):
             raise ConnectorError(f"{self.describe()}: cannot connect: {error.strerror or error}") from None
         try:
             session = SparkSession.builder.remote(self._url).create()
-            # UTC: date and time literals mean what they mean to DataFusion
+            # UTC: date and time literals mean what they mean to DataFusion; ANSI: errors
+            # (overflow, bad casts) as in DataFusion, not NULLs
             session.conf.set("spark.sql.session.timeZone", "UTC")
+            session.conf.set("spark.sql.ansi.enabled", "true")
             return session
         except Exception as error:
             raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
