@@ -49,6 +49,7 @@ bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.doors
 	$(BIN)/python -m bench.agent_loop
 	$(BIN)/python -m bench.isolation
+	$(BIN)/python -m bench.fleet
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
