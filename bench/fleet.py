@@ -30,7 +30,7 @@ import argparse
 import json
 import multiprocessing
 import platform
-import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -97,7 +97,15 @@ def _postgres_queries(stack) -> int:
 def sidecars_worker(count: int, upstream: str | None, interval: float, agent_every: float,
                     commands: multiprocessing.Queue, replies: multiprocessing.Queue) -> None:
     """Runs ``count`` sidecars; answers "ready", then "snapshot" (statement counters) and
-    "stop" (counters, first-seen times per row id, agent queries run)."""
+    "stop" (counters, first-seen times per row id, agent queries run); "error" if it fails."""
+    try:
+        _host_sidecars(count, upstream, interval, agent_every, commands, replies)
+    except Exception as error:  # the parent must hear of it, not wait for a reply that never comes
+        replies.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def _host_sidecars(count: int, upstream: str | None, interval: float, agent_every: float,
+                   commands: multiprocessing.Queue, replies: multiprocessing.Queue) -> None:
     from flightdeck.config import parse_config
     from flightdeck.stack import Stack
 
@@ -113,8 +121,9 @@ def sidecars_worker(count: int, upstream: str | None, interval: float, agent_eve
             stacks.append(stack)
             seen.append(first_seen)
         for stack in stacks:
-            if not stack.accelerator.refresher("public.events").loaded.wait(120):
-                raise RuntimeError("a sidecar's copy did not load")
+            refresher = stack.accelerator.refresher("public.events")
+            if not refresher.loaded.wait(120):
+                raise RuntimeError(f"a sidecar's copy did not load: {refresher.status.last_error}")
         replies.put(("ready", None))
         stop = threading.Event()
 
@@ -153,6 +162,26 @@ def _note_newest(refresher, first_seen: dict[int, float]) -> None:
         first_seen[row_id] = now
 
 
+def _reply(replies: multiprocessing.Queue, expected: str, timeout: float):
+    kind, value = replies.get(timeout=timeout)
+    if kind != expected:
+        raise RuntimeError(f"a sidecar process failed: {value}")
+    return value
+
+
+def insert_rows(seconds: float, started: float) -> dict[int, float]:
+    """One row a second at PostgreSQL, on one connection (one commit each); id -> commit time."""
+    inserted: dict[int, float] = {}
+    next_id = INITIAL_ROWS + 1
+    with adbc_postgres.connect(ADMIN.format(db=DATABASE), autocommit=True) as conn, conn.cursor() as cursor:
+        while time.monotonic() - started < seconds:
+            cursor.execute(f"INSERT INTO events VALUES ({next_id}, now(), 'eu', 2)")
+            inserted[next_id] = time.time()
+            next_id += 1
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started) % 1.0))
+    return inserted
+
+
 # ---- one run: a topology at one fleet size ------------------------------------------------
 
 def _hub_postgres_queries(url: str) -> int:
@@ -165,13 +194,14 @@ def _hub_postgres_queries(url: str) -> int:
 def run(topology: str, size: int, args) -> dict:
     create_database()
     hub = None
+    scratch = tempfile.mkdtemp(prefix="fd-fleet-hub-")
     context = multiprocessing.get_context("spawn")
     workers = []
     try:
         if topology == "hub":
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
-                json.dump(hub_config(args.interval), file)  # JSON is YAML
-            hub = flightdeck_server(Path(file.name))
+            hub_file = Path(scratch) / "hub.yaml"
+            hub_file.write_text(json.dumps(hub_config(args.interval)))  # JSON is YAML
+            hub = flightdeck_server(hub_file)
             wait_until_accelerated(hub.url)
         upstream = hub.url if hub else None
         shares = [size // args.workers + (1 if i < size % args.workers else 0) for i in range(min(size, args.workers))]
@@ -182,31 +212,25 @@ def run(topology: str, size: int, args) -> dict:
             process.start()
             workers.append((process, commands, replies))
         for _, _, replies in workers:
-            kind, _ = replies.get(timeout=600)
+            _reply(replies, "ready", 600)
         progress(f"{topology}, {size} sidecars: all copies loaded; measuring {args.seconds:.0f} s")
 
         def counted() -> int:
             total = 0
             for _, commands, replies in workers:
                 commands.put("snapshot")
-                total += replies.get(timeout=60)[1]
+                total += _reply(replies, "snapshot", 60)
             return total + (_hub_postgres_queries(hub.url) if hub else 0)
 
         time.sleep(2 * args.interval)  # past the first refreshes
         commits_before, queries_before, started = commits(), counted(), time.monotonic()
-        inserted: dict[int, float] = {}
-        next_id = INITIAL_ROWS + 1
-        while time.monotonic() - started < args.seconds:
-            _admin(f"INSERT INTO events VALUES ({next_id}, now(), 'eu', 2)")
-            inserted[next_id] = time.time()
-            next_id += 1
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - started) % 1.0))
+        inserted = insert_rows(args.seconds, started)
         queries_after, window = counted(), time.monotonic() - started
         time.sleep(3 * args.interval + 2)  # let every sidecar see the last rows
         results = []
         for _, commands, replies in workers:
             commands.put("stop")
-            results.append(replies.get(timeout=120)[1])
+            results.append(_reply(replies, "stopped", 120))
         time.sleep(args.settle)  # PostgreSQL flushes idle sessions' counters lazily
         commits_after = commits()
     finally:
@@ -216,13 +240,15 @@ def run(topology: str, size: int, args) -> dict:
                 process.kill()
         if hub is not None:
             hub.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
         drop_database()
     lags = [seen[row_id] - at for result in results for seen in result["seen"]
             for row_id, at in inserted.items() if row_id in seen]
     missing = sum(1 for result in results for seen in result["seen"] for row_id in inserted if row_id not in seen)
     minutes = window / 60
     statements = (queries_after - queries_before) / minutes
-    # 2 reads of pg_stat_database run on test, not fd_fleet; every insert is one commit here.
+    # The reads of pg_stat_database run on test, not fd_fleet; every insert is one commit here
+    # (the inserter's connection adds the driver's own few catalog reads).
     commit_rate = (commits_after - commits_before - len(inserted)) / minutes
     row = {"topology": topology, "sidecars": size, "window_seconds": round(window, 1),
            "statements_per_minute": round(statements, 1),
