@@ -270,13 +270,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for topology, marker in (("direct", "o"), ("hub", "s")):
+    for topology, marker, color in (("direct", "o", "tab:blue"), ("hub", "s", "tab:orange")):
         mine = [r for r in rows if r["topology"] == topology]
         sizes = [r["sidecars"] for r in mine]
         label = "each sidecar refreshes from PostgreSQL" if topology == "direct" else "sidecars refresh from one hub"
-        left.plot(sizes, [r["statements_per_minute"] for r in mine], marker=marker, label=label)
-        right.plot(sizes, [r["lag_p50_s"] for r in mine], marker=marker, label=f"{topology} p50")
-        right.plot(sizes, [r["lag_p95_s"] for r in mine], marker=marker, linestyle="--", label=f"{topology} p95")
+        left.plot(sizes, [r["statements_per_minute"] for r in mine], marker=marker, color=color, label=label)
+        right.plot(sizes, [r["lag_p50_s"] for r in mine], marker=marker, color=color, label=f"{topology} p50")
+        right.plot(sizes, [r["lag_p95_s"] for r in mine], marker=marker, color=color, linestyle="--", label=f"{topology} p95")
     left.set_xscale("log", base=2)
     left.set_yscale("log")
     left.set_xlabel("sidecars (agents)")
