@@ -18,6 +18,7 @@ from pyspark.sql import SparkSession
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.connectors.base import ConnectorError
+from federation.connectors.spark import SparkConnector
 from federation.engine import EngineSettings, QueryEngine
 
 from conftest import postgres, require_postgres
@@ -219,3 +220,16 @@ def test_errors_are_precise_and_the_session_keeps_serving(spark_cluster, spark_e
     assert "cannot connect" in error and "tok-secret-9" not in error
     dead.catalog.close()
     assert spark_engine.query("SELECT count(*) AS n FROM region").read_all().to_pylist() == [{"n": 5}]
+
+
+def test_a_statement_past_its_timeout_is_interrupted_on_the_cluster(spark_cluster, tmp_path):
+    cluster, _ = spark_cluster
+    connector = SparkConnector({"spark_remote": cluster.remote, "query_timeout": 3}, tmp_path)
+    try:
+        with pytest.raises(ConnectorError, match="timed out after 3 s"):
+            connector.execute_sql("SELECT count(*) AS n FROM range(0, 100000000000, 1, 4)").read_all()
+        jobs = cluster.application("/jobs")
+        assert jobs[0]["status"] == "FAILED"  # the newest job: cancelled by its operation's tag
+        assert connector.execute_sql("SELECT 1 AS one").read_all().to_pylist() == [{"one": 1}]
+    finally:
+        connector.close()
