@@ -49,6 +49,8 @@ bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.doors
 	$(BIN)/python -m bench.agent_loop
 	$(BIN)/python -m bench.isolation
+	$(BIN)/python -m bench.cdc
+	$(BIN)/python -m bench.buses
 	$(BIN)/python -m bench.fleet
 
 proto: $(VENV)/.installed

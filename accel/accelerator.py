@@ -15,12 +15,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from accel.arrow_store import ArrowCopies, ArrowStore
+from accel.change_capture import ChangeCapture
 from accel.duckdb_store import DuckDBEngine, DuckDBStore
 from accel.refresh import Refresher, RefreshStatus, Route
 from accel.spec import AccelerationSpec
 from accel.sqlite_store import SQLiteEngine, SQLiteStore
 from accel.store import Store
 from accel.working_set import WorkingSet
+from federation.changes import ChangeSource
 from federation.connectors.base import Connector
 
 log = logging.getLogger("flightdeck.accel")
@@ -58,7 +60,14 @@ class Accelerator:
             store = self._store(source)
             working_set = WorkingSet(source.spec.dataset, source.schema, source.connector, source.table,
                                      source.spec.refresh_sql, source.spec.time_column, batch_rows)
-            self.refreshers[source.spec.dataset] = Refresher(
+            kind = Refresher
+            if source.spec.refresh_mode == "changes":
+                if not isinstance(source.connector, ChangeSource):
+                    raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: refresh_mode 'changes' "
+                                            f"needs a source that streams its changes; {source.connector.kind} "
+                                            "does not: use refresh_mode 'full' or 'append'")
+                kind = ChangeCapture
+            self.refreshers[source.spec.dataset] = kind(
                 source.spec, store, working_set, source.connector, source.table, source.route)
 
     def _store(self, source: AcceleratedSource) -> Store:

@@ -62,6 +62,7 @@ class ArrowStore(Store):
         super().__init__(dataset, schema, mode)
         self.copies = copies
         self._stamp: Stamp | None = None
+        self._position: dict | None = None
         self._write_lock = threading.Lock()  # two writers must not both build from the same base
 
     @property
@@ -78,11 +79,32 @@ class ArrowStore(Store):
     def _live(self) -> pa.Table:
         return self.copies.copies.get(self.dataset, self.schema.empty_table())
 
-    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = (),
+                position: dict | None = None) -> None:
         table = pa.Table.from_batches(list(reader), schema=reader.schema).combine_chunks()
         with self._write_lock:
             self.copies.copies[self.dataset] = table.cast(self.schema)
             self._stamp = Stamp(stamp.as_of, stamp.bytes)
+            self._position = position
+
+    def apply_changes(self, upserts: pa.Table | None, deletes: pa.Table | None, key: tuple[str, ...],
+                      stamp: Stamp, position: dict) -> None:
+        incoming = (upserts if upserts is not None else self.schema.empty_table()).select(self.schema.names)
+        with self._write_lock:
+            live = self._live()
+            if key:
+                for gone in (deletes, incoming):
+                    if gone is not None and gone.num_rows:
+                        live = live.join(gone.select(list(key)).cast(live.select(list(key)).schema),
+                                         keys=list(key), join_type="left anti")
+            merged = pa.concat_tables([live.select(self.schema.names), incoming.cast(self.schema)])
+            self.copies.copies[self.dataset] = merged.combine_chunks()
+            previous = self._stamp.bytes if self._stamp else 0
+            self._stamp = Stamp(stamp.as_of, previous + stamp.bytes)
+            self._position = position
+
+    def position(self) -> dict | None:
+        return self._position
 
     def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],
                on_conflict: str) -> None:

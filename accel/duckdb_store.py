@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ from federation.connectors.duckdb import DuckDBConnector
 FILE_CATALOG = "accel_file"
 MEMORY_CATALOG = "memory"
 META_TABLE = "flightdeck_copies"
+POSITIONS_TABLE = "flightdeck_positions"  # where each change-following copy stands in its stream
 _index_numbers = itertools.count()
 
 
@@ -67,6 +69,8 @@ class DuckDBEngine:
         for catalog in self.catalogs():
             self.connection.execute(f"CREATE TABLE IF NOT EXISTS {catalog}.main.{META_TABLE} "
                                     "(dataset VARCHAR PRIMARY KEY, as_of TIMESTAMPTZ, bytes BIGINT)")
+            self.connection.execute(f"CREATE TABLE IF NOT EXISTS {catalog}.main.{POSITIONS_TABLE} "
+                                    "(dataset VARCHAR PRIMARY KEY, position VARCHAR)")
         # Same session rules as the duckdb: connector; files were attached above, before the lock.
         self.connection.execute("SET TimeZone = 'UTC'")
         self.connection.execute("SET enable_external_access = false")
@@ -115,7 +119,8 @@ class DuckDBStore(Store):
             cursor.close()
         return bool(rows) and {r[0] for r in rows} == set(self.schema.names)
 
-    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = (),
+                position: dict | None = None) -> None:
         staging = f"{self.name}__refresh"
 
         def write(cursor: duckdb.DuckDBPyConnection, incoming: str) -> None:
@@ -126,8 +131,9 @@ class DuckDBStore(Store):
                 cursor.execute(f'CREATE INDEX "{self.name}_{column}_{next(_index_numbers)}" '
                                f'ON {self._qualified(self.name)} ("{column}")')
             self._record(cursor, stamp, stamp.bytes)
+            self._record_position(cursor, position)
 
-        self._transaction(reader, write)
+        self._transaction(write, reader)
 
     def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],
                on_conflict: str) -> None:
@@ -148,16 +154,48 @@ class DuckDBStore(Store):
             previous = self.stamp()
             self._record(cursor, stamp, (previous.bytes if previous else 0) + stamp.bytes)
 
-        self._transaction(reader, write)
+        self._transaction(write, reader)
 
-    def _transaction(self, reader: pa.RecordBatchReader, write) -> None:
-        """Run ``write`` in one transaction with ``reader`` visible as a table; roll back on error."""
+    def apply_changes(self, upserts: pa.Table | None, deletes: pa.Table | None, key: tuple[str, ...],
+                      stamp: Stamp, position: dict) -> None:
+        live = self._qualified(self.name)
+        inputs = [upserts if upserts is not None else self.schema.empty_table()]
+        if key:
+            inputs.append(deletes if deletes is not None else
+                          pa.table({c: pa.array([], self.schema.field(c).type) for c in key}))
+
+        def write(cursor: duckdb.DuckDBPyConnection, added: str, *gone: str) -> None:
+            for incoming in (*gone, added) if key else ():
+                matches = " AND ".join(f'i."{c}" = "{self.name}"."{c}"' for c in key)
+                cursor.execute(f"DELETE FROM {live} WHERE EXISTS (SELECT 1 FROM {incoming} AS i WHERE {matches})")
+            cursor.execute(f"INSERT INTO {live} BY NAME SELECT * FROM {added}")
+            previous = self.stamp()
+            self._record(cursor, stamp, (previous.bytes if previous else 0) + stamp.bytes)
+            self._record_position(cursor, position)
+
+        self._transaction(write, *inputs)
+
+    def _record_position(self, cursor: duckdb.DuckDBPyConnection, position: dict | None) -> None:
+        positions = f"{self.catalog}.main.{POSITIONS_TABLE}"
+        cursor.execute(f"DELETE FROM {positions} WHERE dataset = ?", [self.dataset])
+        if position is not None:
+            cursor.execute(f"INSERT INTO {positions} VALUES (?, ?)", [self.dataset, json.dumps(position)])
+
+    def position(self) -> dict | None:
+        row = self._one(f"SELECT position FROM {self.catalog}.main.{POSITIONS_TABLE} WHERE dataset = ?",
+                        [self.dataset])
+        return None if row is None else json.loads(row[0])
+
+    def _transaction(self, write, *inputs: pa.RecordBatchReader | pa.Table) -> None:
+        """Run ``write`` in one transaction with each of ``inputs`` visible as a table (their
+        names are passed on); roll back on error."""
         cursor = self.duckdb.cursor()
-        incoming = f"incoming_{uuid.uuid4().hex}"
-        cursor.register(incoming, reader)
+        names = [f"incoming_{uuid.uuid4().hex}" for _ in inputs]
+        for name, data in zip(names, inputs):
+            cursor.register(name, data)
         try:
             cursor.execute("BEGIN TRANSACTION")
-            write(cursor, incoming)
+            write(cursor, *names)
             cursor.execute("COMMIT")
         except Exception as error:
             try:
@@ -166,7 +204,8 @@ class DuckDBStore(Store):
                 pass
             raise StoreError(f"duckdb copy of {self.dataset}: {first_line(error)}") from error
         finally:
-            cursor.unregister(incoming)
+            for name in names:
+                cursor.unregister(name)
             cursor.close()
 
     def _record(self, cursor: duckdb.DuckDBPyConnection, stamp: Stamp, size: int) -> None:

@@ -46,6 +46,14 @@ class RefreshStatus:
     refreshes: int = 0
     failures: int = 0
     rows_loaded: int = 0                  # progress of the refresh under way
+    # refresh_mode changes: what the change stream has brought since start
+    changes_applied: int = 0              # rows upserted or deleted by applied batches
+    lag_p50_ms: float | None = None       # source commit -> applied here, over the last batches
+    lag_p99_ms: float | None = None
+    skipped: int = 0                      # records the source could not read (the stream went on)
+    last_skip_reason: str | None = None
+    position: str | None = None           # JSON: where the copy stands in the stream
+    source_backlog_bytes: int | None = None  # what the source keeps unconfirmed for this copy
 
 
 class Refresher:

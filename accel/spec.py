@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 ENGINES = ("duckdb", "sqlite", "arrow")
 MODES = ("memory", "file")
-REFRESH_MODES = ("full", "append")
+REFRESH_MODES = ("full", "append", "changes")
+SOURCE_RESET_ACTIONS = ("error", "resnapshot")  # changes: the source truncated or its schema changed
 CONFLICT_ACTIONS = ("upsert", "drop")
 READY_STATES = ("on_load", "on_registration")
 ZERO_RESULT_ACTIONS = ("return_empty", "use_source")
@@ -34,6 +35,8 @@ class AccelerationSpec:
     ready_timeout: float = 30.0                   # on_load: how long a query waits for the first load
     retry_base_delay: float = 1.0                 # first retry after about this many seconds
     retry_max_delay: float = 60.0
+    on_source_reset: str = "error"                # changes: stop with an error, or take a new snapshot
+    lag_window: int = 1000                        # changes: batches over which lag percentiles are taken
     extra: dict = field(default_factory=dict, compare=False)
 
     def problems(self) -> list[str]:
@@ -48,6 +51,11 @@ class AccelerationSpec:
         if self.refresh_append_overlap and not self.primary_key:
             found.append("refresh_append_overlap re-reads rows already copied: set primary_key "
                          "so they are deduplicated")
+        if self.refresh_mode == "changes":
+            for key in ("refresh_sql", "refresh_data_window", "refresh_check_interval"):
+                if getattr(self, key) is not None:
+                    found.append(f"{key} does not apply to refresh_mode 'changes': the copy follows "
+                                 "every change of the whole table as it commits")
         for key in ("refresh_data_window", "retention_period"):
             if getattr(self, key) is not None and not self.time_column:
                 found.append(f"{key} needs the dataset's time_column")

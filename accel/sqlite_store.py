@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import shutil
 import sqlite3
 import tempfile
@@ -24,6 +25,7 @@ from accel.store import Stamp, Store, StoreError, local_table_name
 from federation.connectors.sqlite import SQLiteConnector
 
 META_TABLE = "flightdeck_copies"
+POSITIONS_TABLE = "flightdeck_positions"  # where each change-following copy stands in its stream
 _index_numbers = itertools.count()
 
 
@@ -77,6 +79,7 @@ class SQLiteEngine:
         self.writer.execute("PRAGMA journal_mode = WAL")
         self.writer.execute(f"CREATE TABLE IF NOT EXISTS {META_TABLE} "
                             "(dataset TEXT PRIMARY KEY, as_of TEXT, bytes INTEGER)")
+        self.writer.execute(f"CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (dataset TEXT PRIMARY KEY, position TEXT)")
         self.lock = threading.RLock()  # one writer at a time, as SQLite allows
         self.reader = AcceleratedSQLite(self.path, base_dir)
 
@@ -112,7 +115,8 @@ class SQLiteStore(Store):
         rows = self.sqlite.writer.execute("SELECT name FROM pragma_table_info(?)", [self.name]).fetchall()
         return bool(rows) and {r[0] for r in rows} == set(self.schema.names)
 
-    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = (),
+                position: dict | None = None) -> None:
         staging = f"{self.name}__refresh"
 
         def write(db: sqlite3.Connection) -> None:
@@ -125,6 +129,7 @@ class SQLiteStore(Store):
             db.execute(f'DROP TABLE IF EXISTS "{self.name}"')
             db.execute(f'ALTER TABLE "{staging}" RENAME TO "{self.name}"')
             self._record(db, stamp, stamp.bytes)
+            self._record_position(db, position)
 
         self._transaction(write)
 
@@ -147,6 +152,45 @@ class SQLiteStore(Store):
             self._record(db, stamp, (previous.bytes if previous else 0) + stamp.bytes)
 
         self._transaction(write)
+
+    def apply_changes(self, upserts: pa.Table | None, deletes: pa.Table | None, key: tuple[str, ...],
+                      stamp: Stamp, position: dict) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            added = self._temp_copy(db, "batch", self.schema.names, upserts)
+            if key:
+                gone = self._temp_copy(db, "gone", list(key), deletes)
+                for incoming in (gone, added):
+                    matches = " AND ".join(f'{incoming}."{c}" = "{self.name}"."{c}"' for c in key)
+                    db.execute(f'DELETE FROM "{self.name}" WHERE EXISTS (SELECT 1 FROM {incoming} WHERE {matches})')
+            columns = ", ".join(f'"{c}"' for c in self.schema.names)
+            db.execute(f'INSERT INTO "{self.name}" ({columns}) SELECT {columns} FROM {added}')
+            db.execute("DROP TABLE IF EXISTS temp.batch")
+            db.execute("DROP TABLE IF EXISTS temp.gone")
+            previous = self.stamp()
+            self._record(db, stamp, (previous.bytes if previous else 0) + stamp.bytes)
+            self._record_position(db, position)
+
+        self._transaction(write)
+
+    def _temp_copy(self, db: sqlite3.Connection, name: str, columns: list[str], rows: pa.Table | None) -> str:
+        """``rows`` (may be None: no rows) in a temporary table with the copy's column types."""
+        listed = ", ".join(f'"{c}"' for c in columns)
+        db.execute(f"DROP TABLE IF EXISTS temp.{name}")
+        db.execute(f'CREATE TEMP TABLE {name} AS SELECT {listed} FROM main."{self.name}" WHERE 0')
+        if rows is not None and rows.num_rows:
+            marks = ", ".join("?" for _ in columns)
+            for batch in rows.select(columns).to_batches():
+                db.executemany(f"INSERT INTO temp.{name} ({listed}) VALUES ({marks})", _sqlite_rows(batch))
+        return f"temp.{name}"
+
+    def _record_position(self, db: sqlite3.Connection, position: dict | None) -> None:
+        db.execute(f"DELETE FROM {POSITIONS_TABLE} WHERE dataset = ?", [self.dataset])
+        if position is not None:
+            db.execute(f"INSERT INTO {POSITIONS_TABLE} VALUES (?, ?)", [self.dataset, json.dumps(position)])
+
+    def position(self) -> dict | None:
+        row = self._one(f"SELECT position FROM {POSITIONS_TABLE} WHERE dataset = ?", [self.dataset])
+        return None if row is None else json.loads(row[0])
 
     def _create(self, db: sqlite3.Connection, name: str) -> None:
         columns = ", ".join(f'"{column}" {declared}' for column, declared in self.columns.items())

@@ -5,6 +5,8 @@ beside the live one and swaps it in one transaction, ``upsert`` adds a batch of 
 transaction, so a reader sees the old copy or the new one, never a mix; a failed write leaves
 the last good copy serving. Each write also records the time the data was read from the
 source ("as of"), in the same transaction, so a file copy knows its age after a restart.
+A copy kept in step with a change stream also records the stream's position with each write,
+in the same transaction, so a restart resumes exactly where the committed copy stands.
 """
 from __future__ import annotations
 
@@ -54,8 +56,20 @@ class Store(ABC):
         """A copy with the dataset's columns is there (a file copy from before a restart)."""
 
     @abstractmethod
-    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = ()) -> None:
-        """Swap in a new copy made of ``reader``'s rows, atomically."""
+    def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = (),
+                position: dict | None = None) -> None:
+        """Swap in a new copy made of ``reader``'s rows, atomically, with the change stream's
+        ``position`` (None: the copy follows no stream, any position recorded is dropped)."""
+
+    @abstractmethod
+    def apply_changes(self, upserts: pa.Table | None, deletes: pa.Table | None, key: tuple[str, ...],
+                      stamp: Stamp, position: dict) -> None:
+        """In one transaction: delete the rows whose ``key`` is in ``deletes`` or ``upserts``,
+        insert ``upserts`` and record ``position``. No key: ``upserts`` are appended."""
+
+    @abstractmethod
+    def position(self) -> dict | None:
+        """The change stream position recorded with the copy (None when it follows none)."""
 
     @abstractmethod
     def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],

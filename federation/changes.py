@@ -5,6 +5,8 @@ and then batches of changes in commit order. Each batch is already collapsed per
 change of a key in the batch wins), so applying its deletes and upserts in one local
 transaction gives the source's state as of `position`, whatever order they are applied in.
 A source without a key (a message bus) only appends: its batches carry upserts and no deletes.
+A source may confirm a batch's position at its server (so the server can free what it kept)
+only when the consumer asks for the next batch: by then the batch is committed in the copy.
 """
 from __future__ import annotations
 
@@ -15,6 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
+
+from federation.connectors.base import Connector, ConnectorError
+
+
+class SourceReset(ConnectorError):
+    """The stream cannot carry the copy on: the source table was truncated or its schema
+    changed. The copy stays as it was; only a new snapshot brings it back in step."""
 
 
 @dataclass(frozen=True)
@@ -43,3 +52,54 @@ class ChangeSource(ABC):
 
     def cleanup(self, table: str) -> None:
         """Drop what the source keeps for this copy (a replication slot, a consumer's state)."""
+
+    def backlog(self, table: str) -> int | None:
+        """Bytes the source keeps for this copy that it has not confirmed yet (a replication
+        slot's lag), or None when the source cannot tell."""
+        return None
+
+
+def table_key(connector: Connector, table: str) -> tuple[str, ...]:
+    """A database table's primary key as its change key: updates and deletes need one."""
+    key = tuple(connector.primary_key(table))
+    if not key:
+        raise ConnectorError(f"{connector.describe()}: {table} has no primary key: refresh_mode 'changes' "
+                             "needs one to apply updates and deletes")
+    return key
+
+
+class PendingChanges:
+    """Rows changed by one or more transactions, collapsed per key (the last change of a key
+    wins), made into a ChangeBatch. Without a key every row is kept, in order (append-only)."""
+
+    def __init__(self, schema: pa.Schema, key: tuple[str, ...]):
+        self.schema = schema
+        self.key = key
+        self.key_schema = pa.schema([schema.field(name) for name in key])
+        self._rows: dict[tuple, dict | None] = {}   # key values -> the row (upsert) or None (delete)
+        self._appended: list[dict] = []
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._rows) + len(self._appended)
+
+    def upsert(self, row: dict[str, Any]) -> None:
+        if not self.key:
+            self._appended.append(row)
+            return
+        values = tuple(row[name] for name in self.key)
+        self._rows.pop(values, None)  # re-inserted last: a batch keeps the order of last changes
+        self._rows[values] = row
+
+    def delete(self, key: dict[str, Any]) -> None:
+        values = tuple(key[name] for name in self.key)
+        self._rows.pop(values, None)
+        self._rows[values] = None
+
+    def batch(self, position: dict[str, Any], committed_at: dt.datetime | None) -> ChangeBatch:
+        upserts = self._appended + [row for row in self._rows.values() if row is not None]
+        deletes = [dict(zip(self.key, values)) for values, row in self._rows.items() if row is None]
+        return ChangeBatch(
+            upserts=pa.Table.from_pylist(upserts, schema=self.schema) if upserts else None,
+            deletes=pa.Table.from_pylist(deletes, schema=self.key_schema) if deletes else None,
+            position=position, committed_at=committed_at, skipped=tuple(self.skipped))

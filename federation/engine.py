@@ -432,6 +432,19 @@ class QueryEngine:
         return planned.derive("scanned_datasets", lambda: list(dict.fromkeys(
             dataset.qualified_name for dataset in self._scans(planned))))
 
+    def backend_statements(self, planned: PlannedQuery) -> list[str]:
+        """What the query asks of each backend it reaches ("label: statement"), without the
+        values it binds: the same for every binding of a cached plan."""
+        def describe() -> list[str]:
+            try:
+                frame = planned.frame if planned.remote is None else None
+                requests = backend_requests(frame, self.catalog, planned.remote,
+                                            {s.table: s for s in planned.subplans}, with_values=False)
+            except Exception:  # a plan that cannot be optimized reaches no backend
+                return []
+            return [f"{label}: {request}" for label, request in requests]
+        return planned.derive("backend_statements", describe)
+
     def known_row_count(self, planned: PlannedQuery) -> int | None:
         """The result's row count when the plan is a bare scan of a table that knows it."""
         if planned.derived.get("not_a_bare_scan"):

@@ -60,9 +60,13 @@ class RemoteQuery:
     sql: str
     params: list = field(default_factory=list)  # bound by the driver, in placeholder order
 
-    def describe_request(self) -> str:
-        """The statement as EXPLAIN shows it, with the values it binds."""
-        return self.sql + (f"  -- parameters: {self.params!r}" if self.params else "")
+    def describe_request(self, with_values: bool = True) -> str:
+        """The statement as EXPLAIN shows it, with the values it binds (or only their count)."""
+        if not self.params:
+            return self.sql
+        if with_values:
+            return f"{self.sql}  -- parameters: {self.params!r}"
+        return f"{self.sql}  -- {len(self.params)} bound value{'s' if len(self.params) != 1 else ''}"
 
     def bound(self, values: Mapping[str, object]) -> "RemoteQuery":
         """The statement with each ParameterSlot among its params replaced by that parameter's
@@ -342,11 +346,13 @@ class SubplanRequests(Protocol):
 
 
 def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | None,
-                     subplans: Mapping[str, SubplanRequests] | None = None) -> list[tuple[str, str]]:
+                     subplans: Mapping[str, SubplanRequests] | None = None,
+                     with_values: bool = True) -> list[tuple[str, str]]:
     """(label, request) per backend the query will reach: the whole statement, or each scan's.
-    ``subplans`` (hidden table name -> sub-plan) are parts sent as statements of their own."""
+    ``subplans`` (hidden table name -> sub-plan) are parts sent as statements of their own.
+    Without ``with_values`` a statement shows how many values it binds, not which."""
     if remote is not None:
-        return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.describe_request())]
+        return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.describe_request(with_values))]
     requests = []
     for node in table_scans(frame.optimized_logical_plan()):
         variant = node.to_variant()
@@ -359,7 +365,7 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
         if subplan is not None:
             sql, params = subplan.request(needed, filters)
             requests.append((f"flightdeck: sub-plan sent to {subplan.describe()}",
-                             RemoteQuery(subplan.backend, sql, params).describe_request()))
+                             RemoteQuery(subplan.backend, sql, params).describe_request(with_values)))
             continue
         dataset = catalog.scanned(fqn)
         if dataset is None or dataset.connector is None or _read_natively(dataset):
@@ -368,7 +374,7 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
         label = f"flightdeck: scan of {dataset.qualified_name} on {connector.describe()}"
         if isinstance(connector, SqlConnector):
             sql, params = connector.select_sql(dataset.table, needed, filters, None)
-            requests.append((label, RemoteQuery(connector, sql, params).describe_request()))
+            requests.append((label, RemoteQuery(connector, sql, params).describe_request(with_values)))
         else:
             requests.append((label, f"columns {columns}; filters pushed where the source can take them: "
                                     f"{[str(f) for f in filters]}"))

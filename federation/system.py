@@ -25,6 +25,11 @@ DATASETS_SCHEMA = pa.schema([
     ("last_refresh_rows", pa.int64()), ("rows_loaded", pa.int64()), ("rows", pa.int64()),
     ("bytes", pa.int64()), ("last_error", pa.string()), ("data_as_of", pa.timestamp("us", tz="UTC")),
     ("refreshes", pa.int64()), ("failures", pa.int64()),
+    # refresh_mode changes: rows changed by the stream, source commit -> applied lag, records
+    # skipped, the stream position (JSON) and what the source keeps unconfirmed (bytes).
+    ("changes_applied", pa.int64()), ("lag_p50_ms", pa.float64()), ("lag_p99_ms", pa.float64()),
+    ("skipped", pa.int64()), ("last_skip_reason", pa.string()), ("position", pa.string()),
+    ("source_backlog_bytes", pa.int64()),
     # Search over accelerated columns: chunks embedded by the last refresh and in total.
     ("embedded_last_refresh", pa.int64()), ("embedded_total", pa.int64()),
 ])

@@ -274,8 +274,29 @@ def datasets(config_path: str | None, rows: bool, url: str | None, api_key: str 
     Console().print(table)
 
 
+@main.group()
+def cdc() -> None:
+    """Change data capture (acceleration refresh_mode: changes)."""
+
+
+@cdc.command("cleanup")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False))
+@click.argument("names", nargs=-1)
+def cdc_cleanup(config_path: str | None, names: tuple[str, ...]) -> None:
+    """Drop the replication slots and publications kept for changes datasets (all, or NAMES):
+    run it when such a dataset is removed, with flightdeck stopped."""
+    from flightdeck.sources import cleanup_changes
+
+    try:
+        cleaned = cleanup_changes(_load(config_path), names)
+    except Exception as error:
+        raise click.ClickException(_first_line(error)) from None
+    for name in cleaned:
+        click.echo(f"{name}: what its source kept for the change stream is dropped")
+
+
 LIVE_COLUMNS = ["name", "kind", "state", "acceleration", "refresh_state", "rows", "last_refresh_end",
-                "data_as_of", "last_error"]
+                "data_as_of", "lag_p99_ms", "last_error"]
 
 
 def _print_live_datasets(url: str, api_key: str | None, tls_ca: str | None) -> None:

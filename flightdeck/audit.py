@@ -20,6 +20,7 @@ QUERIES_TABLE = "queries"
 QUERIES_SCHEMA = pa.schema([
     ("finished_at", pa.timestamp("us", tz="UTC")), ("principal", pa.string()), ("door", pa.string()),
     ("statement", pa.string()), ("parameters", pa.string()), ("datasets", pa.list_(pa.string())),
+    ("backends", pa.list_(pa.string())),
     ("rows", pa.int64()), ("bytes", pa.int64()), ("seconds", pa.float64()), ("outcome", pa.string()),
     ("error", pa.string()),
 ])
@@ -33,6 +34,7 @@ class AuditEntry:
     statement: str
     parameters: str | None        # the values as JSON when shown, "redacted: N values", or None
     datasets: list[str]
+    backends: list[str]           # what each backend was asked ("label: statement"), never with values
     rows: int
     bytes: int
     seconds: float

@@ -53,7 +53,7 @@ class Acceleration(Strict):
     enabled: bool = True
     engine: Literal["duckdb", "sqlite", "arrow"] = "duckdb"
     mode: Literal["memory", "file"] = "memory"
-    refresh_mode: Literal["full", "append"] = "full"
+    refresh_mode: Literal["full", "append", "changes"] = "full"
     refresh_check_interval: Duration = None
     refresh_sql: str | None = None
     refresh_data_window: Duration = None
@@ -67,6 +67,9 @@ class Acceleration(Strict):
     on_conflict: Literal["upsert", "drop"] | dict[str, Literal["upsert", "drop"]] = "upsert"
     indexes: dict[str, Literal["enabled", "unique"]] = Field(default_factory=dict)
     ready_timeout: Duration = 30.0
+    # refresh_mode changes: when the source table is truncated or its schema changes, stop
+    # following it with an error in status, or take a new snapshot and follow on.
+    refresh_on_source_reset: Literal["error", "resnapshot"] = "error"
 
     @field_validator("refresh_check_interval", "refresh_data_window", "refresh_append_overlap",
                      "retention_period", "retention_check_interval", "ready_timeout")
@@ -187,7 +190,8 @@ class DatasetConfig(Strict):
             retention_period=a.retention_period, retention_check_interval=a.retention_check_interval,
             on_zero_results=a.on_zero_results, primary_key=a.key_columns(),
             on_conflict=a.conflict_action(), indexes=tuple(a.indexes), time_column=self.time_column,
-            ready_state=self.ready_state, ready_timeout=a.ready_timeout)
+            ready_state=self.ready_state, ready_timeout=a.ready_timeout,
+            on_source_reset=a.refresh_on_source_reset)
 
     @field_validator("from_")
     @classmethod

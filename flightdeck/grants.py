@@ -23,11 +23,13 @@ def qualified(name: str) -> str:
 class Grant:
     datasets: tuple[str, ...] = (EVERYTHING,)             # globs over schema.table; a bare one means public
     columns: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (dataset, the only columns it shows)
+    audit: bool = False                                    # reads every principal's audit rows, not only its own
 
     @classmethod
-    def of(cls, datasets: Sequence[str], columns: Mapping[str, Sequence[str]] | None = None) -> "Grant":
+    def of(cls, datasets: Sequence[str], columns: Mapping[str, Sequence[str]] | None = None,
+           audit: bool = False) -> "Grant":
         return cls(tuple(datasets), tuple(sorted((qualified(name), tuple(cols))
-                                                 for name, cols in (columns or {}).items())))
+                                                 for name, cols in (columns or {}).items())), audit)
 
     @property
     def is_full(self) -> bool:

@@ -129,13 +129,29 @@ class _StackCollector(Collector):
                                        labels=["dataset"])
         copy_rows = GaugeMetricFamily("flightdeck_accelerated_rows", "Rows in each accelerated copy",
                                       labels=["dataset"])
+        applied = CounterMetricFamily("flightdeck_changes_applied", "Rows changed in a copy by its change stream",
+                                      labels=["dataset"])
+        skipped = CounterMetricFamily("flightdeck_change_records_skipped",
+                                      "Records of a change stream that could not be read", labels=["dataset"])
+        lag = GaugeMetricFamily("flightdeck_change_lag_seconds", "Source commit to applied in the copy, "
+                                "over the last batches", labels=["dataset", "quantile"])
+        backlog = GaugeMetricFamily("flightdeck_change_backlog_bytes", "What the source keeps unconfirmed for "
+                                    "a copy (a replication slot's lag)", labels=["dataset"])
         for row in rows:
             state.add_metric([row["name"], row["kind"]], 1 if row["state"] == "ready" else 0)
             if "refreshes" in row:
                 refreshes.add_metric([row["name"]], row["refreshes"] or 0)
                 failures.add_metric([row["name"]], row["failures"] or 0)
                 copy_rows.add_metric([row["name"]], row.get("rows") or 0)
-        yield from (state, refreshes, failures, copy_rows)
+            if row.get("refresh_mode") == "changes":
+                applied.add_metric([row["name"]], row.get("changes_applied") or 0)
+                skipped.add_metric([row["name"]], row.get("skipped") or 0)
+                for quantile, key in (("0.5", "lag_p50_ms"), ("0.99", "lag_p99_ms")):
+                    if row.get(key) is not None:
+                        lag.add_metric([row["name"], quantile], row[key] / 1000)
+                if row.get("source_backlog_bytes") is not None:
+                    backlog.add_metric([row["name"]], row["source_backlog_bytes"])
+        yield from (state, refreshes, failures, copy_rows, applied, skipped, lag, backlog)
 
 
 class _PlanCollector(Collector):

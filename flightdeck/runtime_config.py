@@ -47,6 +47,7 @@ class Granted(Strict):
     does not exist for it."""
     datasets: list[str] = Field(default_factory=lambda: ["*"])
     columns: dict[str, list[str]] = Field(default_factory=dict)  # dataset -> its visible columns
+    audit: bool = False  # may read every principal's rows of flightdeck.runtime.queries, not only its own
     limits: QueryLimitSettings = Field(default_factory=QueryLimitSettings)
 
     @model_validator(mode="after")

@@ -92,9 +92,9 @@ class Service:
         runtime = stack.loaded.config.runtime
         auth, self.limits = runtime.auth, runtime.limits
         self.authenticator = Authenticator(
-            [Key(k.name, k.key, k.refresh, Grant.of(k.datasets, k.columns), k.key_sha256, self._limits(k.limits))
+            [Key(k.name, k.key, k.refresh, Grant.of(k.datasets, k.columns, k.audit), k.key_sha256, self._limits(k.limits))
              for k in auth.keys()],
-            {u.username: User(u.password, u.refresh, Grant.of(u.datasets, u.columns), self._limits(u.limits))
+            {u.username: User(u.password, u.refresh, Grant.of(u.datasets, u.columns, u.audit), self._limits(u.limits))
              for u in auth.users},
             self._limits(QueryLimitSettings()))
         self.admission = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds)
@@ -245,11 +245,13 @@ class Service:
         seconds = time.perf_counter() - started
         self.stack.metrics.query_finished(door, outcome, seconds, rows, nbytes)
         audit = self.stack.audit
-        datasets = self._engine(principal).scanned_datasets(query) if query is not None else []
+        engine = self._engine(principal)
+        datasets = engine.scanned_datasets(query) if query is not None else []
+        backends = [self.redact(b) for b in engine.backend_statements(query)] if query is not None else []
         message = error.message if isinstance(error, ServiceError) else None
         audit.record(AuditEntry(principal.name, door, self.redact(sql), audit.parameters(
-            None if parameters is None else tuple(parameters)), datasets, rows, nbytes, round(seconds, 6), outcome,
-            message, grant=principal.grant))
+            None if parameters is None else tuple(parameters)), datasets, backends, rows, nbytes,
+            round(seconds, 6), outcome, message, grant=principal.grant))
 
     # ---- the catalog ----
 

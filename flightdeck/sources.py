@@ -1,9 +1,10 @@
 """A configuration's datasets as their sources see them, without starting a stack
-(for `flightdeck validate` and `flightdeck datasets -c`)."""
+(for `flightdeck validate`, `flightdeck datasets -c` and `flightdeck cdc cleanup`)."""
 from __future__ import annotations
 
 from federation.catalog import Catalog
-from flightdeck.config import LoadedConfig
+from federation.changes import ChangeSource
+from flightdeck.config import ConfigError, LoadedConfig
 
 
 def source_problems(loaded: LoadedConfig) -> list[tuple[str, str, str]]:
@@ -32,3 +33,25 @@ def dataset_overview(loaded: LoadedConfig, count_rows: bool) -> list[dict]:
     finally:
         catalog.close()
     return rows
+
+
+def cleanup_changes(loaded: LoadedConfig, names: tuple[str, ...] = ()) -> list[str]:
+    """Drop what the sources keep for ``refresh_mode: changes`` datasets (a replication slot,
+    a publication): the named ones, or all of them. Returns the datasets cleaned up."""
+    following = sorted(spec.dataset for spec in loaded.config.acceleration_specs()
+                       if spec.refresh_mode == "changes")
+    wanted = [name if name in following or "." in name else f"public.{name}" for name in names] or following
+    unknown = [name for name in wanted if name not in following]
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)}: not a refresh_mode 'changes' dataset of this configuration "
+                          f"(those are: {', '.join(following) or 'none'})")
+    catalog = Catalog(loaded.config.dataset_specs(), loaded.base_dir)
+    try:
+        for name in wanted:
+            dataset = catalog.datasets[name]
+            if dataset.error or not isinstance(dataset.source_connector, ChangeSource):
+                raise ConfigError(f"{name}: {loaded.redact(dataset.error or 'its source streams no changes')}")
+            dataset.source_connector.cleanup(dataset.spec.location)
+    finally:
+        catalog.close()
+    return wanted

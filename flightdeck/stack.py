@@ -85,6 +85,9 @@ class Stack:
         distinct grant, so principals granted alike share it)."""
         if grant.is_full:
             return self.engine
+        engine = self._granted_engines.get(grant)  # the common case needs no lock
+        if engine is not None:
+            return engine
         with self._engines_lock:
             engine = self._granted_engines.get(grant)
             if engine is None:
@@ -97,9 +100,10 @@ class Stack:
         return AuditLog(audit.capacity, path, audit.max_bytes, audit.backups, audit.parameters)
 
     def _granted_engine(self, grant: Grant) -> QueryEngine:
-        # The queries of principals granted alike (usually one key): a grant's own audit rows.
+        # The queries of principals granted alike (usually one key): a grant's own audit rows,
+        # or everyone's for a grant that includes the audit.
         own_queries = SnapshotConnector(QUERIES_TABLE, QUERIES_SCHEMA,
-                                        lambda: self.audit.rows(lambda entry: entry.grant == grant))
+                                        lambda: self.audit.rows(lambda entry: grant.audit or entry.grant == grant))
         view = CatalogView(self.catalog, grant.sees, grant.columns_of, [own_queries])
         engine = QueryEngine(view, self.engine_settings)
         self.model_functions.install(engine)
@@ -130,7 +134,9 @@ class Stack:
                 **{key: row[key] for key in ("refresh_mode", "last_refresh_start", "last_refresh_end",
                                              "last_refresh_rows", "rows_loaded", "rows", "bytes",
                                              "last_error", "data_as_of", "refreshes", "failures",
-                                             "embedded_last_refresh", "embedded_total")}}
+                                             "embedded_last_refresh", "embedded_total", "changes_applied",
+                                             "lag_p50_ms", "lag_p99_ms", "skipped", "last_skip_reason",
+                                             "position", "source_backlog_bytes")}}
 
     def close(self) -> None:
         """Stop the refreshers and release every backend and local engine."""

@@ -20,11 +20,13 @@ from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 
 SRE, METRICS, HASHED = "sre-key-0123456789", "metrics-key-0123456789", "hashed-key-0123456789"
 AUDITOR = "auditor-key-0123456789"  # a plain key: full access, the whole audit log
+READER = "reader-key-0123456789"     # reads one dataset, and the whole audit log
 KEYS = [
     {"name": "sre-agent", "key": SRE, "datasets": ["orders", "crm.customers", "guides"],
      "columns": {"crm.customers": ["customer_id", "tier", "country"]}},
     {"name": "metrics-agent", "key": METRICS, "datasets": ["logs", "metrics"]},
     {"name": "hashed-agent", "key_sha256": hashlib.sha256(HASHED.encode()).hexdigest(), "datasets": ["metr*"]},
+    {"name": "audit-reader", "key": READER, "datasets": ["logs"], "audit": True},
     AUDITOR,
 ]
 SRE_SEES = {"public.orders", "crm.customers", "public.guides"}
@@ -205,6 +207,17 @@ def test_mcp_tools_and_resources_hold_only_the_grant(deck):
 
 # ---- the audit log ----
 
+def test_the_audit_names_what_each_backend_was_asked_without_the_values(deck):
+    query(deck, SRE, "SELECT order_id FROM orders WHERE status = $1 AND customer_id > 7", ["failed"])
+    rows = query(deck, SRE, "SELECT statement, backends FROM flightdeck.runtime.queries")
+    entry = next(r for r in rows if r["statement"].startswith("SELECT order_id FROM orders WHERE status"))
+    assert entry["backends"] and all(b.startswith("flightdeck: ") for b in entry["backends"])
+    assert any("orders" in b for b in entry["backends"])
+    assert not any("failed" in b for b in entry["backends"])  # the bound value is not written down
+    assert entry["backends"] == next(r["backends"] for r in query(deck, AUDITOR, "SELECT statement, backends FROM "
+                                     "flightdeck.runtime.queries") if r["statement"] == entry["statement"])
+
+
 def test_each_key_reads_its_own_audit_rows_and_the_file_holds_every_query(deck):
     query(deck, SRE, "SELECT count(*) AS n FROM orders WHERE status = $1", ["failed"])
     query(deck, METRICS, "SELECT count(*) AS n FROM metrics")
@@ -220,6 +233,9 @@ def test_each_key_reads_its_own_audit_rows_and_the_file_holds_every_query(deck):
     assert {"sre-agent", "metrics-agent"} <= {row["principal"] for row in every}
     sre = next(r for r in every if r["principal"] == "sre-agent" and "status = $1" in r["statement"])
     assert sre["parameters"] == "redacted: 1 value"  # values are left out by default
+    reader = query(deck, READER, "SELECT principal, statement FROM flightdeck.runtime.queries")
+    assert {"sre-agent", "metrics-agent"} <= {row["principal"] for row in reader}  # granted the audit
+    assert failure(deck, READER, "SELECT count(*) FROM metrics")  # and still only its datasets
     lines = deck.audit_log.read_text().splitlines()
     assert len(lines) >= 3 and all(SRE not in line and METRICS not in line for line in lines)
     assert any('"principal": "metrics-agent"' in line and '"outcome": "ok"' in line for line in lines)

@@ -24,6 +24,9 @@ AVAILABLE_KINDS = {
     "github": "federation.connectors.github:GitHubConnector",
     "snowflake": "federation.connectors.snowflake:SnowflakeConnector",
     "mongodb": "federation.connectors.mongodb:MongoDBConnector",
+    "kafka": "federation.connectors.kafka:KafkaConnector",
+    "nats": "federation.connectors.nats:NatsConnector",
+    "mqtt": "federation.connectors.mqtt:MqttConnector",
     "spark": "federation.connectors.spark:SparkConnector",  # needs the spark extra
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).

@@ -22,15 +22,10 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError
-from federation.connectors.typing import flatten_document
+from federation.connectors.typing import JSON_TYPES, flatten_document, json_value
 
 DEFAULT_MAX_PAGES = 100
 LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
-ARROW_TYPES = {
-    "string": pa.string(), "int": pa.int64(), "int64": pa.int64(), "float": pa.float64(),
-    "double": pa.float64(), "bool": pa.bool_(), "boolean": pa.bool_(),
-    "timestamp": pa.timestamp("s", tz="UTC"), "date": pa.date32(), "json": pa.string(),
-}
 
 
 def lookup(document: Any, path: str | None) -> Any:
@@ -74,9 +69,9 @@ class HttpConnector(Connector):
         if not columns:
             return None
         try:
-            return pa.schema([(name, ARROW_TYPES[str(kind)]) for name, kind in dict(columns).items()])
+            return pa.schema([(name, JSON_TYPES[str(kind)]) for name, kind in dict(columns).items()])
         except KeyError as error:
-            raise ConnectorError(f"http: unknown column type {error} (use {', '.join(ARROW_TYPES)})") from None
+            raise ConnectorError(f"http: unknown column type {error} (use {', '.join(JSON_TYPES)})") from None
 
     def tables(self) -> list[str]:
         return [self.url]
@@ -211,8 +206,8 @@ class HttpConnector(Connector):
             # A declared column takes the record's own field (a nested object as JSON), else a
             # flattened one (``parent_child``).
             return pa.Table.from_pylist([
-                {n: _coerce(record.get(n, flat.get(n)) if isinstance(record, dict) else flat.get(n),
-                            schema.field(n).type) for n in schema.names}
+                {n: json_value(record.get(n, flat.get(n)) if isinstance(record, dict) else flat.get(n),
+                               schema.field(n).type) for n in schema.names}
                 for record, flat in zip(records, flat_rows)], schema=schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
             raise ConnectorError(f"{self.describe()}: records do not fit the columns: {error}") from None
@@ -244,14 +239,3 @@ class HttpConnector(Connector):
 
         return pa.RecordBatchReader.from_batches(target, batches())
 
-
-def _coerce(value: Any, arrow_type: pa.DataType) -> Any:
-    """JSON values into what Arrow expects for the declared column type."""
-    if value is None:
-        return None
-    if pa.types.is_timestamp(arrow_type) and isinstance(value, str):
-        from datetime import datetime
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if pa.types.is_string(arrow_type) and not isinstance(value, str):
-        return json.dumps(value)
-    return value

@@ -1,13 +1,15 @@
 """`mysql:db.table` — MySQL and MariaDB through PyMySQL, rows streamed into Arrow.
 
 There is no ADBC driver for MySQL; PyMySQL streams rows with an unbuffered cursor and
-every session is ``READ ONLY`` at the server before any statement runs.
+every session is ``READ ONLY`` at the server before any statement runs. A table can also
+be followed by its changes (``refresh_mode: changes``): the binlog, in mysql_changes.py.
 """
 from __future__ import annotations
 
 import datetime as dt
 import decimal
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pymysql
@@ -15,7 +17,9 @@ import pymysql.cursors
 
 from federation import expr as fx
 from federation.cancel import on_cancel
+from federation.changes import ChangeBatch, ChangeSource, table_key
 from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.mysql_changes import MySQLChanges
 
 _SIMPLE_TYPES = {
     "tinyint": pa.int8(), "smallint": pa.int16(), "mediumint": pa.int32(), "int": pa.int32(),
@@ -61,7 +65,7 @@ def _converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
     return None
 
 
-class MySQLConnector(SqlConnector):
+class MySQLConnector(SqlConnector, ChangeSource):
     kind = "mysql"
     dialect = "mysql"
     secret_params = ("mysql_pass",)
@@ -157,6 +161,10 @@ class MySQLConnector(SqlConnector):
             raise ConnectorError(f"{self.describe()}: no table {database}.{table_name}")
         return rows
 
+    def forget_schema(self, table: str) -> None:
+        """Describe ``table`` afresh next time (its schema may have changed)."""
+        self._described.pop(table, None)
+
     def schema(self, table: str) -> pa.Schema:
         fields = []
         for name, data_type, column_type, precision, scale, _ in self._columns(table):
@@ -189,7 +197,11 @@ class MySQLConnector(SqlConnector):
 
     def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-        connection = self._connect()
+        return self._stream_on(self._connect(), sql, params, target, batch_rows)
+
+    def _stream_on(self, connection: pymysql.connections.Connection, sql: str, params: list[Any] | None,
+                   target: pa.Schema | None, batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+        """``sql``'s rows on ``connection`` (closed when the stream ends), e.g. in its snapshot."""
         cursor = connection.cursor()
         on_cancel(lambda: self._kill_query(connection.thread_id()))
         try:
@@ -210,6 +222,21 @@ class MySQLConnector(SqlConnector):
                 connection.close()  # an unbuffered cursor cannot be reused mid-stream
 
         return self.counted(schema, sql, batches)
+
+    # ---- change data capture ----------------------------------------------
+
+    def change_key(self, table: str) -> tuple[str, ...]:
+        return table_key(self, table)
+
+    def snapshot(self, table: str) -> tuple[pa.RecordBatchReader, dict[str, Any]]:
+        def rows(connection: pymysql.connections.Connection, schema: pa.Schema) -> pa.RecordBatchReader:
+            columns = ", ".join(quote_backtick(name) for name in schema.names)
+            return self._stream_on(connection, f"SELECT {columns} FROM {self.quote_table(table)}", None, schema)
+
+        return MySQLChanges(self, table).snapshot(rows)
+
+    def changes(self, table: str, since: dict[str, Any], stop: threading.Event) -> Iterator[ChangeBatch]:
+        return MySQLChanges(self, table).stream(since, stop)
 
 
 def _to_batch(rows: list[tuple], schema: pa.Schema, converters: list) -> pa.RecordBatch:

@@ -2,20 +2,24 @@
 
 Sessions are read-only at the server (``default_transaction_read_only=on`` set when
 connecting), so even a statement that slipped past every other lock could not write.
+A table can also be followed by its changes (``refresh_mode: changes``): logical replication,
+in postgres_changes.py.
 """
 from __future__ import annotations
 
 import queue
 import threading
 import urllib.parse
-from typing import Any
+from typing import Any, Iterator
 
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import pyarrow as pa
 
 from federation import expr as fx
 from federation.cancel import on_cancel
+from federation.changes import ChangeBatch, ChangeSource, table_key
 from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly
+from federation.connectors.postgres_changes import PostgresChanges
 
 POOL_SIZE = 4
 
@@ -63,7 +67,7 @@ def _rule(type_name: str, collation: str, deterministic: bool, database_collatio
     return fx.EXACT
 
 
-class PostgresConnector(SqlConnector):
+class PostgresConnector(SqlConnector, ChangeSource):
     kind = "postgres"
     dialect = "postgres"
     renderer = fx.SqlRenderer(fx.quote_double, fx.zoned_literal)
@@ -191,6 +195,11 @@ class PostgresConnector(SqlConnector):
     def schema(self, table: str) -> pa.Schema:
         return self._describe_table(table)[0]
 
+    def forget_schema(self, table: str) -> None:
+        """Describe ``table`` afresh next time (its schema may have changed)."""
+        with self._lock:
+            self._schemas.pop(table, None)
+
     def unsupported_columns(self, table: str) -> list[str]:
         """Columns left out of the schema because their type has no mapping."""
         return self._describe_table(table)[1]
@@ -221,6 +230,23 @@ class PostgresConnector(SqlConnector):
                 connection.close()  # abandoned mid-stream: do not reuse
 
         return self.stream_arrow(sql, reader, target, release)
+
+    # ---- change data capture ----------------------------------------------
+
+    def change_key(self, table: str) -> tuple[str, ...]:
+        return table_key(self, table)
+
+    def snapshot(self, table: str) -> tuple[pa.RecordBatchReader, dict[str, Any]]:
+        return PostgresChanges(self, table).snapshot()
+
+    def changes(self, table: str, since: dict[str, Any], stop: threading.Event) -> Iterator[ChangeBatch]:
+        return PostgresChanges(self, table).stream(since, stop)
+
+    def cleanup(self, table: str) -> None:
+        PostgresChanges(self, table).cleanup()
+
+    def backlog(self, table: str) -> int | None:
+        return PostgresChanges(self, table).backlog()
 
     def close(self) -> None:
         while not self._pool.empty():

@@ -1,11 +1,32 @@
 """Bringing a backend's records and batches to the Arrow schema the connector declared."""
 from __future__ import annotations
 
+import json
 import uuid
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+
+# Column types a configuration may declare for JSON records (http, message buses).
+JSON_TYPES = {
+    "string": pa.string(), "int": pa.int64(), "int64": pa.int64(), "float": pa.float64(),
+    "double": pa.float64(), "bool": pa.bool_(), "boolean": pa.bool_(),
+    "timestamp": pa.timestamp("s", tz="UTC"), "date": pa.date32(), "json": pa.string(),
+}
+
+
+def json_value(value: Any, arrow_type: pa.DataType) -> Any:
+    """A JSON value as Arrow expects it for a declared column type."""
+    if value is None:
+        return None
+    if pa.types.is_timestamp(arrow_type) and isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if pa.types.is_string(arrow_type) and not isinstance(value, str):
+        return json.dumps(value)
+    return value
 
 
 def flatten_document(document: dict, prefix: tuple = ()) -> dict[tuple, Any]:

@@ -32,7 +32,8 @@ DATA_AS_OF = "X-Flightdeck-Data-As-Of"                    # the oldest copy the 
 DATA_AS_OF_DATASETS = "X-Flightdeck-Data-As-Of-Datasets"  # each copy: "name=time, name=time"
 ACCELERATION_KEYS = ("acceleration", "refresh_state", "refresh_mode", "last_refresh_start", "last_refresh_end",
                      "last_refresh_rows", "rows_loaded", "rows", "bytes", "last_error", "data_as_of",
-                     "refreshes", "failures", "embedded_last_refresh", "embedded_total")
+                     "refreshes", "failures", "embedded_last_refresh", "embedded_total", "changes_applied",
+                     "lag_p50_ms", "lag_p99_ms", "skipped", "last_skip_reason", "position", "source_backlog_bytes")
 AFTER_REFRESH = "after refresh:"  # an error of what is built from a good copy (a search index)
 Handler = Callable[["HttpApi", Request], Awaitable[Response]]
 Lifespan = Callable[[Starlette], AsyncContextManager[None]]
