@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test,bench,spark]"
 	touch $@
 
 # fakesnow (the Snowflake test peer) pins its own duckdb/sqlglot: it lives in its own venv.
@@ -51,6 +51,7 @@ bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.cdc
 	$(BIN)/python -m bench.buses
+	$(BIN)/python -m bench.fleet
 
 proto: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"

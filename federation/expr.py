@@ -138,17 +138,20 @@ class SqlRenderer:
     """
 
     def __init__(self, quote_identifier: Callable[[str], str],
-                 render_literal: Callable[[object], str | None], param_style: str = "numbered"):
+                 render_literal: Callable[[object], str | None], param_style: str = "numbered",
+                 bound_types: tuple[type, ...] = (str,)):
         self.quote_identifier = quote_identifier
         self.render_literal = render_literal
         self.param_style = param_style
+        self.bound_types = bound_types  # values the driver binds (text always; more where its types are exact)
 
     def bindings(self) -> Bindings:
         return Bindings(self.param_style)
 
     def value(self, value: object, bindings: Bindings) -> str | None:
-        """A value's place in a statement: a bound placeholder for text, else its literal."""
-        if isinstance(value, str):
+        """A value's place in a statement: a bound placeholder for text (and ``bound_types``),
+        else its literal."""
+        if isinstance(value, self.bound_types):
             return bindings.add(value)
         if isinstance(value, (bytes, bytearray)):
             return None

@@ -7,7 +7,8 @@ the table). Everything else runs in DataFusion with projection and filters pushe
 
 What makes a query ineligible (each is a way the backend could answer differently):
 semi/anti/outer joins (NOTES: the unparser drops filters there), dialects other than
-PostgreSQL, DuckDB, SQLite and MySQL/MariaDB (SQLite's LIKE ignores case and its decimals are
+PostgreSQL, DuckDB, SQLite, MySQL/MariaDB, Snowflake and Spark (on Spark, no TIMESTAMP column: it
+follows the session time zone; ORDER BY is written with explicit NULLS LAST/FIRST; SQLite's LIKE ignores case and its decimals are
 binary floats, so neither is pushed there; on MySQL no text column (collations ignore case and
 trailing spaces), ORDER BY (NULLs sort first), avg (a rounded decimal), LIKE, TIMESTAMP columns
 (session time zone) or backslashes in strings), functions outside a short allow-list (``lower``/``upper`` differ on some Unicode),
@@ -44,8 +45,9 @@ SAFE_NODES = {"Projection", "Filter", "Aggregate", "Sort", "Limit", "TableScan",
               "Join", "Distinct"}
 DIALECTS = {"postgres": unparser.Dialect.postgres, "duckdb": unparser.Dialect.duckdb,
             "sqlite": unparser.Dialect.sqlite, "mysql": unparser.Dialect.mysql,
-            "snowflake": unparser.Dialect.postgres}  # no Snowflake unparser: standard SQL, then sqlglot
-PARSE_AS = {"snowflake": "postgres"}  # how the unparsed SQL of a dialect is read back
+            "snowflake": unparser.Dialect.postgres,  # no Snowflake or Spark unparser: standard SQL, then sqlglot
+            "sparkansi": unparser.Dialect.postgres}
+PARSE_AS = {"snowflake": "postgres", "sparkansi": "postgres"}  # how the unparsed SQL of a dialect is read back
 SAFE_FUNCTIONS = (exp.Count, exp.Sum, exp.Min, exp.Max, exp.Avg, exp.Coalesce, exp.Abs, exp.Cast,
                   exp.Case, exp.If, exp.Connector)  # Connector: AND / OR
 FLOAT_TYPES = {exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT}
@@ -157,6 +159,8 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
         return False
     if connector.dialect == "snowflake" and not _same_on_snowflake(tree, types):
         return False
+    if connector.dialect == "sparkansi" and _columns_in(tree) & _timestamp_columns(types):
+        return False  # Spark's TIMESTAMP follows the session time zone
     for node in tree.walk():
         if isinstance(node, (exp.Div, exp.IntDiv)):
             return False
@@ -173,23 +177,25 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
 
 def _same_on_snowflake(tree: exp.Expression, types: dict[str, pa.DataType]) -> bool:
     """Snowflake: timestamps carry its own NTZ/LTZ/TZ semantics, and LIKE has no default escape."""
-    zoned = {name for name, t in types.items() if pa.types.is_timestamp(t)}
     if any(isinstance(node, (exp.Like, exp.ILike)) for node in tree.walk()):
         return False
-    return not (_columns_in(tree) & zoned)
+    return not (_columns_in(tree) & _timestamp_columns(types))
 
 
 def _same_on_mysql(tree: exp.Expression, types: dict[str, pa.DataType]) -> bool:
     """What MySQL/MariaDB computes differently (text is already out: its collations are loose):
     ORDER BY puts NULLs first, avg() returns a decimal rounded to 4 more digits, LIKE ignores
     case, TIMESTAMP columns follow the session time zone, and backslashes in strings escape."""
-    zoned = {name for name, t in types.items() if pa.types.is_timestamp(t)}
     for node in tree.walk():
         if isinstance(node, (exp.Order, exp.Avg, exp.Like, exp.ILike)):
             return False
         if isinstance(node, exp.Literal) and node.is_string and "\\" in node.this:
             return False
-    return not (_columns_in(tree) & zoned)
+    return not (_columns_in(tree) & _timestamp_columns(types))
+
+
+def _timestamp_columns(types: dict[str, pa.DataType]) -> set[str]:
+    return {name for name, t in types.items() if pa.types.is_timestamp(t)}
 
 
 def _widening_cast(node: exp.Cast, types: dict[str, pa.DataType]) -> bool:

@@ -28,6 +28,7 @@ AVAILABLE_KINDS = {
     "nats": "federation.connectors.nats:NatsConnector",
     "mqtt": "federation.connectors.mqtt:MqttConnector",
     "elasticsearch": "federation.connectors.elasticsearch:ElasticsearchConnector",
+    "spark": "federation.connectors.spark:SparkConnector",  # needs the spark extra
 }
 # Kinds whose connector serves exactly one location (a file set, a repository table).
 PER_LOCATION_KINDS = ("file", "git", "http", "https", "github")

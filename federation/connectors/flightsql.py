@@ -6,6 +6,7 @@ apply; flightdeck only ever sends SELECTs.
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import adbc_driver_flightsql.dbapi as adbc_flightsql
@@ -20,7 +21,9 @@ from federation.connectors.base import ConnectorError, SqlConnector, cancel_quie
 class FlightSQLConnector(SqlConnector):
     kind = "flightsql"
     dialect = "postgres"  # standard double-quoted identifiers and ANSI literals
-    renderer = fx.SqlRenderer(fx.quote_double, fx.standard_literal, "qmark")
+    # Instants are bound as Arrow timestamps with their zone: no literal says "timestamptz" to every
+    # Flight SQL server, and an append refresh from an upstream flightdeck filters on one.
+    renderer = fx.SqlRenderer(fx.quote_double, fx.standard_literal, "qmark", bound_types=(str, dt.datetime))
     secret_params = ("flightsql_api_key", "flightsql_password")
 
     def __init__(self, params: dict[str, Any], base_dir):
