@@ -48,6 +48,8 @@ READ_AS = "postgres"  # DataFusion's grammar, as near as sqlglot has it
 Type = exp.DataType.Type
 INTEGER_TYPES = exp.DataType.INTEGER_TYPES
 DECIMAL_TYPES = {Type.DECIMAL}
+# Fields that both engines extract as the same whole number.
+SAME_EXTRACT_PARTS = {"year", "quarter", "month", "day", "hour", "minute"}
 _UTF8_LITERAL = re.compile(r'Utf8(?:View)?\("((?:[^"\\]|\\.)*)"\)')
 
 
@@ -68,7 +70,10 @@ def translated_statement(frame: DataFrame, sql: str, catalog: Catalog,
         log_refusal_once(f"whole statement: {refused}")
         return None
     except sqlglot.errors.SqlglotError as error:  # a statement sqlglot cannot read or resolve
-        log_refusal_once(f"whole statement: sqlglot: {str(error).splitlines()[0]}")
+        log_refusal_once(f"whole statement: sqlglot: {(str(error).splitlines() or [''])[0]}")
+        return None
+    except Exception:  # never fail a query because it could not be translated: the plan's way
+        log.warning("whole statement not translated", exc_info=True)
         return None
     return RemoteQuery(connector, statement.sql, statement.params)
 
@@ -114,7 +119,8 @@ def _schema(datasets) -> dict:
     """The datasets' columns, typed, as sqlglot's optimizer reads a schema."""
     schema: dict = {}
     for dataset in datasets:
-        columns = {field.name: _sql_type(field.type) for field in dataset.arrow_schema}
+        columns = {field.name: exp.DataType.build(_sql_type(field.type), dialect="duckdb")
+                   for field in dataset.arrow_schema}
         schema.setdefault(CATALOG_NAME, {}).setdefault(dataset.spec.schema_name, {})[dataset.spec.table_name] = columns
     return schema
 
@@ -150,10 +156,30 @@ def _keep_datafusion_semantics(tree: exp.Select, result: pa.Schema) -> None:
                 raise StatementRefused("a cast to an integer from a non-integer")
         elif isinstance(node, exp.Literal) and node.is_number and not node.is_int:
             _float_literal(node)
-        elif isinstance(node, (exp.Like, exp.ILike)) and "\\" in node.expression.sql():
-            raise StatementRefused("a LIKE pattern with a backslash")
+        elif isinstance(node, (exp.Like, exp.ILike)):
+            _pattern(node)
+        elif isinstance(node, exp.Extract) and node.name.lower() not in SAME_EXTRACT_PARTS:
+            raise StatementRefused(f"extract({node.name}) may differ between the engines")
+        elif isinstance(node, exp.Substring):
+            _substring(node)
     for position, (expression, field) in enumerate(zip(list(tree.expressions), result)):
         tree.expressions[position].replace(_cast_result(expression, field.type))
+
+
+def _pattern(node: exp.Like | exp.ILike) -> None:
+    """DuckDB's LIKE has no default escape character: a pattern must be a literal without a
+    backslash (a bound pattern's text is not known when the statement is written)."""
+    pattern = node.expression
+    if not (isinstance(pattern, exp.Literal) and pattern.is_string) or "\\" in pattern.this:
+        raise StatementRefused("a LIKE pattern that is not a literal without a backslash")
+
+
+def _substring(node: exp.Substring) -> None:
+    """A start or length below 1 means other things to each engine (DuckDB counts a negative
+    start from the end): only positive integer literals."""
+    for part in (node.args.get("start"), node.args.get("length")):
+        if part is not None and not (isinstance(part, exp.Literal) and part.is_int and int(part.this) >= 1):
+            raise StatementRefused("substring with a start or length other than a positive literal")
 
 
 def _division(node: exp.Div) -> None:
