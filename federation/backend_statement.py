@@ -17,6 +17,11 @@ Its text is therefore never trusted as it stands:
    stays in the text is sqlglot's own writing of identifiers, numbers and keywords, and the
    written statement must parse back to the validated tree.
 
+A statement translated whole for local read-only copies (``federation.whole_statement``)
+is checked the same way against a wider allow-list (subqueries anywhere, a WITH list read
+only where its names are in scope, EXTRACT, SUBSTRING, division); its text literals must be
+texts DataFusion read from the statement.
+
 A statement that fails any check is not sent: the query runs in DataFusion instead, and
 the reason is logged once.
 """
