@@ -19,10 +19,13 @@ in DuckDB's dialect with DataFusion's semantics kept where the two engines diffe
 What is refused (the query then runs in DataFusion, or through the plan's own pushdown):
 anything DataFusion does not plan as the same tables the statement names, a division or
 cast whose operand types sqlglot cannot tell, a cast to an integer from a non-integer
-(DataFusion truncates, DuckDB rounds), an ``avg`` of a decimal expression other than a column,
-LIKE patterns with a backslash (DuckDB has no default escape), text literals that are not
-values of DataFusion's plan, and every construct outside the statement validator's
-allow-list for whole statements (``federation.backend_statement``).
+(DataFusion truncates, DuckDB rounds) or to text (formats differ), an ``avg`` of a decimal
+expression other than a column, a decimal division inside an expression, LIKE with a bound
+pattern or a backslash (DuckDB has no default escape), ``substring`` with a start or length
+other than a positive literal (DuckDB counts a negative start from the end), ``extract`` of
+fields the engines may number differently, text literals that are not values of DataFusion's
+plan, and every construct outside the statement validator's allow-list for whole statements
+(``federation.backend_statement``).
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ READ_AS = "postgres"  # DataFusion's grammar, as near as sqlglot has it
 Type = exp.DataType.Type
 INTEGER_TYPES = exp.DataType.INTEGER_TYPES
 DECIMAL_TYPES = {Type.DECIMAL}
+FLOAT_TYPES = {Type.DOUBLE, Type.FLOAT}
+TEXT_TYPES = {Type.VARCHAR, Type.TEXT}
+TEMPORAL_TYPES = {Type.DATE, Type.TIMESTAMP, Type.TIME}
 # Fields that both engines extract as the same whole number.
 SAME_EXTRACT_PARTS = {"year", "quarter", "month", "day", "hour", "minute"}
 _UTF8_LITERAL = re.compile(r'Utf8(?:View)?\("((?:[^"\\]|\\.)*)"\)')
@@ -149,11 +155,8 @@ def _keep_datafusion_semantics(tree: exp.Select, result: pa.Schema) -> None:
             _division(node)
         elif isinstance(node, exp.Avg):
             _average(node)
-        elif isinstance(node, exp.Cast) and node.to.this in INTEGER_TYPES:
-            operand = node.this.type
-            if not (isinstance(node.this, exp.Literal) and node.this.is_int) and (
-                    operand is None or operand.this not in INTEGER_TYPES):
-                raise StatementRefused("a cast to an integer from a non-integer")
+        elif isinstance(node, exp.Cast):
+            _cast(node)
         elif isinstance(node, exp.Literal) and node.is_number and not node.is_int:
             _float_literal(node)
         elif isinstance(node, (exp.Like, exp.ILike)):
@@ -164,6 +167,25 @@ def _keep_datafusion_semantics(tree: exp.Select, result: pa.Schema) -> None:
             _substring(node)
     for position, (expression, field) in enumerate(zip(list(tree.expressions), result)):
         tree.expressions[position].replace(_cast_result(expression, field.type))
+
+
+def _cast(node: exp.Cast) -> None:
+    """Casts both engines compute alike: a text literal to a date or time (``date '...'``),
+    text to text, any number to a float, an integer to an integer or a decimal. Not a float or
+    decimal to an integer (DataFusion truncates, DuckDB rounds), nor anything to text (the
+    engines format numbers and times differently)."""
+    target, operand = node.to.this, _type_of(node.this)
+    literal_text = isinstance(node.this, exp.Literal) and node.this.is_string
+    integer = operand in INTEGER_TYPES or (isinstance(node.this, exp.Literal) and node.this.is_int)
+    if target in TEMPORAL_TYPES and literal_text:
+        return
+    if target in TEXT_TYPES and (literal_text or operand in TEXT_TYPES):
+        return
+    if target in FLOAT_TYPES and (integer or operand in FLOAT_TYPES | DECIMAL_TYPES):
+        return
+    if (target in INTEGER_TYPES or target in DECIMAL_TYPES) and integer:
+        return
+    raise StatementRefused(f"a cast that the engines may compute differently: {node.sql()[:60]}")
 
 
 def _pattern(node: exp.Like | exp.ILike) -> None:
@@ -203,7 +225,7 @@ def _top_level(node: exp.Expression) -> bool:
 
 
 def _is_float(node: exp.Expression) -> bool:
-    return _type_of(node) in (Type.DOUBLE, Type.FLOAT)
+    return _type_of(node) in FLOAT_TYPES
 
 
 def _float_literal(node: exp.Literal) -> None:

@@ -287,3 +287,34 @@ def test_a_parameterized_statement_runs_whole_in_duckdb_copies_with_values_bound
         assert whole.to_pylist() == expected.to_pylist()
     assert len(written) == 1
     assert not whole.num_rows  # the hostile value is a value: no ship mode has it
+
+
+WHOLE_IN_DUCKDB = {  # statements the translation sends whole, each with a difference it must keep
+    "integer division stays integer": "select l_linenumber / 2 as half, count(*) as n from lineitem "
+                                      "group by half order by half",
+    "avg of a decimal, truncated, in arithmetic": "select l_returnflag, avg(l_quantity) - 25 as d from lineitem "
+                                                  "group by l_returnflag order by l_returnflag",
+    "DESC puts NULLs first": "select c_nationkey, max(case when c_acctbal > 9900 then c_acctbal end) as m "
+                             "from customer group by c_nationkey order by m desc, c_nationkey",
+    "a float literal with a column is a double": "select sum(l_quantity) * 0.5 as h from lineitem",
+}
+NOT_TRANSLATED = {  # the engines would answer differently: DataFusion runs them
+    "a decimal cast to an integer": "select cast(l_discount * 100 as int) as d, count(*) as n from lineitem "
+                                    "group by d order by d",
+    "a negative substring start": "select substring(c_phone, -1, 3) as s from customer order by c_custkey limit 5",
+    "a number cast to text": "select cast(o_totalprice as varchar) as t from orders order by o_orderkey limit 3",
+    "a decimal division inside an expression": "select sum(l_quantity) / count(*) * 2 as x from lineitem",
+}
+
+
+@pytest.mark.parametrize("label", sorted(WHOLE_IN_DUCKDB) + sorted(NOT_TRANSLATED))
+def test_duckdb_copies_answer_as_datafusion_or_leave_it_to_datafusion(duckdb_copies, label):
+    engine, in_datafusion = duckdb_copies
+    sql = WHOLE_IN_DUCKDB.get(label) or NOT_TRANSLATED[label]
+    planned = engine.plan(sql)
+    assert (planned.remote is not None) == (label in WHOLE_IN_DUCKDB), planned.remote
+    got, expected = engine.execute(planned).read_all(), in_datafusion.query(sql).read_all()
+    assert got.schema == expected.schema
+    assert got.to_pylist() == expected.to_pylist()  # in order: ORDER BY means the same
+    if label == "DESC puts NULLs first":
+        assert got.column("m")[0].as_py() is None and got.column("m").null_count < got.num_rows
