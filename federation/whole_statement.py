@@ -110,7 +110,7 @@ def _translate(sql: str, frame: DataFrame, datasets: list[tuple[Dataset, SqlConn
     # Every table named is resolved against the scanned datasets only: a table the plan does
     # not scan fails here, and every column gets its table.
     tree = qualify(tree, schema=schema, catalog=CATALOG_NAME, db=DEFAULT_SCHEMA, dialect=READ_AS,
-                   expand_stars=False, validate_qualify_columns=True, quote_identifiers=True)
+                   expand_stars=True, validate_qualify_columns=True, quote_identifiers=True)
     tree = annotate_types(tree, schema=schema, dialect=READ_AS)
     if not isinstance(tree, exp.Select) or any(isinstance(e, exp.Star) for e in tree.expressions):
         raise StatementRefused("the result's columns are not listed")

@@ -297,6 +297,9 @@ WHOLE_IN_DUCKDB = {  # statements the translation sends whole, each with a diffe
     "DESC puts NULLs first": "select c_nationkey, max(case when c_acctbal > 9900 then c_acctbal end) as m "
                              "from customer group by c_nationkey order by m desc, c_nationkey",
     "a float literal with a column is a double": "select sum(l_quantity) * 0.5 as h from lineitem",
+    "a star, listed in the dataset's order": "select * from orders o where o_orderkey in "
+                                             "(select l_orderkey from lineitem where l_quantity > 49) "
+                                             "order by o_orderkey limit 5",
 }
 NOT_TRANSLATED = {  # the engines would answer differently: DataFusion runs them
     "a decimal cast to an integer": "select cast(l_discount * 100 as int) as d, count(*) as n from lineitem "
