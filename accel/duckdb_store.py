@@ -36,7 +36,11 @@ class AcceleratedDuckDB(DuckDBConnector):
 
     The instance it reads is the writable one the refreshes write to, so every read runs in
     a READ ONLY transaction: DuckDB itself refuses any write a statement could attempt (a
-    table, a sequence, an attachment), whatever reached it."""
+    table, a sequence, an attachment), whatever reached it. Being local, read-only and
+    isolated, it takes whole statements translated from the client's SQL
+    (``federation.whole_statement``), not only the plan's unparsed parts."""
+
+    takes_whole_statements = True
 
     def __init__(self, connection: duckdb.DuckDBPyConnection, base_dir: Path):
         super(DuckDBConnector, self).__init__({}, base_dir)

@@ -147,9 +147,10 @@ def through_flightdeck(config: Path, repeats: int, limit: float, label: str) -> 
     """Per query: best seconds (or "timeout"), rows. Restarts the server after a timeout so
     no abandoned query keeps the CPUs busy for the next one."""
     server = flightdeck_server(config)
-    refresh = wait_for_copies(server.url) if "accelerated" in config.name else None
     results = {}
     try:
+        # Inside the try: a refresh that fails stops the server too.
+        refresh = wait_for_copies(server.url) if "accelerated" in config.name else None
         for number, sql in sorted(QUERIES.items()):
             times, rows = [], None
             try:

@@ -17,6 +17,11 @@ Its text is therefore never trusted as it stands:
    stays in the text is sqlglot's own writing of identifiers, numbers and keywords, and the
    written statement must parse back to the validated tree.
 
+A statement translated whole for local read-only copies (``federation.whole_statement``)
+is checked the same way against a wider allow-list (subqueries anywhere, a WITH list read
+only where its names are in scope, EXTRACT, SUBSTRING, division); its text literals must be
+texts DataFusion read from the statement.
+
 A statement that fails any check is not sent: the query runs in DataFusion instead, and
 the reason is logged once.
 """
@@ -58,6 +63,13 @@ ALLOWED_NODES = (
 )
 SELECT_PARTS = {"expressions", "from_", "joins", "where", "group", "having", "order", "limit",
                 "offset", "distinct"}
+# A whole statement translated for local read-only copies (federation.whole_statement) may
+# also hold what TPC-H-like analytics need: subqueries anywhere (correlated, EXISTS, IN),
+# a WITH list in front, integer division, EXTRACT and SUBSTRING. Still one SELECT, reading
+# only the copies' tables (or a WITH name in scope), no function outside the list.
+WHOLE_STATEMENT_NODES = ALLOWED_NODES + (exp.Exists, exp.With, exp.CTE, exp.IntDiv, exp.Div, exp.Extract,
+                                         exp.Substring, exp.Sub, exp.Select)
+WHOLE_SELECT_PARTS = SELECT_PARTS | {"with_"}
 
 
 class StatementRefused(Exception):
@@ -125,15 +137,19 @@ def _collect_literals(expression, found: list[Any]) -> None:
 
 
 def bound_statement(tree: exp.Expression, dialect: str, param_style: str, plan,
-                    values: dict[str, Any] | None, remote_tables: set[tuple[str, ...]]) -> BackendStatement:
+                    values: dict[str, Any] | None, remote_tables: set[tuple[str, ...]],
+                    whole: bool = False, plan_texts: set[str] | None = None) -> BackendStatement:
     """The statement to send for ``tree`` (parsed from the unparser's text, tables already
     pointing at the backend's), or StatementRefused. ``values`` holds the statement's
-    parameter values by number ("1", "2", ...) for its ``$n`` placeholders."""
-    literals = plan_literals(plan)
-    if any(isinstance(value, str) and not faithful_text(value) for value in literals):
+    parameter values by number ("1", "2", ...) for its ``$n`` placeholders. ``whole``: a
+    statement translated for local copies, checked against the wider allow-list, its text
+    literals checked against ``plan_texts`` (the texts DataFusion read) instead of ``plan``'s."""
+    if plan_texts is None:
+        literals = plan_literals(plan)
+        plan_texts = {text for value in literals for text in _texts_of(value)}
+    if any(not faithful_text(text) for text in plan_texts):
         raise StatementRefused("a text value in the query cannot be written faithfully as SQL")
-    plan_texts = {text for value in literals for text in _texts_of(value)}
-    check_shape(tree, remote_tables)
+    check_shape(tree, remote_tables, whole)
     tree = tree.copy()
     bound: list[Any] = []
 
@@ -177,17 +193,28 @@ def _texts_of(value: Any) -> set[str]:
 _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)
 
 
-def check_shape(tree: exp.Expression, remote_tables: set[tuple[str, ...]]) -> None:
-    """Exactly one SELECT of allow-listed constructs reading only ``remote_tables``."""
+def check_shape(tree: exp.Expression, remote_tables: set[tuple[str, ...]], whole: bool = False) -> None:
+    """Exactly one SELECT of allow-listed constructs reading only ``remote_tables`` (and,
+    ``whole``, the names of its WITH list where they are in scope)."""
     if not isinstance(tree, exp.Select):
         raise StatementRefused(f"not a single SELECT ({type(tree).__name__})")
+    allowed, parts = (WHOLE_STATEMENT_NODES, WHOLE_SELECT_PARTS) if whole else (ALLOWED_NODES, SELECT_PARTS)
+    in_scope = _with_names_in_scope(tree) if whole else {}
     for node in tree.walk():
-        if not isinstance(node, ALLOWED_NODES):
+        if not isinstance(node, allowed):
             raise StatementRefused(f"the statement contains {type(node).__name__}")
         if isinstance(node, exp.Select):
-            extra = {key for key, value in node.args.items() if value and key not in SELECT_PARTS}
+            extra = {key for key, value in node.args.items() if value and key not in parts}
             if extra:
                 raise StatementRefused(f"the SELECT has {', '.join(sorted(extra))}")
+            if node is not tree and node.args.get("with_"):
+                raise StatementRefused("a WITH list inside the statement")
+        elif isinstance(node, exp.With) and node.args.get("recursive"):
+            raise StatementRefused("a recursive WITH")
+        elif isinstance(node, exp.Identifier) and MARKER.fullmatch(str(node.this)):
+            raise StatementRefused("an identifier looks like a parameter marker")
+        elif whole:
+            _check_whole_statement_node(node, remote_tables, in_scope)
         elif isinstance(node, exp.Subquery) and not isinstance(node.parent, (exp.From, exp.Join) + _COMPARISONS):
             # Derived tables, and the scalar subquery the unparser writes for a join with a
             # one-row aggregate; never EXISTS or IN (subquery).
@@ -195,10 +222,34 @@ def check_shape(tree: exp.Expression, remote_tables: set[tuple[str, ...]]) -> No
         elif isinstance(node, exp.Table):
             if table_key(node) not in remote_tables:
                 raise StatementRefused(f"the statement reads {node.sql()}, which no scan of the plan names")
-        elif isinstance(node, exp.Identifier) and MARKER.fullmatch(str(node.this)):
-            raise StatementRefused("an identifier looks like a parameter marker")
         elif isinstance(node, exp.Var) and not _is_interval_unit(node):
             raise StatementRefused(f"a bare word in the statement: {node.sql()}")
+
+
+def _check_whole_statement_node(node: exp.Expression, remote_tables: set[tuple[str, ...]],
+                                in_scope: dict[int, set[str]]) -> None:
+    if isinstance(node, exp.Table) and table_key(node) not in remote_tables:
+        if not (isinstance(node.this, exp.Identifier) and len(table_key(node)) == 1
+                and node.name in in_scope.get(id(node), ())):
+            raise StatementRefused(f"the statement reads {node.sql()}, which is neither a copy nor a WITH name")
+    elif isinstance(node, exp.Var) and not isinstance(node.parent, (exp.Interval, exp.Extract)):
+        raise StatementRefused(f"a bare word in the statement: {node.sql()}")
+
+
+def _with_names_in_scope(tree: exp.Select) -> dict[int, set[str]]:
+    """For each table reference (by id), the WITH names it may read: those defined before the
+    definition it sits in, or all of them in the body. A name out of scope would otherwise
+    fall through to a table of the backend's own."""
+    scope: dict[int, set[str]] = {}
+    with_ = tree.args.get("with_")
+    ctes = list(with_.expressions) if with_ is not None else []
+    names = [cte.alias for cte in ctes]
+    for index, cte in enumerate(ctes):
+        for table in cte.find_all(exp.Table):
+            scope[id(table)] = set(names[:index])
+    for table in tree.find_all(exp.Table):
+        scope.setdefault(id(table), set(names))
+    return scope
 
 
 def table_key(table: exp.Table) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, l
                                  table_scans, whole_query)
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import UnsafeStatement, check_read_only
+from federation.whole_statement import translated_statement
 
 
 class QueryError(Exception):
@@ -304,7 +305,7 @@ class QueryEngine:
         try:
             if values and not isinstance(next(iter(values.values())), ParameterSlot):
                 frame = self.ctx.sql(sql, options=self.read_only)
-            return whole_query(frame, self.catalog, values)
+            return translated_statement(frame, sql, self.catalog, values) or whole_query(frame, self.catalog, values)
         except Exception:  # never fail a query because it could not be pushed down
             log.warning("whole-query pushdown skipped", exc_info=True)
             return None

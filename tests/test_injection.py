@@ -649,6 +649,50 @@ def test_the_validator_refuses_statements_an_attacker_would_send(world, dialect,
         bound_statement(trees[0], dialect, "qmark", plan, None, {("t",)})
 
 
+# What a whole statement for local copies may hold that a plan's unparsed statement may not:
+# subqueries reading the copies' own tables, and a WITH list in front.
+WHOLE_STATEMENT_ALLOWS = {"subquery in where", "subquery in a projection", "cte"}
+WHOLE_STATEMENT_ATTACKS = {
+    "a WITH name read before it is defined": "WITH a AS (SELECT id FROM b), b AS (SELECT id FROM t) SELECT id FROM a",
+    "a WITH name read inside itself": "WITH a AS (SELECT id FROM a) SELECT id FROM a",
+    "a recursive WITH": "WITH RECURSIVE a AS (SELECT id FROM t) SELECT id FROM a",
+    "a WITH list inside": "SELECT x.id FROM (WITH a AS (SELECT id FROM t) SELECT id FROM a) x",
+    "a bare table that is no WITH name": "SELECT id FROM t WHERE id IN (SELECT id FROM flightdeck_copies)",
+    "a set operation": "SELECT id FROM t UNION SELECT id FROM t",
+    "EXISTS on another table": "SELECT id FROM t WHERE EXISTS (SELECT 1 FROM memory.main.other)",
+    "a table function in a subquery": "SELECT id FROM t WHERE id IN (SELECT 1 FROM read_csv('/etc/passwd'))",
+    "a function in a subquery": "SELECT (SELECT getenv('HOME')) FROM t",
+    "a CTE shadowing nothing, read out of its scope": "SELECT id FROM t WHERE id IN (SELECT id FROM a)",
+}
+
+
+@pytest.mark.parametrize("label", sorted(set(STATEMENT_ATTACKS) | set(WHOLE_STATEMENT_ATTACKS)))
+def test_the_whole_statement_validator_refuses_what_reads_beyond_the_copies(label):
+    """Whole statements for DuckDB copies are checked against a wider allow-list: still one
+    SELECT reading only the copies' tables, no function outside the list, no table function."""
+    statement = STATEMENT_ATTACKS.get(label) or WHOLE_STATEMENT_ATTACKS[label]
+    try:
+        trees = sqlglot.parse(statement, read="duckdb")
+    except sqlglot.errors.SqlglotError:
+        return  # it does not even parse: never sent
+    assert len(trees) == 1
+    if label in WHOLE_STATEMENT_ALLOWS:
+        check_shape(trees[0], {("t",)}, whole=True)
+        return
+    with pytest.raises(StatementRefused):
+        check_shape(trees[0], {("t",)}, whole=True)
+
+
+def test_a_whole_statement_binds_every_text_and_takes_only_the_plans_texts():
+    tree = sqlglot.parse_one("WITH a AS (SELECT id, name FROM t WHERE name LIKE 'x%') "
+                             "SELECT id FROM a WHERE EXISTS (SELECT 1 FROM t WHERE t.name = 'x''y')", read="postgres")
+    bound = bound_statement(tree, "duckdb", "numbered", None, None, {("t",)}, whole=True,
+                            plan_texts={"x%", "x'y"})
+    assert bound.params == ["x%", "x'y"] and "'" not in bound.sql
+    with pytest.raises(StatementRefused):  # a text DataFusion did not read from the statement
+        bound_statement(tree, "duckdb", "numbered", None, None, {("t",)}, whole=True, plan_texts={"x%"})
+
+
 @pytest.mark.parametrize("statement", [
     "SELECT id FROM t WHERE name = 'y'",                      # a literal the plan does not hold
     "SELECT id FROM t WHERE name = 'x' OR name = 'x'' OR 1=1'",
