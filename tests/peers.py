@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from osmem_server import OsmemServer
@@ -208,11 +208,11 @@ def start_fakesnow() -> Iterator[int]:
         process.wait(timeout=10)
 
 
-def fakesnow_admin(port: int):
+def fakesnow_admin(port: int, **options: Any):
     """A connection to fakesnow that sets up test data (the connector under test only reads)."""
     import snowflake.connector
     return snowflake.connector.connect(user="admin", password="x", account="fakesnow", host="localhost",
-                                       port=port, protocol="http")
+                                       port=port, protocol="http", **options)
 
 
 def fakesnow_params(port: int, database: str, password: str) -> dict:

@@ -26,9 +26,7 @@ import datetime as dt
 import hashlib
 import os
 import random
-import socket
 import sqlite3
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +51,11 @@ from federation.subplan import SQL_DIALECT
 from federation.connectors.base import ConnectorError
 from federation.engine import EngineSettings, QueryEngine, QueryError
 
-from conftest import REPO, ServerProcess, duckdb_fingerprint, serving, sqlite_fingerprint, write_config
+from conftest import ServerProcess, duckdb_fingerprint, serving, sqlite_fingerprint, write_config
 from conftest import digest as _digest
 from conftest import mariadb as _my
 from conftest import service_missing as _service_missing
+from peers import fakesnow_admin, fakesnow_params, start_fakesnow
 
 CI = os.environ.get("CI") == "true"
 EXAMPLES = int(os.environ.get("FD_INJECTION_EXAMPLES") or (2000 if CI else 150))
@@ -68,7 +67,6 @@ PG_URI = "postgresql://postgres@127.0.0.1:5432/test"
 PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
 MY = {"mysql_host": "127.0.0.1", "mysql_user": "root"}
 SCHEMA = "fd_inj"  # PostgreSQL schema and MariaDB database of this file
-FAKESNOW = REPO / ".venv-fakesnow" / "bin" / "fakesnow"
 PWNED = "fd_inj_pwned"  # every table an attack tries to create is named like this
 
 # ---- the hostile corpus -----------------------------------------------------------------
@@ -125,12 +123,6 @@ def df_literal(value: str) -> str:
 
 
 # ---- the backends -----------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _pg(sql: str, params=None) -> list:
     with adbc_postgres.connect(PG_URI, autocommit=True) as conn, conn.cursor() as cursor:
@@ -212,21 +204,9 @@ class World:
     runtime: object                     # the Runtime serving the accelerated copies
 
 
-def _fakesnow(folder: Path):
-    if not FAKESNOW.exists():
-        _service_missing("fakesnow (.venv-fakesnow)", FileNotFoundError(FAKESNOW))
-    import snowflake.connector
-    port = _free_port()
-    process = subprocess.Popen([str(FAKESNOW), "-s", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    admin = snowflake.connector.connect(user="admin", password="x", account="fakesnow", host="localhost",
-                                        port=port, protocol="http", paramstyle="qmark")
+def _fakesnow(port: int) -> dict:
+    """The injection tables on a fakesnow server; the connector's params for them."""
+    admin = fakesnow_admin(port, paramstyle="qmark")
     cursor = admin.cursor()
     cursor.execute("CREATE DATABASE inj")
     cursor.execute("CREATE SCHEMA inj.s")
@@ -237,10 +217,7 @@ def _fakesnow(folder: Path):
     cursor.executemany("INSERT INTO inj.s.t (id, name) VALUES (?, ?)", ROWS)
     cursor.executemany("INSERT INTO inj.s.t2 (id, k) VALUES (?, ?)", [(i, i) for i in IDS])
     admin.close()
-    params = {"snowflake_account": "fakesnow", "snowflake_username": "agent", "snowflake_password": "pw",
-              "snowflake_host": "localhost", "snowflake_port": port, "snowflake_protocol": "http",
-              "snowflake_database": "inj"}
-    return process, params
+    return fakesnow_params(port, "inj", "pw")
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +232,8 @@ def world(tmp_path_factory):
         _load_mariadb()
     except Exception as error:  # noqa: BLE001
         _service_missing("MariaDB", error)
-    snow_process, snow = _fakesnow(folder)
+    snow_server = start_fakesnow()
+    snow = _fakesnow(snow_server.__enter__())
     peer_config = write_config(folder / "peer.yaml", {"datasets": [
         {"from": "duckdb:t", "name": "t", "params": {"duckdb_open": str(folder / "peer.duckdb")}},
         {"from": "duckdb:t2", "name": "t2", "params": {"duckdb_open": str(folder / "peer.duckdb")}}]})
@@ -304,8 +282,7 @@ def world(tmp_path_factory):
         finally:
             catalog.close()
             peer.stop()
-            snow_process.terminate()
-            snow_process.wait(timeout=10)
+            snow_server.__exit__(None, None, None)
             _pg(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
             _my(f"DROP DATABASE IF EXISTS {SCHEMA}")
 
