@@ -125,13 +125,17 @@ class Backend:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-BACKENDS: dict[str, Callable[[Path], Any]] = {}
+BACKENDS: dict[str, Callable[..., Any]] = {}
+NEEDS: dict[str, str] = {}  # kind -> the session fixture its function also takes
 
 
-def backend(kind: str):
-    """Register a context-manager function ``(tmp_dir) -> Backend`` for one connector kind."""
+def backend(kind: str, needs: str | None = None):
+    """Register a context-manager function ``(tmp_dir) -> Backend`` for one connector kind;
+    with ``needs``, ``(tmp_dir, that fixture's value)`` (a server the whole run shares)."""
     def register(function):
         BACKENDS[kind] = contextmanager(function)
+        if needs:
+            NEEDS[kind] = needs
         return function
     return register
 
@@ -379,6 +383,25 @@ def _nats(tmp: Path) -> Iterator[Backend]:
                                           "columns": BUS_COLUMNS}, "127.0.0.1:1"))
 
 
+@backend("spark", needs="spark_cluster")
+def _spark(tmp: Path, spark_cluster) -> Iterator[Backend]:
+    from pyspark.sql import SparkSession
+
+    cluster, _ = spark_cluster
+    pq.write_table(TABLE, tmp / "things.parquet")
+    admin = SparkSession.builder.remote(cluster.remote).create()
+    try:
+        admin.sql("CREATE DATABASE IF NOT EXISTS contract")
+        admin.sql(f"CREATE TABLE contract.things USING parquet LOCATION '{tmp / 'things.parquet'}'")
+    finally:
+        admin.stop()
+    params = {"spark_remote": cluster.remote}
+    yield Backend("spark", tmp, "spark:contract.things", params, "contract.things",
+                  ("spark:contract.nope", params, "nope"),
+                  ("spark:contract.things", {"spark_remote": "sc://127.0.0.1:1", "connect_timeout": 3},
+                   "127.0.0.1:1"), write=_sql_write)
+
+
 class _Things(JsonHandler):
     def do_GET(self):
         path = urllib.parse.urlsplit(self.path).path
@@ -435,7 +458,8 @@ class Running:
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def running(request, tmp_path_factory) -> Iterator[Running]:
     with ExitStack() as stack:
-        found = stack.enter_context(BACKENDS[request.param](tmp_path_factory.mktemp(request.param)))
+        shared = [request.getfixturevalue(NEEDS[request.param])] if request.param in NEEDS else []
+        found = stack.enter_context(BACKENDS[request.param](tmp_path_factory.mktemp(request.param), *shared))
         catalog = Catalog([DatasetSpec("things", found.source, found.params)], found.base_dir)
         stack.callback(catalog.close)
         yield Running(found, QueryEngine(catalog), catalog)

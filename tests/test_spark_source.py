@@ -22,44 +22,10 @@ from federation.connectors.spark import SparkConnector
 from federation.engine import EngineSettings, QueryEngine
 
 from conftest import postgres, require_postgres
-from spark_cluster import SparkCluster
-from test_tpch_differential import PLACEMENT, _assert_same, _generate
+from test_tpch_differential import PLACEMENT, _assert_same
 from tpch_queries import QUERIES
 
 
-@pytest.fixture(scope="session")
-def spark_cluster(tmp_path_factory):
-    """The cluster, with database ``tpch`` (external Parquet tables) and ``kinds.sample``."""
-    work = tmp_path_factory.mktemp("spark")
-    cluster = SparkCluster(work)
-    try:
-        cluster.start()
-    except (RuntimeError, OSError) as error:
-        cluster.stop()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the Spark cluster did not start: {error}")
-        pytest.skip(f"the Spark cluster did not start: {error}")
-    tables = _generate(work / "tpch")
-    admin = SparkSession.builder.remote(cluster.remote).create()
-    try:
-        admin.sql("CREATE DATABASE tpch")
-        for name in PLACEMENT:
-            admin.sql(f"CREATE TABLE tpch.{name} USING parquet LOCATION '{work / 'tpch' / (name + '.parquet')}'")
-        admin.sql("CREATE DATABASE kinds")
-        admin.sql(
-            "CREATE TABLE kinds.sample USING parquet AS SELECT * FROM VALUES "
-            "(1, CAST(7 AS TINYINT), CAST(100 AS BIGINT), CAST(1.5 AS DOUBLE), CAST(12.34 AS DECIMAL(10,2)), "
-            " 'eu', DATE'2026-11-01', TIMESTAMP_NTZ'2026-11-01 10:00:00', true, ARRAY(1, 2), "
-            " MAP('k', 'v')), "
-            "(2, CAST(-3 AS TINYINT), NULL, CAST(-0.25 AS DOUBLE), NULL, 'us', NULL, NULL, false, ARRAY(3), "
-            " MAP('a', 'b')), "
-            "(3, NULL, CAST(9000000000 AS BIGINT), NULL, CAST(0.01 AS DECIMAL(10,2)), NULL, DATE'2026-11-03', "
-            " TIMESTAMP_NTZ'2026-11-03 00:00:00', NULL, NULL, NULL) "
-            "AS t(id, small, big, ratio, amount, region, day, seen, flag, tags, attrs)")
-    finally:
-        admin.stop()
-    yield cluster, tables
-    cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +39,7 @@ def spark_engine(spark_cluster, tmp_path_factory):
     engine.catalog.close()
 
 
-def _worker_tasks(cluster: SparkCluster) -> int:
+def _worker_tasks(cluster) -> int:
     return sum(e["totalTasks"] for e in cluster.application("/executors") if e["id"] != "driver")
 
 
