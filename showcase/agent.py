@@ -25,10 +25,10 @@ SATURATION_SEARCH = "checkout p99 latency high, cpu saturated on one replica whi
 # The dashboard the agent keeps an eye on while it waits: the last minute of each source.
 WATCH = (
     FIRING.replace("ORDER BY", "AND labels_severity = 'critical' ORDER BY"),
-    "SELECT status, count(*) AS orders, max(latency_ms) AS slowest_ms FROM orders "
-    "WHERE created_at >= (SELECT max(created_at) FROM orders) - INTERVAL '1 minute' GROUP BY status",
-    "SELECT service, level, count(*) AS lines FROM logs "
-    "WHERE ts >= (SELECT max(ts) FROM logs) - INTERVAL '1 minute' AND level <> 'INFO' GROUP BY service, level",
+    "SELECT status, count(*) AS orders, max(created_at) AS latest FROM orders GROUP BY status ORDER BY status",
+    "SELECT service, level, count(*) AS lines FROM logs WHERE level <> 'INFO' GROUP BY service, level "
+    "ORDER BY service, level",
+    "SELECT ts, service, metric, value FROM metrics ORDER BY ts DESC, service, metric LIMIT 9",
 )
 ERRORS_SEARCH = ("orders failing after scaling out to three replicas: FATAL sorry, too many clients already; "
                  "pgbouncer session pooling, database max_connections reached")

@@ -65,6 +65,10 @@ def write_plot(findings: list[Finding], series: list[dict], path: Path) -> bool:
     for axis, (title, key, factor) in zip(axes, panels):
         axis.plot(times, [(r[key] or 0) * factor for r in series], color="tab:blue")
         axis.set_ylabel(title)
+        if key == "p99_latency_ms":
+            axis.set_yscale("log")
+            axis.axhline(1500, color="tab:red", linestyle="--", label="alert threshold")
+            axis.legend(loc="upper left")
         if key == "active_connections":
             axis.plot(times, [r["max_connections"] for r in series], color="tab:red", linestyle="--",
                       label="max_connections")

@@ -193,6 +193,15 @@ def test_the_same_seed_and_actions_give_the_same_incident():
         return incident.truth
     first, again, other = replay(7, 20, 26), replay(7, 20, 26), replay(8, 20, 26)
     assert first == again and first.failed_orders != other.failed_orders
-    assert first.scaled_at == model.at(21) and first.fixed_at == model.at(27)
+    assert first.scaled_at == model.at(20 + model.ROLLOUT_MINUTES) and first.fixed_at == model.at(26 + model.ROLLOUT_MINUTES)
     assert first.alert_at < first.scaled_at < first.first_error_at < first.fixed_at
     assert dt.timedelta(0) < first.first_error_at - first.scaled_at < dt.timedelta(minutes=4)
+
+
+def test_the_agent_is_a_client_that_speaks_only_mcp():
+    """The agent and its post-mortem import nothing of flightdeck: what they know came through MCP."""
+    from test_layout import imports
+    from conftest import REPO
+    for name in ("agent.py", "postmortem.py"):
+        used = {m.split(".")[0] for m in imports(REPO / "showcase" / name)}
+        assert not used & {"flightdeck", "flight", "federation", "accel", "inference"}, (name, used)

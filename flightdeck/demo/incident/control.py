@@ -4,8 +4,8 @@ through which the agent's recommendations reach the simulated cluster.
 - ``GET /api/alertmanager/grafana/api/v2/alerts``: the firing alerts, shaped like Grafana's
   Alertmanager API (read by flightdeck's ``http:`` connector).
 - ``POST /api/recommendations``: ``{"action": "scale_out", "replicas": 3}`` or
-  ``{"action": "set_pool_mode", "mode": "transaction"}``; the simulator applies it at the next
-  simulated minute (flightdeck itself stays read-only: an operator, here the simulator, acts).
+  ``{"action": "set_pool_mode", "mode": "transaction"}``; the simulator rolls it out over the
+  next simulated minutes (flightdeck itself stays read-only: an operator, here the simulator, acts).
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ POOL_GROWTH_PER_MINUTE = 4      # how fast a new replica's pool opens its server
 OTHER_DB_CLIENTS = 14           # connections of everything else that uses the orders database
 MAX_CONNECTIONS = 50            # the orders database's max_connections
 TRANSACTION_POOL_PER_REPLICA = 6  # server connections a transaction-mode pool needs at this traffic
+ROLLOUT_MINUTES = 2             # from a recommendation to the change serving (pods start, a config reloads)
 CARD_DECLINE_RATE = 0.01        # ordinary payment failures, not part of the incident
 
 DB_ERROR = "DB_CONNECTION_FAILED"
@@ -188,8 +189,9 @@ class Incident:
 
     def _apply_actions(self, minute: int, logs: list[dict]) -> None:
         state = self.state
-        # A recommendation made during minute m takes effect at the start of m+1 (a rollout).
-        if state.scale_requested_at is not None and state.replicas == 1 and minute > state.scale_requested_at:
+        # A recommendation made during minute m serves from m + ROLLOUT_MINUTES on.
+        if (state.scale_requested_at is not None and state.replicas == 1
+                and minute >= state.scale_requested_at + ROLLOUT_MINUTES):
             state.replicas = 3
             for replica in (2, 3):
                 state.replica_started[replica] = minute
@@ -200,7 +202,8 @@ class Incident:
                 logs.append(_log(at(minute) + dt.timedelta(seconds=4 * replica), "checkout-api", "INFO",
                                  f"checkout-api-{replica}",
                                  f"started; connecting through pgbouncer (pool_mode=session, pool_size={POOL_SIZE})"))
-        if state.fix_requested_at is not None and state.pool_mode == "session" and minute > state.fix_requested_at:
+        if (state.fix_requested_at is not None and state.pool_mode == "session"
+                and minute >= state.fix_requested_at + ROLLOUT_MINUTES):
             state.pool_mode = "transaction"
             self.truth.fixed_at = at(minute)
             logs.append(_log(at(minute), "pgbouncer", "LOG", None,

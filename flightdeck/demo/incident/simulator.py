@@ -138,7 +138,7 @@ class Simulator:
             return list(self._alerts)
 
     def _recommend(self, body: dict) -> dict:
-        """Apply a recommendation at the next minute; what was decided, for the agent."""
+        """Apply a recommendation (a rollout: it serves ``ROLLOUT_MINUTES`` later); what was decided."""
         with self._lock:
             minute = self.minute
             action = body.get("action")
@@ -150,8 +150,8 @@ class Simulator:
                 return {"error": f"unknown action {action!r}: use scale_out or set_pool_mode"}
             self.recommendations.append({**body, "minute": minute, "accepted": accepted})
         log.info("recommendation %s at %s: %s", json.dumps(body), model.at(minute).isoformat(),
-                 "applied at the next minute" if accepted else "already applied")
-        return {"accepted": accepted, "effective_at": sources.iso(model.at(minute + 1))}
+                 f"serving in {model.ROLLOUT_MINUTES} minutes" if accepted else "already applied")
+        return {"accepted": accepted, "effective_at": sources.iso(model.at(minute + model.ROLLOUT_MINUTES))}
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.finished.wait(timeout)
