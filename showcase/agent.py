@@ -22,6 +22,8 @@ ERRORS_ALERT = "CheckoutOrderErrors"
 FIRING = ("SELECT labels_alertname AS rule, annotations_expression AS expression, \"startsAt\" AS started "
           "FROM alerts WHERE status_state = 'active' ORDER BY \"startsAt\", labels_alertname")
 SATURATION_SEARCH = "checkout p99 latency high, cpu saturated on one replica while orders per minute rise"
+RECOVERY_MINUTES = 5  # healthy minutes after the fix before the agent calls it recovered
+
 # The dashboard the agent keeps an eye on while it waits: the last minute of each source.
 WATCH = (
     FIRING.replace("ORDER BY", "AND labels_severity = 'critical' ORDER BY"),
@@ -216,7 +218,7 @@ class Agent:
         self.find("fixed", f"PgBouncer in transaction mode since {_hhmm(fixed)}", query,
                   [r for r in rows if _time(r["ts"]) >= fixed], at=fixed)
         after = _pivot("checkout-api", ("error_rate", "p99_latency_ms"), f"ts >= {_literal(fixed)}")
-        rows = await self.wait_for(after, lambda rows: len(rows) >= 3, "three minutes after the fix")
+        rows = await self.wait_for(after, lambda rows: len(rows) >= RECOVERY_MINUTES, "minutes after the fix")
         db = _pivot("orders-db", ("active_connections", "max_connections"), f"ts >= {_literal(fixed)}")
         connections = await self.sql(db)
         healthy = all(r["error_rate"] == 0 for r in rows) and all(

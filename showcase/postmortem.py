@@ -63,7 +63,7 @@ def write_plot(findings: list[Finding], series: list[dict], path: Path) -> bool:
               ("DB connections", "active_connections", 1), ("replicas", "replicas", 1))
     figure, axes = plt.subplots(len(panels), 1, figsize=(10, 8), sharex=True)
     for axis, (title, key, factor) in zip(axes, panels):
-        axis.plot(times, [(r[key] or 0) * factor for r in series], color="tab:blue")
+        axis.plot(times, [(r[key] or 0) * factor for r in series], color="tab:blue", drawstyle="steps-post")
         axis.set_ylabel(title)
         if key == "p99_latency_ms":
             axis.set_yscale("log")

@@ -58,7 +58,7 @@ class AlertRule:
 
 LATENCY_RULE = AlertRule("CheckoutHighLatency", "p99_latency_ms", 1500, 2,
                          "checkout-api p99 latency above 1.5 s")
-ERROR_RULE = AlertRule("CheckoutOrderErrors", "error_rate", 0.05, 1,
+ERROR_RULE = AlertRule("CheckoutOrderErrors", "error_rate", 0.05, 2,
                        "checkout-api: more than 5% of orders fail")
 RULES = (LATENCY_RULE, ERROR_RULE)
 

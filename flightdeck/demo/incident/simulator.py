@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -75,10 +76,11 @@ class Simulator:
         orders, customers = self.orders_db.datasets()
         appended = {"enabled": True, "engine": "duckdb", "refresh_mode": "append", "refresh_check_interval": every}
         agent: dict[str, Any] = {"name": "sre-agent", "key": agent_key, "datasets": GRANTED}
+        auth: dict[str, Any] = {"api_keys": [agent, {"name": "operator", "key": operator_key, "refresh": True}]}
         if masks:
             agent["masks"] = {"crm.customers": {"email": "hash"}}
-        runtime: dict[str, Any] = {"auth": {"api_keys": [agent, {"name": "operator", "key": operator_key,
-                                                                  "refresh": True}]}}
+            auth["mask_key"] = secrets.token_hex(16)  # a run's own: its hashes join within the run only
+        runtime: dict[str, Any] = {"auth": auth}
         if audit_log is not None:
             runtime["audit"] = {"log": str(audit_log)}
         return {
