@@ -35,8 +35,10 @@ def run(seed: int, speed: float, out: Path, postgres: bool | None) -> None:
             outcome = running.play(say=progress, out=out)
             truth = running.simulator.truth
             stats = [s for s in running.serving.stack.catalog.source_stats() if s["kind"] in ("postgres", "sqlite")]
-        click.echo(f"agent tool calls: {outcome.queries}; orders database statements: "
-                   f"{sum(s['queries'] for s in stats)} (the refreshes' only)")
+            refreshes = sum(running.serving.stack.accelerator.refresher(name).status.refreshes
+                            for name in ("orders", "crm.customers"))
+        click.echo(f"agent tool calls: {outcome.queries}; statements the orders database received: "
+                   f"{sum(s['queries'] for s in stats)}, for {refreshes} refreshes of its copies")
         click.echo(f"post-mortem: {outcome.postmortem}")
         click.echo("truth: " + json.dumps({k: v for k, v in truth.as_json().items() if k != "failed_orders"}))
 
