@@ -92,6 +92,7 @@ def played(request, tmp_path_factory, caches) -> Iterator[dict]:
                "order": [f.step for f in outcome.findings], "sampler": sampler, "probes": probes,
                "postgres_requests": counted[1] - requests, "refreshes": (counted[0] - refreshes, counted[2] - refreshes),
                "audit": [json.loads(line) for line in audit.read_text().splitlines()], "seed": seed}
+    postgres("DROP SCHEMA IF EXISTS incident CASCADE")
 
 
 def test_the_alert_and_its_rule(played):
