@@ -12,6 +12,7 @@ from datafusion import SessionContext
 from datafusion.catalog import Schema as DataFusionSchema
 
 from federation.connectors import Connector, ConnectorError, ConnectorPool
+from federation.masks import ColumnMasks
 from federation.scan import ConnectorDataset
 from federation.system import DATASETS_SCHEMA, SOURCE_STATS_SCHEMA, SYSTEM_SCHEMA, SnapshotConnector
 
@@ -64,6 +65,14 @@ class Dataset:
     # Seen through a grant that hides some columns: no statement goes to its backend whole,
     # since a statement could name what the grant hides (the scan asks only for visible ones).
     columns_restricted: bool = False
+    # Seen through a grant that masks some columns (``arrow_schema`` is then the masked one):
+    # every read goes through the masking scan, never to a backend as a statement or a filter.
+    masks: ColumnMasks | None = None
+
+    @property
+    def scanned_only(self) -> bool:
+        """Read only through its connector's scan: no statement, sub-plan or native reader."""
+        return self.columns_restricted or self.masks is not None
 
     @property
     def state(self) -> str:

@@ -1,4 +1,4 @@
-"""What one grant set sees of the catalog: some datasets, some of their columns.
+"""What one grant set sees of the catalog: some datasets, some of their columns, some masked.
 
 An engine planning over a view has only these tables in its DataFusion session (and in its
 information_schema and system tables), so a dataset outside the view does not exist for it, in
@@ -16,6 +16,7 @@ from datafusion import SessionContext
 from federation.catalog import (Catalog, Dataset, listing, register_tables, scanned_name, schema_names,
                                 source_rows)
 from federation.connectors import ConnectorError
+from federation.masks import ColumnMasks
 from federation.scan import ConnectorDataset
 from federation.system import DATASETS_SCHEMA, SOURCE_STATS_SCHEMA, SnapshotConnector
 
@@ -26,16 +27,19 @@ PRIVATE_SOURCE_FIELDS = ("last_request",)
 
 class CatalogView:
     """The catalog as a grant sees it. ``sees(qualified name)`` picks the datasets;
-    ``columns_of(qualified name)`` names the only columns one shows (None: all)."""
+    ``columns_of(qualified name)`` names the only columns one shows (None: all);
+    ``masks_of(qualified name)`` the masks of its columns (None: none)."""
 
     def __init__(self, catalog: Catalog, sees: Callable[[str], bool],
                  columns_of: Callable[[str], Sequence[str] | None],
-                 own_tables: Sequence[SnapshotConnector] = ()):
+                 own_tables: Sequence[SnapshotConnector] = (),
+                 masks_of: Callable[[str], ColumnMasks | None] = lambda name: None):
         """``own_tables``: system tables of the view's own (e.g. the queries its principals ran)."""
         self.base = catalog
         self.pool = catalog.pool  # the connectors (and their load budgets) are the catalog's
         self.sees = sees
         self.columns_of = columns_of
+        self.masks_of = masks_of
         self.system_tables = {
             "source_stats": SnapshotConnector("source_stats", SOURCE_STATS_SCHEMA, self.source_stats),
             "datasets": SnapshotConnector("datasets", DATASETS_SCHEMA, self.dataset_rows),
@@ -55,13 +59,19 @@ class CatalogView:
         """The dataset with only the columns the grant shows (the same object when it shows all).
         The copy shares the original's registrations, which routing to a local copy updates."""
         columns = self.columns_of(dataset.qualified_name)
-        if columns is None or dataset.arrow_schema is None:
+        masks = self.masks_of(dataset.qualified_name)
+        if (columns is None and masks is None) or dataset.arrow_schema is None:
             return dataset
-        shown = pa.schema([f for f in dataset.arrow_schema if f.name in columns])
-        return dataclasses.replace(
-            dataset, arrow_schema=shown, columns_restricted=True,
-            primary_key=dataset.primary_key if set(dataset.primary_key) <= set(shown.names) else [],
-            skipped_columns=[c for c in dataset.skipped_columns if c in columns])
+        shown = dataset.arrow_schema
+        if columns is not None:
+            shown = pa.schema([f for f in shown if f.name in columns])
+            dataset = dataclasses.replace(
+                dataset, columns_restricted=True,
+                primary_key=dataset.primary_key if set(dataset.primary_key) <= set(shown.names) else [],
+                skipped_columns=[c for c in dataset.skipped_columns if c in columns])
+        if masks is not None:  # the schema shows each masked column as its masked values are
+            shown = masks.schema(shown)
+        return dataclasses.replace(dataset, arrow_schema=shown, masks=masks)
 
     def find(self, schema_name: str, table_name: str) -> Dataset | None:
         name = f"{schema_name}.{table_name}"
@@ -87,18 +97,24 @@ class CatalogView:
     def register_into(self, ctx: SessionContext) -> None:
         register_tables(ctx, self)
 
+    def _source_schema(self, dataset: Dataset) -> pa.Schema:
+        """The visible columns with their types at the source (before any mask)."""
+        source = self.base.datasets[dataset.qualified_name].arrow_schema
+        return pa.schema([source.field(name) for name in dataset.arrow_schema.names])
+
     def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
         """As the catalog registers it, except that a dataset whose columns are restricted is
         always scanned through its connector (a native reader would show every column)."""
         spec = dataset.spec
         try:
-            if (not spec.accelerated and not dataset.columns_restricted
+            if (not spec.accelerated and not dataset.scanned_only
                     and dataset.connector.register_native(ctx, dataset.qualified_name, spec.location)):
                 return
         except ConnectorError as error:
             log.warning("dataset %s is not readable through a grant: %s", spec.name, error)
             return
-        registered = ConnectorDataset(dataset.connector, dataset.table, dataset.arrow_schema)
+        registered = ConnectorDataset(dataset.connector, dataset.table, self._source_schema(dataset),
+                                      dataset.masks)
         ctx.register_dataset(dataset.qualified_name, registered)
         if spec.accelerated:  # routing to the local copy swaps the connector inside
             self.base.datasets[dataset.qualified_name].registrations.append(registered)
@@ -110,3 +126,15 @@ def visible_columns(catalog: Catalog | CatalogView) -> Callable[[str], list[str]
         seen = catalog.datasets.get(dataset)
         return None if seen is None or seen.arrow_schema is None else seen.arrow_schema.names
     return visible
+
+
+def unmasked_columns(catalog: Catalog | CatalogView) -> Callable[[str], list[str] | None]:
+    """A dataset's visible columns that are not masked (what may be searched: a column's
+    search index holds its raw text); None: hidden."""
+    visible = visible_columns(catalog)
+
+    def unmasked(dataset: str) -> list[str] | None:
+        shown = visible(dataset)
+        masks = catalog.datasets[dataset].masks if shown is not None else None
+        return shown if masks is None else [c for c in shown if c not in masks.columns]
+    return unmasked

@@ -402,6 +402,8 @@ class QueryEngine:
         dataset = self.catalog.scanned(bare.scan.fqn())
         if dataset is None or not dataset.registrations or dataset.arrow_schema is None:
             return None  # natively read files (DataFusion stops their scans itself) and system tables
+        if dataset.masks is not None:
+            return None  # the connector holds raw values: only the masking scan reads a masked dataset
         columns = planned.schema.names
         fields = {f.name: f.type for f in dataset.arrow_schema}
         if any(fields.get(f.name) != f.type for f in planned.schema):

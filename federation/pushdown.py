@@ -128,7 +128,7 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
 def sql_backend(dataset: Dataset | None) -> SqlConnector | None:
     """The connector a dataset is read through when statements may be sent to it: SQL, in a
     dialect whose differences from DataFusion are known (see above)."""
-    if (dataset is None or dataset.state != "ready" or dataset.columns_restricted
+    if (dataset is None or dataset.state != "ready" or dataset.scanned_only
             or not isinstance(dataset.connector, SqlConnector)):
         return None
     return dataset.connector if dataset.connector.dialect in DIALECTS else None
@@ -370,6 +370,9 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
         dataset = catalog.scanned(fqn)
         if dataset is None or dataset.connector is None or _read_natively(dataset):
             continue
+        if dataset.masks is not None:  # as the masking scan asks: no condition on a masked column
+            masked = dataset.masks.columns
+            filters = [f for f in filters if not fx.referenced_columns(f) & masked]
         connector = dataset.connector
         label = f"flightdeck: scan of {dataset.qualified_name} on {connector.describe()}"
         if isinstance(connector, SqlConnector):
@@ -389,4 +392,5 @@ def table_scans(node) -> list:
 
 
 def _read_natively(dataset: Dataset) -> bool:
-    return dataset.spec.kind == "file" and not dataset.spec.accelerated  # DataFusion describes these scans
+    # DataFusion describes these scans (a grant's restricted or masked view reads them through the connector)
+    return dataset.spec.kind == "file" and not dataset.spec.accelerated and not dataset.scanned_only

@@ -17,6 +17,7 @@ import pyarrow.dataset as ds
 from federation import expr as fx
 from federation.arrow_expr import decode_fully, referenced_fields
 from federation.connectors.base import Connector
+from federation.masks import ColumnMasks
 
 
 class LazyDataset(ds.InMemoryDataset):
@@ -63,10 +64,15 @@ class _Scan:
 
 
 class ConnectorDataset(LazyDataset):
-    def __init__(self, connector: Connector, table: str, schema: pa.Schema):
-        super().__init__(schema)
+    """A connector's table. With ``masks``, its rows carry masked values from the start (``schema``
+    is the masked one): a filter on a masked column is never sent to the source, only applied
+    here to the masked values."""
+
+    def __init__(self, connector: Connector, table: str, schema: pa.Schema, masks: ColumnMasks | None = None):
+        super().__init__(masks.schema(schema) if masks else schema)
         self.connector = connector
         self.table = table
+        self.masks = masks
 
     def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
         # A pushed filter may name columns outside the projection: fetch them too.
@@ -74,13 +80,18 @@ class ConnectorDataset(LazyDataset):
         fetched = columns + filter_columns
         decoded, complete = decode_fully(filter)
         conjuncts = fx.conjuncts(decoded)
+        if self.masks:  # a condition on a masked column would probe the raw values at the source
+            masked = self.masks.columns
+            conjuncts = [c for c in conjuncts if not fx.referenced_columns(c) & masked]
         connector, table = self.connector, self.table
         # Filter again unless the source applied the whole filter exactly: pyarrow's own
         # comparison rules (e.g. NaN never greater) are not DataFusion's.
-        refilter = filter is not None and not (complete and connector.filters_exact(table, conjuncts))
+        refilter = filter is not None and not (complete and not self.masks and connector.filters_exact(table, conjuncts))
         reader = connector.scan(table, fetched, conjuncts, None)
         target = pa.schema([self.table_schema.field(c) for c in columns])
         for batch in reader:
+            if self.masks:
+                batch = self.masks.apply(batch)
             if refilter:
                 batch = batch.filter(filter)
             batch = batch.select(columns)

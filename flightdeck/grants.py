@@ -1,4 +1,5 @@
-"""What a principal may read: datasets chosen by glob, and per dataset the only columns it sees.
+"""What a principal may read: datasets chosen by glob, per dataset the only columns it sees, and
+the columns it sees masked (redacted or hashed).
 
 A grant is a value (hashable): principals with equal grants share one engine session, whose
 catalog holds only what the grant shows, so no door has a check to forget.
@@ -23,17 +24,20 @@ def qualified(name: str) -> str:
 class Grant:
     datasets: tuple[str, ...] = (EVERYTHING,)             # globs over schema.table; a bare one means public
     columns: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (dataset, the only columns it shows)
+    masks: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()  # (dataset, ((column, redact|hash), ...))
     audit: bool = False                                    # reads every principal's audit rows, not only its own
 
     @classmethod
     def of(cls, datasets: Sequence[str], columns: Mapping[str, Sequence[str]] | None = None,
-           audit: bool = False) -> "Grant":
+           masks: Mapping[str, Mapping[str, str]] | None = None, audit: bool = False) -> "Grant":
         return cls(tuple(datasets), tuple(sorted((qualified(name), tuple(cols))
-                                                 for name, cols in (columns or {}).items())), audit)
+                                                 for name, cols in (columns or {}).items())),
+                   tuple(sorted((qualified(name), tuple(sorted(kinds.items())))
+                                for name, kinds in (masks or {}).items() if kinds)), audit)
 
     @property
     def is_full(self) -> bool:
-        return self.datasets == (EVERYTHING,) and not self.columns
+        return self.datasets == (EVERYTHING,) and not self.columns and not self.masks
 
     def sees(self, dataset: str) -> bool:
         """Whether the dataset (its qualified name) exists for this grant."""
@@ -45,6 +49,11 @@ class Grant:
     def columns_of(self, dataset: str) -> tuple[str, ...] | None:
         """The only columns of a granted dataset this grant shows; None: all of them."""
         return dict(self.columns).get(dataset)
+
+    def masks_of(self, dataset: str) -> dict[str, str] | None:
+        """The masked columns of a granted dataset (column -> redact|hash); None: none."""
+        kinds = dict(self.masks).get(dataset)
+        return dict(kinds) if kinds else None
 
 
 FULL = Grant()

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flightdeck.grants import Grant
 
 FLIGHT_PORT = 50051
 HTTP_PORT = 8090
@@ -39,16 +43,26 @@ class QueryLimitSettings(Strict):
     max_result_rows: int | None = Field(default=None, ge=1)
     max_result_bytes: int | None = Field(default=None, ge=1)
     max_concurrent_queries: int | None = Field(default=None, ge=1)  # of this principal
+    requests_per_second: float | None = Field(default=None, gt=0)  # requests of this principal, sustained
 
 
 class Granted(Strict):
     """What a principal may read: datasets by glob over ``schema.table`` (a bare name or glob
     means the ``public`` schema), and for some of them the only columns it sees. Everything else
-    does not exist for it."""
+    does not exist for it. ``masks`` show some columns only masked: ``redact`` as NULL, ``hash``
+    as a keyed hash (runtime.auth.mask_key), before any filter, join or function sees them."""
     datasets: list[str] = Field(default_factory=lambda: ["*"])
     columns: dict[str, list[str]] = Field(default_factory=dict)  # dataset -> its visible columns
+    masks: dict[str, dict[str, Literal["redact", "hash"]]] = Field(default_factory=dict)  # dataset -> column -> mask
     audit: bool = False  # may read every principal's rows of flightdeck.runtime.queries, not only its own
     limits: QueryLimitSettings = Field(default_factory=QueryLimitSettings)
+
+    def grant(self) -> Grant:
+        return Grant.of(self.datasets, self.columns, self.masks, self.audit)
+
+    def hashes(self) -> bool:
+        """Whether a column is shown hashed (which needs runtime.auth.mask_key)."""
+        return any("hash" in kinds.values() for kinds in self.masks.values())
 
     @model_validator(mode="after")
     def _columns_name_granted_datasets(self) -> "Granted":
@@ -82,6 +96,8 @@ class ApiKey(Granted):
 class Auth(Strict):
     api_keys: list[str | ApiKey] = Field(default_factory=list)  # a plain string: a key that may do everything
     users: list[User] = Field(default_factory=list)
+    # The key of `hash` masks (e.g. "${env:FLIGHTDECK_MASK_KEY}"): one key, so hashed keys join across datasets.
+    mask_key: str | None = Field(default=None, min_length=16)
 
     def keys(self) -> list[ApiKey]:
         return [k if isinstance(k, ApiKey) else ApiKey(name=API_KEY_NAME, key=k, refresh=True)
@@ -94,6 +110,10 @@ class Auth(Strict):
         if repeated:
             raise ValueError(f"runtime.auth: each key and user needs its own name ({', '.join(repeated)} "
                              "is given twice): the name is whose queries and handles are whose")
+        hashing = [k.name for k in self.keys() if k.hashes()] + [u.username for u in self.users if u.hashes()]
+        if hashing and not self.mask_key:
+            raise ValueError(f"runtime.auth: {', '.join(hashing)} shows columns hashed (masks: hash): set "
+                             "runtime.auth.mask_key (at least 16 characters, e.g. \"${env:FLIGHTDECK_MASK_KEY}\")")
         return self
 
     @property
@@ -112,7 +132,29 @@ class Limits(Strict):
     max_concurrent_queries: int = Field(default=32, ge=1)                # in all
     max_concurrent_queries_per_principal: int = Field(default=8, ge=1)
     admission_wait_seconds: float = Field(default=2.0, ge=0)  # how long a query waits for a place
+    requests_per_second: float | None = Field(default=None, gt=0)  # per principal, sustained (None: no limit)
+    # The engine's memory for sorts, joins and aggregates (bytes, or "4GB", "512MiB"): over it a
+    # query fails with LIMIT_EXCEEDED; each DuckDB copy gets the same ceiling.
+    memory_limit: int = Field(default=4 * 2**30, ge=64 * 2**20)
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _memory_size(cls, value: object) -> object:
+        return parse_bytes(value) if isinstance(value, str) else value
     max_sql_length: int = Field(default=100_000, ge=100)      # characters of one statement
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as "2GB", "512MiB" or "1073741824" in bytes; raises ValueError."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 4GB, 512MiB or a number of bytes)")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 class Audit(Strict):

@@ -37,6 +37,7 @@ from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
 from federation.arrow_expr import referenced_fields
+from federation.masks import ColumnMasks
 from federation.scan import LazyDataset
 from flightdeck.search_vectors import ColumnVectors, VectorSnapshot
 from inference.ann import EXPANSION_SEARCH
@@ -216,6 +217,7 @@ def _best_per_row(ranking: Callable[[int], SearchResult], chunk_rows: np.ndarray
 
 
 Visible = Callable[[str], Sequence[str] | None]  # a dataset's visible columns; None: a hidden dataset
+MasksOf = Callable[[str], "ColumnMasks | None"]  # a dataset's column masks; None: none
 
 
 class SearchIndexes:
@@ -288,18 +290,25 @@ class SearchIndexes:
             raise SearchError(f"{dataset} has several searchable columns: name one as the 4th argument")
         return candidates[0]
 
-    def table_functions(self, visible: Visible | None = None) -> list:
-        """The search table functions of one engine session, over what ``visible`` shows."""
-        return [udtf(_TableFunction(self, mode, visible), f"{mode}_search") for mode in MODES]
+    def table_functions(self, visible: Visible | None = None, masks_of: MasksOf | None = None,
+                        searchable: Visible | None = None) -> list:
+        """The search table functions of one engine session, over what ``visible`` shows, with
+        the columns ``masks_of`` names masked in results; only ``searchable`` columns (by
+        default the visible ones) are searched."""
+        return [udtf(_TableFunction(self, mode, visible, masks_of, searchable or visible), f"{mode}_search")
+                for mode in MODES]
 
 
 class _TableFunction:
     """``<mode>_search(dataset, query, k [, column])``: a lazy table DataFusion scans."""
 
-    def __init__(self, indexes: SearchIndexes, mode: str, visible: Visible | None):
+    def __init__(self, indexes: SearchIndexes, mode: str, visible: Visible | None, masks_of: MasksOf | None,
+                 searchable: Visible | None):
         self.indexes = indexes
         self.mode = mode
         self.visible = visible
+        self.masks_of = masks_of or (lambda dataset: None)
+        self.searchable = searchable
 
     def __call__(self, *args) -> Table:
         if len(args) not in (3, 4):
@@ -307,12 +316,12 @@ class _TableFunction:
                               f"got {len(args)}")
         dataset, query, k = (_argument(a) for a in args[:3])
         column = _argument(args[3]) if len(args) == 4 else None
-        index = self.indexes.find(str(dataset), None if column is None else str(column), self.mode, self.visible)
+        index = self.indexes.find(str(dataset), None if column is None else str(column), self.mode, self.searchable)
         unbound = query is None or k is None  # a statement being prepared: parameters come later
         if not unbound and (not isinstance(query, str) or not isinstance(k, int) or k < 1):
             raise SearchError(f"{self.mode}_search: the query must be text and k a positive integer")
         shown = None if self.visible is None else self.visible(index.spec.dataset)
-        return Table(SearchResults(index, self.mode, query, k, shown))
+        return Table(SearchResults(index, self.mode, query, k, shown, self.masks_of(index.spec.dataset)))
 
 
 def _first_argument(tokens: list) -> str:
@@ -338,17 +347,21 @@ class SearchResults(LazyDataset):
     """One search, run when DataFusion scans it, with the WHERE it pushes applied first."""
 
     def __init__(self, index: ColumnIndex, mode: str, query: str | None, k: int | None,
-                 shown: Sequence[str] | None = None):
+                 shown: Sequence[str] | None = None, masks: ColumnMasks | None = None):
         schema = index.schema
         if shown is not None:  # the dataset's columns a grant shows, and the result's own
             schema = pa.schema([f for f in schema if f.name in shown or f in RESULT_FIELDS])
-        super().__init__(schema)
-        self.index, self.mode, self.query, self.k = index, mode, query, k
+        super().__init__(masks.schema(schema) if masks else schema)
+        self.index, self.mode, self.query, self.k, self.masks = index, mode, query, k, masks
 
     def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
         if self.query is None or self.k is None:
             raise SearchError(f"{self.mode}_search: the query and k must be given (bind the parameters)")
-        table = self.index.search(self.mode, self.query, self.k, filter)
+        # A WHERE on a masked column must only see masked values: it applies after ranking then.
+        probes = self.masks is not None and filter is not None and referenced_fields(filter) & self.masks.columns
+        table = self.index.search(self.mode, self.query, self.k, None if probes else filter)
+        if self.masks is not None:
+            table = self.masks.apply(table)
         if filter is not None:
             table = table.filter(filter)
         yield from table.select(columns).to_batches()

@@ -20,7 +20,7 @@ import pyarrow as pa
 from accel.accelerator import AccelerationError
 from federation.cancel import Cancellation, cancellation_scope
 from federation.catalog import CATALOG_NAME
-from federation.catalog_view import visible_columns
+from federation.catalog_view import unmasked_columns
 from federation.connectors import ConnectorError
 from federation.engine import PlannedQuery, QueryEngine, QueryError, clean_engine_message, error_kind
 from federation.expr import quote_double, standard_literal
@@ -29,7 +29,7 @@ from flightdeck.audit import AuditEntry
 from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal, User
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT, UNAVAILABLE,
                                ServiceError)
-from flightdeck.grants import Grant, qualified
+from flightdeck.grants import qualified
 from flightdeck.limits import Admission, QueryLimits, Slot
 from flightdeck.runtime_config import QueryLimitSettings
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -92,9 +92,9 @@ class Service:
         runtime = stack.loaded.config.runtime
         auth, self.limits = runtime.auth, runtime.limits
         self.authenticator = Authenticator(
-            [Key(k.name, k.key, k.refresh, Grant.of(k.datasets, k.columns, k.audit), k.key_sha256, self._limits(k.limits))
+            [Key(k.name, k.key, k.refresh, k.grant(), k.key_sha256, self._limits(k.limits))
              for k in auth.keys()],
-            {u.username: User(u.password, u.refresh, Grant.of(u.datasets, u.columns, u.audit), self._limits(u.limits))
+            {u.username: User(u.password, u.refresh, u.grant(), self._limits(u.limits))
              for u in auth.users},
             self._limits(QueryLimitSettings()))
         self.admission = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds)
@@ -278,7 +278,7 @@ class Service:
         searchable columns."""
         view = self._view(principal)
         searchable: dict[str, list[str]] = {}
-        for dataset, column in self.stack.search.searchable(visible_columns(view)):
+        for dataset, column in self.stack.search.searchable(unmasked_columns(view)):
             searchable.setdefault(dataset, []).append(column)
         rows = []
         for row in view.dataset_rows():
@@ -408,6 +408,9 @@ class Service:
             raise ServiceError(REFUSED, f"{principal.name} may not refresh datasets: "
                                         "give its key `refresh: true` in runtime.auth")
         name = self._dataset(principal, dataset).qualified_name
+        if sql is not None and principal.grant.masks_of(name):  # its row count would tell raw values apart
+            raise ServiceError(REFUSED, f"{principal.name} sees columns of {name} masked: it may not refresh "
+                                        "it with SQL of its own")
         try:
             with self._translated():
                 return self.stack.refresh(name, sql)

@@ -7,12 +7,13 @@ import threading
 
 from accel.accelerator import AcceleratedSource, Accelerator
 from federation.catalog import Catalog
-from federation.catalog_view import CatalogView, visible_columns
+from federation.catalog_view import CatalogView, unmasked_columns, visible_columns
+from federation.masks import ColumnMasks
 from federation.system import SnapshotConnector
 from federation.engine import EngineSettings, QueryEngine
 from flightdeck.audit import QUERIES_SCHEMA, QUERIES_TABLE, AuditLog
-from flightdeck.config import LoadedConfig
-from flightdeck.grants import Grant
+from flightdeck.config import ConfigError, LoadedConfig
+from flightdeck.grants import Grant, qualified
 from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
 from flightdeck.search_functions import DatasetSearchSettings, SearchIndexes
@@ -26,6 +27,12 @@ class Stack:
         runtime = config.runtime
         self.loaded = loaded
         self.catalog = Catalog(config.dataset_specs(), loaded.base_dir)
+        self.mask_key = (runtime.auth.mask_key or "").encode()
+        try:
+            self._check_masks(loaded)
+        except ConfigError:
+            self.catalog.close()
+            raise
         self.accelerator = self._accelerator(loaded)
         self.catalog.status_extension = self._acceleration_status
         self.audit = self._audit_log(loaded)
@@ -94,6 +101,28 @@ class Stack:
                 engine = self._granted_engines[grant] = self._granted_engine(grant)
             return engine
 
+    def _masks_of(self, grant: Grant):
+        """A grant's masks of a dataset's columns (None: none), hashed with the configured key."""
+        return lambda dataset: ColumnMasks.of(grant.masks_of(dataset), self.mask_key)
+
+    def _check_masks(self, loaded: LoadedConfig) -> None:
+        """Every mask names a configured dataset and a column it has (a typo would leave a
+        column unmasked); raises ConfigError naming each that does not."""
+        auth = loaded.config.runtime.auth
+        problems = []
+        for who, masks in [(f"api key {k.name}", k.masks) for k in auth.keys()] + \
+                          [(f"user {u.username}", u.masks) for u in auth.users]:
+            for name, kinds in masks.items():
+                dataset = self.catalog.datasets.get(qualified(name))
+                if dataset is None:
+                    problems.append(f"runtime.auth {who}: masks name dataset {name}, which is not configured")
+                elif dataset.arrow_schema is not None:
+                    problems += [f"runtime.auth {who}: masks name column {column} of {name}, which it does not "
+                                 f"have (columns: {', '.join(dataset.arrow_schema.names)})"
+                                 for column in kinds if column not in dataset.arrow_schema.names]
+        if problems:
+            raise ConfigError("\n".join(problems))
+
     def _audit_log(self, loaded: LoadedConfig) -> AuditLog:
         audit = loaded.config.runtime.audit
         path = loaded.base_dir / audit.log if audit.log else None
@@ -104,10 +133,11 @@ class Stack:
         # or everyone's for a grant that includes the audit.
         own_queries = SnapshotConnector(QUERIES_TABLE, QUERIES_SCHEMA,
                                         lambda: self.audit.rows(lambda entry: grant.audit or entry.grant == grant))
-        view = CatalogView(self.catalog, grant.sees, grant.columns_of, [own_queries])
+        view = CatalogView(self.catalog, grant.sees, grant.columns_of, [own_queries], self._masks_of(grant))
         engine = QueryEngine(view, self.engine_settings)
         self.model_functions.install(engine)
-        for function in self.search.table_functions(visible_columns(view)):
+        for function in self.search.table_functions(visible_columns(view), self._masks_of(grant),
+                                                    unmasked_columns(view)):
             engine.ctx.register_udtf(function)
         return engine
 

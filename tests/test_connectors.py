@@ -125,6 +125,17 @@ def test_file_scan_pushes_projection_filter_and_limit(files):
     assert connector.row_count("hive/") == 4
 
 
+def test_a_folder_is_listed_again_at_each_scan(tmp_path):
+    """A writer that adds files (a new minute of logs) is seen at the next scan; a file still
+    being written under a dot name is not."""
+    pq.write_table(pa.table({"n": [1, 2]}), tmp_path / "part-0.parquet")
+    connector = FileConnector({}, tmp_path, ".")
+    assert connector.scan(".", None, [], None).read_all().num_rows == 2
+    pq.write_table(pa.table({"n": [3]}), tmp_path / "part-1.parquet")
+    pq.write_table(pa.table({"n": [4]}), tmp_path / ".part-2.parquet")
+    assert sorted(connector.scan(".", None, [], None).read_all().column("n").to_pylist()) == [1, 2, 3]
+
+
 def test_file_errors_are_clear(files):
     with pytest.raises(ConnectorError, match="does not exist"):
         FileConnector({}, files, "missing.parquet")

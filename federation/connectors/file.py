@@ -102,6 +102,15 @@ class FileConnector(Connector):
         except (pa.ArrowInvalid, OSError, ValueError) as error:
             raise ConnectorError(f"{self.describe()}: {error}") from None
 
+    def _listed_again(self) -> ds.Dataset:
+        """The dataset over the folder's (or glob's) files as they are now: a writer that adds
+        files (a log shipper's new part, a metrics exporter's next minute) is seen at the next scan."""
+        if self.path.is_dir() or self.is_glob:
+            files = self._list_files()
+            if files != self.files:
+                self.files, self._dataset = files, None
+        return self.dataset()
+
     def _partition_root(self) -> str | None:
         """The folder hive-style partition names are read below (a folder, or a glob's fixed part)."""
         if self.path.is_dir():
@@ -164,7 +173,7 @@ class FileConnector(Connector):
     def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
         arrow_filter = to_arrow(fx.And(tuple(filters))) if filters else None
-        scanner = self.dataset().scanner(columns=columns, filter=arrow_filter)
+        scanner = self._listed_again().scanner(columns=columns, filter=arrow_filter)
         self.stats.record_request(f"scan {self.location}")
         return first_rows(scanner.to_reader(), limit)
 
