@@ -30,7 +30,7 @@ from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT, UNAVAILABLE,
                                ServiceError)
 from flightdeck.grants import qualified
-from flightdeck.limits import Admission, QueryLimits, Slot
+from flightdeck.limits import Admission, QueryLimits, RequestRates, Slot
 from flightdeck.runtime_config import QueryLimitSettings
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from flightdeck.metrics import INTERNAL_ERROR, OK
@@ -98,6 +98,7 @@ class Service:
              for u in auth.users},
             self._limits(QueryLimitSettings()))
         self.admission = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds)
+        self.rates = RequestRates()
         self.redact = stack.loaded.redact
 
     def _limits(self, own: QueryLimitSettings) -> QueryLimits:
@@ -106,7 +107,8 @@ class Service:
             value = getattr(own, name)
             return value if value is not None else getattr(self.limits, global_name or name)
         return QueryLimits(pick("query_timeout_seconds"), pick("max_result_rows"), pick("max_result_bytes"),
-                           pick("max_concurrent_queries", "max_concurrent_queries_per_principal"))
+                           pick("max_concurrent_queries", "max_concurrent_queries_per_principal"),
+                           pick("requests_per_second"))
 
     # ---- who is calling ----
 
@@ -121,6 +123,7 @@ class Service:
         ``door`` is the interface asking (a metrics label)."""
         started = time.perf_counter()
         try:
+            self.rates.take(principal.name, principal.limits.requests_per_second)
             if len(sql) > self.limits.max_sql_length:
                 raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
                                                    f"{self.limits.max_sql_length} (max_sql_length)")
@@ -229,7 +232,7 @@ class Service:
             raise failure from None
         except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors
             text = str(error)
-            failure = (_stopped(slot, limits) if slot.expired
+            failure = (_stopped(slot, limits) if slot.expired or cancelled.is_set()
                        else _engine_error(error_kind(text), self.redact(clean_engine_message(text))))
             outcome = failure.kind
             raise failure from None

@@ -421,7 +421,7 @@ class FlightSqlServer(flight.FlightServerBase):
                 reader = self.service.execute(query.planned, query.cancelled, query.backend)
         except Exception as error:
             self.queries.remove(handle)
-            if query.cancelled.is_set():
+            if query.cancelled.is_set() and not isinstance(error, ServiceError):
                 raise ServiceError(CANCELLED, "the query was cancelled") from None
             raise error
         schema = reader.schema.with_metadata({**(reader.schema.metadata or {}), **freshness_metadata(freshness)})
@@ -457,7 +457,8 @@ class FlightSqlServer(flight.FlightServerBase):
                     raise ServiceError(CANCELLED, "the query was cancelled")
                 yield from split_batch(batch, self.max_batch_bytes)
         except Exception as error:
-            if query.cancelled.is_set():  # the backend stopped because the query was cancelled
+            if query.cancelled.is_set() and not isinstance(error, ServiceError):
+                # the backend stopped because the query was cancelled (the core tells a deadline apart)
                 error = ServiceError(CANCELLED, "the query was cancelled")
             raise flight_error(error) from None
         finally:
