@@ -111,18 +111,23 @@ def stoppable_stream(frame: Any) -> pa.RecordBatchReader:
         except StopAsyncIteration:
             return None
         except asyncio.CancelledError:
-            raise Stopped("the query was stopped") from None
+            pass  # raised below, outside this block: chained to it, the stream would live on
         finally:
             waiting.clear()
+        raise Stopped("the query was stopped")
+
+    schema = frame.schema()
 
     def batches() -> Iterator[pa.RecordBatch]:
         nonlocal stream
         try:
             while (batch := next_batch()) is not None:
-                yield batch.to_pyarrow()
+                batch = batch.to_pyarrow()
+                # The plan's schema, as a plain stream has it (batches may say "not null" where it does not).
+                yield batch if batch.schema == schema else pa.RecordBatch.from_arrays(batch.columns, schema=schema)
         finally:
             stream = None  # dropped: DataFusion aborts the tasks still computing for it
-    return pa.RecordBatchReader.from_batches(frame.schema(), batches())
+    return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 def _loop() -> asyncio.AbstractEventLoop | None:

@@ -181,3 +181,4 @@ def _expire(slot: Callable[[], Slot | None], on_expiry: Callable[[], None]) -> N
     if alive is not None:
         alive.expired = True
         on_expiry()
+        alive.release()  # the query is over: its place is free even if nobody reads or closes its stream

@@ -123,7 +123,6 @@ class Service:
         ``door`` is the interface asking (a metrics label)."""
         started = time.perf_counter()
         try:
-            self.rates.take(principal.name, principal.limits.requests_per_second)
             if len(sql) > self.limits.max_sql_length:
                 raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
                                                    f"{self.limits.max_sql_length} (max_sql_length)")
@@ -188,6 +187,7 @@ class Service:
             if cancelled.is_set():
                 raise ServiceError(CANCELLED, "the query was cancelled")
             limits = planned.principal.limits
+            self.rates.take(planned.principal.name, limits.requests_per_second)  # every execution counts
             slot = Slot(self.admission.enter(planned.principal.name, limits.max_concurrent),
                         limits.timeout_seconds, lambda: (cancelled.set(), backend.cancel()))
             with self._translated(), cancellation_scope(backend):
