@@ -83,7 +83,10 @@ def stoppable_stream(frame: Any) -> pa.RecordBatchReader:
     aggregate or join may take hours to make. Each batch is awaited on the reading thread's
     event loop, which a cancellation interrupts; the stream is then dropped, which stops the
     engine's tasks."""
-    stream = frame.execute_stream()
+    # One partition after another, as a plain stream reads them: partitions read at once would
+    # all run ahead of a slow client and buffer their batches.
+    partitions = frame.execute_stream_partitioned()
+    stream = partitions.pop(0) if partitions else None
     waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
     stopped = threading.Event()
 
@@ -103,6 +106,15 @@ def stoppable_stream(frame: Any) -> pa.RecordBatchReader:
         return await pending
 
     def next_batch() -> Any:
+        nonlocal stream
+        while stream is not None:
+            batch = next_of_partition()
+            if batch is not None:
+                return batch
+            stream = partitions.pop(0) if partitions else None
+        return None
+
+    def next_of_partition() -> Any:
         loop = _loop()
         if loop is None:  # read from inside a running event loop: it cannot be waited on here
             return next(stream, None)
@@ -127,6 +139,7 @@ def stoppable_stream(frame: Any) -> pa.RecordBatchReader:
                 yield batch if batch.schema == schema else pa.RecordBatch.from_arrays(batch.columns, schema=schema)
         finally:
             stream = None  # dropped: DataFusion aborts the tasks still computing for it
+            partitions.clear()
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
