@@ -43,7 +43,8 @@ class AcceleratedSource:
 
 class Accelerator:
     def __init__(self, sources: list[AcceleratedSource], data_dir: Path, base_dir: Path,
-                 batch_rows: int = 65_536):
+                 batch_rows: int = 65_536, memory_limit: int | None = None):
+        """``memory_limit``: bytes DuckDB may use for the copies and queries over them (None: its default)."""
         self.data_dir = data_dir
         self.base_dir = base_dir
         self._duckdb: DuckDBEngine | None = None
@@ -51,7 +52,7 @@ class Accelerator:
         self._arrow: ArrowCopies | None = None
         uses_file = any(s.spec.engine == "duckdb" and s.spec.mode == "file" for s in sources)
         if any(s.spec.engine == "duckdb" for s in sources):
-            self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir)
+            self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir, memory_limit)
         self.refreshers: dict[str, Refresher] = {}
         for source in sources:
             problems = source.spec.problems()

@@ -63,8 +63,10 @@ class AcceleratedDuckDB(DuckDBConnector):
 class DuckDBEngine:
     """The DuckDB instance behind every DuckDB copy of this runtime."""
 
-    def __init__(self, data_dir: Path | None, base_dir: Path):
+    def __init__(self, data_dir: Path | None, base_dir: Path, memory_limit: int | None = None):
         self.connection = duckdb.connect(":memory:")
+        if memory_limit is not None:  # the process's ceiling, not DuckDB's default share of the machine
+            self.connection.execute(f"SET memory_limit = '{int(memory_limit)}B'")
         self.file = None
         if data_dir is not None:
             data_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import sqlglot
-from datafusion import DataFrame, SessionConfig, SessionContext, SQLOptions
+from datafusion import DataFrame, RuntimeEnvBuilder, SessionConfig, SessionContext, SQLOptions
 from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
@@ -18,11 +18,12 @@ from federation import expr as fx
 from federation.budget import QUERY, BudgetExceeded, LoadBudget, patience, reserve, run_reserved
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
+from federation.cancel import stoppable_stream
 from federation.plan_cache import DEFAULT_ENTRIES, PlanCache
 from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, literal_value, parameter_slots, planner_filter,
                                  table_scans, whole_query)
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
-from federation.safety import UnsafeStatement, check_read_only
+from federation.safety import MAX_DEPTH, UnsafeStatement, check_read_only
 from federation.whole_statement import translated_statement
 
 
@@ -37,6 +38,7 @@ class QueryError(Exception):
 
 
 LIMIT_EXCEEDED = "limit_exceeded"
+RESOURCES_EXHAUSTED = "Resources exhausted:"  # DataFusion's memory pool refused an allocation
 
 
 log = logging.getLogger("flightdeck.engine")
@@ -48,6 +50,9 @@ class EngineSettings:
     target_partitions: int = os.cpu_count() or 2
     whole_query_pushdown: bool = True  # False: no statement goes down whole, nor any sub-plan
     plan_cache_entries: int = DEFAULT_ENTRIES  # plans kept for reuse (0: plan every statement anew)
+    # Bytes the session's sorts, joins and aggregates may hold (None: unbounded). Over it a
+    # query fails ("Resources exhausted"): nothing spills to disk, which a runaway could fill.
+    memory_limit: int | None = None
 
 
 @dataclass
@@ -148,7 +153,10 @@ class QueryEngine:
                   .with_target_partitions(self.settings.target_partitions)
                   # Plain string/binary, not the view types: clients (JDBC, older ADBC) expect them.
                   .set("datafusion.execution.parquet.schema_force_view_types", "false"))
-        self.ctx = SessionContext(config)
+        runtime = RuntimeEnvBuilder()
+        if self.settings.memory_limit is not None:
+            runtime = runtime.with_fair_spill_pool(self.settings.memory_limit).with_disk_manager_disabled()
+        self.ctx = SessionContext(config, runtime)
         self._rewriters: list[Callable[[str], str]] = []
         # The second lock after the gate: the engine itself refuses DDL, DML, COPY and SET.
         self.read_only = (SQLOptions().with_allow_ddl(False).with_allow_dml(False)
@@ -168,6 +176,14 @@ class QueryEngine:
     def plan(self, sql: str, params: list[Any] | None = None) -> PlannedQuery:
         """The statement checked and planned, or, when it was already (in this session, with
         parameters of the same types), the kept plan with ``params`` bound."""
+        try:
+            return self._plan_or_reuse(sql, params)
+        except RecursionError:  # the SQL parsers recurse once per level of nesting (TooDeep too)
+            raise QueryError("the statement nests too deeply (parentheses, subqueries or chained "
+                             f"conditions over {MAX_DEPTH} levels deep): flatten it, e.g. a long OR "
+                             "chain as IN (...)") from None
+
+    def _plan_or_reuse(self, sql: str, params: list[Any] | None) -> PlannedQuery:
         values = {str(i + 1): _as_scalar(v) for i, v in enumerate(params or [])}
         generation = self.generation
         key = (self.session_id, sql, tuple(v.type for v in values.values()))
@@ -369,7 +385,7 @@ class QueryEngine:
                 return pa.concat_tables([explained, extra]).to_reader()
             if planned.subplans:
                 return self._with_fallback(planned)
-            return pa.RecordBatchReader.from_stream(planned.frame)
+            return stoppable_stream(planned.frame)
         except Exception as error:
             raise self._query_error(error) from None
 
@@ -378,7 +394,7 @@ class QueryEngine:
         function it lacks) as the scan sending it starts, before any result, and then the query
         runs without pushed parts instead, as a whole query does."""
         try:
-            pushed = pa.RecordBatchReader.from_stream(planned.frame)
+            pushed = stoppable_stream(planned.frame)
             first = pushed.read_next_batch()
         except StopIteration:
             return pa.RecordBatchReader.from_batches(planned.schema, [])
@@ -386,7 +402,7 @@ class QueryEngine:
             if FAILED not in str(error):
                 raise
             log.info("sub-plan pushdown failed, running in DataFusion: %s", clean_engine_message(str(error)))
-            return pa.RecordBatchReader.from_stream(planned.local_frame)
+            return stoppable_stream(planned.local_frame)
         return pa.RecordBatchReader.from_batches(planned.schema, itertools.chain([first], pushed))
 
     def query(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:
@@ -485,7 +501,7 @@ def error_kind(text: str) -> str:
     """A DataFusion error's kind: a backend's failure is "unavailable" (a client may retry), a
     source at its load budget "limit_exceeded", a Python function refusing its input (a model,
     a search) or anything else "invalid"."""
-    if BudgetExceeded.__name__ in text:
+    if BudgetExceeded.__name__ in text or RESOURCES_EXHAUSTED in text:
         return LIMIT_EXCEEDED
     if "ConnectorError" in text:
         return "unavailable"
@@ -508,6 +524,8 @@ def clean_engine_message(text: str) -> str:
     causes = [line for line in lines if line != "caused by"]
     text = causes[-1] if len(causes) > 1 and "caused by" in lines else " ".join(causes)
     text = text or "query failed"
+    text = text.replace(RESOURCES_EXHAUSTED, "the query needs more memory than the engine's limit "
+                                             "(runtime.limits.memory_limit); aggregate or filter first:")
     for prefix in ("DataFusion error: ", "External error: ", "Execution error: ",
                    "Error during planning: ", "SQL error: ", "ArrowError(ExternalError(",
                    "Arrow error: ", "ConnectorError: "):

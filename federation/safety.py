@@ -53,6 +53,15 @@ class UnsafeStatement(ValueError):
     """A statement the stack refuses to run; the message is safe to show a client."""
 
 
+# Levels of expressions a statement may nest. The engine's planner recurses once per level
+# on a thread's stack: a chain of some thousands of ORs overflows it and ends the process.
+MAX_DEPTH = 1000
+
+
+class TooDeep(RecursionError):
+    """A statement nesting deeper than the engine can plan safely."""
+
+
 def check_read_only(sql: str) -> None:
     """Raise UnsafeStatement unless ``sql`` is exactly one read statement."""
     words = _leading_words(sql)
@@ -108,7 +117,17 @@ def _strip_explain(sql: str) -> str:
     return inner
 
 
+def _check_depth(tree: exp.Expression) -> None:
+    pending = [(tree, 1)]
+    while pending:  # not recursive: the tree may be deeper than Python's recursion limit
+        node, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise TooDeep(f"more than {MAX_DEPTH} levels")
+        pending.extend((child, depth + 1) for child in node.iter_expressions())
+
+
 def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
+    _check_depth(tree)
     for node in tree.walk():
         if isinstance(node, _WRITE_NODES):
             what = _NODE_NAMES.get(type(node), type(node).__name__.upper())

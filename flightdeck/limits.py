@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 import weakref
@@ -23,6 +24,7 @@ class QueryLimits:
     max_rows: int | None = None              # per result
     max_bytes: int | None = None             # per result, in Arrow bytes
     max_concurrent: int = 8                  # this principal's queries running at once
+    requests_per_second: float | None = None  # this principal's requests, sustained (None: no limit)
 
     def check_result(self, rows: int, nbytes: int) -> None:
         """Raises LIMIT_EXCEEDED once a result has grown past a limit."""
@@ -72,6 +74,33 @@ class Admission:
     def running(self) -> int:
         with self._changed:
             return self._total
+
+
+class RequestRates:
+    """A token bucket per principal: ``rate`` requests a second sustained, in bursts of up to one
+    second's worth (at least one request). A request over it is refused at once, with the time
+    after which one more would be taken."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, when counted)
+        self._lock = threading.Lock()
+
+    def take(self, who: str, rate: float | None) -> None:
+        """Count one request of ``who``; raises LIMIT_EXCEEDED (with retry_after) over its rate."""
+        if rate is None:
+            return
+        burst = max(1.0, rate)
+        now = time.monotonic()
+        with self._lock:
+            tokens, counted = self._buckets.get(who, (burst, now))
+            tokens = min(burst, tokens + (now - counted) * rate)
+            if tokens < 1.0:
+                self._buckets[who] = (tokens, now)
+                wait = (1.0 - tokens) / rate
+                raise ServiceError(LIMIT_EXCEEDED, f"{who} sends more than {rate:g} requests a second (its limit "
+                                                   f"requests_per_second); retry in {wait:.2f} s",
+                                   retry_after=float(math.ceil(wait)))
+            self._buckets[who] = (tokens - 1.0, now)
 
 
 class Deadlines:
@@ -152,3 +181,4 @@ def _expire(slot: Callable[[], Slot | None], on_expiry: Callable[[], None]) -> N
     if alive is not None:
         alive.expired = True
         on_expiry()
+        alive.release()  # the query is over: its place is free even if nobody reads or closes its stream

@@ -30,7 +30,7 @@ from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT, UNAVAILABLE,
                                ServiceError)
 from flightdeck.grants import qualified
-from flightdeck.limits import Admission, QueryLimits, Slot
+from flightdeck.limits import Admission, QueryLimits, RequestRates, Slot
 from flightdeck.runtime_config import QueryLimitSettings
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from flightdeck.metrics import INTERNAL_ERROR, OK
@@ -98,6 +98,7 @@ class Service:
              for u in auth.users},
             self._limits(QueryLimitSettings()))
         self.admission = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds)
+        self.rates = RequestRates()
         self.redact = stack.loaded.redact
 
     def _limits(self, own: QueryLimitSettings) -> QueryLimits:
@@ -106,7 +107,8 @@ class Service:
             value = getattr(own, name)
             return value if value is not None else getattr(self.limits, global_name or name)
         return QueryLimits(pick("query_timeout_seconds"), pick("max_result_rows"), pick("max_result_bytes"),
-                           pick("max_concurrent_queries", "max_concurrent_queries_per_principal"))
+                           pick("max_concurrent_queries", "max_concurrent_queries_per_principal"),
+                           pick("requests_per_second"))
 
     # ---- who is calling ----
 
@@ -187,6 +189,7 @@ class Service:
             if cancelled.is_set():
                 raise ServiceError(CANCELLED, "the query was cancelled")
             limits = planned.principal.limits
+            self.rates.take(planned.principal.name, limits.requests_per_second)  # every execution counts
             slot = Slot(self.admission.enter(planned.principal.name, limits.max_concurrent),
                         limits.timeout_seconds, lambda: (cancelled.set(), backend.cancel()))
             with self._translated(), cancellation_scope(backend):
@@ -231,7 +234,7 @@ class Service:
             raise failure from None
         except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors
             text = str(error)
-            failure = (_stopped(slot, limits) if slot.expired
+            failure = (_stopped(slot, limits) if slot.expired or cancelled.is_set()
                        else _engine_error(error_kind(text), self.redact(clean_engine_message(text))))
             outcome = failure.kind
             raise failure from None

@@ -38,7 +38,8 @@ class Stack:
         self.audit = self._audit_log(loaded)
         self.catalog.system_tables[QUERIES_TABLE] = SnapshotConnector(QUERIES_TABLE, QUERIES_SCHEMA, self.audit.rows)
         self.engine_settings = EngineSettings(batch_rows=runtime.limits.batch_rows,
-                                              plan_cache_entries=runtime.limits.plan_cache_entries)
+                                              plan_cache_entries=runtime.limits.plan_cache_entries,
+                                              memory_limit=runtime.limits.memory_limit)
         self.engine = QueryEngine(self.catalog, self.engine_settings)
         # `embeddings` / `models` from the config (plus the bundled minilm), each loaded on first use;
         # embed() and predict() in SQL.
@@ -62,7 +63,8 @@ class Stack:
                 route=lambda connector, table, name=spec.dataset: self.catalog.route(name, connector, table)))
         try:
             return Accelerator(sources, loaded.data_dir, loaded.base_dir,
-                               batch_rows=loaded.config.runtime.limits.batch_rows)
+                               batch_rows=loaded.config.runtime.limits.batch_rows,
+                               memory_limit=loaded.config.runtime.limits.memory_limit)
         except Exception:
             self.catalog.close()
             raise

@@ -421,7 +421,7 @@ class FlightSqlServer(flight.FlightServerBase):
                 reader = self.service.execute(query.planned, query.cancelled, query.backend)
         except Exception as error:
             self.queries.remove(handle)
-            if query.cancelled.is_set():
+            if query.cancelled.is_set() and not _timed_out(error):
                 raise ServiceError(CANCELLED, "the query was cancelled") from None
             raise error
         schema = reader.schema.with_metadata({**(reader.schema.metadata or {}), **freshness_metadata(freshness)})
@@ -457,7 +457,8 @@ class FlightSqlServer(flight.FlightServerBase):
                     raise ServiceError(CANCELLED, "the query was cancelled")
                 yield from split_batch(batch, self.max_batch_bytes)
         except Exception as error:
-            if query.cancelled.is_set():  # the backend stopped because the query was cancelled
+            if query.cancelled.is_set() and not _timed_out(error):
+                # the backend stopped because the query was cancelled
                 error = ServiceError(CANCELLED, "the query was cancelled")
             raise flight_error(error) from None
         finally:
@@ -645,3 +646,8 @@ def get_schema(self, context, descriptor):
 _compiled: dict = {}
 exec(compile(_GET_SCHEMA, "flightdeck", "exec"), _compiled)
 FlightSqlServer.get_schema = _compiled["get_schema"]
+
+
+def _timed_out(error: Exception) -> bool:
+    """Whether a query stopped at its deadline (the core cancels it then too, but says why)."""
+    return isinstance(error, ServiceError) and error.kind == TIMED_OUT

@@ -1,0 +1,249 @@
+"""Resource attacks on one real server (``flightdeck run`` in its own process) with tight limits:
+huge generated ranges, join explosions, memory-hungry sorts, joins and aggregates, deep
+nesting, giant statements, costly regular expressions, clients that never read their stream
+or vanish mid-stream, and a key sending too many requests. Each attack ends within its limit
+with a clean error of its kind (no traceback), while a second client's small query keeps
+answering and the server's memory stays under its configured limit plus a stated margin."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import adbc_driver_flightsql.dbapi as flightsql
+import httpx
+import psutil
+import pyarrow as pa
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+import pytest
+from google.protobuf import any_pb2
+
+from conftest import ServerProcess, write_config
+from flight.flightsql.proto import flight_sql_pb2 as sql_pb
+
+ATTACKER, WATCHER, THROTTLED = "attacker-key-0123456789", "watcher-key-0123456789", "throttled-key-0123456789"
+MEMORY_LIMIT = 256 * 2**20
+# Beyond the engine's pool: Python, pyarrow buffers in flight, DuckDB and the doors' own memory.
+RSS_MARGIN = 768 * 2**20
+TIMEOUT = 4.0
+MAX_SQL = 1_000_000
+SMALL_QUERY = "SELECT count(*) AS n FROM small"
+
+
+class Watcher:
+    """A second client asking a small question every 0.1 s, and the server's memory, sampled
+    in a thread for the whole module."""
+
+    def __init__(self, server: ServerProcess):
+        self.server = server
+        self.process = psutil.Process(server.process.pid)
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self.rss: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Watcher":
+        self.baseline = self.process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with connect(self.server, WATCHER) as conn:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    with conn.cursor() as cursor:
+                        cursor.execute(SMALL_QUERY)
+                        assert cursor.fetchall() == [(1000,)]
+                    self.latencies.append(time.monotonic() - started)
+                except Exception as error:  # recorded: the test asserts there are none
+                    self.failures.append(str(error))
+                self.rss.append(self.process.memory_info().rss)
+                self._stop.wait(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[ServerProcess]:
+    base = tmp_path_factory.mktemp("attacks")
+    pq.write_table(pa.table({"id": pa.array(range(1000), pa.int64()),
+                             "word": [f"w{i % 37}" for i in range(1000)]}), base / "small.parquet")
+    config = {
+        "datasets": [{"from": "file:small.parquet", "name": "small"}],
+        "runtime": {
+            "auth": {"api_keys": [
+                {"name": "attacker", "key": ATTACKER, "limits": {"max_concurrent_queries": 3}},
+                {"name": "watcher", "key": WATCHER},
+                {"name": "throttled", "key": THROTTLED, "limits": {"requests_per_second": 2}}]},
+            "limits": {"memory_limit": "256MiB", "query_timeout_seconds": TIMEOUT,
+                       "max_result_rows": 1_000_000, "max_sql_length": MAX_SQL,
+                       "requests_per_second": 50, "admission_wait_seconds": 0.5}}}
+    process = ServerProcess(["run", "-c", str(write_config(base / "flightdeck.yaml", config)),
+                             "--flight-port", "0"])
+    yield process
+    code, err = process.stop()
+    assert "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def watcher(server) -> Iterator[Watcher]:
+    with Watcher(server) as watching:
+        yield watching
+    assert not watching.failures, watching.failures[:3]
+    assert watching.latencies and max(watching.latencies) < 1.0, sorted(watching.latencies)[-5:]
+    assert max(watching.rss) < watching.baseline + MEMORY_LIMIT + RSS_MARGIN, (watching.baseline, max(watching.rss))
+
+
+def connect(server: ServerProcess, key: str):
+    return flightsql.connect(server.url, autocommit=True,
+                             db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {key}"})
+
+
+def attack(server: ServerProcess, sql: str, key: str = ATTACKER) -> tuple[str, float]:
+    """The error a statement ends with, and how long it took; fails if it succeeds."""
+    started = time.monotonic()
+    with connect(server, key) as conn, conn.cursor() as cursor:
+        with pytest.raises(Exception) as raised:
+            cursor.execute(sql)
+            cursor.fetch_arrow_table()
+    message = str(raised.value)
+    assert "Traceback" not in message and 'File "' not in message, message
+    return message, time.monotonic() - started
+
+
+def within_deadline(seconds: float) -> bool:
+    return seconds < TIMEOUT + 3  # the deadline, and a connection's setup and teardown
+
+
+@pytest.mark.parametrize("sql", [  # first: work stopped at a deadline may still hold the engine's threads a while
+    "SELECT value FROM range(300000000) ORDER BY random()",
+    "SELECT count(*) AS n FROM range(100000000) a JOIN range(100000000) b ON a.value = b.value * 3",
+])
+def test_memory_hungry_queries_fail_at_the_memory_limit(server, watcher, sql):
+    message, seconds = attack(server, sql)
+    assert "memory_limit" in message and within_deadline(seconds), message
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) AS n FROM range(1000000000000)",
+    "SELECT sum(value) AS s FROM generate_series(1, 1000000000000)",
+    "SELECT count(*) AS n FROM small a, small b, small c, small d WHERE a.id + b.id + c.id + d.id < 0",
+])
+def test_endless_work_stops_at_the_deadline(server, watcher, sql):
+    message, seconds = attack(server, sql)
+    assert "query_timeout_seconds" in message and within_deadline(seconds), message
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT " + "(" * 5000 + "1" + ")" * 5000 + " AS deep",
+    "SELECT * FROM " + "(SELECT * FROM " * 2000 + "small" + ") AS t" * 2000,
+    "SELECT 1 AS one WHERE " + " OR ".join(["id = 2"] * 5000),  # a chain: deep, though flat to read
+])
+def test_deep_nesting_is_refused_cleanly(server, watcher, sql):
+    message, seconds = attack(server, sql)
+    assert "nests too deeply" in message and within_deadline(seconds), message[:500]
+
+
+def test_giant_literals_and_in_lists_under_the_length_limit_answer_and_over_it_are_refused(server, watcher):
+    giant = "x" * (MAX_SQL - 100)
+    with connect(server, ATTACKER) as conn, conn.cursor() as cursor:
+        cursor.execute(f"SELECT length('{giant}') AS n")
+        assert cursor.fetchall() == [(len(giant),)]
+        in_list = ", ".join(str(i) for i in range(100_000))
+        assert len(in_list) < MAX_SQL
+        cursor.execute(f"SELECT count(*) AS n FROM small WHERE id IN ({in_list})")
+        assert cursor.fetchall() == [(1000,)]
+    over = ", ".join(str(i) for i in range(200_000))
+    message, _ = attack(server, f"SELECT count(*) AS n FROM small WHERE id IN ({over})")
+    assert "max_sql_length" in message
+
+
+def test_a_catastrophic_regular_expression_is_linear_or_stopped(server, watcher):
+    """The engine's regular expressions never backtrack: (a+)+$ over a long string answers."""
+    with connect(server, ATTACKER) as conn, conn.cursor() as cursor:
+        started = time.monotonic()
+        cursor.execute("SELECT regexp_like(repeat('a', 200000) || 'b', '(a+)+$') AS hit")
+        assert cursor.fetchall() == [(False,)] and within_deadline(time.monotonic() - started)
+    message, seconds = attack(server, "SELECT count(*) AS n FROM range(1000000000) "
+                                      "WHERE regexp_like(repeat('a', 1000) || CAST(value AS VARCHAR), '(a+)+$')")
+    assert "query_timeout_seconds" in message and within_deadline(seconds)
+
+
+def test_streams_never_read_give_their_places_back_at_the_deadline(server, watcher):
+    client = flight.FlightClient(server.url)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {ATTACKER}".encode())])
+    command = any_pb2.Any()
+    command.Pack(sql_pb.CommandStatementQuery(query="SELECT value FROM range(1000000000)"))
+    readers = []
+    for _ in range(3):  # the attacker's every place, each holding a stream it never reads
+        info = client.get_flight_info(flight.FlightDescriptor.for_command(command.SerializeToString()), options)
+        readers.append(client.do_get(info.endpoints[0].ticket, options))
+    busy, _ = attack(server, "SELECT 1 AS one")
+    assert "too many concurrent queries" in busy
+    time.sleep(TIMEOUT + 0.5)
+    with connect(server, ATTACKER) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT 1 AS one")
+        assert cursor.fetchall() == [(1,)]
+    client.close()
+
+
+VANISHING = """
+import sys
+import adbc_driver_flightsql.dbapi as flightsql
+options = {"adbc.flight.sql.authorization_header": "Bearer " + sys.argv[2]}
+with flightsql.connect(sys.argv[1], autocommit=True, db_kwargs=options) as conn, conn.cursor() as cursor:
+    cursor.execute("SELECT value FROM range(100000000)")
+    reader = cursor.fetch_record_batch()
+    reader.read_next_batch()
+    print("reading", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_clients_vanishing_mid_stream_leave_nothing_behind(server, watcher):
+    for _ in range(3):
+        client = subprocess.Popen([sys.executable, "-c", VANISHING, server.url, ATTACKER],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "reading"
+        client.kill()
+        client.wait()
+    with httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {ATTACKER}"}) as http:
+        with http.stream("POST", "/v1/sql", content="SELECT value FROM range(100000000)") as response:
+            assert response.status_code == 200
+            next(response.iter_bytes())
+        # closed after one chunk: the server stops that query's stream
+    deadline = time.monotonic() + TIMEOUT + 2
+    while True:  # the attacker's places come back (within the deadline at the latest)
+        try:
+            with connect(server, ATTACKER) as conn, conn.cursor() as cursor:
+                cursor.execute("SELECT 1 AS one")
+                assert cursor.fetchall() == [(1,)]
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_a_key_over_its_request_rate_gets_429_with_retry_after(server, watcher):
+    with httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {THROTTLED}"}) as http:
+        answers = [http.post("/v1/sql", content="SELECT 1 AS one") for _ in range(6)]
+        codes = [a.status_code for a in answers]
+        assert codes[:2] == [200, 200] and 429 in codes, codes
+        refused = next(a for a in answers if a.status_code == 429)
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert "requests_per_second" in refused.json()["error"]["message"]
+        time.sleep(1.0)
+        assert http.post("/v1/sql", content="SELECT 1 AS one").status_code == 200
+    with connect(server, THROTTLED) as conn, conn.cursor() as cursor:
+        with pytest.raises(Exception) as raised:
+            for _ in range(20):
+                cursor.execute("SELECT 1 AS one")
+                cursor.fetchall()
+    assert "requests_per_second" in str(raised.value) and "Traceback" not in str(raised.value)
