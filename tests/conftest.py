@@ -51,10 +51,10 @@ class ServerProcess:
         self.url = next((u for u in urls if u.startswith("grpc")), None)
         self.http_url = next((u for u in urls if u.startswith("http")), None)
 
-    def stop(self) -> tuple[int, str]:
+    def stop(self, timeout: float = 30) -> tuple[int, str]:
         self.process.send_signal(signal.SIGINT)
         try:
-            _, err = self.process.communicate(timeout=30)
+            _, err = self.process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             _, err = self.process.communicate()
