@@ -100,7 +100,6 @@ KNOWN: dict[tuple[str, str], str] = {
     ("http", "unreachable"): "n/a: checked in test_http_source (unreachable API)",
     ("snowflake", "values"): "gap: fakesnow returns a NULL timestamp as 1970-01-01 (the peer, not the connector)",
     ("snowflake", ">"): "gap: fakesnow returns a NULL timestamp as 1970-01-01 (the peer, not the connector)",
-    ("snowflake", "read-only"): "gap: Snowflake has no read-only session; use a role that can only read",
 }
 NOT_IN_SUITE = {  # kinds whose tables cannot hold the common table
     "mqtt": "an MQTT broker keeps no messages to scan: a copy holds what arrives after it subscribes "

@@ -164,8 +164,10 @@ def test_only_a_select_leaves(spark_engine):
     for statement in ("DROP TABLE tpch.nation", "SELECT 1; DROP TABLE tpch.nation",
                       "INSERT INTO tpch.nation SELECT * FROM tpch.nation", "SET spark.sql.ansi.enabled=false",
                       "CACHE TABLE tpch.nation"):
+        with pytest.raises(ConnectorError, match="read-only: only one SELECT is sent"):
+            connector.execute_sql(statement).read_all()  # every SQL connector's own check
         with pytest.raises(ConnectorError, match="not sent"):
-            connector.execute_sql(statement).read_all()
+            connector.open_stream(statement, None, None)  # and, beneath it, the Spark connector's
     assert "tpch.nation" in connector.tables()
     assert spark_engine.query("SELECT count(*) AS n FROM nation").read_all().to_pylist() == [{"n": 25}]
 
