@@ -18,17 +18,11 @@ from flight.cli import Serving
 from flightdeck.config import parse_config
 from flightdeck.demo.incident import sources
 from flightdeck.demo.incident.simulator import Simulator
-from flightdeck.runtime_config import ApiKey
 from showcase import postmortem
 from showcase.agent import Agent, Finding
 
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "database": "test", "user": "postgres"}
 ACCELERATED = ("orders", "crm.customers", "logs", "metrics", "guides")
-
-
-def masks_supported() -> bool:
-    """Whether this flightdeck knows per-key column masks (older configs refuse the key)."""
-    return "masks" in ApiKey.model_fields
 
 
 def orders_database(workdir: Path, postgres: bool | None = None) -> sources.OrdersDatabase:
@@ -73,7 +67,7 @@ class IncidentRun:
         try:
             self.simulator.prepare()
             config = self.simulator.config(self.agent_key, self.operator_key, self.refresh_interval,
-                                           masks=masks_supported(), audit_log=self.audit_log)
+                                           audit_log=self.audit_log)
             config["runtime"].update({"flight": {"port": 0}, "http": {"port": 0}})
             if self.data_dir is not None:
                 config["runtime"]["data_dir"] = str(self.data_dir)

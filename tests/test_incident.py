@@ -15,7 +15,7 @@ import pytest
 from conftest import postgres, require_postgres
 from flightdeck.demo.incident import model
 from flightdeck.demo.incident.simulator import GRANTED
-from showcase.incident import IncidentRun, masks_supported
+from showcase.incident import IncidentRun
 
 SEEDS = (7, 20261120)
 SECONDS_PER_MINUTE = 0.5
@@ -173,7 +173,6 @@ def test_the_agent_key_sees_only_its_grant(played):
     assert search.is_error
 
 
-@pytest.mark.skipif(not masks_supported(), reason="this flightdeck has no per-key column masks yet")
 def test_the_agent_sees_customer_emails_only_masked(played):
     emails = played["probes"][2].structured_content["rows"]
     assert len(emails) == 5 and not any("@" in row["email"] for row in emails)

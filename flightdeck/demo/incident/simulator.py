@@ -69,17 +69,16 @@ class Simulator:
         self.control = ControlServer(self._current_alerts, self._recommend)
 
     def config(self, agent_key: str, operator_key: str, refresh_interval: float | None = None,
-               masks: bool = False, audit_log: Path | None = None) -> dict[str, Any]:
+               audit_log: Path | None = None) -> dict[str, Any]:
         """flightdeck's configuration for this incident: the agent's key sees only the incident's
-        datasets (emails masked when the running flightdeck supports masks)."""
+        datasets, and customers' emails only hashed."""
         every = f"{refresh_interval or max(0.1, self.seconds_per_minute / 3):g}s"
         orders, customers = self.orders_db.datasets()
         appended = {"enabled": True, "engine": "duckdb", "refresh_mode": "append", "refresh_check_interval": every}
-        agent: dict[str, Any] = {"name": "sre-agent", "key": agent_key, "datasets": GRANTED}
-        auth: dict[str, Any] = {"api_keys": [agent, {"name": "operator", "key": operator_key, "refresh": True}]}
-        if masks:
-            agent["masks"] = {"crm.customers": {"email": "hash"}}
-            auth["mask_key"] = secrets.token_hex(16)  # a run's own: its hashes join within the run only
+        agent: dict[str, Any] = {"name": "sre-agent", "key": agent_key, "datasets": GRANTED,
+                                 "masks": {"crm.customers": {"email": "hash"}}}
+        auth: dict[str, Any] = {"api_keys": [agent, {"name": "operator", "key": operator_key, "refresh": True}],
+                                "mask_key": secrets.token_hex(16)}  # a run's own: its hashes join within the run only
         runtime: dict[str, Any] = {"auth": auth}
         if audit_log is not None:
             runtime["audit"] = {"log": str(audit_log)}
