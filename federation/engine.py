@@ -385,16 +385,23 @@ class QueryEngine:
                 return pa.concat_tables([explained, extra]).to_reader()
             if planned.subplans:
                 return self._with_fallback(planned)
-            return stoppable_stream(planned.frame)
+            return stoppable_stream(self._own_frame(planned.frame))
         except Exception as error:
             raise self._query_error(error) from None
+
+    def _own_frame(self, frame: DataFrame) -> DataFrame:
+        """A DataFrame of the plan for this execution alone. A kept plan runs on many threads
+        at once, and DataFusion's DataFrame swaps its last physical plan under a lock taken with
+        the GIL held while dropping the previous one needs the GIL: two threads executing one
+        DataFrame can deadlock the process."""
+        return self.ctx.create_dataframe_from_logical_plan(frame.logical_plan())
 
     def _with_fallback(self, planned: PlannedQuery) -> pa.RecordBatchReader:
         """The query's stream, its first batch read here: a backend rejects a statement (e.g. a
         function it lacks) as the scan sending it starts, before any result, and then the query
         runs without pushed parts instead, as a whole query does."""
         try:
-            pushed = stoppable_stream(planned.frame)
+            pushed = stoppable_stream(self._own_frame(planned.frame))
             first = pushed.read_next_batch()
         except StopIteration:
             return pa.RecordBatchReader.from_batches(planned.schema, [])
@@ -402,7 +409,7 @@ class QueryEngine:
             if FAILED not in str(error):
                 raise
             log.info("sub-plan pushdown failed, running in DataFusion: %s", clean_engine_message(str(error)))
-            return stoppable_stream(planned.local_frame)
+            return stoppable_stream(self._own_frame(planned.local_frame))
         return pa.RecordBatchReader.from_batches(planned.schema, itertools.chain([first], pushed))
 
     def query(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:
