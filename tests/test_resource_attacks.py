@@ -144,13 +144,13 @@ def test_endless_work_stops_at_the_deadline(server, watcher, sql):
     assert "query_timeout_seconds" in message and within_deadline(seconds), message
 
 
-def test_a_join_explosion_ends_for_its_client_at_the_deadline(server):
-    # No second client here: the nested-loop join never hands its threads back to the engine's
-    # scheduler, and keeps them after the deadline answered its client, so other queries wait
-    # (README, "Not yet"). What holds: the client gets its clean timeout in time.
+def test_a_join_explosion_ends_at_the_deadline_and_others_keep_answering(server, watcher):
     message, seconds = attack(server, "SELECT count(*) AS n FROM small a, small b, small c, small d "
                                       "WHERE a.id + b.id + c.id + d.id < 0")
     assert "query_timeout_seconds" in message and within_deadline(seconds), message
+    # Its nested-loop join never yields, so it runs on after the deadline (README, "Not yet");
+    # the second client keeps asking meanwhile, on the engine's other threads.
+    time.sleep(3)
 
 
 @pytest.mark.parametrize("sql", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import os
+import time
 
 import duckdb
 import pytest
@@ -196,8 +197,12 @@ def test_a_statement_past_its_timeout_is_interrupted_on_the_cluster(spark_cluste
     try:
         with pytest.raises(ConnectorError, match="timed out after 3 s"):
             connector.execute_sql("SELECT count(*) AS n FROM range(0, 100000000000, 1, 4)").read_all()
-        jobs = cluster.application("/jobs")
-        assert jobs[0]["status"] == "FAILED"  # the newest job: cancelled by its operation's tag
+        # The newest job, cancelled by its operation's tag; Spark's status API reports the
+        # cancellation a moment after the client has its error.
+        give_up = time.monotonic() + 15
+        while (status := cluster.application("/jobs")[0]["status"]) == "RUNNING" and time.monotonic() < give_up:
+            time.sleep(0.2)
+        assert status == "FAILED"
         assert connector.execute_sql("SELECT 1 AS one").read_all().to_pylist() == [{"one": 1}]
     finally:
         connector.close()
