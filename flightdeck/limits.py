@@ -117,12 +117,14 @@ class Deadlines:
     def schedule(self, seconds: float, action: Callable[[], None]) -> int:
         """Run ``action`` in ``seconds`` unless cancelled; returns the handle to cancel it with."""
         handle = next(self._counter)
+        entry = (time.monotonic() + seconds, handle, action)
         with self._changed:
-            heapq.heappush(self._heap, (time.monotonic() + seconds, handle, action))
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="flightdeck-deadlines", daemon=True)
                 self._thread.start()
-            self._changed.notify()
+            if self._heap[0] is entry:  # woken only for a deadline sooner than the one it waits for
+                self._changed.notify()
         return handle
 
     def cancel(self, handle: int) -> None:
