@@ -62,8 +62,9 @@ class Dataset:
     source_connector: Connector | None = None   # the backend the dataset comes from
     table: str = ""                             # the dataset's table within ``connector``
     registrations: list[ConnectorDataset] = field(default_factory=list)
-    # Seen through a grant that hides some columns: no statement goes to its backend whole,
-    # since a statement could name what the grant hides (the scan asks only for visible ones).
+    # Seen through a grant that hides some columns: a statement goes to its backend whole only
+    # when it is written from the plan and names visible columns alone (``pushdown``); no
+    # sub-plan or translated statement (either could name what the grant hides).
     columns_restricted: bool = False
     # Seen through a grant that masks some columns (``arrow_schema`` is then the masked one):
     # every read goes through the masking scan, never to a backend as a statement or a filter.

@@ -100,7 +100,7 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
     if not _safe_plan(plan, scans) or not scans:
         return None
     datasets = [catalog.scanned(fqn) for fqn in scans]
-    backends = [sql_backend(d) for d in datasets]
+    backends = [sql_backend(d, names_checked=True) for d in datasets]
     connector = backends[0]
     if connector is None or any(b is not connector for b in backends):
         return None
@@ -109,6 +109,8 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
         tree = sqlglot.parse_one(sql, read=PARSE_AS.get(connector.dialect, connector.dialect))
     except Exception as error:  # the unparser or the parser cannot express it: run locally
         log.debug("no whole-query pushdown: %s", error)
+        return None
+    if any(d.columns_restricted for d in datasets) and not _names_only_visible(tree, datasets):
         return None
     if not _same_meaning(tree, connector, datasets) or not _same_columns(tree, frame):
         return None
@@ -125,13 +127,25 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
     return RemoteQuery(connector, statement.sql, statement.params)
 
 
-def sql_backend(dataset: Dataset | None) -> SqlConnector | None:
+def sql_backend(dataset: Dataset | None, names_checked: bool = False) -> SqlConnector | None:
     """The connector a dataset is read through when statements may be sent to it: SQL, in a
-    dialect whose differences from DataFusion are known (see above)."""
-    if (dataset is None or dataset.state != "ready" or dataset.scanned_only
+    dialect whose differences from DataFusion are known (see above). A dataset with hidden
+    columns only for a caller that proves its statement names visible columns alone
+    (``names_checked``); a masked one never (a filter would see the raw values)."""
+    if (dataset is None or dataset.state != "ready" or dataset.masks is not None
+            or (dataset.columns_restricted and not names_checked)
             or not isinstance(dataset.connector, SqlConnector)):
         return None
     return dataset.connector if dataset.connector.dialect in DIALECTS else None
+
+
+def _names_only_visible(tree: exp.Expression, datasets: list[Dataset]) -> bool:
+    """The statement, written from a plan over the visible columns, names no other: no star
+    (the backend would expand it to every column) but ``count(*)``'s, and each column it
+    references visible (a table's name as a column is its whole row on some backends)."""
+    visible = {name for dataset in datasets for name in dataset.arrow_schema.names}
+    stars_counted = all(isinstance(star.parent, exp.Count) for star in tree.find_all(exp.Star))
+    return stars_counted and _columns_in(tree) <= visible
 
 
 def _safe_plan(node, scans: list[tuple]) -> bool:

@@ -3,6 +3,7 @@ the others — not in SQL, listings, metadata, search, system tables, handles or
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Iterator
 
 import adbc_driver_flightsql.dbapi as flightsql
@@ -125,6 +126,50 @@ def test_column_grants_show_only_the_granted_columns(deck):
     assert joined and set(joined[0]) == {"tier", "failed"}
     columns = query(deck, SRE, "SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")
     assert {row["column_name"] for row in columns} == {"customer_id", "tier", "country"}
+
+
+HIDDEN_CUSTOMER_COLUMNS = ("name", "email", "signup_date")
+NAMES_A_HIDDEN_COLUMN = re.compile(r"\b(" + "|".join(HIDDEN_CUSTOMER_COLUMNS) + r")\b", re.IGNORECASE)
+
+
+def backend_requests(deck, key: str, sql: str) -> dict[str, str]:
+    """What EXPLAIN says each backend is sent for ``sql`` under ``key``: {what is sent: the
+    statement} (DataFusion's own plan lines left out)."""
+    rows = query(deck, key, f"EXPLAIN {sql}")
+    return {row["plan_type"]: row["plan"] for row in rows
+            if not row["plan_type"].endswith(("logical_plan", "physical_plan"))}
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT customer_id, tier FROM crm.customers WHERE country = 'DE' ORDER BY customer_id",
+    "SELECT tier, count(*) AS n FROM crm.customers GROUP BY tier ORDER BY tier",
+    "SELECT count(*) AS n FROM crm.customers",
+    "SELECT * FROM crm.customers WHERE customer_id < 5 ORDER BY customer_id",
+    "SELECT c.* FROM crm.customers c WHERE c.tier = 'enterprise' ORDER BY c.customer_id LIMIT 3",
+    "SELECT customers FROM crm.customers",
+])
+def test_a_column_grant_sends_statements_naming_visible_columns_only(deck, sql):
+    """A dataset with hidden columns may go to its backend whole, but only in a statement
+    written from the plan that names visible columns alone: never a star, never a hidden name."""
+    try:
+        sent = backend_requests(deck, SRE, sql).values()
+    except Exception as error:  # a whole row by the table's name is no column of the view
+        assert "customers" in str(error) and not NAMES_A_HIDDEN_COLUMN.search(str(error))
+        return
+    for statement in sent:
+        text = statement.split("--")[0].lower()
+        assert not NAMES_A_HIDDEN_COLUMN.search(text), statement
+        assert "*" not in text.replace("count(*)", ""), statement
+    visible = query(deck, SRE, sql)
+    everything = query(deck, AUDITOR, sql)
+    assert visible == [{k: v for k, v in row.items() if k not in HIDDEN_CUSTOMER_COLUMNS} for row in everything]
+
+
+def test_a_query_naming_granted_columns_goes_whole_to_its_backend(deck):
+    sql = "SELECT tier, count(*) AS n FROM crm.customers WHERE customer_id < 100 GROUP BY tier"
+    sent = backend_requests(deck, SRE, sql)
+    assert list(sent) == ["flightdeck: whole query sent to sqlite (crm.sqlite)"], sent
+    assert sent == backend_requests(deck, AUDITOR, sql)  # as for a key that sees every column
 
 
 def test_a_query_handle_belongs_to_the_key_that_made_it(deck):
