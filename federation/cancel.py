@@ -10,8 +10,10 @@ query calls ``cancel()`` when its client disconnects or cancels, from any thread
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -155,4 +157,18 @@ def _loop() -> asyncio.AbstractEventLoop | None:
     if loop is None:
         loop = _current.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)  # where the engine's awaitables find their loop
+        _threads_loops.add(loop)
     return loop
+
+
+# Weakly: a thread that ends takes its loop with it (threads of the doors' pools come and go).
+_threads_loops: "weakref.WeakSet[asyncio.AbstractEventLoop]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_threads_loops() -> None:
+    """Closed while the interpreter still runs: left to the garbage collector at its end, a
+    loop may be collected after its own sockets and print an error from its destructor."""
+    for loop in list(_threads_loops):
+        if not loop.is_running():
+            loop.close()
