@@ -159,10 +159,11 @@ def test_the_orders_database_receives_only_the_refreshes(played):
     # None of the agent's queries reached PostgreSQL: each names the backends it asked.
     assert any(e["backends"] for e in agent_queries)
     assert not [e for e in agent_queries if any("postgres (" in b for b in e["backends"])]
-    # Every request PostgreSQL got was a refresh's: a refresh of each copy may be under way while
-    # the counts are read, having sent its statement without being counted yet.
+    # Every request PostgreSQL got was a refresh's: a refresh of each of the two copies may be
+    # under way while the counts are read, at the start as at the end, having sent its statement
+    # without being counted as a refresh yet.
     low, high = played["refreshes"]
-    assert low <= played["postgres_requests"] <= high + 2
+    assert low - 2 <= played["postgres_requests"] <= high + 2
     assert played["postgres_requests"] < len(agent_queries)
     sampler = played["sampler"]
     assert sampler.statements, f"no statement sampled in {sampler.samples} samples"
