@@ -14,6 +14,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable
 
+import pyarrow as pa
+
 from flightdeck.errors import LIMIT_EXCEEDED, ServiceError
 
 
@@ -26,6 +28,10 @@ class QueryLimits:
     max_concurrent: int = 8                  # this principal's queries running at once
     requests_per_second: float | None = None  # this principal's requests, sustained (None: no limit)
 
+    @property
+    def bounds_results(self) -> bool:
+        return self.max_rows is not None or self.max_bytes is not None
+
     def check_result(self, rows: int, nbytes: int) -> None:
         """Raises LIMIT_EXCEEDED once a result has grown past a limit."""
         if self.max_rows is not None and rows > self.max_rows:
@@ -34,6 +40,33 @@ class QueryLimits:
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise ServiceError(LIMIT_EXCEEDED, f"the result is larger than {self.max_bytes} bytes (the limit "
                                                "max_result_bytes): select fewer columns or rows")
+
+    def within(self, batch: pa.RecordBatch, rows: int, nbytes: int) -> tuple[pa.RecordBatch, str | None]:
+        """The head of ``batch`` that keeps a result (``rows`` and ``nbytes`` before it) within the
+        limits, and a notice saying why when that is less than the whole batch."""
+        keep = batch.num_rows
+        notice = None
+        if self.max_rows is not None and rows + keep > self.max_rows:
+            keep = self.max_rows - rows
+            notice = (f"truncated: the result has more than {self.max_rows} rows (the limit max_result_rows); "
+                      f"only the first {self.max_rows} are returned: aggregate, filter or add a LIMIT")
+        if self.max_bytes is not None and nbytes + batch.slice(0, keep).nbytes > self.max_bytes:
+            keep = _rows_fitting(batch, keep, self.max_bytes - nbytes)
+            notice = (f"truncated: the result is larger than {self.max_bytes} bytes (the limit max_result_bytes); "
+                      f"only the first {rows + keep} rows are returned: select fewer columns or rows")
+        return (batch if keep == batch.num_rows else batch.slice(0, keep)), notice
+
+
+def _rows_fitting(batch: pa.RecordBatch, at_most: int, room: int) -> int:
+    """How many leading rows of ``batch`` (up to ``at_most``) take at most ``room`` bytes."""
+    low, high = 0, at_most  # low always fits, high + 1 never does
+    while low < high:
+        middle = (low + high + 1) // 2
+        if batch.slice(0, middle).nbytes <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class Admission:

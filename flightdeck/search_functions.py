@@ -153,9 +153,13 @@ class ColumnIndex:
                               f"copy is still loading; waited {self.ready_timeout:g}s)")
         return self._state
 
-    def search(self, mode: str, query: str, k: int, row_filter: pc.Expression | None) -> pa.Table:
+    def search(self, mode: str, query: str, k: int, row_filter: pc.Expression | None,
+               masks: ColumnMasks | None = None) -> pa.Table:
+        """The k best rows for ``query`` among those ``row_filter`` keeps; the filter sees the
+        rows as ``masks`` shows them (a WHERE on a masked column must not probe raw values)."""
         state = self._require()
-        candidates = _matching_rows(state.rows, row_filter)
+        probed = masks is not None and row_filter is not None and referenced_fields(row_filter) & masks.columns
+        candidates = _matching_rows(masks.apply(state.rows) if probed else state.rows, row_filter)
         chunk_ids = None if candidates is None else np.flatnonzero(candidates[state.chunk_rows])
         if mode == "vector":
             ranked = self._vector_rows(state, query, k, chunk_ids)
@@ -357,9 +361,7 @@ class SearchResults(LazyDataset):
     def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
         if self.query is None or self.k is None:
             raise SearchError(f"{self.mode}_search: the query and k must be given (bind the parameters)")
-        # A WHERE on a masked column must only see masked values: it applies after ranking then.
-        probes = self.masks is not None and filter is not None and referenced_fields(filter) & self.masks.columns
-        table = self.index.search(self.mode, self.query, self.k, None if probes else filter)
+        table = self.index.search(self.mode, self.query, self.k, filter, self.masks)
         if self.masks is not None:
             table = self.masks.apply(table)
         if filter is not None:

@@ -33,7 +33,7 @@ from flightdeck.grants import qualified
 from flightdeck.limits import Admission, QueryLimits, RequestRates, Slot
 from flightdeck.runtime_config import QueryLimitSettings
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from flightdeck.metrics import INTERNAL_ERROR, OK
+from flightdeck.metrics import INTERNAL_ERROR, OK, TRUNCATED
 from flightdeck.search_functions import MODES as SEARCH_MODES
 from flightdeck.search_functions import SearchError
 from flightdeck.stack import Stack
@@ -58,6 +58,14 @@ class Planned:
     query: PlannedQuery
     accelerated: tuple[str, ...] = ()  # the accelerated datasets it reads (their copies or indexes)
     door: str = CORE
+
+
+@dataclass
+class Truncation:
+    """Handed to ``execute`` by a door that cuts results at the principal's row and byte limits
+    instead of failing there (HTTP and MCP do; Flight SQL fails): the stream then ends at the
+    limit and ``notice`` says so and why. Nothing is cut without it being said."""
+    notice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,12 +183,13 @@ class Service:
             return self._engine(planned.principal).known_row_count(planned.query)
 
     def execute(self, planned: Planned, cancelled: threading.Event | None = None,
-                backend: Cancellation | None = None) -> pa.RecordBatchReader:
+                backend: Cancellation | None = None, truncation: Truncation | None = None) -> pa.RecordBatchReader:
         """Run a planned statement; the reader raises ServiceError, and stops with a ``cancelled``
         one once ``cancelled`` is set. Close the reader (or drop it) to release the backends.
         Backend statements the query starts register with ``backend``: cancelling it stops
         them at the backend (a door does so when its client goes away). The principal's limits
-        hold until the stream ends: a place among running queries, a deadline, a result size."""
+        hold until the stream ends: a place among running queries, a deadline, a result size
+        (past which the stream fails, or ends early when given a ``truncation`` to say so in)."""
         started = time.perf_counter()
         cancelled = cancelled or threading.Event()
         backend = backend or Cancellation()
@@ -200,14 +209,15 @@ class Service:
             self._finished(planned.principal, planned.door, planned.sql, planned.parameters, planned.query,
                            _outcome(error), started, 0, 0, error)
             raise
-        return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started, slot))
+        return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started, slot,
+                                                                                   truncation))
 
     def query(self, principal: Principal, sql: str, parameters: list[Any] | None = None,
               door: str = CORE) -> pa.RecordBatchReader:
         return self.execute(self.plan(principal, sql, parameters, door))
 
     def _stream(self, planned: Planned, reader: pa.RecordBatchReader, cancelled: threading.Event,
-                started: float, slot: Slot) -> Iterator[pa.RecordBatch]:
+                started: float, slot: Slot, truncation: Truncation | None) -> Iterator[pa.RecordBatch]:
         rows = nbytes = 0
         outcome, failure = INTERNAL_ERROR, None
         limits = planned.principal.limits
@@ -215,13 +225,17 @@ class Service:
             for batch in reader:
                 if cancelled.is_set():
                     raise _stopped(slot, limits)
+                if truncation is not None:
+                    batch, truncation.notice = limits.within(batch, rows, nbytes)
                 rows += batch.num_rows
                 nbytes += batch.nbytes
                 limits.check_result(rows, nbytes)
                 yield batch
+                if truncation is not None and truncation.notice:
+                    break  # closing the reader below stops the query
             if slot.expired:  # the backend stopped early because the deadline passed
                 raise _stopped(slot, limits)
-            outcome = OK
+            outcome = TRUNCATED if truncation is not None and truncation.notice else OK
         except GeneratorExit:  # the door closed the stream before its end
             outcome = CANCELLED
             raise
@@ -242,10 +256,11 @@ class Service:
             slot.release()
             reader.close()
             self._finished(planned.principal, planned.door, planned.sql, planned.parameters, planned.query,
-                           outcome, started, rows, nbytes, failure)
+                           outcome, started, rows, nbytes, failure or truncation)
 
     def _finished(self, principal: Principal, door: str, sql: str, parameters: Any, query: PlannedQuery | None,
-                  outcome: str, started: float, rows: int, nbytes: int, error: Exception | None) -> None:
+                  outcome: str, started: float, rows: int, nbytes: int,
+                  error: Exception | Truncation | None) -> None:
         """A query's end, in the metrics and the audit log."""
         seconds = time.perf_counter() - started
         self.stack.metrics.query_finished(door, outcome, seconds, rows, nbytes)
@@ -253,7 +268,8 @@ class Service:
         engine = self._engine(principal)
         datasets = engine.scanned_datasets(query) if query is not None else []
         backends = [self.redact(b) for b in engine.backend_statements(query)] if query is not None else []
-        message = error.message if isinstance(error, ServiceError) else None
+        message = (error.message if isinstance(error, ServiceError)
+                   else error.notice if isinstance(error, Truncation) else None)
         audit.record(AuditEntry(principal.name, door, self.redact(sql), audit.parameters(
             None if parameters is None else tuple(parameters)), datasets, backends, rows, nbytes,
             round(seconds, 6), outcome, message, grant=principal.grant))
@@ -345,11 +361,13 @@ class Service:
         return self.plan(principal, f"SELECT column_name, value FROM ({union}) ORDER BY position, value")
 
     def search(self, principal: Principal, dataset: str, text: str, k: int = 10, mode: str = "hybrid",
-               where: str | None = None, column: str | None = None, door: str = CORE) -> pa.RecordBatchReader:
+               where: str | None = None, column: str | None = None, door: str = CORE,
+               truncation: Truncation | None = None) -> pa.RecordBatchReader:
         """The ``k`` best rows of a dataset for ``text`` (the dataset's columns plus ``score`` and
         ``chunk``), through the search table functions, so it obeys everything SQL does.
         ``where`` is a SQL condition on the dataset's columns, applied before ranking."""
-        return self.execute(self.plan_search(principal, dataset, text, k, mode, where, column, door))
+        return self.execute(self.plan_search(principal, dataset, text, k, mode, where, column, door),
+                            truncation=truncation)
 
     def plan_search(self, principal: Principal, dataset: str, text: str, k: int = 10, mode: str = "hybrid",
                     where: str | None = None, column: str | None = None, door: str = CORE) -> Planned:

@@ -282,6 +282,43 @@ def test_postgres_sessions_refuse_writes_themselves(world):
     assert world.fingerprint("postgres") == world.baseline["postgres"]
 
 
+READER = "fd_atk_reader"  # a login role with SELECT on the attacked table and nothing else
+
+
+def test_a_select_only_postgres_role_is_all_flightdeck_needs(world, tmp_path):
+    """The suite attacks as a superuser (the gate alone must hold); a deployment gives flightdeck
+    a role that may only read: queries, pushed filters and whole statements work under it, and
+    what a superuser session could still do on the host is refused by PostgreSQL itself."""
+    postgres(f"DO $$ BEGIN CREATE ROLE {READER} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    postgres(f"GRANT USAGE ON SCHEMA {SCHEMA} TO {READER}")
+    postgres(f"GRANT SELECT ON {SCHEMA}.t TO {READER}")
+    config = {"runtime": {"data_dir": str(tmp_path / "data")}, "datasets": [
+        {"from": f"postgres:{SCHEMA}.t", "name": "t", "params": {**PG, "pg_user": READER}}]}
+    try:
+        assert postgres(f"SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = '{READER}'") \
+            == [(False, False, False)]
+        with serving(config, tmp_path) as running:
+            with flightsql.connect(running.flight_url, autocommit=True) as conn, conn.cursor() as cursor:
+                cursor.execute("SELECT count(*) AS n, max(name) AS top FROM t WHERE id > 1")
+                assert cursor.fetchall() == [(len(ROWS) - 1, max(r[1] for r in ROWS[1:]))]
+                cursor.execute("SELECT a.id FROM t a JOIN t b ON a.id = b.id WHERE a.id = ? ORDER BY 1",
+                               parameters=(ROWS[0][0],))
+                assert cursor.fetchall() == [(ROWS[0][0],)]
+            session = running.catalog.datasets["public.t"].connector._connect()
+            try:
+                for reach in (f"SELECT pg_read_file('{CANARY}')", "SELECT * FROM pg_ls_dir('/tmp')",
+                              "SELECT lo_import('/etc/hostname')"):
+                    with session.cursor() as cursor, pytest.raises(Exception, match="permission denied|read-only"):
+                        cursor.execute(reach)
+                        cursor.fetchall()
+            finally:
+                session.close()
+    finally:
+        postgres(f"DROP OWNED BY {READER}")
+        postgres(f"DROP ROLE {READER}")
+    assert world.fingerprint("postgres") == world.baseline["postgres"]
+
+
 def test_mariadb_sessions_refuse_writes_themselves(world):
     connector = _connector(world, "mariadb")
     session = connector._connect()

@@ -4,18 +4,25 @@ error of its kind through every door while other callers keep being answered."""
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from typing import Any, Iterator
 
 import adbc_driver_flightsql.dbapi as flightsql
+import anyio
 import httpx
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401
 import pytest
 import yaml
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from conftest import service_error, serving
 from flightdeck.auth import Credentials
 from flightdeck.errors import CANCELLED, LIMIT_EXCEEDED, TIMED_OUT, ServiceError
+from flightdeck.service import Truncation
 
 LOOPER, PATIENT, OTHER = "looper-key-0123456789", "patient-key-0123456789", "other-key-0123456789"
 HURRIED = "hurried-key-0123456789"
@@ -51,6 +58,85 @@ def test_a_result_over_the_row_or_byte_limit_fails_naming_the_limit(deck):
     error = service_error(lambda: service.query(patient, "SELECT * FROM orders"))
     assert error.kind == LIMIT_EXCEEDED and "max_result_bytes" in error.message
     assert service.query(principal(deck, OTHER), "SELECT * FROM orders").read_all().num_rows == 30000
+
+
+def test_a_door_that_truncates_gets_exactly_the_limit_and_a_notice(deck):
+    service = deck.service
+    looper, patient = principal(deck, LOOPER), principal(deck, PATIENT)
+    everything = service.query(principal(deck, OTHER), "SELECT * FROM orders ORDER BY order_id").read_all()
+    cut = Truncation()
+    rows = service.execute(service.plan(looper, "SELECT * FROM orders ORDER BY order_id"), truncation=cut).read_all()
+    assert rows.num_rows == 100 and rows.equals(everything.slice(0, 100))
+    assert "max_result_rows" in cut.notice and "first 100" in cut.notice
+    whole = Truncation()
+    assert service.execute(service.plan(looper, "SELECT * FROM orders LIMIT 100"), truncation=whole).read_all() \
+        .num_rows == 100
+    assert whole.notice is None  # exactly at the limit is not cut
+    cut = Truncation()
+    rows = service.execute(service.plan(patient, "SELECT * FROM orders ORDER BY order_id"), truncation=cut).read_all()
+    assert 0 < rows.num_rows < everything.num_rows and rows.equals(everything.slice(0, rows.num_rows))
+    assert rows.nbytes <= 1_000_000 < everything.slice(0, rows.num_rows + 1).nbytes
+    assert "max_result_bytes" in cut.notice and f"first {rows.num_rows} rows" in cut.notice
+    assert service.admission.running() == 0
+    mine = service.query(looper, "SELECT outcome, rows, error FROM flightdeck.runtime.queries "
+                                 "WHERE outcome = 'truncated'").read_all().to_pylist()
+    assert any(entry["rows"] == 100 and "max_result_rows" in entry["error"] for entry in mine)
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/x-ndjson", "text/csv",
+                                    "application/vnd.apache.arrow.stream", "application/vnd.spiceai.sql.v1+json"])
+def test_http_truncates_at_the_row_limit_and_says_so_in_every_format(deck, accept):
+    headers = {"Authorization": f"Bearer {LOOPER}", "Accept": accept}
+    with httpx.Client(base_url=deck.http_url, headers=headers, timeout=30) as client:
+        cut = client.post("/v1/sql", content="SELECT order_id FROM orders ORDER BY order_id")
+        whole = client.post("/v1/sql", content="SELECT order_id FROM orders ORDER BY order_id LIMIT 100")
+    for answer in (cut, whole):
+        assert answer.status_code == 200, answer.text
+        assert http_order_ids(answer, accept) == first_order_ids(deck)
+    assert "max_result_rows" in cut.headers["X-Flightdeck-Truncated"]
+    assert "X-Flightdeck-Truncated" not in whole.headers
+    if accept == "application/vnd.spiceai.sql.v1+json":
+        assert "max_result_rows" in cut.json()["truncated"] and "truncated" not in whole.json()
+
+
+def test_http_truncates_at_the_byte_limit(deck):
+    headers = {"Authorization": f"Bearer {PATIENT}", "Accept": "application/vnd.apache.arrow.stream"}
+    with httpx.Client(base_url=deck.http_url, headers=headers, timeout=30) as client:
+        answer = client.post("/v1/sql", content="SELECT * FROM orders ORDER BY order_id")
+    table = pa.ipc.open_stream(answer.content).read_all()
+    assert answer.status_code == 200 and 0 < table.num_rows < 30000 and table.nbytes <= 1_000_000
+    assert "max_result_bytes" in answer.headers["X-Flightdeck-Truncated"]
+
+
+def first_order_ids(deck) -> list[int]:
+    query = "SELECT order_id FROM orders ORDER BY order_id LIMIT 100"
+    return deck.service.query(principal(deck, OTHER), query).read_all().column("order_id").to_pylist()
+
+
+def http_order_ids(answer: httpx.Response, accept: str) -> list[int]:
+    if accept == "application/json":
+        return [row["order_id"] for row in answer.json()]
+    if accept == "application/vnd.spiceai.sql.v1+json":
+        return [row["order_id"] for row in answer.json()["data"]]
+    if accept == "application/x-ndjson":
+        return [json.loads(line)["order_id"] for line in answer.text.splitlines()]
+    if accept == "text/csv":
+        return [int(line) for line in answer.text.splitlines()[1:]]
+    return pa.ipc.open_stream(answer.content).read_all().column("order_id").to_pylist()
+
+
+def test_mcp_truncates_at_the_row_limit_and_says_so(deck):
+    async def main() -> Any:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {LOOPER}"}) as client:
+            async with Client(streamable_http_client(f"{deck.http_url}/v1/mcp", http_client=client)) as session:
+                return (await session.call_tool("sql", {"query": "SELECT order_id FROM orders ORDER BY order_id"}),
+                        await session.call_tool("sql", {"query": "SELECT order_id FROM orders LIMIT 100"}))
+    cut, whole = anyio.run(main)
+    assert not cut.is_error and not whole.is_error
+    rows = cut.structured_content
+    assert rows["truncated"] and "max_result_rows" in rows["notice"]
+    assert [row["order_id"] for row in rows["rows"]] == first_order_ids(deck) and rows["row_count"] == 100
+    assert not whole.structured_content["truncated"] and whole.structured_content["row_count"] == 100
 
 
 def test_the_deadline_covers_the_whole_stream_and_others_keep_answering(deck):

@@ -166,6 +166,14 @@ def test_search_returns_masked_values_and_never_searches_a_masked_column(deck):
     assert opened == [{"email": EXISTING}]
 
 
+@pytest.mark.parametrize("email", ["bob@example.com", "dave@example.net"])  # both notes are about pools
+def test_a_search_where_on_a_masked_column_picks_among_masked_values_before_ranking(deck, email):
+    sql = "SELECT email, score FROM text_search(customers, 'pools', 1) WHERE email = '{}'"
+    found = answer(deck, MASKED, sql.format(keyed(email)))
+    assert [row["email"] for row in found] == [keyed(email)]  # the best match among the filtered, not none
+    assert answer(deck, MASKED, sql.format(email)) == []  # the raw value matches nothing
+
+
 def test_explain_and_the_backend_never_carry_the_probed_value(deck):
     """The masked key's scan of PostgreSQL has no condition on email (its values are compared
     here, hashed); the open key's statement does carry it (bound as a parameter)."""

@@ -6,7 +6,6 @@ Routes follow Spice AI's HTTP API where the feature is the same. Every route but
 """
 from __future__ import annotations
 
-import datetime as dt
 import functools
 from typing import Any, AsyncContextManager, Awaitable, Callable, Sequence
 
@@ -25,11 +24,12 @@ from flight.http.formats import ENCODERS, content_coding, negotiate
 from flight.http.streaming import ClientGone, QueryControl, ResultStream, StreamedResponse, run_watched
 from flightdeck.auth import Principal
 from flightdeck.errors import INVALID, NOT_FOUND, UNAUTHENTICATED, UNAVAILABLE, ServiceError
-from flightdeck.service import Freshness, Service
+from flightdeck.service import Freshness, Service, Truncation
 
 DOOR = "http"  # this door's label in the metrics
 DATA_AS_OF = "X-Flightdeck-Data-As-Of"                    # the oldest copy the answer read
 DATA_AS_OF_DATASETS = "X-Flightdeck-Data-As-Of-Datasets"  # each copy: "name=time, name=time"
+TRUNCATED = "X-Flightdeck-Truncated"  # the result was cut at a result limit: why, and how to ask for less
 ACCELERATION_KEYS = ("acceleration", "refresh_state", "refresh_mode", "last_refresh_start", "last_refresh_end",
                      "last_refresh_rows", "rows_loaded", "rows", "bytes", "last_error", "data_as_of",
                      "refreshes", "failures", "embedded_last_refresh", "embedded_total", "changes_applied",
@@ -85,13 +85,17 @@ class HttpApi:
         coding = content_coding(request.headers.get("accept-encoding"))
         control = QueryControl()
 
+        truncation = Truncation()
+
         def start() -> tuple[ResultStream, bytes, Freshness | None]:
             planned = self.service.plan(principal, sql, parameters, door=DOOR)
             freshness = self.service.freshness(planned.accelerated)
-            reader = self.service.execute(planned, control.cancelled, control.backend)
-            stream = ResultStream(reader, encoder(reader.schema), coding, control)
+            reader = self.service.execute(planned, control.cancelled, control.backend, truncation)
+            stream = ResultStream(reader, encoder(reader.schema), coding, control, truncation)
             try:
-                head = stream.prime()
+                # A result that may be cut is read to its end (at most the limit) before the
+                # head goes out, so that every format can say it was cut, in a header.
+                head = stream.prime(whole=principal.limits.bounds_results)
             except BaseException:
                 stream.close()
                 raise
@@ -101,6 +105,8 @@ class HttpApi:
 
         stream, head, freshness = await run_watched(request, start, control.cancel)
         headers = {"Vary": "Accept, Accept-Encoding", **freshness_headers(freshness)}
+        if truncation.notice:
+            headers[TRUNCATED] = truncation.notice
         if coding:
             headers["Content-Encoding"] = coding
         return StreamedResponse(stream, head, encoder.media_type, headers)

@@ -97,7 +97,8 @@ class Encoder:
     def _encode(self, batch: pa.RecordBatch) -> bytes:
         raise NotImplementedError
 
-    def end(self) -> bytes:
+    def end(self, truncated: str | None = None) -> bytes:
+        """The end of the body; ``truncated``: why the result was cut at a limit, if it was."""
         return b""
 
 
@@ -112,19 +113,21 @@ class JsonArray(Encoder):
         text = _dumps(json_rows(batch))[1:-1]
         return (text if self.rows == batch.num_rows else "," + text).encode()
 
-    def end(self) -> bytes:
+    def end(self, truncated: str | None = None) -> bytes:
         return b"]"
 
 
 class SpiceJson(JsonArray):
-    """``{"schema": ..., "data": [...], "row_count": N}`` (Spice AI's SQL result)."""
+    """``{"schema": ..., "data": [...], "row_count": N}`` (Spice AI's SQL result), with
+    ``"truncated"`` (why the result was cut) when it was."""
     media_type = SPICE_JSON
 
     def start(self) -> bytes:
         return f'{{"schema":{_dumps(schema_json(self.schema))},"data":['.encode()
 
-    def end(self) -> bytes:
-        return f'],"row_count":{self.rows}}}'.encode()
+    def end(self, truncated: str | None = None) -> bytes:
+        notice = f',"truncated":{_dumps(truncated)}' if truncated else ""
+        return f'],"row_count":{self.rows}{notice}}}'.encode()
 
 
 class NdJson(Encoder):
@@ -153,7 +156,7 @@ class _PyArrowWriter(Encoder):
         self._writer.write_batch(batch)
         return self._drain.take()
 
-    def end(self) -> bytes:
+    def end(self, truncated: str | None = None) -> bytes:
         self._writer.close()
         return self._drain.take()
 

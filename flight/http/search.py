@@ -9,7 +9,7 @@ from flight.http.bodies import field
 from flight.http.errors import RequestError
 from flightdeck.auth import Principal
 from flightdeck.errors import INVALID
-from flightdeck.service import Service
+from flightdeck.service import Service, Truncation
 
 MODES = ("vector", "text", "hybrid")
 DEFAULT_LIMIT = 10
@@ -51,9 +51,12 @@ def search(service: Service, principal: Principal, request: SearchRequest, door:
     names = ([service.qualified_name(principal, name) for name in request.datasets] if request.datasets
              else [name for name, d in listing.items() if d.get("searchable_columns")])
     matches = []
+    notices = []
     for name in names:
+        truncation = Truncation()
         table = service.search(principal, name, request.text, request.limit, request.mode, request.where,
-                               door=door).read_all()
+                               door=door, truncation=truncation).read_all()
+        notices += [truncation.notice] if truncation.notice else []
         missing = [c for c in request.additional_columns if c not in table.column_names]
         if missing:
             raise RequestError(INVALID, f"dataset {name} has no column {missing[0]!r}", param="additional_columns")
@@ -63,5 +66,7 @@ def search(service: Service, principal: Principal, request: SearchRequest, door:
                             "primary_key": {column: row.get(column) for column in key},
                             "metadata": {column: row.get(column) for column in request.additional_columns}})
     matches.sort(key=lambda match: -(match["score"] or 0.0))
-    return ({"matches": matches[:request.limit], "duration_ms": round((time.perf_counter() - started) * 1000, 3)},
-            names)
+    answer = {"matches": matches[:request.limit], "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+    if notices:
+        answer["truncated"] = notices[0]
+    return answer, names

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from flight.http.formats import Encoder, compressor
 from flightdeck.errors import CANCELLED, ServiceError
-from flightdeck.service import Cancellation
+from flightdeck.service import Cancellation, Truncation
 
 log = logging.getLogger("flightdeck.http")
 Result = TypeVar("Result")
@@ -48,8 +48,9 @@ class ResultStream:
     time. ``close`` may come from any thread: it waits for a pull under way."""
 
     def __init__(self, reader: pa.RecordBatchReader, encoder: Encoder, coding: str | None,
-                 control: QueryControl):
+                 control: QueryControl, truncation: Truncation):
         self._reader = reader
+        self._truncation = truncation
         self._encoder = encoder
         self._compressor = compressor(coding) if coding else None
         self.control = control
@@ -59,11 +60,15 @@ class ResultStream:
     def _out(self, data: bytes) -> bytes:
         return self._compressor.piece(data) if self._compressor else data
 
-    def prime(self) -> bytes:
-        """The start of the body and the first batch: errors before any row surface here,
-        while the response can still carry their status."""
-        head = self._out(self._encoder.start())
-        return head + (self.next() or b"")
+    def prime(self, whole: bool = False) -> bytes:
+        """The start of the body and the first batch (or, if ``whole``, the whole body): errors
+        before any row surface here, while the response can still carry their status."""
+        pieces = [self._out(self._encoder.start())]
+        while (piece := self.next()) is not None:
+            pieces.append(piece)
+            if not whole:
+                break
+        return b"".join(pieces)
 
     def next(self) -> bytes | None:
         """The next piece of the body (possibly empty); None once everything was sent."""
@@ -79,7 +84,7 @@ class ResultStream:
                 raise
             if batch is not None:
                 return self._out(self._encoder.batch(batch))
-            tail = self._out(self._encoder.end())
+            tail = self._out(self._encoder.end(self._truncation.notice))
             if self._compressor is not None:
                 tail += self._compressor.end()
             self._close_locked()

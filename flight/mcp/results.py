@@ -20,7 +20,7 @@ from typing_extensions import TypedDict
 import pyarrow as pa
 
 from flightdeck.runtime_config import Mcp as Caps
-from flightdeck.service import Freshness
+from flightdeck.service import Freshness, Truncation
 
 
 class Column(TypedDict):
@@ -89,13 +89,23 @@ def reader_rows(reader: pa.RecordBatchReader, at_most: int) -> Iterator[dict[str
         yield from rows
 
 
-def rows_result(reader: pa.RecordBatchReader, caps: Caps, freshness: Freshness | None) -> Rows:
-    """A whole result set as a tool returns it."""
-    schema = reader.schema
+def read_sized(reader: pa.RecordBatchReader, truncation: Truncation, caps: Caps, what: str = "rows") -> Sized:
+    """A result read into ``sized``; ``truncation`` is what the Service said when it cut the
+    stream at the caller's result limits (the tighter cut is the one reported)."""
     try:
-        result = sized(reader_rows(reader, caps.max_rows + 1), caps)
+        result = sized(reader_rows(reader, caps.max_rows + 1), caps, what)
     finally:
         reader.close()  # stops the query when the result was cut
+    if not result.truncated and truncation.notice:
+        return Sized(result.rows, True, truncation.notice)
+    return result
+
+
+def rows_result(reader: pa.RecordBatchReader, truncation: Truncation, caps: Caps,
+                freshness: Freshness | None) -> Rows:
+    """A whole result set as a tool returns it."""
+    schema = reader.schema
+    result = read_sized(reader, truncation, caps)
     return Rows(columns=columns(schema), rows=result.rows, row_count=len(result.rows),
                 truncated=result.truncated, notice=result.notice, data_as_of=data_as_of(freshness))
 

@@ -18,10 +18,11 @@ from mcp.types import Resource, ToolAnnotations
 from pydantic import Field
 
 from flight.mcp.errors import resource_errors, tool_errors
-from flight.mcp.results import Column, DataAsOf, Rows, columns, data_as_of, json_value, reader_rows, rows_result, sized
+from flight.mcp.results import (Column, DataAsOf, Rows, Sized, columns, data_as_of, json_value, read_sized,
+                                rows_result, sized)
 from flightdeck.auth import Principal
 from flightdeck.runtime_config import Mcp as Caps
-from flightdeck.service import Planned, Service
+from flightdeck.service import Planned, Service, Truncation
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True)
 REFRESHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True)
@@ -116,7 +117,8 @@ class Tools:
 
     def _rows(self, planned: Planned) -> Rows:
         freshness = self.service.freshness(planned.accelerated)
-        return rows_result(self.service.execute(planned), self.caps, freshness)
+        truncation = Truncation()
+        return rows_result(self.service.execute(planned, truncation=truncation), truncation, self.caps, freshness)
 
     # ---- the catalog ----
 
@@ -199,11 +201,8 @@ class Tools:
     def _distinct(self, principal: Principal, dataset: str, names: list[str] | None, limit: int) -> DistinctValues:
         planned = self.service.plan_distinct_values(principal, dataset, names, limit)
         freshness = self.service.freshness(planned.accelerated)
-        reader = self.service.execute(planned)
-        try:
-            result = sized(reader_rows(reader, self.caps.max_rows + 1), self.caps, "values")
-        finally:
-            reader.close()
+        truncation = Truncation()
+        result = read_sized(self.service.execute(planned, truncation=truncation), truncation, self.caps, "values")
         by_column: dict[str, list[str]] = {}
         for row in result.rows:
             by_column.setdefault(row["column_name"], []).append(row["value"])
@@ -234,16 +233,21 @@ class Tools:
             names = [d["name"] for d in self.service.datasets(principal) if d["searchable_columns"]]
         matches: list[dict] = []
         searched = []
+        notices = []
         for name in names:
             planned = self.service.plan_search(principal, name, text, limit, mode, where)
             entry = self.service.dataset(principal, name)
             qualified, key = entry["name"], entry.get("primary_key") or []
             searched.extend(planned.accelerated)
-            for row in self.service.execute(planned).read_all().to_pylist():
+            truncation = Truncation()
+            for row in self.service.execute(planned, truncation=truncation).read_all().to_pylist():
                 matches.append(Match(dataset=qualified, score=row.pop("score"), chunk=row.pop("chunk", None),
                                      primary_key={k: json_value(row[k]) for k in key} if key else None, row=row))
+            notices += [truncation.notice] if truncation.notice else []
         matches.sort(key=lambda m: m["score"], reverse=True)
         result = sized(matches[:limit], self.caps, "matches")
+        if not result.truncated and notices:
+            result = Sized(result.rows, True, notices[0])
         return SearchResult(matches=result.rows, truncated=result.truncated, notice=result.notice,
                             data_as_of=data_as_of(self.service.freshness(searched)))
 
