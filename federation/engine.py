@@ -70,6 +70,10 @@ class PlannedQuery:
     # (e.g. the datasets it reads); shared by the bindings of one cached plan.
     derived: dict[str, Any] = field(default_factory=dict)
     make_frame: Callable[[], DataFrame] | None = None
+    # A statement whose table functions take ``$n`` arguments is planned with them inlined:
+    # ``numbered`` is the statement before that, ``arguments`` where each value goes.
+    numbered: str | None = None
+    arguments: tuple[tuple[int, int, str], ...] = ()
 
     @property
     def frame(self) -> DataFrame:
@@ -98,13 +102,15 @@ class _Binding:
     remote: RemoteQuery | None    # written once, with ParameterSlots where the values go
     optimized: bool               # the first binding found a limited scan or sub-plans: look again
     derived: dict[str, Any]
+    arguments: tuple[tuple[int, int, str], ...] = ()  # table functions' ``$n`` arguments: inlined
 
     def bind(self, engine: "QueryEngine", values: dict[str, pa.Scalar]) -> PlannedQuery:
+        sql = inline_arguments(self.sql, self.arguments, values)
         if self.remote is not None:
-            return PlannedQuery(self.sql, None, self.schema, self.remote.bound(values), reusable=True,
-                                derived=self.derived, make_frame=lambda: engine._bound_frame(self.sql, values))
-        frame = engine._bound_frame(self.sql, values)
-        planned = PlannedQuery(self.sql, frame, self.schema, reusable=True, derived=self.derived)
+            return PlannedQuery(sql, None, self.schema, self.remote.bound(values), reusable=True,
+                                derived=self.derived, make_frame=lambda: engine._bound_frame(sql, values))
+        frame = engine._bound_frame(sql, values, bool(self.arguments))
+        planned = PlannedQuery(sql, frame, self.schema, reusable=True, derived=self.derived)
         if self.optimized:
             engine._optimize_locally(planned, values)
         return planned
@@ -217,19 +223,19 @@ class QueryEngine:
             raise QueryError(str(error), kind="refused") from None
         original = number_placeholders(sql)
         numbered = self._rewrite(original)
-        inlined = inline_table_function_arguments(numbered, values)
+        arguments = table_function_arguments(numbered)
+        inlined = inline_arguments(numbered, arguments, values)
         try:
             frame = self.ctx.sql(inlined, options=self.read_only, param_values=values or None)
-            planned = PlannedQuery(inlined, frame, frame.schema())
+            planned = PlannedQuery(inlined, frame, frame.schema(), numbered=numbered, arguments=arguments)
             if inlined != original:  # UDF arguments are coerced (or refused) when the plan is optimized: now
                 frame.optimized_logical_plan()
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
         explained = _EXPLAIN.match(inlined)
-        # EXPLAIN, table functions (called while planning) and the time (fixed when planned)
-        # make a plan that holds for this one execution only.
-        planned.reusable = not (explained or inlined != numbered or calls_table_function(numbered)
-                                or _PLANNING_TIME.search(numbered))
+        # EXPLAIN and the time (fixed when planned) make a plan that holds for this one execution
+        # only; one with values inlined into table function arguments holds for those values only.
+        planned.reusable = not (explained or (arguments and values) or _PLANNING_TIME.search(numbered))
         if explained:
             planned.explain_rows = self._backend_requests(planned, inlined[:explained.end()],
                                                           inlined[explained.end():], values)
@@ -255,10 +261,12 @@ class QueryEngine:
         these types, and this call's plan. A statement sent whole to its backend is written once
         from the unbound plan, its values left to the driver."""
         self.plans.count("bindings_planned")
-        frame = self._bound_frame(statement.sql, values)
-        planned = PlannedQuery(statement.sql, frame, frame.schema(), reusable=True)
+        numbered = statement.numbered or statement.sql
+        sql = inline_arguments(numbered, statement.arguments, values)
+        frame = self._bound_frame(sql, values, bool(statement.arguments))
+        planned = PlannedQuery(sql, frame, frame.schema(), reusable=True)
         template = None
-        if self.settings.whole_query_pushdown:
+        if self.settings.whole_query_pushdown and not statement.arguments:  # table functions run here
             template = self._whole_query(statement.local_frame or statement.frame, statement.sql,
                                          parameter_slots(len(values)))
         if template is not None:
@@ -266,12 +274,17 @@ class QueryEngine:
         elif self.settings.whole_query_pushdown:
             self._optimize_locally(planned, values)
         optimized = planned.limited_scan is not None or bool(planned.subplans)
-        binding = _Binding(statement.sql, planned.schema, template, optimized, planned.derived)
+        binding = _Binding(numbered, planned.schema, template, optimized, planned.derived, statement.arguments)
         return binding, planned
 
-    def _bound_frame(self, numbered: str, values: dict[str, pa.Scalar]) -> DataFrame:
+    def _bound_frame(self, sql: str, values: dict[str, pa.Scalar], inlined: bool = False) -> DataFrame:
+        """``sql`` planned with ``values`` bound; ``inlined``: values were written into table
+        function arguments, which are coerced (or refused) when the plan is optimized."""
         try:
-            return self.ctx.sql(numbered, options=self.read_only, param_values=values)
+            frame = self.ctx.sql(sql, options=self.read_only, param_values=values)
+            if inlined:
+                frame.optimized_logical_plan()
+            return frame
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
 
@@ -567,32 +580,14 @@ _CLAUSES = {TokenType.FROM, TokenType.JOIN, TokenType.WHERE, TokenType.GROUP_BY,
             TokenType.HAVING, TokenType.LIMIT, TokenType.SELECT, TokenType.ON, TokenType.UNION}
 
 
-def inline_table_function_arguments(numbered_sql: str, values: dict[str, pa.Scalar]) -> str:
-    """``$n`` arguments of table functions (``FROM vector_search(docs, $1, 5)``) as literals.
-
-    DataFusion calls a table function while planning, before parameters are bound, so its
-    arguments must be literals; an unbound one (a statement being prepared) becomes NULL.
-    """
-    replacements = [(start, end, _sql_literal(values.get(number)))
-                    for start, end, number in _table_function_calls(numbered_sql)[1]]
-    for start, end, literal in reversed(replacements):
-        numbered_sql = numbered_sql[:start] + literal + numbered_sql[end:]
-    return numbered_sql
-
-
-def calls_table_function(numbered_sql: str) -> bool:
-    """Whether the statement reads a table function (``FROM vector_search(...)``)."""
-    return _table_function_calls(numbered_sql)[0]
-
-
-def _table_function_calls(numbered_sql: str) -> tuple[bool, list[tuple[int, int, str]]]:
-    """Whether a table function is called, and where its ``$n`` arguments are: (start, end,
-    number) of each."""
+def table_function_arguments(numbered_sql: str) -> tuple[tuple[int, int, str], ...]:
+    """Where the ``$n`` arguments of table functions (``FROM vector_search(docs, $1, 5)``) are:
+    (start, end, number) of each."""
     try:
         tokens = sqlglot.tokenize(numbered_sql, read="postgres")
     except TokenError:
-        return False, []
-    called, arguments = False, []
+        return ()
+    arguments = []
     clause_at_depth = [None]
     call_depth = None  # the paren depth inside a table function's argument list
     for index, token in enumerate(tokens):
@@ -605,7 +600,7 @@ def _table_function_calls(numbered_sql: str) -> tuple[bool, list[tuple[int, int,
                           and tokens[index - 2].token_type in (TokenType.FROM, TokenType.JOIN, TokenType.COMMA))
             clause_at_depth.append(None)
             if opens_call:
-                called, call_depth = True, len(clause_at_depth)
+                call_depth = len(clause_at_depth)
         elif kind == TokenType.R_PAREN:
             if call_depth == len(clause_at_depth):
                 call_depth = None
@@ -617,7 +612,19 @@ def _table_function_calls(numbered_sql: str) -> tuple[bool, list[tuple[int, int,
               and tokens[index + 1].token_type == TokenType.NUMBER):
             number = tokens[index + 1]
             arguments.append((token.start, number.end + 1, number.text))
-    return called, arguments
+    return tuple(arguments)
+
+
+def inline_arguments(numbered_sql: str, arguments: tuple[tuple[int, int, str], ...],
+                     values: dict[str, pa.Scalar]) -> str:
+    """The statement with its table functions' ``$n`` arguments written as literals.
+
+    DataFusion calls a table function while planning, before parameters are bound, so its
+    arguments must be literals; an unbound one (a statement being prepared) becomes NULL.
+    """
+    for start, end, number in reversed(arguments):
+        numbered_sql = numbered_sql[:start] + _sql_literal(values.get(number)) + numbered_sql[end:]
+    return numbered_sql
 
 
 def _sql_literal(value: pa.Scalar | None) -> str:

@@ -1,15 +1,20 @@
 """Vector, full-text and hybrid search over accelerated columns, through Flight SQL."""
 from __future__ import annotations
 
+import threading
+
+import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import pytest
 
 from conftest import serving
+from flightdeck.auth import Principal
 
 INCIDENT = "orders failing after scaling to three replicas: too many database connections"
 POOLER = "connection-pooler-transaction-mode.md"
 PG_URI = "postgresql://postgres@127.0.0.1:5432/test"
 PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+OPEN = Principal("anonymous")
 
 
 def _rows(connection, sql: str, params=None) -> list[tuple]:
@@ -44,6 +49,48 @@ def test_search_composes_with_sql(connection):
     rows = _rows(connection, "SELECT s.path, length(g.content) > 0 FROM vector_search(guides, ?, 2) s "
                              "JOIN guides g ON g.path = s.path ORDER BY s.score DESC", (INCIDENT,))
     assert rows[0] == (POOLER, True)
+
+
+TEXTS = [INCIDENT, "cache stampede after a deploy", "it's a 'quoted' text", "back\\slash' OR 1=1 --",
+         "$1 ? %s", "disk full on the primary", "ünïcode replica lag", "", "pool_mode transaction"]
+
+
+def _literal_search(deck, mode: str, text: str) -> list[tuple]:
+    """The same search with its text written into the statement: planned afresh each time."""
+    literal = "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    table = deck.service.query(OPEN, f"SELECT path, score FROM {mode}_search(guides, {literal}, 3)").read_all()
+    return list(zip(table.column("path").to_pylist(), table.column("score").to_pylist()))
+
+
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
+def test_a_search_with_a_bound_text_is_planned_once_and_each_binding_answers_its_own(deck, mode):
+    sql = f"SELECT path, score FROM {mode}_search(guides, ?, 3)"
+    expected = {text: _literal_search(deck, mode, text) for text in TEXTS}
+    before = deck.engine.plans.snapshot()
+    with flightsql.connect(deck.flight_url, autocommit=True) as connection, connection.cursor() as cursor:
+        for text in TEXTS * 3:
+            cursor.execute(sql, (text,))
+            assert [(path, pytest.approx(score)) for path, score in cursor.fetchall()] == expected[text], text
+    after = deck.engine.plans.snapshot()
+    assert after["statements_planned"] - before["statements_planned"] == 1  # at CreatePreparedStatement
+    assert after["bindings_planned"] - before["bindings_planned"] == 1      # the first text binding
+    failures: list[str] = []
+
+    def client(number: int) -> None:
+        with flightsql.connect(deck.flight_url, autocommit=True) as own, own.cursor() as cursor:
+            for step in range(20):
+                text = TEXTS[(number * 5 + step) % len(TEXTS)]
+                cursor.execute(sql, (text,))
+                rows = cursor.fetchall()
+                if [(path, pytest.approx(score)) for path, score in rows] != expected[text]:
+                    failures.append(f"{text!r}: {rows}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
 
 
 def test_search_errors_are_precise_and_the_server_goes_on(connection):
