@@ -22,6 +22,7 @@ repeated texts come from a bounded LRU shared by every column.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from sqlglot.tokens import TokenType
 from federation.arrow_expr import referenced_fields
 from federation.masks import ColumnMasks
 from federation.scan import LazyDataset
-from flightdeck.search_vectors import ColumnVectors, VectorSnapshot
+from flightdeck.search_vectors import OVERFETCH, ColumnVectors, VectorSnapshot
 from inference.ann import EXPANSION_SEARCH
 from inference.chunking import chunk_document
 from inference.embedder import TextEmbedder
@@ -50,6 +51,7 @@ log = logging.getLogger("flightdeck.search")
 MODES = ("vector", "text", "hybrid")
 RESULT_FIELDS = [pa.field("score", pa.float64()), pa.field("chunk", pa.string())]
 FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
+MAX_TEXT_OVERFETCH = 50  # a filter keeping under 1/50 of the chunks restricts the text search itself
 QUERY_CACHE_SIZE = 4096  # query embeddings kept, over every model
 
 
@@ -191,8 +193,28 @@ class ColumnIndex:
         if state.text is None:
             raise SearchError(f"{self.spec.dataset}.{self.spec.column} has no full-text index: "
                               "set columns[].full_text_search.enabled")
-        return _best_per_row(lambda depth: state.text.search(query, depth, candidates=chunk_ids),
+        return _best_per_row(lambda depth: _text_ranking(state.text, query, depth, chunk_ids, len(state.chunk_rows)),
                              state.chunk_rows, k)
+
+
+def _text_ranking(text: TextIndex, query: str, depth: int, chunk_ids: np.ndarray | None,
+                  chunks: int) -> SearchResult:
+    """The best ``depth`` chunks for ``query`` among ``chunk_ids`` (None: all of them).
+
+    Restricting the index to thousands of ids makes it match each one; when the filter keeps
+    a fair share of the chunks, the unrestricted ranking is read proportionally deeper and
+    filtered instead (the restriction scores nothing, so the order is the same), and the
+    restricted search is the fallback when that leaves fewer than ``depth``."""
+    if chunk_ids is None or len(chunk_ids) * MAX_TEXT_OVERFETCH < chunks:
+        return text.search(query, depth, candidates=chunk_ids)
+    fetch = math.ceil(depth * OVERFETCH * chunks / max(len(chunk_ids), 1))
+    ranked = text.search(query, fetch)
+    kept = np.zeros(chunks, bool)
+    kept[chunk_ids] = True
+    inside = kept[ranked.row_ids]
+    if inside.sum() >= depth or len(ranked) < fetch:  # enough, or every match was ranked
+        return SearchResult(ranked.row_ids[inside][:depth], ranked.scores[inside][:depth])
+    return text.search(query, depth, candidates=chunk_ids)
 
 
 def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None) -> np.ndarray | None:

@@ -242,8 +242,8 @@ class Service:
         except ServiceError as error:
             outcome, failure = error.kind, error
             raise
-        except (QueryError, ConnectorError) as error:
-            failure = _stopped(slot, limits) if slot.expired else self._service_error(error)
+        except (QueryError, ConnectorError) as error:  # a stopped backend statement fails this way too
+            failure = _stopped(slot, limits) if slot.expired or cancelled.is_set() else self._service_error(error)
             outcome = failure.kind
             raise failure from None
         except Exception as error:  # the engine's stream raises bare Exceptions and ArrowErrors

@@ -9,10 +9,11 @@ import pyarrow.compute as pc
 import pytest
 
 from conftest import serving
-from flightdeck.search_functions import ColumnIndex, ColumnSearchSpec
+from flightdeck.search_functions import ColumnIndex, ColumnSearchSpec, _text_ranking
 from flightdeck.search_vectors import VectorSnapshot
 from inference.ann import ApproximateIndex
 from inference.embedder import TextEmbedder
+from inference.search import TextIndex
 from inference.st_dir import bundled_minilm_dir
 from test_search import _embedded, _notes_config, notes_table  # noqa: F401 (a fixture)
 
@@ -103,6 +104,30 @@ def test_where_filters_stay_correct_with_the_approximate_index(approximate_and_e
         assert set(found.column("id").to_pylist()) <= allowed
         overlap = set(found.column("id").to_pylist()) & set(reference.column("id").to_pylist())
         assert len(overlap) >= 0.9 * reference.num_rows, (question, where)
+
+
+@pytest.mark.parametrize("share", [0.9, 0.5, 0.125, 0.03, 0.01, 0.002, 0.0])
+def test_a_text_search_under_a_where_ranks_exactly_as_the_restricted_search(share):
+    """Read deeper and filtered (a fair share kept) or restricted (few kept), a filtered text
+    search finds the same best chunks as the index restricted to the matching ones."""
+    rng = np.random.default_rng(5)
+    words = [f"w{i}" for i in range(300)]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 12)), p=_zipf(len(words)))) for _ in range(4000)]
+    index = TextIndex()
+    index.add(np.arange(len(texts)), texts)
+    kept = np.flatnonzero(rng.random(len(texts)) < share)
+    for query in ["w1 w7", "w150 w3 w299", "w42", "w0 w1 w2 w3"]:
+        for depth in (1, 10, 40):
+            found = _text_ranking(index, query, depth, kept, len(texts))
+            reference = index.search(query, depth, candidates=kept) if len(kept) else index.search(query, 0)
+            assert set(found.row_ids.tolist()) <= set(kept.tolist())
+            np.testing.assert_allclose(found.scores, reference.scores, rtol=1e-6)  # ties may swap equal rows
+            assert len(found) == min(depth, len(reference)) if len(kept) else len(found) == 0
+
+
+def _zipf(n: int) -> np.ndarray:
+    weights = 1.0 / np.arange(1, n + 1)
+    return weights / weights.sum()
 
 
 def test_repeated_query_texts_are_embedded_once(embedder):
