@@ -52,6 +52,7 @@ MODES = ("vector", "text", "hybrid")
 RESULT_FIELDS = [pa.field("score", pa.float64()), pa.field("chunk", pa.string())]
 FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
 MAX_TEXT_OVERFETCH = 50  # a filter keeping under 1/50 of the chunks restricts the text search itself
+MAX_TEXT_FETCH = 20_000  # the deepest unrestricted text ranking read before restricting it
 QUERY_CACHE_SIZE = 4096  # query embeddings kept, over every model
 
 
@@ -203,18 +204,22 @@ def _text_ranking(text: TextIndex, query: str, depth: int, chunk_ids: np.ndarray
 
     Restricting the index to thousands of ids makes it match each one; when the filter keeps
     a fair share of the chunks, the unrestricted ranking is read proportionally deeper and
-    filtered instead (the restriction scores nothing, so the order is the same), and the
-    restricted search is the fallback when that leaves fewer than ``depth``."""
+    filtered instead (the restriction scores nothing, so the order is the same), deeper still
+    when the filter keeps few of the best (it may disfavour the query's words), and the
+    restricted search is the fallback when even that leaves fewer than ``depth``."""
     if chunk_ids is None or len(chunk_ids) * MAX_TEXT_OVERFETCH < chunks:
         return text.search(query, depth, candidates=chunk_ids)
-    fetch = math.ceil(depth * OVERFETCH * chunks / max(len(chunk_ids), 1))
-    ranked = text.search(query, fetch)
     kept = np.zeros(chunks, bool)
     kept[chunk_ids] = True
-    inside = kept[ranked.row_ids]
-    if inside.sum() >= depth or len(ranked) < fetch:  # enough, or every match was ranked
-        return SearchResult(ranked.row_ids[inside][:depth], ranked.scores[inside][:depth])
-    return text.search(query, depth, candidates=chunk_ids)
+    fetch = math.ceil(depth * OVERFETCH * chunks / max(len(chunk_ids), 1))
+    while True:
+        ranked = text.search(query, fetch)
+        inside = kept[ranked.row_ids]
+        if inside.sum() >= depth or len(ranked) < fetch:  # enough, or every match was ranked
+            return SearchResult(ranked.row_ids[inside][:depth], ranked.scores[inside][:depth])
+        if fetch >= MAX_TEXT_FETCH:
+            return text.search(query, depth, candidates=chunk_ids)
+        fetch = min(fetch * 8, MAX_TEXT_FETCH)
 
 
 def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None) -> np.ndarray | None:

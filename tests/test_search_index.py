@@ -125,6 +125,23 @@ def test_a_text_search_under_a_where_ranks_exactly_as_the_restricted_search(shar
             assert len(found) == min(depth, len(reference)) if len(kept) else len(found) == 0
 
 
+def test_a_text_search_under_a_where_against_its_words_still_finds_the_best_kept():
+    """A filter keeping only rows without the query's commonest word: the best kept chunks
+    lie deep in the unrestricted ranking, which is read deeper, or restricted at last."""
+    rng = np.random.default_rng(9)
+    words = [f"w{i}" for i in range(300)]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 12)), p=_zipf(len(words)))) for _ in range(30000)]
+    index = TextIndex()
+    index.add(np.arange(len(texts)), texts)
+    for banned, query in [("w0", "w0 w250"), ("w1", "w1 w2 w299"), ("w3", "w3")]:
+        kept = np.array([i for i, text in enumerate(texts) if banned not in text.split()])
+        for depth in (10, 40):
+            found = _text_ranking(index, query, depth, kept, len(texts))
+            reference = index.search(query, depth, candidates=kept)
+            assert set(found.row_ids.tolist()) <= set(kept.tolist())
+            np.testing.assert_allclose(found.scores, reference.scores, rtol=1e-6)
+
+
 def _zipf(n: int) -> np.ndarray:
     weights = 1.0 / np.arange(1, n + 1)
     return weights / weights.sum()
