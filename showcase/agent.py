@@ -193,7 +193,7 @@ class Agent:
         rows = await self.sql(connections)
         mode = ("SELECT ts, replica, message FROM logs WHERE service = 'checkout-api' "
                 "AND message LIKE '%pool_mode=%' ORDER BY ts")
-        started_lines = await self.sql(mode)
+        started_lines = await self.wait_for(mode, bool, "the replicas' pool mode in their start lines")
         full = rows[-1]["active_connections"] >= rows[-1]["max_connections"]
         self.find("exhaustion",
                   "second cause: connection exhaustion: each replica's PgBouncer pool runs in session mode and "

@@ -8,9 +8,10 @@ import sqlite3
 import signal
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_postgresql.dbapi as adbc_postgres
@@ -118,6 +119,15 @@ def deck(demo_config) -> Iterator[InProcess]:
     with serving(yaml.safe_load(demo_config.read_text()), demo_config.parent) as running:
         assert running.accelerator.refresher("guides").loaded.wait(300)
         yield running
+
+
+def run_clients(client: Callable[[int], None], count: int, timeout: float = 120) -> None:
+    """``client(n)`` for each n below ``count``, all at once on their own threads; waits for them."""
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
 
 
 def service_error(call) -> ServiceError:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import postgres, require_postgres, serving
+from conftest import postgres, require_postgres, run_clients, serving
 from federation.catalog import CATALOG_NAME
 from federation.engine import EngineSettings, QueryEngine
 
@@ -207,11 +207,7 @@ def test_concurrent_bindings_of_one_statement_never_mix(runtime):
         except Exception as error:
             failures.append(f"client {number}: {error}")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    run_clients(client, 8)
     assert failures == []
 
 

@@ -1,13 +1,11 @@
 """Vector, full-text and hybrid search over accelerated columns, through Flight SQL."""
 from __future__ import annotations
 
-import threading
-
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import pytest
 
-from conftest import serving
+from conftest import run_clients, serving
 from flightdeck.auth import Principal
 
 INCIDENT = "orders failing after scaling to three replicas: too many database connections"
@@ -85,11 +83,7 @@ def test_a_search_with_a_bound_text_is_planned_once_and_each_binding_answers_its
                 if [(path, pytest.approx(score)) for path, score in rows] != expected[text]:
                     failures.append(f"{text!r}: {rows}")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    run_clients(client, 4)
     assert failures == []
 
 
