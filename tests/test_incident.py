@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
 import anyio
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import postgres, require_postgres
@@ -84,15 +86,37 @@ def played(request, tmp_path_factory, caches) -> Iterator[dict]:
         # they are read has sent its statement without being counted yet.
         counted = (_refreshes(running), _postgres_requests(running), _refreshes(running))
         sampler.stop()
+        logs = _logs_copied_and_written(running)
         probes = anyio.run(_mcp, running, [
             ("list_datasets", {}), ("sql", {"query": "SELECT * FROM hr.oncall"}),
             ("sql", {"query": "SELECT email FROM crm.customers ORDER BY customer_id LIMIT 5"}),
             ("search", {"text": "on-call phone", "datasets": ["hr.oncall"], "limit": 1})])
         yield {"truth": running.simulator.truth, "outcome": outcome, "findings": {f.step: f for f in outcome.findings},
                "order": [f.step for f in outcome.findings], "sampler": sampler, "probes": probes,
-               "postgres_requests": counted[1] - requests, "refreshes": (counted[0] - refreshes, counted[2] - refreshes),
+               "logs": logs, "postgres_requests": counted[1] - requests, "refreshes": (counted[0] - refreshes, counted[2] - refreshes),
                "audit": [json.loads(line) for line in audit.read_text().splitlines()], "seed": seed}
     postgres("DROP SCHEMA IF EXISTS incident CASCADE")
+
+
+def _logs_copied_and_written(running: IncidentRun) -> tuple[tuple[int, int], int]:
+    """(lines, distinct line ids) in the logs copy once it has refreshed twice after the
+    simulator's last file, and the lines in the files."""
+    refresher = running.serving.stack.accelerator.refresher("logs")
+    seen = refresher.status.refreshes
+    deadline = time.monotonic() + 60
+    while refresher.status.refreshes < seen + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    copied = running.serving.stack.engine.query(
+        "SELECT count(*) AS n, count(DISTINCT line_id) AS d FROM logs").read_all().to_pylist()[0]
+    written = pq.read_table(running.simulator.data / "logs").num_rows
+    return (copied["n"], copied["d"]), written
+
+
+def test_the_logs_copy_holds_every_line_written_once(played):
+    """Lines are stamped when their order ends, so a minute's file holds lines of the next
+    minute too: an append that only read past the newest time copied would lose them."""
+    (lines, distinct), written = played["logs"]
+    assert lines == distinct == written > 0
 
 
 def test_the_alert_and_its_rule(played):

@@ -33,6 +33,7 @@ MAX_CONNECTIONS = 50            # the orders database's max_connections
 TRANSACTION_POOL_PER_REPLICA = 6  # server connections a transaction-mode pool needs at this traffic
 ROLLOUT_MINUTES = 2             # from a recommendation to the change serving (pods start, a config reloads)
 CARD_DECLINE_RATE = 0.01        # ordinary payment failures, not part of the incident
+LINES_PER_MINUTE = 1_000_000    # log line ids: minute * LINES_PER_MINUTE + the line's number in its minute
 
 DB_ERROR = "DB_CONNECTION_FAILED"
 CARD_DECLINED = "CARD_DECLINED"
@@ -185,6 +186,8 @@ class Incident:
         logs += self._pool_logs(rng, minute, short)
         metrics = self._metrics(minute, orders, utilisation, granted, others)
         self._record(minute, orders, logs, metrics)
+        for number, line in enumerate(logs):
+            line["line_id"] = minute * LINES_PER_MINUTE + number
         return Minute(minute, orders, logs, metrics)
 
     def _apply_actions(self, minute: int, logs: list[dict]) -> None:

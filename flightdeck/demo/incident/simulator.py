@@ -89,7 +89,10 @@ class Simulator:
                  "acceleration": {**appended, "primary_key": "order_id"}},
                 {**customers, "name": "crm.customers", "description": "Customers from the CRM",
                  "acceleration": {"enabled": True, "engine": "duckdb"}},
-                {"from": "file:data/logs/", "name": "logs", "time_column": "ts", "acceleration": appended,
+                # A line is stamped when its order ends, so a minute's file holds lines of the next
+                # minute too: each append re-reads two minutes back and keeps each line once.
+                {"from": "file:data/logs/", "name": "logs", "time_column": "ts",
+                 "acceleration": {**appended, "primary_key": "line_id", "refresh_append_overlap": "2m"},
                  "description": "Logs of checkout-api, pgbouncer, orders-db, payments, deployer"},
                 {"from": "file:data/metrics/", "name": "metrics", "time_column": "ts", "acceleration": appended,
                  "description": "Per-minute metrics: service, metric, value"},

@@ -31,7 +31,7 @@ CUSTOMERS_SCHEMA = pa.schema([
 ])
 LOGS_SCHEMA = pa.schema([
     ("ts", pa.timestamp("us", tz="UTC")), ("service", pa.string()), ("level", pa.string()),
-    ("replica", pa.string()), ("message", pa.string()), ("order_id", pa.int64()),
+    ("replica", pa.string()), ("message", pa.string()), ("order_id", pa.int64()), ("line_id", pa.int64()),
 ])
 METRICS_SCHEMA = pa.schema([
     ("ts", pa.timestamp("us", tz="UTC")), ("service", pa.string()), ("metric", pa.string()),
