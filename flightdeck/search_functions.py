@@ -162,7 +162,7 @@ class ColumnIndex:
         rows as ``masks`` shows them (a WHERE on a masked column must not probe raw values)."""
         state = self._require()
         probed = masks is not None and row_filter is not None and referenced_fields(row_filter) & masks.columns
-        candidates = _matching_rows(masks.apply(state.rows) if probed else state.rows, row_filter)
+        candidates = _matching_rows(state.rows, row_filter, masks if probed else None)
         chunk_ids = None if candidates is None else np.flatnonzero(candidates[state.chunk_rows])
         if mode == "vector":
             ranked = self._vector_rows(state, query, k, chunk_ids)
@@ -222,10 +222,17 @@ def _text_ranking(text: TextIndex, query: str, depth: int, chunk_ids: np.ndarray
         fetch = min(fetch * 8, MAX_TEXT_FETCH)
 
 
-def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None) -> np.ndarray | None:
-    """A mask of the rows a pushed WHERE keeps (None: no filter on the dataset's columns)."""
-    if row_filter is None or not referenced_fields(row_filter) <= set(rows.column_names):
+def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None,
+                   masks: ColumnMasks | None = None) -> np.ndarray | None:
+    """A mask of the rows a pushed WHERE keeps (None: no filter on the dataset's columns), the
+    WHERE seeing the rows as ``masks`` shows them."""
+    referenced = referenced_fields(row_filter) if row_filter is not None else set()
+    if row_filter is None or not referenced <= set(rows.column_names):
         return None  # a filter on score/chunk can only apply after ranking: DataFusion does that
+    if referenced:  # only the columns it reads: carrying the others through the filter costs more
+        rows = rows.select(sorted(referenced))
+    if masks is not None:
+        rows = masks.apply(rows)
     numbered = rows.append_column("__position", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
     kept = ds.dataset(numbered).to_table(columns=["__position"], filter=row_filter).column(0)
     mask = np.zeros(rows.num_rows, bool)
