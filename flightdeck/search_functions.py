@@ -161,8 +161,7 @@ class ColumnIndex:
         """The k best rows for ``query`` among those ``row_filter`` keeps; the filter sees the
         rows as ``masks`` shows them (a WHERE on a masked column must not probe raw values)."""
         state = self._require()
-        probed = masks is not None and row_filter is not None and referenced_fields(row_filter) & masks.columns
-        candidates = _matching_rows(state.rows, row_filter, masks if probed else None)
+        candidates = _matching_rows(state.rows, row_filter, masks)
         chunk_ids = None if candidates is None else np.flatnonzero(candidates[state.chunk_rows])
         if mode == "vector":
             ranked = self._vector_rows(state, query, k, chunk_ids)
@@ -207,11 +206,11 @@ def _text_ranking(text: TextIndex, query: str, depth: int, chunk_ids: np.ndarray
     filtered instead (the restriction scores nothing, so the order is the same), deeper still
     when the filter keeps few of the best (it may disfavour the query's words), and the
     restricted search is the fallback when even that leaves fewer than ``depth``."""
-    if chunk_ids is None or len(chunk_ids) * MAX_TEXT_OVERFETCH < chunks:
+    if chunk_ids is None or not len(chunk_ids) or len(chunk_ids) * MAX_TEXT_OVERFETCH < chunks:
         return text.search(query, depth, candidates=chunk_ids)
     kept = np.zeros(chunks, bool)
     kept[chunk_ids] = True
-    fetch = math.ceil(depth * OVERFETCH * chunks / max(len(chunk_ids), 1))
+    fetch = math.ceil(depth * OVERFETCH * chunks / len(chunk_ids))
     while True:
         ranked = text.search(query, fetch)
         inside = kept[ranked.row_ids]
@@ -231,8 +230,8 @@ def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None,
         return None  # a filter on score/chunk can only apply after ranking: DataFusion does that
     if referenced:  # only the columns it reads: carrying the others through the filter costs more
         rows = rows.select(sorted(referenced))
-    if masks is not None:
-        rows = masks.apply(rows)
+        if masks is not None:  # masks the filter's own columns, if it reads masked ones
+            rows = masks.apply(rows)
     numbered = rows.append_column("__position", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
     kept = ds.dataset(numbered).to_table(columns=["__position"], filter=row_filter).column(0)
     mask = np.zeros(rows.num_rows, bool)

@@ -142,6 +142,11 @@ def test_a_text_search_under_a_where_against_its_words_still_finds_the_best_kept
             np.testing.assert_allclose(found.scores, reference.scores, rtol=1e-6)
 
 
+def test_a_text_search_under_a_where_over_an_empty_index_finds_nothing():
+    found = _text_ranking(TextIndex(), "w1", 10, np.zeros(0, np.int64), 0)
+    assert len(found) == 0
+
+
 def _zipf(n: int) -> np.ndarray:
     weights = 1.0 / np.arange(1, n + 1)
     return weights / weights.sum()

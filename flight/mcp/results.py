@@ -96,8 +96,14 @@ def read_sized(reader: pa.RecordBatchReader, truncation: Truncation, caps: Caps,
         result = sized(reader_rows(reader, caps.max_rows + 1), caps, what)
     finally:
         reader.close()  # stops the query when the result was cut
-    if not result.truncated and truncation.notice:
-        return Sized(result.rows, True, truncation.notice)
+    return cut_at_limit(result, truncation.notice)
+
+
+def cut_at_limit(result: Sized, notice: str | None) -> Sized:
+    """``result``, marked cut with ``notice`` (the Service's, at the caller's result limits)
+    unless the context caps cut it already."""
+    if not result.truncated and notice:
+        return Sized(result.rows, True, notice)
     return result
 
 

@@ -18,7 +18,7 @@ from mcp.types import Resource, ToolAnnotations
 from pydantic import Field
 
 from flight.mcp.errors import resource_errors, tool_errors
-from flight.mcp.results import (Column, DataAsOf, Rows, Sized, columns, data_as_of, json_value, read_sized,
+from flight.mcp.results import (Column, DataAsOf, Rows, columns, cut_at_limit, data_as_of, json_value, read_sized,
                                 rows_result, sized)
 from flightdeck.auth import Principal
 from flightdeck.runtime_config import Mcp as Caps
@@ -245,9 +245,7 @@ class Tools:
                                      primary_key={k: json_value(row[k]) for k in key} if key else None, row=row))
             notices += [truncation.notice] if truncation.notice else []
         matches.sort(key=lambda m: m["score"], reverse=True)
-        result = sized(matches[:limit], self.caps, "matches")
-        if not result.truncated and notices:
-            result = Sized(result.rows, True, notices[0])
+        result = cut_at_limit(sized(matches[:limit], self.caps, "matches"), next(iter(notices), None))
         return SearchResult(matches=result.rows, truncated=result.truncated, notice=result.notice,
                             data_as_of=data_as_of(self.service.freshness(searched)))
 
