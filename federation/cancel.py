@@ -13,9 +13,8 @@ import asyncio
 import atexit
 import logging
 import threading
-import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import pyarrow as pa
 
@@ -79,17 +78,21 @@ class Stopped(Exception):
     """The query's cancellation stopped the engine's work before its end."""
 
 
-def stoppable_stream(frame: Any) -> pa.RecordBatchReader:
+def stoppable_stream(frame: Any, bounded: bool = False) -> pa.RecordBatchReader:
     """A DataFusion plan's result whose work stops when the query is cancelled (its deadline,
     its client gone): a plain stream blocks in the engine until its next batch, which a large
-    aggregate or join may take hours to make. Each batch is awaited on the reading thread's
-    event loop, which a cancellation interrupts; the stream is then dropped, which stops the
-    engine's tasks."""
+    aggregate or join may take hours to make. Each batch is awaited on an event loop, which a
+    cancellation interrupts; the stream is then dropped, which stops the engine's tasks.
+
+    A ``bounded`` plan (each of its batches takes bounded work: see ``bounded_plan`` in the
+    engine) is read batch by batch on this thread instead, and stopped between batches: the
+    event loop's round trips to the engine's threads cost more than a small query itself."""
+    if bounded:
+        return _plain_batches(frame, _stopped_between_batches(frame.execute_stream()))
     # One partition after another, as a plain stream reads them: partitions read at once would
     # all run ahead of a slow client and buffer their batches.
     partitions = frame.execute_stream_partitioned()
-    stream = partitions.pop(0) if partitions else None
-    waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+    waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Task]] = []
     stopped = threading.Event()
 
     def stop() -> None:
@@ -98,77 +101,99 @@ def stoppable_stream(frame: Any) -> pa.RecordBatchReader:
             loop.call_soon_threadsafe(pending.cancel)
     on_cancel(stop)
 
-    async def awaited() -> Any:
-        # Inside a running loop (outside one, the engine makes the batch before returning); a
-        # task, since the engine's own awaitable cannot be cancelled.
-        pending = asyncio.ensure_future(stream.__anext__())
-        waiting.append((asyncio.get_running_loop(), pending))
-        if stopped.is_set():
-            pending.cancel()
-        return await pending
+    def awaited_batches() -> Generator[Any, None, None]:
+        while partitions:
+            stream = partitions.pop(0)
+            while (batch := next_of_partition(stream)) is not None:
+                yield batch
 
-    def next_batch() -> Any:
-        nonlocal stream
-        while stream is not None:
-            batch = next_of_partition()
-            if batch is not None:
-                return batch
-            stream = partitions.pop(0) if partitions else None
-        return None
-
-    def next_of_partition() -> Any:
-        loop = _loop()
-        if loop is None:  # read from inside a running event loop: it cannot be waited on here
+    def next_of_partition(stream: Any) -> Any:
+        if _in_running_loop():  # it cannot be waited on here
             return next(stream, None)
-        try:
-            return loop.run_until_complete(awaited())
-        except StopAsyncIteration:
-            return None
-        except asyncio.CancelledError:
-            pass  # raised below, outside this block: chained to it, the stream would live on
-        finally:
-            waiting.clear()
+        with _borrowed_loop() as loop:
+            # A task, since the engine's own awaitable cannot be cancelled.
+            pending = loop.create_task(stream.__anext__())
+            waiting.append((loop, pending))
+            if stopped.is_set():
+                pending.cancel()
+            try:
+                return loop.run_until_complete(pending)
+            except StopAsyncIteration:
+                return None
+            except asyncio.CancelledError:
+                pass  # raised below, outside this block: chained to it, the stream would live on
+            finally:
+                waiting.clear()
         raise Stopped("the query was stopped")
 
+    def dropped() -> None:
+        partitions.clear()  # dropped: DataFusion aborts the tasks still computing for them
+    return _plain_batches(frame, awaited_batches(), dropped)
+
+
+def _stopped_between_batches(stream: Any) -> Generator[Any, None, None]:
+    stopped = threading.Event()
+    on_cancel(stopped.set)  # now: the reading happens later, outside the query's cancellation scope
+
+    def batches() -> Generator[Any, None, None]:
+        for batch in stream:
+            yield batch
+            if stopped.is_set():
+                raise Stopped("the query was stopped")
+    return batches()
+
+
+def _plain_batches(frame: Any, engine_batches: Generator[Any, None, None],
+                   dropped: Callable[[], None] = lambda: None) -> pa.RecordBatchReader:
+    """The engine's batches as a pyarrow reader with the plan's schema (batches may say "not
+    null" where the plan does not); ``dropped()`` when the reader ends or is closed."""
     schema = frame.schema()
 
     def batches() -> Iterator[pa.RecordBatch]:
-        nonlocal stream
         try:
-            while (batch := next_batch()) is not None:
+            for batch in engine_batches:
                 batch = batch.to_pyarrow()
-                # The plan's schema, as a plain stream has it (batches may say "not null" where it does not).
                 yield batch if batch.schema == schema else pa.RecordBatch.from_arrays(batch.columns, schema=schema)
         finally:
-            stream = None  # dropped: DataFusion aborts the tasks still computing for it
-            partitions.clear()
+            engine_batches.close()
+            dropped()
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def _loop() -> asyncio.AbstractEventLoop | None:
-    """This thread's event loop for awaiting batches, made once (a loop per query would cost
-    more than a small query); None on a thread that runs an event loop already."""
+def _in_running_loop() -> bool:
     try:
         asyncio.get_running_loop()
-        return None
+        return True
     except RuntimeError:
-        pass
-    loop = getattr(_current, "loop", None)
+        return False
+
+
+# Idle loops for awaiting batches, shared by all threads: a loop per query would cost more than
+# a small query, and a thread's own would not last (Flight's handler threads lose their Python
+# thread state, hence their thread-locals, at the end of every call).
+_idle_loops: list[asyncio.AbstractEventLoop] = []
+_idle_lock = threading.Lock()
+
+
+@contextmanager
+def _borrowed_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop this thread alone runs until the block ends."""
+    with _idle_lock:
+        loop = _idle_loops.pop() if _idle_loops else None
     if loop is None:
-        loop = _current.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)  # where the engine's awaitables find their loop
-        _threads_loops.add(loop)
-    return loop
-
-
-# Weakly: a thread that ends takes its loop with it (threads of the doors' pools come and go).
-_threads_loops: "weakref.WeakSet[asyncio.AbstractEventLoop]" = weakref.WeakSet()
+        loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        with _idle_lock:
+            _idle_loops.append(loop)
 
 
 @atexit.register
-def _close_threads_loops() -> None:
+def _close_idle_loops() -> None:
     """Closed while the interpreter still runs: left to the garbage collector at its end, a
     loop may be collected after its own sockets and print an error from its destructor."""
-    for loop in list(_threads_loops):
-        if not loop.is_running():
-            loop.close()
+    with _idle_lock:
+        loops, _idle_loops[:] = list(_idle_loops), []
+    for loop in loops:
+        loop.close()

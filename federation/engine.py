@@ -147,6 +147,29 @@ class _Split:
     subplans: list[PushedSubplan]
 
 
+# Logical plan nodes whose work is bounded by the size of their input: no join, unnesting,
+# recursion or subquery, which multiply rows or hide a plan of their own.
+BOUNDED_NODES = frozenset({"Projection", "Filter", "Sort", "Limit", "Aggregate", "WindowAggr", "Distinct", "Union",
+                           "SubqueryAlias", "EmptyRelation", "Values"})
+
+
+def bounded_plan(plan: Any, table_functions: set[str]) -> bool:
+    """Whether each batch of a logical plan takes bounded work: it reads constants and calls of
+    the bounded ``table_functions`` only, through ``BOUNDED_NODES``. Read from the plan's text,
+    where subqueries show (they are not among a node's inputs); any line that is not one of
+    these nodes makes the plan unbounded."""
+    scans = {f"{name}()" for name in table_functions}
+    for line in plan.display_indent().splitlines():
+        node, _, rest = line.strip().partition(":")
+        if node == "TableScan":
+            words = rest.split()
+            if not words or words[0] not in scans:
+                return False
+        elif node not in BOUNDED_NODES:
+            return False
+    return True
+
+
 class QueryEngine:
     def __init__(self, catalog: Catalog, settings: EngineSettings | None = None):
         self.catalog = catalog
@@ -173,6 +196,9 @@ class QueryEngine:
         self.session_id = self.ctx.session_id()
         self.plans = PlanCache(self.settings.plan_cache_entries)
         self._changes = 0  # functions registered after start: plans made before may not hold
+        # Table functions whose every call yields a bounded result (a search's k rows): plans
+        # reading only these and constants are read without the event loop (``bounded_plan``).
+        self.bounded_table_functions: set[str] = set()
 
     @property
     def generation(self) -> int:
@@ -398,7 +424,9 @@ class QueryEngine:
                 return pa.concat_tables([explained, extra]).to_reader()
             if planned.subplans:
                 return self._with_fallback(planned)
-            return stoppable_stream(self._own_frame(planned.frame))
+            bounded = planned.derive("bounded", lambda: bounded_plan(planned.frame.logical_plan(),
+                                                                     self.bounded_table_functions))
+            return stoppable_stream(self._own_frame(planned.frame), bounded)
         except Exception as error:
             raise self._query_error(error) from None
 

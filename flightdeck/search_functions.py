@@ -49,6 +49,7 @@ from inference.search import SearchResult, TextIndex, reciprocal_rank_fusion
 
 log = logging.getLogger("flightdeck.search")
 MODES = ("vector", "text", "hybrid")
+FUNCTION_NAMES = frozenset(f"{mode}_search" for mode in MODES)  # each call yields at most k rows
 RESULT_FIELDS = [pa.field("score", pa.float64()), pa.field("chunk", pa.string())]
 FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
 MAX_TEXT_OVERFETCH = 50  # a filter keeping under 1/50 of the chunks restricts the text search itself
@@ -122,7 +123,7 @@ class ColumnIndex:
         if self.spec.full_text:
             text = TextIndex()
             text.add(np.arange(len(chunk_texts), dtype=np.int64), chunk_texts)
-        self._state = _Indexed(rows, chunk_rows, chunk_texts, vectors, text)
+        self._state = _Indexed(_one_chunk(rows), chunk_rows, chunk_texts, vectors, text)
         self._indexed.set()
 
     def _chunks(self, column: pa.ChunkedArray) -> tuple[np.ndarray, pa.StringArray, list[str]]:
@@ -195,6 +196,15 @@ class ColumnIndex:
                               "set columns[].full_text_search.enabled")
         return _best_per_row(lambda depth: _text_ranking(state.text, query, depth, chunk_ids, len(state.chunk_rows)),
                              state.chunk_rows, k)
+
+
+def _one_chunk(rows: pa.Table) -> pa.Table:
+    """``rows`` with one chunk per column where it fits: a take over several chunks joins them
+    all first, a copy of every row for each search (0.65 ms at 100k short rows)."""
+    try:
+        return rows.combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowCapacityError):  # a text column over 2 GiB stays chunked
+        return rows
 
 
 def _text_ranking(text: TextIndex, query: str, depth: int, chunk_ids: np.ndarray | None,
@@ -282,10 +292,9 @@ class SearchIndexes:
             tokens = sqlglot.tokenize(sql, read="postgres")
         except TokenError:
             return []
-        functions = {f"{mode}_search" for mode in MODES}
         found = set()
         for i, token in enumerate(tokens[:-2]):
-            if token.text.lower() in functions and tokens[i + 1].token_type == TokenType.L_PAREN:
+            if token.text.lower() in FUNCTION_NAMES and tokens[i + 1].token_type == TokenType.L_PAREN:
                 name = _first_argument(tokens[i + 2:])
                 if name:
                     found.add(name if "." in name else f"public.{name}")

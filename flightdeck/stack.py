@@ -16,7 +16,7 @@ from flightdeck.config import ConfigError, LoadedConfig
 from flightdeck.grants import Grant, qualified
 from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
-from flightdeck.search_functions import DatasetSearchSettings, SearchIndexes
+from flightdeck.search_functions import FUNCTION_NAMES as SEARCH_FUNCTIONS, DatasetSearchSettings, SearchIndexes
 
 log = logging.getLogger("flightdeck.stack")
 
@@ -85,8 +85,7 @@ class Stack:
         for dataset in indexes.datasets():  # each is accelerated: the specs were filtered above
             self.accelerator.refreshers[dataset].listeners.append(
                 lambda refresher, name=dataset: indexes.on_refreshed(name, refresher.store.read_all()))
-        for function in indexes.table_functions():
-            self.engine.ctx.register_udtf(function)
+        self._install_search(self.engine, indexes.table_functions())
         return indexes
 
     def engine_for(self, grant: Grant) -> QueryEngine:
@@ -138,10 +137,15 @@ class Stack:
         view = CatalogView(self.catalog, grant.sees, grant.columns_of, [own_queries], self._masks_of(grant))
         engine = QueryEngine(view, self.engine_settings)
         self.model_functions.install(engine)
-        for function in self.search.table_functions(visible_columns(view), self._masks_of(grant),
-                                                    unmasked_columns(view)):
-            engine.ctx.register_udtf(function)
+        self._install_search(engine, self.search.table_functions(visible_columns(view), self._masks_of(grant),
+                                                                 unmasked_columns(view)))
         return engine
+
+    @staticmethod
+    def _install_search(engine: QueryEngine, functions: list) -> None:
+        for function in functions:
+            engine.ctx.register_udtf(function)
+        engine.bounded_table_functions |= SEARCH_FUNCTIONS
 
     def _metrics(self) -> Metrics:
         metrics = Metrics()

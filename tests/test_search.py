@@ -182,3 +182,47 @@ def test_search_config_errors_name_the_key(tmp_path, dataset, message):
     with pytest.raises(ConfigError) as raised:
         parse_config({"datasets": [{"from": "file:guides/", "name": "guides", **dataset}]}, tmp_path, {})
     assert message in str(raised.value)
+
+
+BOUNDED = ["SELECT 1", "SELECT ? * 2 AS doubled", "SELECT * FROM (VALUES (1), (2)) AS t(a)",
+           "SELECT path, score FROM vector_search(guides, 'pool', 3) WHERE score > 0 ORDER BY score LIMIT 2",
+           "SELECT count(*), max(score) FROM hybrid_search(guides, 'pool', 5)",
+           "SELECT path FROM text_search(guides, 'pool', 3) UNION SELECT path FROM vector_search(guides, 'x', 3)",
+           "SELECT path, rank() OVER (ORDER BY score DESC) FROM vector_search(guides, 'x', 5)"]
+UNBOUNDED = ["SELECT * FROM guides", "SELECT count(*) FROM range(1000000000)",
+             "SELECT * FROM generate_series(1, 10)", "SELECT unnest([1, 2, 3])",
+             "SELECT (SELECT count(*) FROM guides) AS n",
+             "SELECT path FROM vector_search(guides, 'x', 3) WHERE path IN (SELECT path FROM guides)",
+             "SELECT s.path FROM vector_search(guides, 'x', 3) s JOIN guides g ON g.path = s.path",
+             "SELECT a.path FROM vector_search(guides, 'x', 9) a, text_search(guides, 'y', 9) b",
+             "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT n FROM r LIMIT 5"]
+
+
+@pytest.mark.parametrize("sql", BOUNDED + UNBOUNDED)
+def test_only_plans_of_bounded_work_are_read_without_the_event_loop(deck, sql):
+    """Constants and searches (at most k rows each, through nodes that never multiply rows) are
+    read on the calling thread; anything that may scan, join or recurse without end keeps the
+    event loop, where a cancellation interrupts it."""
+    from federation.engine import bounded_plan
+
+    engine = deck.engine
+    plan = engine.ctx.sql(sql.replace("?", "$1")).logical_plan()
+    assert bounded_plan(plan, engine.bounded_table_functions) is (sql in BOUNDED), plan.display_indent()
+
+
+def test_a_bounded_stream_stops_between_batches_when_cancelled():
+    from datafusion import SessionConfig, SessionContext
+
+    from federation.cancel import Cancellation, Stopped, cancellation_scope, stoppable_stream
+
+    ctx = SessionContext(SessionConfig().with_batch_size(10))
+    frame = ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)")
+    cancellation = Cancellation()
+    with cancellation_scope(cancellation):
+        reader = stoppable_stream(frame, bounded=True)
+    assert reader.read_next_batch().num_rows == 10
+    cancellation.cancel()
+    with pytest.raises(Stopped):
+        reader.read_next_batch()
+    whole = stoppable_stream(ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)"), bounded=True).read_all()
+    assert whole.column(0).to_pylist() == list(range(1, 1001))

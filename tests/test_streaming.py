@@ -16,7 +16,7 @@ import pytest
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 from flight.flightsql.server import pack, split_batch
 
-from conftest import ServerProcess, serving, write_config
+from conftest import ServerProcess, run_clients, serving, write_config
 
 ROWS = 10_000_000
 
@@ -162,3 +162,30 @@ def test_cancel_flight_info_stops_a_running_stream(big_duckdb):
         with pytest.raises(flight.FlightCancelledError):
             while True:
                 reader.read_chunk()
+
+
+def test_queries_run_by_the_engine_reuse_a_few_event_loops(tmp_path, monkeypatch):
+    """A stream the engine computes is awaited on an event loop (so that a cancellation can
+    interrupt it). Flight's handler threads lose their Python thread state after every call, so
+    a loop kept per thread was made anew for every query; the loops are now shared. (A join:
+    a plan of constants alone is read without the loop.)"""
+    import asyncio
+
+    made = []
+    new_event_loop = asyncio.new_event_loop
+    monkeypatch.setattr(asyncio, "new_event_loop", lambda: made.append(1) or new_event_loop())
+    with serving({"datasets": []}, tmp_path) as running:
+        with flightsql.connect(running.flight_url, autocommit=True) as connection, connection.cursor() as cursor:
+            for value in range(40):
+                cursor.execute("SELECT a.v * 2 AS doubled FROM (SELECT ? AS v) a CROSS JOIN (SELECT 1) b", [value])
+                assert cursor.fetchall() == [(value * 2,)]
+
+        def client(n: int) -> None:
+            with flightsql.connect(running.flight_url, autocommit=True) as connection, \
+                    connection.cursor() as cursor:
+                for value in range(20):
+                    cursor.execute("SELECT a.v + 1 AS next FROM (SELECT ? AS v) a CROSS JOIN (SELECT 1) b", [value * n])
+                    assert cursor.fetchall() == [(value * n + 1,)]
+
+        run_clients(client, 4)
+    assert 1 <= len(made) <= 4  # at most one per query running at once
