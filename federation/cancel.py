@@ -136,10 +136,12 @@ def _stopped_between_batches(stream: Any) -> Generator[Any, None, None]:
     on_cancel(stopped.set)  # now: the reading happens later, outside the query's cancellation scope
 
     def batches() -> Generator[Any, None, None]:
-        for batch in stream:
+        while not stopped.is_set():
+            batch = next(stream, None)
+            if batch is None:
+                return
             yield batch
-            if stopped.is_set():
-                raise Stopped("the query was stopped")
+        raise Stopped("the query was stopped")
     return batches()
 
 
@@ -173,6 +175,7 @@ def _in_running_loop() -> bool:
 # thread state, hence their thread-locals, at the end of every call).
 _idle_loops: list[asyncio.AbstractEventLoop] = []
 _idle_lock = threading.Lock()
+MAX_IDLE_LOOPS = 16  # kept after a burst of concurrent queries (each holds three descriptors)
 
 
 @contextmanager
@@ -186,7 +189,11 @@ def _borrowed_loop() -> Iterator[asyncio.AbstractEventLoop]:
         yield loop
     finally:
         with _idle_lock:
-            _idle_loops.append(loop)
+            kept = len(_idle_loops) < MAX_IDLE_LOOPS
+            if kept:
+                _idle_loops.append(loop)
+        if not kept:
+            loop.close()
 
 
 @atexit.register

@@ -149,23 +149,39 @@ class _Split:
 
 # Logical plan nodes whose work is bounded by the size of their input: no join, unnesting,
 # recursion or subquery, which multiply rows or hide a plan of their own.
-BOUNDED_NODES = frozenset({"Projection", "Filter", "Sort", "Limit", "Aggregate", "WindowAggr", "Distinct", "Union",
+BOUNDED_NODES = frozenset({"Projection", "Filter", "Sort", "Limit", "Aggregate", "Distinct", "Union",
                            "SubqueryAlias", "EmptyRelation", "Values"})
+# What their expressions may call, as the plan's text shows it: literals (``Int64(1)``,
+# ``Decimal128(Some(150),5,2)``), casts, and aggregates linear in their input. Any other function
+# (``repeat``, ``range``, a model's ``predict``) may take unbounded work on a single row.
+CHEAP_CALLS = frozenset({
+    "CAST", "TRY_CAST", "count", "sum", "min", "max", "avg", "Some",
+    "Boolean", "Utf8", "Utf8View", "LargeUtf8", "Binary", "BinaryView", "LargeBinary",
+    "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float16", "Float32", "Float64",
+    "Decimal32", "Decimal64", "Decimal128", "Decimal256", "Date32", "Date64",
+    "TimestampSecond", "TimestampMillisecond", "TimestampMicrosecond", "TimestampNanosecond"})
+# Each name once, with the "(" that makes it a call: a pattern that may start anywhere in a name
+# would scan a long literal's text once per character.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\(?")
 
 
 def bounded_plan(plan: Any, table_functions: set[str]) -> bool:
     """Whether each batch of a logical plan takes bounded work: it reads constants and calls of
-    the bounded ``table_functions`` only, through ``BOUNDED_NODES``. Read from the plan's text,
-    where subqueries show (they are not among a node's inputs); any line that is not one of
-    these nodes makes the plan unbounded."""
-    scans = {f"{name}()" for name in table_functions}
+    the bounded ``table_functions`` only, through ``BOUNDED_NODES`` whose expressions call
+    ``CHEAP_CALLS`` only. Read from the plan's text, where subqueries show (they are not among a
+    node's inputs); anything else in it, a literal's text included, makes the plan unbounded."""
+    scans = [f"{name}()" for name in table_functions]
     for line in plan.display_indent().splitlines():
         node, _, rest = line.strip().partition(":")
         if node == "TableScan":
-            words = rest.split()
+            words = rest.split(maxsplit=1)
             if not words or words[0] not in scans:
                 return False
         elif node not in BOUNDED_NODES:
+            return False
+        for scan in scans:  # the scan's name also qualifies its columns: vector_search().score
+            rest = rest.replace(scan, " ")
+        if any(name.endswith("(") and name[:-1] not in CHEAP_CALLS for name in _NAME.findall(rest)):
             return False
     return True
 

@@ -122,12 +122,24 @@ def deck(demo_config) -> Iterator[InProcess]:
 
 
 def run_clients(client: Callable[[int], None], count: int, timeout: float = 120) -> None:
-    """``client(n)`` for each n below ``count``, all at once on their own threads; waits for them."""
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(count)]
+    """``client(n)`` for each n below ``count``, all at once on their own threads; waits for them
+    and fails with the first client's error, or when one has not finished within ``timeout``."""
+    errors: list[BaseException] = []
+
+    def run(number: int) -> None:
+        try:
+            client(number)
+        except BaseException as error:  # an assertion in a client fails the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"a client still runs after {timeout} s"
+    if errors:
+        raise errors[0]
 
 
 def service_error(call) -> ServiceError:

@@ -188,14 +188,19 @@ BOUNDED = ["SELECT 1", "SELECT ? * 2 AS doubled", "SELECT * FROM (VALUES (1), (2
            "SELECT path, score FROM vector_search(guides, 'pool', 3) WHERE score > 0 ORDER BY score LIMIT 2",
            "SELECT count(*), max(score) FROM hybrid_search(guides, 'pool', 5)",
            "SELECT path FROM text_search(guides, 'pool', 3) UNION SELECT path FROM vector_search(guides, 'x', 3)",
-           "SELECT path, rank() OVER (ORDER BY score DESC) FROM vector_search(guides, 'x', 5)"]
+           "SELECT CAST(score AS VARCHAR), -score * 2.5 FROM vector_search(guides, 'x', 5) WHERE path LIKE 'c%'"]
 UNBOUNDED = ["SELECT * FROM guides", "SELECT count(*) FROM range(1000000000)",
              "SELECT * FROM generate_series(1, 10)", "SELECT unnest([1, 2, 3])",
              "SELECT (SELECT count(*) FROM guides) AS n",
              "SELECT path FROM vector_search(guides, 'x', 3) WHERE path IN (SELECT path FROM guides)",
              "SELECT s.path FROM vector_search(guides, 'x', 3) s JOIN guides g ON g.path = s.path",
              "SELECT a.path FROM vector_search(guides, 'x', 9) a, text_search(guides, 'y', 9) b",
-             "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT n FROM r LIMIT 5"]
+             "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT n FROM r LIMIT 5",
+             "SELECT cardinality(range(500000000))", "SELECT length(repeat('x', 1000000000))",
+             "SELECT length(repeat(path, 1000000)) FROM vector_search(guides, 'x', 3)",
+             "SELECT path FROM vector_search(guides, 'x', 3) WHERE length(repeat(path, 99999999)) > 1",
+             "SELECT path, rank() OVER (ORDER BY score DESC) FROM vector_search(guides, 'x', 5)",
+             "SELECT 'repeat(x' AS \"range(\""]  # a call's name in a text only: unbounded all the same
 
 
 @pytest.mark.parametrize("sql", BOUNDED + UNBOUNDED)
@@ -224,5 +229,11 @@ def test_a_bounded_stream_stops_between_batches_when_cancelled():
     cancellation.cancel()
     with pytest.raises(Stopped):
         reader.read_next_batch()
+    cancelled_first = Cancellation()
+    with cancellation_scope(cancelled_first):
+        unread = stoppable_stream(ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)"), bounded=True)
+    cancelled_first.cancel()
+    with pytest.raises(Stopped):  # before any batch is made
+        unread.read_next_batch()
     whole = stoppable_stream(ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)"), bounded=True).read_all()
     assert whole.column(0).to_pylist() == list(range(1, 1001))

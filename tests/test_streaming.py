@@ -171,8 +171,12 @@ def test_queries_run_by_the_engine_reuse_a_few_event_loops(tmp_path, monkeypatch
     a plan of constants alone is read without the loop.)"""
     import asyncio
 
+    import federation.cancel
+
     made = []
     new_event_loop = asyncio.new_event_loop
+    idle: list = []
+    monkeypatch.setattr(federation.cancel, "_idle_loops", idle)  # none left by earlier tests
     monkeypatch.setattr(asyncio, "new_event_loop", lambda: made.append(1) or new_event_loop())
     with serving({"datasets": []}, tmp_path) as running:
         with flightsql.connect(running.flight_url, autocommit=True) as connection, connection.cursor() as cursor:
@@ -188,4 +192,6 @@ def test_queries_run_by_the_engine_reuse_a_few_event_loops(tmp_path, monkeypatch
                     assert cursor.fetchall() == [(value * n + 1,)]
 
         run_clients(client, 4)
+    for loop in idle:
+        loop.close()
     assert 1 <= len(made) <= 4  # at most one per query running at once
