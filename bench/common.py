@@ -61,9 +61,11 @@ def flightdeck_server(config: Path, env: dict | None = None) -> Process:
 
 
 def wait_until_accelerated(url: str, names: list[str] | None = None,
-                           report: Callable[[list[dict]], str] | None = None, every: float = 2.0) -> list[dict]:
+                           report: Callable[[list[dict]], str] | None = None, every: float = 2.0,
+                           done: Callable[[list[dict]], bool] | None = None) -> list[dict]:
     """Poll a server's `runtime.datasets` until the accelerated datasets (or ``names``) are
-    ready; raises on a refresh error; ``report(rows)`` is printed as progress while waiting."""
+    ready (or ``done(rows)``); raises on a refresh error; ``report(rows)`` is printed as
+    progress while waiting."""
     import adbc_driver_flightsql.dbapi as flightsql
 
     with flightsql.connect(url, autocommit=True) as connection, connection.cursor() as cursor:
@@ -73,7 +75,7 @@ def wait_until_accelerated(url: str, names: list[str] | None = None,
             errors = [f"{r['name']}: {r['last_error']}" for r in rows if r["last_error"]]
             if errors:
                 raise RuntimeError(f"refresh failed: {errors}")
-            if rows and all(r["refresh_state"] == "ready" for r in rows):
+            if rows and (done(rows) if done else all(r["refresh_state"] == "ready" for r in rows)):
                 return rows
             if report is not None:
                 progress(report(rows))

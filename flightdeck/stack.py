@@ -16,6 +16,7 @@ from flightdeck.config import ConfigError, LoadedConfig
 from flightdeck.grants import Grant, qualified
 from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
+from inference.native_threads import one_blas_thread
 from flightdeck.search_functions import FUNCTION_NAMES as SEARCH_FUNCTIONS, DatasetSearchSettings, SearchIndexes
 
 log = logging.getLogger("flightdeck.stack")
@@ -45,6 +46,7 @@ class Stack:
         # embed() and predict() in SQL.
         self.models = model_registry(loaded)
         self.model_functions = ModelFunctions(self.models).install(self.engine)
+        one_blas_thread()  # before the first search: a server's vector math runs on its caller's thread
         self.search = self._search_indexes(loaded)
         self._granted_engines: dict[Grant, QueryEngine] = {}
         self._engines_lock = threading.Lock()

@@ -237,3 +237,12 @@ def test_a_bounded_stream_stops_between_batches_when_cancelled():
         unread.read_next_batch()
     whole = stoppable_stream(ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)"), bounded=True).read_all()
     assert whole.column(0).to_pylist() == list(range(1, 1001))
+
+
+def test_a_server_runs_blas_on_the_calling_thread(tmp_path):
+    """OpenBLAS's idle workers spin after each call and take a core from the next embedding."""
+    import threadpoolctl
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):  # as a process starts on two cores
+        with serving({"datasets": []}, tmp_path):
+            blas = [library for library in threadpoolctl.threadpool_info() if library["user_api"] == "blas"]
+            assert blas and all(library["num_threads"] == 1 for library in blas), blas
