@@ -84,8 +84,9 @@ def wait_indexed(url: str) -> None:
     def loaded(rows: list[dict]) -> bool:
         return all(r["refresh_state"] == "ready" and r["refreshes"] >= 1 for r in rows)
 
-    def report(rows: list[dict]) -> str:
-        done = ", ".join(f"{r['refresh_state']}, {r['embedded_total'] or 0:,} chunks embedded" for r in rows)
+    def report(rows: list[dict]) -> str:  # a first load counts its chunks when it has embedded them all
+        done = ", ".join(r["refresh_state"] + (f", {r['embedded_total']:,} chunks embedded"
+                                               if r["embedded_total"] else "") for r in rows)
         return f"loading and embedding the notes ({done or 'starting'})"
     wait_until_accelerated(url, ["public.notes"], every=5, report=report, done=loaded)
 
