@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -116,8 +116,17 @@ class ColumnIndex:
     # ---- building -----------------------------------------------------------
 
     def rebuild(self, rows: pa.Table) -> None:
-        """Index a new copy's rows; only chunks never embedded before go through the model."""
-        chunk_rows, chunk_texts, embed_texts = self._chunks(rows.column(self.spec.column))
+        """Index a new copy's rows; only chunks never embedded before go through the model. A copy
+        whose searched column did not change keeps the indexes (a restart's refresh, a periodic
+        full refresh of quiet data): only the rows they point into are new."""
+        column = rows.column(self.spec.column)
+        kept = self._state
+        if kept is not None and kept.rows.column(self.spec.column).equals(column):
+            if self.vectors is not None:
+                self.vectors.embedded_last = 0
+            self._state = replace(kept, rows=_one_chunk(rows))
+            return
+        chunk_rows, chunk_texts, embed_texts = self._chunks(column)
         vectors = self.vectors.update(embed_texts) if self.vectors else None
         text = None
         if self.spec.full_text:

@@ -151,6 +151,34 @@ def test_a_refresh_embeds_only_the_rows_that_changed(notes_table, tmp_path):
         assert sorted(r["id"] for r in top.read_all().to_pylist()) == list(range(1, 11))
 
 
+def test_a_refresh_that_leaves_the_texts_alone_keeps_the_indexes_and_shows_the_new_rows(notes_table, tmp_path):
+    config = _notes_config(tmp_path, {"engine": "duckdb"})
+    config["datasets"][0]["columns"][0]["full_text_search"] = {"enabled": True}
+    with serving(config, tmp_path) as runtime:
+        assert runtime.accelerator.refresher("public.notes").loaded.wait(300)
+        index = runtime.stack.search.find("public.notes", None, "vector")
+        before = index._require()
+        runtime.refresh("notes")  # the same rows in the same order, as after a restart
+        after = index._require()
+        assert _embedded(runtime) == (0, 10_000)
+        assert after.vectors is before.vectors and after.text is before.text  # not rebuilt
+        assert after.rows is not before.rows
+        with notes_table.cursor() as cursor:  # other columns change (and PostgreSQL moves the rows)
+            cursor.execute("UPDATE fd_search.notes SET at = '2001-02-03 04:05:06+00' WHERE id <= 10")
+        runtime.refresh("notes")
+        sql = "SELECT id, at FROM {}_search(notes, 'order waiting for payment', 3) WHERE id <= 10"
+        for mode in ("vector", "text"):
+            found = runtime.engine.query(sql.format(mode)).read_all().to_pylist()
+            assert len(found) == 3 and all(r["at"].year == 2001 for r in found), found
+        with notes_table.cursor() as cursor:
+            cursor.execute("UPDATE fd_search.notes SET note = 'order 7 lost in the warehouse' WHERE id = 7")
+        runtime.refresh("notes")
+        assert _embedded(runtime) == (1, 10_001)  # a changed text is embedded, its indexes rebuilt
+        assert index._require().text is not before.text
+        found = runtime.engine.query("SELECT id FROM text_search(notes, 'warehouse', 3)").read_all()
+        assert found.column("id").to_pylist() == [7]
+
+
 def test_append_refresh_embeds_new_rows_and_file_copies_keep_their_embeddings(notes_table, tmp_path):
     config = _notes_config(tmp_path, {"engine": "duckdb", "mode": "file", "refresh_mode": "append",
                                       "primary_key": "id", "refresh_sql": "SELECT * FROM notes WHERE id <= 300"})
