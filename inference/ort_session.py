@@ -38,6 +38,11 @@ def make_session(path: str | Path, threads: int | None = None, inter_op_threads:
     else:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
+    # onnxruntime's workers spin for about 40 ms after each run, waiting for the next one. A
+    # server runs a model per query (a search's query text): the spinning took a core from that
+    # query's own work and from everyone else's. They still spin within a run, where handing
+    # each operator to the other cores quickly matters, and sleep when it ends.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     # Warnings about shape merging are noise for users; errors still surface as exceptions.
     options.log_severity_level = 3
     try:
