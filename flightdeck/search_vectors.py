@@ -61,8 +61,8 @@ class VectorSnapshot:
         if fetch > MAX_FETCH:
             return self.exact.search(query, depth, candidates=candidates)
         chunks = self._chunks_of(self.approximate.search(query, fetch))
-        if candidates is not None:
-            chunks = np.intersect1d(chunks, candidates, assume_unique=False)
+        if candidates is not None:  # a lookup table, not a sort of every matching chunk
+            chunks = chunks[np.isin(chunks, candidates, kind="table")]
         result = self.exact.search(query, depth, candidates=chunks)
         if len(result) < min(depth, wanted):  # unused slots or a filter took too many: be exact
             return self.exact.search(query, depth, candidates=candidates)

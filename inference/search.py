@@ -23,6 +23,7 @@ import pyarrow as pa
 from .errors import ModelError
 
 Candidates = np.ndarray | pa.Array | pa.ChunkedArray | Iterable[int] | None
+GATHER_ROWS = 1024  # candidate rows scored per block (1.5 MB at 384 dimensions; 512 to 2,048 measured alike)
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,25 @@ class VectorIndex:
         positions = positions[self._valid[positions]]
         if len(positions) == 0:
             return _empty_result()
-        # Gathering the candidate rows copies them; for a small subset that is far cheaper
-        # than scoring every row, for a large one the full product plus a mask is.
-        if len(positions) < len(self) // 4:
-            scores = self._matrix[positions] @ q
+        # Gathering the candidate rows copies them; for up to a third of the rows that is cheaper
+        # than scoring every row, for more the full product plus a mask is.
+        if len(positions) < len(self) // 3:
+            scores = self._gathered_scores(positions, q)
         else:
             scores = (self._matrix @ q)[positions]
         return _top_k(scores, self._ids[positions], k)
+
+    def _gathered_scores(self, positions: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """The scores of these rows, copied out a block at a time so that each block is still in
+        cache for its product (one copy of every matching row goes out to memory and back: at 1M
+        rows with one in eight kept, 59 ms, in blocks 35)."""
+        scores = np.empty(len(positions), np.float32)
+        block = np.empty((min(GATHER_ROWS, len(positions)), self.dim), np.float32)
+        for start in range(0, len(positions), GATHER_ROWS):
+            rows = positions[start:start + GATHER_ROWS]
+            np.take(self._matrix, rows, axis=0, out=block[:len(rows)])
+            scores[start:start + len(rows)] = block[:len(rows)] @ q
+        return scores
 
     def _positions(self, candidates: Candidates) -> np.ndarray | None:
         if candidates is None:
@@ -128,12 +141,19 @@ class VectorIndex:
                 raise ModelError(f"candidate mask has {len(arr)} entries for {len(self)} vectors")
             return np.flatnonzero(arr)
         if self._identity:
-            return np.unique(arr[(arr >= 0) & (arr < len(self))])
+            inside = arr[(arr >= 0) & (arr < len(self))]
+            # a filter's matching rows come sorted; numpy's unique would hash them all again
+            # (10 ms for 125,000 ids)
+            return inside if _strictly_increasing(inside) else np.unique(inside)
         # Map ids to positions through the sorted ids; ids not in the index drop out.
         sorted_ids = self._ids[self._sorted_pos]
         slots = np.minimum(np.searchsorted(sorted_ids, arr), len(sorted_ids) - 1)
         found = sorted_ids[slots] == arr
         return np.unique(self._sorted_pos[slots[found]])
+
+
+def _strictly_increasing(ids: np.ndarray) -> bool:
+    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
 
 
 def _candidate_array(candidates: Candidates) -> np.ndarray:

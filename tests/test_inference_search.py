@@ -11,7 +11,7 @@ import pytest
 from inference.chunking import chunk_document, chunk_markdown, chunk_text
 from inference.embedder import TextEmbedder
 from inference.errors import ModelError
-from inference.search import SearchResult, TextIndex, VectorIndex, reciprocal_rank_fusion
+from inference.search import GATHER_ROWS, SearchResult, TextIndex, VectorIndex, reciprocal_rank_fusion
 from inference.st_dir import bundled_minilm_dir
 
 GUIDES = sorted((Path(__file__).resolve().parent.parent / "flightdeck" / "demo" / "guides").glob("*.md"))
@@ -56,6 +56,21 @@ def test_vector_index_candidates_apply_before_ranking():
     large = index.search(query, k=3, candidates=range(0, 1000, 2))
     assert large.row_ids.tolist() == brute[:3].tolist()
     assert len(index.search(query, k=5, candidates=[])) == 0
+
+
+def test_vector_index_scores_many_candidates_block_by_block_as_the_full_product_does():
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((20_000, 32)).astype(np.float32)
+    index = VectorIndex(vectors)
+    query = rng.standard_normal(32).astype(np.float32)
+    cosines = vectors @ query / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query)
+    kept = np.flatnonzero(rng.random(20_000) < 0.2)  # about 4,000 rows: several blocks, gathered
+    assert GATHER_ROWS < len(kept) < len(index) // 3
+    expected = kept[np.argsort(-cosines[kept], kind="stable")][:25]
+    for candidates in (kept, kept[::-1], np.concatenate([kept, kept[:500], [-3, 20_000, 99_999]])):
+        found = index.search(query, k=25, candidates=candidates)
+        assert found.row_ids.tolist() == expected.tolist()
+        np.testing.assert_allclose(found.scores, cosines[expected], rtol=1e-5)
 
 
 def test_vector_index_custom_row_ids_nulls_and_chunks():
