@@ -129,10 +129,12 @@ def main() -> None:
             measure(connection, "SELECT id FROM vector_search(notes, ?, 10)", queries[:5])  # warm up
             report["vector_repeated_texts"] = measure(connection, "SELECT id, score FROM vector_search(notes, ?, 10)",
                                                       [queries[i % 10] for i in range(len(queries))])
-            for mode in ("vector", "text", "hybrid"):
-                plain = measure(connection, f"SELECT id, score FROM {mode}_search(notes, ?, 10)", queries)
+            for mode in ("vector", "text", "hybrid"):  # texts new to each series: every one is embedded
+                plain = measure(connection, f"SELECT id, score FROM {mode}_search(notes, ?, 10)",
+                                [f"{query} ({mode})" for query in queries])
                 filtered = measure(connection, f"SELECT id, score FROM {mode}_search(notes, ?, 10) "
-                                               "WHERE service = 'pgbouncer'", queries)
+                                               "WHERE service = 'pgbouncer'",
+                                   [f"{query} ({mode}, filtered)" for query in queries])
                 report["modes"][mode] = {"plain": plain, "where_service": filtered}
                 progress(f"{mode}: p50 {plain['p50_ms']} ms, p99 {plain['p99_ms']} ms; "
                          f"with WHERE p50 {filtered['p50_ms']} ms")

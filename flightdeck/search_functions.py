@@ -123,7 +123,7 @@ class ColumnIndex:
         kept = self._state
         if kept is not None and kept.rows.column(self.spec.column).equals(column):
             if self.vectors is not None:
-                self.vectors.embedded_last = 0
+                self.vectors.unchanged()
             self._state = replace(kept, rows=_one_chunk(rows))
             return
         chunk_rows, chunk_texts, embed_texts = self._chunks(column)

@@ -126,6 +126,11 @@ class ColumnVectors:
             self._save_cache()
         return VectorSnapshot.of(self._matrix[:len(self._keys)], chunk_slots, self._approximate)
 
+    def unchanged(self) -> None:
+        """The copy came back with the same texts: its snapshot stays, nothing was embedded or added."""
+        self.embedded_last = 0
+        self.index_added_last = 0
+
     def _embed_missing(self, texts: list[str], keys: list[bytes]) -> None:
         """Embed in slices, with a progress line every few seconds (100k rows take minutes)."""
         started = last_report = time.monotonic()
