@@ -112,9 +112,9 @@ class VectorIndex:
         positions = positions[self._valid[positions]]
         if len(positions) == 0:
             return _empty_result()
-        # Gathering the candidate rows copies them; for up to a third of the rows that is cheaper
+        # Gathering the candidate rows copies them; for up to half of the rows that is cheaper
         # than scoring every row, for more the full product plus a mask is.
-        if len(positions) < len(self) // 3:
+        if len(positions) < len(self) // 2:
             scores = self._gathered_scores(positions, q)
         else:
             scores = (self._matrix @ q)[positions]
@@ -123,12 +123,13 @@ class VectorIndex:
     def _gathered_scores(self, positions: np.ndarray, q: np.ndarray) -> np.ndarray:
         """The scores of these rows, copied out a block at a time so that each block is still in
         cache for its product (one copy of every matching row goes out to memory and back: at 1M
-        rows with one in eight kept, 59 ms, in blocks 35)."""
+        rows with one in eight kept, 55 ms, in blocks 24)."""
         scores = np.empty(len(positions), np.float32)
         block = np.empty((min(GATHER_ROWS, len(positions)), self.dim), np.float32)
         for start in range(0, len(positions), GATHER_ROWS):
             rows = positions[start:start + GATHER_ROWS]
-            np.take(self._matrix, rows, axis=0, out=block[:len(rows)])
+            # the rows are in range; numpy buffers an `out` under the default mode="raise"
+            np.take(self._matrix, rows, axis=0, out=block[:len(rows)], mode="clip")
             scores[start:start + len(rows)] = block[:len(rows)] @ q
         return scores
 
