@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from bench.common import (DATA, RESULTS, ROOT, Process, drain, flightdeck_server, make_parquet, percentile,
+from bench.common import (DATA, RESULTS, Process, drain, flightdeck_server, make_parquet, percentile,
                           progress, read_flightsql)
 
 THROUGHPUT_QUERY = "SELECT id, value, label FROM big"

@@ -8,11 +8,13 @@ Its text is therefore never trusted as it stands:
 1. A plan holding a text value the unparser cannot write faithfully (a backslash, or two
    quotes in a row) is not sent. Values bound as query parameters never reach the unparser
    at all: the statement is planned with its placeholders unbound, and the values go to
-   the backend's driver.
+   the backend's driver. Nor is a plan holding a float NaN or infinity: the unparser writes
+   it as a bare word (NaN, inf) that a backend reads as a column name.
 2. The unparsed text is parsed in the backend's dialect and checked: exactly one SELECT made
    only of allow-listed constructs (no INTO, locking, DDL/DML, set operations or subqueries
-   in expressions), reading only the tables the plan's scans name, and its text literals
-   must be values the plan holds.
+   in expressions), reading only the tables the plan's scans name, naming only their columns
+   (always quoted, as the unparser writes names) or aliases it defines, and its text
+   literals must be values the plan holds.
 3. Every text literal and placeholder then becomes a bound parameter of the driver. What
    stays in the text is sqlglot's own writing of identifiers, numbers and keywords, and the
    written statement must parse back to the validated tree.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -138,18 +141,22 @@ def _collect_literals(expression, found: list[Any]) -> None:
 
 def bound_statement(tree: exp.Expression, dialect: str, param_style: str, plan,
                     values: dict[str, Any] | None, remote_tables: set[tuple[str, ...]],
-                    whole: bool = False, plan_texts: set[str] | None = None) -> BackendStatement:
+                    whole: bool = False, plan_texts: set[str] | None = None,
+                    remote_columns: set[str] | None = None) -> BackendStatement:
     """The statement to send for ``tree`` (parsed from the unparser's text, tables already
     pointing at the backend's), or StatementRefused. ``values`` holds the statement's
     parameter values by number ("1", "2", ...) for its ``$n`` placeholders. ``whole``: a
     statement translated for local copies, checked against the wider allow-list, its text
-    literals checked against ``plan_texts`` (the texts DataFusion read) instead of ``plan``'s."""
+    literals checked against ``plan_texts`` (the texts DataFusion read) instead of ``plan``'s.
+    ``remote_columns``: the columns of the tables it reads, the only names (with the aliases
+    it defines) it may reference."""
     if plan_texts is None:
         literals = plan_literals(plan)
+        _refuse_non_finite_floats(literals)
         plan_texts = {text for value in literals for text in _texts_of(value)}
     if any(not faithful_text(text) for text in plan_texts):
         raise StatementRefused("a text value in the query cannot be written faithfully as SQL")
-    check_shape(tree, remote_tables, whole)
+    check_shape(tree, remote_tables, whole, remote_columns)
     tree = tree.copy()
     bound: list[Any] = []
 
@@ -178,6 +185,16 @@ def bound_statement(tree: exp.Expression, dialect: str, param_style: str, plan,
     return BackendStatement(*_written(tree, dialect, param_style, bound))
 
 
+def _refuse_non_finite_floats(literals: list[Any]) -> None:
+    """The unparser writes a float NaN or infinity as a bare word (NaN, inf, -inf), which a
+    backend reads as a column of that name. Not bound as a parameter instead: the engines
+    disagree on these values (PostgreSQL and DuckDB hold every NaN equal and above all
+    numbers, DataFusion orders a negative NaN below -inf, SQLite binds NaN as NULL,
+    MySQL/MariaDB and PyMySQL have none), so such a query runs in DataFusion."""
+    if any(isinstance(value, float) and not math.isfinite(value) for value in literals):
+        raise StatementRefused("a float NaN or infinity has no SQL literal (the unparser writes a bare word)")
+
+
 def _texts_of(value: Any) -> set[str]:
     """How the unparser may write a plan value as a text literal (dates and times are
     written as text inside a CAST)."""
@@ -193,11 +210,16 @@ def _texts_of(value: Any) -> set[str]:
 _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)
 
 
-def check_shape(tree: exp.Expression, remote_tables: set[tuple[str, ...]], whole: bool = False) -> None:
+def check_shape(tree: exp.Expression, remote_tables: set[tuple[str, ...]], whole: bool = False,
+                remote_columns: set[str] | None = None) -> None:
     """Exactly one SELECT of allow-listed constructs reading only ``remote_tables`` (and,
-    ``whole``, the names of its WITH list where they are in scope)."""
+    ``whole``, the names of its WITH list where they are in scope). With ``remote_columns``
+    (the columns of those tables), every column it names is quoted and one of them or an
+    alias the statement defines."""
     if not isinstance(tree, exp.Select):
         raise StatementRefused(f"not a single SELECT ({type(tree).__name__})")
+    if remote_columns is not None:
+        _check_columns(tree, remote_columns)
     allowed, parts = (WHOLE_STATEMENT_NODES, WHOLE_SELECT_PARTS) if whole else (ALLOWED_NODES, SELECT_PARTS)
     in_scope = _with_names_in_scope(tree) if whole else {}
     for node in tree.walk():
@@ -224,6 +246,33 @@ def check_shape(tree: exp.Expression, remote_tables: set[tuple[str, ...]], whole
                 raise StatementRefused(f"the statement reads {node.sql()}, which no scan of the plan names")
         elif isinstance(node, exp.Var) and not _is_interval_unit(node):
             raise StatementRefused(f"a bare word in the statement: {node.sql()}")
+
+
+def _check_columns(tree: exp.Select, remote_columns: set[str]) -> None:
+    """The unparser quotes every name it writes: an unquoted column is a value it wrote as a
+    word (NaN, inf), which the backend would resolve against whatever column has that name.
+    A quoted one must exist in the tables read or be defined by the statement itself."""
+    known = remote_columns | _defined_names(tree)
+    for column in tree.find_all(exp.Column):
+        if isinstance(column.this, exp.Star) or _placeholder_number(column) is not None:
+            continue
+        if not quoted_name(column):
+            raise StatementRefused(f"a bare word where a column belongs: {column.sql()}")
+        if column.name not in known:
+            raise StatementRefused(f"the statement names {column.sql()}, a column no table it reads has")
+
+
+def quoted_name(column: exp.Column) -> bool:
+    """Whether a column is written as a quoted name, as the unparser writes every name."""
+    return isinstance(column.this, exp.Identifier) and bool(column.this.quoted)
+
+
+def _defined_names(tree: exp.Select) -> set[str]:
+    """The names the statement gives: its aliases, and the column names of its table aliases."""
+    names = {alias.alias for alias in tree.find_all(exp.Alias)}
+    for table_alias in tree.find_all(exp.TableAlias):
+        names.update(column.name for column in table_alias.columns)
+    return names
 
 
 def _check_whole_statement_node(node: exp.Expression, remote_tables: set[tuple[str, ...]],

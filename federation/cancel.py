@@ -103,9 +103,9 @@ def stoppable_stream(frame: Any, bounded: bool = False) -> pa.RecordBatchReader:
 
     def awaited_batches() -> Generator[Any, None, None]:
         while partitions:
-            stream = partitions.pop(0)
-            while (batch := next_of_partition(stream)) is not None:
+            while (batch := next_of_partition(partitions[0])) is not None:
                 yield batch
+            partitions.pop(0)
 
     def next_of_partition(stream: Any) -> Any:
         if _in_running_loop():  # it cannot be waited on here
@@ -124,6 +124,10 @@ def stoppable_stream(frame: Any, bounded: bool = False) -> pa.RecordBatchReader:
                 pass  # raised below, outside this block: chained to it, the stream would live on
             finally:
                 waiting.clear()
+        # The exception's traceback keeps this frame, whose references would keep the engine's
+        # tasks computing until the garbage collector found the cycle it ends up in: drop them.
+        stream = pending = None
+        partitions.clear()
         raise Stopped("the query was stopped")
 
     def dropped() -> None:

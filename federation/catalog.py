@@ -224,13 +224,20 @@ def scanned_name(fqn: tuple) -> tuple[str, str]:
     return schema_name, table_name
 
 
-def source_rows(datasets: Iterable[Dataset]) -> list[dict]:
-    """The ``source_stats`` rows of the connectors these datasets are read through."""
+def source_rows(datasets: Iterable[Dataset], private: Callable[[Connector], tuple[str, ...]] = lambda c: ()
+                ) -> list[dict]:
+    """The ``source_stats`` rows of the connectors these datasets are read through, with the
+    fields ``private`` names for a connector left empty."""
     by_connector: dict[int, tuple[Connector, list[str]]] = {}
     for dataset in datasets:
-        for connector in {id(c): c for c in (dataset.source_connector, dataset.connector) if c}.values():
+        for connector in connectors_of(dataset):
             entry = by_connector.setdefault(id(connector), (connector, []))
             entry[1].append(dataset.qualified_name)
-    return [{"datasets": ", ".join(sorted(names)), "kind": connector.kind,
-             "source": connector.describe(), **connector.stats.snapshot()}
+    return [{"datasets": ", ".join(sorted(names)), "kind": connector.kind, "source": connector.describe(),
+             **connector.stats.snapshot(), **{name: None for name in private(connector)}}
             for connector, names in by_connector.values()]
+
+
+def connectors_of(dataset: Dataset) -> list[Connector]:
+    """The connectors a dataset is read through: its source's, and its copy's when accelerated."""
+    return list({id(c): c for c in (dataset.source_connector, dataset.connector) if c}.values())

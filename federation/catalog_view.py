@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import pyarrow as pa
 from datafusion import SessionContext
 
-from federation.catalog import (Catalog, Dataset, listing, register_tables, scanned_name, schema_names,
-                                source_rows)
+from federation.catalog import (Catalog, Dataset, connectors_of, listing, register_tables, scanned_name,
+                                schema_names, source_rows)
 from federation.connectors import ConnectorError
 from federation.masks import ColumnMasks
 from federation.scan import ConnectorDataset
@@ -23,6 +23,7 @@ from federation.system import DATASETS_SCHEMA, SOURCE_STATS_SCHEMA, SnapshotConn
 log = logging.getLogger("flightdeck.catalog")
 # A backend's last statement may carry another caller's filter values: a view does not show it.
 PRIVATE_SOURCE_FIELDS = ("last_request",)
+SOURCE_COUNTERS = ("queries", "rows", "bytes", "errors", "seconds")
 
 
 class CatalogView:
@@ -91,8 +92,13 @@ class CatalogView:
         return [self.base.dataset_row(d) for d in self.datasets.values()]
 
     def source_stats(self) -> list[dict]:
-        return [{**row, **{field: None for field in PRIVATE_SOURCE_FIELDS}}
-                for row in source_rows(self.datasets.values())]
+        """The sources of the datasets this view shows. Their counters are left empty where a
+        source also serves datasets the view hides: they would count other principals' reads
+        of those."""
+        shared = {id(connector) for name, dataset in self.base.datasets.items() if not self.sees(name)
+                  for connector in connectors_of(dataset)}
+        return source_rows(self.datasets.values(), lambda connector: PRIVATE_SOURCE_FIELDS + (
+            SOURCE_COUNTERS if id(connector) in shared else ()))
 
     def register_into(self, ctx: SessionContext) -> None:
         register_tables(ctx, self)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import sqlglot
 from datafusion import DataFrame, RuntimeEnvBuilder, SessionConfig, SessionContext, SQLOptions
+from datafusion.common import DFSchema
 from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
@@ -23,7 +25,8 @@ from federation.plan_cache import DEFAULT_ENTRIES, PlanCache
 from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, literal_value, parameter_slots, planner_filter,
                                  table_scans, whole_query)
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
-from federation.safety import MAX_DEPTH, UnsafeStatement, check_read_only
+from federation.safety import (MAX_DEPTH, GeneratesTooMuch, NotAStatement, UnsafeStatement, check_read_only,
+                               explain_parts)
 from federation.whole_statement import translated_statement
 
 
@@ -106,7 +109,7 @@ class _Binding:
 
     def bind(self, engine: "QueryEngine", values: dict[str, pa.Scalar]) -> PlannedQuery:
         sql = inline_arguments(self.sql, self.arguments, values)
-        if self.remote is not None:
+        if self.remote is not None and all_finite(values):
             return PlannedQuery(sql, None, self.schema, self.remote.bound(values), reusable=True,
                                 derived=self.derived, make_frame=lambda: engine._bound_frame(sql, values))
         frame = engine._bound_frame(sql, values, bool(self.arguments))
@@ -262,7 +265,7 @@ class QueryEngine:
         try:
             check_read_only(sql)
         except UnsafeStatement as error:
-            raise QueryError(str(error), kind="refused") from None
+            raise QueryError(str(error), kind=_gate_error_kind(error)) from None
         original = number_placeholders(sql)
         numbered = self._rewrite(original)
         arguments = table_function_arguments(numbered)
@@ -274,13 +277,13 @@ class QueryEngine:
                 frame.optimized_logical_plan()
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
-        explained = _EXPLAIN.match(inlined)
+        explained = explain_parts(inlined)
         # EXPLAIN and the time (fixed when planned) make a plan that holds for this one execution
         # only; one with values inlined into table function arguments holds for those values only.
         planned.reusable = not (explained or (arguments and values) or _PLANNING_TIME.search(numbered))
-        if explained:
-            planned.explain_rows = self._backend_requests(planned, inlined[:explained.end()],
-                                                          inlined[explained.end():], values)
+        if explained and "ANALYZE" not in explained[2]:  # EXPLAIN ANALYZE shows what ran instead
+            head, inner, _ = explained
+            planned.explain_rows = self._backend_requests(planned, head, inner, values)
         elif placeholder_count(inlined) and not values:
             pass  # unbound: whatever runs it must bind values first
         elif self.settings.whole_query_pushdown:
@@ -311,7 +314,7 @@ class QueryEngine:
         if self.settings.whole_query_pushdown and not statement.arguments:  # table functions run here
             template = self._whole_query(statement.local_frame or statement.frame, statement.sql,
                                          parameter_slots(len(values)))
-        if template is not None:
+        if template is not None and all_finite(values):
             planned.remote = template.bound(values)
         elif self.settings.whole_query_pushdown:
             self._optimize_locally(planned, values)
@@ -561,6 +564,21 @@ def _parameter_schema(planned: PlannedQuery, count: int) -> pa.Schema:
     return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
 
 
+def all_finite(values: dict[str, pa.Scalar]) -> bool:
+    """Whether no value is a float NaN or infinity. Such a value is not handed to a backend's
+    driver: the engines disagree on it (SQLite binds NaN as NULL, MySQL has neither, PostgreSQL
+    orders NaN above every number): a query binding one runs in DataFusion."""
+    return not any(pa.types.is_floating(v.type) and v.is_valid and not math.isfinite(v.as_py())
+                   for v in values.values())
+
+
+def _gate_error_kind(error: UnsafeStatement) -> str:
+    """What a statement the gate stops is: a typo, too much for a limit, or a write."""
+    if isinstance(error, NotAStatement):
+        return "invalid"
+    return LIMIT_EXCEEDED if isinstance(error, GeneratesTooMuch) else "refused"
+
+
 def error_kind(text: str) -> str:
     """A DataFusion error's kind: a backend's failure is "unavailable" (a client may retry), a
     source at its load budget "limit_exceeded", a Python function refusing its input (a model,
@@ -626,7 +644,11 @@ _CLAUSES = {TokenType.FROM, TokenType.JOIN, TokenType.WHERE, TokenType.GROUP_BY,
 
 def table_function_arguments(numbered_sql: str) -> tuple[tuple[int, int, str], ...]:
     """Where the ``$n`` arguments of table functions (``FROM vector_search(docs, $1, 5)``) are:
-    (start, end, number) of each."""
+    (start, end, number) of each. sqlglot finds them, and DataFusion's own tokenizer must read
+    a parameter at each, else QueryError: the two disagree on some texts (sqlglot ends a ``--``
+    comment at a lone carriage return, DataFusion only at a newline; backquoted names,
+    ``q'[...]'`` strings and ``$tag$`` quotes differ too), and a value written where DataFusion
+    reads a comment or quoted text could end it and be read as SQL."""
     try:
         tokens = sqlglot.tokenize(numbered_sql, read="postgres")
     except TokenError:
@@ -652,11 +674,63 @@ def table_function_arguments(numbered_sql: str) -> tuple[tuple[int, int, str], .
                 clause_at_depth.pop()
         elif kind in _CLAUSES:
             clause_at_depth[-1] = kind
-        elif (kind == TokenType.PARAMETER and call_depth is not None and index + 1 < len(tokens)
-              and tokens[index + 1].token_type == TokenType.NUMBER):
+        elif kind == TokenType.PARAMETER and call_depth is not None and _numbered(tokens, index):
             number = tokens[index + 1]
             arguments.append((token.start, number.end + 1, number.text))
+    for start, end, number in arguments:
+        _check_datafusion_reads_a_parameter(numbered_sql, start, end, number)
     return tuple(arguments)
+
+
+def _numbered(tokens: list, index: int) -> bool:
+    """Whether the ``$`` at ``index`` and the digits right after it make one ``$n``."""
+    if index + 1 >= len(tokens):
+        return False
+    dollar, number = tokens[index], tokens[index + 1]
+    return (number.token_type == TokenType.NUMBER and number.text.isdigit()
+            and number.start == dollar.end + 1)
+
+
+# A session of DataFusion's own, for its tokenizer (the engine's sessions use the same,
+# default, SQL dialect): asked whether it reads a parameter where sqlglot found one.
+_DATAFUSION_READER = SessionContext()
+_OPEN_ESCAPED_STRING = re.compile(r"Unterminated encoded string literal at Line: (\d+), Column: (\d+)\b")
+
+
+def _check_datafusion_reads_a_parameter(sql: str, start: int, end: int, number: str) -> None:
+    """QueryError unless DataFusion reads ``sql[start:end]`` as the parameter ``$number``: in
+    code (no comment or quoted text around it), and not run on into a longer token."""
+    if not _code_at(sql, start) or _extends_a_parameter(sql[end:end + 1]):
+        raise QueryError(f"the table function argument ${number} is not where DataFusion reads a parameter "
+                         "(there it is inside a comment, quoted text or a longer name; a lone carriage "
+                         "return does not end a -- comment for DataFusion): write the statement without that")
+
+
+def _extends_a_parameter(char: str) -> bool:
+    """Whether DataFusion reads ``char`` right after ``$n`` as more of it (``$1a`` is one
+    parameter, ``$1$`` opens a quoted string); any character beyond ASCII is taken to."""
+    return char != "" and (not char.isascii() or char.isalnum() or char in "_$")
+
+
+def _code_at(sql: str, position: int) -> bool:
+    """Whether DataFusion's tokenizer is in code at ``position`` of ``sql``, not inside a
+    comment, quoted text or quoted name. Asked of DataFusion itself: after a space (which ends
+    any word or number before it) an escaped string is opened, and the statement must fail on
+    that string left open, at that very place; inside a comment or quoted text the opening is
+    no string, or the failure is elsewhere."""
+    opened = sql[:position] + " "
+    try:
+        _DATAFUSION_READER.parse_sql_expr(opened + "E'", DFSchema.empty())
+    except Exception as error:  # noqa: BLE001 - DataFusion raises bare Exceptions
+        found = _OPEN_ESCAPED_STRING.search(str(error))
+        return found is not None and (int(found[1]), int(found[2])) == _datafusion_location(opened)
+    return False
+
+
+def _datafusion_location(prefix: str) -> tuple[int, int]:
+    """(line, column) DataFusion reports for the character after ``prefix``: lines end at a
+    newline only, columns count characters from 1."""
+    return prefix.count("\n") + 1, len(prefix) - (prefix.rfind("\n") + 1) + 1
 
 
 def inline_arguments(numbered_sql: str, arguments: tuple[tuple[int, int, str], ...],
@@ -665,19 +739,39 @@ def inline_arguments(numbered_sql: str, arguments: tuple[tuple[int, int, str], .
 
     DataFusion calls a table function while planning, before parameters are bound, so its
     arguments must be literals; an unbound one (a statement being prepared) becomes NULL.
+    Each goes between spaces, so it cannot run on into what is around it (``-$1`` with -5
+    would otherwise open a ``--`` comment).
     """
     for start, end, number in reversed(arguments):
-        numbered_sql = numbered_sql[:start] + _sql_literal(values.get(number)) + numbered_sql[end:]
+        numbered_sql = numbered_sql[:start] + f" {_sql_literal(values.get(number))} " + numbered_sql[end:]
     return numbered_sql
 
 
 def _sql_literal(value: pa.Scalar | None) -> str:
-    """A value as a literal of DataFusion's own SQL. Its tokenizer lets a backslash escape the
-    next quote even in a plain string, so text goes as an E-string, both escaped."""
+    """A value as a literal of DataFusion's own SQL. Text goes as an E-string, in which any
+    character can be written as an escape: its quotes and backslashes are, and so is every
+    character that is not printable (newline, carriage return, tab, other control and
+    separator characters), so the literal is one line of printable text that ends no comment
+    wherever it lands. (In a plain string DataFusion reads a backslash as itself, ``'a\\'`` is
+    ``a\\``, and has no way to write a control character but as itself.)"""
     python = value.as_py() if isinstance(value, pa.Scalar) else value
     if isinstance(python, str):
-        return "E'" + python.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return "E'" + "".join(map(_escaped, python)) + "'"
     return fx.standard_literal(python) or _sql_literal(str(python))
+
+
+def _escaped(char: str) -> str:
+    """One character of text as written inside a DataFusion E-string."""
+    if char in "\\'":
+        return "\\" + char
+    if char.isprintable():
+        return char
+    if char == "\0":  # DataFusion refuses it written as an escape, and raw it is a control character
+        raise QueryError("a table function argument cannot hold a NUL character")
+    return _CONTROL_ESCAPES.get(char) or (f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}")
+
+
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def placeholder_count(numbered_sql: str) -> int:
@@ -697,7 +791,6 @@ def _strip_strings(sql: str) -> str:
     return re.sub(r"'(?:[^']|'')*'", "''", sql)
 
 
-_EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+VERBOSE)?\s+(?!ANALYZE)", re.IGNORECASE)
 # Functions DataFusion evaluates once, when it plans the statement.
 _PLANNING_TIME = re.compile(r"\b(now|today|current_date|current_time|current_timestamp|localtime|localtimestamp)\b",
                             re.IGNORECASE)

@@ -35,7 +35,8 @@ from datafusion import DataFrame, unparser
 from sqlglot import exp
 
 from federation import expr as fx
-from federation.backend_statement import StatementRefused, bound_statement, log_refusal_once, table_key
+from federation.backend_statement import (StatementRefused, bound_statement, log_refusal_once, quoted_name,
+                                         table_key)
 from federation.catalog import DEFAULT_SCHEMA, Catalog, Dataset
 from federation.connectors.base import SqlConnector
 
@@ -120,7 +121,8 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
     _point_at_remote_columns(tree, connector)
     try:
         statement = bound_statement(tree, connector.dialect, connector.renderer.param_style, plan,
-                                    dict(values) if values else None, remote_tables)
+                                    dict(values) if values else None, remote_tables,
+                                    remote_columns=_remote_columns(datasets, connector))
     except StatementRefused as refused:
         log_refusal_once(str(refused))
         return None
@@ -304,11 +306,22 @@ def _point_at_remote_tables(tree: exp.Expression, catalog: Catalog, connector: S
 
 
 def _point_at_remote_columns(tree: exp.Expression, connector: SqlConnector) -> None:
-    """Column names as the backend spells them (Snowflake's upper case), where they differ."""
+    """Column names as the backend spells them (Snowflake's upper case), where they differ.
+    Only quoted ones: the unparser quotes every name, and a bare word is a value it wrote as
+    one (NaN, inf), which must stay recognisable as such for the validator to refuse it."""
     for column in list(tree.find_all(exp.Column)):
+        if not quoted_name(column):
+            continue
         remote = connector.remote_column(column.name)
         if remote != column.name:
             column.set("this", exp.to_identifier(remote, quoted=True))
+
+
+def _remote_columns(datasets: list[Dataset], connector: SqlConnector) -> set[str]:
+    """The names the scanned tables' columns may have in the statement: the datasets' own
+    (only the visible ones where columns are restricted) and the backend's spelling of them."""
+    names = {name for dataset in datasets for name in dataset.arrow_schema.names}
+    return names | {connector.remote_column(name) for name in names}
 
 
 # ---- what each backend will be sent (for EXPLAIN) --------------------------

@@ -17,6 +17,19 @@ from sqlglot.tokens import TokenType
 
 READ_STATEMENTS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC")
 
+# First words of statements that write, change a session or a transaction, or run code, in the
+# dialects of every engine and backend the stack speaks: refused as such. Any other first word
+# is not a statement flightdeck knows (a typo, say) and is answered as a syntax error. Both are
+# refused; the list only chooses which of the two messages is true.
+WRITE_STATEMENTS = frozenset("""
+    INSERT UPDATE DELETE MERGE UPSERT REPLACE CREATE DROP ALTER TRUNCATE RENAME COMMENT COPY
+    UNLOAD GRANT REVOKE SET RESET USE PRAGMA ATTACH DETACH INSTALL LOAD FORCE IMPORT EXPORT
+    BEGIN START COMMIT ROLLBACK ABORT END SAVEPOINT RELEASE LOCK UNLOCK PREPARE EXECUTE EXEC
+    DEALLOCATE CALL DO DECLARE OPEN FETCH MOVE CLOSE HANDLER NOTIFY LISTEN UNLISTEN VACUUM
+    ANALYZE CHECKPOINT REINDEX CLUSTER REFRESH DISCARD SECURITY REASSIGN OPTIMIZE REPAIR FLUSH
+    PURGE KILL SHUTDOWN BACKUP RESTORE PUT GET REMOVE UNDROP MSCK CACHE UNCACHE OVERWRITE
+""".split())
+
 # Table functions that would read host files or the network, in any engine the stack embeds.
 FILE_READING_FUNCTIONS = {
     "read_parquet", "parquet_scan", "read_csv", "read_csv_auto", "csv_scan", "read_json",
@@ -53,9 +66,23 @@ class UnsafeStatement(ValueError):
     """A statement the stack refuses to run; the message is safe to show a client."""
 
 
+class NotAStatement(UnsafeStatement):
+    """Text that does not start the way any statement does: a syntax error, not a write."""
+
+
 # Levels of expressions a statement may nest. The engine's planner recurses once per level
 # on a thread's stack: a chain of some thousands of ORs overflows it and ends the process.
 MAX_DEPTH = 1000
+
+
+class GeneratesTooMuch(UnsafeStatement):
+    """A statement whose constants would make more values than planning may hold."""
+
+
+# Characters or list elements that functions of constants may make in one statement. The
+# engine folds such calls while it plans, before any limit of the query's applies: a few
+# `repeat('a', 100000000)` would take gigabytes and seconds outside the memory pool.
+MAX_GENERATED = 16 * 2**20
 
 
 class TooDeep(RecursionError):
@@ -68,9 +95,13 @@ def check_read_only(sql: str) -> None:
     if not words:
         raise UnsafeStatement("empty statement: send one SELECT, WITH, EXPLAIN, SHOW or DESCRIBE")
     head = words[0]
-    if head not in READ_STATEMENTS and head != "(":
+    if head in WRITE_STATEMENTS:
         raise UnsafeStatement(
             f"{head} statements are not allowed: flightdeck is read-only "
+            "(a statement must start with SELECT, WITH, VALUES, EXPLAIN, SHOW or DESCRIBE)")
+    if head not in READ_STATEMENTS and head != "(":
+        raise NotAStatement(
+            f"syntax error: no statement starts with {head[:40]!r} "
             "(a statement must start with SELECT, WITH, VALUES, EXPLAIN, SHOW or DESCRIBE)")
     if _statement_count(sql) > 1:
         raise UnsafeStatement("only one statement per request is allowed")
@@ -82,6 +113,7 @@ def check_read_only(sql: str) -> None:
     except (ParseError, TokenError):
         return  # the engine parses it under read-only options and gives its own error
     _check_tree(tree)
+    _check_generated(tree)
 
 
 def _leading_words(sql: str) -> list[str]:
@@ -107,14 +139,62 @@ def _statement_count(sql: str) -> int:
     return count + seen_text
 
 
-_EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN(\s+(ANALYZE|VERBOSE|FORMAT\s+\w+))*\s+", re.IGNORECASE)
+_EXPLAIN_WORDS = {"ANALYZE", "VERBOSE"}
+_QUERY_STARTS = {"SELECT", "WITH", "VALUES", "("}
+
+
+def explain_parts(sql: str) -> tuple[str, str, frozenset[str]] | None:
+    """For an EXPLAIN: its head with the options (``ANALYZE``, ``VERBOSE``, ``FORMAT x`` or a
+    parenthesised list), the statement it explains, and the options' words; None for any other
+    statement."""
+    if "EXPLAIN" not in sql.upper():
+        return None
+    try:
+        tokens = sqlglot.tokenize(sql, read="postgres")
+    except TokenError:
+        return None
+    if not tokens or tokens[0].text.upper() != "EXPLAIN":
+        return None
+    after = tokens[0].end + 1
+    try:  # sqlglot reads EXPLAIN as a command holding the rest as one string: read the rest alone
+        rest = sqlglot.tokenize(sql[after:], read="postgres")
+    except TokenError:
+        raise NotAStatement("syntax error: EXPLAIN takes a query") from None
+    at, options = 0, set()
+    while at < len(rest):
+        word = rest[at].text.upper()
+        if word in _EXPLAIN_WORDS:
+            at, options = at + 1, options | {word}
+        elif word == "FORMAT":
+            at, options = at + 2, options | {word}
+        elif word == "(" and at + 1 < len(rest) and rest[at + 1].text.upper() not in _QUERY_STARTS:
+            closing = _after_parentheses(rest, at)
+            at, options = closing, options | {t.text.upper() for t in rest[at:closing]}
+        else:
+            break
+    start = after + rest[at].start if at < len(rest) else len(sql)
+    return sql[:start], sql[start:], frozenset(options)
 
 
 def _strip_explain(sql: str) -> str:
-    inner = _EXPLAIN_PREFIX.sub("", sql, count=1)
-    if _leading_words(inner)[:1] and _leading_words(inner)[0] not in READ_STATEMENTS + ("(",):
+    """The statement an EXPLAIN explains, refused unless it is a query."""
+    _, inner, _ = explain_parts(sql)
+    head = (_leading_words(inner) or [""])[0]
+    if head in WRITE_STATEMENTS:
         raise UnsafeStatement("EXPLAIN of a write statement is not allowed: flightdeck is read-only")
+    if head not in READ_STATEMENTS + ("(",):
+        raise NotAStatement(f"syntax error: EXPLAIN takes a query, and no query starts with {head[:40]!r}")
     return inner
+
+
+def _after_parentheses(tokens: list, opening: int) -> int:
+    """The index of the token after the parenthesis that closes the one at ``opening``."""
+    depth = 0
+    for at in range(opening, len(tokens)):
+        depth += {"(": 1, ")": -1}.get(tokens[at].text, 0)
+        if depth == 0:
+            return at + 1
+    return len(tokens)
 
 
 def _check_depth(tree: exp.Expression) -> None:
@@ -142,6 +222,51 @@ def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
         if paths and isinstance(node, exp.Table) and _looks_like_path(node):
             raise UnsafeStatement(
                 f"reading '{node.name}' directly is not allowed: query a configured dataset")
+
+
+def _check_generated(tree: exp.Expression) -> None:
+    total = sum(_generated_by(node) for node in tree.find_all(exp.Func)
+                if not isinstance(node.parent, exp.Table))  # a table function streams under the limits
+    if total > MAX_GENERATED:
+        raise GeneratesTooMuch(f"the statement makes {total:,} values from constants (repeat, lpad, range, ...); "
+                               f"at most {MAX_GENERATED:,}: generate rows with a table function such as "
+                               "FROM range(n) instead")
+
+
+def _generated_by(node: exp.Func) -> int:
+    """How many characters or list elements a call makes when its size is a constant."""
+    if isinstance(node, exp.Repeat):
+        return _constant_int(node.args.get("times"))
+    if isinstance(node, exp.Pad):
+        return _constant_int(node.args.get("expression"))
+    if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)):
+        return _span(node.args.get("start"), node.args.get("end"), node.args.get("step"))
+    if isinstance(node, exp.Anonymous):
+        name, arguments = str(node.this).lower(), node.expressions
+        if name in ("array_repeat", "array_resize") and len(arguments) >= 2:
+            return _constant_int(arguments[1])
+        if name in ("range", "generate_series") and arguments:
+            return _span(*arguments) if len(arguments) > 1 else _constant_int(arguments[0])
+    return 0
+
+
+def _span(start: exp.Expression | None, end: exp.Expression | None = None,
+          step: exp.Expression | None = None) -> int:
+    step_size = abs(_constant_int(step)) if step is not None else 1
+    return abs(_constant_int(end) - _constant_int(start)) // max(step_size, 1)
+
+
+def _constant_int(node: exp.Expression | None) -> int:
+    """A numeric literal's value (negated if so written); 0 for anything else."""
+    sign = 1
+    while isinstance(node, (exp.Neg, exp.Paren)):
+        sign, node = (-sign if isinstance(node, exp.Neg) else sign), node.this
+    if isinstance(node, exp.Literal) and not node.is_string:
+        try:
+            return sign * int(float(node.this))
+        except (ValueError, OverflowError):
+            return 0
+    return 0
 
 
 def _function_name(node: exp.Expression) -> str | None:

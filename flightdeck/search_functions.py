@@ -9,7 +9,8 @@ dataset's copy is refreshed: documents are chunked (Markdown on headings and par
 each chunk is embedded unless the same text was embedded before (a cache keyed by the
 chunk's hash, kept on disk for file-mode copies), so a refresh that changes 10 rows embeds
 10 rows. A search ranks chunks, keeps each row's best chunk, and returns the top rows with
-the dataset's columns plus `score` and `chunk`. A WHERE clause on the dataset's columns is
+the dataset's columns the caller's grant shows plus `score` and `chunk` (the search's own: a
+dataset's column of either name is not returned). A WHERE clause on the dataset's columns is
 handed to the search by DataFusion's filter pushdown and applied before ranking, so it never
 leaves fewer than k rows when k rows match. Hybrid search fuses the vector and BM25 rankings
 with reciprocal rank fusion.
@@ -51,6 +52,9 @@ log = logging.getLogger("flightdeck.search")
 MODES = ("vector", "text", "hybrid")
 FUNCTION_NAMES = frozenset(f"{mode}_search" for mode in MODES)  # each call yields at most k rows
 RESULT_FIELDS = [pa.field("score", pa.float64()), pa.field("chunk", pa.string())]
+# The search's own fields take these names in its results: a dataset's column of the same name is
+# not returned (a join on the dataset's key reads it), so `WHERE score > x` means one thing.
+RESULT_NAMES = frozenset(field.name for field in RESULT_FIELDS)
 FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
 MAX_TEXT_OVERFETCH = 50  # a filter keeping under 1/50 of the chunks restricts the text search itself
 MAX_TEXT_FETCH = 20_000  # the deepest unrestricted text ranking read before restricting it
@@ -155,9 +159,14 @@ class ColumnIndex:
 
     # ---- searching ----------------------------------------------------------
 
+    def returned_fields(self, shown: Sequence[str] | None = None) -> list[pa.Field]:
+        """The dataset's columns a search returns when a grant shows ``shown`` of them (None:
+        all): never a hidden one, nor one named like the search's own fields."""
+        return [f for f in self.rows_schema if f.name not in RESULT_NAMES and (shown is None or f.name in shown)]
+
     @property
     def schema(self) -> pa.Schema:
-        return pa.schema(list(self.rows_schema) + RESULT_FIELDS)
+        return pa.schema(self.returned_fields() + RESULT_FIELDS)
 
     def _require(self) -> _Indexed:
         """The current index; the first one is waited for, as queries wait for a first copy."""
@@ -167,11 +176,14 @@ class ColumnIndex:
         return self._state
 
     def search(self, mode: str, query: str, k: int, row_filter: pc.Expression | None,
-               masks: ColumnMasks | None = None) -> pa.Table:
-        """The k best rows for ``query`` among those ``row_filter`` keeps; the filter sees the
-        rows as ``masks`` shows them (a WHERE on a masked column must not probe raw values)."""
+               masks: ColumnMasks | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+        """The k best rows for ``query`` among those ``row_filter`` keeps: the dataset's ``columns``
+        (None: every one ``returned_fields`` gives) as ``masks`` shows them, then ``score`` and
+        ``chunk``. The filter sees only those columns, masked: a column a grant hides must not
+        decide which rows come back, nor a WHERE on a masked one probe raw values."""
         state = self._require()
-        candidates = _matching_rows(state.rows, row_filter, masks)
+        rows = state.rows.select(list(columns) if columns is not None else [f.name for f in self.returned_fields()])
+        candidates = _matching_rows(rows, row_filter, masks)
         chunk_ids = None if candidates is None else np.flatnonzero(candidates[state.chunk_rows])
         if mode == "vector":
             ranked = self._vector_rows(state, query, k, chunk_ids)
@@ -187,7 +199,9 @@ class ColumnIndex:
                 best_chunk.update(zip(positions.tolist(), chunks.tolist()))
             ranked = (fused.row_ids, fused.scores, np.array([best_chunk[p] for p in fused.row_ids.tolist()], np.int64))
         positions, scores, chunks = ranked
-        result = state.rows.take(pa.array(positions, pa.int64()))
+        result = rows.take(pa.array(positions, pa.int64()))
+        if masks is not None:  # before the search's own fields: a mask names a dataset's column
+            result = masks.apply(result)
         result = result.append_column(RESULT_FIELDS[0], pa.array(np.asarray(scores, np.float64)))
         return result.append_column(RESULT_FIELDS[1], state.chunk_texts.take(pa.array(chunks, pa.int64())))
 
@@ -289,25 +303,26 @@ class SearchIndexes:
             cache = settings.cache_dir / f"{spec.dataset}.{spec.column}.arrow" if settings.cache_dir else None
             self.columns[(spec.dataset, spec.column)] = ColumnIndex(
                 spec, settings.schema, embedder, cache, settings.ready_timeout, self.query_cache)
+        for dataset, schema in {name: index.rows_schema for (name, _), index in self.columns.items()}.items():
+            _warn_of_shadowed_columns(dataset, schema)
         self._lock = threading.Lock()
 
     def datasets(self) -> set[str]:
         return {dataset for dataset, _ in self.columns}
 
-    def datasets_searched(self, sql: str) -> list[str]:
-        """The qualified names of the datasets whose indexes a statement's search table
-        functions read (``hybrid_search(guides, ...)``), sorted."""
-        try:
-            tokens = sqlglot.tokenize(sql, read="postgres")
-        except TokenError:
-            return []
-        found = set()
-        for i, token in enumerate(tokens[:-2]):
-            if token.text.lower() in FUNCTION_NAMES and tokens[i + 1].token_type == TokenType.L_PAREN:
-                name = _first_argument(tokens[i + 2:])
-                if name:
-                    found.add(name if "." in name else f"public.{name}")
-        return sorted(found & self.datasets())
+    def datasets_searched(self, sql: str, plan: Callable[[], str] | None = None,
+                          searchable: Visible | None = None) -> list[str]:
+        """The qualified names of the datasets whose indexes a statement's search table functions
+        read, sorted: of the calls its text makes (``hybrid_search(guides, ...)``), those to a
+        function its plan scans (``plan()``, the logical plan's text, is asked for only when
+        there are calls) on a dataset ``searchable`` lets be searched. The text alone is not
+        enough: a CTE may take a function's name, and name a hidden dataset as its column."""
+        calls = _search_calls(sql)
+        if calls and plan is not None:
+            scanned = scanned_search_functions(plan())
+            calls = {(function, dataset) for function, dataset in calls if function in scanned}
+        allowed = {dataset for dataset, _ in self.searchable(searchable)}
+        return sorted({dataset for _, dataset in calls} & allowed)
 
     def on_refreshed(self, dataset: str, rows: pa.Table) -> None:
         with self._lock:
@@ -379,6 +394,42 @@ class _TableFunction:
         return Table(SearchResults(index, self.mode, query, k, shown, self.masks_of(index.spec.dataset)))
 
 
+def _search_calls(sql: str) -> set[tuple[str, str]]:
+    """(function, qualified dataset) of each search call a statement's text makes."""
+    try:
+        tokens = sqlglot.tokenize(sql, read="postgres")
+    except TokenError:
+        return set()
+    found = set()
+    for i, token in enumerate(tokens[:-2]):
+        function = token.text.lower()
+        if function in FUNCTION_NAMES and tokens[i + 1].token_type == TokenType.L_PAREN:
+            name = _first_argument(tokens[i + 2:])
+            if name:
+                found.add((function, name if "." in name else f"public.{name}"))
+    return found
+
+
+def scanned_search_functions(plan_text: str) -> set[str]:
+    """The search functions a logical plan scans, from its text (``display_indent``), where the
+    plans of subqueries show too: ``TableScan: text_search() projection=[...]``."""
+    scanned = set()
+    for line in plan_text.splitlines():
+        node, _, rest = line.strip().partition(":")
+        words = rest.split(maxsplit=1)
+        if node == "TableScan" and words and words[0].endswith("()") and words[0][:-2] in FUNCTION_NAMES:
+            scanned.add(words[0][:-2])
+    return scanned
+
+
+def _warn_of_shadowed_columns(dataset: str, schema: pa.Schema) -> None:
+    """Says when a searchable dataset has a column its search results do not return."""
+    shadowed = sorted(RESULT_NAMES & set(schema.names))
+    if shadowed:
+        log.warning("%s has column(s) %s: its search results carry the search's own field of that name "
+                    "instead (join %s on its key to read the column)", dataset, ", ".join(shadowed), dataset)
+
+
 def _first_argument(tokens: list) -> str:
     """The text of a call's first argument (a string or a dotted name), from the tokens after ``(``."""
     parts = []
@@ -403,18 +454,17 @@ class SearchResults(LazyDataset):
 
     def __init__(self, index: ColumnIndex, mode: str, query: str | None, k: int | None,
                  shown: Sequence[str] | None = None, masks: ColumnMasks | None = None):
-        schema = index.schema
-        if shown is not None:  # the dataset's columns a grant shows, and the result's own
-            schema = pa.schema([f for f in schema if f.name in shown or f in RESULT_FIELDS])
-        super().__init__(masks.schema(schema) if masks else schema)
+        # Only the columns the grant shows exist here, so no filter, result or error (planning and
+        # Arrow errors list a schema's fields) can reach a hidden one.
+        fields = pa.schema(index.returned_fields(shown))
+        super().__init__(pa.schema(list(masks.schema(fields) if masks else fields) + RESULT_FIELDS))
         self.index, self.mode, self.query, self.k, self.masks = index, mode, query, k, masks
+        self.columns = fields.names
 
     def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
         if self.query is None or self.k is None:
             raise SearchError(f"{self.mode}_search: the query and k must be given (bind the parameters)")
-        table = self.index.search(self.mode, self.query, self.k, filter, self.masks)
-        if self.masks is not None:
-            table = self.masks.apply(table)
+        table = self.index.search(self.mode, self.query, self.k, filter, self.masks, self.columns)
         if filter is not None:
             table = table.filter(filter)
         yield from table.select(columns).to_batches()

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
@@ -44,6 +44,22 @@ log = logging.getLogger("flightdeck.service")
 SAMPLE_KINDS = ("first", "random", "distinct")
 CORE = "core"  # the door label of queries the core runs for itself
 MAX_SAMPLE_ROWS = 10_000
+EMBED_PART = 256  # texts embedded between looks at the clock: the model's run cannot be stopped
+
+
+class PaidRequest:
+    """The request that planned a statement was counted against its principal's rate: the
+    first execution is part of that request; each later one is a request of its own."""
+
+    def __init__(self) -> None:
+        self._unused = True
+        self._lock = threading.Lock()
+
+    def use(self) -> bool:
+        """True the first time only."""
+        with self._lock:
+            unused, self._unused = self._unused, False
+            return unused
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class Planned:
     query: PlannedQuery
     accelerated: tuple[str, ...] = ()  # the accelerated datasets it reads (their copies or indexes)
     door: str = CORE
+    paid: PaidRequest = field(default_factory=PaidRequest, compare=False, repr=False)
 
 
 @dataclass
@@ -134,7 +151,7 @@ class Service:
             if len(sql) > self.limits.max_sql_length:
                 raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
                                                    f"{self.limits.max_sql_length} (max_sql_length)")
-            with self._translated():
+            with self._admitted(principal), self._translated():
                 engine = self._engine(principal)
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)
                 accelerated = query.derive("accelerated", lambda: self._accelerated(engine, query))
@@ -143,6 +160,18 @@ class Service:
             raise
         return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query,
                        accelerated, door)
+
+    @contextmanager
+    def _admitted(self, principal: Principal) -> Iterator[None]:
+        """Work for a request outside a query's stream (planning, embedding): counted against the
+        principal's rate, and holding one of its places among running queries meanwhile."""
+        limits = principal.limits
+        self.rates.take(principal.name, limits.requests_per_second)
+        release = self.admission.enter(principal.name, limits.max_concurrent)
+        try:
+            yield
+        finally:
+            release()
 
     def _engine(self, principal: Principal) -> QueryEngine:
         """The engine of the principal's grant: its session holds only what the grant shows."""
@@ -156,8 +185,16 @@ class Service:
         refreshers = self.stack.accelerator.refreshers
         if not refreshers:
             return ()
-        read = set(engine.scanned_datasets(query)) | set(self.stack.search.datasets_searched(query.sql))
+        read = set(engine.scanned_datasets(query)) | set(self._searched(engine, query))
         return tuple(sorted(name for name in read if name in refreshers))
+
+    def _searched(self, engine: QueryEngine, query: PlannedQuery) -> list[str]:
+        """The datasets whose search indexes the plan reads, among those the engine's grant lets
+        it search: the statement's text may name a hidden one, whose name and freshness the
+        result must not then carry."""
+        def plan_text() -> str:
+            return (query.local_frame or query.frame).logical_plan().display_indent()
+        return self.stack.search.datasets_searched(query.sql, plan_text, unmasked_columns(engine.catalog))
 
     def freshness(self, datasets: Iterable[str]) -> Freshness | None:
         """When the accelerated copies of these datasets that queries read now were taken from
@@ -198,7 +235,8 @@ class Service:
             if cancelled.is_set():
                 raise ServiceError(CANCELLED, "the query was cancelled")
             limits = planned.principal.limits
-            self.rates.take(planned.principal.name, limits.requests_per_second)  # every execution counts
+            if not planned.paid.use():  # every execution counts, its planning included
+                self.rates.take(planned.principal.name, limits.requests_per_second)
             slot = Slot(self.admission.enter(planned.principal.name, limits.max_concurrent),
                         limits.timeout_seconds, lambda: (cancelled.set(), backend.cancel()))
             with self._translated(), cancellation_scope(backend):
@@ -398,14 +436,21 @@ class Service:
     def embed(self, principal: Principal, model: str | None, texts: list[str]) -> pa.FixedSizeListArray:
         """One normalized vector per text; ``model`` None is the default embedding model."""
         name = self._embedding_model(model, texts)
-        with self._translated():
+        timeout = principal.limits.timeout_seconds
+        with self._admitted(principal), self._translated():
             embedder = self.stack.models.embedder(name)
-            vectors = embedder.embed(pa.array(texts, pa.string()))
+            started, parts = time.monotonic(), []
+            for first in range(0, len(texts), EMBED_PART):
+                if parts and timeout is not None and time.monotonic() - started > timeout:
+                    raise ServiceError(TIMED_OUT, f"embedding {len(texts)} texts ran out of time after "
+                                                  f"{first} (its limit is {timeout:g} s: query_timeout_seconds)")
+                parts.append(embedder.embed(pa.array(texts[first:first + EMBED_PART], pa.string())))
             self.stack.metrics.embedded(name, len(texts), sum(embedder.count_tokens(texts)))
-        return vectors
+        return pa.concat_arrays(parts) if len(parts) != 1 else parts[0]
 
     def count_tokens(self, principal: Principal, model: str | None, texts: list[str]) -> list[int]:
-        """Each text's length in the model's tokens, before the model's own truncation."""
+        """Each text's length in the model's tokens, before the model's own truncation (cheap: not
+        counted as a request of its own)."""
         name = self._embedding_model(model, texts)
         with self._translated():
             return self.stack.models.embedder(name).count_tokens(texts)
@@ -429,9 +474,10 @@ class Service:
             raise ServiceError(REFUSED, f"{principal.name} may not refresh datasets: "
                                         "give its key `refresh: true` in runtime.auth")
         name = self._dataset(principal, dataset).qualified_name
-        if sql is not None and principal.grant.masks_of(name):  # its row count would tell raw values apart
-            raise ServiceError(REFUSED, f"{principal.name} sees columns of {name} masked: it may not refresh "
-                                        "it with SQL of its own")
+        # Its SQL filters on every column and the copy's rows then tell the raw values apart.
+        if sql is not None and (principal.grant.masks_of(name) or principal.grant.columns_of(name) is not None):
+            raise ServiceError(REFUSED, f"{principal.name} sees only some columns of {name}, or sees them masked: "
+                                        "it may not refresh it with SQL of its own")
         try:
             with self._translated():
                 return self.stack.refresh(name, sql)
@@ -448,8 +494,12 @@ class Service:
         return all(refresher.loaded.is_set() for refresher in self.stack.accelerator.refreshers.values()
                    if refresher.spec.ready_state == "on_load")
 
-    def metrics(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
+    def metrics(self, principal: Principal = OPERATOR) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type, for a principal granted
+        everything: its labels name every dataset and source."""
+        if not principal.grant.is_full:
+            raise ServiceError(REFUSED, f"{principal.name} is granted some datasets only, and the metrics name "
+                                        "every dataset and source: scrape them with a key granted everything")
         return self.stack.metrics.render(), METRICS_CONTENT_TYPE
 
     def status(self, principal: Principal = OPERATOR) -> dict:

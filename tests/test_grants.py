@@ -312,6 +312,10 @@ def test_http_lists_searches_and_answers_only_within_the_grant(deck):
         assert searched.status_code == 404 and "guides" not in searched.json()["error"]["message"].split("(")[-1]
         assert client.post("/v1/search", json={"text": INCIDENT}).json()["matches"] == []
         assert client.post("/v1/datasets/guides/acceleration/refresh").status_code in (403, 404)
+        scraped = client.get("/metrics")  # its labels name every dataset and source
+        assert scraped.status_code == 403 and "guides" not in scraped.text and "orders" not in scraped.text
+    with http(deck, AUDITOR) as client:
+        assert 'dataset="public.guides"' in client.get("/metrics").text
     with http(deck, SRE) as client:
         found = client.post("/v1/search", json={"text": INCIDENT, "limit": 1, "additional_columns": ["path"]})
         assert found.status_code == 200 and found.json()["matches"][0]["dataset"] == "public.guides"
@@ -382,3 +386,44 @@ def test_each_key_reads_its_own_audit_rows_and_the_file_holds_every_query(deck):
     lines = deck.audit_log.read_text().splitlines()
     assert len(lines) >= 3 and all(SRE not in line and METRICS not in line for line in lines)
     assert any('"principal": "metrics-agent"' in line and '"outcome": "ok"' in line for line in lines)
+
+
+def test_a_search_call_naming_a_hidden_dataset_carries_no_freshness_of_it(deck):
+    """A statement can name a hidden searchable dataset in a search call that plans (as a CTE's
+    name): neither the HTTP headers nor the Flight schema metadata of its result name it or tell
+    when its copy was taken, so it answers exactly as a name that does not exist."""
+    sql = "WITH text_search({}) AS (SELECT 1) SELECT * FROM text_search"
+    with http(deck, METRICS) as client:
+        replies = [client.post("/v1/sql", content=sql.format(name)) for name in ("guides", "zzides")]
+    assert [reply.status_code for reply in replies] == [200, 200]
+    assert [{k: v for k, v in reply.headers.items() if "data-as-of" in k} for reply in replies] == [{}, {}]
+    with flight.FlightClient(deck.flight_url) as client:
+        info = client.get_flight_info(_command(sql_pb.CommandStatementQuery(query=sql.format("guides"))), _as(METRICS))
+        streamed = client.do_get(info.endpoints[0].ticket, _as(METRICS)).read_all()
+    for metadata in (info.schema.metadata or {}, streamed.schema.metadata or {}):
+        assert "guides" not in str(metadata) and not any(b"data_as_of" in key for key in metadata), metadata
+    with http(deck, SRE) as client:  # a granted key is told of the copy a search read, only of one that ran
+        searched = client.post("/v1/sql", content="SELECT path FROM text_search(guides, 'pool', 1)")
+        named = client.post("/v1/sql", content=sql.format("guides"))
+    assert "public.guides=" in searched.headers["x-flightdeck-data-as-of-datasets"]
+    assert "x-flightdeck-data-as-of-datasets" not in named.headers
+
+
+def test_a_sources_counters_are_hidden_from_a_key_that_does_not_see_all_it_serves(tmp_path):
+    import sqlite3
+    with sqlite3.connect(tmp_path / "two.sqlite") as db:
+        db.execute("CREATE TABLE shown (id INTEGER)")
+        db.execute("CREATE TABLE hidden (id INTEGER, secret TEXT)")
+        db.executemany("INSERT INTO hidden VALUES (?, ?)", [(i, f"s{i}") for i in range(5)])
+    one, both = "one-table-key-0123456789", "both-tables-key-0123456789"
+    config = {"datasets": [{"from": f"sqlite:{table}", "name": table, "params": {"sqlite_file": "two.sqlite"}}
+                           for table in ("shown", "hidden")],
+              "runtime": {"auth": {"api_keys": [{"name": "one", "key": one, "datasets": ["shown"]},
+                                                {"name": "both", "key": both, "datasets": ["shown", "hidden"]}]}}}
+    sql = "SELECT datasets, queries, rows, last_request FROM flightdeck.runtime.source_stats"
+    with serving(config, tmp_path) as running:
+        assert query(running, both, "SELECT count(*) AS n FROM hidden WHERE secret = 's3'") == [{"n": 1}]
+        seen_by_one = query(running, one, sql)
+        assert seen_by_one == [{"datasets": "public.shown", "queries": None, "rows": None, "last_request": None}]
+        seen_by_both = query(running, both, sql)
+        assert seen_by_both[0]["queries"] >= 1 and seen_by_both[0]["last_request"] is None

@@ -15,6 +15,9 @@ backend) to join with, so a join group of ``t`` and ``t2`` goes down as a sub-pl
    Statements handed straight to the validator are refused.
 3. The accelerated copies' query connections refuse writes handed to them directly.
 4. Identifiers with quotes, backticks, backslashes, ``%`` and Unicode.
+5. Values that must never be read as SQL: a float NaN or infinity (the unparser writes a bare
+   word, a column name to the backend) and table function arguments, which are written into
+   DataFusion's own SQL.
 
 Examples per path: FD_INJECTION_EXAMPLES, else 2000 when CI=true and 150 locally, drawn over
 every backend but Snowflake; the Snowflake peer (fakesnow, ~0.3 s a statement) has its own
@@ -34,11 +37,12 @@ from pathlib import Path
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pa_dataset
 import pyarrow.parquet as pq
 import pymysql
 import pytest
 import sqlglot
-from datafusion import SessionContext
+from datafusion import SessionContext, Table, udtf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -117,8 +121,7 @@ VALUES = st.one_of(st.sampled_from(CORPUS), FRESH)
 
 def df_literal(value: str) -> str:
     """A text value as a literal of flightdeck's own SQL (DataFusion): an E-string with the
-    backslash and the quote escaped (its tokenizer lets a backslash escape a quote even in a
-    plain string)."""
+    backslash and the quote escaped."""
     return "E'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
@@ -865,3 +868,168 @@ def test_identifiers_with_quotes_backticks_backslashes_percent_and_unicode(weird
     assert engine.execute(planned).read_all().to_pylist() == [{"n": 5, "m": 6}]
     planned = engine.plan(f"SELECT {name} AS v FROM {table} WHERE {ident} = 5")
     assert engine.execute(planned).read_all().to_pylist() == [{"v": "%"}]
+
+
+# ---- 5. values never read as SQL: float NaN / infinity, table function arguments -------
+
+NAN_SCHEMA = "fd_inj_nan"  # PostgreSQL schema and MariaDB database of these tests
+INF, NAN = float("inf"), float("nan")
+# (id, v, nan, inf): the columns named nan and inf hold what a bare word NaN or inf would read
+# instead of the value; MariaDB stores no NaN or infinity, SQLite stores a NaN as NULL.
+NAN_ROWS = [(1, 1.0, 1.0, 5.0), (2, NAN, 7.0, 5.0), (3, 3.0, 3.0, 0.0), (4, INF, 0.0, 0.0),
+            (5, -INF, 0.0, 0.0), (6, 2.0, 9.0, -1.0), (7, -3.0, 0.0, 2.0)]
+NON_FINITE_QUERIES = [
+    "SELECT id FROM {t} WHERE v = 'NaN'::double", "SELECT id FROM {t} WHERE v = CAST('NaN' AS DOUBLE)",
+    "SELECT id FROM {t} WHERE v <> 'NaN'::double", "SELECT id FROM {t} WHERE v < 'Infinity'",
+    "SELECT id FROM {t} WHERE v < CAST('inf' AS DOUBLE)", "SELECT id FROM {t} WHERE v > '-inf'",
+    "SELECT id FROM {t} WHERE v > '-Infinity'::double AND v < 'Infinity'::double",
+    "SELECT id, 'Infinity'::double AS x FROM {t} WHERE id < 4", "SELECT count(*) AS n FROM {t} WHERE v >= '-inf'",
+]
+
+
+def _load_nan_tables(folder: Path) -> None:
+    finite = [row for row in NAN_ROWS if all(v == v and abs(v) != INF for v in row)]
+    _pg(f"DROP SCHEMA IF EXISTS {NAN_SCHEMA} CASCADE")
+    _pg(f"CREATE SCHEMA {NAN_SCHEMA}")
+    _pg(f"CREATE TABLE {NAN_SCHEMA}.t (id int, v double precision, nan double precision, inf double precision)")
+    with adbc_postgres.connect(PG_URI, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.executemany(f"INSERT INTO {NAN_SCHEMA}.t VALUES ($1, $2, $3, $4)", NAN_ROWS)
+    _my(f"DROP DATABASE IF EXISTS {NAN_SCHEMA}")
+    _my(f"CREATE DATABASE {NAN_SCHEMA}")
+    _my(f"CREATE TABLE {NAN_SCHEMA}.t (id INT, v DOUBLE, nan DOUBLE, inf DOUBLE)")
+    for row in finite:
+        _my(f"INSERT INTO {NAN_SCHEMA}.t VALUES (%s, %s, %s, %s)", row)
+    with sqlite3.connect(folder / "nan.sqlite") as con:
+        con.execute("CREATE TABLE t (id INTEGER, v REAL, nan REAL, inf REAL)")
+        con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", NAN_ROWS)
+    with duckdb.connect(str(folder / "nan.duckdb")) as con:
+        con.execute("CREATE TABLE t (id INTEGER, v DOUBLE, nan DOUBLE, inf DOUBLE)")
+        con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", NAN_ROWS)
+
+
+@pytest.fixture(scope="module")
+def nan_tables(tmp_path_factory):
+    """Tables with columns named nan and inf on each SQL backend kind: (pushdown on, off)."""
+    folder = tmp_path_factory.mktemp("nan")
+    try:
+        _load_nan_tables(folder)
+    except Exception as error:  # noqa: BLE001
+        _service_missing("PostgreSQL and MariaDB", error)
+    catalog = Catalog([DatasetSpec("pg_nan", f"postgres:{NAN_SCHEMA}.t", PG),
+                       DatasetSpec("my_nan", f"mysql:{NAN_SCHEMA}.t", MY),
+                       DatasetSpec("lite_nan", "sqlite:t", {"sqlite_file": "nan.sqlite"}),
+                       DatasetSpec("duck_nan", "duckdb:t", {"duckdb_open": "nan.duckdb"})], folder)
+    try:
+        yield QueryEngine(catalog), QueryEngine(catalog, EngineSettings(whole_query_pushdown=False))
+    finally:
+        catalog.close()
+        _pg(f"DROP SCHEMA IF EXISTS {NAN_SCHEMA} CASCADE")
+        _my(f"DROP DATABASE IF EXISTS {NAN_SCHEMA}")
+
+
+@pytest.mark.parametrize("key", ["pg", "my", "lite", "duck"])
+def test_a_float_nan_or_infinity_never_reaches_a_backend_as_a_column_name(nan_tables, key):
+    """DataFusion's unparser writes NaN and infinities as the bare words NaN and inf: sent as
+    such, the backend compares with the columns named nan and inf. The answer must be
+    DataFusion's, as over the scanned rows with pushdown off."""
+    engine, local = nan_tables
+    table = f"{key}_nan"
+    for query in NON_FINITE_QUERIES:
+        sql = query.format(t=table)
+        expected = _sorted(local.query(sql).read_all())
+        assert _sorted(engine.query(sql).read_all()) == expected, (key, sql)
+    finite = f"SELECT id FROM {table} WHERE v > 1.5"
+    planned = engine.plan(finite)
+    assert planned.remote is not None, key  # finite floats still go down whole
+    assert _ids(engine.execute(planned).read_all()) == _ids(local.query(finite).read_all())
+
+
+@pytest.mark.parametrize("key", ["pg", "my", "lite", "duck"])
+def test_a_bound_float_nan_or_infinity_is_not_handed_to_a_backends_driver(nan_tables, key):
+    """SQLite's driver binds NaN as NULL, PyMySQL refuses it, PostgreSQL orders it above every
+    number: a binding holding one runs in DataFusion, a later finite one goes down again."""
+    engine, local = nan_tables
+    for sql in (f"SELECT id FROM {key}_nan WHERE v <> $1", f"SELECT id FROM {key}_nan WHERE v < $1"):
+        for value in (NAN, INF, -INF, 2.5):  # the first binding and later ones take separate paths
+            expected = _sorted(local.query(sql, [value]).read_all())
+            planned = engine.plan(sql, [value])
+            assert _sorted(engine.execute(planned).read_all()) == expected, (key, sql, value)
+            assert (planned.remote is not None) == (value == 2.5), (key, sql, value)
+
+
+@pytest.mark.parametrize("statement, refused", [
+    ('SELECT "t"."id" FROM "s"."t" AS "t" WHERE ("t"."v" = NaN)', "bare word"),
+    ('SELECT "t"."id" FROM "s"."t" AS "t" WHERE ("t"."v" > -inf)', "bare word"),
+    ('SELECT "t"."id", inf AS "x" FROM "s"."t" AS "t"', "bare word"),
+    ('SELECT "t"."id" FROM "s"."t" AS "t" WHERE "t"."hidden" = 1', "no table it reads"),
+    ('SELECT "x"."n" FROM (SELECT "t"."id" AS "m" FROM "s"."t" AS "t") AS "x"', "no table it reads"),
+    ('SELECT "x"."m" FROM (SELECT "t"."id" AS "m" FROM "s"."t" AS "t") AS "x" ORDER BY "x"."m"', None),
+    ('SELECT count(*) AS "n", "t"."v" FROM "s"."t" AS "t" GROUP BY "t"."v" ORDER BY "n"', None),
+])
+@pytest.mark.parametrize("dialect", ["postgres", "mysql", "sqlite", "duckdb"])
+def test_the_validator_takes_only_quoted_columns_of_the_tables_read_or_aliases(statement, refused, dialect):
+    tree = sqlglot.parse_one(statement.replace('"', "`") if dialect in ("mysql", "sqlite") else statement,
+                             read=dialect)
+    columns = {"id", "v", "nan", "inf"}
+    if refused is None:
+        check_shape(tree, {("s", "t")}, remote_columns=columns)
+        return
+    with pytest.raises(StatementRefused, match=refused):
+        check_shape(tree, {("s", "t")}, remote_columns=columns)
+
+
+@pytest.fixture
+def echoing_engine(tmp_path):
+    """An engine with ``echo(text)``, a table function returning its argument as it received it."""
+    engine = QueryEngine(Catalog([], tmp_path))
+
+    def echo(argument):
+        value = argument.python_value()
+        value = value.as_py() if isinstance(value, pa.Scalar) else value
+        return Table(pa_dataset.dataset(pa.table({"s": pa.array([value], pa.string())})))
+
+    engine.ctx.register_udtf(udtf(echo, "echo"))
+    return engine
+
+
+INLINED_VALUES = ["a'b", "''", "\\", "a\\'b", "\\\\'", "E'x", "x\ny", "x\r\ny", "x\ry", "-- c", "/* c", "*/ c",
+                  "\t\x0b\x0c\x01\x1b\x1f\x7f\x85", "\u2028\u2029\u00a0\u200b\ufeff\u202e", "é e\u0301 ß İ ✓ 😀 中文",
+                  "$1 ? %s", "\n3) UNION ALL SELECT 1 /*", ""]
+
+
+def test_a_table_function_argument_binds_to_exactly_itself(echoing_engine):
+    """Bound values are written into the statement as DataFusion literals (a table function
+    is called while planning): each must come back as itself, and its literal is one line
+    of printable text (so it can end no comment and no line)."""
+    for value in INLINED_VALUES:
+        planned = echoing_engine.plan("SELECT s FROM echo($1)", [value])
+        assert all(char.isprintable() or char == " " for char in planned.sql), repr(planned.sql)
+        assert echoing_engine.execute(planned).read_all().column("s").to_pylist() == [value], repr(value)
+    with pytest.raises(QueryError, match="NUL"):  # DataFusion SQL has no way to write it
+        echoing_engine.plan("SELECT s FROM echo($1)", ["a\x00b"])
+
+
+MISREAD_ARGUMENTS = {  # statements where sqlglot reads a $n argument that DataFusion does not
+    "a lone carriage return, which ends a -- comment for sqlglot only":
+        "SELECT * FROM generate_series(1, -- c\r $1\n 3) -- */",
+    "a backquoted name": "SELECT * FROM generate_series(1, `$1`)",
+    "a q'[...]' string": "SELECT * FROM generate_series(1, q'[ ' , $1 , ' ]')",
+    "a parameter running on into a name": "SELECT * FROM generate_series(1, $1a)",
+}
+
+
+@pytest.mark.parametrize("label", sorted(MISREAD_ARGUMENTS))
+def test_a_table_function_argument_datafusion_reads_otherwise_is_refused(echoing_engine, label):
+    """The value inlined where DataFusion reads a comment or quoted text would be read as
+    SQL once it ends them: such statements are refused, bound or not."""
+    sql = MISREAD_ARGUMENTS[label]
+    for params in (None, [2], ["\n3) UNION ALL SELECT count(*) AS value FROM generate_series(1, 5) /*"]):
+        with pytest.raises(QueryError, match="not where DataFusion reads a parameter"):
+            echoing_engine.query(sql, params).read_all()
+
+
+def test_a_table_function_argument_cannot_run_on_into_the_text_around_it(echoing_engine):
+    """-$1 bound to -3 must not become --3, a comment swallowing the rest of the line."""
+    sql = "SELECT * FROM generate_series(1, -$1) WHERE value > 1"
+    assert echoing_engine.query(sql, [-3]).read_all().column(0).to_pylist() == [2, 3]
+    assert echoing_engine.query("SELECT s FROM echo(  $1\r\n)", ["ok"]).read_all().column(0).to_pylist() == ["ok"]

@@ -5,6 +5,7 @@ missing one; a federated source never receives the probed value; another key see
 from __future__ import annotations
 
 import fcntl
+import json
 import hashlib
 import hmac
 from typing import Any, Iterator
@@ -13,6 +14,7 @@ import adbc_driver_flightsql.dbapi as flightsql
 import anyio
 import httpx
 import pyarrow as pa
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 from mcp.client import Client
@@ -23,6 +25,7 @@ from flightdeck.config import ConfigError, parse_config
 from flightdeck.stack import Stack
 
 MASKED, OPEN = "masked-key-0123456789", "open-key-0123456789"
+MASKED_REFRESHER, COLUMNS_REFRESHER = "masked-refresher-0123456789", "columns-refresher-0123456789"
 MASK_KEY = "mask-key-for-tests-0123456789"
 EXISTING, MISSING = "alice@example.com", "alicx@example.com"  # alike but for one letter
 EMAILS = [EXISTING, "bob@example.com", "carol@example.org", "dave@example.net"]
@@ -71,7 +74,10 @@ def deck(pg_table, tmp_path_factory) -> Iterator[Any]:
             {"from": "file:orders.parquet", "name": "orders"},
             {"from": f"postgres:{SCHEMA}.customers", "name": "pg_customers", "params": PG}],
         "runtime": {"auth": {"mask_key": "${env:TEST_MASK_KEY}", "api_keys": [
-            {"name": "masked-agent", "key": MASKED, "masks": MASKS}, {"name": "open-agent", "key": OPEN}]}}}
+            {"name": "masked-agent", "key": MASKED, "masks": MASKS}, {"name": "open-agent", "key": OPEN},
+            {"name": "masked-refresher", "key": MASKED_REFRESHER, "masks": MASKS, "refresh": True},
+            {"name": "columns-refresher", "key": COLUMNS_REFRESHER, "datasets": ["customers"],
+             "columns": {"customers": ["customer_id", "notes"]}, "refresh": True}]}}}
     with serving(config, base, {"TEST_MASK_KEY": MASK_KEY}) as running:
         assert running.accelerator.refresher("public.customers").loaded.wait(60)
         yield running
@@ -227,6 +233,25 @@ def test_http_answers_are_masked_and_probes_identical(deck):
     refresh = httpx.post(f"{deck.http_url}/v1/datasets/customers/acceleration/refresh", headers=headers, timeout=30,
                          json={"refresh_sql": f"SELECT * FROM customers WHERE email = '{EXISTING}'"})
     assert refresh.status_code == 403
+
+
+@pytest.mark.parametrize("key", [MASKED_REFRESHER, COLUMNS_REFRESHER])
+def test_a_key_that_sees_columns_masked_or_hidden_may_refresh_but_not_with_sql_of_its_own(deck, key):
+    """A working set filtered on a hidden column leaves the rows that tell its values apart."""
+    def refresh(body: dict) -> httpx.Response:
+        return httpx.post(f"{deck.http_url}/v1/datasets/customers/acceleration/refresh",
+                          headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60)
+    refused = refresh({"refresh_sql": f"SELECT * FROM customers WHERE email = '{EXISTING}'"})
+    assert refused.status_code == 403 and "may not refresh it with SQL of its own" in refused.text
+    client = flight.connect(deck.flight_url)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {key}".encode())])
+    action = flight.Action("Refresh", json.dumps({"dataset": "customers", "refresh_sql": "SELECT * FROM customers "
+                                                  f"WHERE email = '{EXISTING}'"}).encode())
+    with pytest.raises(flight.FlightUnauthorizedError, match="may not refresh it with SQL of its own"):
+        list(client.do_action(action, options))
+    client.close()
+    assert refresh({}).status_code == 200
+    assert answer(deck, OPEN, "SELECT count(*) AS n FROM customers") == [{"n": len(EMAILS)}]
 
 
 def test_mcp_tools_show_masked_values(deck):

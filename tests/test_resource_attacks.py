@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import adbc_driver_flightsql.dbapi as flightsql
@@ -25,6 +26,7 @@ from conftest import ServerProcess, write_config
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 
 ATTACKER, WATCHER, THROTTLED = "attacker-key-0123456789", "watcher-key-0123456789", "throttled-key-0123456789"
+SINGLE = "single-key-0123456789"  # one query at a time
 MEMORY_LIMIT = 256 * 2**20
 # Beyond the engine's pool: Python, pyarrow buffers in flight, DuckDB and the doors' own memory.
 RSS_MARGIN = 768 * 2**20
@@ -83,7 +85,8 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
             "auth": {"api_keys": [
                 {"name": "attacker", "key": ATTACKER, "limits": {"max_concurrent_queries": 3}},
                 {"name": "watcher", "key": WATCHER},
-                {"name": "throttled", "key": THROTTLED, "limits": {"requests_per_second": 2}}]},
+                {"name": "throttled", "key": THROTTLED, "limits": {"requests_per_second": 2}},
+                {"name": "single", "key": SINGLE, "limits": {"max_concurrent_queries": 1}}]},
             "limits": {"memory_limit": "256MiB", "query_timeout_seconds": TIMEOUT,
                        "max_result_rows": 1_000_000, "max_sql_length": MAX_SQL,
                        "requests_per_second": 50, "admission_wait_seconds": 0.5}}}
@@ -126,6 +129,16 @@ def within_deadline(seconds: float) -> bool:
     return seconds < TIMEOUT + 3  # the deadline, and a connection's setup and teardown
 
 
+def cpu_seconds_after(server: ServerProcess, seconds: float = 2.0) -> float:
+    """The server's CPU time over the next ``seconds`` (with the second client's small queries
+    going on): near nothing once a stopped query's engine work has really ended."""
+    process = psutil.Process(server.process.pid)
+    time.sleep(0.5)  # the engine's tasks stop at their next yield
+    before = sum(process.cpu_times()[:2])
+    time.sleep(seconds)
+    return sum(process.cpu_times()[:2]) - before
+
+
 @pytest.mark.parametrize("sql", [  # first: work stopped at a deadline may still hold the engine's threads a while
     "SELECT value FROM range(300000000) ORDER BY random()",
     "SELECT count(*) AS n FROM range(100000000) a JOIN range(100000000) b ON a.value = b.value * 3",
@@ -142,6 +155,7 @@ def test_memory_hungry_queries_fail_at_the_memory_limit(server, watcher, sql):
 def test_endless_work_stops_at_the_deadline(server, watcher, sql):
     message, seconds = attack(server, sql)
     assert "query_timeout_seconds" in message and within_deadline(seconds), message
+    assert cpu_seconds_after(server) < 0.6  # its work ended too, not only its answer: 2 cores busy before
 
 
 def test_a_join_explosion_ends_at_the_deadline_and_others_keep_answering(server, watcher):
@@ -259,3 +273,38 @@ def test_a_key_over_its_request_rate_gets_429_with_retry_after(server, watcher):
                 cursor.execute("SELECT 1 AS one")
                 cursor.fetchall()
     assert "requests_per_second" in str(raised.value) and "Traceback" not in str(raised.value)
+
+
+def test_embeddings_and_planning_count_against_the_keys_rate(server, watcher):
+    time.sleep(1.5)  # a full bucket
+    with httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {THROTTLED}"}, timeout=60) as http:
+        codes = [http.post("/v1/embeddings", json={"model": "minilm", "input": ["pools"]}).status_code
+                 for _ in range(6)]
+    assert codes[:2] == [200, 200] and 429 in codes, codes
+    time.sleep(1.5)
+    client = flight.connect(server.url)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {THROTTLED}".encode())])
+    wrapper = any_pb2.Any()
+    wrapper.Pack(sql_pb.CommandStatementQuery(query="SELECT 1 AS one"), type_url_prefix="type.googleapis.com/")
+    descriptor = flight.FlightDescriptor.for_command(wrapper.SerializeToString())
+    with pytest.raises(flight.FlightError, match="requests_per_second"):
+        for _ in range(20):  # planned, never fetched: planning is work a request asks for
+            client.get_flight_info(descriptor, options)
+    client.close()
+
+
+def test_embeddings_hold_a_place_among_the_keys_running_queries(server, watcher):
+    texts = [f"connection pool exhausted after scale-out, attempt {i}" for i in range(512)]
+
+    def embed(_: int) -> int:
+        with httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {SINGLE}"},
+                          timeout=120) as http:
+            return http.post("/v1/embeddings", json={"model": "minilm", "input": texts}).status_code
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(embed, range(4)))
+    assert codes[0] == 200 and 429 in codes, codes  # one at a time: the others waited, then were refused
+
+
+def test_constants_that_would_make_gigabytes_while_planning_are_refused(server, watcher):
+    message, seconds = attack(server, "SELECT md5(repeat('a', 100000000)) || md5(repeat('b', 100000000)) AS h")
+    assert "at most 16,777,216" in message and seconds < 2, message

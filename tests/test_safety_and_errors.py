@@ -11,7 +11,7 @@ import pytest
 
 from federation.connectors import ConnectorError
 from federation.connectors.duckdb import DuckDBConnector
-from federation.safety import UnsafeStatement, check_read_only
+from federation.safety import NotAStatement, UnsafeStatement, check_read_only
 
 from conftest import serving
 
@@ -42,6 +42,9 @@ REFUSED = {
     "two_statements": "SELECT 1; DROP TABLE orders",
     "cte_with_delete": "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
     "explain_write": "EXPLAIN DELETE FROM orders",
+    "explain_options_copy": "EXPLAIN (ANALYZE) COPY (SELECT 1) TO '/tmp/stolen.csv'",
+    "explain_options_ddl": "EXPLAIN (FORMAT tree) CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+    "explain_comment_copy": "EXPLAIN/**/ANALYZE COPY (SELECT 1) TO '/tmp/stolen.csv'",
     "begin": "BEGIN",
     "pragma": "PRAGMA enable_external_access",
 }
@@ -66,10 +69,34 @@ def test_gate_refuses(statement):
         check_read_only(statement)
 
 
+@pytest.mark.parametrize("statement", ["VACUUM", "CALL p()", "UPSERT INTO t VALUES (1)", "LOAD 'x.so'",
+                                       "EXPLAIN ANALYZE INSERT INTO t VALUES (1)", "NOTIFY c"])
+def test_gate_names_a_write_as_a_write(statement):
+    with pytest.raises(UnsafeStatement, match="not allowed: flightdeck is read-only") as raised:
+        check_read_only(statement)
+    assert not isinstance(raised.value, NotAStatement)
+
+
+@pytest.mark.parametrize("statement", ["SELEC 1", "selct * from orders", "EXPLAIN SELEC 1", "ORDERS", "42"])
+def test_gate_answers_a_typo_as_a_syntax_error_not_as_a_write(statement):
+    with pytest.raises(NotAStatement, match="syntax error"):
+        check_read_only(statement)
+
+
+def test_a_typo_reaches_the_client_as_invalid_sql(connection):
+    with connection.cursor() as cursor:
+        with pytest.raises(adbc_driver_manager.Error) as raised:
+            cursor.execute("SELEC order_id FROM orders")
+            cursor.fetchall()
+        assert "syntax error: no statement starts with 'SELEC'" in str(raised.value)
+        assert "read-only" not in str(raised.value)
+
+
 @pytest.mark.parametrize("statement", [
     "SELECT 1", "  -- leading comment\n SELECT * FROM orders", "WITH x AS (SELECT 1) SELECT * FROM x",
     "EXPLAIN SELECT * FROM orders", "EXPLAIN ANALYZE SELECT 1", "SHOW TABLES", "DESCRIBE orders",
     "(SELECT 1) UNION ALL (SELECT 2)", "VALUES (1, 2)", "SELECT 1;", "SELECT 'DROP TABLE x' AS s",
+    "EXPLAIN (FORMAT tree) SELECT 1", "EXPLAIN (ANALYZE true, VERBOSE) SELECT * FROM orders", "explain (select 1)",
 ])
 def test_gate_passes_reads(statement):
     check_read_only(statement)

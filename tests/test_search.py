@@ -274,3 +274,104 @@ def test_a_server_runs_blas_on_the_calling_thread(tmp_path):
         with serving({"datasets": []}, tmp_path):
             blas = [library for library in threadpoolctl.threadpool_info() if library["user_api"] == "blas"]
             assert blas and all(library["num_threads"] == 1 for library in blas), blas
+
+
+NARROW, WIDE, ONE = "narrow-key-0123456789", "wide-key-0123456789", "one-key-0123456789"
+NOTES = 40
+
+
+@pytest.fixture(scope="module")
+def shadowing(tmp_path_factory):
+    """Searchable notes whose datasets have columns named like the search's own fields, each
+    hidden from the narrow key: a float64 ``score`` (and a ``private``), an int64 ``score``, a
+    large_string ``chunk``. The ``one`` key is granted notes2 alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = tmp_path_factory.mktemp("shadowing")
+    numbers = range(1, NOTES + 1)
+    common = {"id": pa.array(numbers, pa.int64()),
+              "body": [f"note {i} about database connection pools" if i % 2 else f"note {i} about invoices"
+                       for i in numbers]}
+    own = {"notes": {"score": pa.array([i * 1.5 for i in numbers], pa.float64()),
+                     "private": [f"PRIV-{i}" for i in numbers]},
+           "notes2": {"score": pa.array([(i * 37) % 100 for i in numbers], pa.int64())},
+           "notes3": {"chunk": pa.array([f"SECRET-{i:03d}" for i in numbers], pa.large_string())}}
+    for name, columns in own.items():
+        pq.write_table(pa.table({**common, **columns}), base / f"{name}.parquet")
+    config = {
+        "datasets": [{"from": f"file:{name}.parquet", "name": name, "acceleration": {"engine": "arrow"},
+                      "columns": [{"name": "body", "full_text_search": {"enabled": True}}]} for name in own],
+        "runtime": {"auth": {"api_keys": [WIDE, {"name": "narrow", "key": NARROW, "datasets": list(own),
+                                                  "columns": {name: ["id", "body"] for name in own}},
+                                              {"name": "one", "key": ONE, "datasets": ["notes2"]}]}}}
+    with serving(config, base) as running:
+        for name in own:
+            assert running.accelerator.refresher(name).loaded.wait(60)
+        yield running
+
+
+def _as_key(deck, key: str, sql: str):
+    """The result of ``sql`` under ``key`` (an Arrow table), or the text of its error."""
+    with flightsql.connect(deck.flight_url, autocommit=True,
+                           db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {key}"}) as own:
+        with own.cursor() as cursor:
+            try:
+                cursor.execute(sql)
+                return cursor.fetch_arrow_table()
+            except Exception as error:
+                return f"error: {error}"
+
+
+@pytest.mark.parametrize("dataset", ["notes", "notes2", "notes3"])
+def test_a_search_returns_the_visible_columns_and_its_own_fields_never_a_hidden_one(shadowing, dataset):
+    """A hidden column named like the search's score or chunk neither breaks the search, nor
+    decides which rows a WHERE keeps, nor shows (name, type or values) in a result or an error."""
+    sql = f"SELECT * FROM text_search({dataset}, 'database', 5)"
+    narrow, wide = _as_key(shadowing, NARROW, sql), _as_key(shadowing, WIDE, sql)
+    assert not isinstance(narrow, str), narrow
+    assert narrow.schema.names == ["id", "body", "score", "chunk"]
+    assert narrow.schema.field("score").type == "double" and narrow.schema.field("chunk").type == "string"
+    assert narrow.select(["id", "score", "chunk"]) == wide.select(["id", "score", "chunk"])  # what the wide key sees
+    assert narrow.num_rows == 5 and all(text.startswith("note ") for text in narrow.column("chunk").to_pylist())
+    hidden_scores = {i: i * 1.5 for i in range(1, NOTES + 1)} if dataset == "notes" else {}
+    assert all(hidden_scores.get(i) != s for i, s in zip(narrow.column("id").to_pylist(),
+                                                         narrow.column("score").to_pylist()))
+    for where in ("score > 90", "score > 0 AND id > 0", "chunk LIKE 'SECRET%'"):  # on the search's fields
+        filtered = _as_key(shadowing, NARROW, f"SELECT id, score FROM text_search({dataset}, 'database', 5) "
+                                              f"WHERE {where}")
+        assert not isinstance(filtered, str), filtered
+        assert filtered == _as_key(shadowing, WIDE, f"SELECT id, score FROM text_search({dataset}, 'database', 5) "
+                                                    f"WHERE {where}")
+    assert _as_key(shadowing, NARROW, f"SELECT id FROM text_search({dataset}, 'database', 5) "
+                                      "WHERE score > 90").num_rows == 0  # BM25 scores, not the hidden ones
+    message = _as_key(shadowing, NARROW, f"SELECT nope FROM text_search({dataset}, 'database', 5)")
+    assert message.startswith("error:") and "nope" in message
+    assert not any(word in message for word in ("private", "int64", "large", "SECRET", "Multiple matches"))
+
+
+def test_a_dataset_column_named_like_a_search_field_gives_way_to_it(shadowing):
+    """The search's own score and chunk take their names in its results, for every key; the
+    dataset's column of that name is read by joining the dataset."""
+    found = _as_key(shadowing, WIDE, "SELECT * FROM text_search(notes, 'database', 3)")
+    assert not isinstance(found, str), found
+    assert found.schema.names == ["id", "body", "private", "score", "chunk"]
+    joined = _as_key(shadowing, WIDE, "SELECT s.id, n.score AS own, s.score FROM text_search(notes, 'database', 3) s "
+                                      "JOIN notes n ON n.id = s.id ORDER BY s.score DESC")
+    assert [row["own"] for row in joined.to_pylist()] == [row["id"] * 1.5 for row in joined.to_pylist()]
+    assert joined.column("score").to_pylist() == found.column("score").to_pylist()
+    chunks = _as_key(shadowing, WIDE, "SELECT chunk FROM text_search(notes3, 'database', 3)")
+    assert not isinstance(chunks, str) and not any("SECRET" in c for c in chunks.column("chunk").to_pylist())
+
+
+def test_a_result_tells_the_freshness_of_granted_searches_only(shadowing):
+    """A search the plan makes beside a CTE named after a hidden searchable dataset: the result
+    tells how fresh the granted copy it searched is, and names no other."""
+    import httpx
+
+    sql = "WITH text_search(notes) AS (SELECT 1) SELECT s.id FROM text_search, text_search(notes2, 'database', 1) s"
+    reply = httpx.post(f"{shadowing.http_url}/v1/sql", content=sql, headers={"Authorization": f"Bearer {ONE}"},
+                       timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert [entry.split("=")[0] for entry in reply.headers["x-flightdeck-data-as-of-datasets"].split(", ")] == \
+        ["public.notes2"]

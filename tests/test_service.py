@@ -37,7 +37,8 @@ def test_a_planned_statement_binds_parameters_and_runs_again(service):
 
 @pytest.mark.parametrize("call, kind, words", [
     (lambda s: s.plan(ANYONE, "SELECT 1 +"), "invalid", "Expected"),
-    (lambda s: s.plan(ANYONE, "SELEC 1"), "refused", "read-only"),
+    (lambda s: s.plan(ANYONE, "SELEC 1"), "invalid", "syntax error"),
+    (lambda s: s.plan(ANYONE, "SELECT repeat('a', 100000000) AS a"), "limit_exceeded", "at most 16,777,216"),
     (lambda s: s.plan(ANYONE, "DELETE FROM orders"), "refused", "read"),
     (lambda s: s.plan(ANYONE, "SELECT * FROM nowhere"), "invalid", "nowhere"),
     (lambda s: s.query(ANYONE, "SELECT embed(order_id) FROM orders"), "invalid", "embed() takes text"),

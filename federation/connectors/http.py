@@ -15,7 +15,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Iterator
 

@@ -111,7 +111,7 @@ def decode(payload: bytes) -> Begin | Commit | Relation | Insert | Update | Dele
         _identity, count = reader.take("!ch")
         columns = []
         for _ in range(count):
-            _flags = reader.take("!b")
+            reader.take("!b")  # column flags: whether it is part of the key, not needed
             column = reader.text()
             type_oid, _typmod = reader.take("!Ii")
             columns.append((column, type_oid))

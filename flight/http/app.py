@@ -199,8 +199,7 @@ class HttpApi:
 
     @answered
     async def metrics(self, request: Request) -> Response:
-        self.principal(request)
-        body, media_type = await self.blocking(self.service.metrics)
+        body, media_type = await self.blocking(self.service.metrics, self.principal(request))
         return Response(body, media_type=media_type)
 
     async def not_found(self, request: Request, error: Exception) -> Response:
