@@ -294,7 +294,7 @@ def test_embeddings_and_planning_count_against_the_keys_rate(server, watcher):
 
 
 def test_embeddings_hold_a_place_among_the_keys_running_queries(server, watcher):
-    texts = [f"connection pool exhausted after scale-out, attempt {i}" for i in range(512)]
+    texts = [f"connection pool exhausted after scale-out, attempt {i}" for i in range(1536)]  # seconds of work
 
     def embed(_: int) -> int:
         with httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {SINGLE}"},
