@@ -339,9 +339,10 @@ class QueryEngine:
         (and, when parts of it are pushed, the plan that reads them in place of the local one)."""
         try:
             inner = self.ctx.sql(inner_sql, options=self.read_only, param_values=values or None)
-            remote = self._whole_query(inner, inner_sql, values) if self.settings.whole_query_pushdown else None
+            pushing = self.settings.whole_query_pushdown and all_finite(values or {})  # as execution decides
+            remote = self._whole_query(inner, inner_sql, values) if pushing else None
             split = None
-            if remote is None and self.settings.whole_query_pushdown:
+            if remote is None and pushing:
                 split = self._split(inner_sql, inner, values, prefix)
             if split is None:
                 return backend_requests(inner, self.catalog, remote)

@@ -169,7 +169,7 @@ def explain_parts(sql: str) -> tuple[str, str, frozenset[str]] | None:
             at, options = at + 2, options | {word}
         elif word == "(" and at + 1 < len(rest) and rest[at + 1].text.upper() not in _QUERY_STARTS:
             closing = _after_parentheses(rest, at)
-            at, options = closing, options | {t.text.upper() for t in rest[at:closing]}
+            at, options = closing, options | _listed_options(rest[at + 1:closing - 1])
         else:
             break
     start = after + rest[at].start if at < len(rest) else len(sql)
@@ -185,6 +185,20 @@ def _strip_explain(sql: str) -> str:
     if head not in READ_STATEMENTS + ("(",):
         raise NotAStatement(f"syntax error: EXPLAIN takes a query, and no query starts with {head[:40]!r}")
     return inner
+
+
+def _listed_options(tokens: list) -> set[str]:
+    """The options a parenthesised EXPLAIN list turns on: ``(ANALYZE, FORMAT tree)`` gives
+    ANALYZE and FORMAT; ``(ANALYZE false)`` gives nothing."""
+    options, item = set(), []
+    for token in [*tokens, None]:
+        if token is None or token.text == ",":
+            if item and (len(item) == 1 or item[1] not in ("FALSE", "OFF", "0")):
+                options.add(item[0])
+            item = []
+        else:
+            item.append(token.text.upper())
+    return options
 
 
 def _after_parentheses(tokens: list, opening: int) -> int:
@@ -225,48 +239,93 @@ def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
 
 
 def _check_generated(tree: exp.Expression) -> None:
+    """Refuse a statement whose generating calls (repeat, lpad, rpad, array_repeat, array_resize,
+    a scalar range or generate_series) would make more than MAX_GENERATED values in all."""
     total = sum(_generated_by(node) for node in tree.find_all(exp.Func)
-                if not isinstance(node.parent, exp.Table))  # a table function streams under the limits
+                if not isinstance(node.parent, (exp.Table, exp.Lateral)))  # a table function streams
     if total > MAX_GENERATED:
         raise GeneratesTooMuch(f"the statement makes {total:,} values from constants (repeat, lpad, range, ...); "
                                f"at most {MAX_GENERATED:,}: generate rows with a table function such as "
                                "FROM range(n) instead")
 
 
-def _generated_by(node: exp.Func) -> int:
-    """How many characters or list elements a call makes when its size is a constant."""
+def _generated_by(node: exp.Expression) -> int:
+    """How many characters or list elements a call makes: its size times the length of what it
+    repeats; 0 for a call that generates nothing."""
     if isinstance(node, exp.Repeat):
-        return _constant_int(node.args.get("times"))
+        return _size(node.args.get("times")) * _width(node.this)
     if isinstance(node, exp.Pad):
-        return _constant_int(node.args.get("expression"))
+        return _size(node.args.get("expression"))
     if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)):
-        return _span(node.args.get("start"), node.args.get("end"), node.args.get("step"))
+        return _span([node.args.get("start"), node.args.get("end"), node.args.get("step")])
     if isinstance(node, exp.Anonymous):
         name, arguments = str(node.this).lower(), node.expressions
-        if name in ("array_repeat", "array_resize") and len(arguments) >= 2:
-            return _constant_int(arguments[1])
+        if name == "array_repeat" and len(arguments) >= 2:
+            return _size(arguments[1]) * _width(arguments[0])
+        if name == "array_resize" and len(arguments) >= 2:
+            return _size(arguments[1])
         if name in ("range", "generate_series") and arguments:
-            return _span(*arguments) if len(arguments) > 1 else _constant_int(arguments[0])
+            return _span(arguments if len(arguments) > 1 else [None, arguments[0]])
     return 0
 
 
-def _span(start: exp.Expression | None, end: exp.Expression | None = None,
-          step: exp.Expression | None = None) -> int:
-    step_size = abs(_constant_int(step)) if step is not None else 1
-    return abs(_constant_int(end) - _constant_int(start)) // max(step_size, 1)
+def _width(node: exp.Expression | None) -> int:
+    """How long a repeated value is, as far as the statement says: a text literal's length, or
+    what a generating call inside makes; 1 otherwise."""
+    while isinstance(node, (exp.Paren, exp.Cast)):
+        node = node.this
+    if isinstance(node, exp.Literal) and node.is_string:
+        return max(1, len(node.this))
+    return max(1, _generated_by(node)) if node is not None else 1
 
 
-def _constant_int(node: exp.Expression | None) -> int:
-    """A numeric literal's value (negated if so written); 0 for anything else."""
-    sign = 1
-    while isinstance(node, (exp.Neg, exp.Paren)):
-        sign, node = (-sign if isinstance(node, exp.Neg) else sign), node.this
+def _span(bounds: list[exp.Expression | None]) -> int:
+    """How many values a range makes from (start, end[, step]); a missing start is 0."""
+    start, end = (_size(bound, signed=True) if bound is not None else 0 for bound in bounds[:2])
+    step = abs(_size(bounds[2], signed=True)) if len(bounds) > 2 and bounds[2] is not None else 1
+    return abs(end - start) // max(step, 1)
+
+
+def _size(node: exp.Expression | None, signed: bool = False) -> int:
+    """A size argument's value. Arithmetic of numbers is worked out; a size read from a column
+    is left to the query's limits at execution (0 here); any other (a bound parameter, a
+    function) is refused: the engine folds it while planning too, where no limit holds."""
+    value = _constant(node)
+    if value is None:
+        if node is not None and node.find(exp.Column) is None:
+            raise GeneratesTooMuch(f"the size {node.sql(dialect='postgres')[:60]} of a generating call (repeat, lpad, rpad, "
+                                   "array_repeat, array_resize, range, generate_series) must be written as a number "
+                                   "or read from a column")
+        return 0
+    return value if signed else abs(value)
+
+
+_ARITHMETIC = {exp.Add: lambda a, b: a + b, exp.Sub: lambda a, b: a - b, exp.Mul: lambda a, b: a * b,
+               exp.Div: lambda a, b: a / b if b else None, exp.IntDiv: lambda a, b: a // b if b else None,
+               exp.Pow: lambda a, b: a ** b if abs(b) < 64 else None}
+
+
+def _constant(node: exp.Expression | None) -> int | None:
+    """The value of a number written in the statement, or of arithmetic over such numbers
+    (casts and parentheses seen through); None for anything else."""
+    if isinstance(node, (exp.Paren, exp.Cast)):
+        return _constant(node.this)
+    if isinstance(node, exp.Neg):
+        value = _constant(node.this)
+        return None if value is None else -value
     if isinstance(node, exp.Literal) and not node.is_string:
         try:
-            return sign * int(float(node.this))
+            return int(float(node.this))
         except (ValueError, OverflowError):
-            return 0
-    return 0
+            return MAX_GENERATED + 1  # too large for a float is too large here
+    operation = _ARITHMETIC.get(type(node))
+    if operation is None:
+        return None
+    left, right = _constant(node.left), _constant(node.right)
+    if left is None or right is None:
+        return None
+    value = operation(left, right)
+    return None if value is None else int(value)
 
 
 def _function_name(node: exp.Expression) -> str | None:

@@ -143,15 +143,16 @@ class Service:
     # ---- SQL ----
 
     def plan(self, principal: Principal, sql: str, parameters: list[Any] | None = None,
-             door: str = CORE) -> Planned:
+             door: str = CORE, paid: PaidRequest | None = None) -> Planned:
         """Check and plan a read statement; ``parameters`` bind its placeholders (never spliced).
-        ``door`` is the interface asking (a metrics label)."""
+        ``door`` is the interface asking (a metrics label). ``paid``: the request that prepared
+        this statement, whose first use is part of it (a prepared statement's first execution)."""
         started = time.perf_counter()
         try:
             if len(sql) > self.limits.max_sql_length:
                 raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
                                                    f"{self.limits.max_sql_length} (max_sql_length)")
-            with self._admitted(principal), self._translated():
+            with self._admitted(principal, counted=paid is None or not paid.use()), self._translated():
                 engine = self._engine(principal)
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)
                 accelerated = query.derive("accelerated", lambda: self._accelerated(engine, query))
@@ -162,11 +163,12 @@ class Service:
                        accelerated, door)
 
     @contextmanager
-    def _admitted(self, principal: Principal) -> Iterator[None]:
-        """Work for a request outside a query's stream (planning, embedding): counted against the
-        principal's rate, and holding one of its places among running queries meanwhile."""
+    def _admitted(self, principal: Principal, counted: bool = True) -> Iterator[None]:
+        """Work for a request outside a query's stream (planning, embedding): ``counted`` against
+        the principal's rate, and holding one of its places among running queries meanwhile."""
         limits = principal.limits
-        self.rates.take(principal.name, limits.requests_per_second)
+        if counted:
+            self.rates.take(principal.name, limits.requests_per_second)
         release = self.admission.enter(principal.name, limits.max_concurrent)
         try:
             yield

@@ -955,6 +955,8 @@ def test_a_bound_float_nan_or_infinity_is_not_handed_to_a_backends_driver(nan_ta
             planned = engine.plan(sql, [value])
             assert _sorted(engine.execute(planned).read_all()) == expected, (key, sql, value)
             assert (planned.remote is not None) == (value == 2.5), (key, sql, value)
+            explained = engine.query(f"EXPLAIN {sql}", [value]).read_all().column("plan_type").to_pylist()
+            assert any("whole query sent" in kind for kind in explained) == (value == 2.5), explained
 
 
 @pytest.mark.parametrize("statement, refused", [

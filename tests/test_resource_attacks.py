@@ -27,6 +27,7 @@ from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 
 ATTACKER, WATCHER, THROTTLED = "attacker-key-0123456789", "watcher-key-0123456789", "throttled-key-0123456789"
 SINGLE = "single-key-0123456789"  # one query at a time
+RATE_ONE = "rate-one-key-0123456789"  # one request a second, in bursts of one
 MEMORY_LIMIT = 256 * 2**20
 # Beyond the engine's pool: Python, pyarrow buffers in flight, DuckDB and the doors' own memory.
 RSS_MARGIN = 768 * 2**20
@@ -86,7 +87,8 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
                 {"name": "attacker", "key": ATTACKER, "limits": {"max_concurrent_queries": 3}},
                 {"name": "watcher", "key": WATCHER},
                 {"name": "throttled", "key": THROTTLED, "limits": {"requests_per_second": 2}},
-                {"name": "single", "key": SINGLE, "limits": {"max_concurrent_queries": 1}}]},
+                {"name": "single", "key": SINGLE, "limits": {"max_concurrent_queries": 1}},
+                {"name": "rate-one", "key": RATE_ONE, "limits": {"requests_per_second": 1}}]},
             "limits": {"memory_limit": "256MiB", "query_timeout_seconds": TIMEOUT,
                        "max_result_rows": 1_000_000, "max_sql_length": MAX_SQL,
                        "requests_per_second": 50, "admission_wait_seconds": 0.5}}}
@@ -308,3 +310,11 @@ def test_embeddings_hold_a_place_among_the_keys_running_queries(server, watcher)
 def test_constants_that_would_make_gigabytes_while_planning_are_refused(server, watcher):
     message, seconds = attack(server, "SELECT md5(repeat('a', 100000000)) || md5(repeat('b', 100000000)) AS h")
     assert "at most 16,777,216" in message and seconds < 2, message
+
+
+def test_preparing_and_first_executing_a_statement_with_parameters_is_one_request(server, watcher):
+    with connect(server, RATE_ONE) as conn, conn.cursor() as cursor:
+        for value in (5, 6):  # ADBC prepares, binds, plans and runs: one request, then one each
+            time.sleep(1.1)
+            cursor.execute("SELECT CAST(? AS BIGINT) AS v", [value])
+            assert cursor.fetchall() == [(value,)]

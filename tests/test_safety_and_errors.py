@@ -77,6 +77,29 @@ def test_gate_names_a_write_as_a_write(statement):
     assert not isinstance(raised.value, NotAStatement)
 
 
+@pytest.mark.parametrize("statement", [
+    "SELECT length(repeat('" + "x" * 100 + "', 5000000)) AS n",    # a long text repeated
+    "SELECT length(repeat(repeat('a', 10000), 20000)) AS n",       # nested
+    "SELECT cardinality(array_repeat(1, 100000000::bigint)) AS n",  # a cast
+    "SELECT repeat('a', 10000 * 10000) AS s", "SELECT repeat('a', 10^9) AS s",  # arithmetic
+    "SELECT length(repeat('a', $1)) AS n", "SELECT range(?) AS r",  # a bound size, folded unseen
+    "SELECT repeat('a', length('abc')) AS s",                       # a size computed by a function
+    "SELECT lpad('a', 20000000) AS p", "SELECT generate_series(1, 100000000, 2) AS g",
+])
+def test_gate_refuses_constants_that_make_too_much_while_planning(statement):
+    with pytest.raises(UnsafeStatement, match="at most 16,777,216|must be written as a number"):
+        check_read_only(statement)
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT repeat(name, 3) FROM t", "SELECT lpad(x, 10, '0') FROM t", "SELECT repeat('ab', 3) AS s",
+    "SELECT * FROM range(100000000)", "SELECT * FROM t JOIN range(100000000) r ON true",
+    "SELECT range(1, n) FROM t", "SELECT repeat('a', id * 1000) FROM t", "SELECT generate_series(1, 10) AS g",
+])
+def test_gate_passes_generating_calls_of_bounded_or_streamed_size(statement):
+    check_read_only(statement)
+
+
 @pytest.mark.parametrize("statement", ["SELEC 1", "selct * from orders", "EXPLAIN SELEC 1", "ORDERS", "42"])
 def test_gate_answers_a_typo_as_a_syntax_error_not_as_a_write(statement):
     with pytest.raises(NotAStatement, match="syntax error"):

@@ -390,7 +390,8 @@ class FlightSqlServer(flight.FlightServerBase):
         statement = self.prepared.get(command.prepared_statement_handle, principal)
         if statement.parameters is None and len(statement.parameter_schema) == 0:
             return statement.planned  # ADBC prepares every statement: plan it once
-        return self.service.plan(principal, statement.sql, statement.parameters, door=DOOR)
+        return self.service.plan(principal, statement.sql, statement.parameters, door=DOOR,
+                                 paid=statement.planned.paid)
 
     @staticmethod
     def _refuse_transaction(command) -> None:
