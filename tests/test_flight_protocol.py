@@ -7,7 +7,7 @@ import pytest
 
 from flight.flightsql import metadata
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
-from flight.flightsql.server import pack
+from flight.flightsql.server import HANDLES_PER_PRINCIPAL, pack
 
 
 def descriptor(message) -> flight.FlightDescriptor:
@@ -117,6 +117,22 @@ def test_statement_query_and_total_records(flight_client):
         query="SELECT * FROM orders WHERE status = 'failed'"))
     assert info.total_records == -1 and table.num_rows == 576
     assert info.endpoints[0].locations == []
+
+
+def test_a_client_preparing_statements_in_a_loop_keeps_its_latest_thousand(flight_client):
+    handles = []
+    for i in range(HANDLES_PER_PRINCIPAL + 5):
+        request = sql_pb.ActionCreatePreparedStatementRequest(query=f"SELECT {i} AS n")
+        [result] = action(flight_client, "CreatePreparedStatement", pack(request))
+        handles.append(unpack_any(result, sql_pb.ActionCreatePreparedStatementResult).prepared_statement_handle)
+    for forgotten in handles[:5]:
+        with pytest.raises(flight.FlightError, match="unknown or closed prepared statement handle"):
+            fetch(flight_client, sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=forgotten))
+    _, rows = fetch(flight_client, sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=handles[5]))
+    assert rows.column("n").to_pylist() == [5]
+    for handle in handles[5:]:
+        action(flight_client, "ClosePreparedStatement",
+               pack(sql_pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handle)))
 
 
 def test_prepared_statement_lifecycle(flight_client):

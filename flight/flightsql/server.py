@@ -43,6 +43,7 @@ CLOSE_SESSION_CLOSED = 1
 DATA_AS_OF = "flightdeck.data_as_of"                    # result schema metadata: the oldest copy read
 DATA_AS_OF_DATASETS = "flightdeck.data_as_of.datasets"  # each copy read, as JSON {name: time}
 SMALL_RESULT_BYTES = 256 * 1024  # a result this small is read whole before it is sent
+HANDLES_PER_PRINCIPAL = 1000  # prepared statements (and, apart, pending tickets) a principal keeps
 
 
 # ---- errors: the core's kinds as Flight statuses, in one place ----
@@ -175,20 +176,26 @@ class ClientWatch:
 
 class HandleRegistry(Generic[Item]):
     """Items by opaque handle, each visible to its own principal only; an item unused for
-    ``ttl_seconds`` is forgotten."""
+    ``ttl_seconds`` is forgotten, and so is a principal's least recently used one past its
+    ``per_principal`` (a client preparing statements in a loop must not fill the memory)."""
 
-    def __init__(self, ttl_seconds: float, missing: str):
+    def __init__(self, ttl_seconds: float, missing: str, per_principal: int = HANDLES_PER_PRINCIPAL):
         self.ttl_seconds = ttl_seconds
         self.missing = missing
+        self.per_principal = per_principal
         self._items: dict[bytes, tuple[Item, float]] = {}
         self._lock = threading.Lock()
 
     def add(self, item: Item) -> bytes:
         handle = uuid.uuid4().bytes
         with self._lock:
-            oldest = time.monotonic() - self.ttl_seconds
-            self._items = {h: entry for h, entry in self._items.items() if entry[1] > oldest}
-            self._items[handle] = (item, time.monotonic())
+            now = time.monotonic()
+            self._items = {h: entry for h, entry in self._items.items() if entry[1] > now - self.ttl_seconds}
+            own = sorted((used, h) for h, (other, used) in self._items.items()
+                         if other.principal.owns(item.principal))
+            for _, forgotten in own[:max(0, len(own) + 1 - self.per_principal)]:
+                del self._items[forgotten]
+            self._items[handle] = (item, now)
         return handle
 
     def get(self, handle: bytes, principal: Principal) -> Item:
