@@ -13,6 +13,8 @@ from flightdeck.grants import FULL, Grant
 from flightdeck.limits import QueryLimits
 
 TOKEN_TTL_SECONDS = 24 * 3600
+TOKENS_PER_USER = 100     # live bearer tokens one user keeps (a login per call would pile them up)
+TOKENS_KEPT = 10_000      # live bearer tokens in all
 ANONYMOUS = "anonymous"
 API_KEY = "api-key"
 
@@ -117,9 +119,15 @@ class Authenticator:
         return Principal(ANONYMOUS, limits=self.limits)
 
     def _issue(self, principal: Principal) -> str:
+        """A new bearer token for ``principal``. A client logging in on every call must not fill
+        the memory: past TOKENS_PER_USER live tokens of one user (TOKENS_KEPT in all) the ones
+        closest to expiry are dropped."""
         token = secrets.token_urlsafe(32)
         with self._lock:
             now = time.monotonic()
-            self._tokens = {t: e for t, e in self._tokens.items() if e[1] > now}
+            live = sorted(((e[1], t) for t, e in self._tokens.items() if e[1] > now), reverse=True)
+            dropped = set([t for _, t in live if self._tokens[t][0].name == principal.name][TOKENS_PER_USER - 1:])
+            kept = [t for _, t in live if t not in dropped][:TOKENS_KEPT - 1]
+            self._tokens = {t: self._tokens[t] for t in kept}
             self._tokens[token] = (principal, now + TOKEN_TTL_SECONDS)
         return token

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import ServerProcess, service_error
 from flight.cli import main
 from flight.flightsql.server import FLIGHT_ERRORS, flight_error
-from flightdeck.auth import Authenticator, Credentials, Key, Principal, User
+from flightdeck.auth import TOKENS_PER_USER, Authenticator, Credentials, Key, Principal, User
 from flightdeck.errors import KINDS, ServiceError
 from flightdeck.runtime_config import RuntimeConfig
 
@@ -169,6 +169,18 @@ def test_authentication():
         with pytest.raises(ServiceError) as raised:
             keyed.authenticate(wrong)
         assert raised.value.kind == "unauthenticated"
+
+
+def test_a_user_logging_in_on_every_call_keeps_a_bounded_number_of_tokens():
+    keyed = Authenticator([], {"ana": User("pw", False), "bo": User("pw", False)})
+    bo = keyed.authenticate(Credentials(username="bo", password="pw")).token
+    tokens = [keyed.authenticate(Credentials(username="ana", password="pw")).token
+              for _ in range(TOKENS_PER_USER + 50)]
+    assert len(keyed._tokens) == TOKENS_PER_USER + 1  # ana's latest, and bo's one
+    assert keyed.authenticate(Credentials(bearer=tokens[-1])).name == "ana"
+    assert keyed.authenticate(Credentials(bearer=bo)).name == "bo"
+    with pytest.raises(ServiceError, match="invalid or expired bearer token"):
+        keyed.authenticate(Credentials(bearer=tokens[0]))
 
 
 def test_every_kind_has_one_flight_error():
