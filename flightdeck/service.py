@@ -481,7 +481,7 @@ class Service:
             raise ServiceError(REFUSED, f"{principal.name} sees only some columns of {name}, or sees them masked: "
                                         "it may not refresh it with SQL of its own")
         try:
-            with self._translated():
+            with self._admitted(principal), self._translated():  # backend work on demand: a request
                 return self.stack.refresh(name, sql)
         except ValueError as error:  # a refresh_sql that cannot be used for this dataset
             raise ServiceError(INVALID, self.redact(str(error))) from None

@@ -14,6 +14,7 @@ from flight.cli import main
 from flight.flightsql.server import FLIGHT_ERRORS, flight_error
 from flightdeck.auth import TOKENS_PER_USER, Authenticator, Credentials, Key, Principal, User
 from flightdeck.errors import KINDS, ServiceError
+from flightdeck.limits import QueryLimits
 from flightdeck.runtime_config import RuntimeConfig
 
 ANYONE = Principal("anonymous")
@@ -169,6 +170,13 @@ def test_authentication():
         with pytest.raises(ServiceError) as raised:
             keyed.authenticate(wrong)
         assert raised.value.kind == "unauthenticated"
+
+
+def test_a_refresh_on_demand_counts_against_the_keys_rate(service):
+    once_a_second = Principal("refresher", limits=QueryLimits(requests_per_second=1))
+    assert service_error(lambda: service.refresh(once_a_second, "orders")).kind == "invalid"  # not accelerated
+    refused = service_error(lambda: service.refresh(once_a_second, "orders"))
+    assert refused.kind == "limit_exceeded" and "requests_per_second" in refused.message
 
 
 def test_a_user_logging_in_on_every_call_keeps_a_bounded_number_of_tokens():
