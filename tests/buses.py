@@ -150,6 +150,11 @@ class JetStream:
                 await asyncio.gather(*(js.publish(subject, p) for p in payloads[start:start + PUBLISH_WINDOW]))
         self._run(send)
 
+    def consumer_count(self, name: str) -> int:
+        async def count(js):
+            return (await js.stream_info(name)).state.consumer_count
+        return self._run(count)
+
     def message_count(self, name: str) -> int:
         async def count(js):
             return (await js.stream_info(name)).state.messages

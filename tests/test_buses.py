@@ -341,6 +341,8 @@ def test_a_bus_dataset_without_acceleration_reads_what_the_bus_retains(tmp_path,
                                   "WHERE user_address_city = 'c0'") == [{"n": 4, "last": 10}]
             jetstream.publish(f"{name}.a", events(12, 3))  # each query reads the stream anew
             assert _rows(runtime, "SELECT count(*) AS n FROM events") == [{"n": 15}]
+            # and leaves no consumer behind: a stream may allow few, its own applications need them
+            assert jetstream.consumer_count(name) == 0
 
 
 @pytest.mark.parametrize("kind", ["kafka", "nats"])

@@ -11,7 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from federation.catalog import Catalog, DatasetSpec
+from federation.connectors import ConnectorError
+from federation.connectors.elasticsearch import ElasticsearchConnector
 from federation.engine import QueryEngine
+
+from json_api import JsonHandler, serving_api
 
 UTC = dt.timezone.utc
 MAPPING = {"properties": {
@@ -247,3 +251,33 @@ def test_only_reads_and_searches_are_sent(fresh, tmp_path):
         else:
             assert request.method == "POST" and re.search(r"/_search(/point_in_time|/scroll)?(\?|$)|/_pit\?",
                                                           request.path), request.path
+
+
+class _RedirectsAway(JsonHandler):
+    """An endpoint answering every call with a redirect to another server."""
+    target = ""
+
+    def do_GET(self):
+        return self.send_json(302, {}, {"Location": f"{_RedirectsAway.target}/exfil{self.path}"})
+
+    do_POST = do_GET
+
+
+class _Elsewhere(JsonHandler):
+    requests: list[tuple[str, str | None]] = []
+
+    def do_GET(self):
+        _Elsewhere.requests.append((self.path, self.headers.get("Authorization")))
+        return self.send_json(200, {"idx": {"mappings": {"properties": {"x": {"type": "keyword"}}}}})
+
+    do_POST = do_GET
+
+
+def test_a_redirect_to_another_origin_is_not_followed_with_the_api_key():
+    with serving_api(_Elsewhere) as elsewhere, serving_api(_RedirectsAway) as endpoint:
+        _RedirectsAway.target, _Elsewhere.requests = elsewhere, []
+        connector = ElasticsearchConnector({"elasticsearch_endpoint": endpoint, "elasticsearch_api_key": "SECRET-KEY",
+                                            "schema_sample_size": 0}, None)
+        with pytest.raises(ConnectorError, match="another origin") as raised:
+            connector.schema("idx")
+        assert _Elsewhere.requests == [] and "SECRET-KEY" not in str(raised.value)

@@ -42,12 +42,39 @@ class Api(JsonHandler):
         if url.path == "/metrics":  # page numbers
             page, size = int(query.get("page", 1)), int(query["per_page"])
             return self.send_json(200, INCIDENTS[(page - 1) * size:page * size])
+        if url.path.startswith("/astray/"):  # an API answering with a way off its origin
+            return self._astray(url.path.removeprefix("/astray/"))
         if url.path == "/limited":
             if not Api.limited_once["done"]:
                 Api.limited_once["done"] = True
                 return self.send_json(429, {"message": "slow down"}, {"Retry-After": "1"})
             return self.send_json(200, INCIDENTS[:2])
         return self.send_json(404, {"message": "Not Found"})
+
+    def _astray(self, how: str) -> None:
+        page = INCIDENTS[:2]
+        if how == "link-file":
+            return self.send_json(200, page, {"Link": f'<file://{SECRET_FILE}>; rel="next"'})
+        if how == "link-other":
+            return self.send_json(200, page, {"Link": f'<{Elsewhere.url}/next>; rel="next"'})
+        if how == "field-other":
+            return self.send_json(200, {"items": page, "next": f"{Elsewhere.url}/next"})
+        if how == "redirect-other":
+            return self.send_json(302, {}, {"Location": f"{Elsewhere.url}/moved"})
+        return self.send_json(302, {}, {"Location": "/incidents"})  # on its own origin: followed
+
+
+class Elsewhere(JsonHandler):
+    """Another server on another port, never configured: it must never be asked anything."""
+    url = ""
+    requests: list[tuple[str, str | None]] = []
+
+    def do_GET(self):
+        Elsewhere.requests.append((self.path, self.headers.get("Authorization")))
+        return self.send_json(200, [{"id": 99, "title": "from elsewhere"}])
+
+
+SECRET_FILE = "/etc/hostname"
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +138,21 @@ def test_errors_are_clear_and_never_show_the_token(api, tmp_path):
     with pytest.raises(ConnectorError, match="not an http"):
         from federation.connectors.http import HttpConnector
         HttpConnector({}, tmp_path, "ftp://example")
+
+
+@pytest.mark.parametrize("how, params", [
+    ("link-file", {}), ("link-other", {}), ("field-other", {"json_path": "items", "pagination": {"next_field": "next"}}),
+    ("redirect-other", {}),
+])
+def test_a_redirect_or_next_page_off_the_configured_origin_is_not_followed(api, tmp_path, how, params):
+    with serving_api(Elsewhere) as elsewhere:
+        Elsewhere.url, Elsewhere.requests = elsewhere, []
+        engine = _engine(api, tmp_path, f"/astray/{how}", params)
+        with pytest.raises(Exception, match="another origin") as raised:
+            engine.query("SELECT id FROM api").read_all()
+        assert Elsewhere.requests == [] and "t0k" not in str(raised.value)
+
+
+def test_a_redirect_on_the_configured_origin_is_followed(api, tmp_path):
+    engine = _engine(api, tmp_path, "/astray/redirect-here", {})
+    assert engine.query("SELECT count(*) AS n FROM api").read_all().to_pylist() == [{"n": 7}]

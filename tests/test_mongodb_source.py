@@ -3,6 +3,7 @@ commands the connector sends are seen through pymongo's own command monitoring."
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import pyarrow as pa
@@ -100,6 +101,26 @@ def test_filters_and_projection_become_the_find_command(mongo, tmp_path):
     assert engine.catalog.datasets["public.tickets"].connector.stats.rows == 1
     by_id = engine.query(f"SELECT number FROM tickets WHERE _id = '{7:024x}'").read_all()
     assert by_id.column("number").to_pylist() == [7]
+
+
+def test_fields_named_like_operators_or_paths_are_not_columns(mongo, tmp_path):
+    """A top-level '$where' field would become a filter {"$where": <the client's text>}, which
+    MongoDB runs as JavaScript; an 'a.b' field a filter on the nested path a.b."""
+    admin = pymongo.MongoClient(mongo.uri)
+    events = admin["support"]["events"]
+    events.drop()
+    events.insert_many([{"n": 1, "$where": "note"}, {"n": 2, "a.b": "dotted"}, {"n": 3, "a": {"b": "nested"}}])
+    try:
+        spec = DatasetSpec("events", "mongodb:support.events", {"mongo_uri": mongo.uri})
+        engine = QueryEngine(Catalog([spec], tmp_path))
+        assert engine.catalog.datasets["public.events"].arrow_schema.names == ["_id", "n", "a_b"]
+        mongo.commands.clear()
+        rows = engine.query("SELECT n FROM events WHERE a_b = 'nested'").read_all().to_pylist()
+        assert rows == [{"n": 3}]
+        assert all("$where" not in json.dumps(c, default=str) for c in mongo.commands)
+    finally:
+        events.drop()
+        admin.close()
 
 
 def test_a_plain_limit_reaches_the_find_command(mongo, tmp_path):

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.same_origin import open_same_origin
 
 PAGE_ROWS = 5_000  # below the default index.max_result_window (10,000)
 SAMPLE_SIZE = 100
@@ -101,7 +102,7 @@ class ElasticsearchConnector(Connector):
         data = None if body is None else json.dumps(body, default=str).encode()
         request = urllib.request.Request(self.endpoint + path, data=data, headers=self.headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            with open_same_origin(request, timeout or self.timeout) as response:
                 text = response.read()
         except urllib.error.HTTPError as error:
             self.stats.record_error()

@@ -4,7 +4,8 @@ The dataset's `from:` is the URL. Records are found at ``json_path`` in each res
 pages are followed by a ``Link: rel="next"`` header or a next-link field, a cursor, or a
 page number; equality filters on columns listed in ``filter_params`` become query-string
 parameters (the exact filter is still applied to what comes back). Only GET requests are
-ever sent, and only to the configured URL.
+ever sent, and only to the configured URL's origin: a redirect or next page elsewhere is not
+followed.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.same_origin import open_same_origin, same_origin
 from federation.connectors.typing import JSON_TYPES, flatten_document, json_value
 
 DEFAULT_MAX_PAGES = 100
@@ -83,7 +85,7 @@ class HttpConnector(Connector):
         request = urllib.request.Request(url, headers=self.headers, method="GET")
         for attempt in range(3):
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with open_same_origin(request, self.timeout) as response:
                     headers = {k.lower(): v for k, v in response.headers.items()}
                     return json.loads(response.read() or b"null"), headers
             except urllib.error.HTTPError as error:
@@ -155,6 +157,10 @@ class HttpConnector(Connector):
                                      f"'{self.json_path or '(root)'}'")
             yield records
             url = self._next_url(kind, url, body, headers, records, number)
+            if url and not same_origin(url, self.url):
+                raise ConnectorError(f"{self.describe()}: the next page is on another origin "
+                                     f"({urllib.parse.urlsplit(url).scheme}://{urllib.parse.urlsplit(url).netloc}): "
+                                     "not followed")
             number += 1
             if not url or not records:
                 return

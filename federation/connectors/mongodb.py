@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 import urllib.parse
 from typing import Any, Iterator
@@ -24,6 +25,8 @@ from federation import expr as fx
 from federation.changes import ChangeBatch, ChangeSource, PendingChanges, SourceReset
 from federation.connectors.base import Connector, ConnectorError
 from federation.connectors.typing import flatten_document
+
+log = logging.getLogger("flightdeck.mongodb")
 
 SAMPLE_SIZE = 200
 BATCH_ROWS = 10_000
@@ -151,7 +154,11 @@ class MongoDBConnector(Connector, ChangeSource):
                         kinds.add(_kind(value))
         except PyMongoError as error:
             raise self._failed(error) from None
-        return {path: _merge(kinds) if kinds else "string" for path, kinds in seen.items()}
+        unaddressable = sorted(".".join(path) for path in seen if not _addressable(path))
+        if unaddressable:
+            log.warning("%s: %s: fields named with '$' or '.' are not columns (a filter on them would be "
+                        "read as an operator or a nested path): %s", self.describe(), table, ", ".join(unaddressable))
+        return {path: _merge(kinds) if kinds else "string" for path, kinds in seen.items() if _addressable(path)}
 
     def schema(self, table: str) -> pa.Schema:
         return self._describe_table(table)[0]
@@ -340,3 +347,10 @@ def _column_value(value: Any, kind: str) -> Any:
     if kind.startswith("list:") and kind.endswith(("objectid", "json")):
         return [str(v) for v in value]
     return value
+
+
+def _addressable(path: tuple) -> bool:
+    """Whether a field can be named in a find filter and a projection as what it is: a name
+    starting with '$' reads as an operator there ($where runs JavaScript), one with a '.' as a
+    path into a nested document."""
+    return all(isinstance(part, str) and not part.startswith("$") and "." not in part for part in path)

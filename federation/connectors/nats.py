@@ -9,6 +9,7 @@ since a consumer there would remove messages other readers wait for.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any, Iterator
 
@@ -21,6 +22,8 @@ from nats.js.errors import NotFoundError
 from federation.changes import SourceReset
 from federation.connectors.base import ConnectorError
 from federation.messages import BATCH_MESSAGES, BATCH_WAIT_SECONDS, TIMESTAMP, BusConnector, Delivery, Message
+
+log = logging.getLogger("flightdeck.nats")
 
 METADATA = pa.schema([("_subject", pa.string()), ("_sequence", pa.int64()), ("_timestamp", TIMESTAMP)])
 IDLE_CONSUMER_SECONDS = 60.0  # the server drops a consumer left behind (a killed flightdeck) after this
@@ -102,7 +105,7 @@ class NatsConnector(BusConnector):
     def deliveries(self, table: str, since: dict[str, Any], stop: threading.Event,
                    until: dict[str, Any] | None = None) -> Iterator[Delivery]:
         loop = asyncio.new_event_loop()
-        connection = None
+        connection = subscription = None
         try:
             connection = loop.run_until_complete(self._connect())
             subscription = loop.run_until_complete(self._subscribe(connection.jetstream(), table, since))
@@ -116,9 +119,20 @@ class NatsConnector(BusConnector):
                     return  # the snapshot's last messages were deleted (limits) before being read
                 yield Delivery(messages, {"sequence": sequence})
         finally:
+            if subscription is not None:
+                loop.run_until_complete(self._delete_consumer(connection.jetstream(), subscription))
             if connection is not None:
                 loop.run_until_complete(connection.close())
             loop.close()
+
+    async def _delete_consumer(self, js, subscription) -> None:
+        """The read's consumer goes with it: left to expire, each query's would hold one of the
+        stream's consumers (a stream may allow few) for IDLE_CONSUMER_SECONDS."""
+        try:
+            info = await subscription.consumer_info()
+            await js.delete_consumer(info.stream_name, info.name)
+        except (NatsError, OSError, asyncio.TimeoutError) as error:
+            log.info("%s: could not delete a read's consumer (it expires by itself): %s", self.describe(), error)
 
     async def _subscribe(self, js, table: str, since: dict[str, Any]):
         info = await self._stream(js, table)
