@@ -148,6 +148,9 @@ def test_text_equality_goes_down_only_through_an_exact_keyword(fresh, tmp_path):
     long_value = "x" * 300  # longer than ignore_above: not indexed, so never asked as a term
     engine.query(f"SELECT _id FROM logs WHERE msg = '{long_value}'").read_all()
     assert "msg.keyword" not in str(_scans(fresh)[-1].body)
+    astral = "\U0001F525" * 200  # 200 characters, 400 UTF-16 code units: over ignore_above as well
+    engine.query(f"SELECT _id FROM logs WHERE msg = '{astral}'").read_all()
+    assert "msg.keyword" not in str(_scans(fresh)[-1].body)
 
 
 def test_nulls_and_negations_mean_what_sql_means(fresh, tmp_path):

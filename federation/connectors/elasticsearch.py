@@ -450,8 +450,10 @@ def _indexed_value(field: Field, literal: Any) -> Any:
     if es_type == "_id" or pa.types.is_string(field.arrow):
         if not isinstance(literal, str):
             return None
-        if field.ignore_above is not None and len(literal) > field.ignore_above:
-            return None  # such values are not indexed: a term would miss them
+        # Such values are not indexed: a term would miss them. Elasticsearch measures them as Java
+        # does, in UTF-16 code units (a character beyond the BMP counts twice).
+        if field.ignore_above is not None and len(literal.encode("utf-16-le")) // 2 > field.ignore_above:
+            return None
         return literal
     if es_type in INTEGER_TYPES:
         return literal if isinstance(literal, int) and not isinstance(literal, bool) else None
