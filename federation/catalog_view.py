@@ -24,6 +24,7 @@ log = logging.getLogger("flightdeck.catalog")
 # A backend's last statement may carry another caller's filter values: a view does not show it.
 PRIVATE_SOURCE_FIELDS = ("last_request",)
 SOURCE_COUNTERS = ("queries", "rows", "bytes", "errors", "seconds")
+HIDDEN_ERROR = "failed (the message is shown to keys that see every column unmasked)"
 
 
 class CatalogView:
@@ -89,7 +90,15 @@ class CatalogView:
         return listing(self.datasets.values(), self.system_tables)
 
     def dataset_rows(self) -> list[dict]:
-        return [self.base.dataset_row(d) for d in self.datasets.values()]
+        return [self._without_values(self.base.dataset_row(d)) for d in self.datasets.values()]
+
+    def _without_values(self, row: dict) -> dict:
+        """A dataset's row with its errors left out where the view hides or masks columns: an
+        error may quote a value (``Cannot cast string 'alice@...'``) of any column."""
+        name = row["name"]
+        if self.columns_of(name) is None and self.masks_of(name) is None:
+            return row
+        return {**row, **{key: HIDDEN_ERROR for key in ("error", "last_error") if row.get(key)}}
 
     def source_stats(self) -> list[dict]:
         """The sources of the datasets this view shows. Their counters are left empty where a

@@ -8,6 +8,7 @@ the models stay behind this class: a door never imports them.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import threading
 import time
@@ -44,6 +45,7 @@ log = logging.getLogger("flightdeck.service")
 SAMPLE_KINDS = ("first", "random", "distinct")
 CORE = "core"  # the door label of queries the core runs for itself
 MAX_SAMPLE_ROWS = 10_000
+AUDITED_SQL_CHARS = 4096  # of a statement, in the audit
 EMBED_PART = 256  # texts embedded between looks at the clock: the model's run cannot be stopped
 
 
@@ -149,10 +151,10 @@ class Service:
         this statement, whose first use is part of it (a prepared statement's first execution)."""
         started = time.perf_counter()
         try:
-            if len(sql) > self.limits.max_sql_length:
-                raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
-                                                   f"{self.limits.max_sql_length} (max_sql_length)")
             with self._admitted(principal, counted=paid is None or not paid.use()), self._translated():
+                if len(sql) > self.limits.max_sql_length:
+                    raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
+                                                       f"{self.limits.max_sql_length} (max_sql_length)")
                 engine = self._engine(principal)
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)
                 accelerated = query.derive("accelerated", lambda: self._accelerated(engine, query))
@@ -310,7 +312,7 @@ class Service:
         backends = [self.redact(b) for b in engine.backend_statements(query)] if query is not None else []
         message = (error.message if isinstance(error, ServiceError)
                    else error.notice if isinstance(error, Truncation) else None)
-        audit.record(AuditEntry(principal.name, door, self.redact(sql), audit.parameters(
+        audit.record(AuditEntry(principal.name, door, _audited(self.redact(sql)), audit.parameters(
             None if parameters is None else tuple(parameters)), datasets, backends, rows, nbytes,
             round(seconds, 6), outcome, message, grant=principal.grant))
 
@@ -584,3 +586,14 @@ def _check_sample_size(n: int) -> None:
 def _outcome(error: Exception) -> str:
     """A failure as a metrics outcome: its error kind, or an internal error."""
     return error.kind if isinstance(error, ServiceError) else INTERNAL_ERROR
+
+
+def _audited(sql: str) -> str:
+    """A statement as the audit keeps it: its first AUDITED_SQL_CHARS characters and, past them,
+    its length and hash (a refused giant statement must not fill the audit's memory and files,
+    and rotate the earlier entries away), in valid Unicode (half a surrogate pair, which JSON
+    escapes can write, would break the audit table for everyone who reads it)."""
+    if len(sql) > AUDITED_SQL_CHARS:
+        digest = hashlib.sha256(sql.encode("utf-8", "surrogatepass")).hexdigest()
+        sql = f"{sql[:AUDITED_SQL_CHARS]}... ({len(sql):,} characters, sha256 {digest})"
+    return sql.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from conftest import ServerProcess, serving, write_config
+from flight.http.bodies import MAX_BODY_BYTES
 from flight.http.server import HttpServer
 from http_stream import ChunkFile
 from test_backend_cancel_and_errors import SLOW, _config as slow_config, _running_statements, slow_table  # noqa: F401
@@ -165,6 +166,38 @@ def test_parameters_are_bound_not_spliced(http, server):
 def test_bad_sql_bodies_are_400(http, body, words):
     response = http.post("/v1/sql", json=body)
     assert response.status_code == 400 and words in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"sql": "SELECT \'\\ud800\' AS x"}', "lone surrogate"),  # half a pair: no character at all
+    (b'{"sql": "SELECT ?", "parameters": ["\\udfff"]}', "lone surrogate"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests too deep"),
+])
+def test_bodies_no_text_could_hold_are_400_and_leave_the_audit_readable(http, raw, words):
+    response = http.post("/v1/sql", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and words in error_of(response)["message"]
+    assert sql(http, "SELECT count(*) AS n FROM flightdeck.runtime.queries").status_code == 200
+
+
+def test_a_body_past_the_size_limit_is_413_as_soon_as_known(http):
+    declared = http.post("/v1/sql", content=b"x" * (MAX_BODY_BYTES + 1))
+    assert declared.status_code == 413 and error_of(declared)["code"] == "limit_exceeded"
+
+    def chunks():  # no Content-Length: refused while it arrives
+        for _ in range(MAX_BODY_BYTES // 2**20 + 2):
+            yield b"-- " + b"x" * (2**20 - 4) + b"\n"
+    streamed = http.post("/v1/sql", content=chunks())
+    assert streamed.status_code == 413
+    assert sql(http, "SELECT 1 AS one").json() == [{"one": 1}]
+
+
+def test_a_refused_giant_statement_is_audited_cut_short(http):
+    giant = "SELECT 1 AS one -- " + "x" * 2_000_000
+    assert sql(http, giant).status_code == 400
+    audited = sql(http, "SELECT statement FROM flightdeck.runtime.queries WHERE outcome = 'limit_exceeded' "
+                        "ORDER BY finished_at DESC LIMIT 1").json()
+    assert audited and len(audited[0]["statement"]) < 5000
+    assert "2,000,019 characters, sha256" in audited[0]["statement"]
 
 
 # ---- errors and statuses ----
@@ -539,3 +572,35 @@ def test_run_serves_both_doors_and_stops_cleanly(demo_config, signal_name):
     assert process.process.returncode == 0 and "flightdeck stopped" in err
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{process.http_url}/health")
+
+
+def test_connections_that_never_finish_a_request_are_closed(tmp_path, monkeypatch):
+    """Silent connections, a head sent a byte at a time, a body that never ends: each would hold
+    a file descriptor for good, and enough of them leave none for any door."""
+    import flight.http.server as http_server
+    monkeypatch.setattr(http_server, "HEAD_SECONDS", 2)
+    monkeypatch.setattr(http_server, "BODY_SECONDS", 4)
+    config = {"datasets": [{"from": "sqlite:t", "name": "gone", "params": {"sqlite_file": "missing.sqlite"}}]}
+    with serving(config, tmp_path) as runtime:
+        host, port = runtime.http_url.split("//")[1].rsplit(":", 1)
+        silent = [socket.create_connection((host, int(port))) for _ in range(20)]
+        head = socket.create_connection((host, int(port)))
+        head.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: x\r\n")
+        body = socket.create_connection((host, int(port)))
+        body.sendall(b"POST /v1/sql HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nSELECT")
+        time.sleep(4)
+        assert not any(_open(s) for s in silent + [head]) and _open(body)
+        assert httpx.get(f"{runtime.http_url}/health").status_code == 200
+        time.sleep(2.5)
+        assert not _open(body)
+
+
+def _open(connection: socket.socket) -> bool:
+    """Whether the server still holds the connection (closed: recv answers at once, empty)."""
+    connection.settimeout(0.05)
+    try:
+        return connection.recv(1) != b""
+    except socket.timeout:
+        return True
+    except OSError:
+        return False

@@ -74,7 +74,7 @@ def deck(pg_table, tmp_path_factory) -> Iterator[Any]:
             {"from": "file:orders.parquet", "name": "orders"},
             {"from": f"postgres:{SCHEMA}.customers", "name": "pg_customers", "params": PG}],
         "runtime": {"auth": {"mask_key": "${env:TEST_MASK_KEY}", "api_keys": [
-            {"name": "masked-agent", "key": MASKED, "masks": MASKS}, {"name": "open-agent", "key": OPEN},
+            {"name": "masked-agent", "key": MASKED, "masks": MASKS}, {"name": "open-agent", "key": OPEN, "refresh": True},
             {"name": "masked-refresher", "key": MASKED_REFRESHER, "masks": MASKS, "refresh": True},
             {"name": "columns-refresher", "key": COLUMNS_REFRESHER, "datasets": ["customers"],
              "columns": {"customers": ["customer_id", "notes"]}, "refresh": True}]}}}
@@ -252,6 +252,22 @@ def test_a_key_that_sees_columns_masked_or_hidden_may_refresh_but_not_with_sql_o
     client.close()
     assert refresh({}).status_code == 200
     assert answer(deck, OPEN, "SELECT count(*) AS n FROM customers") == [{"n": len(EMAILS)}]
+
+
+def test_a_failed_refresh_tells_its_error_only_to_keys_that_see_every_column(deck):
+    def refresh(key: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{deck.http_url}/v1/datasets/customers/acceleration/refresh",
+                          headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60)
+    failed = refresh(OPEN, {"refresh_sql": "SELECT * FROM customers WHERE CAST(email AS INT) = 1"})
+    assert failed.status_code == 503 and "example.com" in failed.text  # its own SQL, its own answer
+    for key in (COLUMNS_REFRESHER, MASKED):
+        listed = httpx.get(f"{deck.http_url}/v1/datasets", headers={"Authorization": f"Bearer {key}"})
+        assert listed.status_code == 200 and "example.com" not in listed.text and "failed (the message" in listed.text
+        rows = answer(deck, key, "SELECT last_error FROM flightdeck.runtime.datasets WHERE name = 'public.customers'")
+        assert rows and "example.com" not in str(rows)
+    shown = httpx.get(f"{deck.http_url}/v1/datasets", headers={"Authorization": f"Bearer {OPEN}"})
+    assert "example.com" in shown.text
+    assert refresh(OPEN, {}).status_code == 200  # and the copy is whole again for the other tests
 
 
 def test_mcp_tools_show_masked_values(deck):

@@ -22,6 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from conftest import REPO, serving, write_config
 from flight.mcp import http_app, http_server, stdio_server
+from flight.mcp.server import SESSIONS_PER_CALLER
 from flightdeck.auth import Principal
 from flightdeck.runtime_config import Mcp, RuntimeConfig
 
@@ -31,6 +32,7 @@ HOSTILE = "zz' OR 1=1) --"
 TOOLS = {"list_datasets", "table_schema", "sql", "search", "sample_distinct_columns", "random_sample",
          "top_n_sample", "explain", "refresh_dataset"}
 API_KEY = "mcp-test-key"
+OTHER_KEY = "mcp-other-test-key"
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,7 @@ def test_a_result_exactly_at_the_cap_is_whole(deck, runtime):
     ("sample_distinct_columns", {"dataset": "orders", "columns": ["nope"]}, "unknown column 'nope'"),
     ("search", {"text": "pool", "datasets": ["orders"]}, "searchable column"),
     ("refresh_dataset", {"dataset": "orders"}, "invalid request"),
+    ("sql", {"query": "SELECT ? AS v", "parameters": [2 ** 70]}, "outside the 64-bit integer range"),
 ])
 def test_failures_reach_the_agent_as_tool_errors_with_their_message(server, tool, arguments, words):
     text = error_text(call(server, tool, arguments))
@@ -298,7 +301,7 @@ def test_served_at_v1_mcp_on_the_http_port_with_the_same_api_keys(demo_config):
     config = yaml.safe_load(demo_config.read_text())
     # A second stack beside the module's: without the DuckDB file, which one process opens once.
     config["datasets"] = [d for d in config["datasets"] if d["name"] == "crm.customers"]
-    config["runtime"] = {"auth": {"api_keys": [API_KEY]}}
+    config["runtime"] = {"auth": {"api_keys": [API_KEY, {"name": "other-agent", "key": OTHER_KEY}]}}
     listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     accept = {"Accept": "application/json, text/event-stream"}
     with serving(config, demo_config.parent) as running:
@@ -314,7 +317,15 @@ def test_served_at_v1_mcp_on_the_http_port_with_the_same_api_keys(demo_config):
                     return await client.call_tool("sql", {"query": "SELECT count(*) AS n FROM crm.customers"})
         answers = [anyio.run(with_key, headers) for headers in ({"Authorization": f"Bearer {API_KEY}"},
                                                                  {"X-API-Key": API_KEY})]
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "loop", "version": "1"}}}
+        opened = [httpx2.post(endpoint, json=initialize, headers={"Authorization": f"Bearer {API_KEY}", **accept})
+                  for _ in range(SESSIONS_PER_CALLER + 1)]
+        other_key = httpx2.post(endpoint, json=initialize, headers={"Authorization": f"Bearer {OTHER_KEY}", **accept})
     assert anonymous.status_code == wrong.status_code == wrong_header.status_code == 401
     assert unknown_route.status_code == 404 and unknown_route.json()["error"]["code"] == "not_found"
+    # A key opening sessions in a loop is held to its own share: every other key can still open one.
+    assert [r.status_code for r in opened] == [200] * SESSIONS_PER_CALLER + [503]
+    assert other_key.status_code == 200
     for answer in answers:
         assert ok(answer)["rows"] == [{"n": 2000}]

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 from flight.http import embeddings as openai_embeddings
 from flight.http import search as dataset_search
 from flight.http.auth import CHALLENGE, credentials
-from flight.http.bodies import field, json_object, json_response, sql_parameters
+from flight.http.bodies import field, json_object, json_response, sql_parameters, text_body
 from flight.http.errors import RequestError, error_response
 from flight.http.formats import ENCODERS, content_coding, negotiate
 from flight.http.streaming import ClientGone, QueryControl, ResultStream, StreamedResponse, run_watched
@@ -118,10 +118,7 @@ class HttpApi:
             sql = field(body, "sql", str, required=True)
             parameters = sql_parameters(body.get("parameters"))
         else:
-            try:
-                sql, parameters = (await request.body()).decode(), None
-            except UnicodeDecodeError:
-                raise RequestError(INVALID, "the SQL text is not UTF-8") from None
+            sql, parameters = await text_body(request), None
         if not sql.strip():
             raise RequestError(INVALID, "the request has no SQL statement", param="sql")
         return sql, parameters

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from flight.http.errors import RequestError
-from flightdeck.errors import INVALID
+from flightdeck.errors import INVALID, LIMIT_EXCEEDED
 
 INT64 = (-(2 ** 63), 2 ** 63 - 1)
+MAX_BODY_BYTES = 16 * 2**20     # a request body; SQL, search and embedding requests are far smaller
+PARSE_INLINE_BYTES = 64 * 1024  # a JSON body this small is parsed on the event loop
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # an escaped surrogate half, paired or not
 
 
 def _default(value: Any) -> Any:
@@ -25,18 +30,72 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
     return Response(body, status_code, headers, media_type="application/json")
 
 
+async def read_body(request: Request) -> bytes:
+    """The request's body, refused (413) as soon as it is known to pass MAX_BODY_BYTES: by its
+    Content-Length, or while it arrives."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large() -> RequestError:
+    return RequestError(LIMIT_EXCEEDED, f"the request body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+
+
+async def text_body(request: Request) -> str:
+    try:
+        return (await read_body(request)).decode()
+    except UnicodeDecodeError:
+        raise RequestError(INVALID, "the request body is not UTF-8") from None
+
+
 async def json_object(request: Request, required: bool = True) -> dict:
-    """The body as a JSON object (an empty body is ``{}`` unless ``required``)."""
-    raw = await request.body()
+    """The body as a JSON object (an empty body is ``{}`` unless ``required``). A large body is
+    parsed on a worker thread: parsing megabytes on the event loop would stall every client."""
+    raw = await read_body(request)
     if not raw.strip() and not required:
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise RequestError(INVALID, "the request body is not valid JSON") from None
+    body = _parsed(raw) if len(raw) < PARSE_INLINE_BYTES else await run_in_threadpool(_parsed, raw)
     if not isinstance(body, dict):
         raise RequestError(INVALID, "the request body must be a JSON object")
     return body
+
+
+def _parsed(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RequestError(INVALID, "the request body is not valid JSON (or nests too deep)") from None
+    if _LONE_SURROGATE.search(raw) and not _encodable(body):
+        raise RequestError(INVALID, "the request body holds a lone surrogate (\\ud800-\\udfff), "
+                                    "which is no character")
+    return body
+
+
+def _encodable(value: Any) -> bool:
+    """Whether every text in a parsed JSON value is valid Unicode (JSON's \\u escapes can write
+    half a surrogate pair, which no UTF-8 text, Arrow column or audit line can hold)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
 
 
 def field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:

@@ -10,7 +10,7 @@ lifespan runs ``server.session_manager.run()``, since a routed app's own lifespa
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
@@ -72,6 +72,8 @@ def http_server(service: Service, runtime: RuntimeConfig) -> MCPServer:
 
 
 HTTP_PATH = "/v1/mcp"
+SESSIONS_PER_CALLER = 100    # open MCP sessions one key may hold (the newer protocol era needs none)
+SESSION_IDLE_SECONDS = 600   # an MCP session unused this long is closed (the SDK's default: 30 min)
 
 
 def http_route(server: MCPServer, runtime: RuntimeConfig, path: str = HTTP_PATH) -> Route:
@@ -90,8 +92,24 @@ def http_app(server: MCPServer, runtime: RuntimeConfig, path: str = "/mcp") -> A
             allowed_hosts=[*runtime.mcp.allowed_hosts, "127.0.0.1:*", "localhost:*", "[::1]:*"],
             allowed_origins=[f"{scheme}://{allowed}" for allowed in runtime.mcp.allowed_hosts
                              for scheme in ("http", "https")])
-    return ApiKeyHeader(server.streamable_http_app(streamable_http_path=path, transport_security=security,
-                                                   host=runtime.http.host))
+    app = server.streamable_http_app(streamable_http_path=path, transport_security=security, host=runtime.http.host,
+                                     session_idle_timeout=SESSION_IDLE_SECONDS)
+    _cap_sessions_per_caller(server.session_manager, SESSIONS_PER_CALLER)
+    return ApiKeyHeader(app)
+
+
+def _cap_sessions_per_caller(manager: Any, cap: int) -> None:
+    """The SDK caps open sessions for all callers together (10,000): one key opening sessions in
+    a loop would lock every other key out for as long as they idle. Each caller (the SDK's
+    requestor, one per key) may hold ``cap``; past it, its new session is refused (503) like
+    one past the SDK's own cap. Wraps the pinned SDK's session admission."""
+    admit = manager._admit_session
+
+    def admit_within_cap(requestor: Any) -> Any:
+        if requestor is not None and sum(owner == requestor for owner in manager._session_owners.values()) >= cap:
+            return None
+        return admit(requestor)
+    manager._admit_session = admit_within_cap
 
 
 class ApiKeyHeader:
