@@ -151,10 +151,12 @@ class Service:
         this statement, whose first use is part of it (a prepared statement's first execution)."""
         started = time.perf_counter()
         try:
-            with self._admitted(principal, counted=paid is None or not paid.use()), self._translated():
-                if len(sql) > self.limits.max_sql_length:
-                    raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
-                                                       f"{self.limits.max_sql_length} (max_sql_length)")
+            if paid is None or not paid.use():  # a refused giant statement is a request too
+                self.rates.take(principal.name, principal.limits.requests_per_second)
+            if len(sql) > self.limits.max_sql_length:
+                raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
+                                                   f"{self.limits.max_sql_length} (max_sql_length)")
+            with self._admitted(principal, counted=False), self._translated():
                 engine = self._engine(principal)
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)
                 accelerated = query.derive("accelerated", lambda: self._accelerated(engine, query))
