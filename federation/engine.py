@@ -235,7 +235,7 @@ class QueryEngine:
                              "chain as IN (...)") from None
 
     def _plan_or_reuse(self, sql: str, params: list[Any] | None) -> PlannedQuery:
-        values = {str(i + 1): _as_scalar(v) for i, v in enumerate(params or [])}
+        values = {str(i + 1): _as_scalar(v, i + 1) for i, v in enumerate(params or [])}
         generation = self.generation
         key = (self.session_id, sql, tuple(v.type for v in values.values()))
         cached = self.plans.get(key, generation)
@@ -820,8 +820,18 @@ def _arrow_type(name: str) -> pa.DataType:
     return _DATAFUSION_TYPES.get(name, pa.null())
 
 
-def _as_scalar(value: Any) -> Any:
-    return value if isinstance(value, pa.Scalar) else pa.scalar(value)
+def _as_scalar(value: Any, number: int) -> pa.Scalar:
+    """Placeholder ``$number``'s value as Arrow binds it, or a QueryError every door can show."""
+    if isinstance(value, pa.Scalar):
+        return value
+    try:
+        return pa.scalar(value)
+    except OverflowError:
+        raise QueryError(f"parameter ${number} is outside the 64-bit integer range") from None
+    except UnicodeEncodeError:
+        raise QueryError(f"parameter ${number} is not valid Unicode text (half a surrogate pair)") from None
+    except (pa.ArrowException, TypeError, ValueError):
+        raise QueryError(f"parameter ${number} cannot be bound ({type(value).__name__})") from None
 
 
 def _literal_int(expression) -> int | None:

@@ -39,6 +39,8 @@ def test_a_planned_statement_binds_parameters_and_runs_again(service):
 @pytest.mark.parametrize("call, kind, words", [
     (lambda s: s.plan(ANYONE, "SELECT 1 +"), "invalid", "Expected"),
     (lambda s: s.plan(ANYONE, "SELEC 1"), "invalid", "syntax error"),
+    (lambda s: s.plan(ANYONE, "SELECT ? AS v", [2 ** 70]), "invalid", "$1 is outside the 64-bit integer range"),
+    (lambda s: s.plan(ANYONE, "SELECT ? AS v", ["\ud800"]), "invalid", "$1 is not valid Unicode text"),
     (lambda s: s.plan(ANYONE, "SELECT repeat('a', 100000000) AS a"), "limit_exceeded", "at most 16,777,216"),
     (lambda s: s.plan(ANYONE, "DELETE FROM orders"), "refused", "read"),
     (lambda s: s.plan(ANYONE, "SELECT * FROM nowhere"), "invalid", "nowhere"),

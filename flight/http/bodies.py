@@ -13,7 +13,6 @@ from starlette.responses import Response
 from flight.http.errors import RequestError
 from flightdeck.errors import INVALID, LIMIT_EXCEEDED
 
-INT64 = (-(2 ** 63), 2 ** 63 - 1)
 MAX_BODY_BYTES = 16 * 2**20     # a request body; SQL, search and embedding requests are far smaller
 PARSE_INLINE_BYTES = 64 * 1024  # a JSON body this small is parsed on the event loop
 _LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # an escaped surrogate half, paired or not
@@ -126,8 +125,5 @@ def sql_parameters(value: Any) -> list[Any] | None:
     for index, item in enumerate(value):
         if item is not None and not isinstance(item, (str, int, float, bool)):
             raise RequestError(INVALID, f"parameters[{index}] must be a string, number, boolean or null",
-                               param="parameters")
-        if isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
-            raise RequestError(INVALID, f"parameters[{index}] is outside the 64-bit integer range",
                                param="parameters")
     return value

@@ -15,7 +15,7 @@ import anyio.to_thread
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import Resource, ToolAnnotations
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from flight.mcp.errors import resource_errors, tool_errors
 from flight.mcp.results import (Column, DataAsOf, Rows, columns, cut_at_limit, data_as_of, json_value, read_sized,
@@ -28,17 +28,9 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 REFRESHES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True)
 SCHEMA_URI = "flightdeck://datasets/{name}/schema"
 
-def _bindable(values: list | None) -> list | None:
-    """Placeholder values: an integer must fit in 64 bits (as the engine binds it)."""
-    for value in values or []:
-        if isinstance(value, int) and not isinstance(value, bool) and not -(2 ** 63) <= value < 2 ** 63:
-            raise ValueError(f"{value} is outside the 64-bit integer range")
-    return values
-
-
 DatasetName = Annotated[str, Field(description="a dataset name from list_datasets, e.g. 'orders' or 'crm.customers'")]
 Limit = Annotated[int, Field(ge=1, le=10_000, description="how many rows at most (the server also caps results)")]
-Parameters = Annotated[list[str | int | float | bool | None] | None, AfterValidator(_bindable),
+Parameters = Annotated[list[str | int | float | bool | None] | None,
                        Field(description="values for the statement's placeholders ($1, $2, ... or ?), in order; "
                                          "bound as values, never pasted into the SQL")]
 
