@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -41,7 +40,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
-from federation.expr import PARAM_STYLES
+from federation.expr import PARAM_STYLES, non_finite
 
 log = logging.getLogger("flightdeck.pushdown")
 
@@ -191,7 +190,7 @@ def _refuse_non_finite_floats(literals: list[Any]) -> None:
     disagree on these values (PostgreSQL and DuckDB hold every NaN equal and above all
     numbers, DataFusion orders a negative NaN below -inf, SQLite binds NaN as NULL,
     MySQL/MariaDB and PyMySQL have none), so such a query runs in DataFusion."""
-    if any(isinstance(value, float) and not math.isfinite(value) for value in literals):
+    if any(non_finite(value) for value in literals):
         raise StatementRefused("a float NaN or infinity has no SQL literal (the unparser writes a bare word)")
 
 

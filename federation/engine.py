@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -569,8 +568,7 @@ def all_finite(values: dict[str, pa.Scalar]) -> bool:
     """Whether no value is a float NaN or infinity. Such a value is not handed to a backend's
     driver: the engines disagree on it (SQLite binds NaN as NULL, MySQL has neither, PostgreSQL
     orders NaN above every number): a query binding one runs in DataFusion."""
-    return not any(pa.types.is_floating(v.type) and v.is_valid and not math.isfinite(v.as_py())
-                   for v in values.values())
+    return not any(pa.types.is_floating(v.type) and fx.non_finite(v.as_py()) for v in values.values())
 
 
 def _gate_error_kind(error: UnsafeStatement) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -232,6 +233,12 @@ def quote_double(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def non_finite(value: object) -> bool:
+    """Whether a value is a float NaN or infinity: no SQL literal writes one, and the engines
+    disagree on how they compare."""
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def standard_literal(value: object) -> str | None:
     """ANSI-style literal text, shared by DuckDB, SQLite and Postgres-like dialects."""
     if value is None:
@@ -241,9 +248,7 @@ def standard_literal(value: object) -> str | None:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return None  # NaN and infinities have no portable literal
-        return repr(value)
+        return None if non_finite(value) else repr(value)  # NaN and infinities have no portable literal
     if isinstance(value, decimal.Decimal):
         return str(value)
     if isinstance(value, str):

@@ -152,11 +152,11 @@ class Service:
         started = time.perf_counter()
         try:
             if paid is None or not paid.use():  # a refused giant statement is a request too
-                self.rates.take(principal.name, principal.limits.requests_per_second)
+                self._count_request(principal)
             if len(sql) > self.limits.max_sql_length:
                 raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
                                                    f"{self.limits.max_sql_length} (max_sql_length)")
-            with self._admitted(principal, counted=False), self._translated():
+            with self._admitted(principal), self._translated():
                 engine = self._engine(principal)
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)
                 accelerated = query.derive("accelerated", lambda: self._accelerated(engine, query))
@@ -166,14 +166,15 @@ class Service:
         return Planned(principal, sql, None if parameters is None else tuple(parameters), query.schema, query,
                        accelerated, door)
 
+    def _count_request(self, principal: Principal) -> None:
+        """One request of the principal against its rate (LIMIT_EXCEEDED over it)."""
+        self.rates.take(principal.name, principal.limits.requests_per_second)
+
     @contextmanager
-    def _admitted(self, principal: Principal, counted: bool = True) -> Iterator[None]:
-        """Work for a request outside a query's stream (planning, embedding): ``counted`` against
-        the principal's rate, and holding one of its places among running queries meanwhile."""
-        limits = principal.limits
-        if counted:
-            self.rates.take(principal.name, limits.requests_per_second)
-        release = self.admission.enter(principal.name, limits.max_concurrent)
+    def _admitted(self, principal: Principal) -> Iterator[None]:
+        """Work for a request outside a query's stream (planning, embedding, a refresh), holding
+        one of the principal's places among running queries meanwhile."""
+        release = self.admission.enter(principal.name, principal.limits.max_concurrent)
         try:
             yield
         finally:
@@ -242,7 +243,7 @@ class Service:
                 raise ServiceError(CANCELLED, "the query was cancelled")
             limits = planned.principal.limits
             if not planned.paid.use():  # every execution counts, its planning included
-                self.rates.take(planned.principal.name, limits.requests_per_second)
+                self._count_request(planned.principal)
             slot = Slot(self.admission.enter(planned.principal.name, limits.max_concurrent),
                         limits.timeout_seconds, lambda: (cancelled.set(), backend.cancel()))
             with self._translated(), cancellation_scope(backend):
@@ -443,6 +444,7 @@ class Service:
         """One normalized vector per text; ``model`` None is the default embedding model."""
         name = self._embedding_model(model, texts)
         timeout = principal.limits.timeout_seconds
+        self._count_request(principal)
         with self._admitted(principal), self._translated():
             embedder = self.stack.models.embedder(name)
             started, parts = time.monotonic(), []
@@ -485,7 +487,8 @@ class Service:
             raise ServiceError(REFUSED, f"{principal.name} sees only some columns of {name}, or sees them masked: "
                                         "it may not refresh it with SQL of its own")
         try:
-            with self._admitted(principal), self._translated():  # backend work on demand: a request
+            self._count_request(principal)  # backend work on demand: a request
+            with self._admitted(principal), self._translated():
                 return self.stack.refresh(name, sql)
         except ValueError as error:  # a refresh_sql that cannot be used for this dataset
             raise ServiceError(INVALID, self.redact(str(error))) from None

@@ -158,9 +158,9 @@ class HttpConnector(Connector):
             yield records
             url = self._next_url(kind, url, body, headers, records, number)
             if url and not same_origin(url, self.url):
+                elsewhere = urllib.parse.urlsplit(url)
                 raise ConnectorError(f"{self.describe()}: the next page is on another origin "
-                                     f"({urllib.parse.urlsplit(url).scheme}://{urllib.parse.urlsplit(url).netloc}): "
-                                     "not followed")
+                                     f"({elsewhere.scheme}://{elsewhere.netloc}): not followed")
             number += 1
             if not url or not records:
                 return
