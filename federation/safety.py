@@ -15,6 +15,8 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import TokenType
 
+from federation.sizes import TooLarge, check_sizes, check_unread
+
 READ_STATEMENTS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC")
 
 # First words of statements that write, change a session or a transaction, or run code, in the
@@ -76,13 +78,7 @@ MAX_DEPTH = 1000
 
 
 class GeneratesTooMuch(UnsafeStatement):
-    """A statement whose constants would make more values than planning may hold."""
-
-
-# Characters or list elements that functions of constants may make in one statement. The
-# engine folds such calls while it plans, before any limit of the query's applies: a few
-# `repeat('a', 100000000)` would take gigabytes and seconds outside the memory pool.
-MAX_GENERATED = 16 * 2**20
+    """A statement that would make a value larger than its limits allow (``federation.sizes``)."""
 
 
 class TooDeep(RecursionError):
@@ -110,10 +106,17 @@ def check_read_only(sql: str) -> None:
     body = _strip_explain(sql) if head == "EXPLAIN" else sql
     try:
         tree = sqlglot.parse_one(body, read="postgres")
-    except (ParseError, TokenError):
-        return  # the engine parses it under read-only options and gives its own error
+    except (ParseError, TokenError):  # the engine parses it under read-only options
+        try:
+            check_unread(body)
+        except TooLarge as error:
+            raise GeneratesTooMuch(str(error)) from None
+        return
     _check_tree(tree)
-    _check_generated(tree)
+    try:
+        check_sizes(tree)
+    except TooLarge as error:
+        raise GeneratesTooMuch(str(error)) from None
 
 
 def _leading_words(sql: str) -> list[str]:
@@ -236,96 +239,6 @@ def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
         if paths and isinstance(node, exp.Table) and _looks_like_path(node):
             raise UnsafeStatement(
                 f"reading '{node.name}' directly is not allowed: query a configured dataset")
-
-
-def _check_generated(tree: exp.Expression) -> None:
-    """Refuse a statement whose generating calls (repeat, lpad, rpad, array_repeat, array_resize,
-    a scalar range or generate_series) would make more than MAX_GENERATED values in all."""
-    total = sum(_generated_by(node) for node in tree.find_all(exp.Func)
-                if not isinstance(node.parent, (exp.Table, exp.Lateral)))  # a table function streams
-    if total > MAX_GENERATED:
-        raise GeneratesTooMuch(f"the statement makes {total:,} values from constants (repeat, lpad, range, ...); "
-                               f"at most {MAX_GENERATED:,}: generate rows with a table function such as "
-                               "FROM range(n) instead")
-
-
-def _generated_by(node: exp.Expression) -> int:
-    """How many characters or list elements a call makes: its size times the length of what it
-    repeats; 0 for a call that generates nothing."""
-    if isinstance(node, exp.Repeat):
-        return _size(node.args.get("times")) * _width(node.this)
-    if isinstance(node, exp.Pad):
-        return _size(node.args.get("expression"))
-    if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)):
-        return _span([node.args.get("start"), node.args.get("end"), node.args.get("step")])
-    if isinstance(node, exp.Anonymous):
-        name, arguments = str(node.this).lower(), node.expressions
-        if name == "array_repeat" and len(arguments) >= 2:
-            return _size(arguments[1]) * _width(arguments[0])
-        if name == "array_resize" and len(arguments) >= 2:
-            return _size(arguments[1])
-        if name in ("range", "generate_series") and arguments:
-            return _span(arguments if len(arguments) > 1 else [None, arguments[0]])
-    return 0
-
-
-def _width(node: exp.Expression | None) -> int:
-    """How long a repeated value is, as far as the statement says: a text literal's length, or
-    what a generating call inside makes; 1 otherwise."""
-    while isinstance(node, (exp.Paren, exp.Cast)):
-        node = node.this
-    if isinstance(node, exp.Literal) and node.is_string:
-        return max(1, len(node.this))
-    return max(1, _generated_by(node)) if node is not None else 1
-
-
-def _span(bounds: list[exp.Expression | None]) -> int:
-    """How many values a range makes from (start, end[, step]); a missing start is 0."""
-    start, end = (_size(bound, signed=True) if bound is not None else 0 for bound in bounds[:2])
-    step = abs(_size(bounds[2], signed=True)) if len(bounds) > 2 and bounds[2] is not None else 1
-    return abs(end - start) // max(step, 1)
-
-
-def _size(node: exp.Expression | None, signed: bool = False) -> int:
-    """A size argument's value. Arithmetic of numbers is worked out; a size read from a column
-    is left to the query's limits at execution (0 here); any other (a bound parameter, a
-    function) is refused: the engine folds it while planning too, where no limit holds."""
-    value = _constant(node)
-    if value is None:
-        if node is not None and node.find(exp.Column) is None:
-            raise GeneratesTooMuch(f"the size {node.sql(dialect='postgres')[:60]} of a generating call (repeat, lpad, rpad, "
-                                   "array_repeat, array_resize, range, generate_series) must be written as a number "
-                                   "or read from a column")
-        return 0
-    return value if signed else abs(value)
-
-
-_ARITHMETIC = {exp.Add: lambda a, b: a + b, exp.Sub: lambda a, b: a - b, exp.Mul: lambda a, b: a * b,
-               exp.Div: lambda a, b: a / b if b else None, exp.IntDiv: lambda a, b: a // b if b else None,
-               exp.Pow: lambda a, b: a ** b if abs(b) < 64 else None}
-
-
-def _constant(node: exp.Expression | None) -> int | None:
-    """The value of a number written in the statement, or of arithmetic over such numbers
-    (casts and parentheses seen through); None for anything else."""
-    if isinstance(node, (exp.Paren, exp.Cast)):
-        return _constant(node.this)
-    if isinstance(node, exp.Neg):
-        value = _constant(node.this)
-        return None if value is None else -value
-    if isinstance(node, exp.Literal) and not node.is_string:
-        try:
-            return int(float(node.this))
-        except (ValueError, OverflowError):
-            return MAX_GENERATED + 1  # too large for a float is too large here
-    operation = _ARITHMETIC.get(type(node))
-    if operation is None:
-        return None
-    left, right = _constant(node.left), _constant(node.right)
-    if left is None or right is None:
-        return None
-    value = operation(left, right)
-    return None if value is None else int(value)
 
 
 def _function_name(node: exp.Expression) -> str | None:

@@ -227,6 +227,13 @@ def test_unknown_routes_and_methods(http):
     assert http.get("/v1/sql").status_code == 405
 
 
+def test_a_path_with_a_trailing_slash_is_not_redirected_to_the_host_the_client_names(http):
+    # Starlette's default answer is a redirect to the same path on the Host header's server.
+    answer = http.get("/v1/datasets/", headers={"Host": "attacker.example"}, follow_redirects=False)
+    assert answer.status_code == 404 and "location" not in answer.headers, answer.headers
+    assert error_of(answer)["code"] == "not_found"
+
+
 # ---- the other routes ----
 
 def test_datasets_and_schema(http, server):

@@ -238,8 +238,12 @@ def build_app(service: Service, mounted: Sequence[BaseRoute] = (), lifespan: Lif
         route("/metrics", HttpApi.metrics, "GET"),
         *mounted,
     ]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={404: api.not_found, 405: _method_not_allowed})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: api.not_found, 405: _method_not_allowed})
+    # Starlette answers "/v1/datasets/" with a redirect built from the request's Host header,
+    # which would send a client wherever that header says: a path is found as written or not at all.
+    app.router.redirect_slashes = False
+    return app
 
 
 async def _method_not_allowed(request: Request, error: Exception) -> Response:
