@@ -243,7 +243,7 @@ def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
 
 def _function_name(node: exp.Expression) -> str | None:
     if isinstance(node, exp.Anonymous):
-        return str(node.this)
+        return node.name  # without the quotes of a quoted name: "set_config"(...) calls set_config
     if isinstance(node, exp.Func):
         return node.sql_name()
     return None

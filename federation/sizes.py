@@ -7,22 +7,28 @@ hundred characters must not be able to ask for a value of gigabytes: ten nested
 concatenating its column to itself, or a recursive CTE doubling a text at each step. Worse, the
 engine folds calls on constants while it plans, before any limit of the query holds at all.
 
-Each expression's length is bounded as ``fixed + per_value * L``: ``fixed`` characters or list
-elements come from the statement's own constants, and L is the length of the longest value read
-from a table. A column of a CTE or subquery carries the bound of the expression that made it, so
-growth through a chain of them multiplies as it would when run. The bound overestimates (a CASE
-is its longest branch, an unknown function of several texts their sum) and is exact for the calls
-that multiply: repeat, lpad/rpad, array_repeat/array_resize, scalar ranges, replace,
-regexp_replace, encode and hex, array_to_string.
+Each expression's length is bounded as ``fixed + per_value * L + squared * L**2``: ``fixed``
+characters or list elements come from the statement's own constants, and L is the length of the
+longest value read from a table (``squared``: a value read, inserted throughout another). A column
+of a CTE or subquery carries the bound of the expression that made it, so growth through a chain
+of them multiplies as it would when run; a name the gate cannot resolve takes the largest bound
+it could stand for. The bound overestimates (a CASE is its longest branch, an unknown function of
+several texts their sum) and follows the calls that multiply: repeat, lpad/rpad, array_repeat,
+array_resize, scalar ranges, replace, regexp_replace, encode/hex, array_to_string, concat_ws,
+array_replace, casts of lists to text. A value made for every row is made for a whole batch of
+rows at once, and string_agg/array_agg repeat theirs for every row they gather.
 """
 from __future__ import annotations
 
-import math
 import re
+import re._parser as regex_parser
 from dataclasses import dataclass
 
+import sqlglot
 from sqlglot import exp
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.scope import Scope, traverse_scope, walk_in_scope
+from sqlglot.tokens import TokenType
 
 # Characters or list elements the constants of one statement may make. The engine folds calls on
 # constants while it plans, outside every limit: a few `repeat('a', 100000000)` would take
@@ -31,7 +37,22 @@ MAX_GENERATED = 16 * 2**20
 # How many times longer than the longest value its tables hold an expression's value may be: the
 # limit is on what the statement multiplies, since the data's own size is the data's.
 MAX_GROWTH = 1000
+MAX_SQUARED = 4  # a value read inserted throughout another, a few times; never a cube
+# A value made for every row is made for a batch of rows at once (the engine's default batch).
+ROWS_PER_BATCH = 65_536
+MAX_PER_BATCH = 2**30
+MAX_AGGREGATED = 1024  # characters of constants string_agg/array_agg may add for each row
 _CAP = 2**62  # bounds past every limit are all alike: kept small for the arithmetic
+# Words after which a call is a table function, whose rows stream: not one value made whole.
+_TABLE_FUNCTION_AFTER = frozenset({TokenType.FROM, TokenType.JOIN, TokenType.LATERAL})
+
+# Calls whose values grow with their arguments, under all their names in the engine.
+GROWING_CALLS = frozenset("""
+    repeat lpad rpad replace regexp_replace encode to_hex to_base64 hex array_repeat list_repeat
+    array_resize list_resize range generate_series array_to_string array_join list_to_string
+    list_join concat concat_ws array_replace array_replace_n array_replace_all list_replace
+    list_replace_n list_replace_all string_agg array_agg listagg group_concat string_to_array
+""".split())
 
 
 class TooLarge(ValueError):
@@ -44,7 +65,7 @@ def check_sizes(tree: exp.Expression) -> None:
     MAX_GROWTH times the longest value its tables hold."""
     _check_generated(tree)
     try:
-        scopes = list(traverse_scope(tree))
+        scopes = list(traverse_scope(normalize_identifiers(tree, dialect="postgres")))
     except Exception:  # sqlglot cannot resolve every statement the engine reads
         scopes = []
     if scopes:
@@ -53,20 +74,22 @@ def check_sizes(tree: exp.Expression) -> None:
         _Sizer([]).check_alone(tree)
 
 
-# Calls whose values check_sizes bounds, and concatenation, as they appear in a statement's text.
-_GROWING_CALL = re.compile(r"\b(repeat|lpad|rpad|replace|regexp_replace|encode|to_hex|to_base64|array_repeat|"
-                           r"array_resize|range|generate_series|array_to_string|array_join|list_to_string|"
-                           r"concat|concat_ws)\s*\(|\|\|", re.IGNORECASE)
-
-
 def check_unread(sql: str) -> None:
     """Raise TooLarge if a statement the gate's parser cannot read calls a function whose values
-    check_sizes would bound: the engine may read what the gate cannot, and would then make them
-    unchecked. Other statements are left to the engine, which answers a syntax error itself."""
-    found = _GROWING_CALL.search(sql)
-    if found:
-        raise TooLarge(f"the statement uses {found.group(0).rstrip('(').strip()}, whose values are bounded before "
-                       "planning, in SQL the gate cannot read: write it in PostgreSQL's syntax")
+    check_sizes would bound, or concatenates: the engine may read what the gate cannot, and would
+    then make them unchecked. Other statements are left to the engine."""
+    try:
+        tokens = sqlglot.tokenize(sql, read="postgres")
+    except Exception:  # not even split into words: no engine reads it either, unless it grows
+        tokens = []
+        if "||" in sql or any(name in sql.lower() for name in GROWING_CALLS):
+            raise TooLarge("the statement cannot be read by the gate, which bounds the values it would make")
+    for before, token, following in zip([None] + tokens, tokens, tokens[1:] + [None]):
+        called = following is not None and following.token_type == TokenType.L_PAREN
+        streamed = before is not None and before.token_type in _TABLE_FUNCTION_AFTER  # FROM range(n)
+        if token.token_type == TokenType.DPIPE or (called and not streamed and token.text.lower() in GROWING_CALLS):
+            raise TooLarge(f"the statement uses {token.text}, whose values are bounded before planning, in SQL "
+                           "the gate cannot read: write it in PostgreSQL's syntax")
 
 
 def _check_generated(tree: exp.Expression) -> None:
@@ -88,11 +111,11 @@ def _generated_by(node: exp.Expression) -> int:
     if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)):
         return _span([node.args.get("start"), node.args.get("end"), node.args.get("step")])
     if isinstance(node, exp.Anonymous):
-        name, arguments = str(node.this).lower(), node.expressions
-        if name == "array_repeat" and len(arguments) >= 2:
+        name, arguments = _call_name(node), node.expressions
+        if name in ("array_repeat", "list_repeat") and len(arguments) >= 2:
             return _size(arguments[1]) * _width(arguments[0])
-        if name == "array_resize" and len(arguments) >= 2:
-            return _size(arguments[1])
+        if name in ("array_resize", "list_resize") and len(arguments) >= 2:
+            return _size(arguments[1]) * _width(arguments[2] if len(arguments) > 2 else None)
         if name in ("range", "generate_series") and arguments:
             return _span(arguments if len(arguments) > 1 else [None, arguments[0]])
     return 0
@@ -157,27 +180,46 @@ def _constant(node: exp.Expression | None) -> int | None:
 
 @dataclass(frozen=True)
 class Bound:
-    """A value's length is at most ``fixed + per_value * L`` (L: the longest value read)."""
+    """A value's length is at most ``fixed + per_value * L + squared * L**2`` (L: the longest
+    value read); ``per_row``: it is made anew for every row, as it reads a column."""
     fixed: int = 0
     per_value: int = 0
+    squared: int = 0
+    per_row: bool = False
 
     def __add__(self, other: "Bound") -> "Bound":
-        return Bound(min(self.fixed + other.fixed, _CAP), min(self.per_value + other.per_value, _CAP))
+        return Bound(_capped(self.fixed + other.fixed), _capped(self.per_value + other.per_value),
+                     _capped(self.squared + other.squared), self.per_row or other.per_row)
 
     def times(self, factor: int) -> "Bound":
-        return Bound(min(self.fixed * factor, _CAP), min(self.per_value * factor, _CAP))
+        return Bound(_capped(self.fixed * factor), _capped(self.per_value * factor), _capped(self.squared * factor),
+                     self.per_row)
+
+    def mul(self, other: "Bound") -> "Bound":
+        """Every unit of this value becomes one of ``other``: the product, where past L**2 is past every limit."""
+        cubic = self.per_value * other.squared + self.squared * other.per_value + self.squared * other.squared
+        squared = self.fixed * other.squared + self.per_value * other.per_value + self.squared * other.fixed
+        return Bound(_capped(self.fixed * other.fixed),
+                     _capped(self.fixed * other.per_value + self.per_value * other.fixed),
+                     _CAP if cubic else _capped(squared), self.per_row or other.per_row)
+
+    def divided(self, divisor: int) -> "Bound":
+        return Bound(-(-self.fixed // divisor), -(-self.per_value // divisor), -(-self.squared // divisor),
+                     self.per_row)
 
     def most(self, other: "Bound") -> "Bound":
-        return Bound(max(self.fixed, other.fixed), max(self.per_value, other.per_value))
-
-    @property
-    def factor(self) -> int:
-        """As a multiplier of another length: a value read from a table counts as one unit."""
-        return max(1, self.fixed + self.per_value)
+        return Bound(max(self.fixed, other.fixed), max(self.per_value, other.per_value),
+                     max(self.squared, other.squared), self.per_row or other.per_row)
 
 
-SMALL = Bound()          # a number, a boolean, a date: its length does not grow
-READ = Bound(0, 1)       # a value read from a table
+def _capped(value: int) -> int:
+    return min(value, _CAP)
+
+
+NOTHING = Bound()        # what a sum starts from
+ONE = Bound(1)           # a character, an element, a NULL
+SCALAR = Bound(128)      # a number, a hash, a date as text: a few characters whatever it was made of
+READ = Bound(0, 1, per_row=True)  # a value read from a table
 Outputs = list[tuple[str, Bound]]  # a scope's columns, by name, in order
 
 # Function results of a fixed small size (numbers, hashes, positions), whatever their arguments.
@@ -189,12 +231,17 @@ _SMALL_RESULTS = frozenset("""
     digest uuid random now count sum avg mean stddev variance corr covar approx_distinct
     approx_median approx_percentile_cont median regexp_count regexp_like starts_with ends_with
 """.split())
-# Results that are one of their arguments (the longest of them), not a combination.
-_CHOICES = (exp.Case, exp.If, exp.Coalesce, exp.Nullif, exp.Greatest, exp.Least, exp.Max, exp.Min,
-            exp.First, exp.Last, exp.AnyValue)
 _SMALL_NODES = (exp.Predicate, exp.Connector, exp.Not, exp.Neg, exp.Length, exp.Count, exp.Add, exp.Sub,
                 exp.Mul, exp.Div, exp.IntDiv, exp.Mod, exp.Pow, exp.BitwiseAnd, exp.BitwiseOr, exp.BitwiseXor,
                 exp.BitwiseLeftShift, exp.BitwiseRightShift)
+# Results that are one of their arguments (the longest of them), not a combination.
+_CHOICES = (exp.Case, exp.If, exp.Coalesce, exp.Nullif, exp.Greatest, exp.Least, exp.Max, exp.Min,
+            exp.First, exp.Last, exp.AnyValue)
+_AGGREGATES = frozenset({"string_agg", "array_agg", "listagg", "group_concat"})
+_REPLACE_IN_LISTS = frozenset({"array_replace", "array_replace_n", "array_replace_all", "list_replace",
+                               "list_replace_n", "list_replace_all"})
+# A group reference in a regexp_replace replacement (\1, $1, ${name}): a copy of its match.
+_GROUP_REFERENCE = re.compile(r"\\\d|\$\{?\w+\}?")
 
 
 class _Sizer:
@@ -208,6 +255,7 @@ class _Sizer:
         self.outputs_of: dict[int, Outputs] = {}
         self.bounds: dict[int, Bound] = {}
         self.busy: set[int] = set()
+        self.any_column: Bound | None = None
 
     def check(self) -> None:
         for scope in self.scopes:
@@ -229,6 +277,14 @@ class _Sizer:
         if bound.per_value > MAX_GROWTH:
             raise TooLarge(f"{_shown(node)} could make a value up to {bound.per_value:,} times as long as the "
                            f"longest value its tables hold; at most {MAX_GROWTH:,} times")
+        if bound.squared > MAX_SQUARED:
+            raise TooLarge(f"{_shown(node)} inserts values read from tables throughout others, over and over: its "
+                           "length could grow as the square of the longest value its tables hold, or faster; "
+                           f"at most {MAX_SQUARED} times that square")
+        if bound.per_row and bound.fixed * ROWS_PER_BATCH > MAX_PER_BATCH:
+            raise TooLarge(f"{_shown(node)} is made for every row with up to {bound.fixed:,} characters from "
+                           f"constants, and a batch of {ROWS_PER_BATCH:,} rows is made at once; at most "
+                           f"{MAX_PER_BATCH // ROWS_PER_BATCH:,} per row")
 
     def outputs(self, scope: Scope) -> Outputs:
         key = id(scope.expression)  # a recursive CTE's reference to itself is another Scope of it
@@ -255,8 +311,13 @@ class _Sizer:
                     outputs.extend(self._star(projection, scope))
                 else:
                     outputs.append((projection.alias_or_name.lower(), self.bound(projection, scope)))
-        else:  # VALUES, a table function
-            outputs = [("", self._whole(node, scope))]
+        elif isinstance(node, exp.Values):  # one column per position, named as the engine does
+            rows = [row.expressions if isinstance(row, exp.Tuple) else [row] for row in node.expressions]
+            width = max((len(row) for row in rows), default=0)
+            outputs = [(f"column{index + 1}", _most([self.bound(row[index], scope) for row in rows if index < len(row)]))
+                       for index in range(width)]
+        else:  # a table function: what its arguments make
+            outputs = [("", _most([self.bound(argument, scope) for argument in node.expressions] or [ONE]))]
         return _renamed(scope, outputs)
 
     def _set_outputs(self, scope: Scope, node: exp.SetOperation) -> Outputs:
@@ -272,18 +333,19 @@ class _Sizer:
         return self.scope_of.get(id(side.unnest() if isinstance(side, exp.Subquery) else side))
 
     def _recursive(self, scope: Scope, anchor: Scope, step: Scope) -> Outputs:
-        """A recursive CTE's columns after any number of steps: two steps are bounded from the
-        anchor's rows; a column whose second step adds more than its first grows geometrically.
+        """A recursive CTE's columns after any number of steps, from its first steps over the
+        anchor's rows: a column whose last step adds more than the one before grows geometrically.
+        A column copying another starts growing a step later: one step per column, and two more.
         (sqlglot resolves the CTE's name inside it to its anchor.)"""
-        start = self.outputs(anchor)
-        once = _positional_most(start, self._stepped(scope, anchor, start, step))
-        twice = _positional_most(once, self._stepped(scope, anchor, once, step))
-        for (name, before), (_, first), (_, second) in zip(_renamed(scope, start), once, twice):
-            if (second.fixed - first.fixed > first.fixed - before.fixed
-                    or second.per_value - first.per_value > first.per_value - before.per_value):
+        rows = [self.outputs(anchor)]
+        for _ in range(len(rows[0]) + 2):
+            rows.append(_positional_most(rows[-1], self._stepped(scope, anchor, rows[-1], step)))
+        for (name, before), (_, first), (_, second) in zip(_renamed(scope, rows[-3]), rows[-2], rows[-1]):
+            if any(getattr(second, part) - getattr(first, part) > getattr(first, part) - getattr(before, part)
+                   for part in ("fixed", "per_value", "squared")):
                 raise TooLarge(f"the recursive CTE's column {name or '?'} grows by a factor at every step "
                                "(a text concatenated to itself, say): its values would double until no memory is left")
-        return twice
+        return rows[-1]
 
     def _stepped(self, scope: Scope, anchor: Scope, rows: Outputs, step: Scope) -> Outputs:
         assumed = {**self.assumed, id(anchor.expression): _renamed(scope, rows)}
@@ -323,99 +385,167 @@ class _Sizer:
 
     def _of(self, node: exp.Expression | None) -> Bound:
         if node is None:
-            return SMALL
+            return NOTHING
         inner = self._scope_value(node)
-        return inner if inner is not None else self.bounds.get(id(node), SMALL)
+        return inner if inner is not None else self.bounds.get(id(node), ONE)
 
     def _bound_of(self, node: exp.Expression, scope: Scope | None) -> Bound:
         if isinstance(node, exp.Literal):
-            return Bound(len(node.this)) if node.is_string else SMALL
+            return Bound(max(1, len(node.this)))
         if isinstance(node, exp.Column):
-            return SMALL if node.is_star else self._column(node, scope)
-        multiplied = self._multiplied(node)
+            return ONE if node.is_star else self._column(node, scope)
+        children = [self._of(child) for child in node.iter_expressions()]
+        multiplied = self._multiplied(node, children)
         if multiplied is not None:
             return multiplied
         if isinstance(node, _SMALL_NODES) or _call_name(node) in _SMALL_RESULTS:
-            return SMALL
+            return Bound(SCALAR.fixed, per_row=any(child.per_row for child in children))
         if isinstance(node, exp.Window):
             return self._of(node.this)
-        children = [self._of(child) for child in node.iter_expressions()]
         if isinstance(node, _CHOICES) or not isinstance(node, (exp.Func, exp.DPipe)):
             return _most(children)  # one of its parts (a clause, a tuple's values, a CASE's branch)
-        return sum(children, SMALL)  # a function of several values may hold them all
+        return sum(children, NOTHING)  # a function of several values may hold them all
 
-    def _multiplied(self, node: exp.Expression) -> Bound | None:
-        """The bound of a call that multiplies its argument's length; None for any other."""
-        if isinstance(node, exp.Repeat):
-            return self._of(node.this).times(_size(node.args.get("times")))
+    def _multiplied(self, node: exp.Expression, children: list[Bound]) -> Bound | None:
+        """The bound of a call that multiplies what it is given; None for any other."""
+        name, arguments = _call_name(node), node.expressions if isinstance(node, exp.Anonymous) else []
+        if isinstance(node, exp.Repeat) or (name in ("array_repeat", "list_repeat") and len(arguments) >= 2):
+            repeated, times = (node.this, node.args.get("times")) if isinstance(node, exp.Repeat) else arguments[:2]
+            return self._of(repeated).most(ONE).times(_size(times))
         if isinstance(node, exp.Pad):
-            return Bound(_size(node.args.get("expression")))
-        if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)):
+            return Bound(_size(node.args.get("expression")), per_row=any(child.per_row for child in children))
+        if name in ("array_resize", "list_resize") and len(arguments) >= 2:
+            fill = self._of(arguments[2]) if len(arguments) > 2 else ONE
+            return Bound(_size(arguments[1])).mul(fill.most(ONE)) + self._of(arguments[0])
+        if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)) or name in ("range", "generate_series"):
             if isinstance(node.parent, (exp.Table, exp.Lateral)):
-                return SMALL  # a table function: one small value per row
+                return ONE  # a table function: one small value per row
+            if isinstance(node, exp.Anonymous):
+                return Bound(_span(arguments if len(arguments) > 1 else [None, arguments[0]])) if arguments else ONE
             return Bound(_span([node.args.get("start"), node.args.get("end"), node.args.get("step")]))
         if isinstance(node, exp.Replace):
             return self._replaced(node)
         if isinstance(node, exp.RegexpReplace):
-            # Every position may match (an empty match), each match becomes the replacement,
-            # whose group references copy at most the whole text once more each.
-            replacement = self._of(node.args.get("replacement"))
-            return self._of(node.this).times(1 + replacement.factor) + replacement
-        if isinstance(node, (exp.Encode, exp.Hex, exp.ToBase64)):
-            return self._of(node.this).times(2)
-        if isinstance(node, exp.ArrayToString):  # the separator once per element
-            return self._of(node.this).times(1 + self._of(node.expression).factor)
-        if isinstance(node, exp.Anonymous):
-            name, arguments = str(node.this).lower(), node.expressions
-            if name == "array_repeat" and len(arguments) >= 2:
-                return self._of(arguments[0]).times(_size(arguments[1]))
-            if name == "array_resize" and len(arguments) >= 2:
-                return Bound(_size(arguments[1])) + self._of(arguments[0])
-            if name in ("range", "generate_series") and arguments and not isinstance(node.parent, (exp.Table, exp.Lateral)):
-                return Bound(_span(arguments if len(arguments) > 1 else [None, arguments[0]]))
-            if name in ("encode", "to_hex", "to_base64"):
-                return self._of(arguments[0]).times(2) if arguments else SMALL
-            if name in ("list_to_string", "list_join") and len(arguments) >= 2:
-                return self._of(arguments[0]).times(1 + self._of(arguments[1]).factor)
+            return self._regexp_replaced(node)
+        if isinstance(node, (exp.Encode, exp.Hex, exp.ToBase64)) or (name in ("encode", "to_hex", "to_base64") and arguments):
+            return self._of(node.this if not arguments else arguments[0]).times(2)
+        if isinstance(node, exp.ArrayToString) or (name in ("list_to_string", "list_join") and len(arguments) >= 2):
+            listed, separator = (node.this, node.expression) if not arguments else arguments[:2]
+            return self._of(listed).mul(ONE + self._of(separator))  # the separator once per element
+        if isinstance(node, exp.ConcatWs) and node.expressions:
+            separator, *parts = [self._of(part) for part in node.expressions]
+            return separator.times(max(0, len(parts) - 1)) + sum(parts, NOTHING)
+        if name in _REPLACE_IN_LISTS and len(arguments) >= 3:
+            return self._of(arguments[0]).mul(ONE + self._of(arguments[2]))
+        if isinstance(node, exp.Cast) and node.to.is_type(*exp.DataType.TEXT_TYPES) and _makes_a_list(node.this):
+            return self._of(node.this).times(3) + Bound(2)  # "[a, b]": brackets, commas and spaces
+        if isinstance(node, (exp.GroupConcat, exp.ArrayAgg)) or name in _AGGREGATES:
+            return self._aggregated(node, children)
         return None
 
     def _replaced(self, node: exp.Replace) -> Bound:
-        text, found = self._of(node.this), node.args.get("expression")
-        replacement = self._of(node.args.get("replacement"))
-        if isinstance(found, exp.Literal) and found.is_string and found.this:
-            return text.times(max(1, math.ceil(replacement.factor / len(found.this))))
-        return text.times(1 + replacement.factor) + replacement  # an empty search inserts everywhere
+        found, replacement = node.args.get("expression"), node.args.get("replacement")
+        if not (isinstance(found, exp.Literal) and found.is_string and found.this):
+            # An empty or unknown search may match between every two characters.
+            return self._of(node.this).mul(ONE + self._of(replacement)) + self._of(replacement)
+        chain = _literal_replacements(node)
+        if chain is not None:
+            base, factors = chain
+            return self._of(base).times(max(factors))
+        return self._of(node.this).mul(self._of(replacement).divided(len(found.this)).most(ONE))
+
+    def _regexp_replaced(self, node: exp.RegexpReplace) -> Bound:
+        """Matches of a pattern at least ``width`` long become the replacement's text and its group
+        references (each at most a copy of the whole text); an empty match may come anywhere."""
+        text, replacement = self._of(node.this), node.args.get("replacement")
+        width = _shortest_match(node.args.get("expression"))
+        if width and isinstance(replacement, exp.Literal) and replacement.is_string:
+            references = len(_GROUP_REFERENCE.findall(replacement.this))
+            literal = len(_GROUP_REFERENCE.sub("", replacement.this))
+            return text.times(1 + references + -(-literal // width))
+        return text.mul(ONE + self._of(replacement)) + self._of(replacement)
+
+    def _aggregated(self, node: exp.Expression, children: list[Bound]) -> Bound:
+        if isinstance(node.parent, exp.Window):
+            raise TooLarge(f"{_shown(node)} as a window function makes, for every row, a value of all the rows "
+                           "before it: aggregate it with GROUP BY instead")
+        gathered = sum(children, NOTHING)
+        if gathered.fixed > MAX_AGGREGATED:
+            raise TooLarge(f"{_shown(node)} adds up to {gathered.fixed:,} characters of constants for every row it "
+                           f"gathers; at most {MAX_AGGREGATED:,}")
+        return gathered
 
     def _column(self, column: exp.Column, scope: Scope | None) -> Bound:
-        """A column's bound: what its CTE or subquery made it of, or a table's value."""
+        """A column's bound: what its CTE or subquery made it of, or a table's value. A name the
+        gate cannot resolve (an unnamed expression's, a duplicated alias) is as large as any."""
         name, table = column.name.lower(), column.table
         while scope is not None:
+            sources = scope.sources
             if table:
-                source = scope.sources.get(table)
-                if isinstance(source, Scope):  # a name it does not give (an unnamed expression): any
-                    outputs = self.outputs(source)
-                    return _named(outputs, name) or _most([bound for _, bound in outputs] or [READ])
+                source = sources.get(table)
+                if isinstance(source, Scope):
+                    found = _named(self.outputs(source), name)
+                    return found if found is not None else self._any_column()
                 if source is not None:
                     return READ
             else:
-                found = [_named(self.outputs(source), name) for source in scope.sources.values()
-                         if isinstance(source, Scope)]
-                found = [bound for bound in found if bound is not None]
+                derived = [self.outputs(source) for source in sources.values() if isinstance(source, Scope)]
+                found = [bound for bound in (_named(outputs, name) for outputs in derived) if bound is not None]
                 if found:
                     return _most(found)
-                if scope.sources:
-                    return READ
+                if any(not isinstance(source, Scope) for source in sources.values()):
+                    unnamed = [bound for outputs in derived for column_name, bound in outputs if not column_name]
+                    return _most([READ, *unnamed])  # a table's, unless an unnamed expression's beside it
             scope = scope.parent
-        return READ
+        return self._any_column()
 
-    def _whole(self, node: exp.Expression, scope: Scope) -> Bound:
-        return _most([self.bound(row, scope) for row in node.expressions] or [SMALL])
+    def _any_column(self) -> Bound:
+        if self.any_column is None:
+            self.any_column = _most([READ] + [bound for scope in self.scopes for _, bound in self.outputs(scope)])
+        return self.any_column
 
 
 def _call_name(node: exp.Expression) -> str:
     if isinstance(node, exp.Anonymous):
-        return str(node.this).lower()
+        return node.name.lower()  # without the quotes of a quoted name
     return node.sql_name().lower() if isinstance(node, exp.Func) else ""
+
+
+def _makes_a_list(node: exp.Expression) -> bool:
+    name = _call_name(node)
+    return (isinstance(node, (exp.Array, exp.ArrayAgg)) or name.startswith(("array", "list", "make_array"))
+            or name in ("string_to_array", "regexp_match", "split"))
+
+
+def _literal_replacements(node: exp.Replace) -> tuple[exp.Expression, list[int]] | None:
+    """A chain of replace calls of text literals, as in escaping HTML: (what it starts from, each
+    call's growth), when no search after the first is more than one character or finds text an
+    earlier call put in; each character of the start then grows once at most. None otherwise."""
+    pairs: list[tuple[str, str]] = []
+    current: exp.Expression = node
+    while isinstance(current, exp.Replace):
+        found, replacement = current.args.get("expression"), current.args.get("replacement")
+        if not all(isinstance(part, exp.Literal) and part.is_string for part in (found, replacement)) or not found.this:
+            break
+        pairs.append((found.this, replacement.this))
+        current = current.this
+    pairs.reverse()
+    if len(pairs) < 2:
+        return None
+    for index, (found, _) in enumerate(pairs[1:], start=1):
+        if len(found) != 1 or any(found in earlier for _, earlier in pairs[:index]):
+            return None
+    return current, [max(1, -(-len(replacement) // len(found))) for found, replacement in pairs]
+
+
+def _shortest_match(pattern: exp.Expression | None) -> int:
+    """How short a match of a literal pattern can be; 0 when it may be empty or is not known."""
+    if not (isinstance(pattern, exp.Literal) and pattern.is_string):
+        return 0
+    try:  # the engine's regular expressions (Rust's) read as Python's for all but rare syntax
+        return int(regex_parser.parse(pattern.this).getwidth()[0])
+    except Exception:
+        return 0
 
 
 def _named(outputs: Outputs, name: str) -> Bound | None:
@@ -425,7 +555,7 @@ def _named(outputs: Outputs, name: str) -> Bound | None:
 
 
 def _most(bounds: list[Bound]) -> Bound:
-    result = SMALL
+    result = ONE
     for bound in bounds:
         result = result.most(bound)
     return result
@@ -439,7 +569,8 @@ def _positional_most(first: Outputs, second: Outputs) -> Outputs:
 
 def _renamed(scope: Scope, outputs: Outputs) -> Outputs:
     """A CTE's or an aliased subquery's column list names its columns in order."""
-    alias = scope.expression.parent.args.get("alias") if scope.expression.parent is not None else None
+    node = scope.expression
+    alias = node.args.get("alias") or (node.parent.args.get("alias") if node.parent is not None else None)
     names = [column.name.lower() for column in alias.columns] if isinstance(alias, exp.TableAlias) else []
     if not names:
         return outputs

@@ -92,6 +92,13 @@ def test_gate_refuses_constants_that_make_too_much_while_planning(statement):
         check_read_only(statement)
 
 
+@pytest.mark.parametrize("statement", ['SELECT "set_config"(\'a\', \'b\', false) AS x',
+                                       'SELECT * FROM "read_csv"(\'/etc/passwd\')', 'SELECT "pg_advisory_lock"(1)'])
+def test_gate_knows_a_function_by_its_quoted_name(statement):
+    with pytest.raises(UnsafeStatement, match="not allowed"):
+        check_read_only(statement)
+
+
 def _nested(times: int, call: str) -> str:
     expression = "name"
     for _ in range(times):
@@ -121,7 +128,46 @@ def _doubling_ctes(levels: int, start: str) -> str:
     ("WITH RECURSIVE t(s, n) AS (SELECT 'aaaa', 0 UNION ALL SELECT s || s, n + 1 FROM t WHERE n < 40) "
      "SELECT max(length(s)) AS m FROM t", "grows by a factor at every step"),
     ("WITH RECURSIVE t(s, n) AS (SELECT name, 0 FROM src UNION ALL SELECT replace(s, 'a', 'aa'), n + 1 FROM t "
-     "WHERE n < 40) SELECT max(length(s)) AS m FROM t", "grows by a factor at every step"),
+     "WHERE n < 40) SELECT max(length(s)) AS m FROM t", "grows by a factor at every step"),    # Starting from what counts as small (a hash, a number as text, an array of numbers).
+    ("SELECT length(" + _nested(30, "encode({}, 'hex')").replace("name", "md5('a')", 1) + ") AS n", "at most 16,777,216"),
+    ("WITH RECURSIVE t(s, n) AS (SELECT CAST(7 AS VARCHAR), 0 UNION ALL SELECT s || s, n + 1 FROM t WHERE n < 40) "
+     "SELECT max(length(s)) AS m FROM t", "grows by a factor at every step"),
+    ("WITH RECURSIVE t(a, n) AS (SELECT [1], 0 UNION ALL SELECT array_concat(a, a), n + 1 FROM t WHERE n < 40) "
+     "SELECT max(cardinality(a)) AS m FROM t", "grows by a factor at every step"),
+    ("SELECT length(array_to_string(array_repeat('', 1000000), repeat('x', 1000))) AS n", "at most 16,777,216"),
+    # Names the gate must resolve as the engine does: another case, a duplicated alias, VALUES'
+    # and unnest's columns, an unnamed expression's generated name, an ORDER BY alias.
+    ("WITH RECURSIVE t(s, n) AS (SELECT 'a', 0 UNION ALL SELECT T.s || T.s, n + 1 FROM t WHERE n < 40) "
+     "SELECT max(length(s)) AS m FROM t", "grows by a factor at every step"),
+    ("SELECT length(repeat(x.s, 1000)) AS n FROM (SELECT repeat(name, 1000) AS s FROM src) AS x, "
+     "(SELECT 1 AS k) AS x", "at most 1,000 times"),
+    ("SELECT length(repeat(column1, 1000)) AS n FROM (VALUES (repeat('a', 16000000)))", "at most 16,777,216"),
+    ("WITH v(k, s) AS (VALUES (1, repeat('a', 1600000))) SELECT length(repeat(s, 1000)) AS n FROM v",
+     "at most 16,777,216"),
+    ("SELECT length(repeat(s, 1000)) AS n FROM unnest([repeat('a', 1600000)]) AS u(s)", "at most 16,777,216"),
+    ('SELECT length(repeat("repeat(src.name,Int64(40))", 1000)) AS n FROM (SELECT repeat(name, 40) FROM src)',
+     "at most 1,000 times"),
+    ("SELECT s AS z FROM (SELECT repeat(name, 400) AS s FROM src) ORDER BY length(repeat(z, 400))",
+     "at most 1,000 times"),
+    # A value read, inserted throughout another: its square; again, its fourth power.
+    ("WITH a AS (SELECT regexp_replace(msg, '', msg, 'g') AS s FROM logs) "
+     "SELECT regexp_replace(s, '', s, 'g') AS s FROM a", "as the square"),
+    # Calls that repeat one argument once per part of another.
+    ("SELECT length(" + _nested(7, "concat_ws({}, " + ", ".join(["''"] * 20) + ")").replace("name", "'x'", 1)
+     + ") AS n", "at most 16,777,216"),
+    ("SELECT length(" + _nested(4, "array_to_string(array_replace_all(array_repeat('', 1000), '', {}), '')")
+     .replace("name", "'x'", 1) + ") AS n", "at most 16,777,216"),
+    ("SELECT cardinality(array_resize(['x'], 1000000, repeat('a', 10000))) AS n", "at most 16,777,216"),
+    ("SELECT cardinality(list_repeat('a', 100000000)) AS n", "at most 16,777,216"),
+    ("SELECT cardinality(\"array_repeat\"('a', 100000000)) AS n", "at most 16,777,216"),
+    ("SELECT length(" + _nested(20, "CAST(string_to_array({}, NULL) AS VARCHAR)") + ") AS n FROM src",
+     "at most 16,777,216"),
+    # A value made for every row is made for a whole batch of rows at once.
+    ("SELECT max(length(repeat('a', 16000000) || md5(CAST(value AS VARCHAR)))) AS m FROM range(8192)",
+     "a batch of 65,536 rows"),
+    ("SELECT length(string_agg(repeat('a', 16000000), '')) AS n FROM range(1000)", "for every row it gathers"),
+    ("SELECT length(string_agg(repeat('a', 100), '') OVER (ORDER BY value)) AS n FROM range(100000)",
+     "as a window function"),
 ])
 def test_gate_refuses_values_that_grow_without_bound(statement, limit):
     """A value is made whole: no deadline or memory pool stops one being made, so a statement
@@ -160,7 +206,21 @@ def test_a_statement_the_gate_cannot_read_may_not_call_what_it_bounds():
     "WITH a AS (SELECT x + y AS x, x * y AS y FROM t), b AS (SELECT x + y AS x, x * y AS y FROM a), "
     "c AS (SELECT x + y AS x, x * y AS y FROM b) SELECT * FROM c",   # numbers do not grow
     "SELECT * FROM (VALUES (1, 'a'), (2, 'b')) AS v(n, s)", "SELECT (SELECT max(name) FROM src) || 'x' AS y",
-    "SELECT array_to_string(tags, ', ') AS t FROM t",
+    "SELECT array_to_string(tags, ', ') AS t FROM t",    # Escaping HTML: each character grows once at most, whatever the number of calls.
+    "SELECT replace(replace(replace(replace(replace(body, '&', '&amp;'), '<', '&lt;'), '>', '&gt;'), "
+    "'\"', '&quot;'), '''', '&#39;') AS html FROM docs",
+    # Log lines to templates: each match is at least as long as what replaces it.
+    "SELECT regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(msg, "
+    "'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g'), "
+    "'[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+', '<ip>', 'g'), '0x[0-9a-f]+', '<hex>', 'g'), '[0-9]+', '<num>', 'g'), "
+    "'\"[^\"]*\"', '<str>', 'g') AS template FROM logs",
+    "WITH RECURSIVE t(id, path, parent_path) AS (SELECT id, name, '' FROM emp WHERE boss IS NULL UNION ALL "
+    "SELECT e.id, t.path || ' > ' || e.name, t.path FROM t JOIN emp e ON e.boss = t.id) SELECT * FROM t",
+    "WITH a AS (SELECT x || y AS s, id FROM t), " + ", ".join(
+        f"{name} AS (SELECT s || ' ' || region AS s, id FROM {previous} JOIN regions USING (id))"
+        for previous, name in zip("abcd", "bcde")) + " SELECT s FROM e",   # unqualified names beside a table
+    "SELECT replace(template, '{name}', name) AS line FROM msgs",
+    "SELECT service, string_agg(msg, '; ') AS msgs FROM logs GROUP BY service",
 ])
 def test_gate_passes_values_that_grow_a_bounded_amount(statement):
     check_read_only(statement)
