@@ -19,7 +19,7 @@ backend) to join with, so a join group of ``t`` and ``t2`` goes down as a sub-pl
    word, a column name to the backend) and table function arguments, which are written into
    DataFusion's own SQL.
 
-Examples per path: FD_INJECTION_EXAMPLES, else 2000 when CI=true and 150 locally, drawn over
+Examples per path: FD_INJECTION_EXAMPLES, else 1000 when CI=true and 150 locally, drawn over
 every backend but Snowflake; the Snowflake peer (fakesnow, ~0.3 s a statement) has its own
 budget, FD_INJECTION_SNOW_EXAMPLES (20 in CI, 10 locally).
 """
@@ -62,7 +62,7 @@ from conftest import service_missing as _service_missing
 from peers import fakesnow_admin, fakesnow_params, start_fakesnow
 
 CI = os.environ.get("CI") == "true"
-EXAMPLES = int(os.environ.get("FD_INJECTION_EXAMPLES") or (2000 if CI else 150))
+EXAMPLES = int(os.environ.get("FD_INJECTION_EXAMPLES") or (1000 if CI else 150))
 SNOW_EXAMPLES = int(os.environ.get("FD_INJECTION_SNOW_EXAMPLES") or (20 if CI else 10))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=CI, database=None,
                     suppress_health_check=list(HealthCheck))
