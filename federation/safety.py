@@ -15,7 +15,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import TokenType
 
-from federation.sizes import TooLarge, check_sizes, check_unread
+from federation.sizes import TooLarge, call_name, check_sizes, check_unread
 
 READ_STATEMENTS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC")
 
@@ -103,20 +103,20 @@ def check_read_only(sql: str) -> None:
         raise UnsafeStatement("only one statement per request is allowed")
     if head in ("SHOW", "DESCRIBE", "DESC"):
         return
-    body = _strip_explain(sql) if head == "EXPLAIN" else sql
+    try:
+        _check_statement(_strip_explain(sql) if head == "EXPLAIN" else sql)
+    except TooLarge as error:
+        raise GeneratesTooMuch(str(error)) from None
+
+
+def _check_statement(body: str) -> None:
     try:
         tree = sqlglot.parse_one(body, read="postgres")
     except (ParseError, TokenError):  # the engine parses it under read-only options
-        try:
-            check_unread(body)
-        except TooLarge as error:
-            raise GeneratesTooMuch(str(error)) from None
+        check_unread(body)
         return
     _check_tree(tree)
-    try:
-        check_sizes(tree)
-    except TooLarge as error:
-        raise GeneratesTooMuch(str(error)) from None
+    check_sizes(tree)
 
 
 def _leading_words(sql: str) -> list[str]:
@@ -229,7 +229,7 @@ def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
         if isinstance(node, _WRITE_NODES):
             what = _NODE_NAMES.get(type(node), type(node).__name__.upper())
             raise UnsafeStatement(f"{what} is not allowed: flightdeck is read-only")
-        name = (_function_name(node) or "").lower()
+        name = call_name(node)
         if name in FILE_READING_FUNCTIONS:
             raise UnsafeStatement(
                 f"{name}() is not allowed: SQL reaches files and networks only through "
@@ -239,14 +239,6 @@ def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
         if paths and isinstance(node, exp.Table) and _looks_like_path(node):
             raise UnsafeStatement(
                 f"reading '{node.name}' directly is not allowed: query a configured dataset")
-
-
-def _function_name(node: exp.Expression) -> str | None:
-    if isinstance(node, exp.Anonymous):
-        return node.name  # without the quotes of a quoted name: "set_config"(...) calls set_config
-    if isinstance(node, exp.Func):
-        return node.sql_name()
-    return None
 
 
 def _looks_like_path(table: exp.Table) -> bool:

@@ -53,6 +53,10 @@ GROWING_CALLS = frozenset("""
     list_join concat concat_ws array_replace array_replace_n array_replace_all list_replace
     list_replace_n list_replace_all string_agg array_agg listagg group_concat string_to_array
 """.split())
+# Calls that make values from a size written in the statement, besides repeat, lpad/rpad and
+# generate_series, which sqlglot parses as nodes of their own.
+_GENERATING_CALLS = frozenset({"array_repeat", "list_repeat", "array_resize", "list_resize", "range",
+                               "generate_series"})
 
 
 class TooLarge(ValueError):
@@ -60,18 +64,19 @@ class TooLarge(ValueError):
 
 
 def check_sizes(tree: exp.Expression) -> None:
-    """Raise TooLarge if the statement's generating calls make more than MAX_GENERATED values
-    in all, or any of its expressions can be longer than MAX_GENERATED from constants or
-    MAX_GROWTH times the longest value its tables hold."""
-    _check_generated(tree)
+    """Raise TooLarge if any of the statement's expressions can be longer than MAX_GENERATED from
+    constants or MAX_GROWTH times the longest value its tables hold, or its generating calls make
+    more than MAX_GENERATED values in all."""
     try:
         scopes = list(traverse_scope(normalize_identifiers(tree, dialect="postgres")))
     except Exception:  # sqlglot cannot resolve every statement the engine reads
         scopes = []
+    sizer = _Sizer(scopes)
     if scopes:
-        _Sizer(scopes).check()
+        sizer.check()
     else:  # every column as a table's value: calls on calls are still bounded, chains of CTEs not
-        _Sizer([]).check_alone(tree)
+        sizer.check_alone(tree)
+    sizer.check_generated(tree)
 
 
 def check_unread(sql: str) -> None:
@@ -90,45 +95,6 @@ def check_unread(sql: str) -> None:
         if token.token_type == TokenType.DPIPE or (called and not streamed and token.text.lower() in GROWING_CALLS):
             raise TooLarge(f"the statement uses {token.text}, whose values are bounded before planning, in SQL "
                            "the gate cannot read: write it in PostgreSQL's syntax")
-
-
-def _check_generated(tree: exp.Expression) -> None:
-    total = sum(_generated_by(node) for node in tree.find_all(exp.Func)
-                if not isinstance(node.parent, (exp.Table, exp.Lateral)))  # a table function streams
-    if total > MAX_GENERATED:
-        raise TooLarge(f"the statement makes {total:,} values from constants (repeat, lpad, range, ...); "
-                       f"at most {MAX_GENERATED:,}: generate rows with a table function such as "
-                       "FROM range(n) instead")
-
-
-def _generated_by(node: exp.Expression) -> int:
-    """How many characters or list elements a call makes: its size times the length of what it
-    repeats; 0 for a call that generates nothing."""
-    if isinstance(node, exp.Repeat):
-        return _size(node.args.get("times")) * _width(node.this)
-    if isinstance(node, exp.Pad):
-        return _size(node.args.get("expression"))
-    if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)):
-        return _span([node.args.get("start"), node.args.get("end"), node.args.get("step")])
-    if isinstance(node, exp.Anonymous):
-        name, arguments = _call_name(node), node.expressions
-        if name in ("array_repeat", "list_repeat") and len(arguments) >= 2:
-            return _size(arguments[1]) * _width(arguments[0])
-        if name in ("array_resize", "list_resize") and len(arguments) >= 2:
-            return _size(arguments[1]) * _width(arguments[2] if len(arguments) > 2 else None)
-        if name in ("range", "generate_series") and arguments:
-            return _span(arguments if len(arguments) > 1 else [None, arguments[0]])
-    return 0
-
-
-def _width(node: exp.Expression | None) -> int:
-    """How long a repeated value is, as far as the statement says: a text literal's length, or
-    what a generating call inside makes; 1 otherwise."""
-    while isinstance(node, (exp.Paren, exp.Cast)):
-        node = node.this
-    if isinstance(node, exp.Literal) and node.is_string:
-        return max(1, len(node.this))
-    return max(1, _generated_by(node)) if node is not None else 1
 
 
 def _span(bounds: list[exp.Expression | None]) -> int:
@@ -286,6 +252,15 @@ class _Sizer:
                            f"constants, and a batch of {ROWS_PER_BATCH:,} rows is made at once; at most "
                            f"{MAX_PER_BATCH // ROWS_PER_BATCH:,} per row")
 
+    def check_generated(self, tree: exp.Expression) -> None:
+        """All the generating calls of the statement together, each as large as its bound's
+        constant part: many calls, each within the limit, may still make too much."""
+        total = sum(self.bound(node, None).fixed for node in tree.find_all(exp.Func) if _generates(node))
+        if total > MAX_GENERATED:
+            raise TooLarge(f"the statement makes {total:,} values from constants (repeat, lpad, range, ...); "
+                           f"at most {MAX_GENERATED:,}: generate rows with a table function such as "
+                           "FROM range(n) instead")
+
     def outputs(self, scope: Scope) -> Outputs:
         key = id(scope.expression)  # a recursive CTE's reference to itself is another Scope of it
         if key in self.assumed:
@@ -398,7 +373,7 @@ class _Sizer:
         multiplied = self._multiplied(node, children)
         if multiplied is not None:
             return multiplied
-        if isinstance(node, _SMALL_NODES) or _call_name(node) in _SMALL_RESULTS:
+        if isinstance(node, _SMALL_NODES) or call_name(node) in _SMALL_RESULTS:
             return Bound(SCALAR.fixed, per_row=any(child.per_row for child in children))
         if isinstance(node, exp.Window):
             return self._of(node.this)
@@ -408,7 +383,7 @@ class _Sizer:
 
     def _multiplied(self, node: exp.Expression, children: list[Bound]) -> Bound | None:
         """The bound of a call that multiplies what it is given; None for any other."""
-        name, arguments = _call_name(node), node.expressions if isinstance(node, exp.Anonymous) else []
+        name, arguments = call_name(node), node.expressions if isinstance(node, exp.Anonymous) else []
         if isinstance(node, exp.Repeat) or (name in ("array_repeat", "list_repeat") and len(arguments) >= 2):
             repeated, times = (node.this, node.args.get("times")) if isinstance(node, exp.Repeat) else arguments[:2]
             return self._of(repeated).most(ONE).times(_size(times))
@@ -500,19 +475,31 @@ class _Sizer:
         return self._any_column()
 
     def _any_column(self) -> Bound:
-        if self.any_column is None:
-            self.any_column = _most([READ] + [bound for scope in self.scopes for _, bound in self.outputs(scope)])
-        return self.any_column
+        if self.any_column is not None:
+            return self.any_column
+        largest = _most([READ] + [bound for scope in self.scopes for _, bound in self.outputs(scope)])
+        if not self.busy:  # while a scope is being bounded its columns are not known yet: not final
+            self.any_column = largest
+        return largest
 
 
-def _call_name(node: exp.Expression) -> str:
+def call_name(node: exp.Expression) -> str:
+    """A function call's name, lowercase; "" for anything else."""
     if isinstance(node, exp.Anonymous):
         return node.name.lower()  # without the quotes of a quoted name
     return node.sql_name().lower() if isinstance(node, exp.Func) else ""
 
 
+def _generates(node: exp.Expression) -> bool:
+    """A call that makes values from a size, as one value (a table function's rows stream)."""
+    if isinstance(node.parent, (exp.Table, exp.Lateral)):
+        return False
+    return (isinstance(node, (exp.Repeat, exp.Pad, exp.GenerateSeries, exp.ExplodingGenerateSeries))
+            or call_name(node) in _GENERATING_CALLS)
+
+
 def _makes_a_list(node: exp.Expression) -> bool:
-    name = _call_name(node)
+    name = call_name(node)
     return (isinstance(node, (exp.Array, exp.ArrayAgg)) or name.startswith(("array", "list", "make_array"))
             or name in ("string_to_array", "regexp_match", "split"))
 

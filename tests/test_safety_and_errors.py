@@ -125,6 +125,8 @@ def _doubling_ctes(levels: int, start: str) -> str:
     ("SELECT " + _nested(4, "replace({}, '', 'xxxxxxxxx')") + " FROM src", "at most 1,000 times"),  # '' inserts
     ("SELECT " + _nested(10, "encode({}, 'hex')") + " FROM src", "at most 1,000 times"),
     ("SELECT length(array_to_string(array_repeat('a', 10000000), repeat('x', 1000))) AS n", "at most 16,777,216"),
+    # Each call within the limit, together past it; a table function's rows are not counted.
+    ("SELECT repeat('a', 10000000) AS a, lpad('b', 10000000) AS b FROM range(100000000)", "makes 20,000,000 values"),
     ("WITH RECURSIVE t(s, n) AS (SELECT 'aaaa', 0 UNION ALL SELECT s || s, n + 1 FROM t WHERE n < 40) "
      "SELECT max(length(s)) AS m FROM t", "grows by a factor at every step"),
     ("WITH RECURSIVE t(s, n) AS (SELECT name, 0 FROM src UNION ALL SELECT replace(s, 'a', 'aa'), n + 1 FROM t "
