@@ -102,7 +102,7 @@ class ColumnIndex:
         self.rows_schema = rows_schema
         self._embedder = embedder
         self.ready_timeout = ready_timeout
-        self.query_cache = query_cache or QueryVectorCache()
+        self.query_cache = query_cache if query_cache is not None else QueryVectorCache()  # an empty one is falsy
         self.vectors = ColumnVectors(f"{spec.dataset}.{spec.column}", spec.model, embedder, cache_file,
                                      spec.approximate_above, spec.ef_search) if spec.model else None
         self._state: _Indexed | None = None

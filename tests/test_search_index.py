@@ -9,7 +9,8 @@ import pyarrow.compute as pc
 import pytest
 
 from conftest import serving
-from flightdeck.search_functions import ColumnIndex, ColumnSearchSpec, _text_ranking
+from flightdeck.search_functions import (ColumnIndex, ColumnSearchSpec, DatasetSearchSettings, SearchIndexes,
+                                         _text_ranking)
 from flightdeck.search_vectors import VectorSnapshot
 from inference.ann import ApproximateIndex
 from inference.embedder import TextEmbedder
@@ -163,6 +164,17 @@ def test_repeated_query_texts_are_embedded_once(embedder):
     assert first.equals(again)
     index.search("vector", "another question", 5, None)
     assert (cache.hits - hits, cache.misses - misses) == (1, 2)
+
+
+def test_every_searchable_column_shares_the_one_query_cache(embedder):
+    specs = [ColumnSearchSpec(dataset, "note", model="minilm") for dataset in ("public.notes", "public.tickets")]
+    settings = DatasetSearchSettings(notes(0).schema, None)
+    indexes = SearchIndexes(specs, lambda model: embedder, lambda dataset: settings)
+    for index in indexes.columns.values():
+        index.rebuild(notes(50))
+    for dataset in ("public.notes", "public.tickets"):
+        indexes.find(dataset, None, "vector").search("vector", "one question asked of both", 3, None)
+    assert (indexes.query_cache.hits, indexes.query_cache.misses, len(indexes.query_cache)) == (1, 1, 1)
 
 
 def test_query_cache_is_bounded_and_keyed_by_model():
