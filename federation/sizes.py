@@ -15,14 +15,15 @@ of them multiplies as it would when run; a name the gate cannot resolve takes th
 it could stand for. The bound overestimates (a CASE is its longest branch, an unknown function of
 several texts their sum) and follows the calls that multiply: repeat, lpad/rpad, array_repeat,
 array_resize, scalar ranges, replace, regexp_replace, encode/hex, array_to_string, concat_ws,
-array_replace, casts of lists to text. A value made for every row is made for a whole batch of
-rows at once, and string_agg/array_agg repeat theirs for every row they gather.
+array_replace, and lists written out as text (casts, concat, any call that is not a list
+function). A value made for every row is made for a whole batch of rows at once, and
+string_agg/array_agg repeat theirs for every row they gather.
 """
 from __future__ import annotations
 
 import re
 import re._parser as regex_parser
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sqlglot
 from sqlglot import exp
@@ -42,6 +43,11 @@ MAX_SQUARED = 4  # a value read inserted throughout another, a few times; never 
 ROWS_PER_BATCH = 65_536
 MAX_PER_BATCH = 2**30
 MAX_AGGREGATED = 1024  # characters of constants string_agg/array_agg may add for each row
+# The most characters one list element takes when the list is written as text, its separator
+# included: a number, a date, an interval ("0 years 0 mons 0 days 0 hours 0 mins 0.000000000 secs")
+# may be far longer than the one character or element it was made from. A list written out as
+# text, split into a list again and written out again grows by this much each time.
+ELEMENT_TEXT = 64
 _CAP = 2**62  # bounds past every limit are all alike: kept small for the arithmetic
 # Words after which a call is a table function, whose rows stream: not one value made whole.
 _TABLE_FUNCTION_AFTER = frozenset({TokenType.FROM, TokenType.JOIN, TokenType.LATERAL})
@@ -52,6 +58,7 @@ GROWING_CALLS = frozenset("""
     array_resize list_resize range generate_series array_to_string array_join list_to_string
     list_join concat concat_ws array_replace array_replace_n array_replace_all list_replace
     list_replace_n list_replace_all string_agg array_agg listagg group_concat string_to_array
+    string_to_list arrow_cast
 """.split())
 # Calls that make values from a size written in the statement, besides repeat, lpad/rpad and
 # generate_series, which sqlglot parses as nodes of their own.
@@ -147,19 +154,33 @@ def _constant(node: exp.Expression | None) -> int | None:
 @dataclass(frozen=True)
 class Bound:
     """A value's length is at most ``fixed + per_value * L + squared * L**2`` (L: the longest
-    value read); ``per_row``: it is made anew for every row, as it reads a column."""
+    value read); ``per_row``: it is made anew for every row, as it reads a column; ``listed``: it
+    may be a list, whose elements are counted, not the characters they take as text."""
     fixed: int = 0
     per_value: int = 0
     squared: int = 0
     per_row: bool = False
+    listed: bool = False
 
     def __add__(self, other: "Bound") -> "Bound":
         return Bound(_capped(self.fixed + other.fixed), _capped(self.per_value + other.per_value),
-                     _capped(self.squared + other.squared), self.per_row or other.per_row)
+                     _capped(self.squared + other.squared), self.per_row or other.per_row,
+                     self.listed or other.listed)
 
     def times(self, factor: int) -> "Bound":
         return Bound(_capped(self.fixed * factor), _capped(self.per_value * factor), _capped(self.squared * factor),
-                     self.per_row)
+                     self.per_row, self.listed)
+
+    def as_list(self) -> "Bound":
+        return replace(self, listed=True)
+
+    def as_text(self) -> "Bound":
+        """A list written out as text: each element as long as any value's text, with brackets
+        and separators; anything else as it is."""
+        if not self.listed:
+            return self
+        written = self.times(ELEMENT_TEXT) + Bound(2)
+        return replace(written, listed=False)
 
     def mul(self, other: "Bound") -> "Bound":
         """Every unit of this value becomes one of ``other``: the product, where past L**2 is past every limit."""
@@ -167,15 +188,15 @@ class Bound:
         squared = self.fixed * other.squared + self.per_value * other.per_value + self.squared * other.fixed
         return Bound(_capped(self.fixed * other.fixed),
                      _capped(self.fixed * other.per_value + self.per_value * other.fixed),
-                     _CAP if cubic else _capped(squared), self.per_row or other.per_row)
+                     _CAP if cubic else _capped(squared), self.per_row or other.per_row, self.listed or other.listed)
 
     def divided(self, divisor: int) -> "Bound":
         return Bound(-(-self.fixed // divisor), -(-self.per_value // divisor), -(-self.squared // divisor),
-                     self.per_row)
+                     self.per_row, self.listed)
 
     def most(self, other: "Bound") -> "Bound":
         return Bound(max(self.fixed, other.fixed), max(self.per_value, other.per_value),
-                     max(self.squared, other.squared), self.per_row or other.per_row)
+                     max(self.squared, other.squared), self.per_row or other.per_row, self.listed or other.listed)
 
 
 def _capped(value: int) -> int:
@@ -204,6 +225,9 @@ _SMALL_NODES = (exp.Predicate, exp.Connector, exp.Not, exp.Neg, exp.Length, exp.
 _CHOICES = (exp.Case, exp.If, exp.Coalesce, exp.Nullif, exp.Greatest, exp.Least, exp.Max, exp.Min,
             exp.First, exp.Last, exp.AnyValue)
 _AGGREGATES = frozenset({"string_agg", "array_agg", "listagg", "group_concat"})
+# Calls that make lists, besides the array_* and list_* functions.
+_LIST_CALLS = frozenset({"string_to_array", "string_to_list", "regexp_match", "split", "range", "generate_series",
+                         "flatten", "map_keys", "map_values", "map_extract", "make_list"})
 _REPLACE_IN_LISTS = frozenset({"array_replace", "array_replace_n", "array_replace_all", "list_replace",
                                "list_replace_n", "list_replace_all"})
 # A group reference in a regexp_replace replacement (\1, $1, ${name}): a copy of its match.
@@ -358,6 +382,10 @@ class _Sizer:
         outputs = self.outputs(scope)
         return outputs[0][1] if outputs else READ
 
+    def _text(self, node: exp.Expression | None) -> Bound:
+        """A value as a function that takes text reads it: a list written out."""
+        return self._of(node).as_text()
+
     def _of(self, node: exp.Expression | None) -> Bound:
         if node is None:
             return NOTHING
@@ -379,41 +407,47 @@ class _Sizer:
             return self._of(node.this)
         if isinstance(node, _CHOICES) or not isinstance(node, (exp.Func, exp.DPipe)):
             return _most(children)  # one of its parts (a clause, a tuple's values, a CASE's branch)
-        return sum(children, NOTHING)  # a function of several values may hold them all
+        if _makes_a_list(node):
+            return sum(children, NOTHING).as_list()
+        # A function of several values may hold them all, and one that is not a list function may
+        # hold a list it was given as text (concat, regexp_replace, a cast and || all write one).
+        return sum((child.as_text() for child in children), NOTHING)
 
     def _multiplied(self, node: exp.Expression, children: list[Bound]) -> Bound | None:
         """The bound of a call that multiplies what it is given; None for any other."""
         name, arguments = call_name(node), node.expressions if isinstance(node, exp.Anonymous) else []
         if isinstance(node, exp.Repeat) or (name in ("array_repeat", "list_repeat") and len(arguments) >= 2):
             repeated, times = (node.this, node.args.get("times")) if isinstance(node, exp.Repeat) else arguments[:2]
-            return self._of(repeated).most(ONE).times(_size(times))
+            repeated_bound = self._of(repeated).most(ONE).times(_size(times))
+            return repeated_bound if isinstance(node, exp.Repeat) else repeated_bound.as_list()
         if isinstance(node, exp.Pad):
             return Bound(_size(node.args.get("expression")), per_row=any(child.per_row for child in children))
         if name in ("array_resize", "list_resize") and len(arguments) >= 2:
             fill = self._of(arguments[2]) if len(arguments) > 2 else ONE
-            return Bound(_size(arguments[1])).mul(fill.most(ONE)) + self._of(arguments[0])
+            return (Bound(_size(arguments[1])).mul(fill.most(ONE)) + self._of(arguments[0])).as_list()
         if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)) or name in ("range", "generate_series"):
             if isinstance(node.parent, (exp.Table, exp.Lateral)):
                 return ONE  # a table function: one small value per row
             if isinstance(node, exp.Anonymous):
-                return Bound(_span(arguments if len(arguments) > 1 else [None, arguments[0]])) if arguments else ONE
-            return Bound(_span([node.args.get("start"), node.args.get("end"), node.args.get("step")]))
+                return Bound(_span(arguments if len(arguments) > 1 else [None, arguments[0]]), listed=True)
+            return Bound(_span([node.args.get("start"), node.args.get("end"), node.args.get("step")]), listed=True)
         if isinstance(node, exp.Replace):
             return self._replaced(node)
         if isinstance(node, exp.RegexpReplace):
             return self._regexp_replaced(node)
         if isinstance(node, (exp.Encode, exp.Hex, exp.ToBase64)) or (name in ("encode", "to_hex", "to_base64") and arguments):
-            return self._of(node.this if not arguments else arguments[0]).times(2)
+            return self._text(node.this if not arguments else arguments[0]).times(2)
         if isinstance(node, exp.ArrayToString) or (name in ("list_to_string", "list_join") and len(arguments) >= 2):
             listed, separator = (node.this, node.expression) if not arguments else arguments[:2]
-            return self._of(listed).mul(ONE + self._of(separator))  # the separator once per element
+            # Each element as text, and the separator once per element.
+            return replace(self._of(listed).mul(Bound(ELEMENT_TEXT) + self._of(separator).as_text()), listed=False)
         if isinstance(node, exp.ConcatWs) and node.expressions:
-            separator, *parts = [self._of(part) for part in node.expressions]
+            separator, *parts = [self._of(part).as_text() for part in node.expressions]
             return separator.times(max(0, len(parts) - 1)) + sum(parts, NOTHING)
         if name in _REPLACE_IN_LISTS and len(arguments) >= 3:
-            return self._of(arguments[0]).mul(ONE + self._of(arguments[2]))
-        if isinstance(node, exp.Cast) and node.to.is_type(*exp.DataType.TEXT_TYPES) and _makes_a_list(node.this):
-            return self._of(node.this).times(3) + Bound(2)  # "[a, b]": brackets, commas and spaces
+            return self._of(arguments[0]).mul(ONE + self._of(arguments[2])).as_list()
+        if isinstance(node, exp.Cast) and node.to.is_type(*exp.DataType.TEXT_TYPES):
+            return self._of(node.this).as_text()
         if isinstance(node, (exp.GroupConcat, exp.ArrayAgg)) or name in _AGGREGATES:
             return self._aggregated(node, children)
         return None
@@ -422,33 +456,34 @@ class _Sizer:
         found, replacement = node.args.get("expression"), node.args.get("replacement")
         if not (isinstance(found, exp.Literal) and found.is_string and found.this):
             # An empty or unknown search may match between every two characters.
-            return self._of(node.this).mul(ONE + self._of(replacement)) + self._of(replacement)
+            return self._text(node.this).mul(ONE + self._text(replacement)) + self._text(replacement)
         chain = _literal_replacements(node)
         if chain is not None:
             base, factors = chain
-            return self._of(base).times(max(factors))
-        return self._of(node.this).mul(self._of(replacement).divided(len(found.this)).most(ONE))
+            return self._text(base).times(max(factors))
+        return self._text(node.this).mul(self._text(replacement).divided(len(found.this)).most(ONE))
 
     def _regexp_replaced(self, node: exp.RegexpReplace) -> Bound:
         """Matches of a pattern at least ``width`` long become the replacement's text and its group
         references (each at most a copy of the whole text); an empty match may come anywhere."""
-        text, replacement = self._of(node.this), node.args.get("replacement")
+        text, replacement = self._text(node.this), node.args.get("replacement")
         width = _shortest_match(node.args.get("expression"))
         if width and isinstance(replacement, exp.Literal) and replacement.is_string:
             references = len(_GROUP_REFERENCE.findall(replacement.this))
             literal = len(_GROUP_REFERENCE.sub("", replacement.this))
             return text.times(1 + references + -(-literal // width))
-        return text.mul(ONE + self._of(replacement)) + self._of(replacement)
+        return text.mul(ONE + self._text(replacement)) + self._text(replacement)
 
     def _aggregated(self, node: exp.Expression, children: list[Bound]) -> Bound:
         if isinstance(node.parent, exp.Window):
             raise TooLarge(f"{_shown(node)} as a window function makes, for every row, a value of all the rows "
                            "before it: aggregate it with GROUP BY instead")
-        gathered = sum(children, NOTHING)
+        listing = isinstance(node, exp.ArrayAgg) or call_name(node) == "array_agg"
+        gathered = sum(children if listing else (child.as_text() for child in children), NOTHING)
         if gathered.fixed > MAX_AGGREGATED:
             raise TooLarge(f"{_shown(node)} adds up to {gathered.fixed:,} characters of constants for every row it "
                            f"gathers; at most {MAX_AGGREGATED:,}")
-        return gathered
+        return gathered.as_list() if listing else gathered
 
     def _column(self, column: exp.Column, scope: Scope | None) -> Bound:
         """A column's bound: what its CTE or subquery made it of, or a table's value. A name the
@@ -500,8 +535,8 @@ def _generates(node: exp.Expression) -> bool:
 
 def _makes_a_list(node: exp.Expression) -> bool:
     name = call_name(node)
-    return (isinstance(node, (exp.Array, exp.ArrayAgg)) or name.startswith(("array", "list", "make_array"))
-            or name in ("string_to_array", "regexp_match", "split"))
+    return (isinstance(node, (exp.Array, exp.ArrayAgg, exp.GenerateSeries)) or name.startswith(("array", "list", "make_array"))
+            or name in _LIST_CALLS)
 
 
 def _literal_replacements(node: exp.Replace) -> tuple[exp.Expression, list[int]] | None:

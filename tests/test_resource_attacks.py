@@ -323,6 +323,10 @@ def _tenfold(levels: int, start: str) -> str:
     (f"SELECT max(length({_tenfold(4, 'word')})) AS n FROM small", "at most 1,000 times"),
     ("WITH RECURSIVE t(s, n) AS (SELECT word, 0 FROM small UNION ALL SELECT s || s, n + 1 FROM t WHERE n < 40) "
      "SELECT max(length(s)) AS m FROM t", "grows by a factor at every step"),
+    # A list written as text and split again, three times as long at each CTE: 18 make 3.9 GB.
+    ("WITH t0 AS (SELECT string_to_array('aaaaaaaaaa', NULL) AS l), " + ", ".join(
+        f"t{n} AS (SELECT string_to_array(CAST(l AS VARCHAR), NULL) AS l FROM t{n - 1})" for n in range(1, 19))
+     + " SELECT cardinality(l) AS n FROM t18", "at most 16,777,216"),
 ])
 def test_values_that_would_grow_to_gigabytes_are_refused_before_planning(server, watcher, sql, limit):
     message, seconds = attack(server, sql)

@@ -112,6 +112,12 @@ def _doubling_ctes(levels: int, start: str) -> str:
     return "WITH " + ", ".join(ctes) + f" SELECT length(s) AS n FROM t{levels - 1}"
 
 
+def _list_chain(levels: int, step: str, start: str) -> str:
+    """CTEs t0..t<levels>, each made by ``step`` from the one before."""
+    ctes = [f"t0 AS (SELECT {start} AS l)"] + [step.format(level, level - 1) for level in range(1, levels + 1)]
+    return "WITH " + ", ".join(ctes) + f" SELECT length(CAST(l AS VARCHAR)) AS n FROM t{levels}"
+
+
 @pytest.mark.parametrize("statement, limit", [
     # Ten letters, each made ten by each level: 1 GB from constants, folded while planning.
     ("SELECT length(" + _nested(8, "replace({}, 'a', 'aaaaaaaaaa')").replace("name", "'aaaaaaaaaa'", 1) + ") AS n",
@@ -164,6 +170,20 @@ def _doubling_ctes(levels: int, start: str) -> str:
     ("SELECT cardinality(\"array_repeat\"('a', 100000000)) AS n", "at most 16,777,216"),
     ("SELECT length(" + _nested(20, "CAST(string_to_array({}, NULL) AS VARCHAR)") + ") AS n FROM src",
      "at most 16,777,216"),
+    # A list written as text is longer than the list: each element with its brackets and separator,
+    # a number or an interval as many characters as it takes. Split and written again, it grows
+    # at each step, through CTEs, arrow_cast, concat and array_to_string as through CAST.
+    (_list_chain(14, "t{0} AS (SELECT string_to_array(CAST(l AS VARCHAR), NULL) AS l FROM t{1})",
+                 "string_to_array('aaaaaaaaaa', NULL)"), "at most 16,777,216"),
+    ("SELECT length(" + _nested(6, "arrow_cast(string_to_array({}, NULL), 'Utf8')").replace("name", "'x'", 1)
+     + ") AS n", "at most 16,777,216"),
+    ("SELECT length(" + _nested(6, "translate(array_to_string(array_positions(string_to_array({}, NULL), 'a'), ''), "
+                                   "'0123456789', 'aaaaaaaaaa')").replace("name", "repeat('a', 1000)", 1) + ") AS n",
+     "at most 16,777,216"),
+    (_list_chain(6, "t{0} AS (SELECT translate(concat(array_positions(string_to_array(l, NULL), 'a')), "
+                    "'0123456789,[] ', 'aaaaaaaaaaaaaa') AS l FROM t{1})", "repeat('a', 1000)"), "at most 16,777,216"),
+    ("SELECT length(" + _nested(3, "CAST(string_to_array({}, NULL) AS VARCHAR)") + ") AS n FROM src",
+     "at most 1,000 times"),
     # A value made for every row is made for a whole batch of rows at once.
     ("SELECT max(length(repeat('a', 16000000) || md5(CAST(value AS VARCHAR)))) AS m FROM range(8192)",
      "a batch of 65,536 rows"),
@@ -223,6 +243,12 @@ def test_a_statement_the_gate_cannot_read_may_not_call_what_it_bounds():
         for previous, name in zip("abcd", "bcde")) + " SELECT s FROM e",   # unqualified names beside a table
     "SELECT replace(template, '{name}', name) AS line FROM msgs",
     "SELECT service, string_agg(msg, '; ') AS msgs FROM logs GROUP BY service",
+    # Lists written out once: each element may grow, the list does not keep growing.
+    "SELECT CAST(string_to_array(tags, ',') AS VARCHAR) AS t FROM t",
+    "SELECT region, array_to_string(array_agg(name), ', ') AS names FROM src GROUP BY region",
+    "SELECT concat(make_array(1, 2, 3)) AS s, arrow_cast(range(10), 'Utf8') AS r",
+    "SELECT unnest(string_to_array(tags, ',')) AS tag FROM t",
+    "WITH a AS (SELECT string_to_array(tags, ',') AS l FROM t) SELECT array_to_string(l, ' | ') AS s FROM a",
 ])
 def test_gate_passes_values_that_grow_a_bounded_amount(statement):
     check_read_only(statement)
