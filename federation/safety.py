@@ -15,7 +15,8 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import TokenType
 
-from federation.sizes import TooLarge, call_name, check_sizes, check_unread
+from federation.sizes import TooLarge, call_name, check_sizes
+from federation.unread import Unreadable, check_unread
 
 READ_STATEMENTS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC")
 
@@ -75,6 +76,9 @@ class NotAStatement(UnsafeStatement):
 # Levels of expressions a statement may nest. The engine's planner recurses once per level
 # on a thread's stack: a chain of some thousands of ORs overflows it and ends the process.
 MAX_DEPTH = 1000
+# CTE bodies a statement may plan, each as many times as it is read (planning a thousand takes
+# about 0.1 s here).
+MAX_EXPANDED = 1000
 
 
 class GeneratesTooMuch(UnsafeStatement):
@@ -107,6 +111,8 @@ def check_read_only(sql: str) -> None:
         _check_statement(_strip_explain(sql) if head == "EXPLAIN" else sql)
     except TooLarge as error:
         raise GeneratesTooMuch(str(error)) from None
+    except Unreadable as error:
+        raise NotAStatement(str(error)) from None
 
 
 def _check_statement(body: str) -> None:
@@ -116,6 +122,7 @@ def _check_statement(body: str) -> None:
         check_unread(body)
         return
     _check_tree(tree)
+    _check_expansion(tree)
     check_sizes(tree)
 
 
@@ -221,6 +228,32 @@ def _check_depth(tree: exp.Expression) -> None:
         if depth > MAX_DEPTH:
             raise TooDeep(f"more than {MAX_DEPTH} levels")
         pending.extend((child, depth + 1) for child in node.iter_expressions())
+
+
+def _check_expansion(tree: exp.Expression) -> None:
+    """Refuse a statement whose CTEs, each planned again wherever it is read, add up to more than
+    MAX_EXPANDED: a chain of CTEs each reading the one before twice doubles the plan at every
+    step (25 such CTEs would take the planner an hour, before any limit of the query holds)."""
+    weights: dict[str, int] = {}
+    ctes = [node for node in tree.walk(bfs=False) if isinstance(node, exp.CTE)]
+    for _ in range(3):  # a CTE defined inside another's body is weighed on a later pass
+        for cte in ctes:
+            name = cte.alias_or_name.lower()
+            weights[name] = max(weights.get(name, 0), 1 + _references(cte.this, weights, name))
+    total = 1 + _references(tree, weights, None)
+    if total > MAX_EXPANDED:
+        raise GeneratesTooMuch(f"the statement's CTEs would be planned more than {MAX_EXPANDED:,} times, once for "
+                               "every place each is read, reads included: read each CTE in fewer places")
+
+
+def _references(node: exp.Expression, weights: dict[str, int], itself: str | None) -> int:
+    """How many CTE bodies the tables ``node`` reads stand for, once inlined (not counting those
+    read inside the CTEs defined in it, nor a recursive CTE's reading of ``itself``)."""
+    total = 0
+    for table in node.walk(bfs=False, prune=lambda inner: isinstance(inner, exp.CTE) and inner is not node):
+        if isinstance(table, exp.Table) and not table.args.get("db") and table.name.lower() != itself:
+            total = min(total + weights.get(table.name.lower(), 0), MAX_EXPANDED + 1)
+    return total
 
 
 def _check_tree(tree: exp.Expression, paths: bool = True) -> None:

@@ -15,9 +15,11 @@ of them multiplies as it would when run; a name the gate cannot resolve takes th
 it could stand for. The bound overestimates (a CASE is its longest branch, an unknown function of
 several texts their sum) and follows the calls that multiply: repeat, lpad/rpad, array_repeat,
 array_resize, scalar ranges, replace, regexp_replace, encode/hex, array_to_string, concat_ws,
-array_replace, and lists written out as text (casts, concat, any call that is not a list
-function). A value made for every row is made for a whole batch of rows at once, and
-string_agg/array_agg repeat theirs for every row they gather.
+array_replace, tuples (a struct of all their parts), and values written out as text: a list
+(by a cast, concat, any call that is not a list function), a number or a date (by a cast or a
+date format). A value made for every row is made for a whole batch of rows at once, and
+string_agg/array_agg repeat theirs for every row they gather, so what they gathered may be
+gathered again only once.
 """
 from __future__ import annotations
 
@@ -25,11 +27,9 @@ import re
 import re._parser as regex_parser
 from dataclasses import dataclass, replace
 
-import sqlglot
 from sqlglot import exp
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.scope import Scope, traverse_scope, walk_in_scope
-from sqlglot.tokens import TokenType
 
 # Characters or list elements the constants of one statement may make. The engine folds calls on
 # constants while it plans, outside every limit: a few `repeat('a', 100000000)` would take
@@ -43,23 +43,15 @@ MAX_SQUARED = 4  # a value read inserted throughout another, a few times; never 
 ROWS_PER_BATCH = 65_536
 MAX_PER_BATCH = 2**30
 MAX_AGGREGATED = 1024  # characters of constants string_agg/array_agg may add for each row
+MAX_GATHERINGS = 2  # string_agg/array_agg over the values of another, at most this deep
 # The most characters one list element takes when the list is written as text, its separator
 # included: a number, a date, an interval ("0 years 0 mons 0 days 0 hours 0 mins 0.000000000 secs")
 # may be far longer than the one character or element it was made from. A list written out as
 # text, split into a list again and written out again grows by this much each time.
 ELEMENT_TEXT = 64
+EMBEDDING_ELEMENTS = 4096  # the widest embedding a model gives (MiniLM's: 384)
+FORMAT_FIELD = 32  # the most characters a date format writes for one of its characters ('%+' is 35)
 _CAP = 2**62  # bounds past every limit are all alike: kept small for the arithmetic
-# Words after which a call is a table function, whose rows stream: not one value made whole.
-_TABLE_FUNCTION_AFTER = frozenset({TokenType.FROM, TokenType.JOIN, TokenType.LATERAL})
-
-# Calls whose values grow with their arguments, under all their names in the engine.
-GROWING_CALLS = frozenset("""
-    repeat lpad rpad replace regexp_replace encode to_hex to_base64 hex array_repeat list_repeat
-    array_resize list_resize range generate_series array_to_string array_join list_to_string
-    list_join concat concat_ws array_replace array_replace_n array_replace_all list_replace
-    list_replace_n list_replace_all string_agg array_agg listagg group_concat string_to_array
-    string_to_list arrow_cast
-""".split())
 # Calls that make values from a size written in the statement, besides repeat, lpad/rpad and
 # generate_series, which sqlglot parses as nodes of their own.
 _GENERATING_CALLS = frozenset({"array_repeat", "list_repeat", "array_resize", "list_resize", "range",
@@ -84,24 +76,6 @@ def check_sizes(tree: exp.Expression) -> None:
     else:  # every column as a table's value: calls on calls are still bounded, chains of CTEs not
         sizer.check_alone(tree)
     sizer.check_generated(tree)
-
-
-def check_unread(sql: str) -> None:
-    """Raise TooLarge if a statement the gate's parser cannot read calls a function whose values
-    check_sizes would bound, or concatenates: the engine may read what the gate cannot, and would
-    then make them unchecked. Other statements are left to the engine."""
-    try:
-        tokens = sqlglot.tokenize(sql, read="postgres")
-    except Exception:  # not even split into words: no engine reads it either, unless it grows
-        tokens = []
-        if "||" in sql or any(name in sql.lower() for name in GROWING_CALLS):
-            raise TooLarge("the statement cannot be read by the gate, which bounds the values it would make")
-    for before, token, following in zip([None] + tokens, tokens, tokens[1:] + [None]):
-        called = following is not None and following.token_type == TokenType.L_PAREN
-        streamed = before is not None and before.token_type in _TABLE_FUNCTION_AFTER  # FROM range(n)
-        if token.token_type == TokenType.DPIPE or (called and not streamed and token.text.lower() in GROWING_CALLS):
-            raise TooLarge(f"the statement uses {token.text}, whose values are bounded before planning, in SQL "
-                           "the gate cannot read: write it in PostgreSQL's syntax")
 
 
 def _span(bounds: list[exp.Expression | None]) -> int:
@@ -155,21 +129,23 @@ def _constant(node: exp.Expression | None) -> int | None:
 class Bound:
     """A value's length is at most ``fixed + per_value * L + squared * L**2`` (L: the longest
     value read); ``per_row``: it is made anew for every row, as it reads a column; ``listed``: it
-    may be a list, whose elements are counted, not the characters they take as text."""
+    may be a list, whose elements are counted, not the characters they take as text; ``gathered``:
+    how many string_agg/array_agg, one gathering the other's values, it was made by."""
     fixed: int = 0
     per_value: int = 0
     squared: int = 0
     per_row: bool = False
     listed: bool = False
+    gathered: int = 0
 
     def __add__(self, other: "Bound") -> "Bound":
         return Bound(_capped(self.fixed + other.fixed), _capped(self.per_value + other.per_value),
                      _capped(self.squared + other.squared), self.per_row or other.per_row,
-                     self.listed or other.listed)
+                     self.listed or other.listed, max(self.gathered, other.gathered))
 
     def times(self, factor: int) -> "Bound":
         return Bound(_capped(self.fixed * factor), _capped(self.per_value * factor), _capped(self.squared * factor),
-                     self.per_row, self.listed)
+                     self.per_row, self.listed, self.gathered)
 
     def as_list(self) -> "Bound":
         return replace(self, listed=True)
@@ -188,15 +164,17 @@ class Bound:
         squared = self.fixed * other.squared + self.per_value * other.per_value + self.squared * other.fixed
         return Bound(_capped(self.fixed * other.fixed),
                      _capped(self.fixed * other.per_value + self.per_value * other.fixed),
-                     _CAP if cubic else _capped(squared), self.per_row or other.per_row, self.listed or other.listed)
+                     _CAP if cubic else _capped(squared), self.per_row or other.per_row, self.listed or other.listed,
+                     max(self.gathered, other.gathered))
 
     def divided(self, divisor: int) -> "Bound":
         return Bound(-(-self.fixed // divisor), -(-self.per_value // divisor), -(-self.squared // divisor),
-                     self.per_row, self.listed)
+                     self.per_row, self.listed, self.gathered)
 
     def most(self, other: "Bound") -> "Bound":
         return Bound(max(self.fixed, other.fixed), max(self.per_value, other.per_value),
-                     max(self.squared, other.squared), self.per_row or other.per_row, self.listed or other.listed)
+                     max(self.squared, other.squared), self.per_row or other.per_row, self.listed or other.listed,
+                     max(self.gathered, other.gathered))
 
 
 def _capped(value: int) -> int:
@@ -210,17 +188,20 @@ READ = Bound(0, 1, per_row=True)  # a value read from a table
 Outputs = list[tuple[str, Bound]]  # a scope's columns, by name, in order
 
 # Function results of a fixed small size (numbers, hashes, positions), whatever their arguments.
-_SMALL_RESULTS = frozenset("""
+SMALL_RESULTS = frozenset("""
     length char_length character_length octet_length bit_length strpos position instr ascii
     cardinality array_length array_position array_has array_has_all array_has_any levenshtein
     abs round ceil floor trunc sqrt cbrt exp ln log log2 log10 power pow atan2 mod sign signum
     gcd lcm greatest_common_divisor extract date_part datepart md5 sha224 sha256 sha384 sha512
     digest uuid random now count sum avg mean stddev variance corr covar approx_distinct
     approx_median approx_percentile_cont median regexp_count regexp_like starts_with ends_with
+    cosine_distance array_distance predict
 """.split())
 _SMALL_NODES = (exp.Predicate, exp.Connector, exp.Not, exp.Neg, exp.Length, exp.Count, exp.Add, exp.Sub,
                 exp.Mul, exp.Div, exp.IntDiv, exp.Mod, exp.Pow, exp.BitwiseAnd, exp.BitwiseOr, exp.BitwiseXor,
                 exp.BitwiseLeftShift, exp.BitwiseRightShift)
+# The expressions that make a value: calls, concatenations, tuples (a struct of their parts).
+_MADE = (exp.Func, exp.DPipe, exp.Tuple)
 # Results that are one of their arguments (the longest of them), not a combination.
 _CHOICES = (exp.Case, exp.If, exp.Coalesce, exp.Nullif, exp.Greatest, exp.Least, exp.Max, exp.Min,
             exp.First, exp.Last, exp.AnyValue)
@@ -230,6 +211,12 @@ _LIST_CALLS = frozenset({"string_to_array", "string_to_list", "regexp_match", "s
                          "flatten", "map_keys", "map_values", "map_extract", "make_list"})
 _REPLACE_IN_LISTS = frozenset({"array_replace", "array_replace_n", "array_replace_all", "list_replace",
                                "list_replace_n", "list_replace_all"})
+# Patterns the engine's regular expressions (Rust's) and Python's read alike, for their width:
+# characters, sets without a set inside ("[[:alpha:]]" is one character in Rust, three in Python),
+# \d \w \s and their opposites, \b \B (not Rust's \b{start}), escaped punctuation (not Rust's
+# word edges \< \>), groups without flags, quantifiers and alternatives. Any other pattern may
+# match anything, even nothing.
+_READ_ALIKE = re.compile(r"""(?:[^\\\[(]|\\[dDwWsSbBntr](?!\{)|\\[^A-Za-z0-9<>]|\[\^?\]?(?:[^\\\[\]]|\\.)*\]|\((?!\?))*""")
 # A group reference in a regexp_replace replacement (\1, $1, ${name}): a copy of its match.
 _GROUP_REFERENCE = re.compile(r"\\\d|\$\{?\w+\}?")
 
@@ -251,12 +238,12 @@ class _Sizer:
         for scope in self.scopes:
             self.outputs(scope)
             for node in walk_in_scope(scope.expression):  # the outermost call named first
-                if isinstance(node, (exp.Func, exp.DPipe)) and self._scope_value(node) is None:
+                if isinstance(node, _MADE) and self._scope_value(node) is None:
                     self._checked(node, self.bound(node, scope))
 
     def check_alone(self, tree: exp.Expression) -> None:
         for node in tree.walk():
-            if isinstance(node, (exp.Func, exp.DPipe)):
+            if isinstance(node, _MADE):
                 self._checked(node, self.bound(node, None))
 
     @staticmethod
@@ -401,14 +388,18 @@ class _Sizer:
         multiplied = self._multiplied(node, children)
         if multiplied is not None:
             return multiplied
-        if isinstance(node, _SMALL_NODES) or call_name(node) in _SMALL_RESULTS:
+        if isinstance(node, _SMALL_NODES) or call_name(node) in SMALL_RESULTS:
             return Bound(SCALAR.fixed, per_row=any(child.per_row for child in children))
         if isinstance(node, exp.Window):
             return self._of(node.this)
+        if isinstance(node, exp.Tuple) and not isinstance(node.parent, exp.Values):
+            return sum(children, NOTHING)  # (a, b) in an expression is a struct holding both
         if isinstance(node, _CHOICES) or not isinstance(node, (exp.Func, exp.DPipe)):
-            return _most(children)  # one of its parts (a clause, a tuple's values, a CASE's branch)
+            return _most(children)  # one of its parts (a clause, a VALUES row, a CASE's branch)
         if _makes_a_list(node):
             return sum(children, NOTHING).as_list()
+        if not children:
+            return SCALAR  # version(), now(), uuid(): a few characters, not one
         # A function of several values may hold them all, and one that is not a list function may
         # hold a list it was given as text (concat, regexp_replace, a cast and || all write one).
         return sum((child.as_text() for child in children), NOTHING)
@@ -435,6 +426,8 @@ class _Sizer:
             return self._replaced(node)
         if isinstance(node, exp.RegexpReplace):
             return self._regexp_replaced(node)
+        if name == "embed":  # a vector of the model's width, whatever the text
+            return Bound(EMBEDDING_ELEMENTS, per_row=any(child.per_row for child in children), listed=True)
         if isinstance(node, (exp.Encode, exp.Hex, exp.ToBase64)) or (name in ("encode", "to_hex", "to_base64") and arguments):
             return self._text(node.this if not arguments else arguments[0]).times(2)
         if isinstance(node, exp.ArrayToString) or (name in ("list_to_string", "list_join") and len(arguments) >= 2):
@@ -446,8 +439,13 @@ class _Sizer:
             return separator.times(max(0, len(parts) - 1)) + sum(parts, NOTHING)
         if name in _REPLACE_IN_LISTS and len(arguments) >= 3:
             return self._of(arguments[0]).mul(ONE + self._of(arguments[2])).as_list()
-        if isinstance(node, exp.Cast) and node.to.is_type(*exp.DataType.TEXT_TYPES):
-            return self._of(node.this).as_text()
+        if isinstance(node, exp.Cast) and node.to.is_type(*exp.DataType.TEXT_TYPES) or name == "arrow_cast":
+            # A number, a date or an interval as text: as many characters as it takes, whatever
+            # the one character it was made from (a 76-digit decimal from '1').
+            return self._text(node.this if isinstance(node, exp.Cast) else arguments[0] if arguments else None).most(SCALAR)
+        if isinstance(node, exp.TimeToStr) or name in ("to_char", "date_format"):
+            # Each format character may stand for a long field: '%c' is 24 characters.
+            return self._text(node.args.get("format") if not arguments else arguments[-1]).times(FORMAT_FIELD) + SCALAR
         if isinstance(node, (exp.GroupConcat, exp.ArrayAgg)) or name in _AGGREGATES:
             return self._aggregated(node, children)
         return None
@@ -483,7 +481,13 @@ class _Sizer:
         if gathered.fixed > MAX_AGGREGATED:
             raise TooLarge(f"{_shown(node)} adds up to {gathered.fixed:,} characters of constants for every row it "
                            f"gathers; at most {MAX_AGGREGATED:,}")
-        return gathered.as_list() if listing else gathered
+        if gathered.gathered >= MAX_GATHERINGS:
+            # Each gathering multiplies by its rows, which a join with a few constant rows makes
+            # as many as wanted: a chain of them doubles a value at every step, unseen.
+            raise TooLarge(f"{_shown(node)} gathers values that were gathered from rows {gathered.gathered} times "
+                           f"over already; at most {MAX_GATHERINGS} string_agg/array_agg, one over another")
+        made = replace(gathered, gathered=gathered.gathered + 1)
+        return made.as_list() if listing else made
 
     def _column(self, column: exp.Column, scope: Scope | None) -> Bound:
         """A column's bound: what its CTE or subquery made it of, or a table's value. A name the
@@ -562,9 +566,9 @@ def _literal_replacements(node: exp.Replace) -> tuple[exp.Expression, list[int]]
 
 def _shortest_match(pattern: exp.Expression | None) -> int:
     """How short a match of a literal pattern can be; 0 when it may be empty or is not known."""
-    if not (isinstance(pattern, exp.Literal) and pattern.is_string):
+    if not (isinstance(pattern, exp.Literal) and pattern.is_string) or _READ_ALIKE.fullmatch(pattern.this) is None:
         return 0
-    try:  # the engine's regular expressions (Rust's) read as Python's for all but rare syntax
+    try:
         return int(regex_parser.parse(pattern.this).getwidth()[0])
     except Exception:
         return 0

@@ -327,6 +327,19 @@ def _tenfold(levels: int, start: str) -> str:
     ("WITH t0 AS (SELECT string_to_array('aaaaaaaaaa', NULL) AS l), " + ", ".join(
         f"t{n} AS (SELECT string_to_array(CAST(l AS VARCHAR), NULL) AS l FROM t{n - 1})" for n in range(1, 19))
      + " SELECT cardinality(l) AS n FROM t18", "at most 16,777,216"),
+    # DataFusion reads `backquoted` names, the gate's parser does not: each CTE doubles the text.
+    ("WITH t0 AS (SELECT 'ab' AS `s`), " + ", ".join(
+        f"t{n} AS (SELECT overlay(s PLACING s FROM 1 FOR 0) AS s FROM t{n - 1})" for n in range(1, 31))
+     + " SELECT length(s) AS n FROM t30", "calls overlay"),
+    # A tuple is a struct of its parts: 40 CTEs of (s, s) hold a thousand characters 2^40 times.
+    ("WITH t0 AS (SELECT repeat('ab', 500) AS s), " + ", ".join(
+        f"t{n} AS (SELECT (s, s) AS s FROM t{n - 1})" for n in range(1, 41)) + " SELECT make_array(s) AS a FROM t40",
+     "at most 16,777,216"),
+    # Not a value but the plan: each CTE reading the one before twice doubles what is planned
+    # (25 of them: an hour of planning on the request's thread).
+    ("WITH t0 AS (SELECT 1 AS x), " + ", ".join(
+        f"t{n} AS (SELECT x FROM t{n - 1} UNION ALL SELECT x FROM t{n - 1})" for n in range(1, 26))
+     + " SELECT count(*) AS n FROM t25", "planned more than 1,000 times"),
 ])
 def test_values_that_would_grow_to_gigabytes_are_refused_before_planning(server, watcher, sql, limit):
     message, seconds = attack(server, sql)

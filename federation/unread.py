@@ -1,0 +1,127 @@
+"""Statements the gate's parser cannot read, which the engine may: what they may not do.
+
+DataFusion reads a few forms sqlglot's PostgreSQL parser does not (`backquoted` names,
+``t SAMPLE 1``). The size bound (``federation.sizes``) cannot follow such a statement's
+expressions, and the engine would make their values unchecked. So on its words alone, such a
+statement may call only functions whose values are small or one of their arguments, besides
+table functions, and may not concatenate or build lists or tuples: nothing in it can make a
+value larger than those it reads. Anything else is left to the engine, which reads it under
+read-only options.
+"""
+from __future__ import annotations
+
+import sqlglot
+from sqlglot.tokens import Token, TokenType
+
+from federation.sizes import SMALL_RESULTS, TooLarge
+
+# Words after which a call is a table function, whose rows stream: not one value made whole.
+_TABLE_FUNCTION_AFTER = frozenset({TokenType.FROM, TokenType.JOIN, TokenType.LATERAL})
+# Words after which a parenthesis is not a call's.
+_PARENTHESES_AFTER = frozenset({TokenType.IN, TokenType.EXISTS, TokenType.OVER, TokenType.FILTER})
+_BEFORE_ALIAS_COLUMNS = frozenset({TokenType.VAR, TokenType.IDENTIFIER, TokenType.ALIAS, TokenType.R_PAREN})
+# Clause keywords a parenthesis may follow without being called (any other word is a call's name).
+_CLAUSE_WORDS = frozenset({
+    TokenType.SELECT, TokenType.WHERE, TokenType.AND, TokenType.OR, TokenType.NOT, TokenType.ON, TokenType.THEN,
+    TokenType.ELSE, TokenType.WHEN, TokenType.CASE, TokenType.FROM, TokenType.JOIN, TokenType.HAVING,
+    TokenType.ORDER_BY, TokenType.GROUP_BY, TokenType.PARTITION_BY, TokenType.BETWEEN, TokenType.IS,
+    TokenType.LIKE, TokenType.ILIKE, TokenType.ALIAS, TokenType.DISTINCT, TokenType.LIMIT, TokenType.OFFSET,
+    TokenType.UNION, TokenType.INTERSECT, TokenType.EXCEPT, TokenType.ALL, TokenType.ANY, TokenType.SOME,
+    TokenType.LATERAL, TokenType.WITH, TokenType.RECURSIVE, TokenType.USING, TokenType.DESC, TokenType.ASC,
+})
+# The calls a statement the gate cannot read may make: small values, or one of their arguments.
+_UNREAD_CALLS = SMALL_RESULTS | frozenset("""
+    min max coalesce nullif cast try_cast substr substring left right trim btrim ltrim rtrim date_trunc
+""".split())
+
+
+class Unreadable(ValueError):
+    """A statement not even split into words, which might make values the gate cannot see."""
+
+
+def check_unread(sql: str) -> None:
+    """Raise TooLarge if a statement the gate's parser cannot read may make a value larger than
+    those it reads (see the module's docstring); Unreadable if it cannot even be split into
+    words and could."""
+    try:
+        tokens = sqlglot.tokenize(sql, read="postgres")
+    except Exception as error:  # an unterminated quote or comment: the engine's own error says where
+        if any(mark in sql for mark in ("(", "[", "{", "||")):
+            raise Unreadable(f"syntax error: {error}") from None
+        return
+    tokens = _backquoted_as_names(tokens)
+    closing = _closing_parentheses(tokens)
+    rows: set[int] = set()  # where the rows of a VALUES list close
+    for position, token in enumerate(tokens):
+        if token.token_type in (TokenType.DPIPE, TokenType.L_BRACKET, TokenType.L_BRACE):
+            raise TooLarge(_unread(f"uses {token.text}"))
+        if token.token_type != TokenType.L_PAREN:
+            continue
+        before = tokens[position - 1] if position else None
+        earlier = tokens[position - 2] if position > 1 else None
+        after = tokens[closing[position] + 1] if closing.get(position, len(tokens)) + 1 < len(tokens) else None
+        if before is not None and (before.token_type == TokenType.VALUES or (
+                before.token_type == TokenType.COMMA and earlier is not None and position - 2 in rows)):
+            rows.add(closing.get(position, -1))
+        elif before is not None and before.token_type in _PARENTHESES_AFTER:
+            continue  # IN (...), EXISTS (...), OVER (...), FILTER (...)
+        elif before is not None and _names_something(before):
+            if earlier is not None and earlier.token_type in _TABLE_FUNCTION_AFTER | _BEFORE_ALIAS_COLUMNS:
+                continue  # FROM range(n), a table alias's column names
+            if (earlier is not None and earlier.token_type in (TokenType.WITH, TokenType.RECURSIVE, TokenType.COMMA)
+                    and after is not None and after.token_type == TokenType.ALIAS):
+                continue  # a CTE's column names: WITH t(a, b) AS (...)
+            if before.text.lower() not in _UNREAD_CALLS:
+                raise TooLarge(_unread(f"calls {before.text}"))
+        elif _tuple_inside(tokens, position, closing.get(position, len(tokens))):
+            raise TooLarge(_unread("makes a tuple"))
+
+
+def _unread(what: str) -> str:
+    return (f"the statement {what}, whose values are bounded before planning, in SQL the gate cannot read: "
+            "write it in PostgreSQL's syntax (names in double quotes)")
+
+
+def _backquoted_as_names(tokens: list) -> list:
+    """The tokens with each `backquoted name` (which the PostgreSQL tokenizer leaves in pieces) as one name."""
+    merged, position = [], 0
+    while position < len(tokens):
+        token = tokens[position]
+        end = next((later for later in range(position + 1, len(tokens)) if tokens[later].text == "`"), None)
+        if token.text == "`" and token.token_type == TokenType.UNKNOWN and end is not None:
+            merged.append(Token(TokenType.IDENTIFIER, " ".join(t.text for t in tokens[position + 1:end])))
+            position = end + 1
+        else:
+            merged.append(token)
+            position += 1
+    return merged
+
+
+def _closing_parentheses(tokens: list) -> dict[int, int]:
+    """Each opening parenthesis's position -> its closing one's."""
+    opened, closing = [], {}
+    for position, token in enumerate(tokens):
+        if token.token_type == TokenType.L_PAREN:
+            opened.append(position)
+        elif token.token_type == TokenType.R_PAREN and opened:
+            closing[opened.pop()] = position
+    return closing
+
+
+def _names_something(token) -> bool:
+    """A name, or a word that is not a clause's keyword: what a call or an alias would be."""
+    return token.token_type in (TokenType.VAR, TokenType.IDENTIFIER) or (
+        token.text[:1].isalpha() and token.token_type not in _CLAUSE_WORDS)
+
+
+def _tuple_inside(tokens: list, opening: int, closing: int) -> bool:
+    """A parenthesis holding a comma of its own, not a subquery's: a tuple, made a struct."""
+    if opening + 1 < len(tokens) and tokens[opening + 1].token_type in (TokenType.SELECT, TokenType.WITH,
+                                                                        TokenType.VALUES):
+        return False
+    depth = 0
+    for token in tokens[opening + 1:closing]:
+        depth += {TokenType.L_PAREN: 1, TokenType.R_PAREN: -1}.get(token.token_type, 0)
+        if depth == 0 and token.token_type == TokenType.COMMA:
+            return True
+    return False
