@@ -313,6 +313,10 @@ class _Sizer:
             return first
         if left is not None and _recursive_cte(scope):
             return self._recursive(scope, left, right)
+        if node.args.get("by_name"):  # columns matched by name: each may be any of the other side's
+            second = self.outputs(right)
+            return [(name, bound.most(_named(second, name) or _most([b for _, b in second])))
+                    for name, bound in first]
         return _positional_most(first, self.outputs(right))
 
     def _branch(self, side: exp.Expression) -> Scope | None:
@@ -338,11 +342,21 @@ class _Sizer:
         return _Sizer(self.scopes, assumed).outputs(step)
 
     def _star(self, star: exp.Expression, scope: Scope) -> Outputs:
+        """The columns ``*`` (or ``t.*``) stands for: of the sources the scope selects from (not
+        every CTE it could), less those its EXCEPT drops, with those its REPLACE makes."""
         table = star.table if isinstance(star, exp.Column) else ""
-        sources = [scope.sources.get(table)] if table else list(scope.sources.values())
+        selected = {name: source for name, (_, source) in scope.selected_sources.items()}
+        sources = [selected.get(table, scope.sources.get(table))] if table else list(selected.values())
         outputs: Outputs = []
         for source in sources:
             outputs.extend(self.outputs(source) if isinstance(source, Scope) else [("*", READ)])
+        modifiers = star.this if isinstance(star, exp.Column) and isinstance(star.this, exp.Star) else star
+        dropped = {column.name.lower() for column in modifiers.args.get("except_") or []}
+        outputs = [(name, bound) for name, bound in outputs if name not in dropped]
+        for made in modifiers.args.get("replace") or []:
+            # A replaced column holds what its expression makes, read over the same sources.
+            outputs = [(name, bound) for name, bound in outputs if name != made.alias_or_name.lower()]
+            outputs.append((made.alias_or_name.lower(), self.bound(made.this, scope)))
         return outputs
 
     def bound(self, node: exp.Expression, scope: Scope | None) -> Bound:
@@ -429,7 +443,11 @@ class _Sizer:
         if name == "embed":  # a vector of the model's width, whatever the text
             return Bound(EMBEDDING_ELEMENTS, per_row=any(child.per_row for child in children), listed=True)
         if isinstance(node, (exp.Encode, exp.Hex, exp.ToBase64)) or (name in ("encode", "to_hex", "to_base64") and arguments):
-            return self._text(node.this if not arguments else arguments[0]).times(2)
+            # Written from bytes: a character is up to four, eight hex digits.
+            return self._text(node.this if not arguments else arguments[0]).times(8)
+        if isinstance(node, (exp.Upper, exp.Lower, exp.Initcap)) or (name in ("upper", "lower", "initcap") and arguments):
+            # Case mapping may lengthen a character: 'ß' is 'SS', 'ΐ' three characters in capitals.
+            return self._text(node.this if not arguments else arguments[0]).times(3)
         if isinstance(node, exp.ArrayToString) or (name in ("list_to_string", "list_join") and len(arguments) >= 2):
             listed, separator = (node.this, node.expression) if not arguments else arguments[:2]
             # Each element as text, and the separator once per element.
@@ -473,7 +491,10 @@ class _Sizer:
         return text.mul(ONE + self._text(replacement)) + self._text(replacement)
 
     def _aggregated(self, node: exp.Expression, children: list[Bound]) -> Bound:
-        if isinstance(node.parent, exp.Window):
+        wrapper = node.parent
+        while isinstance(wrapper, (exp.Filter, exp.IgnoreNulls, exp.RespectNulls)):
+            wrapper = wrapper.parent
+        if isinstance(wrapper, exp.Window):
             raise TooLarge(f"{_shown(node)} as a window function makes, for every row, a value of all the rows "
                            "before it: aggregate it with GROUP BY instead")
         listing = isinstance(node, exp.ArrayAgg) or call_name(node) == "array_agg"
