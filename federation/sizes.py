@@ -185,6 +185,9 @@ NOTHING = Bound()        # what a sum starts from
 ONE = Bound(1)           # a character, an element, a NULL
 SCALAR = Bound(128)      # a number, a hash, a date as text: a few characters whatever it was made of
 READ = Bound(0, 1, per_row=True)  # a value read from a table
+# An element of a list a call makes from a size (array_repeat, a scalar range): whatever it holds,
+# it takes 8 bytes or more (a number, or a text's offset), so 16M of them would be 128 MB or more.
+ELEMENT = Bound(8)
 Outputs = list[tuple[str, Bound]]  # a scope's columns, by name, in order
 
 # Function results of a fixed small size (numbers, hashes, positions), whatever their arguments.
@@ -423,19 +426,20 @@ class _Sizer:
         name, arguments = call_name(node), node.expressions if isinstance(node, exp.Anonymous) else []
         if isinstance(node, exp.Repeat) or (name in ("array_repeat", "list_repeat") and len(arguments) >= 2):
             repeated, times = (node.this, node.args.get("times")) if isinstance(node, exp.Repeat) else arguments[:2]
-            repeated_bound = self._of(repeated).most(ONE).times(_size(times))
-            return repeated_bound if isinstance(node, exp.Repeat) else repeated_bound.as_list()
+            if isinstance(node, exp.Repeat):
+                return self._of(repeated).most(ONE).times(_size(times))
+            return self._of(repeated).most(ELEMENT).times(_size(times)).as_list()
         if isinstance(node, exp.Pad):
             return Bound(_size(node.args.get("expression")), per_row=any(child.per_row for child in children))
         if name in ("array_resize", "list_resize") and len(arguments) >= 2:
             fill = self._of(arguments[2]) if len(arguments) > 2 else ONE
-            return (Bound(_size(arguments[1])).mul(fill.most(ONE)) + self._of(arguments[0])).as_list()
+            return (Bound(_size(arguments[1])).mul(fill.most(ELEMENT)) + self._of(arguments[0])).as_list()
         if isinstance(node, (exp.GenerateSeries, exp.ExplodingGenerateSeries)) or name in ("range", "generate_series"):
             if isinstance(node.parent, (exp.Table, exp.Lateral)):
                 return ONE  # a table function: one small value per row
             if isinstance(node, exp.Anonymous):
-                return Bound(_span(arguments if len(arguments) > 1 else [None, arguments[0]]), listed=True)
-            return Bound(_span([node.args.get("start"), node.args.get("end"), node.args.get("step")]), listed=True)
+                return ELEMENT.times(_span(arguments if len(arguments) > 1 else [None, arguments[0]])).as_list()
+            return ELEMENT.times(_span([node.args.get("start"), node.args.get("end"), node.args.get("step")])).as_list()
         if isinstance(node, exp.Replace):
             return self._replaced(node)
         if isinstance(node, exp.RegexpReplace):

@@ -202,6 +202,9 @@ def _list_chain(levels: int, step: str, start: str) -> str:
     ("SELECT repeat(arrow_cast(arrow_cast(1, 'Decimal256(76, 75)'), 'Utf8'), 5000000) AS v", "at most 16,777,216"),
     ("SELECT to_char(now(), repeat('%c', 8000000)) AS t", "at most 16,777,216"),
     ("SELECT repeat(CAST(embed('a') AS VARCHAR), 100000) AS s", "at most 16,777,216"),  # 384 numbers as text
+    # A list's element takes 8 bytes or more: 3M decimals of 16 bytes, 3M numbers of a range.
+    ("SELECT cardinality(array_repeat(CAST(1 AS DECIMAL(38, 0)), 3000000)) AS n", "at most 16,777,216"),
+    ("SELECT cardinality(range(3000000)) AS n", "at most 16,777,216"),
     # Case mapping lengthens 'ß' to 'SS'; hex is written from bytes, 8 digits for an emoji.
     (_list_chain(40, "t{0} AS (SELECT upper(replace(l, 'S', 'ß')) AS l FROM t{1})", "'ß'"), "at most 16,777,216"),
     (_list_chain(10, "t{0} AS (SELECT encode(translate(l, '0123456789abcdef', '😀😁😂😃😄😅😆😇😈😉😊😋😌😍😎😏'), "
@@ -354,6 +357,7 @@ def test_a_statement_not_even_split_into_words_is_a_syntax_error_if_it_could_mak
     "SELECT upper(name), lower(city), initcap(x), encode(sha256(x), 'hex') AS h FROM t",
     "SELECT * EXCLUDE (secret) FROM t", "SELECT * REPLACE (upper(name) AS name) FROM t",
     "SELECT region, count(*) AS n FROM t GROUP BY CUBE(region, city, product)",
+    "SELECT cardinality(array_repeat(0, 1000000)) AS n, range(1000) AS r",
 ])
 def test_gate_passes_values_that_grow_a_bounded_amount(statement):
     check_read_only(statement)
