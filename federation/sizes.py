@@ -303,7 +303,8 @@ class _Sizer:
         elif isinstance(node, exp.Values):  # one column per position, named as the engine does
             rows = [row.expressions if isinstance(row, exp.Tuple) else [row] for row in node.expressions]
             width = max((len(row) for row in rows), default=0)
-            outputs = [(f"column{index + 1}", _most([self.bound(row[index], scope) for row in rows if index < len(row)]))
+            outputs = [(f"column{index + 1}",
+                        _most([self.bound(row[index], scope) for row in rows if index < len(row)]))
                        for index in range(width)]
         else:  # a table function: what its arguments make
             outputs = [("", _most([self.bound(argument, scope) for argument in node.expressions] or [ONE]))]
@@ -438,6 +439,8 @@ class _Sizer:
             if isinstance(node.parent, (exp.Table, exp.Lateral)):
                 return ONE  # a table function: one small value per row
             if isinstance(node, exp.Anonymous):
+                if not arguments:
+                    return ONE  # refused by the engine
                 return ELEMENT.times(_span(arguments if len(arguments) > 1 else [None, arguments[0]])).as_list()
             return ELEMENT.times(_span([node.args.get("start"), node.args.get("end"), node.args.get("step")])).as_list()
         if isinstance(node, exp.Replace):
@@ -446,10 +449,10 @@ class _Sizer:
             return self._regexp_replaced(node)
         if name == "embed":  # a vector of the model's width, whatever the text
             return Bound(EMBEDDING_ELEMENTS, per_row=any(child.per_row for child in children), listed=True)
-        if isinstance(node, (exp.Encode, exp.Hex, exp.ToBase64)) or (name in ("encode", "to_hex", "to_base64") and arguments):
+        if isinstance(node, (exp.Encode, exp.Hex, exp.ToBase64)) or name in ("encode", "to_hex", "to_base64") and arguments:
             # Written from bytes: a character is up to four, eight hex digits.
             return self._text(node.this if not arguments else arguments[0]).times(8)
-        if isinstance(node, (exp.Upper, exp.Lower, exp.Initcap)) or (name in ("upper", "lower", "initcap") and arguments):
+        if isinstance(node, (exp.Upper, exp.Lower, exp.Initcap)) or name in ("upper", "lower", "initcap") and arguments:
             # Case mapping may lengthen a character: 'ß' is 'SS', 'ΐ' three characters in capitals.
             return self._text(node.this if not arguments else arguments[0]).times(3)
         if isinstance(node, exp.ArrayToString) or (name in ("list_to_string", "list_join") and len(arguments) >= 2):
@@ -464,7 +467,8 @@ class _Sizer:
         if isinstance(node, exp.Cast) and node.to.is_type(*exp.DataType.TEXT_TYPES) or name == "arrow_cast":
             # A number, a date or an interval as text: as many characters as it takes, whatever
             # the one character it was made from (a 76-digit decimal from '1').
-            return self._text(node.this if isinstance(node, exp.Cast) else arguments[0] if arguments else None).most(SCALAR)
+            value = node.this if isinstance(node, exp.Cast) else arguments[0] if arguments else None
+            return self._text(value).most(SCALAR)
         if isinstance(node, exp.TimeToStr) or name in ("to_char", "date_format"):
             # Each format character may stand for a long field: '%c' is 24 characters.
             return self._text(node.args.get("format") if not arguments else arguments[-1]).times(FORMAT_FIELD) + SCALAR
@@ -564,8 +568,8 @@ def _generates(node: exp.Expression) -> bool:
 
 def _makes_a_list(node: exp.Expression) -> bool:
     name = call_name(node)
-    return (isinstance(node, (exp.Array, exp.ArrayAgg, exp.GenerateSeries)) or name.startswith(("array", "list", "make_array"))
-            or name in _LIST_CALLS)
+    return (isinstance(node, (exp.Array, exp.ArrayAgg, exp.GenerateSeries))
+            or name.startswith(("array", "list", "make_array")) or name in _LIST_CALLS)
 
 
 def _literal_replacements(node: exp.Replace) -> tuple[exp.Expression, list[int]] | None:

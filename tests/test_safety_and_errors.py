@@ -271,6 +271,14 @@ def test_a_star_stands_for_the_columns_of_what_its_select_reads():
     check_read_only(_list_chain(30, "t{0} AS (SELECT * FROM t{1})", "'a'"))
 
 
+def test_a_statement_the_size_bound_fails_on_is_refused_not_let_through(monkeypatch):
+    def failing(_sizer):
+        raise KeyError("a construct the bound does not know")
+    monkeypatch.setattr("federation.sizes._Sizer.check", failing)
+    with pytest.raises(GeneratesTooMuch, match="cannot bound the values"):
+        check_read_only("SELECT replace(name, 'a', 'b') AS n FROM src")
+
+
 def test_growth_is_bounded_where_the_gate_cannot_resolve_the_statement_s_scopes(monkeypatch):
     def unresolved(_tree):
         raise ValueError("cannot resolve")
