@@ -201,7 +201,11 @@ def explain_parts(sql: str) -> tuple[str, str, frozenset[str]] | None:
 
 def _strip_explain(sql: str) -> str:
     """The statement an EXPLAIN explains, refused unless it is a query."""
-    _, inner, _ = explain_parts(sql)
+    parts = explain_parts(sql)
+    if parts is None:  # not split into words: an unterminated quote or comment
+        raise NotAStatement("syntax error: EXPLAIN takes a query, and this one cannot be read (an unterminated "
+                            "quote or comment?)")
+    _, inner, _ = parts
     head = (_leading_words(inner) or [""])[0]
     if head in WRITE_STATEMENTS:
         raise UnsafeStatement("EXPLAIN of a write statement is not allowed: flightdeck is read-only")

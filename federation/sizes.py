@@ -28,6 +28,7 @@ import re._parser as regex_parser
 from dataclasses import dataclass, replace
 
 from sqlglot import exp
+from sqlglot.errors import OptimizeError
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.scope import Scope, traverse_scope, walk_in_scope
 
@@ -349,7 +350,10 @@ class _Sizer:
         """The columns ``*`` (or ``t.*``) stands for: of the sources the scope selects from (not
         every CTE it could), less those its EXCEPT drops, with those its REPLACE makes."""
         table = star.table if isinstance(star, exp.Column) else ""
-        selected = {name: source for name, (_, source) in scope.selected_sources.items()}
+        try:
+            selected = {name: source for name, (_, source) in scope.selected_sources.items()}
+        except OptimizeError:  # an alias used twice (which the engine refuses): every source it could be
+            selected = dict(scope.sources)
         sources = [selected.get(table, scope.sources.get(table))] if table else list(selected.values())
         outputs: Outputs = []
         for source in sources:

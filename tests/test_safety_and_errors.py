@@ -271,6 +271,12 @@ def test_a_star_stands_for_the_columns_of_what_its_select_reads():
     check_read_only(_list_chain(30, "t{0} AS (SELECT * FROM t{1})", "'a'"))
 
 
+@pytest.mark.parametrize("statement", ["EXPLAIN SELECT 'unterminated", "EXPLAIN (ANALYZE SELECT '/etc/e, VERBOSE) x"])
+def test_an_explain_the_gate_cannot_split_into_words_is_a_syntax_error(statement):
+    with pytest.raises(NotAStatement, match="syntax error: EXPLAIN takes a query"):
+        check_read_only(statement)
+
+
 def test_a_statement_the_size_bound_fails_on_is_refused_not_let_through(monkeypatch):
     def failing(_sizer):
         raise KeyError("a construct the bound does not know")
