@@ -59,18 +59,18 @@ def check_unread(sql: str) -> None:
             continue
         before = tokens[position - 1] if position else None
         earlier = tokens[position - 2] if position > 1 else None
-        after = tokens[closing[position] + 1] if closing.get(position, len(tokens)) + 1 < len(tokens) else None
         if before is not None and (before.token_type == TokenType.VALUES or (
                 before.token_type == TokenType.COMMA and earlier is not None and position - 2 in rows)):
             rows.add(closing.get(position, -1))
         elif before is not None and before.token_type in _PARENTHESES_AFTER:
             continue  # IN (...), EXISTS (...), OVER (...), FILTER (...)
         elif before is not None and _names_something(before):
-            if earlier is not None and earlier.token_type in _TABLE_FUNCTION_AFTER | _BEFORE_ALIAS_COLUMNS:
-                continue  # FROM range(n), a table alias's column names
-            if (earlier is not None and earlier.token_type in (TokenType.WITH, TokenType.RECURSIVE, TokenType.COMMA)
-                    and after is not None and after.token_type == TokenType.ALIAS):
-                continue  # a CTE's column names: WITH t(a, b) AS (...)
+            if earlier is not None and earlier.token_type in _TABLE_FUNCTION_AFTER:
+                continue  # FROM range(n): a table function's rows stream
+            if _names_only(tokens, position, closing.get(position, len(tokens))) and (
+                    earlier is not None and earlier.token_type in _BEFORE_ALIAS_COLUMNS
+                    or _cte_columns(tokens, position, closing.get(position, len(tokens)))):
+                continue  # a table alias's or a CTE's column names: AS v(a, b), WITH t(a, b) AS (...)
             if before.text.lower() not in _UNREAD_CALLS:
                 raise TooLarge(_unread(f"calls {before.text}"))
         elif _tuple_inside(tokens, position, closing.get(position, len(tokens))):
@@ -84,17 +84,18 @@ def _unread(what: str) -> str:
 
 def _backquoted_as_names(tokens: list) -> list:
     """The tokens with each `backquoted name` (which the PostgreSQL tokenizer leaves in pieces) as one name."""
-    merged, position = [], 0
-    while position < len(tokens):
-        token = tokens[position]
-        end = next((later for later in range(position + 1, len(tokens)) if tokens[later].text == "`"), None)
-        if token.text == "`" and token.token_type == TokenType.UNKNOWN and end is not None:
-            merged.append(Token(TokenType.IDENTIFIER, " ".join(t.text for t in tokens[position + 1:end])))
-            position = end + 1
-        else:
+    merged: list = []
+    opened: int | None = None  # where the backquote being read opened
+    for position, token in enumerate(tokens):
+        if token.token_type == TokenType.UNKNOWN and token.text == "`":
+            if opened is None:
+                opened = position
+            else:
+                merged.append(Token(TokenType.IDENTIFIER, " ".join(t.text for t in tokens[opened + 1:position])))
+                opened = None
+        elif opened is None:
             merged.append(token)
-            position += 1
-    return merged
+    return merged + (tokens[opened:] if opened is not None else [])
 
 
 def _closing_parentheses(tokens: list) -> dict[int, int]:
@@ -106,6 +107,20 @@ def _closing_parentheses(tokens: list) -> dict[int, int]:
         elif token.token_type == TokenType.R_PAREN and opened:
             closing[opened.pop()] = position
     return closing
+
+
+def _names_only(tokens: list, opening: int, closing: int) -> bool:
+    """A parenthesis holding names and commas only: what a list of column names is."""
+    return all(token.token_type in (TokenType.VAR, TokenType.IDENTIFIER, TokenType.COMMA)
+               for token in tokens[opening + 1:closing])
+
+
+def _cte_columns(tokens: list, opening: int, closing: int) -> bool:
+    """``WITH t(a, b) AS (`` or ``, t(a, b) AS (``: a CTE's names for its columns."""
+    earlier = tokens[opening - 2] if opening > 1 else None
+    return (earlier is not None and earlier.token_type in (TokenType.WITH, TokenType.RECURSIVE, TokenType.COMMA)
+            and closing + 2 < len(tokens) and tokens[closing + 1].token_type == TokenType.ALIAS
+            and tokens[closing + 2].token_type == TokenType.L_PAREN)
 
 
 def _names_something(token) -> bool:

@@ -302,6 +302,7 @@ def test_growth_is_bounded_where_the_gate_cannot_resolve_the_statement_s_scopes(
     ("WITH t0 AS (SELECT 'ab' AS `s`), t1 AS (SELECT overlay(s PLACING s FROM 1 FOR 0) AS s FROM t0) "
      "SELECT length(s) FROM t1", "calls overlay"),    # each such CTE doubles its text
     ("SELECT array_concat(s, s) AS `x` FROM t", "calls array_concat"),
+    ("SELECT 1 AS one, array_concat(s, s) AS `x` FROM t", "calls array_concat"),  # not a CTE's column names
     ('SELECT "repeat"(s, 3) AS `x` FROM t', "calls repeat"),
     ("SELECT (s, s) AS `x` FROM t", "makes a tuple"), ("SELECT [s, s] AS `x` FROM t", "uses ["),
     ("SELECT s || s AS `x` FROM t", "uses ||"),
@@ -319,6 +320,7 @@ def test_a_statement_the_gate_cannot_read_may_not_make_values_it_would_bound(sta
     "SELECT sum(x) FILTER (WHERE x > 1), count(*) OVER (PARTITION BY a, b ORDER BY c) FROM `t`",
     "SELECT * FROM generate_series(1, 10) AS `g`", "SELECT `x` FROM t WHERE EXISTS (SELECT 1, 2 FROM u)",
     "SELECT predict('churn', label, f1, f2, f3) AS p FROM features",  # sqlglot knows a predict of 3 arguments
+    "WITH a(x, y) AS (SELECT 1, 2), b(z) AS (SELECT 3) SELECT `x` FROM a, b", "SELECT `a` FROM t AS u(a, b)",
 ])
 def test_a_statement_the_gate_cannot_read_is_left_to_the_engine_when_it_makes_nothing_larger(statement):
     check_read_only(statement)
