@@ -296,9 +296,15 @@ def test_the_replication_session_writes_nothing_and_the_snapshot_session_is_read
     try:
         with serving(_config(tmp_path, peer), tmp_path) as runtime:
             _until(lambda: _status(runtime)["refresh_state"] == "ready")
-            sessions = peer.run("SELECT backend_type, query FROM pg_stat_activity "
+
+            def sessions() -> list[tuple]:
+                return peer.run("SELECT backend_type, query FROM pg_stat_activity "
                                 "WHERE application_name = 'flightdeck cdc'")
-            assert sessions and all(kind == "walsender" for kind, _ in sessions)
-            assert all("START_REPLICATION" in query for _, query in sessions)
+            # The copy is ready once the snapshot is loaded; the stream may start a moment later
+            # (the walsender still identifying the system), so wait for it, then look at every session.
+            _until(lambda: any("START_REPLICATION" in query for _, query in sessions()))
+            found = sessions()
+            assert found and all(kind == "walsender" for kind, _ in found)
+            assert all("START_REPLICATION" in query for _, query in found)
     finally:
         peer.close()
