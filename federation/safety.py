@@ -17,7 +17,7 @@ from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import TokenType
 
 from federation.sizes import TooLarge, call_name, check_sizes
-from federation.unread import Unreadable, check_unread
+from federation.unread import Unreadable, check_unread, closing_parentheses
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def explain_parts(sql: str) -> tuple[str, str, frozenset[str]] | None:
         elif word == "FORMAT":
             at, options = at + 2, options | {word}
         elif word == "(" and at + 1 < len(rest) and rest[at + 1].text.upper() not in _QUERY_STARTS:
-            closing = _after_parentheses(rest, at)
+            closing = closing_parentheses(rest).get(at, len(rest) - 1) + 1
             at, options = closing, options | _listed_options(rest[at + 1:closing - 1])
         else:
             break
@@ -228,16 +228,6 @@ def _listed_options(tokens: list) -> set[str]:
     return options
 
 
-def _after_parentheses(tokens: list, opening: int) -> int:
-    """The index of the token after the parenthesis that closes the one at ``opening``."""
-    depth = 0
-    for at in range(opening, len(tokens)):
-        depth += {"(": 1, ")": -1}.get(tokens[at].text, 0)
-        if depth == 0:
-            return at + 1
-    return len(tokens)
-
-
 def _check_depth(tree: exp.Expression) -> None:
     pending = [(tree, 1)]
     while pending:  # not recursive: the tree may be deeper than Python's recursion limit
@@ -252,15 +242,28 @@ def _check_expansion(tree: exp.Expression) -> None:
     MAX_EXPANDED: a chain of CTEs each reading the one before twice doubles the plan at every
     step (25 such CTEs would take the planner an hour, before any limit of the query holds)."""
     weights: dict[str, int] = {}
-    ctes = [node for node in tree.walk(bfs=False) if isinstance(node, exp.CTE)]
-    for _ in range(3):  # a CTE defined inside another's body is weighed on a later pass
-        for cte in ctes:
-            name = cte.alias_or_name.lower()
-            weights[name] = max(weights.get(name, 0), 1 + _references(cte.this, weights, name))
+    for cte in _ctes_inner_first(tree):
+        name = cte.alias_or_name.lower()
+        weights[name] = max(weights.get(name, 0), 1 + _references(cte.this, weights, name))
     total = 1 + _references(tree, weights, None)
     if total > MAX_EXPANDED:
         raise GeneratesTooMuch(f"the statement's CTEs would be planned more than {MAX_EXPANDED:,} times (each is "
                                "planned again wherever it is read): read each CTE in fewer places")
+
+
+def _ctes_inner_first(tree: exp.Expression) -> list[exp.CTE]:
+    """The statement's CTEs, each after the CTEs defined inside it and after its earlier siblings:
+    the order in which each can be weighed once, knowing the weight of everything it reads."""
+    ordered, pending = [], [(tree, False)]
+    while pending:  # not recursive: the tree may be deeper than Python's recursion limit
+        node, children_done = pending.pop()
+        if children_done:
+            if isinstance(node, exp.CTE):
+                ordered.append(node)
+            continue
+        pending.append((node, True))
+        pending.extend((child, False) for child in reversed(list(node.iter_expressions())))
+    return ordered
 
 
 def _check_grouping_sets(tree: exp.Expression) -> None:

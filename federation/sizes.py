@@ -462,9 +462,9 @@ class _Sizer:
         if isinstance(node, exp.ArrayToString) or (name in ("list_to_string", "list_join") and len(arguments) >= 2):
             listed, separator = (node.this, node.expression) if not arguments else arguments[:2]
             # Each element as text, and the separator once per element.
-            return replace(self._of(listed).mul(Bound(ELEMENT_TEXT) + self._of(separator).as_text()), listed=False)
+            return replace(self._of(listed).mul(Bound(ELEMENT_TEXT) + self._text(separator)), listed=False)
         if isinstance(node, exp.ConcatWs) and node.expressions:
-            separator, *parts = [self._of(part).as_text() for part in node.expressions]
+            separator, *parts = [self._text(part) for part in node.expressions]
             return separator.times(max(0, len(parts) - 1)) + sum(parts, NOTHING)
         if name in _REPLACE_IN_LISTS and len(arguments) >= 3:
             return self._of(arguments[0]).mul(ONE + self._of(arguments[2])).as_list()

@@ -50,7 +50,7 @@ def check_unread(sql: str) -> None:
             raise Unreadable(f"syntax error: {error}") from None
         return
     tokens = _backquoted_as_names(tokens)
-    closing = _closing_parentheses(tokens)
+    closing = closing_parentheses(tokens)
     rows: set[int] = set()  # where the rows of a VALUES list close
     for position, token in enumerate(tokens):
         if token.token_type in (TokenType.DPIPE, TokenType.L_BRACKET, TokenType.L_BRACE):
@@ -98,7 +98,7 @@ def _backquoted_as_names(tokens: list) -> list:
     return merged + (tokens[opened:] if opened is not None else [])
 
 
-def _closing_parentheses(tokens: list) -> dict[int, int]:
+def closing_parentheses(tokens: list) -> dict[int, int]:
     """Each opening parenthesis's position -> its closing one's."""
     opened, closing = [], {}
     for position, token in enumerate(tokens):

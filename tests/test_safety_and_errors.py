@@ -254,6 +254,22 @@ def test_a_statement_whose_ctes_would_be_planned_too_many_times_is_refused():
                     "SELECT * FROM t, t AS u")
 
 
+def _nested_doubling_reads(levels: int) -> str:
+    statement = "SELECT 1 AS x"
+    for level in range(levels):
+        statement = (f"WITH n{level} AS ({statement}) "
+                     f"SELECT x FROM n{level} UNION ALL SELECT x FROM n{level}")
+    return statement
+
+
+def test_ctes_nested_inside_each_other_are_weighed_at_any_depth():
+    """The same doubling written as a WITH inside each CTE's body rather than as a chain: each
+    CTE is weighed once its inner ones are, however deep they nest."""
+    check_read_only(_nested_doubling_reads(8))
+    with pytest.raises(GeneratesTooMuch, match="planned more than 1,000 times"):
+        check_read_only(_nested_doubling_reads(12))
+
+
 def test_a_group_by_of_too_many_grouping_sets_is_refused():
     """Each grouping set is planned: a CUBE of n columns makes 2^n (of 17: 0.6 s and 150 MB of
     planning, doubling with each column, outside the memory pool)."""
