@@ -41,10 +41,7 @@ class Grant:
 
     def sees(self, dataset: str) -> bool:
         """Whether the dataset (its qualified name) exists for this grant."""
-        schema, _, table = dataset.partition(".")
-        return any(fnmatchcase(dataset, pattern) or
-                   ("." not in pattern and schema == DEFAULT_SCHEMA and fnmatchcase(table, pattern))
-                   for pattern in self.datasets)
+        return any(_matches(dataset, pattern) for pattern in self.datasets)
 
     def columns_of(self, dataset: str) -> tuple[str, ...] | None:
         """The only columns of a granted dataset this grant shows; None: all of them."""
@@ -57,3 +54,15 @@ class Grant:
 
 
 FULL = Grant()
+
+
+def _matches(dataset: str, pattern: str) -> bool:
+    """Whether a qualified dataset name matches a grant's glob. The schema and the table are
+    matched apart, so no ``*`` reaches across the dot: ``metr*`` is ``public.metr*`` and does not
+    grant ``metrics_internal.tokens``, and ``crm.*`` does not grant ``crm_archive.x``. A lone
+    ``*`` is every dataset of every schema."""
+    if pattern == EVERYTHING:
+        return True
+    schema, _, table = dataset.partition(".")
+    pattern_schema, _, pattern_table = qualified(pattern).partition(".")
+    return fnmatchcase(schema, pattern_schema) and fnmatchcase(table, pattern_table)

@@ -48,7 +48,7 @@ class QueryLimitSettings(Strict):
 
 class Granted(Strict):
     """What a principal may read: datasets by glob over ``schema.table`` (a bare name or glob
-    means the ``public`` schema), and for some of them the only columns it sees. Everything else
+    means the ``public`` schema; no ``*`` reaches across the dot, and ``*`` alone is everything), and for some of them the only columns it sees. Everything else
     does not exist for it. ``masks`` show some columns only masked: ``redact`` as NULL, ``hash``
     as a keyed hash (runtime.auth.mask_key), before any filter, join or function sees them."""
     datasets: list[str] = Field(default_factory=lambda: ["*"])

@@ -18,6 +18,7 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import serving
+from flightdeck.grants import Grant
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
 from flight.flightsql.server import pack
 
@@ -290,6 +291,22 @@ def test_hashed_keys_and_globs(deck):
     with pytest.raises(Exception) as raised:  # the stored hash is not a key
         query(deck, hashlib.sha256(HASHED.encode()).hexdigest(), "SELECT 1")
     assert "nauthenticated" in str(raised.value)
+
+
+def test_a_glob_does_not_reach_across_the_schema_dot():
+    """A bare glob is a glob over public's tables, and a schema's glob over that schema's names:
+    fnmatch's ``*`` also matches a dot, which made ``metr*`` grant ``metrics_internal.tokens``."""
+    assert Grant.of(["metr*"]).sees("public.metrics")
+    assert not Grant.of(["metr*"]).sees("metrics_internal.api_tokens")
+    assert not Grant.of(["*s"]).sees("crm.customers")
+    assert not Grant.of(["*_public"]).sees("hr.salaries_public")
+    assert Grant.of(["crm.*"]).sees("crm.customers")
+    assert not Grant.of(["crm.*"]).sees("crm_archive.customers")
+    assert not Grant.of(["crm*"]).sees("crm.customers")
+    assert Grant.of(["c?m.cust*"]).sees("crm.customers")
+    assert not Grant.of(["*.orders"]).sees("public.orders_archive")
+    for everything in (["*"], ["*.*"]):
+        assert all(Grant.of(everything).sees(name) for name in ("public.orders", "crm.customers", "hr.x"))
 
 
 # ---- HTTP ----
