@@ -8,6 +8,7 @@ connector may push a looser filter than asked, never a stricter one.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import pyarrow as pa
@@ -16,8 +17,12 @@ import pyarrow.dataset as ds
 
 from federation import expr as fx
 from federation.arrow_expr import decode_fully, referenced_fields
-from federation.connectors.base import Connector
+from federation.budget import BudgetExceeded
+from federation.cancel import Stopped
+from federation.connectors.base import Connector, ConnectorError
 from federation.masks import ColumnMasks
+
+log = logging.getLogger(__name__)
 
 
 class LazyDataset(ds.InMemoryDataset):
@@ -75,6 +80,24 @@ class ConnectorDataset(LazyDataset):
         self.masks = masks
 
     def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+        if not self.masks:
+            return self._batches(columns, filter)
+        return self._without_values_in_errors(self._batches(columns, filter))
+
+    def _without_values_in_errors(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """The batches, with the source's own error message kept from the client: the raw rows
+        are read before they are masked, so a source failing on a value (one that does not fit
+        its column's type, say) would quote the value it failed on."""
+        try:
+            yield from batches
+        except (Stopped, BudgetExceeded):
+            raise
+        except Exception as error:
+            log.warning("a scan of %s (masked columns) failed: %s", self.table, error)
+            raise ConnectorError(f"{self.connector.describe()}: reading {self.table} failed (the source's message is "
+                                 "not shown: it may quote values of a masked column)") from None
+
+    def _batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
         # A pushed filter may name columns outside the projection: fetch them too.
         filter_columns = sorted(referenced_fields(filter) - set(columns))
         fetched = columns + filter_columns

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
+import sqlite3
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -32,7 +33,8 @@ EMAILS = [EXISTING, "bob@example.com", "carol@example.org", "dave@example.net"]
 PG = {"pg_host": "127.0.0.1", "pg_port": 5432, "pg_db": "test", "pg_user": "postgres"}
 SCHEMA = "fd_masks"
 MASKS = {"customers": {"email": "hash", "customer_id": "hash", "name": "redact"},
-         "orders": {"customer_id": "hash"}, "pg_customers": {"email": "hash"}}
+         "orders": {"customer_id": "hash"}, "pg_customers": {"email": "hash"}, "accounts": {"pin": "redact"}}
+UNFIT = "SECRET-PIN-9999"  # a text SQLite keeps in an INTEGER column: reading it fails on the value
 
 
 def keyed(value: Any) -> str:
@@ -66,8 +68,12 @@ def deck(pg_table, tmp_path_factory) -> Iterator[Any]:
     pq.write_table(pa.table({"order_id": pa.array(range(1, 11), pa.int64()),
                              "customer_id": pa.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 4], pa.int64())}),
                    base / "orders.parquet")
+    with sqlite3.connect(base / "bank.sqlite") as bank:
+        bank.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, pin INTEGER)")
+        bank.executemany("INSERT INTO accounts VALUES (?, ?)", [(1, 1234), (2, UNFIT)])
     config = {
         "datasets": [
+            {"from": "sqlite:accounts", "name": "accounts", "params": {"sqlite_file": "bank.sqlite"}},
             {"from": "file:customers.parquet", "name": "customers", "acceleration": {"engine": "arrow"},
              "columns": [{"name": "notes", "full_text_search": {"enabled": True}},
                          {"name": "email", "full_text_search": {"enabled": True}}]},
@@ -233,6 +239,19 @@ def test_http_answers_are_masked_and_probes_identical(deck):
     refresh = httpx.post(f"{deck.http_url}/v1/datasets/customers/acceleration/refresh", headers=headers, timeout=30,
                          json={"refresh_sql": f"SELECT * FROM customers WHERE email = '{EXISTING}'"})
     assert refresh.status_code == 403
+
+
+def test_a_source_failing_on_a_masked_value_does_not_quote_it(deck):
+    """Masks apply to rows once read, so a source failing on a raw value fails before any mask:
+    its message, which quotes the value, reaches only keys that see the column."""
+    assert UNFIT in answer(deck, OPEN, "SELECT id, pin FROM accounts")
+    for sql in ("SELECT id, pin FROM accounts", "SELECT count(*) AS n FROM accounts WHERE pin IS NULL"):
+        masked = answer(deck, MASKED, sql)
+        assert masked.startswith("error:") and "reading accounts failed" in masked and UNFIT not in masked
+    response = httpx.post(f"{deck.http_url}/v1/sql", json={"sql": sql}, timeout=30,
+                          headers={"Authorization": f"Bearer {MASKED}"})
+    assert response.status_code >= 400 and UNFIT not in response.text
+    assert answer(deck, MASKED, "SELECT count(*) AS n FROM orders") == [{"n": 10}]  # and serves on
 
 
 @pytest.mark.parametrize("key", [MASKED_REFRESHER, COLUMNS_REFRESHER])
