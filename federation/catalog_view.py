@@ -25,6 +25,9 @@ log = logging.getLogger("flightdeck.catalog")
 PRIVATE_SOURCE_FIELDS = ("last_request",)
 SOURCE_COUNTERS = ("queries", "rows", "bytes", "errors", "seconds")
 HIDDEN_ERROR = "failed (the message is shown to keys that see every column unmasked)"
+# A dataset's status fields that may quote its values, and those that measure them.
+VALUE_QUOTING_FIELDS = ("error", "last_error", "last_skip_reason")
+VALUE_SIZED_FIELDS = ("bytes", "source_backlog_bytes")
 
 
 class CatalogView:
@@ -93,12 +96,15 @@ class CatalogView:
         return [self._without_values(self.base.dataset_row(d)) for d in self.datasets.values()]
 
     def _without_values(self, row: dict) -> dict:
-        """A dataset's row with its errors left out where the view hides or masks columns: an
-        error may quote a value (``Cannot cast string 'alice@...'``) of any column."""
+        """A dataset's row with what may tell hidden or masked values left out where the view
+        hides or masks columns: an error or a skipped message's reason may quote a value
+        (``Cannot cast string 'alice@...'``) of any column, and the copy's size (or the backlog's)
+        grows with the hidden columns' values."""
         name = row["name"]
         if self.columns_of(name) is None and self.masks_of(name) is None:
             return row
-        return {**row, **{key: HIDDEN_ERROR for key in ("error", "last_error") if row.get(key)}}
+        return {**row, **{key: HIDDEN_ERROR for key in VALUE_QUOTING_FIELDS if row.get(key)},
+                **{key: None for key in VALUE_SIZED_FIELDS if key in row}}
 
     def source_stats(self) -> list[dict]:
         """The sources of the datasets this view shows. Their counters are left empty where a

@@ -18,15 +18,18 @@ import pyarrow as pa
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from federation.catalog_view import HIDDEN_ERROR
 from federation.connectors.base import ConnectorError
 from federation.connectors.mqtt import MqttConnector
 from federation.connectors.nats import NatsConnector
+from flightdeck.auth import Credentials
 
 from buses import events, jetstream, kafka, mosquitto  # noqa: F401  (fixtures)
 from conftest import ServerProcess, serving, write_config
 
 KINDS = ["kafka", "nats", "mqtt"]
 VISIBLE_WITHIN_SECONDS = 2.0
+OPERATOR_KEY, RESTRICTED_KEY = "operator-key-0123456789", "restricted-key-0123456789"
 MQTT_COLUMNS = {"id": "int", "user.name": "string", "user.address.city": "string", "amount": "float"}
 
 
@@ -140,7 +143,10 @@ def test_nested_json_is_flattened_and_metadata_columns_are_right(tmp_path, bus):
 
 
 def test_malformed_messages_are_counted_and_skipped_with_a_reason(tmp_path, bus):
-    with serving(_config(tmp_path, bus, params={"columns": MQTT_COLUMNS}), tmp_path) as runtime:
+    config = _config(tmp_path, bus, params={"columns": MQTT_COLUMNS})
+    config["runtime"]["auth"] = {"api_keys": [OPERATOR_KEY, {"name": "hidden-amounts", "key": RESTRICTED_KEY,
+                                                             "columns": {"events": ["id"]}}]}
+    with serving(config, tmp_path) as runtime:
         _ready(runtime)
         bus.publish(events(0, 2) + [b"{not json", b"[1, 2]", json.dumps({"id": "seven"}).encode()]
                     + events(2, 2))
@@ -150,6 +156,10 @@ def test_malformed_messages_are_counted_and_skipped_with_a_reason(tmp_path, bus)
         assert status["state"] == "ready"
         reasons = ("not JSON", "not a JSON object: list", "does not fit the columns")
         assert any(reason in status["last_skip_reason"] for reason in reasons), status["last_skip_reason"]
+        # a reason may quote a message's values: only keys that see every column read it
+        restricted = runtime.service.authenticate(Credentials(bearer=RESTRICTED_KEY))
+        seen = runtime.service.query(restricted, "SELECT last_skip_reason FROM flightdeck.runtime.datasets")
+        assert seen.read_all().to_pylist() == [{"last_skip_reason": HIDDEN_ERROR}]
         bus.publish(events(4, 1))  # the stream goes on
         _until(lambda: _ids(runtime) == [0, 1, 2, 3, 4], 10, "a later message copied")
 

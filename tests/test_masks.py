@@ -289,6 +289,20 @@ def test_a_failed_refresh_tells_its_error_only_to_keys_that_see_every_column(dec
     assert refresh(OPEN, {}).status_code == 200  # and the copy is whole again for the other tests
 
 
+def test_a_copys_size_is_not_shown_to_keys_that_see_columns_masked_or_hidden(deck):
+    """The copy's bytes grow with every column's values, the hidden and masked ones too: a value
+    appended or changed would show in them."""
+    sql = "SELECT bytes FROM flightdeck.runtime.datasets WHERE name = 'public.customers'"
+    assert answer(deck, OPEN, sql)[0]["bytes"] > 0
+    for key in (MASKED, COLUMNS_REFRESHER):
+        assert answer(deck, key, sql) == [{"bytes": None}]
+        headers = {"Authorization": f"Bearer {key}"}
+        status = httpx.get(f"{deck.http_url}/v1/status", headers=headers, timeout=30).json()
+        listed = httpx.get(f"{deck.http_url}/v1/datasets", headers=headers, timeout=30).json()
+        for rows in (status["datasets"], listed):
+            assert [row.get("bytes") for row in rows if row["name"] == "public.customers"] == [None]
+
+
 def test_mcp_tools_show_masked_values(deck):
     async def main():
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {MASKED}"}) as client:
