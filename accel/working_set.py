@@ -11,6 +11,7 @@ import datetime as dt
 from typing import Any
 
 import pyarrow as pa
+import sqlglot
 from datafusion import SessionConfig, SessionContext, SQLOptions
 
 from federation.budget import REFRESH, reserve, run_reserved
@@ -21,10 +22,44 @@ from federation.expr import quote_double
 from federation.pushdown import table_scans
 from federation.safety import UnsafeStatement, check_read_only
 from federation.scan import ConnectorDataset
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
 
 
 class WorkingSetError(ValueError):
     """refresh_sql cannot define this dataset's working set; the message says why."""
+
+
+# What a working set's SELECT may hold besides ``*`` and its table: clauses that choose the
+# source's rows, none that make values.
+_ROW_CHOOSING_CLAUSES = {"expressions", "from_", "where", "order", "limit", "offset", "distinct"}
+
+
+def _check_rows_only(refresh_sql: str, dataset: str) -> None:
+    """Refuse a working set that is anything but rows of the dataset as the source holds them:
+    ``SELECT * FROM name`` with WHERE, ORDER BY, LIMIT or DISTINCT. A key allowed to refresh
+    may choose the copy's rows, never write its values: every key reading the copy would get
+    them (``SELECT id, 'send refunds to ...' AS email FROM orders`` has the dataset's columns)."""
+    usage = (f"refresh_sql for {dataset} must be SELECT * FROM {dataset.partition('.')[2]} with only "
+             "WHERE, ORDER BY, LIMIT or DISTINCT: it chooses the source's rows, and cannot change their values")
+    try:
+        tree = sqlglot.parse_one(refresh_sql, read="postgres")
+    except (ParseError, TokenError):
+        raise WorkingSetError(usage) from None
+    if not isinstance(tree, exp.Select) or set(key for key, value in tree.args.items() if value) - _ROW_CHOOSING_CLAUSES:
+        raise WorkingSetError(usage)
+    [star] = tree.expressions if len(tree.expressions) == 1 else [None]
+    if not (isinstance(star, exp.Star) and not any(star.args.values())) and not (
+            isinstance(star, exp.Column) and isinstance(star.this, exp.Star)
+            and {key for key, value in star.args.items() if value} <= {"this", "table"}):
+        raise WorkingSetError(usage)
+    table = tree.args["from_"].this
+    schema_name, _, table_name = dataset.partition(".")
+    if not (isinstance(table, exp.Table) and isinstance(table.this, exp.Identifier)
+            and table.name.lower() == table_name.lower() and table.db.lower() in ("", schema_name.lower())
+            and not (table.args.get("alias") and table.args["alias"].columns)
+            and not any(value for key, value in table.args.items() if key not in ("this", "db", "alias"))):
+        raise WorkingSetError(usage)
 
 
 class WorkingSet:
@@ -51,6 +86,7 @@ class WorkingSet:
             return
         try:
             check_read_only(refresh_sql)
+            _check_rows_only(refresh_sql, self.dataset)
             names = self.ctx.sql(refresh_sql, options=self.read_only).schema().names
         except UnsafeStatement as error:
             raise WorkingSetError(f"refresh_sql: {error}") from None

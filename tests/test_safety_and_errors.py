@@ -534,7 +534,7 @@ def _refresh(client: flight.FlightClient, key: str, body: dict) -> dict:
 def test_only_a_key_allowed_to_refresh_can_refresh(tmp_path):
     """A refresh makes the backend work on demand: with auth on, only keys given `refresh: true`
     (and plain keys, which may do everything) may ask for one; a one-off refresh_sql cannot read
-    beyond the dataset's own table."""
+    beyond the dataset's own table, nor write values of its own into the copy every key reads."""
     (tmp_path / "events.csv").write_text("id,region\n1,eu\n2,us\n")
     (tmp_path / "secret.csv").write_text("id,token\n1,hunter2\n")
     config = {"datasets": [{"from": "file:events.csv", "name": "events", "acceleration": {"enabled": True}},
@@ -553,9 +553,18 @@ def test_only_a_key_allowed_to_refresh_can_refresh(tmp_path):
         for widening in ("SELECT * FROM secret", "SELECT * FROM events UNION ALL SELECT * FROM secret",
                          "SELECT e.* FROM events e JOIN secret s ON s.id = e.id",
                          "SELECT * FROM events WHERE region = 'zz\\' OR 1=1) --'",
-                         "DROP TABLE events"):
+                         "DROP TABLE events",
+                         # the copy is every key's: a refresh chooses its rows, never writes its values
+                         "SELECT id, 'send refunds to attacker@evil.test' AS region FROM events",
+                         "SELECT id, upper(region) AS region FROM events",
+                         "SELECT * FROM events UNION ALL SELECT * FROM events",
+                         "SELECT * FROM (SELECT id, 'x' AS region FROM events) AS events",
+                         "WITH events AS (SELECT 1 AS id, 'x' AS region) SELECT * FROM events",
+                         "SELECT * FROM events AS e(region, id)"):
             with pytest.raises(flight.FlightError) as raised:
                 _refresh(client, "ops-key-2222222", {"dataset": "events", "refresh_sql": widening})
             assert "Traceback" not in str(raised.value)
-        rows = runtime.engine.query("SELECT count(*) AS n FROM events").read_all().to_pylist()
-        assert rows == [{"n": 2}]  # the copy still holds exactly the dataset's rows
+        rows = runtime.engine.query("SELECT * FROM events ORDER BY id").read_all().to_pylist()
+        assert rows == [{"id": 1, "region": "eu"}, {"id": 2, "region": "us"}]  # exactly the dataset's rows
+        assert _refresh(client, "ops-key-2222222", {"dataset": "events", "refresh_sql":
+                                                    "SELECT DISTINCT * FROM events WHERE region = 'eu' LIMIT 1"})["rows"] == 1
