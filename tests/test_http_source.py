@@ -140,6 +140,26 @@ def test_errors_are_clear_and_never_show_the_token(api, tmp_path):
         HttpConnector({}, tmp_path, "ftp://example")
 
 
+def test_tokens_in_the_url_never_show_in_what_the_stack_tells(api, tmp_path):
+    """A token may be written in the URL (a user and password, or ?api_key=) or in params.query:
+    descriptions, metrics labels and the last request in the system tables show none of it,
+    while the values a pushed filter sent stay readable."""
+    from federation.connectors.http import HttpConnector
+    host = api.partition("://")[2]
+    assert HttpConnector({}, tmp_path, f"http://agent:s3cr3t@{host}/x?k=s3cr3t").describe() == f"http ({host}/x)"
+    engine = QueryEngine(Catalog([DatasetSpec("api", f"http://{host}/incidents?sig=s3cr3t-sig",
+                                              {**AUTH, "query": {"api_key": "s3cr3t/key+1="},
+                                               "filter_params": {"status": "status"}})], tmp_path))
+    assert engine.query("SELECT id FROM api WHERE status = 'open'").read_all().num_rows == 4
+    connector = engine.catalog.datasets["public.api"].connector
+    told = [connector.describe(), *map(str, engine.query(
+        "SELECT source, last_request FROM flightdeck.runtime.source_stats").read_all().to_pylist()),
+            str(engine.query("EXPLAIN SELECT id FROM api WHERE status = 'open'").read_all().to_pylist())]
+    assert "s3cr3t" not in " ".join(told) and "s3cr3t".replace("3", "%33") not in " ".join(told)
+    assert connector.describe() == f"http ({host}/incidents)"
+    assert "status=open" in told[1] and "api_key=***" in told[1] and "sig=***" in told[1]
+
+
 @pytest.mark.parametrize("how, params", [
     ("link-file", {}), ("link-other", {}), ("field-other", {"json_path": "items", "pagination": {"next_field": "next"}}),
     ("redirect-other", {}),

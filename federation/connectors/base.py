@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,13 @@ DEFAULT_BATCH_ROWS = 65_536
 
 class ConnectorError(Exception):
     """A backend failed; the message names the dataset source, never a secret."""
+
+
+def shown_url(url: str) -> str:
+    """A URL as a message or a status shows it: without the user and password it may carry, nor
+    its query string, which may hold a token (``?api_key=...``)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
 
 
 def first_line(error: Exception) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from federation import expr as fx
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, shown_url
 from federation.connectors.same_origin import open_same_origin
 
 PAGE_ROWS = 5_000  # below the default index.max_result_window (10,000)
@@ -89,7 +89,7 @@ class ElasticsearchConnector(Connector):
         self._distribution: str | None = None
 
     def describe(self) -> str:
-        return f"elasticsearch ({urllib.parse.urlsplit(self.endpoint).netloc.rpartition('@')[2]})"
+        return f"elasticsearch ({urllib.parse.urlsplit(shown_url(self.endpoint)).netloc})"
 
     def mask_secrets(self, text: str) -> str:
         text = super().mask_secrets(text)

@@ -15,7 +15,7 @@ from adbc_driver_flightsql import DatabaseOptions
 
 from federation import expr as fx
 from federation.cancel import on_cancel
-from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly
+from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly, shown_url
 
 
 class FlightSQLConnector(SqlConnector):
@@ -45,7 +45,7 @@ class FlightSQLConnector(SqlConnector):
         return f"flightsql:{self.endpoint}"
 
     def describe(self) -> str:
-        return f"flightsql ({self.endpoint})"
+        return f"flightsql ({shown_url(self.endpoint)})"
 
     def clean_error(self, error: Exception) -> str:
         return super().clean_error(str(error).split(". Detail:")[0])  # without gRPC's debug context

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from federation import expr as fx
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, shown_url
 from federation.connectors.same_origin import open_same_origin, same_origin
 from federation.connectors.typing import JSON_TYPES, flatten_document, json_value
 
@@ -43,6 +43,7 @@ def lookup(document: Any, path: str | None) -> Any:
 
 class HttpConnector(Connector):
     kind = "http"
+    secret_params = ("auth_header",)
 
     def __init__(self, params: dict[str, Any], base_dir: Path, location: str):
         super().__init__(params, base_dir)
@@ -63,8 +64,16 @@ class HttpConnector(Connector):
         self._schema: pa.Schema | None = None
 
     def describe(self) -> str:
-        parsed = urllib.parse.urlsplit(self.url)
-        return f"{self.kind} ({parsed.netloc}{parsed.path})"
+        return f"{self.kind} ({shown_url(self.url).partition('://')[2]})"
+
+    def _recorded(self, url: str) -> str:
+        """A request as the system tables show it: the values of the parameters a pushed filter
+        set, and every other value (the configured ones may be tokens) as ***."""
+        parts = urllib.parse.urlsplit(url)
+        configured = set(self.query) | {name for name, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(self.url).query)}
+        pushed = set(self.filter_params.values()) - configured
+        shown = [(name, value if name in pushed else "***") for name, value in urllib.parse.parse_qsl(parts.query)]
+        return shown_url(url) + (f"?{urllib.parse.urlencode(shown, safe='*')}" if shown else "")
 
     @staticmethod
     def _declared_schema(columns: Any) -> pa.Schema | None:
@@ -147,7 +156,7 @@ class HttpConnector(Connector):
         kind = self.pagination.get("type")
         number = int(self.pagination.get("first_page", 1))
         for _ in range(self.max_pages):
-            self.stats.record_request(f"GET {url}")
+            self.stats.record_request(f"GET {self._recorded(url)}")
             body, headers = self.get_json(url)
             records = lookup(body, self.json_path)
             if records is None:

@@ -17,7 +17,7 @@ from pyiceberg.catalog import load_catalog
 from pyiceberg.exceptions import NoSuchTableError
 
 from federation import expr as fx
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, shown_url
 from federation.connectors.typing import conform_batch
 
 _COMPARISONS = {
@@ -91,7 +91,7 @@ class IcebergConnector(Connector):
 
     def describe(self) -> str:
         if self.catalog_type == "rest":
-            return f"iceberg (REST {self.params['catalog_uri']})"
+            return f"iceberg (REST {shown_url(str(self.params['catalog_uri']))})"
         return f"iceberg (SQL catalog {self.catalog_name})"
 
     def _properties(self) -> dict[str, str]:

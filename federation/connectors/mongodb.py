@@ -23,7 +23,7 @@ from pymongo.errors import PyMongoError
 
 from federation import expr as fx
 from federation.changes import ChangeBatch, ChangeSource, PendingChanges, SourceReset
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, shown_url
 from federation.connectors.typing import flatten_document
 
 log = logging.getLogger("flightdeck.mongodb")
@@ -92,8 +92,7 @@ class MongoDBConnector(Connector, ChangeSource):
         self._described: dict[str, tuple[pa.Schema, dict[str, tuple], dict[str, str]]] = {}
 
     def describe(self) -> str:
-        hosts = urllib.parse.urlsplit(self.uri).netloc.rpartition("@")[2]  # never the credentials
-        return f"mongodb ({hosts})"
+        return f"mongodb ({urllib.parse.urlsplit(shown_url(self.uri)).netloc})"
 
     def client(self) -> pymongo.MongoClient:
         if self._client is None:
