@@ -48,10 +48,14 @@ def pg_probe():
         cursor.execute("CREATE EXTENSION IF NOT EXISTS citext")
         cursor.execute("DROP SCHEMA IF EXISTS fd_sem CASCADE")
         cursor.execute("CREATE SCHEMA fd_sem")
+        # Domains compare as the type under them, with its collation.
+        cursor.execute("CREATE DOMAIN fd_sem.code AS char(4)")
+        cursor.execute("CREATE DOMAIN fd_sem.label AS text COLLATE \"en-US-x-icu\"")
         cursor.execute("CREATE TABLE fd_sem.t (id int, r double precision, s text, ci citext, ch char(4), "
-                       "icu text COLLATE \"en-US-x-icu\", n int)")
-        cursor.execute("INSERT INTO fd_sem.t VALUES (1, 'NaN', 'ab', 'ABC', 'ab', 'B', 3), "
-                       "(2, 2.7, 'ΑΣ', 'abc', 'xy', 'a', -7), (3, -2.5, 'a\\_b', NULL, NULL, 'c', NULL)")
+                       "icu text COLLATE \"en-US-x-icu\", n int, dch fd_sem.code, dicu fd_sem.label)")
+        cursor.execute("INSERT INTO fd_sem.t VALUES (1, 'NaN', 'ab', 'ABC', 'ab', 'B', 3, 'ab', 'B'), "
+                       "(2, 2.7, 'ΑΣ', 'abc', 'xy', 'a', -7, 'xy', 'a'), "
+                       "(3, -2.5, 'a\\_b', NULL, NULL, 'c', NULL, NULL, 'c')")
     yield [DatasetSpec("t", "postgres:fd_sem.t", PG), DatasetSpec("t2", "postgres:fd_sem.t", PG)]
     with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
             conn.cursor() as cursor:
@@ -63,6 +67,8 @@ def test_postgres_collations_citext_char_and_nan(pg_probe, tmp_path):
         "SELECT id FROM t WHERE icu < 'a'", "SELECT id FROM t WHERE icu <> 'a'",
         "SELECT id FROM t WHERE ci <> 'abc'", "SELECT id FROM t WHERE ci < 'abc'", "SELECT id FROM t WHERE ci = 'abc'",
         "SELECT id FROM t WHERE ch <> 'ab'", "SELECT id FROM t WHERE ch = 'ab'",
+        "SELECT id FROM t WHERE dch = 'ab'", "SELECT id FROM t WHERE dicu < 'a'", "SELECT id FROM t WHERE dicu > 'B'",
+        "SELECT dicu FROM t ORDER BY dicu LIMIT 2",
         "SELECT id FROM t WHERE r > 0", "SELECT id FROM t WHERE r >= 2.7", "SELECT id FROM t WHERE NOT (r < 0)",
         "SELECT icu FROM t ORDER BY icu LIMIT 2", "SELECT min(icu) AS m FROM t",
         "SELECT ci, count(*) AS n FROM t GROUP BY ci",

@@ -149,10 +149,17 @@ class PostgresConnector(SqlConnector, ChangeSource):
         """Text compares exactly only under a C collation; citext, char(n), nondeterministic
         collations and jsonb compare more loosely; json, inet and the like not at all."""
         schema_name, table_name = self._split(table)
+        # A domain compares as the type under it (a domain of a domain: followed down), with the
+        # collation the column takes from the domain.
         rows = self._fetch_all(
-            "SELECT a.attname, t.typname, coalesce(c.collname, ''), coalesce(c.collisdeterministic, true), "
+            "SELECT a.attname, (WITH RECURSIVE chain AS ("
+            "  SELECT t.typname, t.typtype, t.typbasetype FROM pg_type t WHERE t.oid = a.atttypid"
+            "  UNION ALL SELECT b.typname, b.typtype, b.typbasetype FROM pg_type b JOIN chain"
+            "  ON b.oid = chain.typbasetype AND chain.typtype = 'd') "
+            " SELECT typname FROM chain WHERE typtype <> 'd' LIMIT 1), "
+            "coalesce(c.collname, ''), coalesce(c.collisdeterministic, true), "
             "(SELECT datcollate FROM pg_database WHERE datname = current_database()) "
-            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "FROM pg_attribute a "
             "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
             "WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass "
             "AND a.attnum > 0 AND NOT a.attisdropped", [schema_name, table_name])
