@@ -127,6 +127,34 @@ def test_sqlite_untyped_nocase_and_text_dates(tmp_path):
         "SELECT id FROM t WHERE day <= DATE '2024-01-01'"])
 
 
+VIEW_QUERIES = ["SELECT id FROM {t} WHERE name = 'abc'", "SELECT id FROM {t} WHERE name < 'a'",
+                "SELECT id FROM {t} WHERE name > 'B'", "SELECT name FROM {t} ORDER BY name"]
+
+
+def test_sqlite_quoted_collations_and_views_of_nocase_columns(tmp_path):
+    """A view's column takes the collation of the column it selects, and a collation's name may
+    be quoted: neither is written where a look at the table's own SQL finds it."""
+    rows = [(1, "abc"), (2, "ABC"), (3, "b")]
+    with sqlite3.connect(tmp_path / "views.sqlite") as con:
+        con.execute('CREATE TABLE quoted (id INTEGER, name TEXT COLLATE "NOCASE")')
+        con.execute("CREATE TABLE base (id INTEGER, name TEXT COLLATE NOCASE)")
+        con.execute("CREATE VIEW v AS SELECT id, name FROM base")
+        con.executemany("INSERT INTO quoted VALUES (?, ?)", rows)
+        con.executemany("INSERT INTO base VALUES (?, ?)", rows)
+    for table in ("quoted", "v"):
+        check([DatasetSpec(table, f"sqlite:{table}", {"sqlite_file": "views.sqlite"})], tmp_path,
+              [sql.format(t=table) for sql in VIEW_QUERIES])
+
+
+def test_duckdb_views_of_nocase_columns(tmp_path):
+    with duckdb.connect(str(tmp_path / "views.duckdb")) as con:
+        con.execute("CREATE TABLE base (id INTEGER, name VARCHAR COLLATE NOCASE)")
+        con.execute("INSERT INTO base VALUES (1, 'abc'), (2, 'ABC'), (3, 'b')")
+        con.execute("CREATE VIEW v AS SELECT id, name FROM base")
+    check([DatasetSpec("v", "duckdb:v", {"duckdb_open": "views.duckdb"})], tmp_path,
+          [sql.format(t="v") for sql in VIEW_QUERIES])
+
+
 def test_duckdb_like_escape_and_nocase(tmp_path):
     with duckdb.connect(str(tmp_path / "sem.duckdb")) as con:
         con.execute("CREATE TABLE t (id INTEGER, s VARCHAR, nc VARCHAR COLLATE NOCASE)")

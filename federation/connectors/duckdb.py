@@ -49,6 +49,17 @@ def _one_select(sql: str) -> None:
         raise ConnectorError(f"duckdb: read-only: only one SELECT is run, not {kinds}")
 
 
+# Picks one table of duckdb_tables() or duckdb_constraints() by the parts of its name.
+_NAMED = "table_name = ? AND schema_name = ? AND (database_name = ? OR ? IS NULL)"
+
+
+def _name_parts(table: str) -> list[str | None]:
+    """``[database.][schema.]table`` as the values ``_NAMED`` binds (schema main by default)."""
+    parts = table.split(".")
+    database, schema_name = ([None, None] + parts[:-1])[-2:]
+    return [parts[-1], schema_name or "main", database, database]
+
+
 def arrow_stream(cursor: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None) -> pa.RecordBatchReader:
     """One SELECT's rows as an Arrow stream, its values bound by DuckDB. Sent through the
     engine seam of DuckDB's Python package (pinned), not its relation API: ``cursor.sql`` parses
@@ -100,19 +111,17 @@ class DuckDBConnector(SqlConnector):
             raise ConnectorError(f"{self.describe()}: table {table}: {error}") from None
 
     def primary_key(self, table: str) -> list[str]:
-        schema_name, _, table_name = table.rpartition(".")
         rows = self._cursor().execute(
             "SELECT constraint_column_names FROM duckdb_constraints() "
-            "WHERE constraint_type = 'PRIMARY KEY' AND table_name = ? AND schema_name = ?",
-            [table_name, schema_name or "main"]).fetchall()
+            f"WHERE constraint_type = 'PRIMARY KEY' AND {_NAMED}", _name_parts(table)).fetchall()
         return list(rows[0][0]) if rows else []
 
     def _comparison_rules(self, table: str) -> dict[str, str]:
-        """DuckDB compares text byte-wise unless a column declares a collation (e.g. NOCASE)."""
-        schema_name, _, table_name = table.rpartition(".")
-        row = self._cursor().execute("SELECT sql FROM duckdb_tables() WHERE table_name = ? AND schema_name = ?",
-                                     [table_name, schema_name or "main"]).fetchone()
-        if not (row and row[0] and "COLLATE" in row[0].upper()):
+        """DuckDB compares text byte-wise unless a column declares a collation (e.g. NOCASE). A
+        view's columns take the collation of what they select, which DuckDB does not tell: its
+        text is loose."""
+        row = self._cursor().execute(f"SELECT sql FROM duckdb_tables() WHERE {_NAMED}", _name_parts(table)).fetchone()
+        if row and not (row[0] and "COLLATE" in row[0].upper()):
             return {}
         return self.loose_columns(table)
 

@@ -86,6 +86,10 @@ def _reads_only(action: int, first: str | None, second: str | None, database: st
     return sqlite3.SQLITE_DENY
 
 
+# A COLLATE naming anything but BINARY, quoted or not.
+_OTHER_COLLATION = re.compile(r"COLLATE\s*[\"'`\[]?(?!BINARY\b)\w", re.IGNORECASE)
+
+
 class SQLiteConnector(SqlConnector):
     kind = "sqlite"
     dialect = "sqlite"
@@ -131,10 +135,12 @@ class SQLiteConnector(SqlConnector):
 
     def _comparison_rules(self, table: str) -> dict[str, str]:
         """Untyped columns may hold numbers where text is expected, and dates are text in
-        whatever format was written: neither is pushed. Text under NOCASE/RTRIM is loose."""
+        whatever format was written: neither is pushed. Text under any collation but BINARY is
+        loose, and so is a view's text: its columns take the collation of whatever they select,
+        which SQLite does not tell."""
         with self._connect() as connection:
-            row = connection.execute("SELECT sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
-        loose_text = bool(row and row[0] and re.search(r"COLLATE\s+(NOCASE|RTRIM)", row[0], re.IGNORECASE))
+            row = connection.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
+        loose_text = bool(row and (row[0] == "view" or (row[1] and _OTHER_COLLATION.search(row[1]))))
         rules = {}
         for name, declared, _, _ in self._columns(table):
             arrow_type = arrow_type_for(declared)
