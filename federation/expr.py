@@ -160,8 +160,8 @@ class SqlRenderer:
 
     def _render(self, expr: Expr, rules: dict[str, str], bindings: Bindings) -> tuple[str, bool] | None:
         """(SQL, exact): exact when the backend keeps exactly the rows the planner would."""
-        if isinstance(expr, Column):
-            return self.quote_identifier(expr.name), True
+        if isinstance(expr, Column):  # a column standing as a condition is read as the backend reads it
+            return None if rules.get(expr.name) == NONE else (self.quote_identifier(expr.name), True)
         if isinstance(expr, Literal):
             text = self.value(expr.value, bindings)
             return None if text is None else (text, True)

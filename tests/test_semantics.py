@@ -127,6 +127,21 @@ def test_sqlite_untyped_nocase_and_text_dates(tmp_path):
         "SELECT id FROM t WHERE day <= DATE '2024-01-01'"])
 
 
+def test_sqlite_booleans_holding_other_values(tmp_path):
+    """SQLite keeps whatever it is given in a BOOLEAN column, and reads text as 0 in a WHERE:
+    a condition on one is decided on the values flightdeck shows, not at the source."""
+    with sqlite3.connect(tmp_path / "flags.sqlite") as con:
+        con.execute("CREATE TABLE t (id INTEGER, b BOOLEAN)")
+        con.executemany("INSERT INTO t VALUES (?, ?)",
+                        [(1, 0), (2, 1), (3, 2), (4, "yes"), (5, None), (6, "false"), (7, "true")])
+    engine = check([DatasetSpec("t", "sqlite:t", {"sqlite_file": "flags.sqlite"})], tmp_path, [
+        "SELECT id FROM t WHERE b", "SELECT id FROM t WHERE NOT b", "SELECT id FROM t WHERE b = false",
+        "SELECT id FROM t WHERE b IN (true)", "SELECT id FROM t WHERE b OR id > 100",
+        "SELECT b, count(*) AS n FROM t GROUP BY b", "SELECT count(*) AS n FROM t WHERE b IS NULL"])
+    shown = engine.query("SELECT id, b FROM t ORDER BY id").read_all().to_pylist()
+    assert [row["b"] for row in shown] == [False, True, True, True, None, False, True]
+
+
 VIEW_QUERIES = ["SELECT id FROM {t} WHERE name = 'abc'", "SELECT id FROM {t} WHERE name < 'a'",
                 "SELECT id FROM {t} WHERE name > 'B'", "SELECT name FROM {t} ORDER BY name"]
 

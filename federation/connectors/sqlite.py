@@ -39,9 +39,19 @@ def arrow_type_for(declared: str) -> pa.DataType:
     return pa.float64()  # NUMERIC affinity
 
 
+_FALSE_WORDS = frozenset(("false", "f", "no", "n", "off", "0", ""))
+
+
+def _as_boolean(value: Any) -> bool | None:
+    """A BOOLEAN column's value: SQLite stores 0/1, but a column of any type may hold text."""
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE_WORDS
+    return value if value is None else bool(value)
+
+
 def _value_converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
     if pa.types.is_boolean(arrow_type):
-        return lambda v: v if v is None else bool(v)  # SQLite stores booleans as 0/1
+        return _as_boolean
     if pa.types.is_timestamp(arrow_type):
         return lambda v: v if v is None or isinstance(v, dt.datetime) else dt.datetime.fromisoformat(str(v))
     if pa.types.is_date32(arrow_type):
@@ -134,8 +144,9 @@ class SQLiteConnector(SqlConnector):
                           for name, declared, _, _ in self._columns(table)])
 
     def _comparison_rules(self, table: str) -> dict[str, str]:
-        """Untyped columns may hold numbers where text is expected, and dates are text in
-        whatever format was written: neither is pushed. Text under any collation but BINARY is
+        """Untyped columns may hold numbers where text is expected, dates are text in whatever
+        format was written, and a BOOLEAN column may hold text SQLite reads as 0 ('yes' is false
+        in a WHERE) where flightdeck shows true: none of them is pushed. Text under any collation but BINARY is
         loose, and so is a view's text: its columns take the collation of whatever they select,
         which SQLite does not tell."""
         with self._connect() as connection:
@@ -144,7 +155,8 @@ class SQLiteConnector(SqlConnector):
         rules = {}
         for name, declared, _, _ in self._columns(table):
             arrow_type = arrow_type_for(declared)
-            if not declared or pa.types.is_date32(arrow_type) or pa.types.is_timestamp(arrow_type):
+            if not declared or pa.types.is_date32(arrow_type) or pa.types.is_timestamp(arrow_type) \
+                    or pa.types.is_boolean(arrow_type):
                 rules[name] = fx.NONE
             elif pa.types.is_string(arrow_type) and loose_text:
                 rules[name] = fx.LOOSE
