@@ -168,14 +168,41 @@ _ARROW_COMPARISONS = {
 }
 
 
+# Comparisons as the planner makes them, where pyarrow's differ: NaN is above every number and
+# equal to itself (pyarrow's comparisons with NaN are all false). Each gives the rows, of two
+# non-NULL sides, that the planner's comparison keeps and pyarrow's does not, from whether each
+# side is NaN; != keeps fewer (NaN != NaN is false).
+_NAN_ALSO = {
+    "=": lambda left, right: left & right,
+    "<": lambda left, right: ~left & right,
+    "<=": lambda left, right: right,
+    ">": lambda left, right: left & ~right,
+    ">=": lambda left, right: left,
+}
+
+
+def _compared(expression: fx.Compare) -> pc.Expression:
+    left, right = to_arrow(expression.left), to_arrow(expression.right)
+    plain = _ARROW_COMPARISONS[expression.op](left, right)
+    # A float literal: the planner cast it to the column's type, so the column holds floats too.
+    if not any(isinstance(side, fx.Literal) and isinstance(side.value, float)
+               for side in (expression.left, expression.right)):
+        return plain
+    left_nan, right_nan = pc.is_nan(left), pc.is_nan(right)
+    if expression.op == "!=":
+        return plain & ~(left_nan & right_nan)
+    return plain | (_NAN_ALSO[expression.op](left_nan, right_nan) & left.is_valid() & right.is_valid())
+
+
 def to_arrow(expression: fx.Expr) -> pc.Expression:
-    """A planner filter as a pyarrow expression (for pyarrow-backed scans)."""
+    """A planner filter as a pyarrow expression (for pyarrow-backed scans), meaning what it
+    means to the planner."""
     if isinstance(expression, fx.Column):
         return pc.field(expression.name)
     if isinstance(expression, fx.Literal):
         return pc.scalar(expression.value)
     if isinstance(expression, fx.Compare):
-        return _ARROW_COMPARISONS[expression.op](to_arrow(expression.left), to_arrow(expression.right))
+        return _compared(expression)
     if isinstance(expression, fx.And):
         result = to_arrow(expression.args[0])
         for arg in expression.args[1:]:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from federation import expr as fx
-from federation.arrow_expr import decode_fully, referenced_fields
+from federation.arrow_expr import decode_fully, referenced_fields, to_arrow
 from federation.budget import BudgetExceeded
 from federation.cancel import Stopped
 from federation.connectors.base import Connector, ConnectorError
@@ -110,6 +110,8 @@ class ConnectorDataset(LazyDataset):
         # Filter again unless the source applied the whole filter exactly: pyarrow's own
         # comparison rules (e.g. NaN never greater) are not DataFusion's.
         refilter = filter is not None and not (complete and not self.masks and connector.filters_exact(table, conjuncts))
+        if refilter and complete:  # as the planner means it (NaN), not as pyarrow would read its expression
+            filter = to_arrow(decoded)
         reader = connector.scan(table, fetched, conjuncts, None)
         target = pa.schema([self.table_schema.field(c) for c in columns])
         for batch in reader:

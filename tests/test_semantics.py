@@ -11,10 +11,14 @@ import sqlite3
 import adbc_driver_postgresql.dbapi as adbc_postgres
 import datafusion
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pymysql
 import pytest
 
+from federation.arrow_expr import to_arrow
 from federation.catalog import Catalog, DatasetSpec
+from federation.pushdown import planner_filter
 from federation.engine import EngineSettings, QueryEngine
 
 PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
@@ -140,6 +144,39 @@ def test_sqlite_booleans_holding_other_values(tmp_path):
         "SELECT b, count(*) AS n FROM t GROUP BY b", "SELECT count(*) AS n FROM t WHERE b IS NULL"])
     shown = engine.query("SELECT id, b FROM t ORDER BY id").read_all().to_pylist()
     assert [row["b"] for row in shown] == [False, True, True, True, None, False, True]
+
+
+NAN_QUERIES = ["SELECT id FROM {t} WHERE x > 0.5", "SELECT id FROM {t} WHERE x >= 1",
+               "SELECT id FROM {t} WHERE x = 'NaN'::double", "SELECT id FROM {t} WHERE NOT (x < 0.5)",
+               "SELECT id FROM {t} WHERE x IN ('NaN'::double, 7.0)", "SELECT id FROM {t} WHERE x <> 'NaN'::double",
+               "SELECT id FROM {t} WHERE x <= 'NaN'::double", "SELECT id FROM {t} WHERE x < 'NaN'::double"]
+
+
+def test_files_read_through_pyarrow_keep_nan_where_the_planner_does(tmp_path):
+    """To DataFusion NaN is above every number and equal to itself; to pyarrow's comparisons it is
+    neither. A filter applied by pyarrow (a JSON file's scan, a Parquet file read for a key that
+    sees some of its columns) must keep the rows the planner keeps."""
+    rows = [(1, 1.0), (2, float("nan")), (3, 0.0), (4, None), (5, float("-inf"))]
+    (tmp_path / "m.ndjson").write_text("\n".join(
+        '{"id": %d, "x": %s}' % (i, "null" if x is None else "NaN" if x != x else repr(x).replace("inf", "Infinity"))
+        for i, x in rows))
+    pq.write_table(pa.table({"id": [i for i, _ in rows], "x": [x for _, x in rows]}), tmp_path / "m.parquet")
+    check([DatasetSpec("j", "file:m.ndjson", {})], tmp_path, [sql.format(t="j") for sql in NAN_QUERIES])
+    for sql in NAN_QUERIES:  # the planner's filters as pyarrow applies them to a scan's rows
+        table = pq.read_table(tmp_path / "m.parquet")
+        truth = datafusion.SessionContext()
+        truth.register_record_batches("m", [table.to_batches()])
+        expected = truth.sql(sql.format(t="m")).to_arrow_table().column("id").to_pylist()
+        plan = truth.sql(sql.format(t="m")).optimized_logical_plan()
+        [condition] = [planner_filter(node.to_variant().predicate()) for node in _walk(plan)
+                       if type(node.to_variant()).__name__ == "Filter"]
+        assert condition is not None and table.filter(to_arrow(condition)).column("id").to_pylist() == expected, sql
+
+
+def _walk(plan):
+    yield plan
+    for child in plan.inputs():
+        yield from _walk(child)
 
 
 VIEW_QUERIES = ["SELECT id FROM {t} WHERE name = 'abc'", "SELECT id FROM {t} WHERE name < 'a'",

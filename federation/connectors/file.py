@@ -181,9 +181,9 @@ class FileConnector(Connector):
 
     def register_native(self, ctx: Any, name: str, table: str) -> bool:
         if self.format != "parquet" or self.is_glob:
-            # DataFusion's own listing misses multi-level globs: the files are expanded here.
-            ctx.register_dataset(name, self.dataset())
-            return True
+            # Scanned through the connector: DataFusion would hand a pyarrow dataset its filters
+            # to apply with pyarrow's comparisons (NaN never greater), which lose rows.
+            return False
         partition_columns = self._partition_columns()
         try:
             # register_parquet (unlike register_listing_table) honours the session's
