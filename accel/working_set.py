@@ -13,6 +13,8 @@ from typing import Any
 import pyarrow as pa
 import sqlglot
 from datafusion import SessionConfig, SessionContext, SQLOptions
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
 
 from federation.budget import REFRESH, reserve, run_reserved
 from federation.catalog import CATALOG_NAME
@@ -22,8 +24,6 @@ from federation.expr import quote_double
 from federation.pushdown import table_scans
 from federation.safety import UnsafeStatement, check_read_only
 from federation.scan import ConnectorDataset
-from sqlglot import exp
-from sqlglot.errors import ParseError, TokenError
 
 
 class WorkingSetError(ValueError):
