@@ -12,6 +12,7 @@ import pytest
 from bson import ObjectId
 from pymongo import monitoring
 
+from federation import expr as fx
 from federation.catalog import Catalog, DatasetSpec
 from federation.engine import QueryEngine
 
@@ -199,3 +200,32 @@ def test_change_streams_keep_a_copy_equal_and_resume_after_a_restart(mongo, tmp_
         _until(lambda: _status(runtime)["refresh_state"] == "ready" and copy(runtime) == source())
         assert _status(runtime)["refreshes"] == 0, "resumed from the stream position, not re-snapshotted"
     live.drop()
+
+
+def test_floats_are_not_compared_by_order_at_the_server_nor_text_under_a_collation(mongo, tmp_path):
+    """To the planner NaN is above every number, to MongoDB below every number: a float's order is
+    decided here, and so is any comparison with a NaN. So is text's order in a collection with a
+    collation of its own. (The wire-protocol peer stores no NaN: the rule is seen in what is sent.)"""
+    admin = pymongo.MongoClient(mongo.uri)
+    readings = admin["support"]["readings"]
+    readings.drop()
+    readings.insert_many([{"n": 1, "x": 1.0, "s": "abc"}, {"n": 2, "x": 2.5, "s": "ABC"}, {"n": 3, "x": 0.0, "s": "b"}])
+    spec = DatasetSpec("readings", "mongodb:support.readings", {"mongo_uri": mongo.uri})
+    engine = QueryEngine(Catalog([spec], tmp_path))
+    mongo.commands.clear()
+    rows = engine.query("SELECT n FROM readings WHERE x > 0.5 AND n >= 1 ORDER BY n").read_all()
+    assert rows.column("n").to_pylist() == [1, 2]
+    [found] = [c["filter"] for c in mongo.commands if c.get("find") == "readings"]
+    assert found == {"n": {"$gte": 1}}  # the integer's order goes down, the float's stays here
+    connector = engine.catalog.datasets["public.readings"].connector
+    columns, kinds = {"x": ("x",), "s": ("s",)}, {"x": "float", "s": "string"}
+
+    def sent(op: str, column: str, value, collated: bool = False):
+        return connector.match(fx.Compare(op, fx.Column(column), fx.Literal(value)), columns, kinds, collated)
+    assert sent("=", "x", 2.5) == {"x": 2.5} and sent("=", "x", float("nan")) is None
+    assert connector.match(fx.InList(fx.Column("x"), (float("nan"), 1.0)), columns, kinds) is None
+    assert sent("<", "s", "b") == {"s": {"$lt": "b"}} and sent("<", "s", "b", collated=True) is None
+    assert sent("=", "s", "b", collated=True) == {"s": "b"}  # looser at most: checked again here
+    assert connector._collated("support.readings") is False
+    readings.drop()
+    admin.close()

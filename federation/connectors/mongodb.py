@@ -90,6 +90,7 @@ class MongoDBConnector(Connector, ChangeSource):
         self.declared = params.get("columns")
         self._client: pymongo.MongoClient | None = None
         self._described: dict[str, tuple[pa.Schema, dict[str, tuple], dict[str, str]]] = {}
+        self._collations: dict[str, bool] = {}
 
     def describe(self) -> str:
         return f"mongodb ({urllib.parse.urlsplit(shown_url(self.uri)).netloc})"
@@ -134,6 +135,18 @@ class MongoDBConnector(Connector, ChangeSource):
             self._described[table] = (schema, columns, {n: kinds[p] for n, p in columns.items()})
         return self._described[table]
 
+    def _collated(self, table: str) -> bool:
+        """Whether the collection compares text under a collation of its own (unknown: yes)."""
+        if table not in self._collations:
+            database, _, collection = table.partition(".")
+            try:
+                found = list(self.client()[database].list_collections(filter={"name": collection}))
+            except PyMongoError:
+                found = []
+            options = found[0].get("options", {}) if found else {"collation": "unknown"}
+            self._collations[table] = options.get("collation", {"locale": "simple"}) != {"locale": "simple"}
+        return self._collations[table]
+
     def _declared_kinds(self) -> dict[tuple, str]:
         kinds = {}
         for name, kind in dict(self.declared).items():
@@ -167,20 +180,26 @@ class MongoDBConnector(Connector, ChangeSource):
 
     # ---- filters ----
 
-    def match(self, expression: fx.Expr, columns: dict[str, tuple], kinds: dict[str, str]) -> dict | None:
-        """A planner filter as a find filter, or None where Mongo's semantics could be stricter."""
+    def match(self, expression: fx.Expr, columns: dict[str, tuple], kinds: dict[str, str],
+              collated: bool = False) -> dict | None:
+        """A planner filter as a find filter, or None where Mongo's semantics could be stricter.
+        To the planner NaN is above every number and equal to itself, to Mongo below every number:
+        no float is compared by order there, nor with a NaN. Under a collection's collation, text
+        is ordered as the collation says: no text is compared by order there either."""
         if isinstance(expression, fx.Compare):
             comparison = fx.column_comparison(expression)
             if comparison is None or comparison[0] not in columns:
                 return None
             name, op, literal = comparison
             value = self._bson_value(literal, kinds.get(name))
-            if value is None:
+            ordered = op in ("<", "<=", ">", ">=")
+            if value is None or (isinstance(value, float) and value != value) \
+                    or (ordered and (kinds.get(name) == "float" or (collated and kinds.get(name) == "string"))):
                 return None
             path = ".".join(columns[name])
             return {path: value} if op == "=" else {path: {_OPERATORS[op]: value}}
         if isinstance(expression, (fx.And, fx.Or)):
-            parts = [self.match(a, columns, kinds) for a in expression.args]
+            parts = [self.match(a, columns, kinds, collated) for a in expression.args]
             if any(p is None for p in parts):
                 return None
             return {"$and" if isinstance(expression, fx.And) else "$or": parts}
@@ -189,7 +208,7 @@ class MongoDBConnector(Connector, ChangeSource):
                 return {".".join(columns[expression.arg.name]): None}
         if isinstance(expression, fx.InList) and isinstance(expression.arg, fx.Column):
             values = [self._bson_value(v, kinds.get(expression.arg.name)) for v in expression.values]
-            if expression.arg.name in columns and all(v is not None for v in values):
+            if expression.arg.name in columns and all(v is not None and v == v for v in values):
                 return {".".join(columns[expression.arg.name]): {"$in": values}}
         return None
 
@@ -215,7 +234,8 @@ class MongoDBConnector(Connector, ChangeSource):
         schema, paths, kinds = self._describe_table(table)
         columns = schema.names if columns is None else (columns or schema.names[:1])
         target = pa.schema([schema.field(c) for c in columns])
-        pushed = [m for m in (self.match(f, paths, kinds) for f in filters) if m is not None]
+        collated = self._collated(table)
+        pushed = [m for m in (self.match(f, paths, kinds, collated) for f in filters) if m is not None]
         query = {"$and": pushed} if len(pushed) > 1 else (pushed[0] if pushed else {})
         projection = {".".join(paths[c]): 1 for c in columns}
         if "_id" not in columns:
