@@ -272,7 +272,9 @@ class QueryEngine:
         try:
             frame = self.ctx.sql(inlined, options=self.read_only, param_values=values or None)
             planned = PlannedQuery(inlined, frame, frame.schema(), numbered=numbered, arguments=arguments)
-            if inlined != original:  # UDF arguments are coerced (or refused) when the plan is optimized: now
+            if inlined != original or values or not placeholder_count(inlined):
+                # Types are coerced (or refused: 'abc' for an integer, a UDF's arguments) when the
+                # plan is optimized: now, as the client's error, not later inside a pushdown decision.
                 frame.optimized_logical_plan()
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
@@ -294,7 +296,10 @@ class QueryEngine:
     def _optimize_locally(self, planned: PlannedQuery, values: dict[str, pa.Scalar]) -> None:
         """For a query DataFusion runs: a bare limited scan read directly, or its single-backend
         parts sent as statements."""
-        planned.limited_scan = self._limited_scan(planned)
+        try:
+            planned.limited_scan = self._limited_scan(planned)
+        except Exception as error:  # values the optimizer refuses ('abc' bound for an integer)
+            raise self._query_error(error) from None
         split = None if planned.limited_scan else self._split(planned.sql, planned.frame, values)
         if split is not None:
             planned.frame, planned.subplans, planned.local_frame = split.frame, split.subplans, planned.frame
@@ -535,7 +540,10 @@ class QueryEngine:
         """The result's row count when the plan is a bare scan of a table that knows it."""
         if planned.derived.get("not_a_bare_scan"):
             return None
-        bare = _bare_scan(planned.frame.optimized_logical_plan())
+        try:
+            bare = _bare_scan(planned.frame.optimized_logical_plan())
+        except Exception:  # values the optimizer refuses: running the plan tells the client why
+            return None
         if bare is None or bare.scan.filters():
             planned.derived["not_a_bare_scan"] = True
             return None

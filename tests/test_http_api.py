@@ -206,12 +206,23 @@ def test_a_refused_giant_statement_is_audited_cut_short(http):
     ("SELECT nope FROM orders", 400, "invalid"),
     ("SELECT FROM WHERE", 400, "invalid"),
     ("SELECT * FROM no_such_table", 400, "invalid"),
+    ("SELECT * FROM orders WHERE order_id = 'abc'", 400, "invalid"),  # text for a number: the optimizer refuses
+    ("SELECT count(*) AS n FROM orders WHERE order_id = 'abc' LIMIT 5", 400, "invalid"),
     ("DROP TABLE orders", 403, "refused"),
     ("INSERT INTO orders (order_id) VALUES (1)", 403, "refused"),
 ])
 def test_sql_errors_map_to_statuses(http, query, status, kind):
     response = sql(http, query)
     assert response.status_code == status and error_of(response)["code"] == kind
+
+
+@pytest.mark.parametrize("query", ["SELECT * FROM orders WHERE order_id = $1",
+                                   "SELECT * FROM orders WHERE order_id = $1 LIMIT 5"])
+def test_a_bound_value_of_the_wrong_type_is_the_clients_error(http, query):
+    response = http.post("/v1/sql", json={"sql": query, "parameters": ["abc"]})
+    assert response.status_code == 400 and error_of(response)["code"] == "invalid"
+    assert "Cannot cast string 'abc'" in error_of(response)["message"]
+    assert http.post("/v1/sql", json={"sql": query, "parameters": [100001]}).status_code == 200
 
 
 def test_unavailable_source_is_503(tmp_path):

@@ -450,6 +450,12 @@ def test_bad_sql_is_a_precise_error(connection):
             cursor.execute("SELECT 1/0")
             cursor.fetchall()
         assert "Divide by zero" in str(raised.value) and "Traceback" not in str(raised.value)
+        for sql, values in (("SELECT * FROM orders WHERE order_id = 'abc'", None),
+                            ("SELECT * FROM orders WHERE order_id = ?", ["abc"])):
+            with pytest.raises(adbc_driver_manager.Error, match="Cannot cast string 'abc'") as raised:
+                cursor.execute(sql, values)
+                cursor.fetchall()
+            assert "INTERNAL" not in str(raised.value)
         cursor.execute("SELECT 2")
         assert cursor.fetchone() == (2,)
 
