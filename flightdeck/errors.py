@@ -17,6 +17,10 @@ TIMED_OUT = "timed_out"              # it ran out of time
 KINDS = (INVALID, NOT_FOUND, REFUSED, UNAVAILABLE, LIMIT_EXCEEDED, UNAUTHENTICATED, CANCELLED, TIMED_OUT)
 
 
+# The longest message a client (and the audit) gets.
+MAX_MESSAGE_CHARS = 2000
+
+
 class ServiceError(Exception):
     """A request failed in a way the caller should hear about; ``kind`` is one of KINDS."""
 
@@ -25,6 +29,8 @@ class ServiceError(Exception):
         among running queries, a load budget): doors that can say so (HTTP 429) do."""
         if kind not in KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
+        if len(message) > MAX_MESSAGE_CHARS:  # an error may quote a value of any size (a bound text, say)
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message):,} characters)"
         super().__init__(message)
         self.kind = kind
         self.message = message

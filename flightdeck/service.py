@@ -315,9 +315,12 @@ class Service:
         backends = [self.redact(b) for b in engine.backend_statements(query)] if query is not None else []
         message = (error.message if isinstance(error, ServiceError)
                    else error.notice if isinstance(error, Truncation) else None)
-        audit.record(AuditEntry(principal.name, door, _audited(self.redact(sql)), audit.parameters(
-            None if parameters is None else tuple(parameters)), datasets, backends, rows, nbytes,
-            round(seconds, 6), outcome, message, grant=principal.grant))
+        shown_parameters = audit.parameters(None if parameters is None else tuple(parameters))
+        if message is not None and not audit.show_parameters:  # an error may quote a bound value
+            message = _without_values(message, parameters or ())
+        audit.record(AuditEntry(principal.name, door, _audited(self.redact(sql)),
+                                None if shown_parameters is None else _audited(shown_parameters), datasets, backends,
+                                rows, nbytes, round(seconds, 6), outcome, message, grant=principal.grant))
 
     # ---- the catalog ----
 
@@ -593,8 +596,25 @@ def _outcome(error: Exception) -> str:
     return error.kind if isinstance(error, ServiceError) else INTERNAL_ERROR
 
 
+def _without_values(message: str, parameters: Any) -> str:
+    """A message with the text values bound to the statement written as ***: where the audit
+    does not keep parameters, it does not keep them quoted in an error either (nor the start of
+    one the message was cut in). Values of a few characters are left: they would be found in
+    any message's words."""
+    for value in sorted((v for v in parameters if isinstance(v, str) and len(v) >= 4), key=len, reverse=True):
+        head = value[:32]
+        start = message.find(head)
+        while start != -1:
+            end = start + len(head)
+            while end < len(message) and end - start < len(value) and message[end] == value[end - start]:
+                end += 1
+            message = f"{message[:start]}***{message[end:]}"
+            start = message.find(head, start + 3)
+    return message
+
+
 def _audited(sql: str) -> str:
-    """A statement as the audit keeps it: its first AUDITED_SQL_CHARS characters and, past them,
+    """A statement (or the parameters) as the audit keeps it: its first AUDITED_SQL_CHARS characters and, past them,
     its length and hash (a refused giant statement must not fill the audit's memory and files,
     and rotate the earlier entries away), in valid Unicode (half a surrogate pair, which JSON
     escapes can write, would break the audit table for everyone who reads it)."""

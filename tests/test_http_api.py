@@ -200,6 +200,19 @@ def test_a_refused_giant_statement_is_audited_cut_short(http):
     assert "2,000,019 characters, sha256" in audited[0]["statement"]
 
 
+def test_an_error_quoting_a_giant_value_is_cut_short_and_the_audit_keeps_no_value(http):
+    """A cast error quotes the value it failed on: a 1 MB bound text made a 1 MB answer, and
+    the audit kept it whole in memory even where it keeps no parameters."""
+    value = "A" * 1_000_000
+    response = http.post("/v1/sql", json={"sql": "SELECT CAST($1 AS INT) AS n", "parameters": [value]})
+    assert response.status_code == 400 and len(response.text) < 3000
+    assert "Cannot cast string 'AAAA" in error_of(response)["message"] and "1,000,0" in error_of(response)["message"]
+    [audited] = sql(http, "SELECT parameters, error FROM flightdeck.runtime.queries WHERE statement = "
+                          "'SELECT CAST($1 AS INT) AS n' ORDER BY finished_at DESC LIMIT 1").json()
+    assert audited["parameters"] == "redacted: 1 value"
+    assert len(audited["error"]) < 3000 and "A" * 32 not in audited["error"] and "'***" in audited["error"]
+
+
 # ---- errors and statuses ----
 
 @pytest.mark.parametrize("query, status, kind", [
