@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -443,28 +443,28 @@ class Service:
     def embedding_models(self, principal: Principal) -> list[str]:
         return self.stack.models.embedding_names
 
-    def embed(self, principal: Principal, model: str | None, texts: list[str]) -> pa.FixedSizeListArray:
-        """One normalized vector per text; ``model`` None is the default embedding model."""
+    def embed(self, principal: Principal, model: str | None, texts: list[str],
+              check_tokens: Callable[[list[int]], None] = lambda tokens: None
+              ) -> tuple[pa.FixedSizeListArray, list[int]]:
+        """One normalized vector per text, and each text's length in the model's tokens (before
+        its own truncation); ``model`` None is the default embedding model. ``check_tokens`` may
+        refuse the texts by their lengths: it runs once the request is counted and admitted, as
+        counting tokens is work too."""
         name = self._embedding_model(model, texts)
         timeout = principal.limits.timeout_seconds
         self._count_request(principal)
         with self._admitted(principal), self._translated():
             embedder = self.stack.models.embedder(name)
+            tokens = embedder.count_tokens(texts)
+            check_tokens(tokens)
             started, parts = time.monotonic(), []
             for first in range(0, len(texts), EMBED_PART):
                 if parts and timeout is not None and time.monotonic() - started > timeout:
                     raise ServiceError(TIMED_OUT, f"embedding {len(texts)} texts ran out of time after "
                                                   f"{first} (its limit is {timeout:g} s: query_timeout_seconds)")
                 parts.append(embedder.embed(pa.array(texts[first:first + EMBED_PART], pa.string())))
-            self.stack.metrics.embedded(name, len(texts), sum(embedder.count_tokens(texts)))
-        return pa.concat_arrays(parts) if len(parts) != 1 else parts[0]
-
-    def count_tokens(self, principal: Principal, model: str | None, texts: list[str]) -> list[int]:
-        """Each text's length in the model's tokens, before the model's own truncation (cheap: not
-        counted as a request of its own)."""
-        name = self._embedding_model(model, texts)
-        with self._translated():
-            return self.stack.models.embedder(name).count_tokens(texts)
+            self.stack.metrics.embedded(name, len(texts), sum(tokens))
+        return (pa.concat_arrays(parts) if len(parts) != 1 else parts[0]), tokens
 
     def _embedding_model(self, model: str | None, texts: list[str]) -> str:
         names = self.stack.models.embedding_names

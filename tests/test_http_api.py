@@ -486,6 +486,18 @@ def test_openai_client_errors(server, secured):
     assert 'flightdeck_embedding_tokens_total{model="minilm"}' in httpx.get(f"{server.http_url}/metrics").text
 
 
+def test_an_embeddings_request_is_counted_and_admitted_before_its_tokens_are(tmp_path):
+    """Counting a request's tokens is work (3 s of CPU for 2,048 long inputs): a key over its rate
+    gets 429 for it, not the token count it had no right to have made."""
+    config = {"datasets": [], "runtime": {"auth": {"api_keys": [
+        {"name": "slow", "key": "slow-key-0123456789", "limits": {"requests_per_second": 1}}]}}}
+    with serving(config, tmp_path) as runtime, httpx.Client(base_url=runtime.http_url, timeout=60, headers={
+            "Authorization": "Bearer slow-key-0123456789"}) as client:
+        too_long = {"model": "minilm", "input": ["word " * 9000]}
+        statuses = [client.post("/v1/embeddings", json=too_long).status_code for _ in range(3)]
+        assert statuses[0] == 400 and 429 in statuses[1:]
+
+
 # ---- cancellation and large results ----
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import base64
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from flight.http.bodies import field
 from flight.http.errors import RequestError
@@ -83,11 +82,12 @@ def create_embeddings(service: Service, principal: Principal, request: Embedding
     if len(request.texts) > MAX_INPUTS:
         _check_limits(request.texts, [])
     try:
-        tokens = service.count_tokens(principal, request.model, request.texts)
+        vectors, tokens = service.embed(principal, request.model, request.texts,
+                                        lambda tokens: _check_limits(request.texts, tokens))
+    except RequestError:
+        raise
     except ServiceError as error:
         raise _model_error(error, request.model) from None
-    _check_limits(request.texts, tokens)
-    vectors: pa.FixedSizeListArray = service.embed(principal, request.model, request.texts)
     dimension = vectors.type.list_size
     if request.dimensions is not None and request.dimensions != dimension:
         raise RequestError(INVALID, f"model {request.model} has {dimension} dimensions and cannot be "
