@@ -77,14 +77,26 @@ class Admission:
         self.max_concurrent = max_concurrent
         self.wait_seconds = wait_seconds
         self._running: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}
         self._total = 0
         self._changed = threading.Condition()
 
     def enter(self, who: str, own_limit: int) -> Callable[[], None]:
-        """Wait for a place; returns the function that gives it back (idempotent)."""
+        """Wait for a place; returns the function that gives it back (idempotent). A principal
+        waits with at most ``own_limit`` requests at once, the others are refused at once: each
+        waiting request holds a thread of its door's pool, which every principal shares."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self._total < self.max_concurrent
-                                          and self._running.get(who, 0) < own_limit, self.wait_seconds):
+            def free() -> bool:
+                return self._total < self.max_concurrent and self._running.get(who, 0) < own_limit
+            crowded = not free() and self._waiting.get(who, 0) >= max(1, own_limit)
+            self._waiting[who] = self._waiting.get(who, 0) + 1
+            try:
+                admitted = not crowded and self._changed.wait_for(free, self.wait_seconds)
+            finally:
+                self._waiting[who] -= 1
+                if not self._waiting[who]:
+                    del self._waiting[who]
+            if not admitted:
                 mine = self._running.get(who, 0)
                 which = (f"{who} already runs {mine} queries (its limit)" if mine >= own_limit
                          else f"{self._total} queries are running (the server's limit)")

@@ -22,6 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 from conftest import service_error, serving
 from flightdeck.auth import Credentials
 from flightdeck.errors import CANCELLED, LIMIT_EXCEEDED, TIMED_OUT, ServiceError
+from flightdeck.limits import Admission
 from flightdeck.service import Truncation
 
 LOOPER, PATIENT, OTHER = "looper-key-0123456789", "patient-key-0123456789", "other-key-0123456789"
@@ -220,3 +221,31 @@ def test_a_cancelled_query_is_reported_as_cancelled_not_timed_out(deck):
         reader.read_next_batch()
     assert error.value.kind == CANCELLED
     reader.close()
+
+
+def test_a_principal_waits_for_a_place_with_no_more_requests_than_its_limit():
+    """Each request waiting for a place holds a thread of its door's pool (40 for HTTP and MCP,
+    shared by every key): a key at its limit that sent 64 more would hold them all for the wait.
+    Past its limit in waiting requests too, a request is refused at once."""
+    admission = Admission(max_concurrent=8, wait_seconds=30)
+    give_back = admission.enter("flooder", 1)
+    outcomes: list[str] = []
+
+    def request() -> None:
+        try:
+            admission.enter("flooder", 1)()
+            outcomes.append("admitted")
+        except ServiceError as error:
+            outcomes.append(error.kind)
+    threads = [threading.Thread(target=request) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    while outcomes.count(LIMIT_EXCEEDED) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outcomes == [LIMIT_EXCEEDED] * 4  # the fifth is still waiting, alone
+    admission.enter("someone else", 1)()  # other principals are not kept waiting
+    give_back()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(outcomes) == ["admitted"] + [LIMIT_EXCEEDED] * 4
