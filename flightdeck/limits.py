@@ -19,6 +19,11 @@ import pyarrow as pa
 from flightdeck.errors import LIMIT_EXCEEDED, ServiceError
 
 
+# The bound values of one statement a door takes at most (a text, bytes...): what an HTTP body may
+# hold too.
+MAX_PARAMETER_BYTES = 16 * 2**20
+
+
 @dataclass(frozen=True)
 class QueryLimits:
     """One principal's limits (the global ones with its own overrides applied)."""

@@ -166,6 +166,31 @@ def test_prepared_statement_lifecycle(flight_client):
         flight_client.get_flight_info(descriptor(command))
 
 
+@pytest.mark.parametrize("row_bytes, rows_per_batch", [(1_000, 1), (4 * 2**20, 1)])
+def test_an_upload_of_parameters_is_refused_as_soon_as_it_is_more_than_one_row(flight_client, row_bytes,
+                                                                               rows_per_batch):
+    """A DoPut binding parameters was read whole before its rows were counted: 480 MiB sent in
+    8 MiB batches were all held. It is refused at its second row, or past 16 MiB in one row, so
+    the client cannot send it all (gRPC holds a few MiB in flight)."""
+    request = sql_pb.ActionCreatePreparedStatementRequest(query="SELECT order_id FROM orders WHERE status = ?")
+    [result] = action(flight_client, "CreatePreparedStatement", pack(request))
+    handle = unpack_any(result, sql_pb.ActionCreatePreparedStatementResult).prepared_statement_handle
+    command = sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=handle)
+    batch = pa.record_batch({"status": pa.array(["x" * row_bytes] * rows_per_batch)})
+    writer, metadata_reader = flight_client.do_put(descriptor(command), batch.schema)
+    sent = 0
+    with pytest.raises(flight.FlightError) as raised:
+        for _ in range(128 if row_bytes > 2**20 else 2_000):  # 512 MiB, or two thousand rows
+            writer.write_batch(batch)
+            sent += 1
+        writer.done_writing()
+        metadata_reader.read()
+    assert sent < (100 if row_bytes > 2**20 else 2_000)
+    assert "bind one row" in str(raised.value) or "16,777,216 bytes" in str(raised.value)
+    with pytest.raises(flight.FlightError):
+        writer.close()
+
+
 def test_cancel_flight_info_stops_the_query(flight_client):
     info = flight_client.get_flight_info(descriptor(sql_pb.CommandStatementQuery(query="SELECT * FROM logs")))
     [result] = action(flight_client, "CancelFlightInfo",

@@ -29,6 +29,7 @@ from flightdeck import __version__
 from flightdeck.auth import Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT,
                                UNAUTHENTICATED, UNAVAILABLE, ServiceError)
+from flightdeck.limits import MAX_PARAMETER_BYTES
 from flightdeck.runtime_config import TlsFiles
 from flightdeck.service import Cancellation, Freshness, Planned, Service
 
@@ -335,6 +336,23 @@ def command_of(data: bytes) -> tuple[Command, Any]:
 
 # ---- the server ----
 
+def _one_row(reader) -> pa.Table:
+    """The one row of parameters a DoPut binds, read batch by batch: an upload of more rows, or
+    of more than MAX_PARAMETER_BYTES, is refused as soon as it shows it, not once it is all held."""
+    batches, rows, size = [], 0, 0
+    for chunk in reader:
+        if chunk.data is None:
+            continue
+        rows, size = rows + chunk.data.num_rows, size + chunk.data.nbytes
+        if rows > 1:
+            raise ServiceError(INVALID, "a query takes one set of parameters; bind one row (executemany is for "
+                                        "updates, and flightdeck is read-only)")
+        if size > MAX_PARAMETER_BYTES:
+            raise ServiceError(LIMIT_EXCEEDED, f"the parameters are larger than {MAX_PARAMETER_BYTES:,} bytes")
+        batches.append(chunk.data)
+    return pa.Table.from_batches(batches, schema=reader.schema)
+
+
 class FlightSqlServer(flight.FlightServerBase):
     def __init__(self, service: Service, location: str, max_batch_bytes: int = 8 * 1024 * 1024,
                  handle_ttl_seconds: float = 3600, tls: TlsFiles | None = None):
@@ -495,11 +513,7 @@ class FlightSqlServer(flight.FlightServerBase):
         """Parameters for a prepared statement: one row, one value per placeholder."""
         handle = command.prepared_statement_handle
         statement = self.prepared.get(handle, principal)
-        parameters = reader.read_all()
-        if parameters.num_rows > 1:
-            raise ServiceError(
-                INVALID, "a query takes one set of parameters; bind one row (executemany is for updates, "
-                         "and flightdeck is read-only)")
+        parameters = _one_row(reader)
         expected = len(statement.parameter_schema)
         if parameters.num_rows == 1 and parameters.num_columns != expected:
             raise ServiceError(
