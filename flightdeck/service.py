@@ -455,6 +455,7 @@ class Service:
         self._count_request(principal)
         with self._admitted(principal), self._translated():
             embedder = self.stack.models.embedder(name)
+            _check_result_bytes(principal.limits, len(texts) * embedder.dim * 4, f"{len(texts)} vectors")
             tokens = embedder.count_tokens(texts)
             check_tokens(tokens)
             started, parts = time.monotonic(), []
@@ -594,6 +595,13 @@ def _check_sample_size(n: int) -> None:
 def _outcome(error: Exception) -> str:
     """A failure as a metrics outcome: its error kind, or an internal error."""
     return error.kind if isinstance(error, ServiceError) else INTERNAL_ERROR
+
+
+def _check_result_bytes(limits: QueryLimits, size: int, what: str) -> None:
+    """Refuse an answer that cannot be cut (vectors) and would pass the principal's max_result_bytes."""
+    if limits.max_bytes is not None and size > limits.max_bytes:
+        raise ServiceError(LIMIT_EXCEEDED, f"{what} are {size:,} bytes, over this key's result limit of "
+                                           f"{limits.max_bytes:,} (max_result_bytes): send fewer inputs")
 
 
 def _without_values(message: str, parameters: Any) -> str:

@@ -498,6 +498,18 @@ def test_an_embeddings_request_is_counted_and_admitted_before_its_tokens_are(tmp
         assert statuses[0] == 400 and 429 in statuses[1:]
 
 
+def test_embeddings_keep_to_the_keys_result_limit(tmp_path):
+    """Vectors cannot be cut like rows: an answer over the key's max_result_bytes is refused."""
+    config = {"datasets": [], "runtime": {"auth": {"api_keys": [
+        {"name": "small", "key": "small-key-0123456789", "limits": {"max_result_bytes": 20_000}}]}}}
+    with serving(config, tmp_path) as runtime, httpx.Client(base_url=runtime.http_url, timeout=60, headers={
+            "Authorization": "Bearer small-key-0123456789"}) as client:
+        refused = client.post("/v1/embeddings", json={"model": "minilm", "input": ["x"] * 100})
+        assert error_of(refused)["code"] == "limit_exceeded" and "max_result_bytes" in error_of(refused)["message"]
+        answered = client.post("/v1/embeddings", json={"model": "minilm", "input": ["x"] * 10})
+        assert answered.status_code == 200 and len(answered.json()["data"]) == 10
+
+
 # ---- cancellation and large results ----
 
 @pytest.fixture(scope="module")
