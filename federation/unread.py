@@ -5,8 +5,8 @@ DataFusion reads a few forms sqlglot's PostgreSQL parser does not (`backquoted` 
 expressions, and the engine would make their values unchecked. So on its words alone, such a
 statement may call only functions whose values are small or one of their arguments, besides
 table functions, and may not concatenate or build lists or tuples: nothing in it can make a
-value larger than those it reads. Anything else is left to the engine, which reads it under
-read-only options.
+value larger than those it reads, and it is kept short and simple (``MAX_UNREAD_TOKENS``).
+Anything else is left to the engine, which reads it under read-only options.
 """
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ _UNREAD_CALLS = SMALL_RESULTS | frozenset("""
 """.split())
 
 
+# The words a statement the gate cannot read may have. How deep its expressions nest and how many
+# grouping sets it makes are known only from a parsed tree: without one, the statement is kept
+# short (a chain of some thousands of ORs overflows the planner's stack) and without
+# CUBE/ROLLUP/GROUPING SETS; its CTEs are weighed by their names (``_expansion``).
+MAX_UNREAD_TOKENS = 1000
+# CTE bodies a statement may plan, each as many times as it is read (planning a thousand takes
+# about 0.1 s here).
+MAX_EXPANDED = 1000
+
+
 class Unreadable(ValueError):
     """A statement not even split into words, which might make values the gate cannot see."""
 
@@ -50,7 +60,14 @@ def check_unread(sql: str) -> None:
             raise Unreadable(f"syntax error: {error}") from None
         return
     tokens = _backquoted_as_names(tokens)
+    if len(tokens) > MAX_UNREAD_TOKENS:
+        raise TooLarge(_unread(f"has {len(tokens):,} words (at most {MAX_UNREAD_TOKENS:,})"))
+    grouping = next((t.text for t in tokens if t.text.upper() in ("CUBE", "ROLLUP", "GROUPING")), None)
+    if grouping is not None:
+        raise TooLarge(_unread(f"uses {grouping.upper()}"))
     closing = closing_parentheses(tokens)
+    if _expansion(tokens, closing) > MAX_EXPANDED:
+        raise TooLarge(_unread(f"reads its CTEs so that they would be planned more than {MAX_EXPANDED:,} times"))
     rows: set[int] = set()  # where the rows of a VALUES list close
     for position, token in enumerate(tokens):
         if token.token_type in (TokenType.DPIPE, TokenType.L_BRACKET, TokenType.L_BRACE):
@@ -75,6 +92,34 @@ def check_unread(sql: str) -> None:
                 raise TooLarge(_unread(f"calls {before.text}"))
         elif _tuple_inside(tokens, position, closing.get(position, len(tokens))):
             raise TooLarge(_unread("makes a tuple"))
+
+
+def _expansion(tokens: list, closing: dict[int, int]) -> int:
+    """How many CTE bodies the statement would plan, each again wherever its name is read: an
+    upper bound from the words alone (a name counts wherever it appears, shadowed or not). Each
+    CTE is weighed once the CTEs inside it and before it are, in the order their bodies close."""
+    bodies = []  # (where the body opens, where it closes, the CTE's name)
+    defined = set()  # where CTEs are named
+    for position, token in enumerate(tokens[1:-1], start=1):
+        if token.token_type not in (TokenType.VAR, TokenType.IDENTIFIER) or tokens[position - 1].token_type not in (
+                TokenType.WITH, TokenType.RECURSIVE, TokenType.COMMA):
+            continue
+        after = closing.get(position + 1, position) + 1 if tokens[position + 1].token_type == TokenType.L_PAREN \
+            else position + 1
+        if after + 1 < len(tokens) and tokens[after].token_type == TokenType.ALIAS \
+                and tokens[after + 1].token_type == TokenType.L_PAREN and after + 1 in closing:
+            bodies.append((after + 1, closing[after + 1], token.text.lower()))
+            defined.add(position)
+    weights: dict[str, int] = {}
+
+    def reads(start: int, end: int, inside: list) -> int:
+        return sum(weights.get(t.text.lower(), 0) for at, t in enumerate(tokens[start:end], start=start)
+                   if t.token_type in (TokenType.VAR, TokenType.IDENTIFIER) and at not in defined
+                   and not any(o < at < c for o, c, _ in inside))
+    for opening, closed, name in sorted(bodies, key=lambda body: body[1]):
+        inner = [body for body in bodies if opening < body[0] and body[1] < closed]
+        weights[name] = min(max(weights.get(name, 0), 1 + reads(opening, closed, inner)), MAX_EXPANDED + 1)
+    return 1 + reads(0, len(tokens), bodies)
 
 
 def _unread(what: str) -> str:

@@ -254,6 +254,29 @@ def test_a_statement_whose_ctes_would_be_planned_too_many_times_is_refused():
                     "SELECT * FROM t, t AS u")
 
 
+def test_a_comment_ended_by_a_lone_carriage_return_is_refused():
+    """sqlglot ends a -- comment at a bare \r, DataFusion only at \n: the gate checked
+    repeat('a', 20000000 / 100000) and DataFusion made 20,000,000 characters."""
+    with pytest.raises(NotAStatement, match="carriage return"):
+        check_read_only("SELECT length(repeat('a', 20000000 --\r / 100000\n)) AS n")
+    check_read_only("SELECT 1 AS a -- a comment\r\nFROM t\r\n")
+    check_read_only("SELECT 'one\rtwo' AS text")  # in a text it is a character like any other
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT `x` FROM (SELECT 1 AS x) t WHERE " + " OR ".join(["x = 1"] * 13_000),  # overflowed the planner's stack
+    "WITH " + ", ".join(["c0 AS (SELECT 1 AS x)"] + [f"c{n} AS (SELECT * FROM c{n - 1} UNION ALL SELECT * FROM c{n - 1})"
+                                                   for n in range(1, 15)]) + " SELECT count(`x`) FROM c14",
+    "SELECT `a`, count(*) FROM t GROUP BY CUBE (`a`, b, c)",
+])
+def test_a_statement_the_gate_cannot_parse_is_kept_short_and_its_ctes_weighed(statement):
+    """A backquoted name sends a statement down the path that cannot build a tree: its depth,
+    CTE expansion and grouping sets are bounded from its words (13,000 ORs crashed the server;
+    14 doubling CTEs took 17 s to plan)."""
+    with pytest.raises(GeneratesTooMuch):
+        check_read_only(statement)
+
+
 def _nested_doubling_reads(levels: int) -> str:
     statement = "SELECT 1 AS x"
     for level in range(levels):
