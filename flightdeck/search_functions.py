@@ -59,6 +59,7 @@ FUSION_DEPTH = 50  # how many of each ranking hybrid search fuses
 MAX_TEXT_OVERFETCH = 50  # a filter keeping under 1/50 of the chunks restricts the text search itself
 MAX_TEXT_FETCH = 20_000  # the deepest unrestricted text ranking read before restricting it
 QUERY_CACHE_SIZE = 4096  # query embeddings kept, over every model
+MAX_K = 10_000  # rows one search returns at most: its rankings are made whole, k deep and more
 
 
 class SearchError(ValueError):
@@ -181,6 +182,8 @@ class ColumnIndex:
         (None: every one ``returned_fields`` gives) as ``masks`` shows them, then ``score`` and
         ``chunk``. The filter sees only those columns, masked: a column a grant hides must not
         decide which rows come back, nor a WHERE on a masked one probe raw values."""
+        if k > MAX_K:  # an index asked for a billion hits reserves their memory before it looks
+            raise SearchError(f"{mode}_search: k is {k:,}; at most {MAX_K:,} rows per search")
         state = self._require()
         rows = state.rows.select(list(columns) if columns is not None else [f.name for f in self.returned_fields()])
         candidates = _matching_rows(rows, row_filter, masks)
@@ -275,13 +278,13 @@ def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None,
 def _best_per_row(ranking: Callable[[int], SearchResult], chunk_rows: np.ndarray, k: int):
     """The top k rows by their best chunk: (row positions, scores, chunk ids), best first.
     Asks for deeper chunk rankings until k distinct rows are found or every chunk is ranked."""
-    depth = k * 4
+    depth = min(k * 4, max(len(chunk_rows), 1))
     while True:
         result = ranking(depth)
         rows, first = np.unique(chunk_rows[result.row_ids], return_index=True)
         if len(rows) >= k or len(result) < depth or depth >= len(chunk_rows):
             break
-        depth *= 4
+        depth = min(depth * 4, len(chunk_rows))
     order = np.sort(first)[:k]  # first occurrence of each row, in ranking order
     return chunk_rows[result.row_ids[order]], result.scores[order], result.row_ids[order]
 

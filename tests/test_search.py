@@ -92,6 +92,9 @@ def test_search_errors_are_precise_and_the_server_goes_on(connection):
         ("SELECT * FROM vector_search(nope, 'x', 3)", "no searchable column nope"),
         ("SELECT * FROM vector_search(guides, 'x')", "takes 3 or 4 arguments"),
         ("SELECT * FROM text_search(guides, 'x', 0)", "k a positive integer"),
+        # an index asked for a billion hits reserved 64 GB and aborted the server
+        ("SELECT * FROM text_search(guides, 'pgbouncer', 1000000000)", "at most 10,000 rows per search"),
+        ("SELECT * FROM hybrid_search(guides, 'pgbouncer', 1000000000000000000)", "at most 10,000 rows per search"),
         ("SELECT * FROM vector_search(guides, 'x', 3, title)", "no searchable column guides.title"),
     ]:
         with pytest.raises(Exception) as raised:
