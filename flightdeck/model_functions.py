@@ -131,6 +131,8 @@ class ModelFunctions:
     def embed_call(self, args: list[str], literals: list[str | None]) -> str:
         if len(args) not in (1, 2):
             raise QueryError(f"embed() takes 1 or 2 arguments, {EMBED_USAGE}; got {len(args)}")
+        if _quote("embed:")[:-1] in args[0]:  # its rewrite writes the argument twice: nested, 2^depth times
+            raise QueryError("embed() cannot take another embed() inside its argument")
         if len(args) == 2:
             model = literals[1]
             if model is None:
