@@ -31,7 +31,7 @@ from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT, UNAVAILABLE,
                                ServiceError)
 from flightdeck.grants import qualified
-from flightdeck.limits import Admission, QueryLimits, RequestRates, Slot
+from flightdeck.limits import MAX_PARAMETER_BYTES, Admission, QueryLimits, RequestRates, Slot
 from flightdeck.runtime_config import QueryLimitSettings
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from flightdeck.metrics import INTERNAL_ERROR, OK, TRUNCATED
@@ -156,6 +156,10 @@ class Service:
             if len(sql) > self.limits.max_sql_length:
                 raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
                                                    f"{self.limits.max_sql_length} (max_sql_length)")
+            bound = sum(len(value) for value in parameters or () if isinstance(value, (str, bytes)))
+            if bound > MAX_PARAMETER_BYTES:
+                raise ServiceError(LIMIT_EXCEEDED, f"the parameters hold {bound:,} characters or bytes; at most "
+                                                   f"{MAX_PARAMETER_BYTES:,}")
             with self._admitted(principal), self._translated():
                 engine = self._engine(principal)
                 query = engine.plan(sql, list(parameters) if parameters is not None else None)

@@ -139,8 +139,8 @@ def test_search_applies_where_before_ranking(service):
 
 def test_embed_matches_sql(service):
     texts = ["too many connections", "certificate expired"]
-    vectors = service.embed(ANYONE, None, texts)
-    assert len(vectors) == 2 and vectors.type.list_size == 384
+    vectors, tokens = service.embed(ANYONE, None, texts)
+    assert len(vectors) == 2 and vectors.type.list_size == 384 and len(tokens) == 2 and min(tokens) > 0
     in_sql = service.query(ANYONE, "SELECT embed($1) AS v", [texts[0]]).read_all().column("v")[0].values
     a, b = np.asarray(vectors[0].values), np.asarray(in_sql)
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.9999

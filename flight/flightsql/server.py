@@ -29,9 +29,8 @@ from flightdeck import __version__
 from flightdeck.auth import Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT,
                                UNAUTHENTICATED, UNAVAILABLE, ServiceError)
-from flightdeck.limits import MAX_PARAMETER_BYTES
 from flightdeck.runtime_config import TlsFiles
-from flightdeck.service import Cancellation, Freshness, Planned, Service
+from flightdeck.service import MAX_PARAMETER_BYTES, Cancellation, Freshness, Planned, Service
 
 log = logging.getLogger("flightdeck.flightsql")
 
