@@ -229,3 +229,9 @@ def test_run_serves_http_on_its_port_and_stops_cleanly(demo_config):
         assert [a.type for a in client.list_actions()][:1] == ["CreatePreparedStatement"]
     code, err = process.stop()
     assert code == 0 and "flightdeck stopped" in err and f"HTTP on {process.http_url}" in err
+
+
+def test_bound_values_are_held_to_16_mib_for_every_door(service):
+    error = service_error(lambda: service.plan(ANYONE, "SELECT length($1) AS n", ["x" * (16 * 2**20 + 1)]))
+    assert error.kind == "limit_exceeded" and "16,777,216" in error.message
+    assert service.query(ANYONE, "SELECT length($1) AS n", ["x" * 2**20]).read_all().to_pylist() == [{"n": 2**20}]
