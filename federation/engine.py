@@ -632,16 +632,21 @@ def _is_python_frame(line: str) -> bool:
 def _placeholder_tokens(sql: str) -> list:
     try:
         return [t for t in sqlglot.tokenize(sql, read="postgres")
-                if t.token_type in (TokenType.PLACEHOLDER, TokenType.PARAMETER)]
+                if t.token_type in (TokenType.PLACEHOLDER, TokenType.PARAMETER, TokenType.QDCOLON)]
     except TokenError:
         return []
 
 
 def number_placeholders(sql: str) -> str:
-    """Rewrite JDBC/ADBC-style ``?`` placeholders to DataFusion's ``$1, $2, ...``."""
-    question_marks = [t for t in _placeholder_tokens(sql) if t.text == "?"]
+    """Rewrite JDBC/ADBC-style ``?`` placeholders to DataFusion's ``$1, $2, ...`` (``?::int`` too,
+    which the tokenizer reads as one word)."""
+    question_marks = [t for t in _placeholder_tokens(sql) if t.text in ("?", "?::")]
+    for token in question_marks:
+        if token.text == "?" and sql[token.end + 1:token.end + 2].isalnum():
+            raise QueryError(f"a ? placeholder runs on into {sql[token.end + 1:token.end + 12]!r}: write $1, $2... "
+                             "for numbered parameters, or put a space after the ?")
     for index, token in reversed(list(enumerate(question_marks, start=1))):
-        sql = sql[:token.start] + f"${index}" + sql[token.end + 1:]
+        sql = sql[:token.start] + f"${index}" + token.text[1:] + sql[token.end + 1:]
     return sql
 
 

@@ -235,3 +235,11 @@ def test_bound_values_are_held_to_16_mib_for_every_door(service):
     error = service_error(lambda: service.plan(ANYONE, "SELECT length($1) AS n", ["x" * (16 * 2**20 + 1)]))
     assert error.kind == "limit_exceeded" and "16,777,216" in error.message
     assert service.query(ANYONE, "SELECT length($1) AS n", ["x" * 2**20]).read_all().to_pylist() == [{"n": 2**20}]
+
+
+def test_question_mark_placeholders_are_numbered_where_they_stand(service):
+    """``?::int`` is one word to the tokenizer, and ``?1`` ran on into ``$11``."""
+    rows = service.query(ANYONE, "SELECT ?::int + 1 AS a, CAST(? AS VARCHAR) AS b", ["41", 7]).read_all().to_pylist()
+    assert rows == [{"a": 42, "b": "7"}]
+    error = service_error(lambda: service.plan(ANYONE, "SELECT ?1 AS a", [1]))
+    assert error.kind == "invalid" and "write $1" in error.message
