@@ -586,6 +586,10 @@ def _gate_error_kind(error: UnsafeStatement) -> str:
     return LIMIT_EXCEEDED if isinstance(error, GeneratesTooMuch) else "refused"
 
 
+# A search or a model refusing what it was given, raised while DataFusion scans or calls it.
+_REFUSED_INPUT = re.compile(r"External error: (SearchError|ModelError)\b")
+
+
 def error_kind(text: str) -> str:
     """A DataFusion error's kind: a backend's failure is "unavailable" (a client may retry), a
     source at its load budget "limit_exceeded", a Python function refusing its input (a model,
@@ -594,7 +598,7 @@ def error_kind(text: str) -> str:
         return LIMIT_EXCEEDED
     if "ConnectorError" in text:
         return "unavailable"
-    if "PyErr" in text or "QueryError" in text:
+    if "PyErr" in text or "QueryError" in text or _REFUSED_INPUT.search(text):
         return "invalid"
     return "unavailable" if "External error" in text else "invalid"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_postgresql.dbapi as adbc_postgres
+import httpx
 import pytest
 
 from conftest import run_clients, serving
@@ -102,6 +103,13 @@ def test_search_errors_are_precise_and_the_server_goes_on(connection):
         assert message in str(raised.value) and "Traceback" not in str(raised.value)
         assert "UNAVAILABLE" not in str(raised.value)
     assert _rows(connection, "SELECT count(*) FROM guides")[0][0] == 6
+
+
+def test_a_search_without_its_query_is_the_clients_error(server):
+    """A request that can never work is no backend being unavailable (503 asks to retry)."""
+    response = httpx.post(f"{server.http_url}/v1/sql", timeout=60, json={
+        "sql": "SELECT path FROM text_search(guides, $1, 3)", "parameters": [None]})
+    assert response.status_code == 400 and "the query and k must be given" in response.text
 
 
 def test_embedding_status_is_reported(connection):
