@@ -61,13 +61,13 @@ def check_unread(sql: str) -> None:
         return
     tokens = _backquoted_as_names(tokens)
     if len(tokens) > MAX_UNREAD_TOKENS:
-        raise TooLarge(_unread(f"has {len(tokens):,} words (at most {MAX_UNREAD_TOKENS:,})"))
+        raise TooLarge(_unread_shape(f"has {len(tokens):,} words (at most {MAX_UNREAD_TOKENS:,})"))
     grouping = next((t.text for t in tokens if t.text.upper() in ("CUBE", "ROLLUP", "GROUPING")), None)
     if grouping is not None:
-        raise TooLarge(_unread(f"uses {grouping.upper()}"))
+        raise TooLarge(_unread_shape(f"uses {grouping.upper()}"))
     closing = closing_parentheses(tokens)
     if _expansion(tokens, closing) > MAX_EXPANDED:
-        raise TooLarge(_unread(f"reads its CTEs so that they would be planned more than {MAX_EXPANDED:,} times"))
+        raise TooLarge(_unread_shape(f"reads its CTEs so that they would be planned more than {MAX_EXPANDED:,} times"))
     rows: set[int] = set()  # where the rows of a VALUES list close
     for position, token in enumerate(tokens):
         if token.token_type in (TokenType.DPIPE, TokenType.L_BRACKET, TokenType.L_BRACE):
@@ -120,6 +120,11 @@ def _expansion(tokens: list, closing: dict[int, int]) -> int:
         inner = [body for body in bodies if opening < body[0] and body[1] < closed]
         weights[name] = min(max(weights.get(name, 0), 1 + reads(opening, closed, inner)), MAX_EXPANDED + 1)
     return 1 + reads(0, len(tokens), bodies)
+
+
+def _unread_shape(what: str) -> str:
+    return (f"the statement {what}, in SQL the gate cannot read, where its size and shape are known from its words "
+            "alone: write it in PostgreSQL's syntax (names in double quotes)")
 
 
 def _unread(what: str) -> str:
