@@ -20,7 +20,7 @@ from accel.duckdb_store import DuckDBEngine, DuckDBStore
 from accel.refresh import Refresher, RefreshStatus, Route
 from accel.spec import AccelerationSpec
 from accel.sqlite_store import SQLiteEngine, SQLiteStore
-from accel.store import Store
+from accel.store import Store, StoreError
 from accel.working_set import WorkingSet
 from federation.changes import ChangeSource
 from federation.connectors.base import Connector
@@ -58,7 +58,11 @@ class Accelerator:
             problems = source.spec.problems()
             if problems:
                 raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: {problems[0]}")
-            store = self._store(source)
+            try:
+                store = self._store(source)
+            except StoreError as error:  # the source's own columns: its data is read where it is
+                log.warning("dataset %s: not accelerated: %s", source.spec.dataset, error)
+                continue
             working_set = WorkingSet(source.spec.dataset, source.schema, source.connector, source.table,
                                      source.spec.refresh_sql, source.spec.time_column, batch_rows)
             kind = Refresher

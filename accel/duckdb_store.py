@@ -20,9 +20,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from accel.store import Stamp, Store, StoreError, local_table_name
+from accel.store import Stamp, Store, StoreError, distinct_names_ignoring_case, key_matches, local_table_name
 from federation.connectors.base import first_line
 from federation.connectors.duckdb import DuckDBConnector
+from federation.expr import quote_double
 
 FILE_CATALOG = "accel_file"
 MEMORY_CATALOG = "memory"
@@ -100,6 +101,7 @@ class DuckDBStore(Store):
 
     def __init__(self, dataset: str, schema: pa.Schema, mode: str, engine: DuckDBEngine):
         super().__init__(dataset, schema, mode)
+        distinct_names_ignoring_case(dataset, schema, self.engine)
         self.duckdb = engine
         self.catalog = FILE_CATALOG if mode == "file" else MEMORY_CATALOG
         self.name = local_table_name(dataset)
@@ -113,7 +115,7 @@ class DuckDBStore(Store):
         return f"{self.catalog}.main.{self.name}"
 
     def _qualified(self, name: str) -> str:
-        return f'{self.catalog}.main."{name}"'
+        return f"{self.catalog}.main.{quote_double(name)}"
 
     def has_copy(self) -> bool:
         cursor = self.duckdb.cursor()
@@ -132,10 +134,10 @@ class DuckDBStore(Store):
         def write(cursor: duckdb.DuckDBPyConnection, incoming: str) -> None:
             cursor.execute(f"CREATE OR REPLACE TABLE {self._qualified(staging)} AS SELECT * FROM {incoming}")
             cursor.execute(f"DROP TABLE IF EXISTS {self._qualified(self.name)}")
-            cursor.execute(f'ALTER TABLE {self._qualified(staging)} RENAME TO "{self.name}"')
+            cursor.execute(f"ALTER TABLE {self._qualified(staging)} RENAME TO {quote_double(self.name)}")
             for column in indexes:  # after the rename: DuckDB cannot rename an indexed table
-                cursor.execute(f'CREATE INDEX "{self.name}_{column}_{next(_index_numbers)}" '
-                               f'ON {self._qualified(self.name)} ("{column}")')
+                index = quote_double(f"{self.name}_{column}_{next(_index_numbers)}")
+                cursor.execute(f"CREATE INDEX {index} ON {self._qualified(self.name)} ({quote_double(column)})")
             self._record(cursor, stamp, stamp.bytes)
             self._record_position(cursor, position)
 
@@ -147,7 +149,7 @@ class DuckDBStore(Store):
 
         def write(cursor: duckdb.DuckDBPyConnection, incoming: str) -> None:
             cursor.execute(f"CREATE TEMP TABLE batch AS SELECT * FROM {incoming}")
-            matches = " AND ".join(f'batch."{c}" = "{self.name}"."{c}"' for c in key)
+            matches = key_matches("batch", self.name, key)
             if key and on_conflict == "upsert":
                 cursor.execute(f"DELETE FROM {live} WHERE EXISTS (SELECT 1 FROM batch WHERE {matches})")
                 cursor.execute(f"INSERT INTO {live} BY NAME SELECT * FROM batch")
@@ -172,7 +174,7 @@ class DuckDBStore(Store):
 
         def write(cursor: duckdb.DuckDBPyConnection, added: str, *gone: str) -> None:
             for incoming in (*gone, added) if key else ():
-                matches = " AND ".join(f'i."{c}" = "{self.name}"."{c}"' for c in key)
+                matches = key_matches("i", self.name, key)
                 cursor.execute(f"DELETE FROM {live} WHERE EXISTS (SELECT 1 FROM {incoming} AS i WHERE {matches})")
             cursor.execute(f"INSERT INTO {live} BY NAME SELECT * FROM {added}")
             previous = self.stamp()
@@ -225,14 +227,14 @@ class DuckDBStore(Store):
         return None if row is None else Stamp(_utc(row[0]), int(row[1] or 0))
 
     def _delete_older(self, column: str, cutoff: Any) -> int:
-        row = self._one(f'DELETE FROM {self._qualified(self.name)} WHERE "{column}" < ?', [cutoff])
+        row = self._one(f"DELETE FROM {self._qualified(self.name)} WHERE {quote_double(column)} < ?", [cutoff])
         return int(row[0]) if row else 0
 
     def _record_bytes(self, size: int) -> None:
         self._one(f"UPDATE {self.catalog}.main.{META_TABLE} SET bytes = ? WHERE dataset = ?", [size, self.dataset])
 
     def max_value(self, column: str) -> Any:
-        return self._one(f'SELECT max("{column}") FROM {self._qualified(self.name)}')[0]
+        return self._one(f"SELECT max({quote_double(column)}) FROM {self._qualified(self.name)}")[0]
 
     def row_count(self) -> int:
         return int(self._one(f"SELECT count(*) FROM {self._qualified(self.name)}")[0])

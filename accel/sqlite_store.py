@@ -21,8 +21,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from accel.store import Stamp, Store, StoreError, local_table_name
+from accel.store import Stamp, Store, StoreError, distinct_names_ignoring_case, key_matches, local_table_name
 from federation.connectors.sqlite import SQLiteConnector
+from federation.expr import quote_double as q
 
 META_TABLE = "flightdeck_copies"
 POSITIONS_TABLE = "flightdeck_positions"  # where each change-following copy stands in its stream
@@ -99,6 +100,7 @@ class SQLiteStore(Store):
 
     def __init__(self, dataset: str, schema: pa.Schema, mode: str, engine: SQLiteEngine):
         super().__init__(dataset, schema, mode)
+        distinct_names_ignoring_case(dataset, schema, self.engine)
         self.columns = {f.name: declared_type(f.type) for f in schema}
         self.sqlite = engine
         self.name = local_table_name(dataset)
@@ -120,14 +122,14 @@ class SQLiteStore(Store):
         staging = f"{self.name}__refresh"
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute(f'DROP TABLE IF EXISTS "{staging}"')
+            db.execute(f"DROP TABLE IF EXISTS {q(staging)}")
             self._create(db, staging)
             self._insert(db, staging, reader)
             for column in indexes:
-                db.execute(f'CREATE INDEX "{self.name}_{column}_{next(_index_numbers)}" '
-                           f'ON "{staging}" ("{column}")')
-            db.execute(f'DROP TABLE IF EXISTS "{self.name}"')
-            db.execute(f'ALTER TABLE "{staging}" RENAME TO "{self.name}"')
+                index = q(f"{self.name}_{column}_{next(_index_numbers)}")
+                db.execute(f"CREATE INDEX {index} ON {q(staging)} ({q(column)})")
+            db.execute(f"DROP TABLE IF EXISTS {q(self.name)}")
+            db.execute(f"ALTER TABLE {q(staging)} RENAME TO {q(self.name)}")
             self._record(db, stamp, stamp.bytes)
             self._record_position(db, position)
 
@@ -137,15 +139,15 @@ class SQLiteStore(Store):
                on_conflict: str) -> None:
         def write(db: sqlite3.Connection) -> None:
             db.execute("DROP TABLE IF EXISTS temp.batch")
-            db.execute("CREATE TEMP TABLE batch AS SELECT * FROM main.\"%s\" WHERE 0" % self.name)
+            db.execute(f"CREATE TEMP TABLE batch AS SELECT * FROM main.{q(self.name)} WHERE 0")
             self._insert(db, "temp.batch", reader)
-            columns = ", ".join(f'"{c}"' for c in self.schema.names)
-            matches = " AND ".join(f'batch."{c}" = "{self.name}"."{c}"' for c in key)
+            columns = ", ".join(q(c) for c in self.schema.names)
+            matches = key_matches("batch", self.name, key)
             if key and on_conflict == "upsert":
-                db.execute(f'DELETE FROM "{self.name}" WHERE EXISTS (SELECT 1 FROM batch WHERE {matches})')
-            insert = f'INSERT INTO "{self.name}" ({columns}) SELECT {columns} FROM batch'
+                db.execute(f"DELETE FROM {q(self.name)} WHERE EXISTS (SELECT 1 FROM batch WHERE {matches})")
+            insert = f"INSERT INTO {q(self.name)} ({columns}) SELECT {columns} FROM batch"
             if key and on_conflict == "drop":
-                insert += f' WHERE NOT EXISTS (SELECT 1 FROM "{self.name}" WHERE {matches})'
+                insert += f" WHERE NOT EXISTS (SELECT 1 FROM {q(self.name)} WHERE {matches})"
             db.execute(insert)
             db.execute("DROP TABLE temp.batch")
             previous = self.stamp()
@@ -160,10 +162,10 @@ class SQLiteStore(Store):
             if key:
                 gone = self._temp_copy(db, "gone", list(key), deletes)
                 for incoming in (gone, added):
-                    matches = " AND ".join(f'{incoming}."{c}" = "{self.name}"."{c}"' for c in key)
-                    db.execute(f'DELETE FROM "{self.name}" WHERE EXISTS (SELECT 1 FROM {incoming} WHERE {matches})')
-            columns = ", ".join(f'"{c}"' for c in self.schema.names)
-            db.execute(f'INSERT INTO "{self.name}" ({columns}) SELECT {columns} FROM {added}')
+                    matches = key_matches(incoming, self.name, key)
+                    db.execute(f"DELETE FROM {q(self.name)} WHERE EXISTS (SELECT 1 FROM {incoming} WHERE {matches})")
+            columns = ", ".join(q(c) for c in self.schema.names)
+            db.execute(f"INSERT INTO {q(self.name)} ({columns}) SELECT {columns} FROM {added}")
             db.execute("DROP TABLE IF EXISTS temp.batch")
             db.execute("DROP TABLE IF EXISTS temp.gone")
             previous = self.stamp()
@@ -174,9 +176,9 @@ class SQLiteStore(Store):
 
     def _temp_copy(self, db: sqlite3.Connection, name: str, columns: list[str], rows: pa.Table | None) -> str:
         """``rows`` (may be None: no rows) in a temporary table with the copy's column types."""
-        listed = ", ".join(f'"{c}"' for c in columns)
+        listed = ", ".join(q(c) for c in columns)
         db.execute(f"DROP TABLE IF EXISTS temp.{name}")
-        db.execute(f'CREATE TEMP TABLE {name} AS SELECT {listed} FROM main."{self.name}" WHERE 0')
+        db.execute(f"CREATE TEMP TABLE {name} AS SELECT {listed} FROM main.{q(self.name)} WHERE 0")
         if rows is not None and rows.num_rows:
             marks = ", ".join("?" for _ in columns)
             for batch in rows.select(columns).to_batches():
@@ -193,13 +195,13 @@ class SQLiteStore(Store):
         return None if row is None else json.loads(row[0])
 
     def _create(self, db: sqlite3.Connection, name: str) -> None:
-        columns = ", ".join(f'"{column}" {declared}' for column, declared in self.columns.items())
-        db.execute(f'CREATE TABLE "{name}" ({columns})')
+        columns = ", ".join(f"{q(column)} {declared}" for column, declared in self.columns.items())
+        db.execute(f"CREATE TABLE {q(name)} ({columns})")
 
     def _insert(self, db: sqlite3.Connection, name: str, reader: pa.RecordBatchReader) -> None:
-        quoted = name if "." in name else f'"{name}"'
+        quoted = name if "." in name else q(name)
         marks = ", ".join("?" for _ in self.schema.names)
-        columns = ", ".join(f'"{c}"' for c in self.schema.names)
+        columns = ", ".join(q(c) for c in self.schema.names)
         for batch in reader:
             db.executemany(f"INSERT INTO {quoted} ({columns}) VALUES ({marks})",
                            _sqlite_rows(batch.select(self.schema.names)))
@@ -226,7 +228,7 @@ class SQLiteStore(Store):
 
     def _delete_older(self, column: str, cutoff: Any) -> int:
         with self.sqlite.lock:
-            cursor = self.sqlite.writer.execute(f'DELETE FROM "{self.name}" WHERE "{column}" < ?',
+            cursor = self.sqlite.writer.execute(f"DELETE FROM {q(self.name)} WHERE {q(column)} < ?",
                                                 [_sqlite_value(cutoff)])
             return cursor.rowcount
 
@@ -234,11 +236,11 @@ class SQLiteStore(Store):
         self._one(f"UPDATE {META_TABLE} SET bytes = ? WHERE dataset = ?", [size, self.dataset])
 
     def max_value(self, column: str) -> Any:
-        value = self._one(f'SELECT max("{column}") FROM "{self.name}"')[0]
+        value = self._one(f"SELECT max({q(column)}) FROM {q(self.name)}")[0]
         return _from_sqlite(value, self.schema.field(column).type)
 
     def row_count(self) -> int:
-        return int(self._one(f'SELECT count(*) FROM "{self.name}"')[0])
+        return int(self._one(f"SELECT count(*) FROM {q(self.name)}")[0])
 
     def _one(self, sql: str, params: list | None = None) -> tuple | None:
         with self.sqlite.lock:

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from federation.connectors.base import Connector
 from federation.connectors.typing import conform_batch
+from federation.expr import quote_double
 
 
 class StoreError(Exception):
@@ -116,6 +117,23 @@ class Store(ABC):
 
     def close(self) -> None:
         pass
+
+
+def distinct_names_ignoring_case(dataset: str, schema: pa.Schema, engine: str) -> None:
+    """Refuse columns whose names differ only in case: the engine's names ignore it, so it would
+    rename one (DuckDB: note_1) or refuse the table, and a read of one would find the other."""
+    seen: dict[str, str] = {}
+    for name in schema.names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise StoreError(f"{dataset}: columns {other!r} and {name!r} differ only in case, which engine {engine} "
+                             "does not tell apart: use engine arrow, or name them apart at the source")
+
+
+def key_matches(incoming: str, table: str, key: tuple[str, ...]) -> str:
+    """``incoming.k = table.k AND ...`` over the key's columns, every name quoted: a key's
+    columns are named by the source, and a name is data like any value."""
+    return " AND ".join(f"{incoming}.{quote_double(c)} = {quote_double(table)}.{quote_double(c)}" for c in key)
 
 
 def local_table_name(dataset: str) -> str:

@@ -492,3 +492,19 @@ def test_configured_indexes_are_built_on_each_copy(source, tmp_path, engine):
         assert len(indexed) == 1, indexed
         assert _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'eu'") == \
             _admin("SELECT count(*) FROM fd_accel.events WHERE region = 'eu'")[0][0]
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite"])
+def test_columns_named_alike_but_for_case_are_not_copied_into_an_engine_that_folds_them(tmp_path, engine):
+    """DuckDB renamed the second of Note and note to note_1, and a read of note found Note: a key
+    granted only note read Note's values. Such a dataset is read from its source instead."""
+    (tmp_path / "events.jsonl").write_text(json.dumps({"id": 1, "Note": "HIDDEN-internal", "note": "public text"}) + "\n")
+    config = {"datasets": [{"from": "file:events.jsonl", "name": "events", "acceleration": {"engine": engine}}],
+              "runtime": {"auth": {"api_keys": ["admin-key-0123456789", {
+                  "name": "agent", "key": "agent-key-0123456789", "columns": {"events": ["id", "note"]}}]}}}
+    with serving(config, tmp_path) as runtime:
+        assert "public.events" not in runtime.accelerator.refreshers
+        with flightsql.connect(runtime.flight_url, autocommit=True, db_kwargs={
+                "adbc.flight.sql.authorization_header": "Bearer agent-key-0123456789"}) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT * FROM events")
+            assert cursor.fetchall() == [(1, "public text")]

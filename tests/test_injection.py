@@ -1035,3 +1035,38 @@ def test_a_table_function_argument_cannot_run_on_into_the_text_around_it(echoing
     sql = "SELECT * FROM generate_series(1, -$1) WHERE value > 1"
     assert echoing_engine.query(sql, [-3]).read_all().column(0).to_pylist() == [2, 3]
     assert echoing_engine.query("SELECT s FROM echo(  $1\r\n)", ["ok"]).read_all().column(0).to_pylist() == ["ok"]
+
+
+# Column names a source may give its table, written to end a quoted name in a copy's statements.
+HOSTILE_NAMES = ['a"=0);UPDATE memory.main.public__prices SET price=0;--',
+                 'x" TEXT, "y', 'b"; DELETE FROM flightdeck_copies; --']
+
+
+@pytest.mark.parametrize("engine_kind", ["duckdb", "sqlite"])
+def test_a_source_naming_its_columns_cannot_write_sql_into_the_copies(tmp_path, engine_kind):
+    """Names are data like values: a key column named to end its quotes ran as DuckDB SQL when
+    change capture applied a batch, and set every other copy's prices to 0."""
+    now = dt.datetime.now(dt.timezone.utc)
+    if engine_kind == "duckdb":
+        engine = DuckDBEngine(None, tmp_path)
+        store = lambda name, schema: DuckDBStore(name, schema, "memory", engine)  # noqa: E731
+    else:
+        engine = SQLiteEngine("memory", tmp_path / "data", tmp_path)
+        store = lambda name, schema: SQLiteStore(name, schema, "memory", engine)  # noqa: E731
+    try:
+        prices = store("public.prices", pa.schema([("sku", pa.int64()), ("price", pa.float64())]))
+        prices.replace(pa.table({"sku": [1, 2], "price": [10.0, 20.0]}).to_reader(), Stamp(now, 1))
+        schema = pa.schema([("a", pa.int64())] + [(name, pa.int64()) for name in HOSTILE_NAMES] + [("note", pa.string())])
+        key = ("a", *HOSTILE_NAMES)
+        row = {"a": [1], **{name: [1] for name in HOSTILE_NAMES}, "note": ["first"]}
+        items = store("public.items", schema)
+        items.replace(pa.table(row, schema=schema).to_reader(), Stamp(now, 1), indexes=(HOSTILE_NAMES[0],))
+        changed = pa.table({**row, "a": [2], "note": ["second"]}, schema=schema)
+        items.apply_changes(changed, None, key, Stamp(now, 1), {"lsn": "0/1"})
+        items.upsert(pa.table({**row, "note": ["first, again"]}, schema=schema).to_reader(), Stamp(now, 1), key,
+                     "upsert")
+        read = lambda copy: copy.connector.stream(f"SELECT * FROM {copy.table}", [], None).read_all()  # noqa: E731
+        assert [float(price) for price in read(prices).sort_by("sku").column("price").to_pylist()] == [10.0, 20.0]
+        assert sorted(read(items).column("note").to_pylist()) == ["first, again", "second"]
+    finally:
+        engine.close()
