@@ -22,7 +22,8 @@ import pyarrow.json as pa_json
 from federation import expr as fx
 from federation.changes import ChangeBatch, ChangeSource
 from federation.connectors.base import Connector, ConnectorError, first_rows
-from federation.connectors.typing import JSON_TYPES, flatten_document, json_value
+from federation.connectors.typing import (JSON_TYPES, MAX_JSON_DEPTH, flatten_document, json_nests_too_deep,
+                                         json_value)
 
 log = logging.getLogger("flightdeck.messages")
 SAMPLE_SIZE = 100             # messages read to infer the columns when none are declared
@@ -65,9 +66,11 @@ class MessageDecoder:
 
     def decode(self, payload: bytes) -> dict[str, Any] | str:
         """The message's flattened fields, or the reason it cannot be read."""
+        if json_nests_too_deep(payload):
+            return f"nests deeper than {MAX_JSON_DEPTH} levels"
         try:
             document = json.loads(payload)
-        except (UnicodeDecodeError, ValueError) as error:
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
             return f"not JSON: {error}"
         if not isinstance(document, dict):
             return f"not a JSON object: {type(document).__name__}"
@@ -126,7 +129,8 @@ def _parsed_together(messages: list[Message], schema: pa.Schema, metadata: pa.Sc
     """The rows by Arrow's JSON reader in one call, or None unless every message is one line of a
     JSON object whose values fit the columns as they are (then ``rows`` reads each message by
     itself, with the same result and a reason for each one it skips)."""
-    if not messages or any(b"\n" in m.payload or not m.payload.lstrip().startswith(b"{") for m in messages):
+    if not messages or any(b"\n" in m.payload or not m.payload.lstrip().startswith(b"{")
+                           or json_nests_too_deep(m.payload) for m in messages):
         return None
     try:
         parsed = pa_json.read_json(pa.py_buffer(b"\n".join(m.payload for m in messages)),

@@ -15,7 +15,10 @@ class JsonHandler(BaseHTTPRequestHandler):
         pass
 
     def send_json(self, status: int, body, headers: dict | None = None) -> None:
-        data = json.dumps(body).encode()
+        self.send_raw(status, json.dumps(body).encode(), headers)
+
+    def send_raw(self, status: int, data: bytes, headers: dict | None = None) -> None:
+        """``data`` as the body, JSON or not (an answer json.dumps could not even write)."""
         self.send_response(status)
         for key, value in {"Content-Type": "application/json", **self.extra_headers, **(headers or {})}.items():
             self.send_header(key, value)

@@ -148,13 +148,14 @@ def test_malformed_messages_are_counted_and_skipped_with_a_reason(tmp_path, bus)
                                                              "columns": {"events": ["id"]}}]}
     with serving(config, tmp_path) as runtime:
         _ready(runtime)
-        bus.publish(events(0, 2) + [b"{not json", b"[1, 2]", json.dumps({"id": "seven"}).encode()]
+        deep = b'{"id": 8, "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # overflowed Arrow's reader: the process ended
+        bus.publish(events(0, 2) + [b"{not json", b"[1, 2]", json.dumps({"id": "seven"}).encode(), deep]
                     + events(2, 2))
         _until(lambda: len(_ids(runtime)) == 4, 10, "the good messages copied")
-        _until(lambda: _status(runtime)["skipped"] == 3, 5, "three messages skipped")
+        _until(lambda: _status(runtime)["skipped"] == 4, 5, "four messages skipped")
         status = _status(runtime)
         assert status["state"] == "ready"
-        reasons = ("not JSON", "not a JSON object: list", "does not fit the columns")
+        reasons = ("not JSON", "not a JSON object: list", "does not fit the columns", "nests deeper than 64 levels")
         assert any(reason in status["last_skip_reason"] for reason in reasons), status["last_skip_reason"]
         # a reason may quote a message's values: only keys that see every column read it
         restricted = runtime.service.authenticate(Credentials(bearer=RESTRICTED_KEY))

@@ -265,3 +265,17 @@ def test_a_limit_is_never_applied_before_a_filter_the_source_cannot_take(databas
     local_only = fx.Compare("=", fx.Column("name"), fx.Literal(dt.datetime(2026, 1, 1)))  # not renderable
     assert connector.select_sql("people", ["id"], [pushable], 5)[0].endswith("LIMIT 5")
     assert "LIMIT" not in connector.select_sql("people", ["id"], [pushable, local_only], 5)[0]
+
+
+def test_a_json_file_nesting_too_deep_is_unavailable_and_the_rest_serve(tmp_path):
+    """Arrow's JSON reader recurses once per level on its thread's stack: one line 100,000 levels
+    deep ended the process at startup, taking every other dataset down with it."""
+    (tmp_path / "events.jsonl").write_text('{"id": 1}\n{"id": 2, "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    (tmp_path / "strings.jsonl").write_text(json.dumps({"id": 1, "text": "[" * 1_000}) + "\n")  # brackets in text
+    (tmp_path / "ok.csv").write_text("a\n1\n")
+    catalog = Catalog([DatasetSpec("events", "file:events.jsonl", {}), DatasetSpec("strings", "file:strings.jsonl", {}),
+                       DatasetSpec("ok", "file:ok.csv", {})], tmp_path)
+    assert "nests deeper than 64 levels" in catalog.datasets["public.events"].error
+    engine = QueryEngine(catalog)
+    assert engine.query("SELECT a FROM ok").read_all().to_pylist() == [{"a": 1}]
+    assert engine.query("SELECT length(text) AS n FROM strings").read_all().to_pylist() == [{"n": 1000}]

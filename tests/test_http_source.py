@@ -42,6 +42,8 @@ class Api(JsonHandler):
         if url.path == "/metrics":  # page numbers
             page, size = int(query.get("page", 1)), int(query["per_page"])
             return self.send_json(200, INCIDENTS[(page - 1) * size:page * size])
+        if url.path == "/deep":  # an answer nesting deeper than any reader of it should recurse
+            return self.send_raw(200, b"[" * 1_500 + b"]" * 1_500)
         if url.path.startswith("/astray/"):  # an API answering with a way off its origin
             return self._astray(url.path.removeprefix("/astray/"))
         if url.path == "/limited":
@@ -135,6 +137,8 @@ def test_errors_are_clear_and_never_show_the_token(api, tmp_path):
     assert "HTTP 401" in errors["noauth"]
     assert "HTTP 404" in errors["missing"]
     assert "cannot reach the API" in errors["down"] and "t0k" not in errors["down"]
+    deep = Catalog([DatasetSpec("deep", f"{api}/deep", AUTH)], tmp_path).datasets["public.deep"]
+    assert "nests deeper than 64 levels" in deep.error  # a RecursionError had stopped the server's start
     with pytest.raises(ConnectorError, match="not an http"):
         from federation.connectors.http import HttpConnector
         HttpConnector({}, tmp_path, "ftp://example")

@@ -30,7 +30,6 @@ import hashlib
 import os
 import random
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

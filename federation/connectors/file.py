@@ -22,6 +22,7 @@ import pyarrow.json as pajson
 from federation import expr as fx
 from federation.arrow_expr import to_arrow
 from federation.connectors.base import Connector, ConnectorError, first_rows
+from federation.connectors.typing import MAX_JSON_DEPTH, json_nests_too_deep
 
 FORMATS_BY_SUFFIX = {
     ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
@@ -94,6 +95,8 @@ class FileConnector(Connector):
         try:
             if self.format == "markdown":
                 return ds.dataset(self._read_markdown())
+            if self.format == "json":
+                self._check_json_depth()
             if self.format == "json" and self._is_json_array():
                 return ds.dataset(self._read_json_array())
             file_format = self._pyarrow_format()
@@ -134,6 +137,14 @@ class FileConnector(Connector):
         if self.format == "json":
             return ds.JsonFileFormat()
         return "parquet"
+
+    def _check_json_depth(self) -> None:
+        """Refuse a JSON file nesting deeper than MAX_JSON_DEPTH: Arrow's reader would overflow
+        its thread's stack on it and end the process."""
+        for name in self.files:
+            with open(name, "rb") as handle:
+                if json_nests_too_deep(handle.read()):
+                    raise ConnectorError(f"{self.describe()}: {Path(name).name} nests deeper than {MAX_JSON_DEPTH} levels")
 
     def _is_json_array(self) -> bool:
         with open(self.files[0], "rb") as handle:

@@ -24,7 +24,8 @@ import pyarrow as pa
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError, shown_url
 from federation.connectors.same_origin import open_same_origin, same_origin
-from federation.connectors.typing import JSON_TYPES, flatten_document, json_value
+from federation.connectors.typing import (JSON_TYPES, MAX_JSON_DEPTH, flatten_document, json_nests_too_deep,
+                                         json_value)
 
 DEFAULT_MAX_PAGES = 100
 LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
@@ -96,7 +97,10 @@ class HttpConnector(Connector):
             try:
                 with open_same_origin(request, self.timeout) as response:
                     headers = {k.lower(): v for k, v in response.headers.items()}
-                    return json.loads(response.read() or b"null"), headers
+                    body = response.read() or b"null"
+                if json_nests_too_deep(body):
+                    raise ConnectorError(f"{self.describe()}: the response nests deeper than {MAX_JSON_DEPTH} levels")
+                return json.loads(body), headers
             except urllib.error.HTTPError as error:
                 headers = {k.lower(): v for k, v in error.headers.items()}
                 wait = self._rate_limit_wait(error.code, headers)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import date, datetime
 from typing import Any
@@ -29,6 +30,29 @@ def json_value(value: Any, arrow_type: pa.DataType) -> Any:
     if pa.types.is_string(arrow_type) and not isinstance(value, str):
         return json.dumps(value)
     return value
+
+
+# How deep a JSON document read from a source may nest. Arrow's JSON reader recurses once per
+# level on a thread's stack (20,000 levels in a 40 KB message end the process), Python's json and
+# flattening by the recursion limit: a deeper document is refused before either reads it.
+MAX_JSON_DEPTH = 64
+_JSON_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_nests_too_deep(payload: bytes) -> bool:
+    """Whether a JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count)."""
+    if payload.count(b"[") + payload.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for match in _JSON_NESTING.finditer(payload):
+        mark = match.group()
+        if mark in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif mark in (b"]", b"}"):
+            depth -= 1
+    return False
 
 
 def flatten_document(document: dict, prefix: tuple = ()) -> dict[tuple, Any]:
