@@ -99,7 +99,23 @@ class PendingChanges:
     def batch(self, position: dict[str, Any], committed_at: dt.datetime | None) -> ChangeBatch:
         upserts = self._appended + [row for row in self._rows.values() if row is not None]
         deletes = [dict(zip(self.key, values)) for values, row in self._rows.items() if row is None]
-        return ChangeBatch(
-            upserts=pa.Table.from_pylist(upserts, schema=self.schema) if upserts else None,
-            deletes=pa.Table.from_pylist(deletes, schema=self.key_schema) if deletes else None,
-            position=position, committed_at=committed_at, skipped=tuple(self.skipped))
+        return ChangeBatch(upserts=self._table(upserts, self.schema), deletes=self._table(deletes, self.key_schema),
+                           position=position, committed_at=committed_at, skipped=tuple(self.skipped))
+
+    def _table(self, rows: list[dict], schema: pa.Schema) -> pa.Table | None:
+        """The rows as a table; a row whose values the columns cannot hold (a NaN for a decimal, a
+        number past its precision) is skipped with its reason, not left to fail the stream again at
+        every retry while the source keeps its log."""
+        if not rows:
+            return None
+        try:
+            return pa.Table.from_pylist(rows, schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError):
+            pass
+        fitting = []
+        for row in rows:
+            try:
+                fitting.append(pa.Table.from_pylist([row], schema=schema))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError) as error:
+                self.skipped.append(f"a row does not fit the columns: {str(error).splitlines()[0]}")
+        return pa.concat_tables(fitting) if fitting else None

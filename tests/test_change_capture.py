@@ -7,6 +7,7 @@ each batch, a file copy resumes at its committed position, resets are reported o
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import queue
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from accel.accelerator import AcceleratedSource, AccelerationError, Accelerator
 from accel.spec import AccelerationSpec
-from federation.changes import ChangeBatch, ChangeSource, SourceReset
+from federation.changes import ChangeBatch, ChangeSource, PendingChanges, SourceReset
 from federation.connectors.base import Connector
 
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string()), ("amount", pa.float64())])
@@ -298,3 +299,16 @@ def test_changes_mode_refuses_keys_that_only_apply_to_re_reads(tmp_path):
     dataset["acceleration"] = {"refresh_mode": "changes", "refresh_on_source_reset": "sometimes"}
     with pytest.raises(ConfigError, match="refresh_on_source_reset"):
         parse_config({"datasets": [dataset]}, tmp_path, {})
+
+
+def test_a_changed_row_the_columns_cannot_hold_is_skipped_not_retried_forever():
+    """PostgreSQL's numeric NaN for a decimal column failed the whole batch, so the stream retried it
+    every second while the source kept its log; the row is now skipped with its reason."""
+    pending = PendingChanges(pa.schema([("id", pa.int64()), ("amount", pa.decimal128(38, 10))]), ("id",))
+    pending.upsert({"id": 1, "amount": decimal.Decimal("1.5")})
+    pending.upsert({"id": 2, "amount": decimal.Decimal("NaN")})
+    pending.upsert({"id": 3, "amount": decimal.Decimal("3")})
+    pending.delete({"id": 4})
+    batch = pending.batch({"lsn": "0/1"}, None)
+    assert batch.upserts.column("id").to_pylist() == [1, 3] and batch.deletes.column("id").to_pylist() == [4]
+    assert len(batch.skipped) == 1 and "NaN" in batch.skipped[0]
