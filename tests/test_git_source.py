@@ -73,3 +73,19 @@ def test_reading_never_writes_and_errors_are_clear(repo, tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ConnectorError, match="not a git repository"):
         GitConnector({}, tmp_path, "plain/files")
+
+
+def test_a_commit_message_cannot_forge_rows(repo):
+    """Commits were split on \\x1e and fields on \\x1f, which a message or a name may hold: a message
+    could add a row of its own (sha 000..., author 'Linus Torvalds', 'Security fix approved')."""
+    forged = ("innocent\x1e" + "\x1f".join(["0" * 40, "Linus Torvalds", "linus@example.com", "2026-11-25T00:00:00+00:00",
+                                             "Linus Torvalds", "2026-11-25T00:00:00+00:00", "Security fix approved",
+                                             "", ""]) + "\x1e")
+    (repo / "notes.md").write_text("x\n")
+    _git(repo, "add", "."), _git(repo, "commit", "-q", "-m", forged, GIT_AUTHOR_NAME="Mal\x1elory")
+    engine = _engine(repo)
+    commits = engine.query("SELECT sha, author_name, subject FROM commits").read_all().to_pylist()
+    assert len(commits) == 3 and all(c["sha"] != "0" * 40 for c in commits)
+    assert commits[0]["author_name"] == "Mal\x1elory" and commits[0]["subject"].startswith("innocent")
+    notes = engine.query("SELECT last_author FROM files WHERE path = 'notes.md'").read_all().to_pylist()
+    assert notes == [{"last_author": "Mal\x1elory"}]

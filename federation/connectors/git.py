@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,8 +30,10 @@ COMMITS_SCHEMA = pa.schema([
     ("committed_at", pa.timestamp("s", tz="UTC")), ("subject", pa.string()), ("body", pa.string()),
     ("parents", pa.list_(pa.string())),
 ])
-_FIELD, _RECORD = "\x1f", "\x1e"
-_COMMIT_FORMAT = _FIELD.join(["%H", "%an", "%ae", "%aI", "%cn", "%cI", "%s", "%b", "%P"]) + _RECORD
+# A commit's fields, each ended by a NUL (with -z, git ends each commit with one more): names and
+# messages may hold any other character, so nothing they hold can end a field or a commit early.
+_COMMIT_FIELDS = ["%H", "%an", "%ae", "%aI", "%cn", "%cI", "%s", "%b", "%P"]
+_COMMIT_FORMAT = "%x00".join(_COMMIT_FIELDS)
 BATCH_ROWS = 4096
 
 
@@ -86,16 +89,14 @@ class GitConnector(Connector):
         return self.rows_reader(rows, schema, columns, filters, limit, BATCH_ROWS)
 
     def _commits(self, limit: int | None) -> list[dict]:
-        args = ["log", f"--format={_COMMIT_FORMAT}", "HEAD"]
+        args = ["log", "-z", f"--format={_COMMIT_FORMAT}", "HEAD"]
         if limit is not None:
             args.insert(1, f"-n{int(limit)}")
-        records = self._git(*args).decode(errors="replace").split(_RECORD)
+        fields = self._git(*args).decode(errors="replace").split("\x00")
+        width = len(_COMMIT_FIELDS)
         rows = []
-        for record in records:
-            record = record.strip("\n")
-            if not record:
-                continue
-            sha, name, email, authored, committer, committed, subject, body, parents = record.split(_FIELD)
+        for start in range(0, len(fields) - width + 1, width):
+            sha, name, email, authored, committer, committed, subject, body, parents = fields[start:start + width]
             rows.append({"sha": sha, "author_name": name, "author_email": email,
                          "authored_at": dt.datetime.fromisoformat(authored), "committer_name": committer,
                          "committed_at": dt.datetime.fromisoformat(committed), "subject": subject,
@@ -134,16 +135,19 @@ class GitConnector(Connector):
 
     def _last_commits(self) -> dict[str, dict]:
         """The newest commit touching each path (one `git log` over the history)."""
-        log = self._git("log", "--format=" + _RECORD + "%H" + _FIELD + "%cI" + _FIELD + "%an",
-                        "--name-only", "-z", "HEAD").decode(errors="replace")
+        # Each commit starts with a mark no path can know beforehand, then git's own words (a hash, a
+        # date); authors come from the commits, by hash: a name may hold any character.
+        mark = f"\x1e{uuid.uuid4().hex}"
+        log = self._git("log", f"--format={mark}%H %cI", "--name-only", "-z", "HEAD").decode(errors="replace")
+        authors = {row["sha"]: row["author_name"] for row in self._commits(None)}
         last: dict[str, dict] = {}
-        for record in log.split(_RECORD):
+        for record in log.split(mark):
             if not record.strip("\x00\n"):
                 continue
             header, _, names = record.partition("\n")
-            sha, committed, author = header.strip("\x00").split(_FIELD)
+            sha, committed = header.strip("\x00").split(" ")
             for path in names.replace("\n", "").split("\x00"):
                 if path and path not in last:
                     last[path] = {"last_commit": sha, "last_commit_at": dt.datetime.fromisoformat(committed),
-                                  "last_author": author}
+                                  "last_author": authors.get(sha)}
         return last
