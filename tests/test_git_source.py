@@ -81,11 +81,11 @@ def test_a_commit_message_cannot_forge_rows(repo):
     forged = ("innocent\x1e" + "\x1f".join(["0" * 40, "Linus Torvalds", "linus@example.com", "2026-11-25T00:00:00+00:00",
                                              "Linus Torvalds", "2026-11-25T00:00:00+00:00", "Security fix approved",
                                              "", ""]) + "\x1e")
-    (repo / "notes.md").write_text("x\n")
+    (repo / "changelog.md").write_text("x\n")
     _git(repo, "add", "."), _git(repo, "commit", "-q", "-m", forged, GIT_AUTHOR_NAME="Mal\x1elory")
     engine = _engine(repo)
     commits = engine.query("SELECT sha, author_name, subject FROM commits").read_all().to_pylist()
     assert len(commits) == 3 and all(c["sha"] != "0" * 40 for c in commits)
     assert commits[0]["author_name"] == "Mal\x1elory" and commits[0]["subject"].startswith("innocent")
-    notes = engine.query("SELECT last_author FROM files WHERE path = 'notes.md'").read_all().to_pylist()
-    assert notes == [{"last_author": "Mal\x1elory"}]
+    changelog = engine.query("SELECT last_author FROM files WHERE path = 'changelog.md'").read_all().to_pylist()
+    assert changelog == [{"last_author": "Mal\x1elory"}]
