@@ -84,11 +84,11 @@ class ChangeCapture(Refresher):
         attempt = 0
         while not self._stop.is_set():
             self._wake.clear()
+            applied = self.status.changes_applied
             try:
                 position = None if self._snapshot_wanted else self._resume_position()
                 if position is None:
                     position = self._snapshot()
-                attempt = 0
                 self._follow(position)
             except SourceReset as error:
                 self._failed(error)
@@ -104,7 +104,9 @@ class ChangeCapture(Refresher):
                 self._wake.wait()  # until stopped, or a refresh asks for a new snapshot
             except Exception as error:
                 self._failed(error)
-                attempt += 1
+                # Waits grow until the stream applies a change again: one failing the same way at
+                # once must not be retried every second while the source keeps its log for it.
+                attempt = 1 if self.status.changes_applied > applied else attempt + 1
                 if not self.spec.refresh_retry_enabled:
                     self.status.state = "error"
                     self._wake.wait()

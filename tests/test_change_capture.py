@@ -312,3 +312,26 @@ def test_a_changed_row_the_columns_cannot_hold_is_skipped_not_retried_forever():
     batch = pending.batch({"lsn": "0/1"}, None)
     assert batch.upserts.column("id").to_pylist() == [1, 3] and batch.deletes.column("id").to_pylist() == [4]
     assert len(batch.skipped) == 1 and "NaN" in batch.skipped[0]
+
+
+class FailingStream(ListSource):
+    """A source whose change stream fails the same way each time it is followed."""
+
+    def changes(self, table: str, since: dict, stop: threading.Event):
+        self.resumed_from.append(since)
+        raise ConnectionError("the slot is gone")
+        yield  # a generator, as a stream is
+
+
+def test_a_stream_failing_again_at_once_waits_longer_each_time(tmp_path):
+    """The wait between attempts was reset whenever the stream was opened again, so one failing
+    at once was retried every 0.05 s here (every second by default) for as long as it failed."""
+    source = FailingStream({1: (1, "a", 1.0)})
+    accelerator = _accelerator(tmp_path, source)
+    try:
+        refresher = accelerator.refresher("public.t")
+        _until(lambda: len(refresher.retry_delays) >= 5)
+        assert refresher.retry_delays[4] > 0.3  # 0.05 s doubled four times, with jitter: 0.4 to 0.8
+        assert _copy(accelerator).equals(source.table())  # the snapshot keeps serving
+    finally:
+        accelerator.close()
