@@ -279,3 +279,16 @@ def test_a_json_file_nesting_too_deep_is_unavailable_and_the_rest_serve(tmp_path
     engine = QueryEngine(catalog)
     assert engine.query("SELECT a FROM ok").read_all().to_pylist() == [{"a": 1}]
     assert engine.query("SELECT length(text) AS n FROM strings").read_all().to_pylist() == [{"n": 1000}]
+
+
+def test_a_json_file_of_one_line_without_a_final_newline_is_read(tmp_path):
+    """pyarrow's dataset reader read such a file as one row of NULLs."""
+    (tmp_path / "one.jsonl").write_text(json.dumps({"id": 1, "note": "x"}))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jsonl").write_text(json.dumps({"id": 2, "note": "y"}) + "\n")
+    (tmp_path / "folder" / "b.jsonl").write_text(json.dumps({"id": 3, "note": "z"}))
+    engine = QueryEngine(Catalog([DatasetSpec("one", "file:one.jsonl", {}),
+                                  DatasetSpec("many", "file:folder/", {"file_format": "json"})], tmp_path))
+    assert engine.query("SELECT * FROM one").read_all().to_pylist() == [{"id": 1, "note": "x"}]
+    assert engine.query("SELECT id, note FROM many ORDER BY id").read_all().to_pylist() == [
+        {"id": 2, "note": "y"}, {"id": 3, "note": "z"}]

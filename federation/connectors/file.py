@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import glob as globbing
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,10 @@ class FileConnector(Connector):
             return ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=delimiter),
                                     read_options=read_options, convert_options=convert)
         if self.format == "json":
-            return ds.JsonFileFormat()
+            # pyarrow reads a file of one line that no newline ends as one row of NULLs, unless told
+            # a line may go on past a block's end.
+            return ds.JsonFileFormat(parse_options=pajson.ParseOptions(
+                newlines_in_values=any(not _ends_with_newline(name) for name in self.files)))
         return "parquet"
 
     def _check_json_depth(self) -> None:
@@ -214,3 +218,12 @@ class FileConnector(Connector):
             return []
         return [(f.name, f.type if pa.types.is_integer(f.type) else pa.string())
                 for f in partitioning.schema]
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return True
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
