@@ -68,6 +68,26 @@ def table_key(connector: Connector, table: str) -> tuple[str, ...]:
     return key
 
 
+# What Arrow raises for a value its column's type cannot hold.
+UNFIT_VALUE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
+
+
+def fitting_rows(rows: list[dict], schema: pa.Schema) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """The rows whose values ``schema``'s columns can hold, as a table, and for each other row its
+    position and why (the first line of Arrow's message). All at once when every row fits."""
+    try:
+        return pa.Table.from_pylist(rows, schema=schema), []
+    except UNFIT_VALUE_ERRORS:
+        pass  # some row's values do not fit: find which, row by row
+    fitting, unfit = [], []
+    for position, row in enumerate(rows):
+        try:
+            fitting.append(pa.Table.from_pylist([row], schema=schema))
+        except UNFIT_VALUE_ERRORS as error:
+            unfit.append((position, str(error).splitlines()[0]))
+    return (pa.concat_tables(fitting) if fitting else schema.empty_table()), unfit
+
+
 class PendingChanges:
     """Rows changed by one or more transactions, collapsed per key (the last change of a key
     wins), made into a ChangeBatch. Without a key every row is kept, in order (append-only)."""
@@ -108,14 +128,6 @@ class PendingChanges:
         every retry while the source keeps its log."""
         if not rows:
             return None
-        try:
-            return pa.Table.from_pylist(rows, schema=schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError):
-            pass
-        fitting = []
-        for row in rows:
-            try:
-                fitting.append(pa.Table.from_pylist([row], schema=schema))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError) as error:
-                self.skipped.append(f"a row does not fit the columns: {str(error).splitlines()[0]}")
-        return pa.concat_tables(fitting) if fitting else None
+        table, unfit = fitting_rows(rows, schema)
+        self.skipped += [f"a row does not fit the columns: {reason}" for _, reason in unfit]
+        return table if table.num_rows else None

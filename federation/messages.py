@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from federation import expr as fx
-from federation.changes import ChangeBatch, ChangeSource
+from federation.changes import ChangeBatch, ChangeSource, fitting_rows
 from federation.connectors.base import Connector, ConnectorError, first_rows
 from federation.connectors.typing import (JSON_TYPES, MAX_JSON_DEPTH, flatten_document, json_nests_too_deep,
                                          json_value)
@@ -112,17 +112,9 @@ class MessageDecoder:
                 continue
             row.update(message.metadata)
             rows.append((message, row))
-        try:
-            return pa.Table.from_pylist([row for _, row in rows], schema=schema), skipped
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            pass  # some message's values do not fit: find which, row by row
-        fitting = []
-        for message, row in rows:
-            try:
-                fitting.append(pa.Table.from_pylist([row], schema=schema))
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as error:
-                skipped.append(f"{_where(message)}: does not fit the columns: {str(error).splitlines()[0]}")
-        return (pa.concat_tables(fitting) if fitting else schema.empty_table()), skipped
+        table, unfit = fitting_rows([row for _, row in rows], schema)
+        skipped += [f"{_where(rows[position][0])}: does not fit the columns: {reason}" for position, reason in unfit]
+        return table, skipped
 
 
 def _parsed_together(messages: list[Message], schema: pa.Schema, metadata: pa.Schema) -> pa.Table | None:
