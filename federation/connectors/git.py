@@ -135,19 +135,20 @@ class GitConnector(Connector):
 
     def _last_commits(self) -> dict[str, dict]:
         """The newest commit touching each path (one `git log` over the history)."""
-        # Each commit starts with a mark no path can know beforehand, then git's own words (a hash, a
-        # date); authors come from the commits, by hash: a name may hold any character.
-        mark = f"\x1e{uuid.uuid4().hex}"
-        log = self._git("log", f"--format={mark}%H %cI", "--name-only", "-z", "HEAD").decode(errors="replace")
-        authors = {row["sha"]: row["author_name"] for row in self._commits(None)}
+        # Each commit starts with a mark, and its author stands between two more: marks no path or
+        # name can know beforehand, since either may hold any character but a NUL.
+        nonce = uuid.uuid4().hex
+        mark, around_author = f"\x1e{nonce}", f"\x1f{nonce}"
+        log = self._git("log", f"--format={mark}%H %cI{around_author}%an{around_author}", "--name-only", "-z",
+                        "HEAD").decode(errors="replace")
         last: dict[str, dict] = {}
         for record in log.split(mark):
             if not record.strip("\x00\n"):
                 continue
-            header, _, names = record.partition("\n")
-            sha, committed = header.strip("\x00").split(" ")
+            header, author, names = record.split(around_author)
+            sha, committed = header.split(" ")
             for path in names.replace("\n", "").split("\x00"):
                 if path and path not in last:
                     last[path] = {"last_commit": sha, "last_commit_at": dt.datetime.fromisoformat(committed),
-                                  "last_author": authors.get(sha)}
+                                  "last_author": author}
         return last
