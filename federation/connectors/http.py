@@ -59,6 +59,9 @@ class HttpConnector(Connector):
         self.pagination = dict(params.get("pagination") or {})
         self.filter_params: dict[str, str] = dict(params.get("filter_params") or {})
         self.query: dict[str, str] = {str(k): str(v) for k, v in (params.get("query") or {}).items()}
+        # Query parameters only a pushed filter sets (not the configured ones, which may be tokens).
+        configured = set(self.query) | {name for name, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(self.url).query)}
+        self._pushed_parameters = set(self.filter_params.values()) - configured
         self.timeout = float(params.get("timeout", 30))
         self.max_pages = int(self.pagination.get("max_pages", DEFAULT_MAX_PAGES))
         self.declared = self._declared_schema(params.get("columns"))
@@ -70,10 +73,8 @@ class HttpConnector(Connector):
     def _recorded(self, url: str) -> str:
         """A request as the system tables show it: the values of the parameters a pushed filter
         set, and every other value (the configured ones may be tokens) as ***."""
-        parts = urllib.parse.urlsplit(url)
-        configured = set(self.query) | {name for name, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(self.url).query)}
-        pushed = set(self.filter_params.values()) - configured
-        shown = [(name, value if name in pushed else "***") for name, value in urllib.parse.parse_qsl(parts.query)]
+        shown = [(name, value if name in self._pushed_parameters else "***")
+                 for name, value in urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)]
         return shown_url(url) + (f"?{urllib.parse.urlencode(shown, safe='*')}" if shown else "")
 
     @staticmethod

@@ -143,8 +143,8 @@ class MongoDBConnector(Connector, ChangeSource):
                 found = list(self.client()[database].list_collections(filter={"name": collection}))
             except PyMongoError:
                 found = []
-            options = found[0].get("options", {}) if found else {"collation": "unknown"}
-            self._collations[table] = options.get("collation", {"locale": "simple"}) != {"locale": "simple"}
+            self._collations[table] = not found or found[0].get("options", {}).get("collation") not in (
+                None, {"locale": "simple"})
         return self._collations[table]
 
     def _declared_kinds(self) -> dict[tuple, str]:
