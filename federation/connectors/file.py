@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import glob as globbing
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,10 @@ class FileConnector(Connector):
         """Refuse a JSON file nesting deeper than MAX_JSON_DEPTH: Arrow's reader would overflow
         its thread's stack on it and end the process."""
         for name in self.files:
-            with open(name, "rb") as handle:
-                if json_nests_too_deep(handle.read()):
+            if os.path.getsize(name) == 0:
+                continue  # nothing to map
+            with open(name, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                if json_nests_too_deep(mapped):
                     raise ConnectorError(f"{self.describe()}: {Path(name).name} nests deeper than {MAX_JSON_DEPTH} levels")
 
     def _is_json_array(self) -> bool:

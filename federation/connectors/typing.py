@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import uuid
 from datetime import date, datetime
@@ -39,9 +40,10 @@ MAX_JSON_DEPTH = 64
 _JSON_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
-def json_nests_too_deep(payload: bytes) -> bool:
-    """Whether a JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count)."""
-    if payload.count(b"[") + payload.count(b"{") <= MAX_JSON_DEPTH:
+def json_nests_too_deep(payload: bytes | mmap.mmap) -> bool:
+    """Whether a JSON text nests deeper than MAX_JSON_DEPTH (brackets inside strings do not count).
+    A file is best given mapped: it is read as it is scanned, not held whole."""
+    if isinstance(payload, bytes) and payload.count(b"[") + payload.count(b"{") <= MAX_JSON_DEPTH:
         return False
     depth = 0
     for match in _JSON_NESTING.finditer(payload):
