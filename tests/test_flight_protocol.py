@@ -7,7 +7,8 @@ import pytest
 
 from flight.flightsql import metadata
 from flight.flightsql.proto import flight_sql_pb2 as sql_pb
-from flight.flightsql.server import HANDLES_PER_PRINCIPAL, pack
+from flight.flightsql.server import HANDLE_BYTES_PER_PRINCIPAL, HANDLES_PER_PRINCIPAL, HandleRegistry, pack
+from flightdeck.auth import Principal
 
 
 def descriptor(message) -> flight.FlightDescriptor:
@@ -133,6 +134,52 @@ def test_a_client_preparing_statements_in_a_loop_keeps_its_latest_thousand(fligh
     for handle in handles[5:]:
         action(flight_client, "ClosePreparedStatement",
                pack(sql_pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handle)))
+
+
+def bind(client: flight.FlightClient, handle: bytes, parameters: pa.Table) -> None:
+    command = sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=handle)
+    writer, metadata_reader = client.do_put(descriptor(command), parameters.schema)
+    writer.write_table(parameters)
+    writer.done_writing()
+    metadata_reader.read()
+    writer.close()
+
+
+def test_prepared_statements_holding_large_values_are_kept_within_a_size(flight_client):
+    """Prepared statements were bounded by count alone: a thousand of them each bound 16 MiB
+    held 16 GB for one key. Past their bound in bytes, the least recently used are forgotten."""
+    value_bytes = 12 * 1024 * 1024
+    count = HANDLE_BYTES_PER_PRINCIPAL // value_bytes + 3
+    handles = []
+    for _ in range(count):
+        request = sql_pb.ActionCreatePreparedStatementRequest(query="SELECT count(*) AS n FROM orders WHERE status = ?")
+        [result] = action(flight_client, "CreatePreparedStatement", pack(request))
+        handles.append(unpack_any(result, sql_pb.ActionCreatePreparedStatementResult).prepared_statement_handle)
+        bind(flight_client, handles[-1], pa.table({"status": ["x" * value_bytes]}))
+    for forgotten in handles[:3]:
+        with pytest.raises(flight.FlightError, match="unknown or closed prepared statement handle"):
+            fetch(flight_client, sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=forgotten))
+    _, rows = fetch(flight_client, sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=handles[-1]))
+    assert rows.column("n").to_pylist() == [0]
+    for handle in handles[3:]:
+        action(flight_client, "ClosePreparedStatement",
+               pack(sql_pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handle)))
+
+
+class Weighed:
+    def __init__(self, name: str, weight: int):
+        self.principal, self.weight = Principal(name, None), weight
+
+
+def test_handles_of_every_principal_together_are_kept_within_a_size():
+    """Without authentication each name a client gives is a principal of its own, so bounds per
+    principal alone would not bound the memory."""
+    registry = HandleRegistry(3600, "missing", per_principal=10, bytes_per_principal=100, total_bytes=250)
+    handles = [registry.add(Weighed(f"client-{i}", 60)) for i in range(6)]
+    kept = [h for h in handles if registry.find(h, Principal(f"client-{handles.index(h)}", None)) is not None]
+    assert kept == handles[2:]  # 4 x 60 <= 250, the oldest forgotten first
+    own = [registry.add(Weighed("one", 40)) for _ in range(3)]
+    assert [registry.find(h, Principal("one", None)) is not None for h in own] == [False, True, True]
 
 
 def test_prepared_statement_lifecycle(flight_client):

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -44,6 +44,12 @@ DATA_AS_OF = "flightdeck.data_as_of"                    # result schema metadata
 DATA_AS_OF_DATASETS = "flightdeck.data_as_of.datasets"  # each copy read, as JSON {name: time}
 SMALL_RESULT_BYTES = 256 * 1024  # a result this small is read whole before it is sent
 HANDLES_PER_PRINCIPAL = 1000  # prepared statements (and, apart, pending tickets) a principal keeps
+HANDLE_BYTES_PER_PRINCIPAL = 256 * 1024 * 1024  # what they may weigh, per principal and registry
+HANDLE_BYTES = 2 * 1024 * 1024 * 1024           # and for every principal together (without auth, names are free)
+# A kept plan holds DataFusion's plan of the statement beside its text: measured at about 2.3 MB
+# for a 95,000-character IN list, 24 bytes per character of SQL.
+PLAN_BYTES_PER_SQL_CHARACTER = 24
+SCALAR_BYTES = 16  # a bound number, date or the like
 
 
 # ---- errors: the core's kinds as Flight statuses, in one place ----
@@ -113,6 +119,23 @@ def parse(message_class, data: bytes):
 
 # ---- server-side state ----
 
+def value_bytes(value: Any) -> int:
+    """About what one bound value holds in memory."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if hasattr(value, "as_buffer"):  # a string or binary pa.Scalar, without copying it
+        buffer = value.as_buffer()
+        return SCALAR_BYTES if buffer is None else buffer.size
+    if isinstance(value, pa.Scalar) and pa.types.is_nested(value.type):
+        return pa.array([value]).nbytes
+    return SCALAR_BYTES
+
+
+def plan_bytes(sql: str, parameters: Iterable[Any] | None) -> int:
+    """About what a kept plan of ``sql`` and its bound values holds in memory."""
+    return PLAN_BYTES_PER_SQL_CHARACTER * len(sql) + sum(value_bytes(v) for v in parameters or ())
+
+
 @dataclass
 class PreparedStatement:
     principal: Principal
@@ -125,6 +148,10 @@ class PreparedStatement:
     def dataset_schema(self) -> pa.Schema:
         return self.planned.schema
 
+    @property
+    def weight(self) -> int:
+        return plan_bytes(self.sql, self.parameters)
+
 
 @dataclass
 class PendingQuery:
@@ -136,6 +163,10 @@ class PendingQuery:
     def cancel(self) -> None:
         self.cancelled.set()
         self.backend.cancel()
+
+    @property
+    def weight(self) -> int:
+        return plan_bytes(self.planned.sql, self.planned.parameters)
 
 
 class ClientWatch:
@@ -176,27 +207,56 @@ class ClientWatch:
 
 class HandleRegistry(Generic[Item]):
     """Items by opaque handle, each visible to its own principal only; an item unused for
-    ``ttl_seconds`` is forgotten, and so is a principal's least recently used one past its
-    ``per_principal`` (a client preparing statements in a loop must not fill the memory)."""
+    ``ttl_seconds`` is forgotten, and so are a principal's least recently used ones past its
+    ``per_principal`` or past ``bytes_per_principal`` of their ``weight`` (a client preparing
+    statements in a loop must not fill the memory), and everyone's least recently used past
+    ``total_bytes`` (without authentication, each name a client gives is a principal)."""
 
-    def __init__(self, ttl_seconds: float, missing: str, per_principal: int = HANDLES_PER_PRINCIPAL):
+    def __init__(self, ttl_seconds: float, missing: str, per_principal: int = HANDLES_PER_PRINCIPAL,
+                 bytes_per_principal: int = HANDLE_BYTES_PER_PRINCIPAL, total_bytes: int = HANDLE_BYTES):
         self.ttl_seconds = ttl_seconds
         self.missing = missing
         self.per_principal = per_principal
+        self.bytes_per_principal = bytes_per_principal
+        self.total_bytes = total_bytes
         self._items: dict[bytes, tuple[Item, float]] = {}
         self._lock = threading.Lock()
 
     def add(self, item: Item) -> bytes:
         handle = uuid.uuid4().bytes
         with self._lock:
-            now = time.monotonic()
-            self._items = {h: entry for h, entry in self._items.items() if entry[1] > now - self.ttl_seconds}
-            own = sorted((used, h) for h, (other, used) in self._items.items()
-                         if other.principal.owns(item.principal))
-            for _, forgotten in own[:max(0, len(own) + 1 - self.per_principal)]:
-                del self._items[forgotten]
-            self._items[handle] = (item, now)
+            self._items[handle] = (item, time.monotonic())
+            self._fit(handle)
         return handle
+
+    def refit(self, handle: bytes) -> None:
+        """Keep to the bounds again after the item of ``handle`` grew (parameters bound to it)."""
+        with self._lock:
+            if handle in self._items:
+                self._fit(handle)
+
+    def _fit(self, kept: bytes) -> None:
+        """Forget expired items, then the least recently used ones past the bounds, never ``kept``."""
+        now = time.monotonic()
+        self._items = {h: entry for h, entry in self._items.items() if entry[1] > now - self.ttl_seconds}
+        principal = self._items[kept][0].principal
+        by_age = sorted((used, h, item.weight, item.principal.owns(principal))
+                        for h, (item, used) in self._items.items() if h != kept)
+        kept_weight = self._items[kept][0].weight
+        own = [entry for entry in by_age if entry[3]]
+        own_count, own_bytes = len(own) + 1, kept_weight + sum(entry[2] for entry in own)
+        for _, handle, weight, _ in own:
+            if own_count <= self.per_principal and own_bytes <= self.bytes_per_principal:
+                break
+            del self._items[handle]
+            own_count, own_bytes = own_count - 1, own_bytes - weight
+        total = kept_weight + sum(entry[2] for entry in by_age if entry[1] in self._items)
+        for _, handle, weight, _ in by_age:
+            if total <= self.total_bytes:
+                break
+            if handle in self._items:
+                del self._items[handle]
+                total -= weight
 
     def get(self, handle: bytes, principal: Principal) -> Item:
         item = self.find(handle, principal)
@@ -519,6 +579,7 @@ class FlightSqlServer(flight.FlightServerBase):
                 INVALID, f"the statement takes {expected} parameter(s), {parameters.num_columns} were bound")
         statement.parameters = ([parameters.column(i)[0] for i in range(parameters.num_columns)]
                                 if parameters.num_rows else None)
+        self.prepared.refit(handle)
         result = sql_pb.DoPutPreparedStatementResult(prepared_statement_handle=handle)
         writer.write(pa.py_buffer(result.SerializeToString()))
 
