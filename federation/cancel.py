@@ -78,7 +78,7 @@ class Stopped(Exception):
     """The query's cancellation stopped the engine's work before its end."""
 
 
-def stoppable_stream(frame: Any, bounded: bool = False) -> pa.RecordBatchReader:
+def stoppable_stream(frame: Any, schema: pa.Schema, bounded: bool = False) -> pa.RecordBatchReader:
     """A DataFusion plan's result whose work stops when the query is cancelled (its deadline,
     its client gone): a plain stream blocks in the engine until its next batch, which a large
     aggregate or join may take hours to make. Each batch is awaited on an event loop, which a
@@ -86,9 +86,10 @@ def stoppable_stream(frame: Any, bounded: bool = False) -> pa.RecordBatchReader:
 
     A ``bounded`` plan (each of its batches takes bounded work: see ``bounded_plan`` in the
     engine) is read batch by batch on this thread instead, and stopped between batches: the
-    event loop's round trips to the engine's threads cost more than a small query itself."""
+    event loop's round trips to the engine's threads cost more than a small query itself.
+    ``schema``: of the rows the plan yields, its types coerced (``pushdown.result_schema``)."""
     if bounded:
-        return _plain_batches(frame, _stopped_between_batches(frame.execute_stream()))
+        return _plain_batches(schema, _stopped_between_batches(frame.execute_stream()))
     # One partition after another, as a plain stream reads them: partitions read at once would
     # all run ahead of a slow client and buffer their batches.
     partitions = frame.execute_stream_partitioned()
@@ -132,7 +133,7 @@ def stoppable_stream(frame: Any, bounded: bool = False) -> pa.RecordBatchReader:
 
     def dropped() -> None:
         partitions.clear()  # dropped: DataFusion aborts the tasks still computing for them
-    return _plain_batches(frame, awaited_batches(), dropped)
+    return _plain_batches(schema, awaited_batches(), dropped)
 
 
 def _stopped_between_batches(stream: Any) -> Generator[Any, None, None]:
@@ -149,11 +150,10 @@ def _stopped_between_batches(stream: Any) -> Generator[Any, None, None]:
     return batches()
 
 
-def _plain_batches(frame: Any, engine_batches: Generator[Any, None, None],
+def _plain_batches(schema: pa.Schema, engine_batches: Generator[Any, None, None],
                    dropped: Callable[[], None] = lambda: None) -> pa.RecordBatchReader:
-    """The engine's batches as a pyarrow reader with the plan's schema (batches may say "not
-    null" where the plan does not); ``dropped()`` when the reader ends or is closed."""
-    schema = frame.schema()
+    """The engine's batches as a pyarrow reader with the plan's ``schema`` (batches may say
+    "not null" where the plan does not); ``dropped()`` when the reader ends or is closed."""
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:

@@ -22,7 +22,7 @@ from federation.connectors.base import Connector, ConnectorError
 from federation.cancel import stoppable_stream
 from federation.plan_cache import DEFAULT_ENTRIES, PlanCache
 from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, literal_value, parameter_slots, planner_filter,
-                                 table_scans, whole_query)
+                                 result_schema, table_scans, whole_query)
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import (MAX_DEPTH, GeneratesTooMuch, NotAStatement, UnsafeStatement, check_read_only,
                                explain_parts)
@@ -271,7 +271,7 @@ class QueryEngine:
         inlined = inline_arguments(numbered, arguments, values)
         try:
             frame = self.ctx.sql(inlined, options=self.read_only, param_values=values or None)
-            planned = PlannedQuery(inlined, frame, frame.schema(), numbered=numbered, arguments=arguments)
+            planned = PlannedQuery(inlined, frame, self._result_schema(frame), numbered=numbered, arguments=arguments)
             if inlined != original or values or not placeholder_count(inlined):
                 # Types are coerced (or refused: 'abc' for an integer, a UDF's arguments) when the
                 # plan is optimized: now, as the client's error, not later inside a pushdown decision.
@@ -313,12 +313,15 @@ class QueryEngine:
         numbered = statement.numbered or statement.sql
         sql = inline_arguments(numbered, statement.arguments, values)
         frame = self._bound_frame(sql, values, bool(statement.arguments))
-        planned = PlannedQuery(sql, frame, frame.schema(), reusable=True)
+        planned = PlannedQuery(sql, frame, self._result_schema(frame), reusable=True)
         template = None
         if self.settings.whole_query_pushdown and not statement.arguments:  # table functions run here
             template = self._whole_query(statement.local_frame or statement.frame, statement.sql,
                                          parameter_slots(len(values)))
-        if template is not None and all_finite(values):
+        converted = statement.derive("converted_placeholders", lambda: _converted_placeholders(statement.frame))
+        if template is not None and not _bind_alike(converted, values):
+            template = None
+        if template is not None:
             planned.remote = template.bound(values)
         elif self.settings.whole_query_pushdown:
             self._optimize_locally(planned, values)
@@ -359,7 +362,7 @@ class QueryEngine:
     def _split(self, sql: str, frame: DataFrame, values: dict, prefix: str = "") -> _Split | None:
         """The query planned with its single-backend parts sent as statements, or None."""
         plan = Planner(lambda text: self.ctx.sql(text, options=self.read_only, param_values=values or None),
-                       lambda text: self.ctx.sql(text, options=self.read_only), values)
+                       lambda text: self.ctx.sql(text, options=self.read_only), values, self._result_schema)
         try:
             split = split_query(sql, frame, self.catalog, plan)
             if split is None:
@@ -371,10 +374,13 @@ class QueryEngine:
         except Exception:  # never fail a query because parts of it could not be pushed down
             log.warning("sub-plan pushdown skipped", exc_info=True)
             return None
-        if rewritten.schema() != frame.schema():
+        if self._result_schema(rewritten) != self._result_schema(frame):
             log.info("sub-plan pushdown skipped: the rewritten query has another result schema")
             return None
         return _Split(rewritten, stated, split.subplans)
+
+    def _result_schema(self, frame: DataFrame) -> pa.Schema:
+        return result_schema(self.ctx, frame)
 
     def _whole_query(self, frame: DataFrame, sql: str, values: dict) -> RemoteQuery | None:
         """The whole query as one backend statement, or None. With parameters, the statement
@@ -384,7 +390,10 @@ class QueryEngine:
         try:
             if values and not isinstance(next(iter(values.values())), ParameterSlot):
                 frame = self.ctx.sql(sql, options=self.read_only)
-            return translated_statement(frame, sql, self.catalog, values) or whole_query(frame, self.catalog, values)
+                if not _bind_alike(_converted_placeholders(frame), values):
+                    return None
+            return (translated_statement(frame, self._result_schema(frame), sql, self.catalog, values)
+                    or whole_query(frame, self.catalog, values))
         except Exception:  # never fail a query because it could not be pushed down
             log.warning("whole-query pushdown skipped", exc_info=True)
             return None
@@ -450,7 +459,7 @@ class QueryEngine:
                 return self._with_fallback(planned)
             bounded = planned.derive("bounded", lambda: bounded_plan(planned.frame.logical_plan(),
                                                                      self.bounded_table_functions))
-            return stoppable_stream(self._own_frame(planned.frame), bounded)
+            return stoppable_stream(self._own_frame(planned.frame), planned.schema, bounded)
         except Exception as error:
             raise self._query_error(error) from None
 
@@ -466,7 +475,7 @@ class QueryEngine:
         function it lacks) as the scan sending it starts, before any result, and then the query
         runs without pushed parts instead, as a whole query does."""
         try:
-            pushed = stoppable_stream(self._own_frame(planned.frame))
+            pushed = stoppable_stream(self._own_frame(planned.frame), planned.schema)
             first = pushed.read_next_batch()
         except StopIteration:
             return pa.RecordBatchReader.from_batches(planned.schema, [])
@@ -474,7 +483,7 @@ class QueryEngine:
             if FAILED not in str(error):
                 raise
             log.info("sub-plan pushdown failed, running in DataFusion: %s", clean_engine_message(str(error)))
-            return stoppable_stream(self._own_frame(planned.local_frame))
+            return stoppable_stream(self._own_frame(planned.local_frame), planned.schema)
         return pa.RecordBatchReader.from_batches(planned.schema, itertools.chain([first], pushed))
 
     def query(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:
@@ -572,10 +581,30 @@ def _parameter_schema(planned: PlannedQuery, count: int) -> pa.Schema:
     return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
 
 
+def _converted_placeholders(frame: DataFrame) -> frozenset[str]:
+    """The numbers of the placeholders of an unbound plan whose values it takes as something
+    other than text (a timestamp, a number), as DataFusion inferred their types."""
+    plan_text = str(frame.logical_plan())
+    return frozenset(n for n, kind in _PLACEHOLDER_TYPE.findall(plan_text) if kind not in _TEXT_TYPES)
+
+
+_TEXT_TYPES = {"Utf8", "LargeUtf8", "Utf8View"}
+
+
+def _bind_alike(converted: frozenset[str], values: dict[str, pa.Scalar]) -> bool:
+    """Whether a backend's driver binds ``values`` as DataFusion does; where it would not, the
+    query runs in DataFusion (its filters still pushed, typed). Not a float NaN or infinity: the
+    engines disagree on them (SQLite binds NaN as NULL, MySQL has neither, PostgreSQL orders NaN
+    above every number). Not a text where the plan takes something else (``converted``
+    placeholders): a backend converts it by its own rules, and PostgreSQL and DuckDB drop the
+    offset of ``'2021-03-14T02:00:00+05:00'`` that DataFusion applies, and cut nanoseconds."""
+    return all_finite(values) and not any(
+        n in converted and (pa.types.is_string(v.type) or pa.types.is_large_string(v.type))
+        for n, v in values.items())
+
+
 def all_finite(values: dict[str, pa.Scalar]) -> bool:
-    """Whether no value is a float NaN or infinity. Such a value is not handed to a backend's
-    driver: the engines disagree on it (SQLite binds NaN as NULL, MySQL has neither, PostgreSQL
-    orders NaN above every number): a query binding one runs in DataFusion."""
+    """Whether no value is a float NaN or infinity."""
     return not any(pa.types.is_floating(v.type) and fx.non_finite(v.as_py()) for v in values.values())
 
 

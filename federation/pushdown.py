@@ -15,6 +15,7 @@ trailing spaces), ORDER BY (NULLs sort first), avg (a rounded decimal), LIKE, TI
 division (decimal scale and DuckDB's float division differ), ``avg`` over decimals, casts
 other than widening ones (PostgreSQL and DuckDB round float→int, DataFusion truncates;
 timestamp→text formats differ), LIKE patterns with a backslash (DuckDB has no default escape),
+ILIKE (DataFusion folds case as Unicode does: ``'ſ' ILIKE 's'``; backends lower both sides),
 any column the backend does not compare exactly (its comparison rule is not EXACT: text under
 a non-C collation, citext, char(n), SQLite dates kept as text, ...), and ``*`` or a column count that differs from
 the plan's (the unparser drops duplicate names).
@@ -31,7 +32,7 @@ from typing import Mapping, Protocol
 
 import pyarrow as pa
 import sqlglot
-from datafusion import DataFrame, unparser
+from datafusion import DataFrame, SessionContext, unparser
 from sqlglot import exp
 
 from federation import expr as fx
@@ -83,6 +84,16 @@ class ParameterSlot:
     number: str
 
 
+def result_schema(ctx: SessionContext, frame: DataFrame) -> pa.Schema:
+    """The schema of the rows ``frame`` (of ``ctx``) yields. ``frame.schema()`` is the plan's
+    before types are coerced: a CASE there has its first branch's type (``CASE WHEN b THEN 0
+    ELSE d END`` is an integer where the result is d's decimal), and rows cast to it are rounded."""
+    try:
+        return ctx.create_dataframe_from_logical_plan(frame.optimized_logical_plan()).schema()
+    except Exception:  # a placeholder whose type only a bound value gives
+        return frame.schema()
+
+
 def parameter_slots(count: int) -> dict[str, ParameterSlot]:
     return {str(n): ParameterSlot(str(n)) for n in range(1, count + 1)}
 
@@ -115,6 +126,8 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
         return None
     if not _same_meaning(tree, connector, datasets) or not _same_columns(tree, frame):
         return None
+    if any(pa.types.is_duration(field.type) for field in frame.schema()):
+        return None  # a timestamp minus a timestamp: an interval to the backends
     if not _in_plan_order(tree, plan, frame.schema().names):
         return None
     remote_tables = _point_at_remote_tables(tree, catalog, connector)
@@ -188,6 +201,8 @@ def _same_meaning(tree: exp.Expression, connector: SqlConnector, datasets: list[
             return False
         if isinstance(node, exp.Like) and (connector.dialect == "sqlite" or "\\" in node.expression.sql()):
             return False  # SQLite's LIKE ignores case; DuckDB's has no default escape
+        if isinstance(node, exp.ILike):
+            return False  # DataFusion folds case as Unicode does (ſ is s); backends lower both sides
     return True
 
 

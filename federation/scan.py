@@ -58,7 +58,7 @@ class _Scan:
     def __init__(self, dataset: LazyDataset, columns: list[str] | None, filter: pc.Expression | None):
         self.dataset = dataset
         self.columns = list(dataset.table_schema.names) if columns is None else list(columns)
-        self.filter = filter
+        self.filter = _as_expression(filter)
 
     @property
     def projected_schema(self) -> pa.Schema:
@@ -66,6 +66,14 @@ class _Scan:
 
     def to_batches(self) -> Iterator[pa.RecordBatch]:
         return self.dataset.batches(self.columns, self.filter)
+
+
+def _as_expression(filter: pc.Expression | pa.Scalar | None) -> pc.Expression | None:
+    """DataFusion hands a constant filter (``WHERE TRUE``, which a semi join's side gets) as a
+    bare scalar rather than an expression: true filters nothing."""
+    if not isinstance(filter, pa.Scalar):
+        return filter
+    return None if filter.as_py() is True else pc.scalar(False)
 
 
 class ConnectorDataset(LazyDataset):

@@ -89,6 +89,7 @@ class Planner:
     bound: Callable[[str], DataFrame]
     unbound: Callable[[str], DataFrame]
     values: dict[str, object]
+    schema: Callable[[DataFrame], pa.Schema]  # of the rows a plan yields (``pushdown.result_schema``)
 
     def __call__(self, sql: str) -> DataFrame:
         return self.bound(sql)
@@ -362,7 +363,7 @@ class _Splitter:
             piece = self.plan(text)  # a correlated subquery fails here
         except Exception:
             return False
-        schema = piece.schema()
+        schema = self.plan.schema(piece)
         if len(set(schema.names)) != len(schema.names) or not _does_more_than_scan(piece.optimized_logical_plan()):
             return False
         remote = self.plan.remote(text, piece, self.catalog)
@@ -562,7 +563,7 @@ class _JoinGroup:
         remote = self.splitter.plan.remote(text, piece, self.splitter.catalog)
         if remote is None or not self._rewrite_outputs(outside, names):
             return False
-        subplan = self.splitter.add_subplan(remote, piece.schema())
+        subplan = self.splitter.add_subplan(remote, self.splitter.plan.schema(piece))
         self._rebuild_from(sources, moved, subplan)
         return True
 

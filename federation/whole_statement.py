@@ -21,7 +21,8 @@ anything DataFusion does not plan as the same tables the statement names, a divi
 cast whose operand types sqlglot cannot tell, a cast to an integer from a non-integer
 (DataFusion truncates, DuckDB rounds) or to text (formats differ), an ``avg`` of a decimal
 expression other than a column, a decimal division inside an expression, LIKE with a bound
-pattern or a backslash (DuckDB has no default escape), ``substring`` with a start or length
+pattern or a backslash (DuckDB has no default escape), ILIKE (DuckDB lowers both sides,
+DataFusion folds case as Unicode does), ``substring`` with a start or length
 other than a positive literal (DuckDB counts a negative start from the end), ``extract`` of
 fields the engines may number differently, text literals that are not values of DataFusion's
 plan, and every construct outside the statement validator's allow-list for whole statements
@@ -29,6 +30,7 @@ plan, and every construct outside the statement validator's allow-list for whole
 """
 from __future__ import annotations
 
+import decimal
 import logging
 import re
 from typing import Mapping
@@ -51,6 +53,7 @@ READ_AS = "postgres"  # DataFusion's grammar, as near as sqlglot has it
 Type = exp.DataType.Type
 INTEGER_TYPES = exp.DataType.INTEGER_TYPES
 DECIMAL_TYPES = {Type.DECIMAL}
+EXACT_DIGITS = 15  # numbers of up to 15 significant digits order as their Float64s do
 FLOAT_TYPES = {Type.DOUBLE, Type.FLOAT}
 TEXT_TYPES = {Type.VARCHAR, Type.TEXT}
 TEMPORAL_TYPES = {Type.DATE, Type.TIMESTAMP, Type.TIME}
@@ -59,16 +62,17 @@ SAME_EXTRACT_PARTS = {"year", "quarter", "month", "day", "hour", "minute"}
 _UTF8_LITERAL = re.compile(r'Utf8(?:View)?\("((?:[^"\\]|\\.)*)"\)')
 
 
-def translated_statement(frame: DataFrame, sql: str, catalog: Catalog,
+def translated_statement(frame: DataFrame, result: pa.Schema, sql: str, catalog: Catalog,
                          values: Mapping[str, object] | None = None) -> RemoteQuery | None:
     """The whole query as one statement for its backend, translated from ``sql``; None when
-    its tables are not all on one backend that takes whole statements, or it is refused."""
+    its tables are not all on one backend that takes whole statements, or it is refused.
+    ``result``: the schema of the rows ``frame`` yields, which the statement's must be."""
     datasets = _scanned(frame, catalog)
     if datasets is None:
         return None
     connector = datasets[0][1]
     try:
-        tree, copies = _translate(sql, frame, datasets, connector)
+        tree, copies = _translate(sql, result, datasets, connector)
         statement = bound_statement(tree, connector.dialect, connector.renderer.param_style, None,
                                     dict(values) if values else None, copies,
                                     whole=True, plan_texts=_plan_texts(frame))
@@ -100,7 +104,7 @@ def _scanned(frame: DataFrame, catalog: Catalog) -> list[tuple[Dataset, SqlConne
     return found
 
 
-def _translate(sql: str, frame: DataFrame, datasets: list[tuple[Dataset, SqlConnector]],
+def _translate(sql: str, result: pa.Schema, datasets: list[tuple[Dataset, SqlConnector]],
                connector: SqlConnector) -> tuple[exp.Expression, set[tuple[str, ...]]]:
     """The statement in the backend's dialect, and the backend tables it may read."""
     tree = sqlglot.parse_one(sql, read=READ_AS)
@@ -114,9 +118,9 @@ def _translate(sql: str, frame: DataFrame, datasets: list[tuple[Dataset, SqlConn
     tree = annotate_types(tree, schema=schema, dialect=READ_AS)
     if not isinstance(tree, exp.Select) or any(isinstance(e, exp.Star) for e in tree.expressions):
         raise StatementRefused("the result's columns are not listed")
-    if len(tree.expressions) != len(frame.schema()):
+    if len(tree.expressions) != len(result):
         raise StatementRefused("the statement lists another number of columns than the plan")
-    _keep_datafusion_semantics(tree, frame.schema())
+    _keep_datafusion_semantics(tree, result)
     copies = _point_at_copies(tree, {d.qualified_name: d for d, _ in datasets}, connector)
     return tree, copies
 
@@ -166,6 +170,8 @@ def _keep_datafusion_semantics(tree: exp.Select, result: pa.Schema) -> None:
         elif isinstance(node, exp.Substring):
             _substring(node)
     for position, (expression, field) in enumerate(zip(list(tree.expressions), result)):
+        if pa.types.is_duration(field.type):  # a timestamp minus a timestamp: DuckDB makes an interval
+            raise StatementRefused("a duration in the result")
         tree.expressions[position].replace(_cast_result(expression, field.type))
 
 
@@ -190,7 +196,11 @@ def _cast(node: exp.Cast) -> None:
 
 def _pattern(node: exp.Like | exp.ILike) -> None:
     """DuckDB's LIKE has no default escape character: a pattern must be a literal without a
-    backslash (a bound pattern's text is not known when the statement is written)."""
+    backslash (a bound pattern's text is not known when the statement is written). ILIKE is
+    not sent: DataFusion folds case as Unicode does (``'ſ' ILIKE 's'``), DuckDB lowers both
+    sides, whatever the pattern."""
+    if isinstance(node, exp.ILike):
+        raise StatementRefused("ILIKE folds case otherwise in DuckDB")
     pattern = node.expression
     if not (isinstance(pattern, exp.Literal) and pattern.is_string) or "\\" in pattern.this:
         raise StatementRefused("a LIKE pattern that is not a literal without a backslash")
@@ -231,13 +241,40 @@ def _is_float(node: exp.Expression) -> bool:
 def _float_literal(node: exp.Literal) -> None:
     """DataFusion reads ``0.2`` as a Float64, DuckDB as a decimal: in arithmetic with a
     column (``0.2 * avg(x)``, ``sum(x) / 7.0``) the result is a double, as in DataFusion.
-    Constant arithmetic and comparisons keep DuckDB's decimal: DataFusion folds the
-    constant and compares it as the column's decimal."""
+    Constant arithmetic and comparisons keep DuckDB's decimal (see ``_compared_exactly``)."""
     top = node
     while isinstance(top.parent, (exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Paren, exp.Neg)):
         top = top.parent
     if top is not node and any(isinstance(n, (exp.Column, exp.AggFunc)) for n in top.walk()):
         node.replace(exp.Cast(this=node.copy(), to=exp.DataType.build("DOUBLE")))
+    else:
+        _compared_exactly(node, top)
+
+
+def _compared_exactly(node: exp.Literal, top: exp.Expression) -> None:
+    """DataFusion compares a column with ``0.2`` as Float64s (or as the column's type, where the
+    constant converts without loss), DuckDB exactly. They agree while the numbers compared have
+    at most 15 significant digits and stay below 2^53: such numbers order as their Float64s do.
+    ``big = 9223372036854775807.0`` or ``d = 2.5000000000000000001`` would not."""
+    value = decimal.Decimal(node.this)
+    if len(value.normalize().as_tuple().digits) > EXACT_DIGITS or abs(value) >= 2 ** 53:
+        raise StatementRefused(f"a number of more than {EXACT_DIGITS} significant digits compared")
+    comparison = top.parent
+    if isinstance(comparison, (exp.In, exp.Between)):
+        operands = [comparison.this]
+    elif isinstance(comparison, (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        operands = [comparison.left if comparison.right is top else comparison.right]
+    else:
+        return
+    for operand in operands:
+        if _type_of(operand) in DECIMAL_TYPES and _decimal_precision(operand) > EXACT_DIGITS:
+            raise StatementRefused(f"a decimal of more than {EXACT_DIGITS} digits compared with a fraction")
+
+
+def _decimal_precision(node: exp.Expression) -> int:
+    """A decimal expression's precision where its type says (a column's), else more than any."""
+    parameters = node.type.expressions if node.type is not None else []
+    return int(parameters[0].name) if len(parameters) == 2 else 39
 
 
 def _average(node: exp.Avg) -> None:

@@ -263,18 +263,18 @@ def test_a_bounded_stream_stops_between_batches_when_cancelled():
     frame = ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)")
     cancellation = Cancellation()
     with cancellation_scope(cancellation):
-        reader = stoppable_stream(frame, bounded=True)
+        reader = stoppable_stream(frame, frame.schema(), bounded=True)
     assert reader.read_next_batch().num_rows == 10
     cancellation.cancel()
     with pytest.raises(Stopped):
         reader.read_next_batch()
     cancelled_first = Cancellation()
     with cancellation_scope(cancelled_first):
-        unread = stoppable_stream(ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)"), bounded=True)
+        unread = stoppable_stream(frame, frame.schema(), bounded=True)
     cancelled_first.cancel()
     with pytest.raises(Stopped):  # before any batch is made
         unread.read_next_batch()
-    whole = stoppable_stream(ctx.sql("SELECT * FROM generate_series(1, 1000) AS t(n)"), bounded=True).read_all()
+    whole = stoppable_stream(frame, frame.schema(), bounded=True).read_all()
     assert whole.column(0).to_pylist() == list(range(1, 1001))
 
 

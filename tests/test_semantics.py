@@ -6,6 +6,8 @@ backend compares differently: collations, citext, char(n), NaN, untyped SQLite c
 text dates, rounding casts, Unicode lower(), LIKE escapes, duplicate column names."""
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import sqlite3
 
 import adbc_driver_postgresql.dbapi as adbc_postgres
@@ -59,7 +61,8 @@ def pg_probe():
                        "icu text COLLATE \"en-US-x-icu\", n int, dch fd_sem.code, dicu fd_sem.label)")
         cursor.execute("INSERT INTO fd_sem.t VALUES (1, 'NaN', 'ab', 'ABC', 'ab', 'B', 3, 'ab', 'B'), "
                        "(2, 2.7, 'ΑΣ', 'abc', 'xy', 'a', -7, 'xy', 'a'), "
-                       "(3, -2.5, 'a\\_b', NULL, NULL, 'c', NULL, NULL, 'c')")
+                       "(3, -2.5, 'a\\_b', NULL, NULL, 'c', NULL, NULL, 'c'), "
+                       "(4, 0.5, 'ſ', NULL, NULL, NULL, NULL, NULL, NULL)")
     yield [DatasetSpec("t", "postgres:fd_sem.t", PG), DatasetSpec("t2", "postgres:fd_sem.t", PG)]
     with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn, \
             conn.cursor() as cursor:
@@ -78,6 +81,8 @@ def test_postgres_collations_citext_char_and_nan(pg_probe, tmp_path):
         "SELECT ci, count(*) AS n FROM t GROUP BY ci",
         "SELECT CAST(r AS INT) AS i FROM t WHERE id = 2", "SELECT lower(s) AS l FROM t WHERE id = 2",
         "SELECT * FROM (SELECT id FROM t ORDER BY id LIMIT 2) x JOIN t2 ON x.id = t2.id",
+        # DataFusion's ILIKE folds case as Unicode does (ſ is s), PostgreSQL's lowers both sides
+        "SELECT id FROM t WHERE s ILIKE 's'", "SELECT id FROM t WHERE s NOT ILIKE 'S'",
     ])
     assert engine.plan("SELECT id, n FROM t WHERE n > 0").remote is not None  # numbers still go down whole
 
@@ -243,3 +248,67 @@ def test_sqlite_whole_query_pushdown(tmp_path):
     engine = check(specs, tmp_path, pushed_sql + local_sql)
     assert all(engine.plan(sql).remote is not None for sql in pushed_sql)
     assert all(engine.plan(sql).remote is None for sql in local_sql)
+
+
+COPY_CASES = [  # (statement, parameters, whether it runs whole in DuckDB; None: either way)
+    # A CASE's type is its branches' common type (the plan before coercion gives the first's)
+    ("SELECT id, CASE WHEN b THEN 0 ELSE d END AS c FROM t", [], True),
+    ("SELECT id, CASE WHEN b THEN 1 ELSE 2.5 END AS c FROM t", [], True),
+    ("SELECT id, CASE WHEN b THEN i32 ELSE 1.5 END AS c FROM t", [], True),
+    ("SELECT id, CASE i32 WHEN 3 THEN 1 ELSE 0.25 END AS c FROM t", [], True),
+    ("SELECT g, sum(CASE WHEN b THEN 0 ELSE d END) AS s FROM t GROUP BY g", [], True),
+    # DataFusion folds case as Unicode does (ſ is s, σ and ς are Σ); DuckDB lowers both sides
+    ("SELECT id FROM t WHERE s ILIKE 's'", [], False),
+    ("SELECT id FROM t WHERE s NOT ILIKE 'σ'", [], False),
+    # Text bound for a timestamp: DataFusion applies its offset and keeps nanoseconds
+    ("SELECT id FROM t WHERE ts > $1", ["2021-03-14T02:00:00+05:00"], False),
+    ("SELECT id FROM t WHERE ts < $1", ["1960-01-01 00:00:00.1234567"], False),
+    ("SELECT id FROM t WHERE s = $1", ["S"], True),
+    ("SELECT id, ts - ts AS z FROM t", [], False),
+    # Numbers beyond a Float64's 15 digits, compared: DataFusion compares Float64s
+    ("SELECT id FROM t WHERE big = 9223372036854775807.0", [], None),  # as the plan writes it, then
+    ("SELECT id FROM t WHERE big > 9223372036854775806.5", [], None),
+    ("SELECT id FROM t WHERE d = 2.5000000000000000001", [], None),
+    ("SELECT id FROM t WHERE d > 2.5 AND i32 > 0.5", [], True),
+    # A semi join's side gets a constant filter, which DataFusion hands over as a bare scalar
+    ("SELECT count(*) AS c FROM t WHERE EXISTS (SELECT 1 FROM u WHERE k = 11)", [], True),
+    ("SELECT id, row_number() OVER (ORDER BY id) AS r FROM t WHERE EXISTS (SELECT 1 FROM u WHERE k = 11)", [], False),
+    ("SELECT count(*) AS c FROM t WHERE NOT EXISTS (SELECT 1 FROM u WHERE k = 11)", [], True),
+]
+
+
+def test_duckdb_copies_answer_as_datafusion_does(tmp_path):
+    """Queries over DuckDB copies, whole in DuckDB or not, against DataFusion over the same
+    rows: the same values and the same types."""
+    from accel.duckdb_store import AcceleratedDuckDB
+    from conftest import serving
+
+    t = pa.table({"id": pa.array(range(1, 11), pa.int64()), "b": [i % 2 == 0 for i in range(10)],
+                  "i32": pa.array(range(1, 11), pa.int32()),
+                  "d": pa.array([decimal.Decimal(x) for x in ["-2.55", "99999.99", "2.50", "2.50", "0.10", "3", "2.51",
+                                                                 "-1", "0", "7.77"]], pa.decimal128(12, 2)),
+                  "big": pa.array([9223372036854775807, 1, 9223372036854775806] + list(range(7)), pa.int64()),
+                  "ts": pa.array([dt.datetime(2021, 3, 14, 1, 30), dt.datetime(2021, 3, 14, 3),
+                                  dt.datetime(1960, 1, 1, 0, 0, 0, 123456)] + [dt.datetime(2020, 1, i) for i in range(1, 8)],
+                                 pa.timestamp("us")),
+                  "s": ["ſ", "s", "S", "İ", "i", "σ", "ς", "Σ", "x", None], "g": [i % 3 for i in range(10)]})
+    u = pa.table({"k": pa.array([11, 12], pa.int64())})
+    truth = datafusion.SessionContext()
+    for name, table in {"t": t, "u": u}.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        truth.register_record_batches(name, [table.to_batches()])
+    copies = [{"from": f"file:{name}.parquet", "name": name, "acceleration": {"engine": "duckdb", "mode": "memory"}}
+              for name in ("t", "u")]
+    with serving({"runtime": {"data_dir": str(tmp_path / "data")}, "datasets": copies}, tmp_path) as running:
+        assert all(r.loaded.wait(60) for r in running.accelerator.refreshers.values())
+        for sql, parameters, whole in COPY_CASES:
+            values = {str(n): pa.scalar(v) for n, v in enumerate(parameters, 1)}
+            expected = truth.sql(sql, param_values=values or None).to_arrow_table()
+            planned = running.engine.plan(sql, parameters or None)
+            got = running.engine.execute(planned).read_all()
+            assert got.schema.types == expected.schema.types, sql
+            assert _rows(got) == _rows(expected), sql
+            if whole is not None:
+                assert isinstance(getattr(planned.remote, "connector", None), AcceleratedDuckDB) == whole, sql
+        explained = running.engine.query("EXPLAIN SELECT id FROM t WHERE ts > $1", ["2021-03-14T02:00:00+05:00"])
+        assert "whole query sent" not in str(explained.read_all().to_pylist())  # as it runs
