@@ -319,9 +319,9 @@ class QueryEngine:
             template = self._whole_query(statement.local_frame or statement.frame, statement.sql,
                                          parameter_slots(len(values)))
         converted = statement.derive("converted_placeholders", lambda: _converted_placeholders(statement.frame))
-        if template is not None and not _bind_alike(converted, values):
-            template = None
-        if template is not None:
+        if template is not None and _texts_converted(converted, values):
+            template = None  # for every binding of these types
+        if template is not None and all_finite(values):
             planned.remote = template.bound(values)
         elif self.settings.whole_query_pushdown:
             self._optimize_locally(planned, values)
@@ -390,7 +390,7 @@ class QueryEngine:
         try:
             if values and not isinstance(next(iter(values.values())), ParameterSlot):
                 frame = self.ctx.sql(sql, options=self.read_only)
-                if not _bind_alike(_converted_placeholders(frame), values):
+                if not all_finite(values) or _texts_converted(_converted_placeholders(frame), values):
                     return None
             return (translated_statement(frame, self._result_schema(frame), sql, self.catalog, values)
                     or whole_query(frame, self.catalog, values))
@@ -591,20 +591,20 @@ def _converted_placeholders(frame: DataFrame) -> frozenset[str]:
 _TEXT_TYPES = {"Utf8", "LargeUtf8", "Utf8View"}
 
 
-def _bind_alike(converted: frozenset[str], values: dict[str, pa.Scalar]) -> bool:
-    """Whether a backend's driver binds ``values`` as DataFusion does; where it would not, the
-    query runs in DataFusion (its filters still pushed, typed). Not a float NaN or infinity: the
-    engines disagree on them (SQLite binds NaN as NULL, MySQL has neither, PostgreSQL orders NaN
-    above every number). Not a text where the plan takes something else (``converted``
-    placeholders): a backend converts it by its own rules, and PostgreSQL and DuckDB drop the
-    offset of ``'2021-03-14T02:00:00+05:00'`` that DataFusion applies, and cut nanoseconds."""
-    return all_finite(values) and not any(
-        n in converted and (pa.types.is_string(v.type) or pa.types.is_large_string(v.type))
-        for n, v in values.items())
+def _texts_converted(converted: frozenset[str], values: dict[str, pa.Scalar]) -> bool:
+    """Whether a text value is bound where the plan takes something else (``converted``
+    placeholders). A backend's driver would bind the text and the backend convert it by its own
+    rules, and PostgreSQL and DuckDB drop the offset of ``'2021-03-14T02:00:00+05:00'`` that
+    DataFusion applies, and cut nanoseconds: such a query runs in DataFusion, its filters still
+    pushed, typed."""
+    return any(n in converted and (pa.types.is_string(v.type) or pa.types.is_large_string(v.type))
+               for n, v in values.items())
 
 
 def all_finite(values: dict[str, pa.Scalar]) -> bool:
-    """Whether no value is a float NaN or infinity."""
+    """Whether no value is a float NaN or infinity. Such a value is not handed to a backend's
+    driver: the engines disagree on it (SQLite binds NaN as NULL, MySQL has neither, PostgreSQL
+    orders NaN above every number): a query binding one runs in DataFusion."""
     return not any(pa.types.is_floating(v.type) and fx.non_finite(v.as_py()) for v in values.values())
 
 
