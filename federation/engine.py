@@ -240,6 +240,10 @@ class QueryEngine:
         cached = self.plans.get(key, generation)
         if cached is not None:
             return cached.bind(self, values) if values else cached
+        if values:  # each value is kept in the plan cache's key: no more than the statement takes
+            taken = placeholder_count(self._rewrite(number_placeholders(sql)))
+            if len(values) > taken:
+                raise QueryError(f"the statement takes {taken} parameter(s), {len(values)} were bound")
         if not values:
             planned = self._plan(sql, values)
             if planned.reusable:

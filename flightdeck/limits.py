@@ -22,6 +22,7 @@ from flightdeck.errors import LIMIT_EXCEEDED, ServiceError
 # The bound values of one statement a door takes at most (a text, bytes...): what an HTTP body may
 # hold too.
 MAX_PARAMETER_BYTES = 16 * 2**20
+MAX_PARAMETERS = 65_535  # bound values of one statement, as PostgreSQL's protocol has it
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class Admission:
                     return
                 released.append(True)
                 self._running[who] -= 1
+                if not self._running[who]:  # without auth, names are free: keep none that run nothing
+                    del self._running[who]
                 self._total -= 1
                 self._changed.notify_all()
         return release
@@ -126,6 +129,9 @@ class Admission:
             return self._total
 
 
+MAX_BUCKETS = 10_000  # principals' rate buckets kept before the full ones are dropped
+
+
 class RequestRates:
     """A token bucket per principal: ``rate`` requests a second sustained, in bursts of up to one
     second's worth (at least one request). A request over it is refused at once, with the time
@@ -133,6 +139,7 @@ class RequestRates:
 
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, when counted)
+        self._rates: dict[str, float] = {}  # principal -> its rate when last counted
         self._lock = threading.Lock()
 
     def take(self, who: str, rate: float | None) -> None:
@@ -142,8 +149,11 @@ class RequestRates:
         burst = max(1.0, rate)
         now = time.monotonic()
         with self._lock:
+            if len(self._buckets) > MAX_BUCKETS:
+                self._forget_full(now)
             tokens, counted = self._buckets.get(who, (burst, now))
             tokens = min(burst, tokens + (now - counted) * rate)
+            self._rates[who] = rate
             if tokens < 1.0:
                 self._buckets[who] = (tokens, now)
                 wait = (1.0 - tokens) / rate
@@ -151,6 +161,17 @@ class RequestRates:
                                                    f"requests_per_second); retry in {wait:.2f} s",
                                    retry_after=float(math.ceil(wait)))
             self._buckets[who] = (tokens - 1.0, now)
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have filled up again (they are as a new one would be), then,
+        past half of MAX_BUCKETS, the least recently counted: without auth each name a client
+        gives has a bucket, and names are free."""
+        buckets = {who: (tokens, counted) for who, (tokens, counted) in self._buckets.items()
+                   if tokens + (now - counted) * self._rates[who] < max(1.0, self._rates[who])}
+        if len(buckets) > MAX_BUCKETS // 2:
+            buckets = dict(sorted(buckets.items(), key=lambda item: item[1][1])[-(MAX_BUCKETS // 2):])
+        self._buckets = buckets
+        self._rates = {who: self._rates[who] for who in buckets}
 
 
 class Deadlines:

@@ -34,7 +34,6 @@ side may be a constant, NULL for a zero vector): nothing to register.
 """
 from __future__ import annotations
 
-import functools
 import re
 import threading
 import weakref
@@ -51,11 +50,13 @@ from federation.engine import QueryEngine, QueryError
 from flightdeck.config import LoadedConfig
 from inference.embedder import TextEmbedder
 from inference.errors import ModelError
+from inference.query_cache import QueryVectorCache
 from inference.registry import ModelRegistry
 from inference.tabular import TabularModel
 
 # Always available unless `embeddings:` names its own `minilm`: the bundled all-MiniLM-L6-v2, fp32.
 BUNDLED_EMBEDDING = {"name": "minilm", "from": "minilm"}
+ONE_TEXT_CACHE_SIZE = 256  # single embed() texts remembered per model
 
 _MENTION = re.compile(r"\b(embed|predict)\s*\(", re.IGNORECASE)
 # arrow_typeof() names of the types embed() takes (Null: a NULL literal or unbound parameter).
@@ -282,9 +283,10 @@ def _select_list_positions(tokens: list[Token]) -> list[bool]:
 def _embed_function(embedder: TextEmbedder):
     # DataFusion evaluates embed('constant') each time it optimizes the plan (planning, pushdown
     # checks, execution): single texts are remembered so a query text is embedded once.
-    @functools.lru_cache(maxsize=256)
+    remembered = QueryVectorCache(ONE_TEXT_CACHE_SIZE)
+
     def one(text: str) -> pa.Array:
-        return embedder.embed(pa.array([text], pa.string()))
+        return remembered.vector("", text, lambda t: embedder.embed(pa.array([t], pa.string())))
 
     def embed(texts: pa.Array, types: pa.Array) -> pa.Array:
         if len(types):

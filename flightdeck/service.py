@@ -31,7 +31,7 @@ from flightdeck.auth import OPERATOR, Authenticator, Credentials, Key, Principal
 from flightdeck.errors import (CANCELLED, INVALID, LIMIT_EXCEEDED, NOT_FOUND, REFUSED, TIMED_OUT, UNAVAILABLE,
                                ServiceError)
 from flightdeck.grants import qualified
-from flightdeck.limits import MAX_PARAMETER_BYTES, Admission, QueryLimits, RequestRates, Slot
+from flightdeck.limits import MAX_PARAMETER_BYTES, MAX_PARAMETERS, Admission, QueryLimits, RequestRates, Slot
 from flightdeck.runtime_config import QueryLimitSettings
 from flightdeck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from flightdeck.metrics import INTERNAL_ERROR, OK, TRUNCATED
@@ -45,6 +45,7 @@ log = logging.getLogger("flightdeck.service")
 SAMPLE_KINDS = ("first", "random", "distinct")
 CORE = "core"  # the door label of queries the core runs for itself
 MAX_SAMPLE_ROWS = 10_000
+AUDITED_BACKENDS = 32  # backend statements one audit entry keeps
 AUDITED_SQL_CHARS = 4096  # of a statement, in the audit
 EMBED_PART = 256  # texts embedded between looks at the clock: the model's run cannot be stopped
 
@@ -156,6 +157,9 @@ class Service:
             if len(sql) > self.limits.max_sql_length:
                 raise ServiceError(LIMIT_EXCEEDED, f"the statement has {len(sql)} characters; at most "
                                                    f"{self.limits.max_sql_length} (max_sql_length)")
+            if parameters is not None and len(parameters) > MAX_PARAMETERS:
+                raise ServiceError(LIMIT_EXCEEDED, f"{len(parameters):,} parameters; a statement takes at most "
+                                                   f"{MAX_PARAMETERS:,}")
             bound = sum(len(value) for value in parameters or () if isinstance(value, (str, bytes)))
             if bound > MAX_PARAMETER_BYTES:
                 raise ServiceError(LIMIT_EXCEEDED, f"the parameters hold {bound:,} characters or bytes; at most "
@@ -316,7 +320,7 @@ class Service:
         audit = self.stack.audit
         engine = self._engine(principal)
         datasets = engine.scanned_datasets(query) if query is not None else []
-        backends = [self.redact(b) for b in engine.backend_statements(query)] if query is not None else []
+        backends = _audited_list([self.redact(b) for b in engine.backend_statements(query)]) if query is not None else []
         message = (error.message if isinstance(error, ServiceError)
                    else error.notice if isinstance(error, Truncation) else None)
         shown_parameters = audit.parameters(None if parameters is None else tuple(parameters))
@@ -623,6 +627,16 @@ def _without_values(message: str, parameters: Any) -> str:
             message = f"{message[:start]}***{message[end:]}"
             start = message.find(head, start + 3)
     return message
+
+
+def _audited_list(statements: list[str]) -> list[str]:
+    """The statements a query sent its backends, as the audit keeps them: the first
+    AUDITED_BACKENDS, each as ``_audited`` keeps a statement (a query reading a CTE hundreds of
+    times sends as many statements)."""
+    kept = [_audited(statement) for statement in statements[:AUDITED_BACKENDS]]
+    if len(statements) > AUDITED_BACKENDS:
+        kept.append(f"... and {len(statements) - AUDITED_BACKENDS:,} more")
+    return kept
 
 
 def _audited(sql: str) -> str:

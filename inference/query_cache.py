@@ -1,13 +1,15 @@
-"""A bounded LRU of query embeddings keyed by (model, text).
+"""A bounded LRU of query embeddings keyed by (model, the text's SHA-256).
 
 Agents repeat themselves: the same question comes back within a task, and its embedding
 costs more than the search it feeds. Hits and misses are counted so the effect can be seen.
+A text is kept as its digest: a client's texts may be megabytes each.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,16 +19,17 @@ class QueryVectorCache:
         self.capacity = int(capacity)
         self.hits = 0
         self.misses = 0
-        self._vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._vectors: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._vectors)
 
-    def vector(self, model: str, text: str, embed: Callable[[str], np.ndarray]) -> np.ndarray:
-        """The embedding of ``text`` by ``model``: cached, or ``embed(text)`` (outside the lock,
-        so a slow embedding never holds up other queries' hits)."""
-        key = (model, text)
+    def vector(self, model: str, text: str, embed: Callable[[str], Any]) -> Any:
+        """The embedding of ``text`` by ``model`` (a NumPy vector, or whatever ``embed`` makes):
+        cached, or ``embed(text)`` (outside the lock, so a slow embedding never holds up other
+        queries' hits)."""
+        key = (model, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
         with self._lock:
             found = self._vectors.get(key)
             if found is not None:
@@ -35,7 +38,8 @@ class QueryVectorCache:
                 return found
             self.misses += 1
         vector = embed(text)
-        vector.setflags(write=False)  # shared by every later hit
+        if isinstance(vector, np.ndarray):
+            vector.setflags(write=False)  # shared by every later hit
         if self.capacity > 0:
             with self._lock:
                 self._vectors[key] = vector

@@ -213,6 +213,29 @@ def test_an_error_quoting_a_giant_value_is_cut_short_and_the_audit_keeps_no_valu
     assert len(audited["error"]) < 3000 and "A" * 32 not in audited["error"] and "'***" in audited["error"]
 
 
+def test_parameters_are_counted_before_they_are_read(http):
+    """A list of a million parameters (3 MB of JSON) for a statement that took none was read,
+    answered 200, and each value kept in the plan cache's key: hundreds of MB per statement."""
+    response = http.post("/v1/sql", json={"sql": "SELECT 1 AS one", "parameters": [0] * 5})
+    assert response.status_code == 400
+    assert "takes 0 parameter(s), 5 were bound" in error_of(response)["message"]
+    response = http.post("/v1/sql", json={"sql": "SELECT $1 AS one", "parameters": [0] * 70_000})
+    assert response.status_code == 429 or response.status_code == 400
+    assert "70,000 parameters; a statement takes at most 65,535" in error_of(response)["message"]
+    assert http.post("/v1/sql", json={"sql": "SELECT $1 AS one", "parameters": [7]}).json() == [{"one": 7}]
+
+
+def test_the_audit_keeps_a_bounded_list_of_backend_statements(http):
+    """A statement reading a table a hundred times sends a hundred statements: the audit kept
+    every one, about 1 MB per entry for a 4 KB statement, ten thousand entries over."""
+    branches = " UNION ALL ".join(f"SELECT order_id FROM orders WHERE order_id = {i}" for i in range(100))
+    assert sql(http, f"SELECT count(*) AS n FROM ({branches}) AS u").status_code == 200
+    [audited] = sql(http, "SELECT backends FROM flightdeck.runtime.queries WHERE statement LIKE "
+                          "'SELECT count(*) AS n FROM (SELECT order_id FROM orders WHERE order_id = 0 UNION ALL%' "
+                          "ORDER BY finished_at DESC LIMIT 1").json()
+    assert len(audited["backends"]) == 33 and audited["backends"][-1] == "... and 68 more"
+
+
 # ---- errors and statuses ----
 
 @pytest.mark.parametrize("query, status, kind", [

@@ -22,7 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 from conftest import service_error, serving
 from flightdeck.auth import Credentials
 from flightdeck.errors import CANCELLED, LIMIT_EXCEEDED, TIMED_OUT, ServiceError
-from flightdeck.limits import Admission
+from flightdeck.limits import MAX_BUCKETS, Admission, RequestRates
 from flightdeck.service import Truncation
 
 LOOPER, PATIENT, OTHER = "looper-key-0123456789", "patient-key-0123456789", "other-key-0123456789"
@@ -249,3 +249,14 @@ def test_a_principal_waits_for_a_place_with_no_more_requests_than_its_limit():
     for thread in threads:
         thread.join(20)
     assert sorted(outcomes) == ["admitted"] + [LIMIT_EXCEEDED] * 4
+
+
+def test_principals_that_run_nothing_are_not_remembered():
+    """Without authentication each name a client gives is a principal: the places and rate
+    buckets of names that came once were kept for ever (about 10 KB a name)."""
+    admission, rates = Admission(max_concurrent=8, wait_seconds=1), RequestRates()
+    for number in range(3 * MAX_BUCKETS):
+        admission.enter(f"name-{number}", 1)()
+        rates.take(f"name-{number}", 1000.0 if number % 2 else 0.001)  # full again at once, or in hours
+    assert admission._running == {}
+    assert len(rates._buckets) <= MAX_BUCKETS + 1

@@ -191,6 +191,28 @@ def test_query_cache_is_bounded_and_keyed_by_model():
     assert (cache.hits, cache.misses, len(cache)) == (1, 4, 2) and calls == ["x", "x", "yy", "x"]
 
 
+def test_query_cache_keeps_no_text():
+    """Keyed by the text itself, the cache held every long query a client sent (10 MB texts:
+    4,096 of them, shared by every key); it now holds their digests."""
+    import tracemalloc
+
+    from inference.query_cache import QueryVectorCache
+
+    cache = QueryVectorCache(capacity=64)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for number in range(20):
+            text = str(number) * 1_000_000
+            cache.vector("m", text, lambda t: np.zeros(384, np.float32))
+            del text
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == 20 and held < 200_000  # 20 vectors of 1.5 KB, not 20 MB of text
+    assert cache.vector("m", "5" * 1_000_000, lambda t: None) is not None and cache.hits == 1
+
+
 def test_refresh_grows_the_index_and_a_file_copy_reloads_it(embedder, tmp_path):
     cache_file = tmp_path / "public.notes.note.arrow"
     first = column(embedder, 100, cache_file)

@@ -47,8 +47,10 @@ HANDLES_PER_PRINCIPAL = 1000  # prepared statements (and, apart, pending tickets
 HANDLE_BYTES_PER_PRINCIPAL = 256 * 1024 * 1024  # what they may weigh, per principal and registry
 HANDLE_BYTES = 2 * 1024 * 1024 * 1024           # and for every principal together (without auth, names are free)
 # A kept plan holds DataFusion's plan of the statement beside its text: measured at about 2.3 MB
-# for a 95,000-character IN list, 24 bytes per character of SQL.
+# for a 95,000-character IN list, 24 bytes per character of SQL, and about 0.4 MB for a short
+# statement planned afresh (a plan cache of 0 entries).
 PLAN_BYTES_PER_SQL_CHARACTER = 24
+PLAN_BYTES = 256 * 1024
 SCALAR_BYTES = 16  # a bound number, date or the like
 
 
@@ -133,7 +135,7 @@ def value_bytes(value: Any) -> int:
 
 def plan_bytes(sql: str, parameters: Iterable[Any] | None) -> int:
     """About what a kept plan of ``sql`` and its bound values holds in memory."""
-    return PLAN_BYTES_PER_SQL_CHARACTER * len(sql) + sum(value_bytes(v) for v in parameters or ())
+    return PLAN_BYTES + PLAN_BYTES_PER_SQL_CHARACTER * len(sql) + sum(value_bytes(v) for v in parameters or ())
 
 
 @dataclass
