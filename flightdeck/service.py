@@ -45,6 +45,7 @@ log = logging.getLogger("flightdeck.service")
 SAMPLE_KINDS = ("first", "random", "distinct")
 CORE = "core"  # the door label of queries the core runs for itself
 MAX_SAMPLE_ROWS = 10_000
+PLAN_BYTES_PER_CHARACTER = 32  # of a plan's text: measured at about 30
 AUDITED_BACKENDS = 32  # backend statements one audit entry keeps
 AUDITED_SQL_CHARS = 4096  # of a statement, in the audit
 EMBED_PART = 256  # texts embedded between looks at the clock: the model's run cannot be stopped
@@ -78,6 +79,11 @@ class Planned:
     accelerated: tuple[str, ...] = ()  # the accelerated datasets it reads (their copies or indexes)
     door: str = CORE
     paid: PaidRequest = field(default_factory=PaidRequest, compare=False, repr=False)
+
+    @property
+    def plan_bytes(self) -> int:
+        """About what its plan holds in memory (a door keeping plans weighs them by it)."""
+        return PLAN_BYTES_PER_CHARACTER * self.query.plan_characters()
 
 
 @dataclass

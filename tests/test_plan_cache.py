@@ -236,3 +236,22 @@ def test_the_cache_is_bounded_and_per_session(runtime):
     none.plan("SELECT 1 AS n")
     none.plan("SELECT 1 AS n")
     assert none.plans.snapshot()["statements_planned"] == 2
+
+
+def test_the_cache_is_bounded_by_what_its_plans_weigh(runtime):
+    """A 16 KB statement whose CTEs read each other twice over plans to about 20 MB: 512 such
+    plans kept would hold 10 GB. Plans are weighed by their text's length, and kept within a total."""
+    doubling = ["c0 AS (SELECT {n} AS n, " + ", ".join(f"{i} AS c{i}" for i in range(100)) + ")"]
+    doubling += [f"c{i} AS (SELECT * FROM c{i - 1} UNION ALL SELECT * FROM c{i - 1})" for i in range(1, 5)]
+    heavy = "WITH " + ", ".join(doubling) + " SELECT count(*) AS rows FROM c4"
+    engine = QueryEngine(runtime.catalog)
+    weight = engine.plan(heavy.format(n=0)).plan_characters()
+    assert weight > 100 * engine.plan("SELECT 1 AS n").plan_characters()
+    engine.plans.max_weight = int(2.5 * weight)
+    for n in range(1, 6):
+        assert engine.query(heavy.format(n=n)).read_all().to_pylist() == [{"rows": 16}]
+    stats = engine.plans.snapshot()
+    assert stats["entries"] <= 3 and stats["evictions"] >= 3
+    engine.plans.max_weight = weight // 2
+    engine.plan(heavy.format(n=9))
+    assert engine.plans.get((engine.session_id, heavy.format(n=9), ()), engine.generation) is None  # too heavy to keep

@@ -46,10 +46,8 @@ SMALL_RESULT_BYTES = 256 * 1024  # a result this small is read whole before it i
 HANDLES_PER_PRINCIPAL = 1000  # prepared statements (and, apart, pending tickets) a principal keeps
 HANDLE_BYTES_PER_PRINCIPAL = 256 * 1024 * 1024  # what they may weigh, per principal and registry
 HANDLE_BYTES = 2 * 1024 * 1024 * 1024           # and for every principal together (without auth, names are free)
-# A kept plan holds DataFusion's plan of the statement beside its text: measured at about 2.3 MB
-# for a 95,000-character IN list, 24 bytes per character of SQL, and about 0.4 MB for a short
-# statement planned afresh (a plan cache of 0 entries).
-PLAN_BYTES_PER_SQL_CHARACTER = 24
+# A kept plan holds DataFusion's plan of the statement (Planned.plan_bytes) beside its text: about
+# 0.4 MB for a short statement planned afresh (a plan cache of 0 entries) is counted at least.
 PLAN_BYTES = 256 * 1024
 SCALAR_BYTES = 16  # a bound number, date or the like
 
@@ -133,9 +131,9 @@ def value_bytes(value: Any) -> int:
     return SCALAR_BYTES
 
 
-def plan_bytes(sql: str, parameters: Iterable[Any] | None) -> int:
-    """About what a kept plan of ``sql`` and its bound values holds in memory."""
-    return PLAN_BYTES + PLAN_BYTES_PER_SQL_CHARACTER * len(sql) + sum(value_bytes(v) for v in parameters or ())
+def kept_bytes(planned: Planned, parameters: Iterable[Any] | None) -> int:
+    """About what a kept plan and the values bound to it hold in memory."""
+    return max(PLAN_BYTES, planned.plan_bytes) + len(planned.sql) + sum(value_bytes(v) for v in parameters or ())
 
 
 @dataclass
@@ -152,7 +150,7 @@ class PreparedStatement:
 
     @property
     def weight(self) -> int:
-        return plan_bytes(self.sql, self.parameters)
+        return kept_bytes(self.planned, self.parameters)
 
 
 @dataclass
@@ -168,7 +166,7 @@ class PendingQuery:
 
     @property
     def weight(self) -> int:
-        return plan_bytes(self.planned.sql, self.planned.parameters)
+        return kept_bytes(self.planned, self.planned.parameters)
 
 
 class ClientWatch:
