@@ -248,7 +248,7 @@ class QueryEngine:
         if cached is not None:
             return cached.bind(self, values) if values else cached
         if values:  # each value is kept in the plan cache's key: no more than the statement takes
-            taken = placeholder_count(self._rewrite(number_placeholders(sql)))
+            taken = self._placeholders_taken(sql)
             if len(values) > taken:
                 raise QueryError(f"the statement takes {taken} parameter(s), {len(values)} were bound")
         if not values:
@@ -425,6 +425,13 @@ class QueryEngine:
             sql = rewrite(sql)
         return sql
 
+    def _placeholders_taken(self, sql: str) -> int:
+        """How many parameters a statement takes (an EXPLAIN's: the statement it explains), the
+        arguments of table functions included."""
+        numbered = self._rewrite(number_placeholders(sql))
+        explained = explain_parts(numbered)
+        return placeholder_count(explained[1] if explained else numbered)
+
     def parameter_schema(self, sql: str) -> pa.Schema:
         """The parameters a statement takes, with the types DataFusion infers for them."""
         try:
@@ -433,7 +440,7 @@ class QueryEngine:
             planned = None
         if planned is not None and "parameter_schema" in planned.derived:
             return planned.derived["parameter_schema"]
-        count = placeholder_count(self._rewrite(number_placeholders(sql)))  # table functions' arguments too
+        count = self._placeholders_taken(sql)
         if planned is None or count == 0:
             return pa.schema([pa.field(f"${i}", pa.null()) for i in range(1, count + 1)])
         return planned.derive("parameter_schema", lambda: _parameter_schema(planned, count))

@@ -96,8 +96,10 @@ def test_sql_answers_with_rows_columns_and_no_truncation(server):
 
 
 def test_parameters_are_bound_never_spliced(server):
-    query = "SELECT count(*) AS n FROM crm.customers WHERE name = $1 OR name = ?"
-    assert ok(call(server, "sql", {"query": query, "parameters": [HOSTILE, HOSTILE]}))["rows"] == [{"n": 0}]
+    query = "SELECT count(*) AS n FROM crm.customers WHERE name = $1 OR name = ?"  # both are $1
+    assert ok(call(server, "sql", {"query": query, "parameters": [HOSTILE]}))["rows"] == [{"n": 0}]
+    refused = call(server, "sql", {"query": query, "parameters": [HOSTILE, "another"]})
+    assert "takes 1 parameter(s), 2 were bound" in error_text(refused)
     rows = ok(call(server, "sql", {"query": "SELECT $1 AS echoed, $2 + 1 AS n", "parameters": [HOSTILE, 41]}))["rows"]
     assert rows == [{"echoed": HOSTILE, "n": 42}]
     named = ok(call(server, "sql", {"query": "SELECT customer_id FROM crm.customers WHERE customer_id = $1",

@@ -123,12 +123,12 @@ def value_bytes(value: Any) -> int:
     """About what one bound value holds in memory."""
     if isinstance(value, (str, bytes)):
         return len(value)
-    if hasattr(value, "as_buffer"):  # a string or binary pa.Scalar, without copying it
+    if not isinstance(value, pa.Scalar) or pa.types.is_primitive(value.type):
+        return SCALAR_BYTES
+    if hasattr(value, "as_buffer"):  # a string or binary, without copying it
         buffer = value.as_buffer()
         return SCALAR_BYTES if buffer is None else buffer.size
-    if isinstance(value, pa.Scalar) and pa.types.is_nested(value.type):
-        return pa.array([value]).nbytes
-    return SCALAR_BYTES
+    return pa.repeat(value, 1).nbytes  # a list, struct, map or dictionary value
 
 
 def kept_bytes(planned: Planned, parameters: Iterable[Any] | None) -> int:
@@ -143,14 +143,18 @@ class PreparedStatement:
     planned: Planned               # the plan without parameters, reused until some are bound
     parameter_schema: pa.Schema
     parameters: list[Any] | None = None
+    weight: int = 0                # what it holds (``kept_bytes``), weighed when made and when bound
+
+    def __post_init__(self) -> None:
+        self.bind(self.parameters)
+
+    def bind(self, parameters: list[Any] | None) -> None:
+        self.parameters = parameters
+        self.weight = kept_bytes(self.planned, parameters)
 
     @property
     def dataset_schema(self) -> pa.Schema:
         return self.planned.schema
-
-    @property
-    def weight(self) -> int:
-        return kept_bytes(self.planned, self.parameters)
 
 
 @dataclass
@@ -159,14 +163,14 @@ class PendingQuery:
     planned: Planned
     cancelled: threading.Event = field(default_factory=threading.Event)
     backend: Cancellation = field(default_factory=Cancellation)  # its running backend statements
+    weight: int = 0  # what it holds (``kept_bytes``)
+
+    def __post_init__(self) -> None:
+        self.weight = kept_bytes(self.planned, self.planned.parameters)
 
     def cancel(self) -> None:
         self.cancelled.set()
         self.backend.cancel()
-
-    @property
-    def weight(self) -> int:
-        return kept_bytes(self.planned, self.planned.parameters)
 
 
 class ClientWatch:
@@ -577,8 +581,8 @@ class FlightSqlServer(flight.FlightServerBase):
         if parameters.num_rows == 1 and parameters.num_columns != expected:
             raise ServiceError(
                 INVALID, f"the statement takes {expected} parameter(s), {parameters.num_columns} were bound")
-        statement.parameters = ([parameters.column(i)[0] for i in range(parameters.num_columns)]
-                                if parameters.num_rows else None)
+        statement.bind([parameters.column(i)[0] for i in range(parameters.num_columns)]
+                       if parameters.num_rows else None)
         self.prepared.refit(handle)
         result = sql_pb.DoPutPreparedStatementResult(prepared_statement_handle=handle)
         writer.write(pa.py_buffer(result.SerializeToString()))
