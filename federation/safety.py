@@ -82,6 +82,7 @@ MAX_DEPTH = 1000
 # Grouping sets one GROUP BY may make (a CUBE of 12 columns: planned in 0.04 s here, of 17: 0.6 s
 # and 150 MB, doubling with each column).
 MAX_GROUPING_SETS = 4096
+MAX_EXPANDED_NODES = 100_000  # parts of a statement with its CTEs inlined (a 100,000-character IN list has 11,000)
 
 
 class GeneratesTooMuch(UnsafeStatement):
@@ -259,16 +260,28 @@ def _check_depth(tree: exp.Expression) -> None:
 
 def _check_expansion(tree: exp.Expression) -> None:
     """Refuse a statement whose CTEs, each planned again wherever it is read, add up to more than
-    MAX_EXPANDED: a chain of CTEs each reading the one before twice doubles the plan at every
-    step (25 such CTEs would take the planner an hour, before any limit of the query holds)."""
-    weights: dict[str, int] = {}
+    MAX_EXPANDED plannings, or to a statement of more than MAX_EXPANDED_NODES parts once each is
+    inlined: a chain of CTEs each reading the one before twice doubles the plan at every step (25
+    such CTEs would take the planner an hour, before any limit of the query holds), and a wide one
+    read 128 times took 27 s and 390 MB to plan."""
+    plannings: dict[str, int] = {}
+    nodes: dict[str, int] = {}
     for cte in _ctes_inner_first(tree):
         name = cte.alias_or_name.lower()
-        weights[name] = max(weights.get(name, 0), 1 + _references(cte.this, weights, name))
-    total = 1 + _references(tree, weights, None)
-    if total > MAX_EXPANDED:
+        plannings[name] = max(plannings.get(name, 0), 1 + _references(cte.this, plannings, name, MAX_EXPANDED))
+        nodes[name] = max(nodes.get(name, 0),
+                          _size(cte.this) + _references(cte.this, nodes, name, MAX_EXPANDED_NODES))
+    if 1 + _references(tree, plannings, None, MAX_EXPANDED) > MAX_EXPANDED:
         raise GeneratesTooMuch(f"the statement's CTEs would be planned more than {MAX_EXPANDED:,} times (each is "
                                "planned again wherever it is read): read each CTE in fewer places")
+    if _size(tree) + _references(tree, nodes, None, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
+        raise GeneratesTooMuch(f"the statement's CTEs, planned again wherever they are read, would make a plan of "
+                               f"more than {MAX_EXPANDED_NODES:,} parts: read each CTE in fewer places")
+
+
+def _size(node: exp.Expression) -> int:
+    """How many parts (columns, values, operators...) a statement's tree has."""
+    return sum(1 for _ in node.walk())
 
 
 def _ctes_inner_first(tree: exp.Expression) -> list[exp.CTE]:
@@ -303,13 +316,14 @@ def _check_grouping_sets(tree: exp.Expression) -> None:
                                    f"ROLLUP n + 1); at most {MAX_GROUPING_SETS:,}")
 
 
-def _references(node: exp.Expression, weights: dict[str, int], itself: str | None) -> int:
-    """How many CTE bodies the tables ``node`` reads stand for, once inlined (not counting those
-    read inside the CTEs defined in it, nor a recursive CTE's reading of ``itself``)."""
+def _references(node: exp.Expression, weights: dict[str, int], itself: str | None, ceiling: int) -> int:
+    """What the CTE bodies the tables ``node`` reads weigh together, once inlined (not counting
+    those read inside the CTEs defined in it, nor a recursive CTE's reading of ``itself``);
+    counted up to just past ``ceiling``."""
     total = 0
     for table in node.walk(bfs=False, prune=lambda inner: isinstance(inner, exp.CTE) and inner is not node):
         if isinstance(table, exp.Table) and not table.args.get("db") and table.name.lower() != itself:
-            total = min(total + weights.get(table.name.lower(), 0), MAX_EXPANDED + 1)
+            total = min(total + weights.get(table.name.lower(), 0), ceiling + 1)
     return total
 
 
