@@ -2,10 +2,10 @@
 
 Entries are keyed by (session, statement text, parameter types) and dropped least recently
 used first, past a count or past a weight (what a plan holds grows with its text: a short
-statement whose CTEs read each other twice over plans to megabytes). Each belongs to a generation of what plans depend on (which connector and table
-each dataset reads, which datasets exist, their schemas, the functions registered): when the
-generation moves on, every entry planned before is forgotten, and a plan made while it moved
-is not kept.
+statement whose CTEs read each other twice over plans to megabytes). Each belongs to a
+generation of what plans depend on (which connector and table each dataset reads, which
+datasets exist, their schemas, the functions registered): when the generation moves on, every
+entry planned before is forgotten, and a plan made while it moved is not kept.
 """
 from __future__ import annotations
 
