@@ -299,7 +299,7 @@ class QueryEngine:
         elif placeholder_count(inlined) and not values:
             pass  # unbound: whatever runs it must bind values first
         elif self.settings.whole_query_pushdown:
-            planned.remote = self._whole_query(frame, inlined, values)
+            planned.remote = self._whole_query(frame, inlined, values, planned.schema)
             if planned.remote is None:
                 self._optimize_locally(planned, values)
         return planned
@@ -311,7 +311,7 @@ class QueryEngine:
             planned.limited_scan = self._limited_scan(planned)
         except Exception as error:  # values the optimizer refuses ('abc' bound for an integer)
             raise self._query_error(error) from None
-        split = None if planned.limited_scan else self._split(planned.sql, planned.frame, values)
+        split = None if planned.limited_scan else self._split(planned.sql, planned.frame, planned.schema, values)
         if split is not None:
             planned.frame, planned.subplans, planned.local_frame = split.frame, split.subplans, planned.frame
 
@@ -328,9 +328,9 @@ class QueryEngine:
         template = None
         if self.settings.whole_query_pushdown and not statement.arguments:  # table functions run here
             template = self._whole_query(statement.local_frame or statement.frame, statement.sql,
-                                         parameter_slots(len(values)))
-        converted = statement.derive("converted_placeholders", lambda: _converted_placeholders(statement.frame))
-        if template is not None and _texts_converted(converted, values):
+                                         parameter_slots(len(values)), statement.schema)
+        if template is not None and _texts_converted(statement.derive(
+                "converted_placeholders", lambda: _converted_placeholders(statement.frame)), values):
             template = None  # for every binding of these types
         if template is not None and all_finite(values):
             planned.remote = template.bound(values)
@@ -358,10 +358,11 @@ class QueryEngine:
         try:
             inner = self.ctx.sql(inner_sql, options=self.read_only, param_values=values or None)
             pushing = self.settings.whole_query_pushdown and all_finite(values or {})  # as execution decides
-            remote = self._whole_query(inner, inner_sql, values) if pushing else None
+            schema = self._result_schema(inner)
+            remote = self._whole_query(inner, inner_sql, values, schema) if pushing else None
             split = None
             if remote is None and pushing:
-                split = self._split(inner_sql, inner, values, prefix)
+                split = self._split(inner_sql, inner, schema, values, prefix)
             if split is None:
                 return backend_requests(inner, self.catalog, remote)
             planned.frame = split.stated
@@ -370,8 +371,10 @@ class QueryEngine:
             log.warning("could not describe backend requests", exc_info=True)
             return []
 
-    def _split(self, sql: str, frame: DataFrame, values: dict, prefix: str = "") -> _Split | None:
-        """The query planned with its single-backend parts sent as statements, or None."""
+    def _split(self, sql: str, frame: DataFrame, schema: pa.Schema, values: dict, prefix: str = ""
+               ) -> _Split | None:
+        """The query planned with its single-backend parts sent as statements, or None.
+        ``schema``: the rows ``frame`` yields (``_result_schema``), which the rewritten query's must be."""
         plan = Planner(lambda text: self.ctx.sql(text, options=self.read_only, param_values=values or None),
                        lambda text: self.ctx.sql(text, options=self.read_only), values, self._result_schema)
         try:
@@ -385,7 +388,7 @@ class QueryEngine:
         except Exception:  # never fail a query because parts of it could not be pushed down
             log.warning("sub-plan pushdown skipped", exc_info=True)
             return None
-        if self._result_schema(rewritten) != self._result_schema(frame):
+        if self._result_schema(rewritten) != schema:
             log.info("sub-plan pushdown skipped: the rewritten query has another result schema")
             return None
         return _Split(rewritten, stated, split.subplans)
@@ -393,17 +396,18 @@ class QueryEngine:
     def _result_schema(self, frame: DataFrame) -> pa.Schema:
         return result_schema(self.ctx, frame)
 
-    def _whole_query(self, frame: DataFrame, sql: str, values: dict) -> RemoteQuery | None:
+    def _whole_query(self, frame: DataFrame, sql: str, values: dict, schema: pa.Schema) -> RemoteQuery | None:
         """The whole query as one backend statement, or None. With parameters, the statement
         is written from the plan with its placeholders unbound: their values go to the
         backend's driver and never through SQL text. ``values`` may be ParameterSlots
-        (``frame`` is then the unbound plan already)."""
+        (``frame`` is then the unbound plan already). ``schema``: the rows ``frame`` yields."""
         try:
             if values and not isinstance(next(iter(values.values())), ParameterSlot):
                 frame = self.ctx.sql(sql, options=self.read_only)
                 if not all_finite(values) or _texts_converted(_converted_placeholders(frame), values):
                     return None
-            return (translated_statement(frame, self._result_schema(frame), sql, self.catalog, values)
+                schema = self._result_schema(frame)  # of the plan with its placeholders open
+            return (translated_statement(frame, schema, sql, self.catalog, values)
                     or whole_query(frame, self.catalog, values))
         except Exception:  # never fail a query because it could not be pushed down
             log.warning("whole-query pushdown skipped", exc_info=True)
@@ -593,17 +597,21 @@ class QueryEngine:
         return QueryError(message, kind=error_kind(str(error)))
 
 
+def _placeholder_types(frame: DataFrame) -> dict[str, str]:
+    """The type DataFusion inferred for each placeholder of an unbound plan (by number, as
+    DataFusion names the type); a placeholder it could not type is absent."""
+    return dict(_PLACEHOLDER_TYPE.findall(str(frame.logical_plan())))
+
+
 def _parameter_schema(planned: PlannedQuery, count: int) -> pa.Schema:
-    plan_text = str(planned.frame.logical_plan())
-    types = {int(n): _arrow_type(t) for n, t in _PLACEHOLDER_TYPE.findall(plan_text)}
+    types = {int(n): _arrow_type(t) for n, t in _placeholder_types(planned.frame).items()}
     return pa.schema([pa.field(f"${i}", types.get(i, pa.null())) for i in range(1, count + 1)])
 
 
 def _converted_placeholders(frame: DataFrame) -> frozenset[str]:
     """The numbers of the placeholders of an unbound plan whose values it takes as something
     other than text (a timestamp, a number), as DataFusion inferred their types."""
-    plan_text = str(frame.logical_plan())
-    return frozenset(n for n, kind in _PLACEHOLDER_TYPE.findall(plan_text) if kind not in _TEXT_TYPES)
+    return frozenset(n for n, kind in _placeholder_types(frame).items() if kind not in _TEXT_TYPES)
 
 
 _TEXT_TYPES = {"Utf8", "LargeUtf8", "Utf8View"}

@@ -270,12 +270,14 @@ def _check_expansion(tree: exp.Expression) -> None:
     most = own + MAX_EXPANDED_NODES
     for cte in _ctes_inner_first(tree):
         name = cte.alias_or_name.lower()
-        plannings[name] = max(plannings.get(name, 0), 1 + _references(cte.this, plannings, name, MAX_EXPANDED))
-        nodes[name] = max(nodes.get(name, 0), _size(cte.this) + _references(cte.this, nodes, name, most))
-    if 1 + _references(tree, plannings, None, MAX_EXPANDED) > MAX_EXPANDED:
+        read = _names_read(cte.this, name)
+        plannings[name] = max(plannings.get(name, 0), 1 + _weight(read, plannings, MAX_EXPANDED))
+        nodes[name] = max(nodes.get(name, 0), _size(cte.this) + _weight(read, nodes, most))
+    read = _names_read(tree, None)
+    if 1 + _weight(read, plannings, MAX_EXPANDED) > MAX_EXPANDED:
         raise GeneratesTooMuch(f"the statement's CTEs would be planned more than {MAX_EXPANDED:,} times (each is "
                                "planned again wherever it is read): read each CTE in fewer places")
-    if _references(tree, nodes, None, most) > most:
+    if _weight(read, nodes, most) > most:
         raise GeneratesTooMuch(f"the statement's CTEs, planned again wherever they are read, would add more than "
                                f"{MAX_EXPANDED_NODES:,} parts to its plan: read each CTE in fewer places")
 
@@ -317,15 +319,18 @@ def _check_grouping_sets(tree: exp.Expression) -> None:
                                    f"ROLLUP n + 1); at most {MAX_GROUPING_SETS:,}")
 
 
-def _references(node: exp.Expression, weights: dict[str, int], itself: str | None, ceiling: int) -> int:
-    """What the CTE bodies the tables ``node`` reads weigh together, once inlined (not counting
-    those read inside the CTEs defined in it, nor a recursive CTE's reading of ``itself``);
-    counted up to just past ``ceiling``."""
-    total = 0
-    for table in node.walk(bfs=False, prune=lambda inner: isinstance(inner, exp.CTE) and inner is not node):
-        if isinstance(table, exp.Table) and not table.args.get("db") and table.name.lower() != itself:
-            total = min(total + weights.get(table.name.lower(), 0), ceiling + 1)
-    return total
+def _names_read(node: exp.Expression, itself: str | None) -> list[str]:
+    """The names of the tables ``node`` reads that a CTE may stand for, once per reading (not
+    those read inside the CTEs defined in it, nor a recursive CTE's reading of ``itself``)."""
+    return [table.name.lower()
+            for table in node.walk(bfs=False, prune=lambda inner: isinstance(inner, exp.CTE) and inner is not node)
+            if isinstance(table, exp.Table) and not table.args.get("db") and table.name.lower() != itself]
+
+
+def _weight(names: list[str], weights: dict[str, int], ceiling: int) -> int:
+    """What the CTE bodies ``names`` stand for weigh together, once inlined; counted up to just
+    past ``ceiling``."""
+    return min(sum(weights.get(name, 0) for name in names), ceiling + 1)
 
 
 def _check_tree(tree: exp.Expression, paths: bool = True) -> None:

@@ -119,11 +119,9 @@ def parse(message_class, data: bytes):
 
 # ---- server-side state ----
 
-def value_bytes(value: Any) -> int:
-    """About what one bound value holds in memory."""
-    if isinstance(value, (str, bytes)):
-        return len(value)
-    if not isinstance(value, pa.Scalar) or pa.types.is_primitive(value.type):
+def value_bytes(value: pa.Scalar) -> int:
+    """About what one value bound over DoPut holds in memory."""
+    if pa.types.is_primitive(value.type):
         return SCALAR_BYTES
     if hasattr(value, "as_buffer"):  # a string or binary, without copying it
         buffer = value.as_buffer()
@@ -131,7 +129,7 @@ def value_bytes(value: Any) -> int:
     return pa.repeat(value, 1).nbytes  # a list, struct, map or dictionary value
 
 
-def kept_bytes(planned: Planned, parameters: Iterable[Any] | None) -> int:
+def kept_bytes(planned: Planned, parameters: Iterable[pa.Scalar] | None) -> int:
     """About what a kept plan and the values bound to it hold in memory."""
     return max(PLAN_BYTES, planned.plan_bytes) + len(planned.sql) + sum(value_bytes(v) for v in parameters or ())
 
