@@ -268,11 +268,20 @@ def _matching_rows(rows: pa.Table, row_filter: pc.Expression | None,
         rows = rows.select(sorted(referenced))
         if masks is not None:  # masks the filter's own columns, if it reads masked ones
             rows = masks.apply(rows)
-    numbered = rows.append_column("__position", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
-    kept = ds.dataset(numbered).to_table(columns=["__position"], filter=row_filter).column(0)
+    position = _unused_name("__position", rows.column_names)
+    numbered = rows.append_column(position, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    kept = ds.dataset(numbered).to_table(columns=[position], filter=row_filter).column(0)
     mask = np.zeros(rows.num_rows, bool)
     mask[kept.to_numpy()] = True
     return mask
+
+
+def _unused_name(name: str, taken: list[str]) -> str:
+    """``name``, lengthened until no column of the dataset has it: a dataset may name a column
+    anything, even the name the filter's row numbers would take."""
+    while name in taken:
+        name += "_"
+    return name
 
 
 def _best_per_row(ranking: Callable[[int], SearchResult], chunk_rows: np.ndarray, k: int):

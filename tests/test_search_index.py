@@ -10,7 +10,7 @@ import pytest
 
 from conftest import serving
 from flightdeck.search_functions import (ColumnIndex, ColumnSearchSpec, DatasetSearchSettings, SearchIndexes,
-                                         _text_ranking)
+                                         _matching_rows, _text_ranking)
 from flightdeck.search_vectors import VectorSnapshot
 from inference.ann import ApproximateIndex
 from inference.embedder import TextEmbedder
@@ -164,6 +164,12 @@ def test_repeated_query_texts_are_embedded_once(embedder):
     assert first.equals(again)
     index.search("vector", "another question", 5, None)
     assert (cache.hits - hits, cache.misses - misses) == (1, 2)
+
+
+def test_a_where_on_a_column_named_like_the_row_numbers_filters_it():
+    rows = pa.table({"__position": [5, 6, 7], "__position_": ["x", "y", "z"]})
+    assert _matching_rows(rows, pc.field("__position") > 5).tolist() == [False, True, True]
+    assert _matching_rows(rows, pc.field("__position_") == "x").tolist() == [True, False, False]
 
 
 def test_every_searchable_column_shares_the_one_query_cache(embedder):
