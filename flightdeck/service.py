@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -193,6 +193,12 @@ class Service:
             yield
         finally:
             release()
+
+    def receiving(self, principal: Principal) -> AbstractContextManager[None]:
+        """For a door reading a request's body as a stream (a Flight DoPut): one of the
+        principal's places is held meanwhile, so a client that never ends its upload holds its
+        own places, not a thread of the server for each stream it opens."""
+        return self._admitted(principal)
 
     def _engine(self, principal: Principal) -> QueryEngine:
         """The engine of the principal's grant: its session holds only what the grant shows."""

@@ -259,6 +259,49 @@ def test_clients_vanishing_mid_stream_leave_nothing_behind(server, watcher):
             time.sleep(0.2)
 
 
+def _prepared_handle(client: flight.FlightClient, options: flight.FlightCallOptions, sql: str) -> bytes:
+    request = any_pb2.Any()
+    request.Pack(sql_pb.ActionCreatePreparedStatementRequest(query=sql))
+    [result] = client.do_action(flight.Action("CreatePreparedStatement", request.SerializeToString()), options)
+    answer = sql_pb.ActionCreatePreparedStatementResult()
+    any_pb2.Any.FromString(result.body.to_pybytes()).Unpack(answer)
+    return answer.prepared_statement_handle
+
+
+def test_uploads_never_finished_hold_the_keys_places_not_the_servers_threads(server, watcher):
+    """Each DoPut stream is read on a thread of the server's own; a key opening uploads it never
+    ends held one thread for each (200 streams of a key limited to 3 queries: 200 threads)."""
+    client = flight.FlightClient(server.url)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {ATTACKER}".encode())])
+    handle = _prepared_handle(client, options, "SELECT id FROM small WHERE id = ?")
+    command = any_pb2.Any()
+    command.Pack(sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
+    process = psutil.Process(server.process.pid)
+    threads_before = process.num_threads()
+    uploads = [client.do_put(flight.FlightDescriptor.for_command(command.SerializeToString()),
+                             pa.schema([("id", pa.int64())]), options) for _ in range(100)]
+    time.sleep(1.5)  # every stream has reached the server
+    assert process.num_threads() < threads_before + 40, (threads_before, process.num_threads())
+    busy, _ = attack(server, "SELECT 1 AS one")
+    assert "too many concurrent queries" in busy
+    for writer, _ in uploads:
+        try:
+            writer.close()
+        except flight.FlightError as refused:  # the uploads past the key's places were refused
+            assert "too many concurrent queries" in str(refused)
+    deadline = time.monotonic() + 5
+    while True:  # the places come back as the uploads end
+        try:
+            with connect(server, ATTACKER) as conn, conn.cursor() as cursor:
+                cursor.execute("SELECT id FROM small WHERE id = ?", (7,))
+                assert cursor.fetchall() == [(7,)]
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    client.close()
+
+
 def test_a_key_over_its_request_rate_gets_429_with_retry_after(server, watcher):
     with httpx.Client(base_url=server.http_url, headers={"Authorization": f"Bearer {THROTTLED}"}) as http:
         answers = [http.post("/v1/sql", content="SELECT 1 AS one") for _ in range(6)]

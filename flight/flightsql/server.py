@@ -568,7 +568,8 @@ class FlightSqlServer(flight.FlightServerBase):
         command, message = command_of(descriptor.command)
         if command.put is None:
             raise ServiceError(INVALID, f"DoPut does not take {type(message).__name__}")
-        command.put(self, principal, message, reader, writer)
+        with self.service.receiving(principal):
+            command.put(self, principal, message, reader, writer)
 
     def bind(self, principal: Principal, command, reader, writer) -> None:
         """Parameters for a prepared statement: one row, one value per placeholder."""
