@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
-import sqlglot
 from datafusion import DataFrame, RuntimeEnvBuilder, SessionConfig, SessionContext, SQLOptions
 from datafusion.common import DFSchema
 from sqlglot.errors import TokenError
@@ -26,6 +25,7 @@ from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, l
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import (MAX_DEPTH, GeneratesTooMuch, NotAStatement, UnsafeStatement, check_read_only,
                                explain_parts)
+from federation.tokens import postgres_tokens
 from federation.whole_statement import translated_statement
 
 
@@ -690,7 +690,7 @@ def _is_python_frame(line: str) -> bool:
 
 def _placeholder_tokens(sql: str) -> list:
     try:
-        return [t for t in sqlglot.tokenize(sql, read="postgres")
+        return [t for t in postgres_tokens(sql)
                 if t.token_type in (TokenType.PLACEHOLDER, TokenType.PARAMETER, TokenType.QDCOLON)]
     except TokenError:
         return []
@@ -721,7 +721,7 @@ def table_function_arguments(numbered_sql: str) -> tuple[tuple[int, int, str], .
     ``q'[...]'`` strings and ``$tag$`` quotes differ too), and a value written where DataFusion
     reads a comment or quoted text could end it and be read as SQL."""
     try:
-        tokens = sqlglot.tokenize(numbered_sql, read="postgres")
+        tokens = postgres_tokens(numbered_sql)
     except TokenError:
         return ()
     arguments = []
@@ -849,7 +849,7 @@ def placeholder_count(numbered_sql: str) -> int:
     """The highest ``$n`` of a statement, read from its tokens: a ``$1`` inside a string literal
     (escaped quotes included, ``E'\\'$1'``) is text, not a placeholder."""
     try:
-        tokens = sqlglot.tokenize(numbered_sql, read="postgres")
+        tokens = postgres_tokens(numbered_sql)
     except TokenError:
         return max((int(n) for n in re.findall(r"\$(\d+)", _strip_strings(numbered_sql))), default=0)
     numbers = [int(number.text) for dollar, number in zip(tokens, tokens[1:])

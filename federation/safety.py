@@ -17,6 +17,7 @@ from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import TokenType
 
 from federation.sizes import TooLarge, call_name, check_sizes
+from federation.tokens import postgres_tokens
 from federation.unread import MAX_EXPANDED, Unreadable, check_unread, closing_parentheses
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def _comment_ends_at_lone_carriage_return(sql: str) -> bool:
     if "\r" not in sql:
         return False
     try:
-        tokens = sqlglot.tokenize(sql, read="postgres")
+        tokens = postgres_tokens(sql)
     except TokenError:
         return bool(_LONE_CARRIAGE_RETURN.search(sql))
     gaps = zip([-1] + [token.end for token in tokens], [token.start for token in tokens] + [len(sql)])
@@ -162,7 +163,7 @@ def _check_statement(body: str) -> None:
 
 def _leading_words(sql: str) -> list[str]:
     try:
-        tokens = sqlglot.tokenize(sql, read="postgres")
+        tokens = postgres_tokens(sql)
     except TokenError:
         return sql.strip().split()[:1]
     return [t.text.upper() for t in tokens[:4]]
@@ -170,7 +171,7 @@ def _leading_words(sql: str) -> list[str]:
 
 def _statement_count(sql: str) -> int:
     try:
-        tokens = sqlglot.tokenize(sql, read="postgres")
+        tokens = postgres_tokens(sql)
     except TokenError:
         return 1
     count, seen_text = 0, False
@@ -194,14 +195,14 @@ def explain_parts(sql: str) -> tuple[str, str, frozenset[str]] | None:
     if "EXPLAIN" not in sql.upper():
         return None
     try:
-        tokens = sqlglot.tokenize(sql, read="postgres")
+        tokens = postgres_tokens(sql)
     except TokenError:
         return None
     if not tokens or tokens[0].text.upper() != "EXPLAIN":
         return None
     after = tokens[0].end + 1
     try:  # sqlglot reads EXPLAIN as a command holding the rest as one string: read the rest alone
-        rest = sqlglot.tokenize(sql[after:], read="postgres")
+        rest = postgres_tokens(sql[after:])
     except TokenError:
         raise NotAStatement("syntax error: EXPLAIN takes a query") from None
     at, options = 0, set()
@@ -264,11 +265,14 @@ def _check_expansion(tree: exp.Expression) -> None:
     parts beyond the statement's own: a chain of CTEs each reading the one before twice doubles
     the plan at every step (25 such CTEs would take the planner an hour, before any limit of the
     query holds), and a wide one read 128 times took 27 s and 390 MB to plan."""
+    ctes = _ctes_inner_first(tree)
+    if not ctes:
+        return
     plannings: dict[str, int] = {}
     nodes: dict[str, int] = {}
     own = _size(tree)  # a CTE read once is inlined at no cost: its body is part of the statement
     most = own + MAX_EXPANDED_NODES
-    for cte in _ctes_inner_first(tree):
+    for cte in ctes:
         name = cte.alias_or_name.lower()
         read = _names_read(cte.this, name)
         plannings[name] = max(plannings.get(name, 0), 1 + _weight(read, plannings, MAX_EXPANDED))

@@ -10,10 +10,10 @@ Anything else is left to the engine, which reads it under read-only options.
 """
 from __future__ import annotations
 
-import sqlglot
 from sqlglot.tokens import Token, TokenType
 
 from federation.sizes import SMALL_RESULTS, TooLarge
+from federation.tokens import postgres_tokens
 
 # Words after which a call is a table function, whose rows stream: not one value made whole.
 _TABLE_FUNCTION_AFTER = frozenset({TokenType.FROM, TokenType.JOIN, TokenType.LATERAL})
@@ -54,7 +54,7 @@ def check_unread(sql: str) -> None:
     those it reads (see the module's docstring); Unreadable if it cannot even be split into
     words and could."""
     try:
-        tokens = sqlglot.tokenize(sql, read="postgres")
+        tokens = postgres_tokens(sql)
     except Exception as error:  # an unterminated quote or comment: the engine's own error says where
         if any(mark in sql for mark in ("(", "[", "{", "||")):
             raise Unreadable(f"syntax error: {error}") from None

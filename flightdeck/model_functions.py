@@ -41,12 +41,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import sqlglot
 from datafusion import udf
 from sqlglot.errors import TokenError
 from sqlglot.tokens import Token, TokenType
 
 from federation.engine import QueryEngine, QueryError
+from federation.tokens import postgres_tokens
 from flightdeck.config import LoadedConfig
 from inference.embedder import TextEmbedder
 from inference.errors import ModelError
@@ -119,7 +119,7 @@ class ModelFunctions:
         if not _MENTION.search(sql):
             return sql
         try:
-            tokens = sqlglot.tokenize(sql, read="postgres")
+            tokens = postgres_tokens(sql)
         except TokenError:
             return sql  # DataFusion reports what is wrong with the statement
         if not tokens:

@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import sqlglot
 from datafusion import Table, udtf
 from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
@@ -41,6 +40,7 @@ from sqlglot.tokens import TokenType
 from federation.arrow_expr import referenced_fields
 from federation.masks import ColumnMasks
 from federation.scan import LazyDataset
+from federation.tokens import postgres_tokens
 from flightdeck.search_vectors import OVERFETCH, ColumnVectors, VectorSnapshot
 from inference.ann import EXPANSION_SEARCH
 from inference.chunking import chunk_document
@@ -409,7 +409,7 @@ class _TableFunction:
 def _search_calls(sql: str) -> set[tuple[str, str]]:
     """(function, qualified dataset) of each search call a statement's text makes."""
     try:
-        tokens = sqlglot.tokenize(sql, read="postgres")
+        tokens = postgres_tokens(sql)
     except TokenError:
         return set()
     found = set()
