@@ -19,6 +19,7 @@ from federation.budget import QUERY, BudgetExceeded, LoadBudget, patience, reser
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError
 from federation.cancel import stoppable_stream
+from federation.optimized import optimized_plan
 from federation.plan_cache import DEFAULT_ENTRIES, PlanCache
 from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, literal_value, parameter_slots, planner_filter,
                                  result_schema, table_scans, whole_query)
@@ -286,7 +287,7 @@ class QueryEngine:
             if inlined != original or values or not placeholder_count(inlined):
                 # Types are coerced (or refused: 'abc' for an integer, a UDF's arguments) when the
                 # plan is optimized: now, as the client's error, not later inside a pushdown decision.
-                frame.optimized_logical_plan()
+                optimized_plan(frame)
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
         explained = explain_parts(inlined)
@@ -346,7 +347,7 @@ class QueryEngine:
         try:
             frame = self.ctx.sql(sql, options=self.read_only, param_values=values)
             if inlined:
-                frame.optimized_logical_plan()
+                optimized_plan(frame)
             return frame
         except Exception as error:  # DataFusion raises bare Exceptions
             raise self._query_error(error) from None
@@ -515,7 +516,7 @@ class QueryEngine:
         """``SELECT columns FROM t [WHERE ...] LIMIT n`` with nothing else to do and a filter the
         connector applies exactly: the connector is asked for n rows itself, since DataFusion
         hands a Python dataset no limit."""
-        bare = _bare_scan(planned.frame.optimized_logical_plan())
+        bare = _bare_scan(optimized_plan(planned.frame))
         if bare is None or bare.fetch is None or not bare.picks_columns:
             return None
         dataset = self.catalog.scanned(bare.scan.fqn())
@@ -537,7 +538,7 @@ class QueryEngine:
         statements counts: a pushed statement stands for one or more of its scans."""
         frame = planned.local_frame or planned.frame
         try:
-            plan = frame.optimized_logical_plan()
+            plan = optimized_plan(frame)
         except Exception:  # a plan that cannot be optimized reads nothing
             return []
         found = (self.catalog.scanned(tuple(p for p in node.to_variant().fqn() if p)) for node in table_scans(plan))
@@ -572,7 +573,7 @@ class QueryEngine:
         if planned.derived.get("not_a_bare_scan"):
             return None
         try:
-            bare = _bare_scan(planned.frame.optimized_logical_plan())
+            bare = _bare_scan(optimized_plan(planned.frame))
         except Exception:  # values the optimizer refuses: running the plan tells the client why
             return None
         if bare is None or bare.scan.filters():

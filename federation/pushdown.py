@@ -40,6 +40,7 @@ from federation.backend_statement import (StatementRefused, bound_statement, log
                                          table_key)
 from federation.catalog import DEFAULT_SCHEMA, Catalog, Dataset
 from federation.connectors.base import SqlConnector
+from federation.optimized import optimized_plan
 
 log = logging.getLogger("flightdeck.pushdown")
 
@@ -89,7 +90,7 @@ def result_schema(ctx: SessionContext, frame: DataFrame) -> pa.Schema:
     before types are coerced: a CASE there has its first branch's type (``CASE WHEN b THEN 0
     ELSE d END`` is an integer where the result is d's decimal), and rows cast to it are rounded."""
     try:
-        return ctx.create_dataframe_from_logical_plan(frame.optimized_logical_plan()).schema()
+        return ctx.create_dataframe_from_logical_plan(optimized_plan(frame)).schema()
     except Exception:  # a placeholder whose type only a bound value gives
         return frame.schema()
 
@@ -107,7 +108,7 @@ def whole_query(frame: DataFrame, catalog: Catalog, values: Mapping[str, object]
     """The statement to send when the whole query can run on one backend, else None.
     ``frame`` may hold unbound ``$n`` placeholders: ``values`` (by number) are then bound by
     the backend's driver, so they never pass through the unparser."""
-    plan = frame.optimized_logical_plan()
+    plan = optimized_plan(frame)
     scans: list[tuple] = []
     if not _safe_plan(plan, scans) or not scans:
         return None
@@ -396,7 +397,7 @@ def backend_requests(frame: DataFrame, catalog: Catalog, remote: RemoteQuery | N
     if remote is not None:
         return [(f"flightdeck: whole query sent to {remote.connector.describe()}", remote.describe_request(with_values))]
     requests = []
-    for node in table_scans(frame.optimized_logical_plan()):
+    for node in table_scans(optimized_plan(frame)):
         variant = node.to_variant()
         fqn = tuple(p for p in variant.fqn() if p)
         columns = [name for _, name in variant.projection()]

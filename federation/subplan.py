@@ -70,6 +70,7 @@ from sqlglot import exp
 from federation import expr as fx
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
 from federation.connectors.base import Connector, ConnectorError, SqlConnector
+from federation.optimized import optimized_plan
 from federation.pushdown import RemoteQuery, sql_backend, whole_query
 from federation.scan import ConnectorDataset
 
@@ -267,7 +268,7 @@ def _plan_text(frame: DataFrame) -> str:
             numbers[key] = str(sum(1 for prefix, _ in numbers if prefix == match.group(1)) + 1)
         return match.group(1) + numbers[key]
 
-    return _GENERATED_ALIAS.sub(renumber, str(frame.optimized_logical_plan()))
+    return _GENERATED_ALIAS.sub(renumber, str(optimized_plan(frame)))
 
 
 def _norm(identifier: exp.Expression | None) -> str:
@@ -364,7 +365,7 @@ class _Splitter:
         except Exception:
             return False
         schema = self.plan.schema(piece)
-        if len(set(schema.names)) != len(schema.names) or not _does_more_than_scan(piece.optimized_logical_plan()):
+        if len(set(schema.names)) != len(schema.names) or not _does_more_than_scan(optimized_plan(piece)):
             return False
         remote = self.plan.remote(text, piece, self.catalog)
         if remote is None:

@@ -45,6 +45,7 @@ from sqlglot.optimizer.qualify import qualify
 from federation.backend_statement import StatementRefused, bound_statement, log_refusal_once, table_key
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog, Dataset
 from federation.connectors.base import SqlConnector
+from federation.optimized import optimized_plan
 from federation.pushdown import RemoteQuery, sql_backend, table_scans
 
 log = logging.getLogger("flightdeck.pushdown")
@@ -91,7 +92,7 @@ def translated_statement(frame: DataFrame, result: pa.Schema, sql: str, catalog:
 def _scanned(frame: DataFrame, catalog: Catalog) -> list[tuple[Dataset, SqlConnector]] | None:
     """Each dataset the optimized plan scans, with its backend, when all share one backend
     that takes whole statements."""
-    scans = [tuple(p for p in node.to_variant().fqn() if p) for node in table_scans(frame.optimized_logical_plan())]
+    scans = [tuple(p for p in node.to_variant().fqn() if p) for node in table_scans(optimized_plan(frame))]
     found = []
     for fqn in scans:
         dataset = catalog.scanned(fqn)

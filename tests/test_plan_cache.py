@@ -7,15 +7,18 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
+from collections import Counter
 
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+from datafusion import DataFrame
 
 from conftest import postgres, require_postgres, run_clients, serving
 from federation.catalog import CATALOG_NAME
 from federation.engine import EngineSettings, QueryEngine
+from flightdeck.auth import Principal
 
 PG = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
 SCHEMA = "fd_plan_cache"
@@ -100,6 +103,24 @@ def test_a_repeated_ad_hoc_statement_is_planned_once(runtime):
                 cursor.execute(sql)
                 assert cursor.fetchall() == [(2 + sum(1 for k in FILLER if k % 10 == 7),)]
     assert _stats(runtime)["statements_planned"] - before["statements_planned"] == 1
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT t.i, count(*) AS n FROM typed t JOIN typed_copy c ON c.id = t.id WHERE t.i = 7 GROUP BY t.i",
+    "SELECT i, count(*) AS n FROM typed WHERE t LIKE 'row 1%' GROUP BY i ORDER BY i LIMIT 3",
+    "SELECT id FROM typed_copy WHERE i = 7 ORDER BY id LIMIT 5",
+])
+def test_each_plan_is_optimized_once(runtime, monkeypatch, sql):
+    """The result's schema, the pushdown decisions, the scans read and the audit each asked
+    DataFusion for the optimized plan, which optimized afresh each time (7 times for a join)."""
+    optimized = []
+    optimize = DataFrame.optimized_logical_plan
+    monkeypatch.setattr(DataFrame, "optimized_logical_plan", lambda frame: optimized.append(frame) or optimize(frame))
+    expected = runtime.engine.query(sql).read_all()
+    fresh = runtime.service.query(Principal("anonymous"), sql + " ").read_all()  # not a cached plan
+    assert fresh.to_pylist() == expected.to_pylist() and fresh.num_rows > 0
+    times = Counter(id(frame) for frame in optimized)  # the frames are kept alive: ids are not reused
+    assert times and max(times.values()) == 1, sorted(times.values())
 
 
 def _expected(column: str, value) -> list[int]:
