@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 import adbc_driver_flightsql.dbapi as flightsql
@@ -564,6 +565,27 @@ def test_unavailable_backend_does_not_stop_startup_or_other_queries(tmp_path):
         assert "(Unavailable;" in message  # gRPC UNAVAILABLE, as ADBC reports it
         cursor.execute("SELECT sum(a) FROM ok")
         assert cursor.fetchone() == (3,)
+
+
+def test_a_sqlite_file_gone_after_startup_is_an_unavailable_source(tmp_path):
+    """The file a SQLite dataset reads went away: opening it failed outside the connector's
+    error handling, and the client got an internal error (OperationalError)."""
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        db.execute("CREATE TABLE t (id INTEGER, v INTEGER)")
+        db.execute("INSERT INTO t VALUES (1, 2)")
+    config = {"datasets": [{"from": "sqlite:t", "name": "t", "params": {"sqlite_file": "s.sqlite"}}]}
+    with serving(config, tmp_path) as runtime, \
+            flightsql.connect(runtime.flight_url, autocommit=True) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT sum(v) FROM t")
+        assert cursor.fetchone() == (2,)
+        (tmp_path / "s.sqlite").rename(tmp_path / "moved.sqlite")
+        for sql in ("SELECT sum(v) FROM t", "SELECT * FROM t", "SELECT a.id FROM t a JOIN t b ON a.id = b.id"):
+            with pytest.raises(adbc_driver_manager.Error) as raised:
+                cursor.execute(sql)
+                cursor.fetchall()
+            message = str(raised.value)
+            assert "unable to open database file" in message and "(Unavailable;" in message, message
+            assert "internal error" not in message
 
 
 API_KEY = "fd-test-key-0123456789"

@@ -5,7 +5,8 @@ import datetime as dt
 import decimal
 import re
 import sqlite3
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -117,21 +118,38 @@ class SQLiteConnector(SqlConnector):
         return f"sqlite ({self.path.name})"
 
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as error:  # the file went away or cannot be read: the source is unavailable
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: {error}") from None
         # mode=ro keeps this database unchanged, but not the host: VACUUM INTO and ATTACH write
         # other files. SQLite's authorizer lets a statement only read.
         connection.set_authorizer(_reads_only)
         return connection
 
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one look at the database, closed after it; its failures are the
+        source's (ConnectorError), not the server's."""
+        connection = self._connect()
+        try:
+            yield connection
+        except sqlite3.Error as error:
+            self.stats.record_error()
+            raise ConnectorError(f"{self.describe()}: {error}") from None
+        finally:
+            connection.close()
+
     def tables(self) -> list[str]:
-        with self._connect() as connection:
+        with self._reading() as connection:
             rows = connection.execute(
                 "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
                 "AND name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()
         return [row[0] for row in rows]
 
     def _columns(self, table: str) -> list[tuple[str, str, bool, int]]:
-        with self._connect() as connection:
+        with self._reading() as connection:
             rows = connection.execute(
                 "SELECT name, type, \"notnull\", pk FROM pragma_table_info(?)", [table]).fetchall()
         if not rows:
@@ -149,7 +167,7 @@ class SQLiteConnector(SqlConnector):
         in a WHERE) where flightdeck shows true: none of them is pushed. Text under any collation but BINARY is
         loose, and so is a view's text: its columns take the collation of whatever they select,
         which SQLite does not tell."""
-        with self._connect() as connection:
+        with self._reading() as connection:
             row = connection.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
         loose_text = bool(row and (row[0] == "view" or (row[1] and _OTHER_COLLATION.search(row[1]))))
         rules = {}
@@ -167,7 +185,7 @@ class SQLiteConnector(SqlConnector):
         return [name for _, name in keyed]
 
     def row_count(self, table: str) -> int | None:
-        with self._connect() as connection:
+        with self._reading() as connection:
             return connection.execute(f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
     def open_stream(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
