@@ -120,12 +120,10 @@ class LoadBudget:
                                  f"concurrent requests to it, over max_concurrent_requests {self.max_concurrent}")
         wait = self._wait_seconds(how)
         deadline = None if wait is None else time.monotonic() + wait
-        for taken in range(count):
-            try:
-                self._take(lambda: self._fits(reserve=1), self._reserve_one, wait, deadline=deadline)
-            except BudgetExceeded:
-                self._unreserve(taken)
-                raise
+        # All at once: two plans taking their slots one by one could each hold part of what
+        # they need and wait for the rest until both time out.
+        self._take(lambda: self._fits(reserve=count), lambda: self._reserve(count), wait, deadline=deadline,
+                   starts=count)
         released = threading.Event()
 
         def give_back() -> None:
@@ -146,10 +144,10 @@ class LoadBudget:
         return None if how == REFRESH else self.timeout
 
     def _take(self, fits: Callable[[], bool], take: Callable[[], None], wait: float | None,
-              paced: bool = True, deadline: float | None = None) -> None:
+              paced: bool = True, deadline: float | None = None, starts: int = 1) -> None:
         """Wait (at most ``wait`` seconds, or until ``deadline``; None: forever) until a request
-        fits and, when ``paced``, may start by the rate; then ``take`` its slot. Raises
-        BudgetExceeded when the time is up."""
+        fits and, when ``paced``, may start by the rate; then ``take`` its slots (``starts`` of
+        them, each counted by the rate). Raises BudgetExceeded when the time is up."""
         if deadline is None and wait is not None:
             deadline = time.monotonic() + wait
         with self._changed:
@@ -172,7 +170,7 @@ class LoadBudget:
                 self._changed.wait(pause)
             take()
             if paced and self.max_per_second is not None:
-                self._next_start = max(now, self._next_start) + 1.0 / self.max_per_second
+                self._next_start = max(now, self._next_start) + starts / self.max_per_second
 
     def _refusal(self, wait: float | None) -> str:
         limits = []
@@ -189,8 +187,8 @@ class LoadBudget:
     def _claim(self) -> None:
         self._claimed += 1
 
-    def _reserve_one(self) -> None:
-        self._reserved += 1
+    def _reserve(self, count: int) -> None:
+        self._reserved += count
 
     def _end_direct(self) -> None:
         with self._changed:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import POSTGRES_URI, ServerProcess, postgres, require_postgres, serving, write_config
 from test_backend_cancel_and_errors import CLIENT
-from federation.budget import LoadBudget, released_at_end
+from federation.budget import QUERY, BudgetExceeded, LoadBudget, released_at_end
 from flightdeck.auth import OPERATOR
 
 PG = {"pg_host": "127.0.0.1", "pg_port": 5432, "pg_db": "test", "pg_user": "postgres"}
@@ -205,3 +205,24 @@ def test_a_slot_is_released_however_the_stream_ends():
     assert budget.snapshot()["in_use"] == 0
     reader = released_at_end(table.to_reader(), lambda: None)
     assert reader.read_all() == table
+
+
+def test_a_plan_takes_its_slots_all_at_once_or_none():
+    """A plan reserving its slots one by one held part of what it needed while it waited: two
+    plans of two scans each on a budget of two could each hold one and wait for the other until
+    both were refused at budget_timeout."""
+    budget = LoadBudget("test source")
+    budget.configure({"max_concurrent_requests": 2, "budget_timeout": 0.5})
+    give_back = budget.reserve(1, QUERY)
+    outcome = []
+    waiting = threading.Thread(target=lambda: outcome.append(budget.reserve(2, QUERY)))
+    waiting.start()
+    time.sleep(0.2)
+    assert budget.snapshot()["in_use"] == 1  # nothing held while it waits
+    give_back()
+    waiting.join()
+    assert budget.snapshot()["in_use"] == 2
+    outcome[0]()
+    assert budget.snapshot()["in_use"] == 0
+    with pytest.raises(BudgetExceeded):
+        budget.reserve(3, QUERY)
