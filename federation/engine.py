@@ -77,6 +77,7 @@ class PlannedQuery:
     # ``numbered`` is the statement before that, ``arguments`` where each value goes.
     numbered: str | None = None
     arguments: tuple[tuple[int, int, str], ...] = ()
+    generation: int = -1  # the engine's when it was planned: a plan kept past a change is planned again
 
     @property
     def frame(self) -> DataFrame:
@@ -234,12 +235,20 @@ class QueryEngine:
     def plan(self, sql: str, params: list[Any] | None = None) -> PlannedQuery:
         """The statement checked and planned, or, when it was already (in this session, with
         parameters of the same types), the kept plan with ``params`` bound."""
+        generation = self.generation
         try:
-            return self._plan_or_reuse(sql, params)
+            planned = self._plan_or_reuse(sql, params)
         except RecursionError:  # the SQL parsers recurse once per level of nesting (TooDeep too)
             raise QueryError("the statement nests too deeply (parentheses, subqueries or chained "
                              f"conditions over {MAX_DEPTH} levels deep): flatten it, e.g. a long OR "
                              "chain as IN (...)") from None
+        planned.generation = generation
+        return planned
+
+    def is_current(self, planned: PlannedQuery) -> bool:
+        """Whether nothing a plan depends on has changed since it was made (a copy taking over
+        from its source, a dataset's schema): a plan kept by a client is otherwise planned again."""
+        return planned.generation == self.generation
 
     def _plan_or_reuse(self, sql: str, params: list[Any] | None) -> PlannedQuery:
         values = {str(i + 1): _as_scalar(v, i + 1) for i, v in enumerate(params or [])}

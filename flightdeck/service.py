@@ -254,6 +254,7 @@ class Service:
         them at the backend (a door does so when its client goes away). The principal's limits
         hold until the stream ends: a place among running queries, a deadline, a result size
         (past which the stream fails, or ends early when given a ``truncation`` to say so in)."""
+        planned = self._current(planned)
         started = time.perf_counter()
         cancelled = cancelled or threading.Event()
         backend = backend or Cancellation()
@@ -276,6 +277,15 @@ class Service:
             raise
         return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started, slot,
                                                                                    truncation))
+
+    def _current(self, planned: Planned) -> Planned:
+        """``planned``, or planned again if what it read has changed since (an accelerated copy
+        took over from its source, a dataset's schema changed): a plan a client keeps, a prepared
+        statement's, reads what a new one would. Its request is the execution's, counted once."""
+        if self._engine(planned.principal).is_current(planned.query):
+            return planned
+        parameters = None if planned.parameters is None else list(planned.parameters)
+        return self.plan(planned.principal, planned.sql, parameters, planned.door, paid=planned.paid)
 
     def query(self, principal: Principal, sql: str, parameters: list[Any] | None = None,
               door: str = CORE) -> pa.RecordBatchReader:

@@ -164,23 +164,28 @@ def test_cached_plans_see_a_refresh_and_a_routing_change(runtime):
     sql = "SELECT id, t FROM typed_copy WHERE id = ?"
     dataset = runtime.catalog.datasets["public.typed_copy"]
     copy, copy_table = dataset.connector, dataset.table
-    with flightsql.connect(runtime.flight_url, autocommit=True) as connection, connection.cursor() as cursor:
-        cursor.execute(sql, [9001])
-        assert cursor.fetchall() == []
+    # A statement without parameters is prepared once by ADBC and its plan kept with its handle:
+    # it went on reading wherever the dataset was routed when it was prepared.
+    fixed_sql = "SELECT count(*) AS n FROM typed_copy WHERE id = 9001"
+    with flightsql.connect(runtime.flight_url, autocommit=True) as connection, connection.cursor() as cursor, \
+            connection.cursor() as fixed:
+        fixed.adbc_prepare(fixed_sql)
+
+        def both() -> tuple[list, int]:
+            cursor.execute(sql, [9001])
+            fixed.execute(fixed_sql)
+            return cursor.fetchall(), fixed.fetchone()[0]
+        assert both() == ([], 0)
         postgres(f"INSERT INTO {SCHEMA}.typed VALUES (9001, 1, 1, 'fresh', true, NULL, NULL)")
         try:
-            cursor.execute(sql, [9001])
-            assert cursor.fetchall() == []  # the copy, until it is refreshed
+            assert both() == ([], 0)  # the copy, until it is refreshed
             # Routed to its source (as before a first load), the dataset's kept plans go with it.
             runtime.catalog.route("public.typed_copy", dataset.source_connector, dataset.spec.location)
-            cursor.execute(sql, [9001])
-            assert cursor.fetchall() == [(9001, "fresh")]
+            assert both() == ([(9001, "fresh")], 1)
             runtime.catalog.route("public.typed_copy", copy, copy_table)
-            cursor.execute(sql, [9001])
-            assert cursor.fetchall() == []
+            assert both() == ([], 0)
             runtime.refresh("typed_copy")
-            cursor.execute(sql, [9001])
-            assert cursor.fetchall() == [(9001, "fresh")]
+            assert both() == ([(9001, "fresh")], 1)
         finally:
             runtime.catalog.route("public.typed_copy", copy, copy_table)
             postgres(f"DELETE FROM {SCHEMA}.typed WHERE id = 9001")
