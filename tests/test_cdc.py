@@ -270,6 +270,32 @@ def test_a_truncated_or_altered_source_is_a_clear_error_then_a_resnapshot_when_c
         assert _status(runtime)["refresh_state"] == "ready"
 
 
+def test_mariadb_statements_are_read_by_their_words_and_whole_names(tmp_path):
+    """Any ALTER, TRUNCATE or DROP whose text held the table's name stopped the copy: an index
+    added to it, or ``items_archive`` truncated. And a migration tool's comment before an ALTER
+    hid it: the copy stayed ready while the source's column was retyped under it."""
+    peer = MariaDB()
+    try:
+        with serving(_config(tmp_path, peer), tmp_path) as runtime:
+            _until(lambda: _status(runtime)["refresh_state"] == "ready")
+            for statement in ["CREATE TABLE fd_cdc.items_archive (id int PRIMARY KEY, note varchar(10))",
+                              "ALTER TABLE fd_cdc.items_archive ADD COLUMN extra int",
+                              "TRUNCATE fd_cdc.items_archive",
+                              "ALTER TABLE fd_cdc.items ADD INDEX by_name (name)",
+                              "ALTER TABLE fd_cdc.items COMMENT = 'items, altered and truncated'",
+                              "DROP TABLE fd_cdc.items_archive"]:
+                peer.run(statement)
+            peer.run(f"INSERT INTO {peer.table} VALUES (100000, 'after', 1, '2026-06-01')")
+            _until(lambda: _copy(runtime) == peer.rows())
+            assert _status(runtime)["refresh_state"] == "ready"
+            peer.run(f"/* migration 42 */ ALTER TABLE {peer.table} MODIFY amount decimal(12, 3)")
+            peer.run(f"INSERT INTO {peer.table} VALUES (100001, 'retyped', 1.125, '2026-06-01')")
+            _until(lambda: _status(runtime)["refresh_state"] == "error")
+            assert "altered" in _status(runtime)["last_error"]
+    finally:
+        peer.close()
+
+
 def test_cleanup_leaves_no_slot_or_publication_behind(tmp_path):
     peer = Postgres()
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import queue
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from accel.accelerator import AcceleratedSource, AccelerationError, Accelerator
 from accel.spec import AccelerationSpec
 from federation.changes import ChangeBatch, ChangeSource, PendingChanges, SourceReset
 from federation.connectors.base import Connector
+from federation.connectors.mysql_changes import statement_reset
 
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string()), ("amount", pa.float64())])
 
@@ -335,3 +335,32 @@ def test_a_stream_failing_again_at_once_waits_longer_each_time(tmp_path):
         assert _copy(accelerator).equals(source.table())  # the snapshot keeps serving
     finally:
         accelerator.close()
+
+
+@pytest.mark.parametrize("statement,what", [
+    ("/* migration */ ALTER TABLE items MODIFY v decimal(10,2)", "altered"),
+    ("-- note\nALTER TABLE items DROP COLUMN v", "altered"),
+    ("ALTER TABLE items_archive ADD COLUMN x int", None),
+    ("ALTER TABLE other ADD COLUMN items int", None),
+    ("TRUNCATE items_archive", None),
+    ("TRUNCATE other.items", None),
+    ("truncate `test`.`items`", "truncated"),
+    ("ALTER TABLE items ADD INDEX ix (v), ENGINE = InnoDB, COMMENT = 'x, y'", None),
+    ("ALTER TABLE items ADD INDEX ix (v), ADD COLUMN z int", "altered"),
+    ("ALTER TABLE items ADD v2 int", "altered"),
+    ("ALTER TABLE items ADD PRIMARY KEY (id)", "altered"),
+    ("ALTER TABLE items RENAME TO items2", "altered"),
+    ("ALTER TABLE items CONVERT TO CHARACTER SET utf8mb4", "altered"),
+    ("ALTER TABLE items DEFAULT CHARSET utf8mb4", None),
+    ("ALTER TABLE items RENAME INDEX a TO b", None),
+    ("ALTER ONLINE TABLE items CHANGE v w int", "altered"),
+    ("DROP TABLE IF EXISTS x, test.items", "dropped"),
+    ("DROP TEMPORARY TABLE items", None),
+    ("DROP DATABASE test", "dropped"),
+    ("RENAME TABLE a TO items, b TO c", "renamed"),
+    ("RENAME TABLE a TO b", None),
+    ("CREATE OR REPLACE TABLE items (id int)", "replaced"),
+    ("CREATE TABLE items2 (id int)", None),
+])
+def test_which_binlog_statements_stop_a_mysql_copy(statement, what):
+    assert statement_reset(statement, "test", "test", "items") == what

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import threading
 import time
 import zlib
@@ -20,10 +19,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 import pymysql
+import sqlglot
 import pymysql.cursors
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import HeartbeatLogEvent, QueryEvent, RotateEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+from sqlglot.errors import TokenError
+from sqlglot.tokens import TokenType
 
 from federation.changes import ChangeBatch, PendingChanges, SourceReset
 from federation.connectors.base import ConnectorError
@@ -35,7 +37,14 @@ MAX_BATCH_ROWS = 20_000       # a batch closes at the first transaction end past
 HEARTBEAT_SECONDS = 0.1       # the server's heartbeat while idle: how soon a stop or a pause is seen
 BATCH_SECONDS = 0.1           # while changes keep coming, a batch is handed on this often
 IDLE_POSITION_SECONDS = 5.0   # the table at rest: how often the copy's position follows the server's
-_DDL = re.compile(r"^\s*(truncate|alter|drop|rename|create\s+or\s+replace)\b", re.IGNORECASE)
+# ALTER TABLE clauses that leave every column's values and types as they were: anything else an
+# ALTER of the table does (a column added, dropped, retyped or renamed, the key changed, the
+# table renamed or converted to another character set) stops the stream.
+_KEEPING_COLUMNS_AFTER_ADD_OR_DROP = {"INDEX", "KEY", "UNIQUE", "FULLTEXT", "SPATIAL", "CONSTRAINT", "FOREIGN", "CHECK"}
+_KEEPING_COLUMNS = {"ENGINE", "COMMENT", "AUTO_INCREMENT", "ROW_FORMAT", "KEY_BLOCK_SIZE", "FORCE", "ALGORITHM",
+                    "LOCK", "ENABLE", "DISABLE", "STATS_PERSISTENT", "STATS_AUTO_RECALC", "STATS_SAMPLE_PAGES",
+                    "PACK_KEYS", "CHECKSUM", "DELAY_KEY_WRITE", "MAX_ROWS", "MIN_ROWS", "AVG_ROW_LENGTH",
+                    "PAGE_CHECKSUM", "TRANSACTIONAL", "DEFAULT", "CHARACTER", "CHARSET", "COLLATE", "ORDER"}
 
 
 class MySQLChanges:
@@ -151,12 +160,9 @@ class _Decoder:
     def _statement(self, event: QueryEvent) -> None:
         query = event.query if isinstance(event.query, str) else event.query.decode(errors="replace")
         database = event.schema.decode() if isinstance(event.schema, bytes) else event.schema
-        if not _DDL.match(query) or self.changes.table_name.lower() not in query.lower():
-            return
-        if database != self.changes.database and self.changes.database.lower() not in query.lower():
-            return
-        what = "truncated" if query.lstrip().lower().startswith("truncate") else "altered or dropped"
-        raise SourceReset(f"{self.changes.describe()}: the table was {what} at the source ({query.strip()[:80]})")
+        what = statement_reset(query, database, self.changes.database, self.changes.table_name)
+        if what is not None:
+            raise SourceReset(f"{self.changes.describe()}: the table was {what} at the source ({query.strip()[:80]})")
 
     def _rows(self, event: Any) -> None:
         names = [column.name for column in event.columns]
@@ -197,6 +203,90 @@ class _Decoder:
         self.pending = PendingChanges(self.schema, self.key)
         self.position = self.committed_at = None
         return batch
+
+
+def statement_reset(query: str, current: str | None, database: str, table: str) -> str | None:
+    """What a statement of the binlog did to ``database.table`` that its row events cannot carry
+    (``"truncated"``, ``"dropped"``, ``"renamed"``, ``"altered"``, ``"replaced"``), or None. Read
+    from its words, comments left out (a migration tool's ``/* ... */`` before an ALTER), with
+    names matched whole (``items_archive`` is not ``items``); ``current`` is the database the
+    statement ran in, which unqualified names are in. A statement that cannot be split into
+    words and names the table anywhere counts as altering it."""
+    try:
+        tokens = sqlglot.tokenize(query, read="mysql")
+        if len(tokens) == 2 and tokens[1].token_type == TokenType.STRING:  # RENAME: the rest as one string
+            tokens = tokens[:1] + sqlglot.tokenize(tokens[1].text, read="mysql")
+    except TokenError:
+        return "altered" if table.lower() in query.lower() else None
+    words = [token.text.upper() for token in tokens]
+    ours = (database.lower(), table.lower())
+
+    def name_at(at: int) -> tuple[tuple[str | None, str], int]:
+        """The (database, table) written at ``at``, and where what follows it starts."""
+        if at + 2 < len(tokens) and tokens[at + 1].token_type == TokenType.DOT:
+            return (tokens[at].text.lower(), tokens[at + 2].text.lower()), at + 3
+        return ((current or "").lower(), tokens[at].text.lower()), at + 1
+
+    def past(at: int, *skipped: str) -> int:
+        while at < len(words) and words[at] in skipped:
+            at += 1
+        return at
+    if not words:
+        return None
+    head = words[0]
+    if head == "DROP" and len(words) > 2 and words[1] in ("DATABASE", "SCHEMA"):
+        return "dropped" if tokens[past(2, "IF", "EXISTS")].text.lower() == ours[0] else None
+    if head == "TRUNCATE":
+        at = past(1, "TABLE")
+        return "truncated" if at < len(tokens) and name_at(at)[0] == ours else None
+    if head == "DROP" and "TABLE" in words[1:3] and "TEMPORARY" not in words[1:2]:
+        at, names = past(words.index("TABLE") + 1, "IF", "EXISTS"), []
+        while at < len(tokens):
+            name, at = name_at(at)
+            names.append(name)
+            if at >= len(tokens) or tokens[at].token_type != TokenType.COMMA:
+                break
+            at += 1
+        return "dropped" if ours in names else None
+    if head == "RENAME" and words[1:2] == ["TABLE"]:
+        named = {name_at(at)[0] for at, token in enumerate(tokens)
+                 if at >= 2 and token.token_type != TokenType.DOT and tokens[at - 1].token_type != TokenType.DOT
+                 and token.token_type in (TokenType.VAR, TokenType.IDENTIFIER) and words[at] != "TO"}
+        return "renamed" if ours in named else None
+    if head == "CREATE" and words[1:3] == ["OR", "REPLACE"] and "TABLE" in words[3:5]:
+        at = past(words.index("TABLE") + 1, "IF", "NOT", "EXISTS")
+        return "replaced" if at < len(tokens) and name_at(at)[0] == ours else None
+    if head == "ALTER" and "TABLE" in words[1:4]:
+        at = words.index("TABLE") + 1
+        if at >= len(tokens):
+            return None
+        name, at = name_at(past(at, "IF", "EXISTS"))
+        if name != ours:
+            return None
+        return "altered" if any(not _keeps_columns(clause) for clause in _clauses(words[at:])) else None
+    return None
+
+
+def _clauses(words: list[str]) -> list[list[str]]:
+    """An ALTER TABLE's clauses: its words split at the commas outside parentheses."""
+    clauses, depth = [[]], 0
+    for word in words:
+        depth += (word == "(") - (word == ")")
+        if word == "," and depth == 0:
+            clauses.append([])
+        else:
+            clauses[-1].append(word)
+    return [clause for clause in clauses if clause]
+
+
+def _keeps_columns(clause: list[str]) -> bool:
+    if "PRIMARY" in clause or clause[:2] in (["CONVERT", "TO"], ["RENAME", "TO"], ["RENAME", "AS"]):
+        return False
+    if clause[0] in ("ADD", "DROP"):
+        return len(clause) > 1 and clause[1] in _KEEPING_COLUMNS_AFTER_ADD_OR_DROP
+    if clause[0] in ("RENAME", "ALTER"):
+        return len(clause) > 1 and clause[1] in ("INDEX", "KEY")
+    return clause[0] in _KEEPING_COLUMNS
 
 
 def _converter(arrow_type: pa.DataType):
