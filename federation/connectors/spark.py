@@ -37,10 +37,18 @@ class SparkAnsi(Spark):
     """Spark SQL as Spark 4 runs it (ANSI mode, set on every session here): CAST fails on a bad
     value, as in DataFusion. sqlglot's own spark dialect reads CAST as TRY_CAST (Spark 3's
     default), so a statement would not read back as the tree that was validated. Registered
-    with sqlglot by subclassing, under the name ``sparkansi``."""
+    with sqlglot by subclassing, under the name ``sparkansi``. Its parser stays Spark's own (a
+    compiled class: sqlglot's compiled build allows no subclass of it), and a CAST it read as a
+    TRY_CAST is made a CAST again: only a TRY_CAST written so is marked ``safe``."""
 
-    class Parser(Spark.Parser):
-        STRICT_CAST = True
+    def parse(self, sql: str, **opts) -> list[exp.Expression | None]:
+        return [None if tree is None else tree.transform(_strict_cast) for tree in super().parse(sql, **opts)]
+
+
+def _strict_cast(node: exp.Expression) -> exp.Expression:
+    if isinstance(node, exp.TryCast) and not node.args.get("safe"):
+        return exp.Cast(**node.args)
+    return node
 
 
 def quote_backtick(name: str) -> str:
