@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -16,6 +17,8 @@ from federation.arrow_expr import decode, referenced_fields, to_arrow
 from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
 from federation.connectors.file import FileConnector
+from federation.connectors.http import HttpConnector
+from federation.connectors.postgres import PostgresConnector
 from federation.connectors.sqlite import SQLiteConnector, arrow_type_for
 from federation.engine import EngineSettings, QueryEngine
 
@@ -292,3 +295,23 @@ def test_a_json_file_of_one_line_without_a_final_newline_is_read(tmp_path):
     assert engine.query("SELECT * FROM one").read_all().to_pylist() == [{"id": 1, "note": "x"}]
     assert engine.query("SELECT id, note FROM many ORDER BY id").read_all().to_pylist() == [
         {"id": 2, "note": "y"}, {"id": 3, "note": "z"}]
+
+
+def test_a_backend_failing_mid_stream_is_quoted_by_its_first_line_with_secrets_masked(tmp_path):
+    """An error met while a result streamed went to the client whole: a secret written in the
+    configuration, quoted by the backend, reached the client, the audit and the log."""
+    connector = PostgresConnector({"pg_host": "db.internal", "pg_pass": "s3cret-pass-1234"}, tmp_path)
+
+    def failing():
+        yield pa.record_batch([pa.array([1])], names=["x"])
+        raise RuntimeError("server closed: password s3cret-pass-1234 rejected\n\tThis probably means...")
+    reader = connector.counted(pa.schema([("x", pa.int64())]), "SELECT 1", failing)
+    with pytest.raises(ConnectorError) as raised:
+        reader.read_all()
+    assert str(raised.value) == "postgres (db.internal:5432/postgres): server closed: password *** rejected"
+
+
+def test_a_header_secret_is_masked_whole_and_by_its_token():
+    connector = HttpConnector({"auth_header": "Bearer tok-SECRET-777"}, Path("."), "http://api.internal/things")
+    assert connector.mask_secrets("HTTP 401 token tok-SECRET-777 is invalid (Bearer tok-SECRET-777)") == \
+        "HTTP 401 token *** is invalid (***)"

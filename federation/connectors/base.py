@@ -18,6 +18,7 @@ from federation.connectors.typing import conform_batch
 from federation.safety import UnsafeStatement, check_backend_select
 
 DEFAULT_BATCH_ROWS = 65_536
+MIN_SECRET_WORD = 8  # a secret's word this long is masked alone too (a header's token)
 
 
 class ConnectorError(Exception):
@@ -170,8 +171,11 @@ class Connector(ABC):
     def mask_secrets(self, text: str) -> str:
         for name in self.secret_params:
             secret = str(self.params.get(name) or "")
-            if secret:
-                text = text.replace(secret, "***")
+            # A header's value is quoted whole or by its token alone ("Bearer <token>").
+            for part in sorted({secret, *(w for w in secret.split() if len(w) >= MIN_SECRET_WORD)}, key=len,
+                               reverse=True):
+                if part:
+                    text = text.replace(part, "***")
         return text
 
     def close(self) -> None:
@@ -299,9 +303,9 @@ class SqlConnector(Connector):
                     batch = next(iterator)
                 except StopIteration:
                     return
-                except Exception as error:
+                except Exception as error:  # as any backend error: its first line, secrets masked
                     stats.record_error()
-                    raise ConnectorError(f"{source}: {error}") from None
+                    raise ConnectorError(f"{source}: {self.clean_error(error)}") from None
                 stats.record_batch(batch, time.perf_counter() - started)
                 yield batch
 
