@@ -22,7 +22,11 @@ log = logging.getLogger("flightdeck.cancel")
 
 
 class Cancellation:
-    """The stop actions of one query's running backend statements."""
+    """The stop actions of one query's running backend statements. Each runs on a thread of its
+    own: stopping a statement may block (libpq's cancel request has no timeout, MySQL's KILL
+    opens a connection), and whoever cancels (the HTTP door's event loop, the one thread that
+    fires every query's deadline) must not wait on a backend that does not answer, nor may one
+    stuck stop hold back the others (DataFusion's own work among them)."""
 
     def __init__(self) -> None:
         self._actions: list[Callable[[], None]] = []
@@ -34,7 +38,7 @@ class Cancellation:
             if not self.cancelled:
                 self._actions.append(action)
                 return
-        _run(action)  # the query was cancelled before this statement started
+        _run_apart(action)  # the query was cancelled before this statement started
 
     def cancel(self) -> None:
         with self._lock:
@@ -43,7 +47,11 @@ class Cancellation:
             self.cancelled = True
             actions, self._actions = self._actions, []
         for action in actions:
-            _run(action)
+            _run_apart(action)
+
+
+def _run_apart(action: Callable[[], None]) -> None:
+    threading.Thread(target=_run, args=(action,), name="flightdeck-cancel", daemon=True).start()
 
 
 def _run(action: Callable[[], None]) -> None:

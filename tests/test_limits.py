@@ -22,7 +22,8 @@ from mcp.client.streamable_http import streamable_http_client
 from conftest import service_error, serving
 from flightdeck.auth import Credentials
 from flightdeck.errors import CANCELLED, LIMIT_EXCEEDED, TIMED_OUT, ServiceError
-from flightdeck.limits import MAX_BUCKETS, Admission, RequestRates
+from federation.cancel import Cancellation
+from flightdeck.limits import MAX_BUCKETS, Admission, RequestRates, Slot
 from flightdeck.service import Truncation
 
 LOOPER, PATIENT, OTHER = "looper-key-0123456789", "patient-key-0123456789", "other-key-0123456789"
@@ -260,3 +261,24 @@ def test_principals_that_run_nothing_are_not_remembered():
         rates.take(f"name-{number}", 1000.0 if number % 2 else 0.001)  # full again at once, or in hours
     assert admission._running == {}
     assert len(rates._buckets) <= MAX_BUCKETS + 1
+
+
+def test_a_stop_that_blocks_holds_back_neither_whoever_cancels_nor_other_deadlines():
+    """Stops ran on the caller's thread: libpq's cancel request to a frozen PostgreSQL blocked the
+    HTTP door's event loop (every HTTP and MCP client, /health too) and the one thread firing
+    every query's deadline (a local query ran 30 s past its 4 s limit)."""
+    frozen, others_ran = threading.Event(), threading.Event()
+    hung = Cancellation()
+    hung.add(lambda: frozen.wait(30))  # a backend that never answers its cancel request
+    hung.add(others_ran.set)
+    blocked = Slot(lambda: None, 0.1, hung.cancel)
+    expired = threading.Event()
+    started = time.monotonic()
+    other = Slot(lambda: None, 0.3, expired.set)
+    try:
+        assert expired.wait(5) and time.monotonic() - started < 2  # on time, the first stop still stuck
+        assert others_ran.wait(2) and blocked.expired
+    finally:
+        frozen.set()
+        blocked.release()
+        other.release()
