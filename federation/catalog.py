@@ -116,6 +116,9 @@ class Catalog:
         except ConnectorError as error:
             dataset.error = str(error)
             log.warning("dataset %s is unavailable: %s", spec.name, error)
+        except Exception as error:  # a driver's own error on an answer it could not read (not quoted: secrets)
+            dataset.error = f"{spec.kind}: the source's answer could not be read ({type(error).__name__})"
+            log.warning("dataset %s is unavailable: %r", spec.name, error)
         return dataset
 
     def schema_names(self) -> list[str]:

@@ -1,7 +1,11 @@
 """http: against a local JSON API: pagination styles, auth, filter parameters, rate limits."""
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import urllib.parse
+from typing import Iterator
 
 import pytest
 
@@ -180,3 +184,40 @@ def test_a_redirect_or_next_page_off_the_configured_origin_is_not_followed(api, 
 def test_a_redirect_on_the_configured_origin_is_followed(api, tmp_path):
     engine = _engine(api, tmp_path, "/astray/redirect-here", {})
     assert engine.query("SELECT count(*) AS n FROM api").read_all().to_pylist() == [{"n": 7}]
+
+
+@contextlib.contextmanager
+def _answering(reply: bytes) -> Iterator[str]:
+    """A TCP server that answers every connection with ``reply`` and hangs up: not HTTP."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(reply)
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("reply", [b"\x00\xffTHIS IS NOT HTTP\r\n\r\n",
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n[{\"id\": 1}",
+                                   b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\xff\xfe\x00\x01"],
+                         ids=["not HTTP", "cut short", "not text"])
+def test_an_answer_that_cannot_be_read_is_the_sources_failure(tmp_path, reply):
+    """http.client's own errors escaped the connector: such an answer at startup stopped the
+    server from starting (IncompleteRead), and later it reached the client as an internal error."""
+    with _answering(reply) as url:
+        catalog = Catalog([DatasetSpec("inferred", f"{url}/items", AUTH),
+                           DatasetSpec("declared", f"{url}/items", {**AUTH, "columns": {"id": "int"}})], tmp_path)
+        assert catalog.datasets["public.inferred"].state == "unavailable"
+        with pytest.raises(Exception) as raised:  # the source's error, as DataFusion's scan of it reports it
+            QueryEngine(catalog).query("SELECT id FROM declared").read_all()
+    assert "ConnectorError: http (127.0.0.1:" in str(raised.value), raised.value

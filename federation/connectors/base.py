@@ -1,6 +1,7 @@
 """The connector contract every backend implements."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import urllib.parse
@@ -13,10 +14,12 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.arrow_expr import to_arrow
-from federation.budget import UNLIMITED, LoadBudget
+from federation.budget import UNLIMITED, BudgetExceeded, LoadBudget
+from federation.cancel import Stopped
 from federation.connectors.typing import conform_batch
 from federation.safety import UnsafeStatement, check_backend_select
 
+log = logging.getLogger("flightdeck.connectors")
 DEFAULT_BATCH_ROWS = 65_536
 MIN_SECRET_WORD = 8  # a secret's word this long is masked alone too (a header's token)
 
@@ -84,6 +87,7 @@ class Connector(ABC):
 
     kind: ClassVar[str]
     secret_params: ClassVar[tuple[str, ...]] = ()  # params never to appear in a message
+    streams_counted: ClassVar[bool] = False  # its streams already quote their errors as the source's
 
     def __init__(self, params: dict[str, Any], base_dir: Path):
         self.params = params
@@ -106,7 +110,34 @@ class Connector(ABC):
         the backend can take (the caller re-applies the exact filter), at most ``limit``
         (honoured only when every filter was applied: cutting earlier would lose rows).
         The stream holds a slot of the source's load budget until it ends or is closed."""
-        return self.budget.hold(lambda: self.open_scan(table, columns, filters, limit))
+        return self.budget.hold(lambda: self.opened(lambda: self.open_scan(table, columns, filters, limit)))
+
+    def opened(self, open_stream: Callable[[], pa.RecordBatchReader]) -> pa.RecordBatchReader:
+        """``open_stream()``, any failure of it the source's (ConnectorError): a driver meeting
+        an answer it cannot read raises its own errors (a struct.error from a malformed MySQL
+        greeting, http.client's BadStatusLine), which are not the server's failure."""
+        try:
+            reader = open_stream()
+        except Exception as error:
+            raise self._source_error(error) from None
+        if self.streams_counted:
+            return reader
+        return pa.RecordBatchReader.from_batches(reader.schema, self._read_as_source(reader))
+
+    def _read_as_source(self, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        except Exception as error:
+            raise self._source_error(error) from None
+        finally:
+            reader.close()
+
+    def _source_error(self, error: Exception) -> Exception:
+        if isinstance(error, (ConnectorError, Stopped, BudgetExceeded)):
+            return error
+        self.stats.record_error()
+        log.warning("%s failed: %s: %s", self.describe(), type(error).__name__, self.clean_error(error))
+        return ConnectorError(f"{self.describe()}: {type(error).__name__}: {self.clean_error(error)}")
 
     @abstractmethod
     def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
@@ -198,6 +229,7 @@ class Connector(ABC):
 class SqlConnector(Connector):
     """A backend that speaks SQL: scans become SELECTs in the backend's dialect."""
 
+    streams_counted = True  # its streams go through ``counted`` or ``stream_arrow``
     dialect: ClassVar[str]
     renderer: ClassVar[fx.SqlRenderer] = fx.SqlRenderer(fx.quote_double, fx.standard_literal)
 
@@ -223,7 +255,7 @@ class SqlConnector(Connector):
         except UnsafeStatement as error:
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: read-only: {error}") from None
-        return self.budget.hold(lambda: self.open_stream(sql, params, target))
+        return self.budget.hold(lambda: self.opened(lambda: self.open_stream(sql, params, target)))
 
     @abstractmethod
     def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:

@@ -10,6 +10,7 @@ followed.
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import re
 import time
@@ -104,17 +105,21 @@ class HttpConnector(Connector):
                 return json.loads(body), headers
             except urllib.error.HTTPError as error:
                 headers = {k.lower(): v for k, v in error.headers.items()}
-                wait = self._rate_limit_wait(error.code, headers)
+                try:
+                    wait = self._rate_limit_wait(error.code, headers)
+                except ValueError:  # a header it cannot read: no wait is announced
+                    wait = None
                 if wait is not None and attempt < 2 and wait <= self.timeout:
                     time.sleep(wait)
                     continue
                 self.stats.record_error()
-                raise ConnectorError(f"{self.describe()}: HTTP {error.code} {error.reason}") from None
-            except (urllib.error.URLError, TimeoutError, OSError) as error:
+                raise ConnectorError(f"{self.describe()}: HTTP {error.code} {self.mask_secrets(str(error.reason))}") \
+                    from None
+            except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as error:
                 self.stats.record_error()
-                reason = getattr(error, "reason", error)
-                raise ConnectorError(f"{self.describe()}: cannot reach the API: {reason}") from None
-            except json.JSONDecodeError:
+                reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+                raise ConnectorError(f"{self.describe()}: cannot reach the API: {self.clean_error(reason)}") from None
+            except ValueError:  # not JSON, or not even text
                 self.stats.record_error()
                 raise ConnectorError(f"{self.describe()}: the response is not JSON") from None
         raise ConnectorError(f"{self.describe()}: rate limited")
