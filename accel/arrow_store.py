@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from accel.store import Stamp, Store
 from federation import expr as fx
 from federation.connectors.base import DEFAULT_BATCH_ROWS, Connector, ConnectorError
+from federation.snapshots import Pin, pinned_read
 
 
 class ArrowCopies(Connector):
@@ -26,6 +27,7 @@ class ArrowCopies(Connector):
     def __init__(self, base_dir: Path):
         super().__init__({}, base_dir)
         self.copies: dict[str, pa.Table] = {}
+        self.commit_lock = threading.Lock()
 
     def describe(self) -> str:
         return "arrow (accelerated copies)"
@@ -45,9 +47,19 @@ class ArrowCopies(Connector):
     def row_count(self, table: str) -> int | None:
         return self._copy(table).num_rows
 
+    def pin(self, table: str) -> Pin:
+        return Pin(self, self._copy(table))
+
+    def swap(self, table: str, copy: pa.Table) -> None:
+        """Make ``copy`` the table's (one reference: readers keep the table they started with)."""
+        with self.commit_lock:
+            self.copies[table] = copy
+
     def open_scan(self, table: str, columns: list[str] | None, filters: list[fx.Expr],
              limit: int | None) -> pa.RecordBatchReader:
-        data = self._copy(table)
+        data = pinned_read(self)
+        if data is None:
+            data = self._copy(table)
         if columns is not None:
             data = data.select(columns)
         if limit is not None and not filters:
@@ -83,7 +95,7 @@ class ArrowStore(Store):
                 position: dict | None = None) -> None:
         table = pa.Table.from_batches(list(reader), schema=reader.schema).combine_chunks()
         with self._write_lock:
-            self.copies.copies[self.dataset] = table.cast(self.schema)
+            self.copies.swap(self.dataset, table.cast(self.schema))
             self._stamp = Stamp(stamp.as_of, stamp.bytes)
             self._position = position
 
@@ -98,7 +110,7 @@ class ArrowStore(Store):
                         live = live.join(gone.select(list(key)).cast(live.select(list(key)).schema),
                                          keys=list(key), join_type="left anti")
             merged = pa.concat_tables([live.select(self.schema.names), incoming.cast(self.schema)])
-            self.copies.copies[self.dataset] = merged.combine_chunks()
+            self.copies.swap(self.dataset, merged.combine_chunks())
             previous = self._stamp.bytes if self._stamp else 0
             self._stamp = Stamp(stamp.as_of, previous + stamp.bytes)
             self._position = position
@@ -116,7 +128,7 @@ class ArrowStore(Store):
             elif key:
                 incoming = incoming.join(live.select(list(key)), keys=list(key), join_type="left anti")
             merged = pa.concat_tables([live.select(self.schema.names), incoming.select(self.schema.names)])
-            self.copies.copies[self.dataset] = merged.combine_chunks()
+            self.copies.swap(self.dataset, merged.combine_chunks())
             previous = self._stamp.bytes if self._stamp else 0
             self._stamp = Stamp(stamp.as_of, previous + stamp.bytes)
 
@@ -129,7 +141,7 @@ class ArrowStore(Store):
             keep = pc.invert(pc.fill_null(pc.less(live[column], pa.scalar(cutoff, live.schema.field(column).type)),
                                           False))
             kept = live.filter(keep)
-            self.copies.copies[self.dataset] = kept
+            self.copies.swap(self.dataset, kept)
             return live.num_rows - kept.num_rows
 
     def max_value(self, column: str) -> Any:

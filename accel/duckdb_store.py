@@ -24,6 +24,7 @@ from accel.store import Stamp, Store, StoreError, distinct_names_ignoring_case, 
 from federation.connectors.base import first_line
 from federation.connectors.duckdb import DuckDBConnector
 from federation.expr import quote_double
+from federation.snapshots import Pin, pinned_read
 
 FILE_CATALOG = "accel_file"
 MEMORY_CATALOG = "memory"
@@ -43,10 +44,12 @@ class AcceleratedDuckDB(DuckDBConnector):
 
     takes_whole_statements = True
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection, base_dir: Path):
+    def __init__(self, connection: duckdb.DuckDBPyConnection, base_dir: Path, catalogs: list[str]):
         super(DuckDBConnector, self).__init__({}, base_dir)
         self.path = Path("accelerated")
         self.use_connection(connection)
+        self.catalogs = catalogs
+        self.commit_lock = threading.Lock()
 
     @property
     def compute_context(self) -> str:
@@ -56,9 +59,20 @@ class AcceleratedDuckDB(DuckDBConnector):
         return "duckdb (accelerated copies)"
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
+        pinned = pinned_read(self)
+        if pinned is not None:
+            return pinned
         cursor = super()._cursor()
         cursor.execute("BEGIN TRANSACTION READ ONLY")
         return cursor
+
+    def pin(self, table: str) -> Pin:
+        """A cursor whose transaction already sees every copy as they stand: DuckDB takes a
+        transaction's snapshot of a database when it first reads from it, not at BEGIN."""
+        cursor = self._cursor()
+        for catalog in self.catalogs:
+            cursor.execute(f"SELECT NULL FROM {catalog}.main.{META_TABLE} LIMIT 0").fetchall()
+        return Pin(self, cursor, cursor.close)
 
 
 class DuckDBEngine:
@@ -82,7 +96,7 @@ class DuckDBEngine:
         self.connection.execute("SET TimeZone = 'UTC'")
         self.connection.execute("SET enable_external_access = false")
         self.connection.execute("SET lock_configuration = true")
-        self.reader = AcceleratedDuckDB(self.connection, base_dir)
+        self.reader = AcceleratedDuckDB(self.connection, base_dir, self.catalogs())
         self._lock = threading.Lock()
 
     def catalogs(self) -> list[str]:
@@ -204,7 +218,8 @@ class DuckDBStore(Store):
         try:
             cursor.execute("BEGIN TRANSACTION")
             write(cursor, *names)
-            cursor.execute("COMMIT")
+            with self.duckdb.reader.commit_lock:  # not while a query pins its scans' reads
+                cursor.execute("COMMIT")
         except Exception as error:
             try:
                 cursor.execute("ROLLBACK")
@@ -227,7 +242,8 @@ class DuckDBStore(Store):
         return None if row is None else Stamp(_utc(row[0]), int(row[1] or 0))
 
     def _delete_older(self, column: str, cutoff: Any) -> int:
-        row = self._one(f"DELETE FROM {self._qualified(self.name)} WHERE {quote_double(column)} < ?", [cutoff])
+        with self.duckdb.reader.commit_lock:  # a statement of its own: it commits
+            row = self._one(f"DELETE FROM {self._qualified(self.name)} WHERE {quote_double(column)} < ?", [cutoff])
         return int(row[0]) if row else 0
 
     def _record_bytes(self, size: int) -> None:

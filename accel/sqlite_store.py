@@ -24,6 +24,7 @@ import pyarrow as pa
 from accel.store import Stamp, Store, StoreError, distinct_names_ignoring_case, key_matches, local_table_name
 from federation.connectors.sqlite import SQLiteConnector
 from federation.expr import quote_double as q
+from federation.snapshots import Pin, pinned_read
 
 META_TABLE = "flightdeck_copies"
 POSITIONS_TABLE = "flightdeck_positions"  # where each change-following copy stands in its stream
@@ -55,6 +56,15 @@ class AcceleratedSQLite(SQLiteConnector):
     def __init__(self, path: Path, base_dir: Path):
         super(SQLiteConnector, self).__init__({}, base_dir)
         self.path = path
+        self.commit_lock = threading.Lock()
+
+    def _connect(self, snapshot_of: str | None = None) -> sqlite3.Connection:
+        pinned = pinned_read(self) if snapshot_of is None else None
+        return pinned if pinned is not None else super()._connect(snapshot_of)
+
+    def pin(self, table: str) -> Pin:
+        connection = self._connect(snapshot_of=META_TABLE)  # in the file whatever the scan reads
+        return Pin(self, connection, connection.close)
 
     @property
     def compute_context(self) -> str:
@@ -212,7 +222,8 @@ class SQLiteStore(Store):
             try:
                 db.execute("BEGIN IMMEDIATE")
                 write(db)
-                db.execute("COMMIT")
+                with self.sqlite.reader.commit_lock:  # not while a query pins its scans' reads
+                    db.execute("COMMIT")
             except Exception as error:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -227,7 +238,7 @@ class SQLiteStore(Store):
         return None if row is None else Stamp(dt.datetime.fromisoformat(row[0]), int(row[1] or 0))
 
     def _delete_older(self, column: str, cutoff: Any) -> int:
-        with self.sqlite.lock:
+        with self.sqlite.lock, self.sqlite.reader.commit_lock:  # a statement of its own: it commits
             cursor = self.sqlite.writer.execute(f"DELETE FROM {q(self.name)} WHERE {q(column)} < ?",
                                                 [_sqlite_value(cutoff)])
             return cursor.rowcount

@@ -5,6 +5,7 @@ import itertools
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,9 +16,9 @@ from sqlglot.errors import TokenError
 from sqlglot.tokens import TokenType
 
 from federation import expr as fx
-from federation.budget import QUERY, BudgetExceeded, LoadBudget, patience, reserve, run_reserved
+from federation.budget import QUERY, BudgetExceeded, LoadBudget, patience, released_at_end, reserve, run_reserved
 from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog
-from federation.connectors.base import Connector, ConnectorError
+from federation.connectors.base import Connector, ConnectorError, Unreachable
 from federation.cancel import stoppable_stream
 from federation.optimized import optimized_plan
 from federation.plan_cache import DEFAULT_ENTRIES, PlanCache
@@ -26,6 +27,7 @@ from federation.pushdown import (ParameterSlot, RemoteQuery, backend_requests, l
 from federation.subplan import FAILED, Planner, PushedSubplan, ensure_hidden_schema, registered, split_query
 from federation.safety import (MAX_DEPTH, GeneratesTooMuch, NotAStatement, UnsafeStatement, check_read_only,
                                explain_parts)
+from federation.snapshots import QuerySnapshots, pinning
 from federation.tokens import postgres_tokens
 from federation.whole_statement import translated_statement
 
@@ -472,6 +474,8 @@ class QueryEngine:
                     with patience(QUERY):
                         return planned.remote.connector.stream(planned.remote.sql, planned.remote.params,
                                                                planned.schema)
+                except Unreachable:  # DataFusion's scans would only wait for the source again
+                    raise
                 except ConnectorError as error:  # e.g. a function the backend lacks: run it here
                     log.info("whole-query pushdown failed, running in DataFusion: %s", error)
             give_back = reserve(self._scanned_budgets(planned), QUERY)
@@ -491,9 +495,29 @@ class QueryEngine:
                 return self._with_fallback(planned)
             bounded = planned.derive("bounded", lambda: bounded_plan(planned.frame.logical_plan(),
                                                                      self.bounded_table_functions))
-            return stoppable_stream(self._own_frame(planned.frame), planned.schema, bounded)
+            return self._stream(planned, planned.frame, bounded)
         except Exception as error:
             raise self._query_error(error) from None
+
+    def _stream(self, planned: PlannedQuery, frame: DataFrame, bounded: bool = False) -> pa.RecordBatchReader:
+        """``frame`` run by DataFusion for this query; a local store it reads more than once is
+        read by every scan as it stood at one moment (``federation.snapshots``)."""
+        stores = planned.derive("stores_read_twice", lambda: self._stores_read_twice(planned))
+        if not stores:
+            return stoppable_stream(self._own_frame(frame), planned.schema, bounded)
+        snapshots = QuerySnapshots(stores)
+        try:
+            with pinning(snapshots):  # DataFusion makes the execution plan, and so the scans, here
+                reader = stoppable_stream(self._own_frame(frame), planned.schema, bounded)
+        except BaseException:
+            snapshots.close()
+            raise
+        return released_at_end(reader, snapshots.close)
+
+    def _stores_read_twice(self, planned: PlannedQuery) -> set[Connector]:
+        """The local stores (connectors with commits to pin reads between) the plan scans twice or more."""
+        stores = Counter(dataset.connector.store for dataset in self._scans(planned) if dataset.connector is not None)
+        return {store for store, scans in stores.items() if scans > 1 and store.commit_lock is not None}
 
     def _own_frame(self, frame: DataFrame) -> DataFrame:
         """A DataFrame of the plan for this execution alone. A kept plan runs on many threads
@@ -507,7 +531,7 @@ class QueryEngine:
         function it lacks) as the scan sending it starts, before any result, and then the query
         runs without pushed parts instead, as a whole query does."""
         try:
-            pushed = stoppable_stream(self._own_frame(planned.frame), planned.schema)
+            pushed = self._stream(planned, planned.frame)
             first = pushed.read_next_batch()
         except StopIteration:
             return pa.RecordBatchReader.from_batches(planned.schema, [])
@@ -515,7 +539,7 @@ class QueryEngine:
             if FAILED not in str(error):
                 raise
             log.info("sub-plan pushdown failed, running in DataFusion: %s", clean_engine_message(str(error)))
-            return stoppable_stream(self._own_frame(planned.local_frame), planned.schema)
+            return self._stream(planned, planned.local_frame)
         return pa.RecordBatchReader.from_batches(planned.schema, itertools.chain([first], pushed))
 
     def query(self, sql: str, params: list[Any] | None = None) -> pa.RecordBatchReader:

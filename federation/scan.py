@@ -21,6 +21,7 @@ from federation.budget import BudgetExceeded
 from federation.cancel import Stopped
 from federation.connectors.base import Connector, ConnectorError
 from federation.masks import ColumnMasks
+from federation.snapshots import Pin, current as current_snapshots, reading
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,18 @@ class LazyDataset(ds.InMemoryDataset):
         super().__init__(schema.empty_table())
         self.table_schema = schema
 
-    def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: list[str], filter: pc.Expression | None,
+                pin: Pin | None = None) -> Iterator[pa.RecordBatch]:
+        """``pin``: the read this scan was given when its query's execution plan was made."""
         raise NotImplementedError
 
+    def pin(self) -> Pin | None:
+        """A pinned read for one scan of this dataset (``federation.snapshots``), or None."""
+        return None
+
     def get_fragments(self, filter: pc.Expression | None = None) -> list["_Fragment"]:
-        return [_Fragment(self)]
+        # Called once per scan, on the thread making the query's execution plan.
+        return [_Fragment(self, self.pin())]
 
     def scanner(self, columns: list[str] | None = None, filter: pc.Expression | None = None,
                 **_options) -> "_Scan":
@@ -46,26 +54,29 @@ class LazyDataset(ds.InMemoryDataset):
 
 
 class _Fragment:
-    def __init__(self, dataset: LazyDataset):
+    def __init__(self, dataset: LazyDataset, pin: Pin | None = None):
         self.dataset = dataset
+        self.pin = pin
 
     def scanner(self, schema: pa.Schema | None = None, columns: list[str] | None = None,
                 filter: pc.Expression | None = None, **_options) -> "_Scan":
-        return _Scan(self.dataset, columns, filter)
+        return _Scan(self.dataset, columns, filter, self.pin)
 
 
 class _Scan:
-    def __init__(self, dataset: LazyDataset, columns: list[str] | None, filter: pc.Expression | None):
+    def __init__(self, dataset: LazyDataset, columns: list[str] | None, filter: pc.Expression | None,
+                 pin: Pin | None = None):
         self.dataset = dataset
         self.columns = list(dataset.table_schema.names) if columns is None else list(columns)
         self.filter = _as_expression(filter)
+        self.pin = pin
 
     @property
     def projected_schema(self) -> pa.Schema:
         return pa.schema([self.dataset.table_schema.field(c) for c in self.columns])
 
     def to_batches(self) -> Iterator[pa.RecordBatch]:
-        return self.dataset.batches(self.columns, self.filter)
+        return self.dataset.batches(self.columns, self.filter, self.pin)
 
 
 def _as_expression(filter: pc.Expression | pa.Scalar | None) -> pc.Expression | None:
@@ -87,10 +98,15 @@ class ConnectorDataset(LazyDataset):
         self.table = table
         self.masks = masks
 
-    def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    def pin(self) -> Pin | None:
+        snapshots = current_snapshots()
+        return None if snapshots is None else snapshots.pin(self.connector, self.table)
+
+    def batches(self, columns: list[str], filter: pc.Expression | None,
+                pin: Pin | None = None) -> Iterator[pa.RecordBatch]:
         if not self.masks:
-            return self._batches(columns, filter)
-        return self._without_values_in_errors(self._batches(columns, filter))
+            return self._batches(columns, filter, pin)
+        return self._without_values_in_errors(self._batches(columns, filter, pin))
 
     def _without_values_in_errors(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """The batches, with the source's own error message kept from the client: the raw rows
@@ -105,7 +121,7 @@ class ConnectorDataset(LazyDataset):
             raise ConnectorError(f"{self.connector.describe()}: reading {self.table} failed (the source's message is "
                                  "not shown: it may quote values of a masked column)") from None
 
-    def _batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    def _batches(self, columns: list[str], filter: pc.Expression | None, pin: Pin | None) -> Iterator[pa.RecordBatch]:
         # A pushed filter may name columns outside the projection: fetch them too.
         filter_columns = sorted(referenced_fields(filter) - set(columns))
         fetched = columns + filter_columns
@@ -120,7 +136,8 @@ class ConnectorDataset(LazyDataset):
         refilter = filter is not None and not (complete and not self.masks and connector.filters_exact(table, conjuncts))
         if refilter and complete:  # as the planner means it (NaN), not as pyarrow would read its expression
             filter = to_arrow(decoded)
-        reader = connector.scan(table, fetched, conjuncts, None)
+        with reading(pin):
+            reader = connector.scan(table, fetched, conjuncts, None)
         target = pa.schema([self.table_schema.field(c) for c in columns])
         for batch in reader:
             if self.masks:

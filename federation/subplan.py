@@ -129,6 +129,10 @@ class PushedSubplan(Connector):
     def describe(self) -> str:
         return self.backend.describe()
 
+    @property
+    def store(self) -> Connector:
+        return self.backend
+
     def request(self, columns: list[str] | None, filters: list[fx.Expr]) -> tuple[str, list]:
         """The statement the backend receives for a scan of ``columns`` under ``filters``,
         and the values it binds (the part's own first: they come first in the text)."""

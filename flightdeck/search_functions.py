@@ -27,7 +27,7 @@ import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -473,7 +473,7 @@ class SearchResults(LazyDataset):
         self.index, self.mode, self.query, self.k, self.masks = index, mode, query, k, masks
         self.columns = fields.names
 
-    def batches(self, columns: list[str], filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: list[str], filter: pc.Expression | None, pin: Any = None) -> Iterator[pa.RecordBatch]:
         if self.query is None or self.k is None:
             raise SearchError(f"{self.mode}_search: the query and k must be given (bind the parameters)")
         table = self.index.search(self.mode, self.query, self.k, filter, self.masks, self.columns)

@@ -508,3 +508,22 @@ def test_columns_named_alike_but_for_case_are_not_copied_into_an_engine_that_fol
                 "adbc.flight.sql.authorization_header": "Bearer agent-key-0123456789"}) as conn, conn.cursor() as cursor:
             cursor.execute("SELECT * FROM events")
             assert cursor.fetchall() == [(1, "public text")]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_query_reading_a_copy_twice_reads_one_version_of_it(source, tmp_path, engine):
+    """Each scan opened its own read of the copy: a query reading it twice (here a UNION ALL of
+    two parts, which DataFusion runs since ILIKE is never sent down) could read one part before a
+    refresh and the other after, and answer with rows of two versions."""
+    with serving(_config(tmp_path, {"engine": engine}), tmp_path) as runtime:
+        _loaded(runtime)
+        sql = ("SELECT id, region FROM events WHERE id <= 500 AND region ILIKE '%' "
+               "UNION ALL SELECT id, region FROM events WHERE id > 500 AND region ILIKE '%'")
+        reader = runtime.engine.execute(runtime.engine.plan(sql))
+        first = reader.read_next_batch()  # the first part is read: its scan has opened
+        _admin("UPDATE fd_accel.events SET region = 'after'")
+        assert runtime.refresh("events")["last_error"] is None
+        rows = [first.to_pylist(), *(batch.to_pylist() for batch in reader)]
+        regions = {row["region"] for batch in rows for row in batch}
+        assert sum(map(len, rows)) == ROWS and "after" not in regions, regions
+        assert _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'after'") == ROWS

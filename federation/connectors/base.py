@@ -18,6 +18,7 @@ from federation.budget import UNLIMITED, BudgetExceeded, LoadBudget
 from federation.cancel import Stopped
 from federation.connectors.typing import conform_batch
 from federation.safety import UnsafeStatement, check_backend_select
+from federation.snapshots import Pin
 
 log = logging.getLogger("flightdeck.connectors")
 DEFAULT_BATCH_ROWS = 65_536
@@ -26,6 +27,11 @@ MIN_SECRET_WORD = 8  # a secret's word this long is masked alone too (a header's
 
 class ConnectorError(Exception):
     """A backend failed; the message names the dataset source, never a secret."""
+
+
+class Unreachable(ConnectorError):
+    """No connection to the source could be made: running the query another way would only
+    wait for it again."""
 
 
 def shown_url(url: str) -> str:
@@ -95,6 +101,19 @@ class Connector(ABC):
         self.stats = SourceStats()
         self.budget: LoadBudget = UNLIMITED  # the source's, shared with its other connectors (ConnectorPool)
         self._known_schemas: dict[str, pa.Schema] = {}
+        # A local store whose writers hold this around each commit: its scans can be pinned to
+        # one moment for a query reading it more than once (``pin``, ``federation.snapshots``).
+        self.commit_lock: threading.Lock | None = None
+
+    def pin(self, table: str) -> Pin:
+        """A read of ``table`` as it stands now, for one scan to use later; called with
+        ``commit_lock`` held, by connectors that have one."""
+        raise NotImplementedError(f"{self.kind} has no commits to pin a read between")
+
+    @property
+    def store(self) -> "Connector":
+        """The connector whose data this one's scans read (a pushed part: its backend)."""
+        return self
 
     @abstractmethod
     def tables(self) -> list[str]:

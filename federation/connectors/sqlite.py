@@ -117,9 +117,14 @@ class SQLiteConnector(SqlConnector):
     def describe(self) -> str:
         return f"sqlite ({self.path.name})"
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, snapshot_of: str | None = None) -> sqlite3.Connection:
+        """A read-only connection; with ``snapshot_of`` (a table), in a read transaction that has
+        read it already: in WAL mode, its snapshot is the database as of that first read."""
         try:
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            if snapshot_of is not None:  # before the authorizer, which refuses BEGIN
+                connection.execute("BEGIN")
+                connection.execute(f"SELECT 1 FROM {self.quote_table(snapshot_of)} LIMIT 1").fetchall()
         except sqlite3.Error as error:  # the file went away or cannot be read: the source is unavailable
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {error}") from None
