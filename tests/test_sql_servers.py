@@ -18,6 +18,7 @@ import pytest
 
 from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
+from federation.connectors.base import Unreachable
 from federation.engine import EngineSettings, QueryEngine
 
 from conftest import serving
@@ -110,6 +111,47 @@ def test_postgres_discovery_types_and_read_only(postgres, tmp_path):
         dataset.connector.execute_sql("DELETE FROM fd_test.orders").read_all()
     with pytest.raises(ConnectorError, match="read-only transaction"):  # the session itself, beneath
         dataset.connector.open_stream("DELETE FROM fd_test.orders", None, None).read_all()
+    catalog.close()
+
+
+def test_pooled_connections_the_server_dropped_are_replaced_not_failed(postgres, tmp_path):
+    """After a PostgreSQL restart (or its connections terminated), the next queries failed on
+    the stale pooled connections, two per query (the statement sent whole, then the scan)."""
+    engine, catalog = _engine([DatasetSpec("typed", "postgres:fd_test.typed", postgres)], tmp_path)
+    connector = catalog.datasets["public.typed"].connector
+    marker = "SELECT id FROM fd_test.typed WHERE id = 1"
+    readers = [connector.execute_sql(marker) for _ in range(3)]  # three connections at once ...
+    for reader in readers:
+        assert reader.read_all().to_pylist() == [{"id": 1}]  # ... then all three in the pool
+    with adbc_postgres.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as admin, \
+            admin.cursor() as cursor:
+        cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                       "application_name = 'flightdeck' AND query LIKE '%fd_test%typed%' AND pid <> pg_backend_pid()")
+        assert cursor.fetchone()[0] >= 1
+    time.sleep(0.2)
+    for _ in range(3):
+        assert connector.execute_sql(marker).read_all().to_pylist() == [{"id": 1}]
+    assert engine.query("SELECT count(*) AS n FROM typed").read_all().to_pylist() == [{"n": 2}]
+    catalog.close()
+
+
+def test_a_source_that_cannot_be_reached_is_not_asked_again_another_way(postgres, tmp_path, monkeypatch):
+    """A statement sent whole that failed to connect was run again in DataFusion, whose scan
+    connected again: twice connect_timeout against a source that does not answer."""
+    engine, catalog = _engine([DatasetSpec("orders", "postgres:fd_test.orders", postgres)], tmp_path)
+    connector = catalog.datasets["public.orders"].connector
+    attempts = []
+
+    def unreachable():
+        attempts.append(time.monotonic())
+        raise Unreachable("postgres (127.0.0.1:5432/test): cannot connect: timeout expired")
+    planned = engine.plan("SELECT count(*) AS n, sum(amount) AS total FROM orders WHERE order_id < 100")
+    assert planned.remote is not None  # sent whole
+    monkeypatch.setattr(connector, "_connect", unreachable)  # the source stops answering
+    connector._drain_pool()
+    with pytest.raises(Unreachable, match="cannot connect"):
+        engine.execute(planned).read_all()
+    assert len(attempts) == 1
     catalog.close()
 
 

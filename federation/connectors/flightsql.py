@@ -15,7 +15,7 @@ from adbc_driver_flightsql import DatabaseOptions
 
 from federation import expr as fx
 from federation.cancel import on_cancel
-from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly, shown_url
+from federation.connectors.base import ConnectorError, SqlConnector, Unreachable, cancel_quietly, shown_url
 
 
 class FlightSQLConnector(SqlConnector):
@@ -55,7 +55,7 @@ class FlightSQLConnector(SqlConnector):
         try:
             return adbc_flightsql.connect(self.endpoint, db_kwargs=self._options, autocommit=True)
         except Exception as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
+            raise Unreachable(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
 
     def tables(self) -> list[str]:
         with self._connect() as connection:

@@ -18,7 +18,7 @@ import pymysql.cursors
 from federation import expr as fx
 from federation.cancel import on_cancel
 from federation.changes import ChangeBatch, ChangeSource, table_key
-from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector, Unreachable
 from federation.connectors.mysql_changes import MySQLChanges
 
 _SIMPLE_TYPES = {
@@ -98,7 +98,7 @@ class MySQLConnector(SqlConnector, ChangeSource):
                 cursorclass=pymysql.cursors.SSCursor, autocommit=True,
                 init_command="SET SESSION TRANSACTION READ ONLY")
         except pymysql.MySQLError as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
+            raise Unreachable(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
         self._limit_statement_time(connection)
         return connection
 

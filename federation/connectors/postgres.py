@@ -18,7 +18,7 @@ import pyarrow as pa
 from federation import expr as fx
 from federation.cancel import on_cancel
 from federation.changes import ChangeBatch, ChangeSource, table_key
-from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly
+from federation.connectors.base import ConnectorError, SqlConnector, Unreachable, cancel_quietly
 from federation.connectors.postgres_changes import PostgresChanges
 
 POOL_SIZE = 4
@@ -67,6 +67,15 @@ def _rule(type_name: str, collation: str, deterministic: bool, database_collatio
     return fx.EXACT
 
 
+def _connection_lost(error: Exception) -> bool:
+    """Whether an error says the session is gone, not that the statement failed in it."""
+    state = str(getattr(error, "sqlstate", None) or "")
+    text = str(error).lower()
+    return state.startswith(("08", "57P01", "57P02", "57P03")) or any(
+        sign in text for sign in ("server closed the connection", "terminating connection",
+                                  "no connection to the server", "connection has been closed"))
+
+
 class PostgresConnector(SqlConnector, ChangeSource):
     kind = "postgres"
     dialect = "postgres"
@@ -109,13 +118,23 @@ class PostgresConnector(SqlConnector, ChangeSource):
         try:
             return adbc_postgres.connect(self._uri(), autocommit=True)
         except Exception as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
+            raise Unreachable(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
 
-    def _take(self):
+    def _take(self) -> tuple[Any, bool]:
+        """A connection, and whether it came from the pool (it may have outlived its server)."""
         try:
-            return self._pool.get_nowait()
+            return self._pool.get_nowait(), True
         except queue.Empty:
-            return self._connect()
+            return self._connect(), False
+
+    def _drain_pool(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
+            except Exception:  # noqa: BLE001 - a connection already broken closes as it can
+                continue
 
     def _give_back(self, connection) -> None:
         try:
@@ -124,18 +143,26 @@ class PostgresConnector(SqlConnector, ChangeSource):
             connection.close()
 
     def _run(self, sql: str, params: list[Any] | None = None, cancellable: bool = False) -> tuple[Any, Any]:
-        connection = self._take()
-        cursor = connection.cursor()
-        if cancellable:
-            on_cancel(cursor.adbc_cancel)
-        try:
-            cursor.execute(sql, params)
-        except Exception as error:
-            cursor.close()
-            connection.close()
-            self.stats.record_error()
-            raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
-        return connection, cursor
+        retried = False
+        while True:
+            connection, pooled = self._take()
+            cursor = connection.cursor()
+            if cancellable:
+                on_cancel(cursor.adbc_cancel)
+            try:
+                cursor.execute(sql, params)
+                return connection, cursor
+            except Exception as error:
+                cursor.close()
+                connection.close()
+                if pooled and not retried and _connection_lost(error):
+                    # The server restarted (or dropped us) since these connections were opened:
+                    # the statement only reads, so it is sent again on a new one.
+                    self._drain_pool()
+                    retried = True
+                    continue
+                self.stats.record_error()
+                raise ConnectorError(f"{self.describe()}: {self.clean_error(error)}") from None
 
     def _fetch_all(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
         connection, cursor = self._run(sql, params)

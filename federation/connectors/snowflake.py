@@ -13,7 +13,7 @@ import pyarrow as pa
 import snowflake.connector
 
 from federation import expr as fx
-from federation.connectors.base import ConnectorError, SqlConnector
+from federation.connectors.base import ConnectorError, SqlConnector, Unreachable
 from federation.connectors.typing import conform_batch
 
 _SIMPLE_TYPES = {
@@ -78,7 +78,7 @@ class SnowflakeConnector(SqlConnector):
         try:
             return snowflake.connector.connect(**self.connect_args)
         except Exception as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
+            raise Unreachable(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
 
     def _split(self, table: str) -> tuple[str, str, str]:
         parts = table.split(".")

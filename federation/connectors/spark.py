@@ -23,7 +23,7 @@ from sqlglot.dialects.spark import Spark
 
 from federation import expr as fx
 from federation.cancel import on_cancel
-from federation.connectors.base import ConnectorError, SqlConnector, cancel_quietly
+from federation.connectors.base import ConnectorError, SqlConnector, Unreachable, cancel_quietly
 
 try:  # the optional extra: without it, naming a spark: source says what to install
     from pyspark.errors import PySparkException
@@ -156,7 +156,7 @@ class SparkConnector(SqlConnector):
         try:  # gRPC would retry for minutes: say at once when nothing listens
             socket.create_connection((self.host, self.port), timeout=self.connect_timeout).close()
         except OSError as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {error.strerror or error}") from None
+            raise Unreachable(f"{self.describe()}: cannot connect: {error.strerror or error}") from None
         try:
             session = SparkSession.builder.remote(self._url).create()
             # UTC: date and time literals mean what they mean to DataFusion; ANSI: errors
@@ -165,7 +165,7 @@ class SparkConnector(SqlConnector):
             session.conf.set("spark.sql.ansi.enabled", "true")
             return session
         except Exception as error:
-            raise ConnectorError(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
+            raise Unreachable(f"{self.describe()}: cannot connect: {self.clean_error(error)}") from None
 
     def _split(self, table: str) -> tuple[str, str]:
         database, _, name = table.rpartition(".")
