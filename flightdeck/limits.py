@@ -79,9 +79,10 @@ class Admission:
     """Places for running queries: so many in all, so many per principal. A query waits a short
     while for a place, then is refused; its place is held until its stream ends."""
 
-    def __init__(self, max_concurrent: int, wait_seconds: float):
+    def __init__(self, max_concurrent: int, wait_seconds: float, what: str = "queries"):
         self.max_concurrent = max_concurrent
         self.wait_seconds = wait_seconds
+        self.what = what  # what the places are for, in messages
         self._running: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
         self._total = 0
@@ -104,9 +105,9 @@ class Admission:
                     del self._waiting[who]
             if not admitted:
                 mine = self._running.get(who, 0)
-                which = (f"{who} already runs {mine} queries (its limit)" if mine >= own_limit
-                         else f"{self._total} queries are running (the server's limit)")
-                raise ServiceError(LIMIT_EXCEEDED, f"too many concurrent queries: {which}; retry shortly",
+                which = (f"{who} already runs {mine} {self.what} (its limit)" if mine >= own_limit
+                         else f"{self._total} {self.what} are running (the server's limit)")
+                raise ServiceError(LIMIT_EXCEEDED, f"too many concurrent {self.what}: {which}; retry shortly",
                                    retry_after=1.0)
             self._running[who] = self._running.get(who, 0) + 1
             self._total += 1

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -132,6 +132,9 @@ class Service:
              for u in auth.users},
             self._limits(QueryLimitSettings()))
         self.admission = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds)
+        # Uploads have places of their own, as many as queries, refused at once when all are
+        # taken: a client binds its next parameters while its last stream may still be ending.
+        self.uploads = Admission(self.limits.max_concurrent_queries, 0.0, "uploads")
         self.rates = RequestRates()
         self.redact = stack.loaded.redact
 
@@ -194,11 +197,16 @@ class Service:
         finally:
             release()
 
-    def receiving(self, principal: Principal) -> AbstractContextManager[None]:
-        """For a door reading a request's body as a stream (a Flight DoPut): one of the
-        principal's places is held meanwhile, so a client that never ends its upload holds its
-        own places, not a thread of the server for each stream it opens."""
-        return self._admitted(principal)
+    @contextmanager
+    def receiving(self, principal: Principal) -> Iterator[None]:
+        """For a door reading a request's body as a stream (a Flight DoPut): each open upload
+        holds a thread of the server, so a principal has no more uploads open at once than
+        queries running (``max_concurrent_queries``); one more is refused at once."""
+        release = self.uploads.enter(principal.name, principal.limits.max_concurrent)
+        try:
+            yield
+        finally:
+            release()
 
     def _engine(self, principal: Principal) -> QueryEngine:
         """The engine of the principal's grant: its session holds only what the grant shows."""
