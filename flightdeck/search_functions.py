@@ -22,6 +22,8 @@ repeated texts come from a bounded LRU shared by every column.
 """
 from __future__ import annotations
 
+import datetime as dt
+
 import logging
 import math
 import threading
@@ -318,6 +320,7 @@ class SearchIndexes:
         for dataset, schema in {name: index.rows_schema for (name, _), index in self.columns.items()}.items():
             _warn_of_shadowed_columns(dataset, schema)
         self._lock = threading.Lock()
+        self._as_of: dict[str, dt.datetime | None] = {}
 
     def datasets(self) -> set[str]:
         return {dataset for dataset, _ in self.columns}
@@ -336,11 +339,18 @@ class SearchIndexes:
         allowed = {dataset for dataset, _ in self.searchable(searchable)}
         return sorted({dataset for _, dataset in calls} & allowed)
 
-    def on_refreshed(self, dataset: str, rows: pa.Table) -> None:
+    def on_refreshed(self, dataset: str, as_of: dt.datetime | None, rows: pa.Table) -> None:
+        """Index a dataset's new copy (``rows``, taken from its source at ``as_of``)."""
         with self._lock:
             for (name, _), index in self.columns.items():
                 if name == dataset:
                     index.rebuild(rows)
+            self._as_of[dataset] = as_of
+
+    def data_as_of(self, dataset: str) -> dt.datetime | None:
+        """When the copy a dataset's indexes were built from was taken (None: not indexed yet):
+        a search reads the indexes, which follow the copy some seconds later, re-embedding."""
+        return self._as_of.get(dataset)
 
     def embedded(self, dataset: str) -> tuple[int, int]:
         """(chunks embedded by the last refresh, in total) for a dataset's columns."""

@@ -241,7 +241,11 @@ class Service:
             if refresher is not None and not refresher.loaded.is_set() and refresher.spec.ready_state == "on_load":
                 refresher.loaded.wait(refresher.spec.ready_timeout)  # as the query itself will wait for it
             if refresher is not None and refresher.loaded.is_set() and refresher.status.data_as_of is not None:
-                found[refresher.spec.dataset] = refresher.status.data_as_of
+                taken = refresher.status.data_as_of
+                indexed = self.stack.search.data_as_of(refresher.spec.dataset)
+                # A searchable dataset answers a search from its indexes, which may still hold
+                # the copy before: the older time is the one that holds for every part read.
+                found[refresher.spec.dataset] = min(taken, indexed) if indexed is not None else taken
         return Freshness(found) if found else None
 
     def parameter_schema(self, principal: Principal, sql: str) -> pa.Schema:

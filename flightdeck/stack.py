@@ -86,7 +86,8 @@ class Stack:
         indexes = SearchIndexes(specs, self.models.embedder, settings)
         for dataset in indexes.datasets():  # each is accelerated: the specs were filtered above
             self.accelerator.refreshers[dataset].listeners.append(
-                lambda refresher, name=dataset: indexes.on_refreshed(name, refresher.store.read_all()))
+                lambda refresher, name=dataset: indexes.on_refreshed(name, refresher.status.data_as_of,
+                                                                     refresher.store.read_all()))
         self._install_search(self.engine, indexes.table_functions())
         return indexes
 

@@ -3,6 +3,8 @@ exact search, where-filters, small tables kept exact, an index grown by an appen
 and reloaded from disk for a file-mode copy, repeated query texts embedded once."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -262,3 +264,30 @@ def test_append_refresh_adds_to_the_index_through_the_stack(notes_table, tmp_pat
     with serving(config, tmp_path) as runtime:  # a restart: the kept index serves
         vectors = runtime.stack.search.find("public.notes", None, "vector").vectors
         assert vectors.index_loaded and len(vectors.approximate) == 315
+
+
+def test_a_searched_dataset_reports_the_time_of_the_copy_its_indexes_hold(notes_table, tmp_path, monkeypatch):  # noqa: F811
+    """The copy's time was set before its indexes were rebuilt (seconds of embedding): a search
+    answered from the previous copy's indexes claimed the new copy's freshness."""
+    config = _notes_config(tmp_path, {"engine": "duckdb", "refresh_sql": "SELECT * FROM notes WHERE id <= 50"})
+    with serving(config, tmp_path) as runtime:
+        refresher = runtime.accelerator.refresher("public.notes")
+        assert refresher.loaded.wait(120)
+        first = runtime.service.freshness(["public.notes"]).datasets["public.notes"]
+        assert first == refresher.status.data_as_of
+        rebuilding, finish = threading.Event(), threading.Event()
+        rebuild = ColumnIndex.rebuild
+
+        def slow_rebuild(index, rows):
+            rebuilding.set()
+            finish.wait(30)
+            rebuild(index, rows)
+        monkeypatch.setattr(ColumnIndex, "rebuild", slow_rebuild)
+        refreshing = threading.Thread(target=runtime.refresh, args=("notes",))
+        refreshing.start()
+        assert rebuilding.wait(60)  # the new copy is in, its indexes not yet
+        assert refresher.status.data_as_of > first
+        assert runtime.service.freshness(["public.notes"]).datasets["public.notes"] == first
+        finish.set()
+        refreshing.join(60)
+        assert runtime.service.freshness(["public.notes"]).datasets["public.notes"] == refresher.status.data_as_of
