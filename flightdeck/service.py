@@ -132,9 +132,9 @@ class Service:
              for u in auth.users},
             self._limits(QueryLimitSettings()))
         self.admission = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds)
-        # Uploads have places of their own, as many as queries, refused at once when all are
-        # taken: a client binds its next parameters while its last stream may still be ending.
-        self.uploads = Admission(self.limits.max_concurrent_queries, 0.0, "uploads")
+        # Uploads have places of their own, as many as queries: a client binds its next
+        # parameters while its last stream may still be ending.
+        self.uploads = Admission(self.limits.max_concurrent_queries, self.limits.admission_wait_seconds, "uploads")
         self.rates = RequestRates()
         self.redact = stack.loaded.redact
 
@@ -201,7 +201,7 @@ class Service:
     def receiving(self, principal: Principal) -> Iterator[None]:
         """For a door reading a request's body as a stream (a Flight DoPut): each open upload
         holds a thread of the server, so a principal has no more uploads open at once than
-        queries running (``max_concurrent_queries``); one more is refused at once."""
+        queries running (``max_concurrent_queries``), waiting for a place as queries do."""
         release = self.uploads.enter(principal.name, principal.limits.max_concurrent)
         try:
             yield

@@ -271,7 +271,7 @@ def _prepared_handle(client: flight.FlightClient, options: flight.FlightCallOpti
 def test_uploads_never_finished_hold_the_keys_places_not_the_servers_threads(server, watcher):
     """Each DoPut stream is read on a thread of the server's own; a key opening uploads it never
     ends held one thread for each (100 streams of a key limited to 3 queries: 100 threads). It
-    has as many uploads open at once as queries running; one more is refused at once."""
+    has as many uploads open at once as queries running; more wait a moment, then are refused."""
     client = flight.FlightClient(server.url)
     options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {ATTACKER}".encode())])
     handle = _prepared_handle(client, options, "SELECT id FROM small WHERE id = ?")
@@ -290,7 +290,7 @@ def test_uploads_never_finished_hold_the_keys_places_not_the_servers_threads(ser
     for writer, _ in uploads:
         try:
             writer.close()
-        except flight.FlightError as refused:  # the uploads past the key's places, refused at once
+        except flight.FlightError as refused:  # the uploads past the key's places
             refusals.append(str(refused))
     assert len(refusals) == 97, refusals[:2]
     assert all("too many concurrent uploads: attacker already runs 3 uploads" in r for r in refusals)
