@@ -18,10 +18,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable
 
 import pyarrow as pa
+
+from federation.thread_values import set_for_block
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 BUDGET_PARAMS = ("max_concurrent_requests", "max_requests_per_second", "budget_timeout")
@@ -35,16 +36,10 @@ class BudgetExceeded(Exception):
 _patience = threading.local()
 
 
-@contextmanager
-def patience(how: str) -> Iterator[None]:
+def patience(how: str) -> ContextManager[str]:
     """Requests started on this thread inside the block may wait for a slot: up to each source's
     ``budget_timeout`` (QUERY) or until one is free (REFRESH). Elsewhere nothing waits."""
-    previous = getattr(_patience, "how", None)
-    _patience.how = how
-    try:
-        yield
-    finally:
-        _patience.how = previous
+    return set_for_block(_patience, "how", how)
 
 
 class LoadBudget:

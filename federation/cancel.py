@@ -14,9 +14,11 @@ import atexit
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, ContextManager, Generator, Iterator
 
 import pyarrow as pa
+
+from federation.thread_values import set_for_block
 
 log = logging.getLogger("flightdeck.cancel")
 
@@ -64,15 +66,9 @@ def _run(action: Callable[[], None]) -> None:
 _current = threading.local()
 
 
-@contextmanager
-def cancellation_scope(cancellation: Cancellation) -> Iterator[Cancellation]:
+def cancellation_scope(cancellation: Cancellation) -> ContextManager[Cancellation]:
     """Backend statements started on this thread inside the block register with it."""
-    previous = getattr(_current, "cancellation", None)
-    _current.cancellation = cancellation
-    try:
-        yield cancellation
-    finally:
-        _current.cancellation = previous
+    return set_for_block(_current, "cancellation", cancellation)
 
 
 def on_cancel(action: Callable[[], None]) -> None:

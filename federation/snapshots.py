@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+
+from federation.thread_values import set_for_block
 
 if TYPE_CHECKING:
     from federation.connectors.base import Connector
@@ -83,12 +85,10 @@ _reading = threading.local()   # the pin of the scan this thread is opening
 @contextmanager
 def pinning(snapshots: QuerySnapshots) -> Iterator[QuerySnapshots]:
     """Scans whose execution plan is made on this thread inside the block take their pins."""
-    previous = getattr(_planning, "snapshots", None)
-    _planning.snapshots = snapshots
     try:
-        yield snapshots
+        with set_for_block(_planning, "snapshots", snapshots):
+            yield snapshots
     finally:
-        _planning.snapshots = previous
         snapshots.settle()
 
 
@@ -96,15 +96,9 @@ def current() -> QuerySnapshots | None:
     return getattr(_planning, "snapshots", None)
 
 
-@contextmanager
-def reading(pin: Pin | None) -> Iterator[None]:
+def reading(pin: Pin | None) -> ContextManager[Pin | None]:
     """A scan opening its read on this thread inside the block reads through ``pin``."""
-    previous = getattr(_reading, "pin", None)
-    _reading.pin = pin
-    try:
-        yield
-    finally:
-        _reading.pin = previous
+    return set_for_block(_reading, "pin", pin)
 
 
 def pinned_read(connector: "Connector") -> Any:
