@@ -58,10 +58,11 @@ class AcceleratedDuckDB(DuckDBConnector):
     def describe(self) -> str:
         return "duckdb (accelerated copies)"
 
-    def _cursor(self) -> duckdb.DuckDBPyConnection:
+    def _stream_cursor(self) -> duckdb.DuckDBPyConnection:
         pinned = pinned_read(self)
-        if pinned is not None:
-            return pinned
+        return pinned if pinned is not None else self._cursor()
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
         cursor = super()._cursor()
         cursor.execute("BEGIN TRANSACTION READ ONLY")
         return cursor

@@ -58,9 +58,9 @@ class AcceleratedSQLite(SQLiteConnector):
         self.path = path
         self.commit_lock = threading.Lock()
 
-    def _connect(self, snapshot_of: str | None = None) -> sqlite3.Connection:
-        pinned = pinned_read(self) if snapshot_of is None else None
-        return pinned if pinned is not None else super()._connect(snapshot_of)
+    def _stream_connection(self) -> sqlite3.Connection:
+        pinned = pinned_read(self)
+        return pinned if pinned is not None else self._connect()
 
     def pin(self, table: str) -> Pin:
         connection = self._connect(snapshot_of=META_TABLE)  # in the file whatever the scan reads

@@ -129,9 +129,13 @@ class DuckDBConnector(SqlConnector):
         return self._cursor().execute(
             f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
+    def _stream_cursor(self) -> duckdb.DuckDBPyConnection:
+        """The cursor a statement's stream runs on (the catalog's own lookups use ``_cursor``)."""
+        return self._cursor()
+
     def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         _one_select(sql)
-        cursor = self._cursor()
+        cursor = self._stream_cursor()
         on_cancel(cursor.interrupt)
         try:
             reader = arrow_stream(cursor, sql, params)

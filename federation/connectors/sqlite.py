@@ -133,6 +133,10 @@ class SQLiteConnector(SqlConnector):
         connection.set_authorizer(_reads_only)
         return connection
 
+    def _stream_connection(self) -> sqlite3.Connection:
+        """The connection a statement's stream runs on (the catalog's own lookups use ``_reading``)."""
+        return self._connect()
+
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         """A connection for one look at the database, closed after it; its failures are the
@@ -196,7 +200,7 @@ class SQLiteConnector(SqlConnector):
     def open_stream(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         """Results take the table's declared types; computed columns are read as text."""
-        connection = self._connect()
+        connection = self._stream_connection()
         on_cancel(connection.interrupt)
         try:
             cursor = connection.execute(sql, params or [])
