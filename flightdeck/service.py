@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -188,25 +188,20 @@ class Service:
         self.rates.take(principal.name, principal.limits.requests_per_second)
 
     @contextmanager
-    def _admitted(self, principal: Principal) -> Iterator[None]:
+    def _admitted(self, principal: Principal, places: Admission | None = None) -> Iterator[None]:
         """Work for a request outside a query's stream (planning, embedding, a refresh), holding
-        one of the principal's places among running queries meanwhile."""
-        release = self.admission.enter(principal.name, principal.limits.max_concurrent)
+        one of the principal's places among running queries (or among ``places``) meanwhile."""
+        release = (places or self.admission).enter(principal.name, principal.limits.max_concurrent)
         try:
             yield
         finally:
             release()
 
-    @contextmanager
-    def receiving(self, principal: Principal) -> Iterator[None]:
+    def receiving(self, principal: Principal) -> AbstractContextManager[None]:
         """For a door reading a request's body as a stream (a Flight DoPut): each open upload
         holds a thread of the server, so a principal has no more uploads open at once than
         queries running (``max_concurrent_queries``), waiting for a place as queries do."""
-        release = self.uploads.enter(principal.name, principal.limits.max_concurrent)
-        try:
-            yield
-        finally:
-            release()
+        return self._admitted(principal, self.uploads)
 
     def _engine(self, principal: Principal) -> QueryEngine:
         """The engine of the principal's grant: its session holds only what the grant shows."""
