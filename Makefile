@@ -48,6 +48,7 @@ bench: $(VENV)/.installed-test services
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.doors
 	$(BIN)/python -m bench.agent_loop
+	$(BIN)/python -m bench.planning
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.cdc
 	$(BIN)/python -m bench.buses

@@ -17,7 +17,7 @@ from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import TokenType
 
 from federation.sizes import TooLarge, call_name, check_sizes
-from federation.tokens import postgres_tokens
+from federation.tokens import parse_postgres, postgres_tokens
 from federation.unread import MAX_EXPANDED, Unreadable, check_unread, closing_parentheses
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def check_read_only(sql: str) -> None:
 
 def _check_statement(body: str) -> None:
     try:
-        tree = sqlglot.parse_one(body, read="postgres")
+        tree = parse_postgres(body)
     except (ParseError, TokenError):  # the engine parses it under read-only options
         check_unread(body)
         return

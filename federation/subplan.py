@@ -73,6 +73,7 @@ from federation.connectors.base import Connector, ConnectorError, SqlConnector
 from federation.optimized import optimized_plan
 from federation.pushdown import RemoteQuery, sql_backend, whole_query
 from federation.scan import ConnectorDataset
+from federation.tokens import parse_postgres
 
 log = logging.getLogger("flightdeck.subplan")
 
@@ -225,7 +226,7 @@ def hidden_table(table: str) -> str:
 def split_query(sql: str, frame: DataFrame, catalog: Catalog, plan: Planner) -> Split | None:
     """The query with its pushable single-backend parts replaced, or None when none is."""
     try:
-        tree = sqlglot.parse_one(sql, read=SQL_DIALECT)
+        tree = parse_postgres(sql)
     except sqlglot.errors.SqlglotError:
         return None
     if not isinstance(tree, (exp.Select, exp.SetOperation)) or _recursive(tree):

@@ -47,6 +47,7 @@ from federation.catalog import CATALOG_NAME, DEFAULT_SCHEMA, Catalog, Dataset
 from federation.connectors.base import SqlConnector
 from federation.optimized import optimized_plan
 from federation.pushdown import RemoteQuery, sql_backend, table_scans
+from federation.tokens import parse_postgres
 
 log = logging.getLogger("flightdeck.pushdown")
 
@@ -108,7 +109,7 @@ def _scanned(frame: DataFrame, catalog: Catalog) -> list[tuple[Dataset, SqlConne
 def _translate(sql: str, result: pa.Schema, datasets: list[tuple[Dataset, SqlConnector]],
                connector: SqlConnector) -> tuple[exp.Expression, set[tuple[str, ...]]]:
     """The statement in the backend's dialect, and the backend tables it may read."""
-    tree = sqlglot.parse_one(sql, read=READ_AS)
+    tree = parse_postgres(sql)
     if not isinstance(tree, exp.Select):
         raise StatementRefused(f"not a single SELECT ({type(tree).__name__})")
     schema = _schema(dataset for dataset, _ in datasets)
