@@ -179,7 +179,9 @@ def test_impacted_customers_are_exactly_the_truth_with_their_counts(played):
 
 def test_the_orders_database_receives_only_the_refreshes(played):
     agent_queries = [e for e in played["audit"] if e["principal"] == "sre-agent"]
-    assert len(agent_queries) >= 200 and played["outcome"].queries >= 200
+    # How often the agent polls while it waits depends on this machine's speed (about 200 tool
+    # calls here, 160 on a loaded one): the bound only says that it asked many questions.
+    assert len(agent_queries) >= 100 and played["outcome"].queries >= 100
     # None of the agent's queries reached PostgreSQL: each names the backends it asked.
     assert any(e["backends"] for e in agent_queries)
     assert not [e for e in agent_queries if any("postgres (" in b for b in e["backends"])]
