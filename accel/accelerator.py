@@ -43,37 +43,50 @@ class AcceleratedSource:
 
 class Accelerator:
     def __init__(self, sources: list[AcceleratedSource], data_dir: Path, base_dir: Path,
-                 batch_rows: int = 65_536, memory_limit: int | None = None):
-        """``memory_limit``: bytes DuckDB may use for the copies and queries over them (None: its default)."""
+                 batch_rows: int = 65_536, memory_limit: int | None = None,
+                 expected: list[AccelerationSpec] = ()):
+        """``memory_limit``: bytes DuckDB may use for the copies and queries over them (None: its
+        default). ``expected``: accelerations whose sources may be added later (``add``), once
+        they can be reached: the DuckDB instance is set up for them too, as it cannot attach a
+        database file once its configuration is locked."""
         self.data_dir = data_dir
         self.base_dir = base_dir
+        self.batch_rows = batch_rows
         self._duckdb: DuckDBEngine | None = None
         self._sqlite: dict[str, SQLiteEngine] = {}
         self._arrow: ArrowCopies | None = None
-        uses_file = any(s.spec.engine == "duckdb" and s.spec.mode == "file" for s in sources)
-        if any(s.spec.engine == "duckdb" for s in sources):
+        specs = [s.spec for s in sources] + list(expected)
+        uses_file = any(spec.engine == "duckdb" and spec.mode == "file" for spec in specs)
+        if any(spec.engine == "duckdb" for spec in specs):
             self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir, memory_limit)
         self.refreshers: dict[str, Refresher] = {}
         for source in sources:
-            problems = source.spec.problems()
-            if problems:
-                raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: {problems[0]}")
-            try:
-                store = self._store(source)
-            except StoreError as error:  # the source's own columns: its data is read where it is
-                log.warning("dataset %s: not accelerated: %s", source.spec.dataset, error)
-                continue
-            working_set = WorkingSet(source.spec.dataset, source.schema, source.connector, source.table,
-                                     source.spec.refresh_sql, source.spec.time_column, batch_rows)
-            kind = Refresher
-            if source.spec.refresh_mode == "changes":
-                if not isinstance(source.connector, ChangeSource):
-                    raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: refresh_mode 'changes' "
-                                            f"needs a source that streams its changes; {source.connector.kind} "
-                                            "does not: use refresh_mode 'full' or 'append'")
-                kind = ChangeCapture
-            self.refreshers[source.spec.dataset] = kind(
-                source.spec, store, working_set, source.connector, source.table, source.route)
+            self.add(source)
+
+    def add(self, source: AcceleratedSource) -> Refresher | None:
+        """The dataset's store and refresher, not started (None: its copy cannot hold the
+        source's columns, so its data is read where it is)."""
+        problems = source.spec.problems()
+        if problems:
+            raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: {problems[0]}")
+        try:
+            store = self._store(source)
+        except StoreError as error:
+            log.warning("dataset %s: not accelerated: %s", source.spec.dataset, error)
+            return None
+        working_set = WorkingSet(source.spec.dataset, source.schema, source.connector, source.table,
+                                 source.spec.refresh_sql, source.spec.time_column, self.batch_rows)
+        kind = Refresher
+        if source.spec.refresh_mode == "changes":
+            if not isinstance(source.connector, ChangeSource):
+                raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: refresh_mode 'changes' "
+                                        f"needs a source that streams its changes; {source.connector.kind} "
+                                        "does not: use refresh_mode 'full' or 'append'")
+            kind = ChangeCapture
+        refresher = kind(source.spec, store, working_set, source.connector, source.table, source.route)
+        # A new dict, not an insertion: other threads may be going through the refreshers.
+        self.refreshers = {**self.refreshers, source.spec.dataset: refresher}
+        return refresher
 
     def _store(self, source: AcceleratedSource) -> Store:
         spec = source.spec

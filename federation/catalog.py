@@ -105,21 +105,50 @@ class Catalog:
         """A dataset whose backend fails is kept, marked unavailable: startup goes on."""
         dataset = Dataset(spec, table=spec.location)
         try:
-            dataset.connector = self.pool.open(spec.kind, spec.location, spec.params)
-            dataset.source_connector = dataset.connector
-            dataset.arrow_schema = dataset.connector.cached_schema(spec.location)
-            dataset.primary_key = spec.primary_key or dataset.connector.primary_key(spec.location)
-            dataset.skipped_columns = dataset.connector.unsupported_columns(spec.location)
-            if dataset.skipped_columns:
-                log.warning("dataset %s: columns of unsupported types are left out: %s",
-                            spec.name, ", ".join(dataset.skipped_columns))
+            self._connect(dataset)
         except ConnectorError as error:
             dataset.error = str(error)
             log.warning("dataset %s is unavailable: %s", spec.name, error)
         except Exception as error:  # a driver's own error on an answer it could not read (not quoted: secrets)
             dataset.error = f"{spec.kind}: the source's answer could not be read ({type(error).__name__})"
-            log.warning("dataset %s is unavailable: %r", spec.name, error)
+            log.warning("dataset %s is unavailable: %s", spec.name, dataset.error)
         return dataset
+
+    def _connect(self, dataset: Dataset) -> None:
+        """Opens the dataset's backend and reads what it says of the table."""
+        spec = dataset.spec
+        connector = self.pool.open(spec.kind, spec.location, spec.params)
+        dataset.connector = dataset.source_connector = connector
+        dataset.arrow_schema = connector.cached_schema(spec.location)
+        dataset.primary_key = spec.primary_key or connector.primary_key(spec.location)
+        dataset.skipped_columns = connector.unsupported_columns(spec.location)
+        if dataset.skipped_columns:
+            log.warning("dataset %s: columns of unsupported types are left out: %s",
+                        spec.name, ", ".join(dataset.skipped_columns))
+
+    def unopened(self) -> list[str]:
+        """The datasets whose backend could not be opened (at startup, or at each try since)."""
+        return [name for name, dataset in self.datasets.items()
+                if dataset.error is not None and dataset.arrow_schema is None]
+
+    def reopen(self, name: str) -> Dataset | None:
+        """Tries again to open a dataset that could not be: the dataset opened, not yet in the
+        catalog (``admit``), or None (the dataset's error then says why, as it did at startup)."""
+        current = self.datasets[name]
+        opened = self._open(current.spec)
+        if opened.error is not None:
+            current.error = opened.error
+            return None
+        return opened
+
+    def admit(self, dataset: Dataset) -> None:
+        """``dataset`` (from ``reopen``) in place of the one of its name; registered in no session."""
+        # A new dict, not an assignment into it: other threads may be going through the datasets.
+        self.datasets = {**self.datasets, dataset.qualified_name: dataset}
+
+    def register_dataset(self, ctx: SessionContext, name: str) -> None:
+        """One dataset, admitted after the session was made, in it."""
+        self._register(ctx, self.datasets[name])
 
     def schema_names(self) -> list[str]:
         return schema_names(self.datasets.values())

@@ -118,6 +118,12 @@ class CatalogView:
     def register_into(self, ctx: SessionContext) -> None:
         register_tables(ctx, self)
 
+    def register_dataset(self, ctx: SessionContext, name: str) -> None:
+        """One dataset, admitted after the session was made, in it if the view shows it."""
+        dataset = self.datasets.get(name)
+        if dataset is not None and dataset.state == "ready":
+            self._register(ctx, dataset)
+
     def _source_schema(self, dataset: Dataset) -> pa.Schema:
         """The visible columns with their types at the source (before any mask)."""
         source = self.base.datasets[dataset.qualified_name].arrow_schema

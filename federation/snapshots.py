@@ -58,7 +58,7 @@ class QuerySnapshots:
         if store not in self.connectors:
             return None
         lock = store.commit_lock
-        if lock is not None and not any(held is lock for held in self._locked):
+        if not any(held is lock for held in self._locked):
             lock.acquire()  # no commit until every scan of the query has its pin
             self._locked.append(lock)
         pin = store.pin(table)

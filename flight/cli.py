@@ -1,6 +1,7 @@
 """The `flightdeck` command line."""
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ from flightdeck.config import ConfigError, LoadedConfig, load_config
 from flightdeck.runtime_config import FLIGHT_PORT, HTTP_PORT, RuntimeConfig
 
 DEFAULT_URL = f"grpc://127.0.0.1:{FLIGHT_PORT}"
+# A stop that takes longer is stuck: every thread's stack goes to stderr and the process ends,
+# rather than hanging until a supervisor kills it without saying where.
+STOP_PATIENCE_SECONDS = 20.0
 log = logging.getLogger("flightdeck")
 
 
@@ -77,7 +81,11 @@ class Serving:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.close()
+            faulthandler.dump_traceback_later(STOP_PATIENCE_SECONDS, exit=True)
+            try:
+                self.close()
+            finally:
+                faulthandler.cancel_dump_traceback_later()
 
     def _on_signal(self, signum, frame) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)

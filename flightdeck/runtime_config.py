@@ -220,6 +220,9 @@ class RuntimeConfig(Strict):
     mcp: Mcp = Field(default_factory=Mcp)
     audit: Audit = Field(default_factory=Audit)
     tls: Tls | None = None
+    # A dataset whose source cannot be opened (at startup, or at each try since) is tried again
+    # this often; null: never.
+    retry_unavailable_seconds: float | None = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> "RuntimeConfig":

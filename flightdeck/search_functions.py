@@ -311,16 +311,25 @@ class SearchIndexes:
                  settings_for: Callable[[str], "DatasetSearchSettings"]):
         self.columns: dict[tuple[str, str], ColumnIndex] = {}
         self.query_cache = QueryVectorCache(QUERY_CACHE_SIZE)
-        for spec in specs:
-            embedder = (lambda model=spec.model: embedder_for(model)) if spec.model else None
-            settings = settings_for(spec.dataset)
-            cache = settings.cache_dir / f"{spec.dataset}.{spec.column}.arrow" if settings.cache_dir else None
-            self.columns[(spec.dataset, spec.column)] = ColumnIndex(
-                spec, settings.schema, embedder, cache, settings.ready_timeout, self.query_cache)
-        for dataset, schema in {name: index.rows_schema for (name, _), index in self.columns.items()}.items():
-            _warn_of_shadowed_columns(dataset, schema)
+        self._embedder_for = embedder_for
+        self._settings_for = settings_for
         self._lock = threading.Lock()
         self._as_of: dict[str, dt.datetime | None] = {}
+        self.add(specs)
+
+    def add(self, specs: list[ColumnSearchSpec]) -> None:
+        """Indexes for these columns (of datasets not indexed yet), empty until their copy's
+        first refresh."""
+        added = {}
+        for spec in specs:
+            embedder = (lambda model=spec.model: self._embedder_for(model)) if spec.model else None
+            settings = self._settings_for(spec.dataset)
+            cache = settings.cache_dir / f"{spec.dataset}.{spec.column}.arrow" if settings.cache_dir else None
+            added[(spec.dataset, spec.column)] = ColumnIndex(
+                spec, settings.schema, embedder, cache, settings.ready_timeout, self.query_cache)
+        for dataset, schema in {name: index.rows_schema for (name, _), index in added.items()}.items():
+            _warn_of_shadowed_columns(dataset, schema)
+        self.columns = {**self.columns, **added}  # a new dict: searches may be going through it
 
     def datasets(self) -> set[str]:
         return {dataset for dataset, _ in self.columns}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from accel.accelerator import AcceleratedSource, Accelerator
-from federation.catalog import Catalog
+from accel.accelerator import AcceleratedSource, AccelerationError, Accelerator
+from accel.refresh import Refresher
+from accel.spec import AccelerationSpec
+from federation.catalog import Catalog, Dataset
 from federation.catalog_view import CatalogView, unmasked_columns, visible_columns
 from federation.masks import ColumnMasks
 from federation.system import SnapshotConnector
@@ -14,6 +16,7 @@ from federation.engine import EngineSettings, QueryEngine
 from flightdeck.audit import QUERIES_SCHEMA, QUERIES_TABLE, AuditLog
 from flightdeck.config import ConfigError, LoadedConfig
 from flightdeck.grants import Grant, qualified
+from flightdeck.late_datasets import LateDatasets
 from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
 from inference.native_threads import one_blas_thread
@@ -30,10 +33,11 @@ class Stack:
         self.catalog = Catalog(config.dataset_specs(), loaded.base_dir)
         self.mask_key = (runtime.auth.mask_key or "").encode()
         try:
-            self._check_masks(loaded)
+            self._check_masks()
         except ConfigError:
             self.catalog.close()
             raise
+        self._accelerations = {spec.dataset: spec for spec in config.acceleration_specs()}
         self.accelerator = self._accelerator(loaded)
         self.catalog.status_extension = self._acceleration_status
         self.audit = self._audit_log(loaded)
@@ -51,25 +55,33 @@ class Stack:
         self._granted_engines: dict[Grant, QueryEngine] = {}
         self._engines_lock = threading.Lock()
         self.metrics = self._metrics()
+        for refresher in self.accelerator.refreshers.values():
+            self._record_each_refresh(refresher)
         self.accelerator.start()
+        self._late = LateDatasets(self.catalog.unopened, self.bring_in, runtime.retry_unavailable_seconds)
+        self._late.start()
 
     def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
-        sources = []
+        sources, expected = [], []
         for spec in loaded.config.acceleration_specs():
-            dataset = self.catalog.datasets[spec.dataset]
-            if dataset.state != "ready":
-                log.warning("dataset %s: not accelerated, its source is unavailable", spec.dataset)
+            if self.catalog.datasets[spec.dataset].state != "ready":
+                log.warning("dataset %s: not accelerated until its source can be opened", spec.dataset)
+                expected.append(spec)
                 continue
-            sources.append(AcceleratedSource(
-                spec, dataset.arrow_schema, dataset.source_connector, dataset.spec.location,
-                route=lambda connector, table, name=spec.dataset: self.catalog.route(name, connector, table)))
+            sources.append(self._accelerated_source(spec))
         try:
             return Accelerator(sources, loaded.data_dir, loaded.base_dir,
                                batch_rows=loaded.config.runtime.limits.batch_rows,
-                               memory_limit=loaded.config.runtime.limits.memory_limit)
+                               memory_limit=loaded.config.runtime.limits.memory_limit, expected=expected)
         except Exception:
             self.catalog.close()
             raise
+
+    def _accelerated_source(self, spec: AccelerationSpec) -> AcceleratedSource:
+        dataset = self.catalog.datasets[spec.dataset]
+        return AcceleratedSource(
+            spec, dataset.arrow_schema, dataset.source_connector, dataset.spec.location,
+            route=lambda connector, table, name=spec.dataset: self.catalog.route(name, connector, table))
 
     def _search_indexes(self, loaded: LoadedConfig) -> SearchIndexes:
         """Search indexes over accelerated columns, rebuilt by each refresh; SQL table functions."""
@@ -85,11 +97,59 @@ class Stack:
         specs = [spec for spec in loaded.config.search_specs() if spec.dataset in self.accelerator.refreshers]
         indexes = SearchIndexes(specs, self.models.embedder, settings)
         for dataset in indexes.datasets():  # each is accelerated: the specs were filtered above
-            self.accelerator.refreshers[dataset].listeners.append(
-                lambda refresher, name=dataset: indexes.on_refreshed(name, refresher.status.data_as_of,
-                                                                     refresher.store.read_all()))
+            self._index_each_refresh(indexes, dataset)
         self._install_search(self.engine, indexes.table_functions())
         return indexes
+
+    def _index_each_refresh(self, indexes: SearchIndexes, dataset: str) -> None:
+        self.accelerator.refreshers[dataset].listeners.append(
+            lambda refresher: indexes.on_refreshed(dataset, refresher.status.data_as_of, refresher.store.read_all()))
+
+    def bring_in(self, name: str) -> bool:
+        """Tries again to open a dataset whose source could not be opened. Once it can be, the
+        dataset is served as if it had been there from the start: accelerated and indexed as
+        configured, then registered in every session (kept plans are made again). False while
+        it still cannot be opened, or when what it turns out to be breaks the configuration
+        (a mask naming a column it lacks): its error then says why, and it is not tried again."""
+        with self._engines_lock:  # no grant's engine is made meanwhile without the dataset
+            opened = self.catalog.reopen(name)
+            if opened is None:
+                return False
+            try:
+                problem = "; ".join(self._mask_problems({name: opened})) or self._serve_late(opened)
+            except Exception as error:  # the dataset half set up is not served: it says so
+                problem = f"it could not be set up once its source was back ({type(error).__name__})"
+            if problem:
+                opened.error = problem
+                self.catalog.admit(opened)
+                self.catalog.changed()
+                log.error("dataset %s stays unavailable: %s", name, problem)
+                return False
+        log.info("dataset %s is available now", name)
+        return True
+
+    def _serve_late(self, opened: Dataset) -> str | None:
+        """Admits a dataset opened late: its copy and indexes first, then every session;
+        the reason it cannot be accelerated as configured, if so."""
+        name = opened.qualified_name
+        self.catalog.admit(opened)
+        acceleration = self._accelerations.get(name)
+        if acceleration is not None:
+            try:
+                refresher = self.accelerator.add(self._accelerated_source(acceleration))
+            except AccelerationError as error:
+                return str(error)
+            if refresher is not None:
+                self.search.add([spec for spec in self.loaded.config.search_specs() if spec.dataset == name])
+                if name in self.search.datasets():
+                    self._index_each_refresh(self.search, name)
+                self._record_each_refresh(refresher)
+                refresher.start()  # an on_load dataset routes to its pending copy before any query reads it
+        self.catalog.register_dataset(self.engine.ctx, name)
+        for engine in self._granted_engines.values():
+            engine.catalog.register_dataset(engine.ctx, name)
+        self.catalog.changed()
+        return None
 
     def engine_for(self, grant: Grant) -> QueryEngine:
         """The engine whose session holds only what ``grant`` shows (made on first use; one per
@@ -109,23 +169,30 @@ class Stack:
         """A grant's masks of a dataset's columns (None: none), hashed with the configured key."""
         return lambda dataset: ColumnMasks.of(grant.masks_of(dataset), self.mask_key)
 
-    def _check_masks(self, loaded: LoadedConfig) -> None:
+    def _check_masks(self) -> None:
         """Every mask names a configured dataset and a column it has (a typo would leave a
         column unmasked); raises ConfigError naming each that does not."""
-        auth = loaded.config.runtime.auth
+        problems = self._mask_problems(self.catalog.datasets, unknown_datasets=True)
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+    def _mask_problems(self, datasets: dict[str, Dataset], unknown_datasets: bool = False) -> list[str]:
+        """What the masks say wrong of these datasets (of their columns known so far), and,
+        with ``unknown_datasets``, each mask naming a dataset that is not configured."""
+        auth = self.loaded.config.runtime.auth
         problems = []
         for who, masks in [(f"api key {k.name}", k.masks) for k in auth.keys()] + \
                           [(f"user {u.username}", u.masks) for u in auth.users]:
             for name, kinds in masks.items():
-                dataset = self.catalog.datasets.get(qualified(name))
+                dataset = datasets.get(qualified(name))
                 if dataset is None:
-                    problems.append(f"runtime.auth {who}: masks name dataset {name}, which is not configured")
+                    if unknown_datasets:
+                        problems.append(f"runtime.auth {who}: masks name dataset {name}, which is not configured")
                 elif dataset.arrow_schema is not None:
                     problems += [f"runtime.auth {who}: masks name column {column} of {name}, which it does not "
                                  f"have (columns: {', '.join(dataset.arrow_schema.names)})"
                                  for column in kinds if column not in dataset.arrow_schema.names]
-        if problems:
-            raise ConfigError("\n".join(problems))
+        return problems
 
     def _audit_log(self, loaded: LoadedConfig) -> AuditLog:
         audit = loaded.config.runtime.audit
@@ -154,9 +221,10 @@ class Stack:
         metrics = Metrics()
         metrics.watch(self.catalog.source_stats, self.catalog.dataset_rows, self.catalog.pool.budgets.snapshot)
         metrics.watch_plans(self.engine.plans.snapshot)
-        for refresher in self.accelerator.refreshers.values():
-            refresher.listeners.append(lambda r: _record_refresh(metrics, r))
         return metrics
+
+    def _record_each_refresh(self, refresher: Refresher) -> None:
+        refresher.listeners.append(lambda r: _record_refresh(self.metrics, r))
 
     def refresh(self, dataset: str, refresh_sql: str | None = None) -> dict:
         """Refresh an accelerated dataset now; returns its status after the refresh."""
@@ -179,6 +247,7 @@ class Stack:
 
     def close(self) -> None:
         """Stop the refreshers and release every backend and local engine."""
+        self._late.stop()
         self.accelerator.close()
         self.catalog.close()
         self.audit.close()

@@ -117,6 +117,29 @@ def test_run_stops_cleanly_on_ctrl_c(demo_config):
     assert "flightdeck stopped" in err and "Traceback" not in err
 
 
+STUCK_STOP = """
+import threading
+import flight.cli as cli
+
+class StuckDoor:
+    def shutdown(self):
+        threading.Event().wait()
+
+cli.STOP_PATIENCE_SECONDS = 1.0
+serving = object.__new__(cli.Serving)
+serving._stop, serving.doors, serving.stack = threading.Event(), [StuckDoor()], None
+serving.shutdown()
+serving.serve()
+"""
+
+
+def test_a_stop_that_hangs_shows_every_thread_and_ends_the_process():
+    stopped = subprocess.run([sys.executable, "-c", STUCK_STOP], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+    assert stopped.returncode != 0
+    assert "Timeout" in stopped.stderr and "in shutdown" in stopped.stderr and "in close" in stopped.stderr
+
+
 def test_run_refuses_an_invalid_config(tmp_path):
     bad = write_config(tmp_path / "bad.yaml", {"datasets": [{"from": "file:a.csv"}]})
     result = CliRunner().invoke(main, ["run", "-c", str(bad)])

@@ -283,5 +283,4 @@ class PostgresConnector(SqlConnector, ChangeSource):
         return PostgresChanges(self, table).backlog()
 
     def close(self) -> None:
-        while not self._pool.empty():
-            self._pool.get_nowait().close()
+        self._drain_pool()

@@ -1,0 +1,178 @@
+"""A dataset whose source cannot be opened at startup is tried again in the background and,
+once its source is back, served as if it had been there from the start: read where it is,
+accelerated and searchable as configured, through every key that sees it."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_manager
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import postgres, require_postgres, serving
+from flightdeck.auth import Credentials
+
+AGENT = "late-agent-key-0123456789"
+OPERATOR = "late-operator-key-0123456789"  # a plain key: sees everything
+RETRY_SECONDS = 0.2
+
+
+class PostgresBehindAPort:
+    """A port where nothing listens, until ``open()``: then every connection to it is relayed
+    to the test PostgreSQL (a database coming back after a restart, on its usual address)."""
+
+    def __init__(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._listener: socket.socket | None = None
+
+    def open(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", 5432))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_relay, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+
+def _relay(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _eventually(check: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+
+
+def _rows(url: str, sql: str, key: str = OPERATOR) -> list[dict]:
+    with flightsql.connect(url, autocommit=True,
+                           db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {key}"}) as conn, \
+            conn.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetch_arrow_table().to_pylist()
+
+
+def _error(url: str, sql: str, key: str = OPERATOR) -> str:
+    with pytest.raises(adbc_driver_manager.Error) as raised:
+        _rows(url, sql, key)
+    return str(raised.value)
+
+
+@pytest.fixture
+def late_table():
+    require_postgres()
+    postgres("DROP SCHEMA IF EXISTS fd_late CASCADE")
+    postgres("CREATE SCHEMA fd_late")
+    postgres("CREATE TABLE fd_late.tickets (id int PRIMARY KEY, title text, opened timestamptz)")
+    postgres("INSERT INTO fd_late.tickets SELECT i, 'checkout latency ' || i, now() FROM generate_series(1, 50) i")
+    yield
+    postgres("DROP SCHEMA IF EXISTS fd_late CASCADE")
+
+
+def test_a_postgres_source_back_after_startup_is_served_read_accelerated_and_searched(tmp_path, late_table):
+    database = PostgresBehindAPort()
+    (tmp_path / "ok.csv").write_text("a\n1\n")
+    params = {"pg_host": "127.0.0.1", "pg_port": database.port, "pg_db": "test", "pg_user": "postgres",
+              "connect_timeout": 2}
+    config = {
+        "datasets": [
+            {"from": "postgres:fd_late.tickets", "name": "late.tickets", "params": params},
+            {"from": "postgres:fd_late.tickets", "name": "late.copy", "params": params,
+             "acceleration": {"engine": "duckdb", "refresh_check_interval": 3600},
+             "columns": [{"name": "title", "full_text_search": {"enabled": True}}]},
+            {"from": "file:ok.csv", "name": "ok"},
+        ],
+        "runtime": {"retry_unavailable_seconds": RETRY_SECONDS,
+                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT, "datasets": ["late.*"]}]}},
+    }
+    try:
+        with serving(config, tmp_path) as running:
+            url = running.flight_url
+            for name in ("late.tickets", "late.copy"):
+                assert running.catalog.datasets[name].state == "unavailable"
+                assert f"dataset {name} is unavailable" in _error(url, f"SELECT count(*) FROM {name}", AGENT)
+            assert "late.copy" not in running.accelerator.refreshers
+            time.sleep(3 * RETRY_SECONDS)  # tried again, still down: still unavailable, nothing else changed
+            assert running.catalog.datasets["late.tickets"].state == "unavailable"
+            assert _rows(url, "SELECT a FROM ok") == [{"a": 1}]
+
+            database.open()
+            _eventually(lambda: running.catalog.datasets["late.tickets"].state == "ready"
+                        and running.catalog.datasets["late.copy"].state == "ready")
+            # Through the key whose session was made while the datasets were down, and a plain one.
+            for key in (AGENT, OPERATOR):
+                assert _rows(url, "SELECT count(*) AS n FROM late.tickets", key) == [{"n": 50}]
+            refresher = running.accelerator.refresher("late.copy")
+            assert refresher.loaded.wait(60)
+            assert _rows(url, "SELECT count(*) AS n FROM late.copy", AGENT) == [{"n": 50}]
+            before = _postgres_queries(running)  # the copy answers, not PostgreSQL
+            assert _rows(url, "SELECT max(id) AS m FROM late.copy WHERE id < 10", AGENT) == [{"m": 9}]
+            assert _postgres_queries(running) == before
+            _eventually(lambda: running.stack.search.data_as_of("late.copy") is not None)
+            found = _rows(url, "SELECT id FROM text_search('late.copy', 'latency 17', 1)", AGENT)
+            assert found == [{"id": 17}]
+            agent = running.service.authenticate(Credentials(bearer=AGENT))
+            assert {d["name"]: d["state"] for d in running.service.datasets(agent)} == {
+                "late.tickets": "ready", "late.copy": "ready"}
+    finally:
+        database.close()
+
+
+def _postgres_queries(running) -> int:
+    return sum(s["queries"] for s in running.catalog.source_stats() if s["kind"] == "postgres")
+
+
+def test_a_file_written_after_startup_is_served_and_a_mask_it_breaks_keeps_it_unavailable(tmp_path):
+    (tmp_path / "ok.csv").write_text("a\n1\n")
+    config = {
+        "datasets": [{"from": "file:late.parquet", "name": "late"},
+                     {"from": "file:masked.parquet", "name": "masked"},
+                     {"from": "file:ok.csv", "name": "ok"}],
+        "runtime": {"retry_unavailable_seconds": RETRY_SECONDS,
+                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
+                                           "masks": {"masked": {"email": "redact"}}}]}},
+    }
+    with serving(config, tmp_path) as running:
+        url = running.flight_url
+        assert _rows(url, "SELECT a FROM ok", AGENT) == [{"a": 1}]  # the key's session is made now
+        assert "dataset late is unavailable" in _error(url, "SELECT * FROM late", AGENT)
+        pq.write_table(pa.table({"id": [1, 2], "email": ["a@x.io", "b@x.io"]}), tmp_path / "late.parquet")
+        pq.write_table(pa.table({"id": [1], "mail": ["c@x.io"]}), tmp_path / "masked.parquet")
+        _eventually(lambda: running.catalog.datasets["public.late"].state == "ready"
+                    and running.catalog.datasets["public.masked"].arrow_schema is not None)
+        assert _rows(url, "SELECT sum(id) AS s FROM late", AGENT) == [{"s": 3}]
+        # The key masks a column the file turned out not to have: the typo would leave the real
+        # column unmasked, so the dataset is not served and not tried again.
+        masked = running.catalog.datasets["public.masked"]
+        assert masked.state == "unavailable" and "masks name column email of masked" in masked.error
+        assert "public.masked" not in running.catalog.unopened()
+        assert "dataset masked is unavailable" in _error(url, "SELECT * FROM masked", AGENT)
+        assert "dataset masked is unavailable" in _error(url, "SELECT * FROM masked")
