@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -134,7 +135,7 @@ class SQLiteStore(Store):
         def write(db: sqlite3.Connection) -> None:
             db.execute(f"DROP TABLE IF EXISTS {q(staging)}")
             self._create(db, staging)
-            self._insert(db, staging, reader)
+            self._insert(db, staging, staged)
             for column in indexes:
                 index = q(f"{self.name}_{column}_{next(_index_numbers)}")
                 db.execute(f"CREATE INDEX {index} ON {q(staging)} ({q(column)})")
@@ -143,14 +144,15 @@ class SQLiteStore(Store):
             self._record(db, stamp, stamp.bytes)
             self._record_position(db, position)
 
-        self._transaction(write)
+        with self._staged(reader) as staged:
+            self._transaction(write)
 
     def upsert(self, reader: pa.RecordBatchReader, stamp: Stamp, key: tuple[str, ...],
                on_conflict: str) -> None:
         def write(db: sqlite3.Connection) -> None:
             db.execute("DROP TABLE IF EXISTS temp.batch")
             db.execute(f"CREATE TEMP TABLE batch AS SELECT * FROM main.{q(self.name)} WHERE 0")
-            self._insert(db, "temp.batch", reader)
+            self._insert(db, "temp.batch", staged)
             columns = ", ".join(q(c) for c in self.schema.names)
             matches = key_matches("batch", self.name, key)
             if key and on_conflict == "upsert":
@@ -163,7 +165,24 @@ class SQLiteStore(Store):
             previous = self.stamp()
             self._record(db, stamp, (previous.bytes if previous else 0) + stamp.bytes)
 
-        self._transaction(write)
+        with self._staged(reader) as staged:
+            self._transaction(write)
+
+    @contextmanager
+    def _staged(self, reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatchReader]:
+        """The source's rows, read to a local Arrow file before the copy's transaction starts:
+        every SQLite copy of this mode writes through one writer, which must not wait for a slow
+        source (other copies' refreshes and changes would wait behind it)."""
+        with tempfile.TemporaryDirectory(prefix="staging-", dir=self.sqlite.path.parent) as folder:
+            path = str(Path(folder) / "rows.arrow")
+            try:
+                with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as rows:
+                    for batch in reader:
+                        rows.write_batch(batch)
+            except (OSError, pa.ArrowIOError) as error:
+                raise StoreError(f"sqlite copy of {self.dataset}: staging the source's rows: {error}") from error
+            with pa.memory_map(path) as source:
+                yield pa.ipc.open_stream(source)
 
     def apply_changes(self, upserts: pa.Table | None, deletes: pa.Table | None, key: tuple[str, ...],
                       stamp: Stamp, position: dict) -> None:

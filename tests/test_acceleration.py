@@ -527,3 +527,43 @@ def test_a_query_reading_a_copy_twice_reads_one_version_of_it(source, tmp_path, 
         regions = {row["region"] for batch in rows for row in batch}
         assert sum(map(len, rows)) == ROWS and "after" not in regions, regions
         assert _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'after'") == ROWS
+
+
+@pytest.mark.parametrize("mode", ["memory", "file"])
+def test_a_slow_source_holds_up_no_other_sqlite_copy(tmp_path, mode):
+    """Every SQLite copy of a mode writes through one writer: a refresh that held it while its
+    source was still sending rows made every other copy's refresh and changes wait for that source."""
+    import pyarrow as pa
+    from accel.sqlite_store import SQLiteEngine, SQLiteStore
+    from accel.store import Stamp
+
+    schema = pa.schema([("id", pa.int64()), ("v", pa.string())])
+    engine = SQLiteEngine(mode, tmp_path / "data", tmp_path)
+    slow, quick = SQLiteStore("public.slow", schema, mode, engine), SQLiteStore("public.quick", schema, mode, engine)
+    more_rows = threading.Event()
+
+    def slow_source():
+        yield pa.record_batch([pa.array([1]), pa.array(["a"])], schema=schema)
+        assert more_rows.wait(60)
+        yield pa.record_batch([pa.array([2]), pa.array(["b"])], schema=schema)
+
+    now = dt.datetime.now(dt.timezone.utc)
+    slow_refresh = threading.Thread(target=lambda: slow.replace(
+        pa.RecordBatchReader.from_batches(schema, slow_source()), Stamp(now)))
+    slow_refresh.start()
+    try:
+        time.sleep(0.2)  # the slow source has sent its first batch and waits
+        quick_refresh = threading.Thread(target=lambda: quick.replace(
+            pa.RecordBatchReader.from_batches(schema, [pa.record_batch([pa.array([7]), pa.array(["q"])],
+                                                                       schema=schema)]), Stamp(now)))
+        quick_refresh.start()
+        quick_refresh.join(30)
+        assert not quick_refresh.is_alive() and slow_refresh.is_alive()
+        quick.upsert(pa.RecordBatchReader.from_batches(schema, [pa.record_batch(
+            [pa.array([8]), pa.array(["r"])], schema=schema)]), Stamp(now), ("id",), "upsert")
+        assert quick.row_count() == 2 and not slow.has_copy()
+    finally:
+        more_rows.set()
+        slow_refresh.join(60)
+    assert slow.row_count() == 2 and not list((tmp_path / "data").glob("staging-*"))
+    engine.close()
