@@ -60,12 +60,14 @@ class Accelerator:
         if any(spec.engine == "duckdb" for spec in specs):
             self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir, memory_limit)
         self.refreshers: dict[str, Refresher] = {}
+        self._added_late: set[str] = set()
         for source in sources:
             self.add(source)
 
-    def add(self, source: AcceleratedSource) -> Refresher | None:
+    def add(self, source: AcceleratedSource, late: bool = False) -> Refresher | None:
         """The dataset's store and refresher, not started (None: its copy cannot hold the
-        source's columns, so its data is read where it is)."""
+        source's columns, so its data is read where it is). ``late``: added after startup, when
+        its source could first be opened; it does not hold back readiness (``gates_readiness``)."""
         problems = source.spec.problems()
         if problems:
             raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: {problems[0]}")
@@ -86,7 +88,20 @@ class Accelerator:
         refresher = kind(source.spec, store, working_set, source.connector, source.table, source.route)
         # A new dict, not an insertion: other threads may be going through the refreshers.
         self.refreshers = {**self.refreshers, source.spec.dataset: refresher}
+        if late:
+            self._added_late.add(source.spec.dataset)
         return refresher
+
+    def remove(self, dataset: str) -> None:
+        """Takes back an ``add`` whose refresher has not started."""
+        self.refreshers = {name: r for name, r in self.refreshers.items() if name != dataset}
+        self._added_late.discard(dataset)
+
+    def gates_readiness(self, dataset: str) -> bool:
+        """Whether the server is ready only once this dataset's first copy is loaded (its
+        ``ready_state: on_load``): not for one added late, which a ready server was serving without."""
+        refresher = self.refreshers.get(dataset)
+        return refresher is not None and refresher.spec.ready_state == "on_load" and dataset not in self._added_late
 
     def _store(self, source: AcceleratedSource) -> Store:
         spec = source.spec

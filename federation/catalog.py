@@ -126,10 +126,8 @@ class Catalog:
             log.warning("dataset %s: columns of unsupported types are left out: %s",
                         spec.name, ", ".join(dataset.skipped_columns))
 
-    def unopened(self) -> list[str]:
-        """The datasets whose backend could not be opened (at startup, or at each try since)."""
-        return [name for name, dataset in self.datasets.items()
-                if dataset.error is not None and dataset.arrow_schema is None]
+    def unavailable(self) -> list[str]:
+        return [name for name, dataset in self.datasets.items() if dataset.error is not None]
 
     def reopen(self, name: str) -> Dataset | None:
         """Tries again to open a dataset that could not be: the dataset opened, not yet in the
@@ -142,13 +140,18 @@ class Catalog:
         return opened
 
     def admit(self, dataset: Dataset) -> None:
-        """``dataset`` (from ``reopen``) in place of the one of its name; registered in no session."""
+        """``dataset`` (from ``reopen``) in place of the one of its name."""
         # A new dict, not an assignment into it: other threads may be going through the datasets.
         self.datasets = {**self.datasets, dataset.qualified_name: dataset}
 
-    def register_dataset(self, ctx: SessionContext, name: str) -> None:
-        """One dataset, admitted after the session was made, in it."""
-        self._register(ctx, self.datasets[name])
+    def register_dataset(self, ctx: SessionContext, dataset: Dataset) -> None:
+        """A dataset opened after the session was made (from ``reopen``, not admitted yet), in
+        it; its error says why if the session cannot read it."""
+        self._register(ctx, dataset)
+
+    def deregister_dataset(self, ctx: SessionContext, name: str) -> None:
+        """Takes back ``register_dataset``."""
+        deregister(ctx, name)
 
     def schema_names(self) -> list[str]:
         return schema_names(self.datasets.values())
@@ -222,6 +225,14 @@ class Catalog:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def deregister(ctx: SessionContext, name: str) -> None:
+    """A dataset's table out of a session (nothing when it is not there)."""
+    schema_name, table_name = name.split(".", 1)
+    schema = ctx.catalog(CATALOG_NAME).schema(schema_name)
+    if table_name in schema.names():
+        schema.deregister_table(table_name)
 
 
 def register_tables(ctx: SessionContext, catalog: Any) -> None:

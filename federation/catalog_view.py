@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import pyarrow as pa
 from datafusion import SessionContext
 
-from federation.catalog import (Catalog, Dataset, connectors_of, listing, register_tables, scanned_name,
-                                schema_names, source_rows)
+from federation.catalog import (Catalog, Dataset, connectors_of, deregister, listing, register_tables,
+                                scanned_name, schema_names, source_rows)
 from federation.connectors import ConnectorError
 from federation.masks import ColumnMasks
 from federation.scan import ConnectorDataset
@@ -118,20 +118,26 @@ class CatalogView:
     def register_into(self, ctx: SessionContext) -> None:
         register_tables(ctx, self)
 
-    def register_dataset(self, ctx: SessionContext, name: str) -> None:
-        """One dataset, admitted after the session was made, in it if the view shows it."""
-        dataset = self.datasets.get(name)
-        if dataset is not None and dataset.state == "ready":
-            self._register(ctx, dataset)
+    def register_dataset(self, ctx: SessionContext, dataset: Dataset) -> None:
+        """A dataset opened after the session was made (not in the catalog yet), in it as the
+        view shows it, if it does."""
+        if self.sees(dataset.qualified_name):
+            self._register(ctx, self._seen(dataset), base=dataset)
 
-    def _source_schema(self, dataset: Dataset) -> pa.Schema:
+    def deregister_dataset(self, ctx: SessionContext, name: str) -> None:
+        """Takes back ``register_dataset``."""
+        deregister(ctx, name)
+
+    @staticmethod
+    def _source_schema(dataset: Dataset, base: Dataset) -> pa.Schema:
         """The visible columns with their types at the source (before any mask)."""
-        source = self.base.datasets[dataset.qualified_name].arrow_schema
-        return pa.schema([source.field(name) for name in dataset.arrow_schema.names])
+        return pa.schema([base.arrow_schema.field(name) for name in dataset.arrow_schema.names])
 
-    def _register(self, ctx: SessionContext, dataset: Dataset) -> None:
-        """As the catalog registers it, except that a dataset whose columns are restricted is
-        always scanned through its connector (a native reader would show every column)."""
+    def _register(self, ctx: SessionContext, dataset: Dataset, base: Dataset | None = None) -> None:
+        """As the catalog registers it (``base``: the catalog's own dataset, by default the
+        one of its name), except that a dataset whose columns are restricted is always scanned
+        through its connector (a native reader would show every column)."""
+        base = base or self.base.datasets[dataset.qualified_name]
         spec = dataset.spec
         try:
             if (not spec.accelerated and not dataset.scanned_only
@@ -140,11 +146,11 @@ class CatalogView:
         except ConnectorError as error:
             log.warning("dataset %s is not readable through a grant: %s", spec.name, error)
             return
-        registered = ConnectorDataset(dataset.connector, dataset.table, self._source_schema(dataset),
+        registered = ConnectorDataset(dataset.connector, dataset.table, self._source_schema(dataset, base),
                                       dataset.masks)
         ctx.register_dataset(dataset.qualified_name, registered)
         if spec.accelerated:  # routing to the local copy swaps the connector inside
-            self.base.datasets[dataset.qualified_name].registrations.append(registered)
+            base.registrations.append(registered)
 
 
 def visible_columns(catalog: Catalog | CatalogView) -> Callable[[str], list[str] | None]:

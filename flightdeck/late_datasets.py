@@ -4,37 +4,72 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 log = logging.getLogger("flightdeck.stack")
 
+# What one attempt to bring a dataset in came to.
+SERVED = "served"
+UNAVAILABLE = "unavailable"  # its source still cannot be opened, or it failed to set up: later
+REFUSED = "refused"          # it breaks the configuration (its error says how): never again
+
+# The longest wait between two attempts on one dataset, once its attempts have backed off.
+LONGEST_WAIT_SECONDS = 300.0
+
 
 class LateDatasets:
-    """Every ``every`` seconds, ``bring_in(name)`` for each of ``unopened()`` (None: never)."""
+    """Tries ``bring_in(name)`` for each of ``names``, first ``every`` seconds after start, then
+    backing off (doubling, up to ``LONGEST_WAIT_SECONDS``) while it says UNAVAILABLE; ``every``
+    None: never. Each attempt runs on a thread of its own: a source that hangs delays no other
+    dataset's attempts (and never its own next one, which waits for it), nor the stop."""
 
-    def __init__(self, unopened: Callable[[], list[str]], bring_in: Callable[[str], bool],
-                 every: float | None):
-        self.unopened = unopened
+    def __init__(self, names: list[str], bring_in: Callable[[str], str], every: float | None):
         self.bring_in = bring_in
         self.every = every
+        self._lock = threading.Lock()
+        self._due = {name: 0.0 for name in names}    # the monotonic time of each one's next attempt
+        self._failures = {name: 0 for name in names}
+        self._running: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="retry unavailable datasets", daemon=True)
 
     def start(self) -> None:
-        if self.every is not None:
+        if self.every is not None and self._due:
+            now = time.monotonic()
+            self._due = {name: now + self.every for name in self._due}
             self._thread.start()
 
+    def pending(self) -> list[str]:
+        with self._lock:
+            return sorted(self._due)
+
     def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            for name in self.unopened():
-                if self._stop.is_set():
-                    return
-                try:
-                    self.bring_in(name)
-                except Exception as error:  # must not end the retries of every other dataset
-                    log.error("dataset %s: trying its source again failed (%s)", name, type(error).__name__)
+        while not self._stop.wait(min(self.every, 1.0)):
+            now = time.monotonic()
+            with self._lock:
+                due = [name for name, at in self._due.items() if at <= now and name not in self._running]
+                self._running.update(due)
+            for name in due:
+                threading.Thread(target=self._attempt, args=(name,), name=f"retry {name}", daemon=True).start()
+
+    def _attempt(self, name: str) -> None:
+        try:
+            outcome = self.bring_in(name)
+        except Exception as error:  # must not end the retries of this or any other dataset
+            log.error("dataset %s: trying its source again failed (%s)", name, type(error).__name__)
+            outcome = UNAVAILABLE
+        with self._lock:
+            self._running.discard(name)
+            if outcome != UNAVAILABLE:
+                self._due.pop(name, None)
+                return
+            self._failures[name] += 1
+            wait = min(self.every * 2 ** self._failures[name], max(self.every, LONGEST_WAIT_SECONDS))
+            self._due[name] = time.monotonic() + wait
 
     def stop(self) -> None:
+        """No attempt starts from now on; one under way is not waited for."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=5)

@@ -540,9 +540,11 @@ class Service:
         return {"status": "ok", "version": __version__}
 
     def ready(self) -> bool:
-        """True once every accelerated dataset with ``ready_state: on_load`` has a loaded copy."""
-        return all(refresher.loaded.is_set() for refresher in self.stack.accelerator.refreshers.values()
-                   if refresher.spec.ready_state == "on_load")
+        """True once every accelerated dataset with ``ready_state: on_load`` has a loaded copy
+        (but one whose source could first be opened after startup: the server was ready without it)."""
+        accelerator = self.stack.accelerator
+        return all(refresher.loaded.is_set() for name, refresher in accelerator.refreshers.items()
+                   if accelerator.gates_readiness(name))
 
     def metrics(self, principal: Principal = OPERATOR) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type, for a principal granted

@@ -16,13 +16,17 @@ from federation.engine import EngineSettings, QueryEngine
 from flightdeck.audit import QUERIES_SCHEMA, QUERIES_TABLE, AuditLog
 from flightdeck.config import ConfigError, LoadedConfig
 from flightdeck.grants import Grant, qualified
-from flightdeck.late_datasets import LateDatasets
+from flightdeck.late_datasets import REFUSED, SERVED, UNAVAILABLE, LateDatasets
 from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
 from inference.native_threads import one_blas_thread
 from flightdeck.search_functions import FUNCTION_NAMES as SEARCH_FUNCTIONS, DatasetSearchSettings, SearchIndexes
 
 log = logging.getLogger("flightdeck.stack")
+
+# A dataset's error when a key's mask names a column it turns out not to have: the details name
+# the key and the dataset's columns, which other keys may not see.
+MASK_MISMATCH = "a key's mask names a column this dataset does not have (the server's log says which)"
 
 
 class Stack:
@@ -58,8 +62,9 @@ class Stack:
         for refresher in self.accelerator.refreshers.values():
             self._record_each_refresh(refresher)
         self.accelerator.start()
-        self._late = LateDatasets(self.catalog.unopened, self.bring_in, runtime.retry_unavailable_seconds)
-        self._late.start()
+        self._closed = False
+        self.late = LateDatasets(self.catalog.unavailable(), self.bring_in, runtime.retry_unavailable_seconds)
+        self.late.start()
 
     def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
         sources, expected = [], []
@@ -68,7 +73,7 @@ class Stack:
                 log.warning("dataset %s: not accelerated until its source can be opened", spec.dataset)
                 expected.append(spec)
                 continue
-            sources.append(self._accelerated_source(spec))
+            sources.append(self._accelerated_source(spec, self.catalog.datasets[spec.dataset]))
         try:
             return Accelerator(sources, loaded.data_dir, loaded.base_dir,
                                batch_rows=loaded.config.runtime.limits.batch_rows,
@@ -77,8 +82,7 @@ class Stack:
             self.catalog.close()
             raise
 
-    def _accelerated_source(self, spec: AccelerationSpec) -> AcceleratedSource:
-        dataset = self.catalog.datasets[spec.dataset]
+    def _accelerated_source(self, spec: AccelerationSpec, dataset: Dataset) -> AcceleratedSource:
         return AcceleratedSource(
             spec, dataset.arrow_schema, dataset.source_connector, dataset.spec.location,
             route=lambda connector, table, name=spec.dataset: self.catalog.route(name, connector, table))
@@ -105,51 +109,72 @@ class Stack:
         self.accelerator.refreshers[dataset].listeners.append(
             lambda refresher: indexes.on_refreshed(dataset, refresher.status.data_as_of, refresher.store.read_all()))
 
-    def bring_in(self, name: str) -> bool:
+    def bring_in(self, name: str) -> str:
         """Tries again to open a dataset whose source could not be opened. Once it can be, the
-        dataset is served as if it had been there from the start: accelerated and indexed as
-        configured, then registered in every session (kept plans are made again). False while
-        it still cannot be opened, or when what it turns out to be breaks the configuration
-        (a mask naming a column it lacks): its error then says why, and it is not tried again."""
+        dataset is served as if it had been there from the start: registered in every session,
+        accelerated and indexed as configured (kept plans are made again). UNAVAILABLE while it
+        still cannot be opened or set up; REFUSED when what it turns out to be breaks the
+        configuration (a mask naming a column it lacks): its error says so."""
+        opened = self.catalog.reopen(name)  # talks to the source: no lock held
+        if opened is None:
+            return UNAVAILABLE
         with self._engines_lock:  # no grant's engine is made meanwhile without the dataset
-            opened = self.catalog.reopen(name)
-            if opened is None:
-                return False
-            try:
-                problem = "; ".join(self._mask_problems({name: opened})) or self._serve_late(opened)
-            except Exception as error:  # the dataset half set up is not served: it says so
-                problem = f"it could not be set up once its source was back ({type(error).__name__})"
-            if problem:
-                opened.error = problem
-                self.catalog.admit(opened)
-                self.catalog.changed()
-                log.error("dataset %s stays unavailable: %s", name, problem)
-                return False
-        log.info("dataset %s is available now", name)
-        return True
+            if self._closed:
+                return REFUSED
+            problems = self._mask_problems({name: opened})
+            if problems:  # the details name other keys and the columns: for the server's log only
+                log.error("dataset %s is not served: %s", name, "; ".join(problems))
+                self.catalog.datasets[name].error = MASK_MISMATCH
+                return REFUSED
+            outcome = self._serve_late(opened)
+        if outcome == SERVED:
+            log.info("dataset %s is available now", name)
+        return outcome
 
-    def _serve_late(self, opened: Dataset) -> str | None:
-        """Admits a dataset opened late: its copy and indexes first, then every session;
-        the reason it cannot be accelerated as configured, if so."""
+    def _serve_late(self, opened: Dataset) -> str:
+        """Registers a dataset opened late in every session, with its copy and indexes when
+        accelerated, then admits it into the catalog; what can fail is done first, and undone
+        if a later step fails, so that a dataset is either served whole or not at all."""
         name = opened.qualified_name
-        self.catalog.admit(opened)
         acceleration = self._accelerations.get(name)
+        refresher = None
         if acceleration is not None:
             try:
-                refresher = self.accelerator.add(self._accelerated_source(acceleration))
+                refresher = self.accelerator.add(self._accelerated_source(acceleration, opened), late=True)
             except AccelerationError as error:
-                return str(error)
+                self.catalog.datasets[name].error = str(error)
+                log.error("dataset %s is not served: %s", name, error)
+                return REFUSED
+        engines = [self.engine, *self._granted_engines.values()]
+        registered, previous = [], self.catalog.datasets[name]
+        try:
+            for engine in engines:
+                engine.catalog.register_dataset(engine.ctx, opened)
+                registered.append(engine)
+            problem = opened.error  # set when the session could not read it (a file half written)
+            if problem is None:
+                self.catalog.admit(opened)
+                if refresher is not None:  # its indexes read the dataset's columns from the catalog
+                    self.search.add([spec for spec in self.loaded.config.search_specs() if spec.dataset == name])
+        except Exception as error:
+            log.debug("dataset %s: setting it up failed", name, exc_info=True)
+            problem = f"it could not be set up once its source answered ({type(error).__name__})"
+        if problem is not None:
+            for engine in registered:
+                engine.catalog.deregister_dataset(engine.ctx, name)
             if refresher is not None:
-                self.search.add([spec for spec in self.loaded.config.search_specs() if spec.dataset == name])
-                if name in self.search.datasets():
-                    self._index_each_refresh(self.search, name)
-                self._record_each_refresh(refresher)
-                refresher.start()  # an on_load dataset routes to its pending copy before any query reads it
-        self.catalog.register_dataset(self.engine.ctx, name)
-        for engine in self._granted_engines.values():
-            engine.catalog.register_dataset(engine.ctx, name)
+                self.accelerator.remove(name)
+            previous.error = problem
+            self.catalog.admit(previous)
+            log.warning("dataset %s is still unavailable: %s", name, problem)
+            return UNAVAILABLE
+        if refresher is not None:
+            if name in self.search.datasets():
+                self._index_each_refresh(self.search, name)
+            self._record_each_refresh(refresher)
+            refresher.start()  # an on_load dataset routes to its pending copy at once
         self.catalog.changed()
-        return None
+        return SERVED
 
     def engine_for(self, grant: Grant) -> QueryEngine:
         """The engine whose session holds only what ``grant`` shows (made on first use; one per
@@ -247,7 +272,9 @@ class Stack:
 
     def close(self) -> None:
         """Stop the refreshers and release every backend and local engine."""
-        self._late.stop()
+        self.late.stop()
+        with self._engines_lock:  # a dataset being brought in is either in, or will not be
+            self._closed = True
         self.accelerator.close()
         self.catalog.close()
         self.audit.close()

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import postgres, require_postgres, serving
 from flightdeck.auth import Credentials
+from flightdeck.stack import MASK_MISMATCH
 
 AGENT = "late-agent-key-0123456789"
 OPERATOR = "late-operator-key-0123456789"  # a plain key: sees everything
@@ -124,9 +125,12 @@ def test_a_postgres_source_back_after_startup_is_served_read_accelerated_and_sea
             assert running.catalog.datasets["late.tickets"].state == "unavailable"
             assert _rows(url, "SELECT a FROM ok") == [{"a": 1}]
 
+            assert running.service.ready()
             database.open()
             _eventually(lambda: running.catalog.datasets["late.tickets"].state == "ready"
                         and running.catalog.datasets["late.copy"].state == "ready")
+            # The server was ready without them: a late copy's first load does not take it back.
+            assert running.service.ready()
             # Through the key whose session was made while the datasets were down, and a plain one.
             for key in (AGENT, OPERATOR):
                 assert _rows(url, "SELECT count(*) AS n FROM late.tickets", key) == [{"n": 50}]
@@ -167,12 +171,51 @@ def test_a_file_written_after_startup_is_served_and_a_mask_it_breaks_keeps_it_un
         pq.write_table(pa.table({"id": [1, 2], "email": ["a@x.io", "b@x.io"]}), tmp_path / "late.parquet")
         pq.write_table(pa.table({"id": [1], "mail": ["c@x.io"]}), tmp_path / "masked.parquet")
         _eventually(lambda: running.catalog.datasets["public.late"].state == "ready"
-                    and running.catalog.datasets["public.masked"].arrow_schema is not None)
+                    and "public.masked" not in running.stack.late.pending())
         assert _rows(url, "SELECT sum(id) AS s FROM late", AGENT) == [{"s": 3}]
         # The key masks a column the file turned out not to have: the typo would leave the real
-        # column unmasked, so the dataset is not served and not tried again.
+        # column unmasked, so the dataset is not served and not tried again. What is wrong (the
+        # key's name, the file's columns) is the server log's, not any client's.
         masked = running.catalog.datasets["public.masked"]
-        assert masked.state == "unavailable" and "masks name column email of masked" in masked.error
-        assert "public.masked" not in running.catalog.unopened()
-        assert "dataset masked is unavailable" in _error(url, "SELECT * FROM masked", AGENT)
-        assert "dataset masked is unavailable" in _error(url, "SELECT * FROM masked")
+        assert masked.state == "unavailable" and masked.error == MASK_MISMATCH
+        assert "public.masked" not in running.stack.late.pending()
+        for key in (AGENT, OPERATOR):
+            message = _error(url, "SELECT * FROM masked", key)
+            assert f"dataset masked is unavailable: {MASK_MISMATCH}" in message
+            assert "mail" not in message and "late-agent" not in message
+
+
+def test_a_source_that_never_answers_holds_up_no_other_dataset_key_or_stop(tmp_path):
+    """A source down at startup comes back accepting connections but saying nothing: its next
+    attempt waits for its connect_timeout, and meanwhile another dataset comes in, a key's first
+    query runs and the server stops."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "ok.csv").write_text("a\n1\n")
+    config = {
+        "datasets": [
+            {"from": "postgres:public.t", "name": "silent",
+             "params": {"pg_host": "127.0.0.1", "pg_port": port, "pg_db": "test", "pg_user": "postgres",
+                        "connect_timeout": 120}},
+            {"from": "file:late.csv", "name": "late"},
+            {"from": "file:ok.csv", "name": "ok"},
+        ],
+        "runtime": {"retry_unavailable_seconds": RETRY_SECONDS,
+                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT, "datasets": ["ok", "late"]}]}},
+    }
+    silent = None
+    try:
+        with serving(config, tmp_path) as running:
+            # Connections now complete, and then nothing is read or sent.
+            silent = socket.create_server(("127.0.0.1", port))
+            silenced = time.monotonic()
+            time.sleep(5 * RETRY_SECONDS)  # the silent source's next attempt is under way
+            (tmp_path / "late.csv").write_text("a\n5\n")
+            _eventually(lambda: running.catalog.datasets["public.late"].state == "ready", seconds=60)
+            assert _rows(running.flight_url, "SELECT a FROM late", AGENT) == [{"a": 5}]  # a new key's session
+            assert "public.silent" in running.stack.late.pending()
+        assert time.monotonic() - silenced < 100  # stopped without waiting out the silent attempt
+    finally:
+        if silent is not None:
+            silent.close()
