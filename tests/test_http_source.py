@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 import urllib.parse
 from typing import Iterator
 
@@ -221,3 +222,56 @@ def test_an_answer_that_cannot_be_read_is_the_sources_failure(tmp_path, reply):
         with pytest.raises(Exception) as raised:  # the source's error, as DataFusion's scan of it reports it
             QueryEngine(catalog).query("SELECT id FROM declared").read_all()
     assert "ConnectorError: http (127.0.0.1:" in str(raised.value), raised.value
+
+
+@contextlib.contextmanager
+def _dripping(seconds_per_byte: float) -> Iterator[str]:
+    """An HTTP server whose answer comes one byte at a time: each wait is short (well within a
+    socket timeout), the whole answer would take minutes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    body = b'[{"id": 1}' + b" " * 2000 + b"]"
+
+    def answer(connection: socket.socket) -> None:
+        with connection:
+            try:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+                for byte in body:
+                    connection.sendall(bytes([byte]))
+                    time.sleep(seconds_per_byte)
+            except OSError:
+                return
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_an_answer_that_drips_ends_at_the_sources_timeout(tmp_path):
+    """The socket timeout bounds each wait for a byte, not the whole answer: a server sending a
+    byte now and then held the scan, and the query past its deadline, for as long as it liked."""
+    with _dripping(0.05) as url:
+        catalog = Catalog([DatasetSpec("api", f"{url}/items", {**AUTH, "columns": {"id": "int"}, "timeout": 1})],
+                          tmp_path)
+        outcome: list = []
+
+        def query() -> None:
+            try:
+                QueryEngine(catalog).query("SELECT id FROM api").read_all()
+            except Exception as error:
+                outcome.append(error)
+
+        running = threading.Thread(target=query, daemon=True)
+        running.start()
+        running.join(30)
+        assert not running.is_alive(), "the answer was read for over 30 s"
+    assert outcome and "the answer took longer than 1 s" in str(outcome[0]), outcome

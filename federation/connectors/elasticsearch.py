@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -25,7 +26,7 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError, shown_url
-from federation.connectors.same_origin import open_same_origin
+from federation.connectors.same_origin import open_same_origin, read_within
 
 PAGE_ROWS = 5_000  # below the default index.max_result_window (10,000)
 SAMPLE_SIZE = 100
@@ -103,12 +104,12 @@ class ElasticsearchConnector(Connector):
         request = urllib.request.Request(self.endpoint + path, data=data, headers=self.headers, method=method)
         try:
             with open_same_origin(request, timeout or self.timeout) as response:
-                text = response.read()
+                text = read_within(response, timeout or self.timeout)
         except urllib.error.HTTPError as error:
             self.stats.record_error()
             raise ConnectorError(self.mask_secrets(f"{self.describe()}: HTTP {error.code} "
                                                    f"{_error_reason(error)}")) from None
-        except (urllib.error.URLError, TimeoutError, OSError) as error:
+        except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as error:
             self.stats.record_error()
             reason = getattr(error, "reason", error)
             raise ConnectorError(self.mask_secrets(f"{self.describe()}: cannot reach the server: {reason}")) from None

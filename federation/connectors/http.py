@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.connectors.base import Connector, ConnectorError, shown_url
-from federation.connectors.same_origin import open_same_origin, same_origin
+from federation.connectors.same_origin import open_same_origin, read_within, same_origin
 from federation.connectors.typing import (JSON_TYPES, MAX_JSON_DEPTH, flatten_document, json_nests_too_deep,
                                          json_value)
 
@@ -99,7 +99,7 @@ class HttpConnector(Connector):
             try:
                 with open_same_origin(request, self.timeout) as response:
                     headers = {k.lower(): v for k, v in response.headers.items()}
-                    body = response.read() or b"null"
+                    body = read_within(response, self.timeout) or b"null"
                 if json_nests_too_deep(body):
                     raise ConnectorError(f"{self.describe()}: the response nests deeper than {MAX_JSON_DEPTH} levels")
                 return json.loads(body), headers

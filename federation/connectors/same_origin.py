@@ -7,6 +7,8 @@ read the machine's own files), whatever the API says.
 """
 from __future__ import annotations
 
+import http.client
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -60,3 +62,19 @@ def open_same_origin(request: urllib.request.Request, timeout: float) -> Any:
     if urllib.parse.urlsplit(request.full_url).scheme.lower() not in DEFAULT_PORTS:
         raise urllib.error.URLError(f"only http and https URLs are read, not {request.full_url[:40]!r}")
     return _OPENER.open(request, timeout=timeout)
+
+
+def read_within(response: Any, seconds: float) -> bytes:
+    """A response's whole body, or TimeoutError once ``seconds`` have passed. The socket's own
+    timeout bounds each wait for the next bytes, not the whole answer: a server sending a byte
+    now and then would otherwise hold the read, and the query, without end."""
+    deadline = time.monotonic() + seconds
+    chunks = []
+    while chunk := response.read1(65536):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the answer took longer than {seconds:g} s")
+    body = b"".join(chunks)
+    if response.length:  # read1, unlike read, says nothing of an answer cut short
+        raise http.client.IncompleteRead(body, response.length)
+    return body
