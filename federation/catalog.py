@@ -139,6 +139,24 @@ class Catalog:
             return None
         return opened
 
+    def schema_checked(self) -> list[str]:
+        """The datasets read where they are, in databases whose tables may be altered under them."""
+        return [name for name, dataset in self.datasets.items()
+                if dataset.error is None and not dataset.spec.accelerated
+                and dataset.source_connector is not None and dataset.source_connector.schema_may_change]
+
+    def source_changed(self, name: str) -> bool:
+        """Whether a dataset's table now has other columns, or other types, than the dataset was
+        opened with (its source described afresh; a source that cannot say is no change: its
+        queries say why)."""
+        dataset = self.datasets[name]
+        connector, table = dataset.source_connector, dataset.spec.location
+        connector.forget_schema(table)
+        try:
+            return not connector.cached_schema(table).equals(dataset.arrow_schema)
+        except Exception:  # noqa: BLE001 - unreachable now: not a change of columns
+            return False
+
     def admit(self, dataset: Dataset) -> None:
         """``dataset`` (from ``reopen``) in place of the one of its name."""
         # A new dict, not an assignment into it: other threads may be going through the datasets.

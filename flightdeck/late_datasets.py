@@ -35,10 +35,18 @@ class LateDatasets:
         self._thread = threading.Thread(target=self._run, name="retry unavailable datasets", daemon=True)
 
     def start(self) -> None:
-        if self.every is not None and self._due:
+        if self.every is not None:
             now = time.monotonic()
             self._due = {name: now + self.every for name in self._due}
             self._thread.start()
+
+    def add(self, name: str) -> None:
+        """Tries ``name`` again too, from ``every`` seconds on."""
+        if self.every is None:
+            return
+        with self._lock:
+            self._due[name] = time.monotonic() + self.every
+            self._failures[name] = 0
 
     def pending(self) -> list[str]:
         with self._lock:
@@ -73,3 +81,33 @@ class LateDatasets:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+class SchemaChecks:
+    """Every ``every`` seconds, ``check(name)`` for each of ``names()``, in turn, on one thread of
+    its own (None: never)."""
+
+    def __init__(self, names: Callable[[], list[str]], check: Callable[[str], None], every: float | None):
+        self.names = names
+        self.check = check
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="check source schemas", daemon=True)
+
+    def start(self) -> None:
+        if self.every is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            for name in self.names():
+                if self._stop.is_set():
+                    return
+                try:
+                    self.check(name)
+                except Exception as error:  # must not end the checks of this or any other dataset
+                    log.error("dataset %s: checking its source's columns failed (%s)", name, type(error).__name__)
+
+    def stop(self) -> None:
+        """No check starts from now on; one under way is not waited for."""
+        self._stop.set()

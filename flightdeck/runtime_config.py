@@ -223,6 +223,9 @@ class RuntimeConfig(Strict):
     # A dataset whose source cannot be opened (at startup, or at each try since) is tried again
     # this often; null: never.
     retry_unavailable_seconds: float | None = Field(default=30.0, gt=0)
+    # The tables of datasets read where they are, in databases (PostgreSQL, MySQL, SQLite), are
+    # described again this often; a dataset whose columns changed is read afresh. null: never.
+    schema_check_seconds: float | None = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> "RuntimeConfig":

@@ -16,7 +16,7 @@ from federation.engine import EngineSettings, QueryEngine
 from flightdeck.audit import QUERIES_SCHEMA, QUERIES_TABLE, AuditLog
 from flightdeck.config import ConfigError, LoadedConfig
 from flightdeck.grants import Grant, qualified
-from flightdeck.late_datasets import REFUSED, SERVED, UNAVAILABLE, LateDatasets
+from flightdeck.late_datasets import REFUSED, SERVED, UNAVAILABLE, LateDatasets, SchemaChecks
 from flightdeck.metrics import Metrics
 from flightdeck.model_functions import ModelFunctions, model_registry
 from inference.native_threads import one_blas_thread
@@ -27,6 +27,7 @@ log = logging.getLogger("flightdeck.stack")
 # A dataset's error when a key's mask names a column it turns out not to have: the details name
 # the key and the dataset's columns, which other keys may not see.
 MASK_MISMATCH = "a key's mask names a column this dataset does not have (the server's log says which)"
+SOURCE_CHANGED = "its source's columns changed; it is being read again (a retry may work)"
 
 
 class Stack:
@@ -65,6 +66,8 @@ class Stack:
         self._closed = False
         self.late = LateDatasets(self.catalog.unavailable(), self.bring_in, runtime.retry_unavailable_seconds)
         self.late.start()
+        self.schema_checks = SchemaChecks(self.catalog.schema_checked, self.check_schema, runtime.schema_check_seconds)
+        self.schema_checks.start()
 
     def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
         sources, expected = [], []
@@ -130,6 +133,24 @@ class Stack:
         if outcome == SERVED:
             log.info("dataset %s is available now", name)
         return outcome
+
+    def check_schema(self, name: str) -> None:
+        """When a dataset's table has changed its columns at its source (a column retyped,
+        added, dropped), the dataset is taken out of every session and brought in again as it
+        is now: plans made for the old columns would send the source casts that no longer hold
+        (an integer cast of what is now a decimal sums rounded values)."""
+        if not self.catalog.source_changed(name):
+            return
+        with self._engines_lock:
+            if self._closed:
+                return
+            for engine in [self.engine, *self._granted_engines.values()]:
+                engine.catalog.deregister_dataset(engine.ctx, name)
+            self.catalog.datasets[name].error = SOURCE_CHANGED
+            self.catalog.changed()
+        log.warning("dataset %s: its source's columns changed: reading them again", name)
+        if self.bring_in(name) == UNAVAILABLE:
+            self.late.add(name)
 
     def _serve_late(self, opened: Dataset) -> str:
         """Registers a dataset opened late in every session, with its copy and indexes when
@@ -273,6 +294,7 @@ class Stack:
     def close(self) -> None:
         """Stop the refreshers and release every backend and local engine."""
         self.late.stop()
+        self.schema_checks.stop()
         with self._engines_lock:  # a dataset being brought in is either in, or will not be
             self._closed = True
         self.accelerator.close()

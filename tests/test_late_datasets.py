@@ -1,6 +1,7 @@
 """A dataset whose source cannot be opened at startup is tried again in the background and,
 once its source is back, served as if it had been there from the start: read where it is,
-accelerated and searchable as configured, through every key that sees it."""
+accelerated and searchable as configured, through every key that sees it. A table whose columns
+change under the server is read as it is now."""
 from __future__ import annotations
 
 import socket
@@ -219,3 +220,39 @@ def test_a_source_that_never_answers_holds_up_no_other_dataset_key_or_stop(tmp_p
     finally:
         if silent is not None:
             silent.close()
+
+
+@pytest.fixture
+def altered_table():
+    require_postgres()
+    postgres("DROP SCHEMA IF EXISTS fd_altered CASCADE")
+    postgres("CREATE SCHEMA fd_altered")
+    postgres("CREATE TABLE fd_altered.amounts (id int PRIMARY KEY, v int, secret text)")
+    postgres("INSERT INTO fd_altered.amounts SELECT i, i, 's' || i FROM generate_series(1, 4) i")
+    yield
+    postgres("DROP SCHEMA IF EXISTS fd_altered CASCADE")
+
+
+def test_a_column_retyped_at_the_source_is_read_as_it_is_now(tmp_path, altered_table):
+    """A column retyped from integer to numeric under a running server: plans kept the integer
+    type and pushed sum(CAST(v AS BIGINT)), which PostgreSQL answered with rounded values."""
+    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+    config = {
+        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params}],
+        "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
+                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
+                                                     "columns": {"amounts": ["id", "v", "added"]}}]}},
+    }
+    with serving(config, tmp_path) as running:
+        url = running.flight_url
+        for key in (OPERATOR, AGENT):
+            assert _rows(url, "SELECT sum(v) AS s FROM amounts", key) == [{"s": 10}]
+        postgres("ALTER TABLE fd_altered.amounts ALTER COLUMN v TYPE numeric(10, 2)")
+        postgres("ALTER TABLE fd_altered.amounts ADD COLUMN added text DEFAULT 'x'")
+        postgres("UPDATE fd_altered.amounts SET v = v + 0.4")
+        _eventually(lambda: "added" in (running.catalog.datasets["public.amounts"].arrow_schema or pa.schema([])).names
+                    and running.catalog.datasets["public.amounts"].state == "ready")
+        for key in (OPERATOR, AGENT):  # the key's session was made before the change
+            assert [float(r["s"]) for r in _rows(url, "SELECT sum(v) AS s FROM amounts", key)] == [11.6]
+            assert _rows(url, "SELECT added FROM amounts WHERE id = 1", key) == [{"added": "x"}]
+        assert "secret" in _error(url, "SELECT secret FROM amounts", AGENT)  # still hidden from the key

@@ -93,6 +93,9 @@ class Connector(ABC):
 
     kind: ClassVar[str]
     secret_params: ClassVar[tuple[str, ...]] = ()  # params never to appear in a message
+    # A database whose tables another client may alter at any time, cheaply described again:
+    # its datasets read where they are have their columns checked now and then (``Catalog``).
+    schema_may_change: ClassVar[bool] = False
     streams_counted: ClassVar[bool] = False  # its streams already quote their errors as the source's
 
     def __init__(self, params: dict[str, Any], base_dir: Path):
@@ -173,6 +176,10 @@ class Connector(ABC):
         if table not in self._known_schemas:
             self._known_schemas[table] = self.schema(table)
         return self._known_schemas[table]
+
+    def forget_schema(self, table: str) -> None:
+        """Describe ``table`` afresh next time (its schema may have changed)."""
+        self._known_schemas.pop(table, None)
 
     def rows_reader(self, rows: list[dict], schema: pa.Schema, columns: list[str] | None,
                     filters: list[fx.Expr], limit: int | None,
@@ -255,6 +262,10 @@ class SqlConnector(Connector):
     def __init__(self, params: dict[str, Any], base_dir: Path):
         super().__init__(params, base_dir)
         self._known_rules: dict[str, dict[str, str]] = {}
+
+    def forget_schema(self, table: str) -> None:
+        super().forget_schema(table)
+        self._known_rules.pop(table, None)
 
     @property
     @abstractmethod

@@ -66,6 +66,7 @@ def _converter(arrow_type: pa.DataType) -> Callable[[Any], Any] | None:
 
 
 class MySQLConnector(SqlConnector, ChangeSource):
+    schema_may_change = True
     kind = "mysql"
     dialect = "mysql"
     secret_params = ("mysql_pass",)
@@ -162,7 +163,7 @@ class MySQLConnector(SqlConnector, ChangeSource):
         return rows
 
     def forget_schema(self, table: str) -> None:
-        """Describe ``table`` afresh next time (its schema may have changed)."""
+        super().forget_schema(table)
         self._described.pop(table, None)
 
     def schema(self, table: str) -> pa.Schema:

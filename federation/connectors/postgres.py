@@ -77,6 +77,7 @@ def _connection_lost(error: Exception) -> bool:
 
 
 class PostgresConnector(SqlConnector, ChangeSource):
+    schema_may_change = True
     kind = "postgres"
     dialect = "postgres"
     renderer = fx.SqlRenderer(fx.quote_double, fx.zoned_literal)
@@ -230,7 +231,7 @@ class PostgresConnector(SqlConnector, ChangeSource):
         return self._describe_table(table)[0]
 
     def forget_schema(self, table: str) -> None:
-        """Describe ``table`` afresh next time (its schema may have changed)."""
+        super().forget_schema(table)
         with self._lock:
             self._schemas.pop(table, None)
 

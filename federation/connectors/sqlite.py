@@ -102,6 +102,7 @@ _OTHER_COLLATION = re.compile(r"COLLATE\s*[\"'`\[]?(?!BINARY\b)\w", re.IGNORECAS
 
 
 class SQLiteConnector(SqlConnector):
+    schema_may_change = True
     kind = "sqlite"
     dialect = "sqlite"
     renderer = fx.SqlRenderer(fx.quote_double, sqlite_literal, "qmark")
