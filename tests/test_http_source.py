@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -188,8 +188,8 @@ def test_a_redirect_on_the_configured_origin_is_followed(api, tmp_path):
 
 
 @contextlib.contextmanager
-def _answering(reply: bytes) -> Iterator[str]:
-    """A TCP server that answers every connection with ``reply`` and hangs up: not HTTP."""
+def _tcp_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A TCP server on loopback that hands each connection to ``answer``, on a thread of its own."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -198,14 +198,21 @@ def _answering(reply: bytes) -> Iterator[str]:
                 connection, _ = listener.accept()
             except OSError:
                 return
-            with connection:
-                connection.recv(65536)
-                connection.sendall(reply)
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
     threading.Thread(target=serve, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         listener.close()
+
+
+def _answering(reply: bytes) -> contextlib.AbstractContextManager[str]:
+    """A TCP server that answers every connection with ``reply`` and hangs up: not HTTP."""
+    def answer(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)
+            connection.sendall(reply)
+    return _tcp_server(answer)
 
 
 @pytest.mark.parametrize("reply", [b"\x00\xffTHIS IS NOT HTTP\r\n\r\n",
@@ -224,11 +231,9 @@ def test_an_answer_that_cannot_be_read_is_the_sources_failure(tmp_path, reply):
     assert "ConnectorError: http (127.0.0.1:" in str(raised.value), raised.value
 
 
-@contextlib.contextmanager
-def _dripping(seconds_per_byte: float) -> Iterator[str]:
+def _dripping(seconds_per_byte: float) -> contextlib.AbstractContextManager[str]:
     """An HTTP server whose answer comes one byte at a time: each wait is short (well within a
     socket timeout), the whole answer would take minutes."""
-    listener = socket.create_server(("127.0.0.1", 0))
     body = b'[{"id": 1}' + b" " * 2000 + b"]"
 
     def answer(connection: socket.socket) -> None:
@@ -241,19 +246,7 @@ def _dripping(seconds_per_byte: float) -> Iterator[str]:
                     time.sleep(seconds_per_byte)
             except OSError:
                 return
-
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=answer, args=(connection,), daemon=True).start()
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
+    return _tcp_server(answer)
 
 
 def test_an_answer_that_drips_ends_at_the_sources_timeout(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_manager
@@ -88,15 +88,22 @@ def _error(url: str, sql: str, key: str = OPERATOR) -> str:
     return str(raised.value)
 
 
-@pytest.fixture
-def late_table():
+def _postgres_schema(name: str, *statements: str) -> Iterator[None]:
+    """A PostgreSQL schema of its own for a test, made by ``statements``, dropped after."""
     require_postgres()
-    postgres("DROP SCHEMA IF EXISTS fd_late CASCADE")
-    postgres("CREATE SCHEMA fd_late")
-    postgres("CREATE TABLE fd_late.tickets (id int PRIMARY KEY, title text, opened timestamptz)")
-    postgres("INSERT INTO fd_late.tickets SELECT i, 'checkout latency ' || i, now() FROM generate_series(1, 50) i")
+    postgres(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    postgres(f"CREATE SCHEMA {name}")
+    for statement in statements:
+        postgres(statement)
     yield
-    postgres("DROP SCHEMA IF EXISTS fd_late CASCADE")
+    postgres(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+@pytest.fixture
+def late_table() -> Iterator[None]:
+    yield from _postgres_schema(
+        "fd_late", "CREATE TABLE fd_late.tickets (id int PRIMARY KEY, title text, opened timestamptz)",
+        "INSERT INTO fd_late.tickets SELECT i, 'checkout latency ' || i, now() FROM generate_series(1, 50) i")
 
 
 def test_a_postgres_source_back_after_startup_is_served_read_accelerated_and_searched(tmp_path, late_table):
@@ -223,14 +230,10 @@ def test_a_source_that_never_answers_holds_up_no_other_dataset_key_or_stop(tmp_p
 
 
 @pytest.fixture
-def altered_table():
-    require_postgres()
-    postgres("DROP SCHEMA IF EXISTS fd_altered CASCADE")
-    postgres("CREATE SCHEMA fd_altered")
-    postgres("CREATE TABLE fd_altered.amounts (id int PRIMARY KEY, v int, secret text)")
-    postgres("INSERT INTO fd_altered.amounts SELECT i, i, 's' || i FROM generate_series(1, 4) i")
-    yield
-    postgres("DROP SCHEMA IF EXISTS fd_altered CASCADE")
+def altered_table() -> Iterator[None]:
+    yield from _postgres_schema(
+        "fd_altered", "CREATE TABLE fd_altered.amounts (id int PRIMARY KEY, v int, secret text)",
+        "INSERT INTO fd_altered.amounts SELECT i, i, 's' || i FROM generate_series(1, 4) i")
 
 
 def test_a_column_retyped_at_the_source_is_read_as_it_is_now(tmp_path, altered_table):
