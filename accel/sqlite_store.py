@@ -29,6 +29,7 @@ from federation.snapshots import Pin, pinned_read
 
 META_TABLE = "flightdeck_copies"
 POSITIONS_TABLE = "flightdeck_positions"  # where each change-following copy stands in its stream
+STAGING_PREFIX = "sqlite-staging-"  # a folder holding a refresh's source rows until they are written
 _index_numbers = itertools.count()
 
 
@@ -83,6 +84,8 @@ class SQLiteEngine:
             data_dir.mkdir(parents=True, exist_ok=True)
             self._scratch = None
             self.path = data_dir / "accelerated.sqlite"
+            for left in data_dir.glob(f"{STAGING_PREFIX}*"):  # by a process that stopped while refreshing
+                shutil.rmtree(left, ignore_errors=True)
         else:
             ram = Path("/dev/shm")
             self._scratch = Path(tempfile.mkdtemp(prefix="flightdeck-", dir=ram if ram.is_dir() else None))
@@ -173,7 +176,7 @@ class SQLiteStore(Store):
         """The source's rows, read to a local Arrow file before the copy's transaction starts:
         every SQLite copy of this mode writes through one writer, which must not wait for a slow
         source (other copies' refreshes and changes would wait behind it)."""
-        with tempfile.TemporaryDirectory(prefix="staging-", dir=self.sqlite.path.parent) as folder:
+        with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=self.sqlite.path.parent) as folder:
             path = str(Path(folder) / "rows.arrow")
             try:
                 with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as rows:

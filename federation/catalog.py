@@ -101,11 +101,12 @@ class Catalog:
             "datasets": SnapshotConnector("datasets", DATASETS_SCHEMA, self.dataset_rows),
         }
 
-    def _open(self, spec: DatasetSpec) -> Dataset:
-        """A dataset whose backend fails is kept, marked unavailable: startup goes on."""
+    def _open(self, spec: DatasetSpec, afresh: bool = False) -> Dataset:
+        """A dataset whose backend fails is kept, marked unavailable: startup goes on. ``afresh``:
+        its table described again, not as its connector last described it."""
         dataset = Dataset(spec, table=spec.location)
         try:
-            self._connect(dataset)
+            self._connect(dataset, afresh)
         except ConnectorError as error:
             dataset.error = str(error)
             log.warning("dataset %s is unavailable: %s", spec.name, error)
@@ -114,10 +115,12 @@ class Catalog:
             log.warning("dataset %s is unavailable: %s", spec.name, dataset.error)
         return dataset
 
-    def _connect(self, dataset: Dataset) -> None:
+    def _connect(self, dataset: Dataset, afresh: bool) -> None:
         """Opens the dataset's backend and reads what it says of the table."""
         spec = dataset.spec
         connector = self.pool.open(spec.kind, spec.location, spec.params)
+        if afresh:
+            connector.forget_schema(spec.location)
         dataset.connector = dataset.source_connector = connector
         dataset.arrow_schema = connector.cached_schema(spec.location)
         dataset.primary_key = spec.primary_key or connector.primary_key(spec.location)
@@ -129,15 +132,10 @@ class Catalog:
     def unavailable(self) -> list[str]:
         return [name for name, dataset in self.datasets.items() if dataset.error is not None]
 
-    def reopen(self, name: str) -> Dataset | None:
-        """Tries again to open a dataset that could not be: the dataset opened, not yet in the
-        catalog (``admit``), or None (the dataset's error then says why, as it did at startup)."""
-        current = self.datasets[name]
-        opened = self._open(current.spec)
-        if opened.error is not None:
-            current.error = opened.error
-            return None
-        return opened
+    def open_again(self, name: str) -> Dataset:
+        """A dataset opened afresh from its spec (its error says why if it could not be), not
+        in the catalog: ``admit`` puts it there."""
+        return self._open(self.datasets[name].spec, afresh=True)
 
     def schema_checked(self) -> list[str]:
         """The datasets read where they are, in databases whose tables may be altered under them."""
@@ -151,19 +149,20 @@ class Catalog:
         queries say why)."""
         dataset = self.datasets[name]
         connector, table = dataset.source_connector, dataset.spec.location
-        connector.forget_schema(table)
+        connector.forget_schema(table, rules=False)  # asked again (on the query path) only after a change
         try:
-            return not connector.cached_schema(table).equals(dataset.arrow_schema)
+            changed = not connector.cached_schema(table).equals(dataset.arrow_schema)
         except Exception:  # noqa: BLE001 - unreachable now: not a change of columns
             return False
+        return changed
 
     def admit(self, dataset: Dataset) -> None:
-        """``dataset`` (from ``reopen``) in place of the one of its name."""
+        """``dataset`` (from ``open_again``) in place of the one of its name."""
         # A new dict, not an assignment into it: other threads may be going through the datasets.
         self.datasets = {**self.datasets, dataset.qualified_name: dataset}
 
     def register_dataset(self, ctx: SessionContext, dataset: Dataset) -> None:
-        """A dataset opened after the session was made (from ``reopen``, not admitted yet), in
+        """A dataset opened after the session was made (from ``open_again``, not admitted yet), in
         it; its error says why if the session cannot read it."""
         self._register(ctx, dataset)
 

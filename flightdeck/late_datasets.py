@@ -84,13 +84,16 @@ class LateDatasets:
 
 
 class SchemaChecks:
-    """Every ``every`` seconds, ``check(name)`` for each of ``names()``, in turn, on one thread of
-    its own (None: never)."""
+    """Every ``every`` seconds, ``check(name)`` for each of ``names()`` (None: never), each on a
+    thread of its own: a source that hangs holds up no other dataset's check, and its own next
+    check waits for it."""
 
     def __init__(self, names: Callable[[], list[str]], check: Callable[[str], None], every: float | None):
         self.names = names
         self.check = check
         self.every = every
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="check source schemas", daemon=True)
 
@@ -100,13 +103,21 @@ class SchemaChecks:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            for name in self.names():
-                if self._stop.is_set():
-                    return
-                try:
-                    self.check(name)
-                except Exception as error:  # must not end the checks of this or any other dataset
-                    log.error("dataset %s: checking its source's columns failed (%s)", name, type(error).__name__)
+            with self._lock:
+                due = [name for name in self.names() if name not in self._running]
+                self._running.update(due)
+            for name in due:
+                threading.Thread(target=self._check, args=(name,), name=f"check {name}", daemon=True).start()
+
+    def _check(self, name: str) -> None:
+        try:
+            if not self._stop.is_set():
+                self.check(name)
+        except Exception as error:  # must not end the checks of this or any other dataset
+            log.error("dataset %s: checking its source's columns failed (%s)", name, type(error).__name__)
+        finally:
+            with self._lock:
+                self._running.discard(name)
 
     def stop(self) -> None:
         """No check starts from now on; one under way is not waited for."""

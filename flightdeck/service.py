@@ -261,7 +261,7 @@ class Service:
         them at the backend (a door does so when its client goes away). The principal's limits
         hold until the stream ends: a place among running queries, a deadline, a result size
         (past which the stream fails, or ends early when given a ``truncation`` to say so in)."""
-        planned = self._current(planned)
+        planned = self.current(planned)
         started = time.perf_counter()
         cancelled = cancelled or threading.Event()
         backend = backend or Cancellation()
@@ -285,7 +285,7 @@ class Service:
         return pa.RecordBatchReader.from_batches(reader.schema, self._stream(planned, reader, cancelled, started, slot,
                                                                                    truncation))
 
-    def _current(self, planned: Planned) -> Planned:
+    def current(self, planned: Planned) -> Planned:
         """``planned``, or planned again if what it read has changed since (an accelerated copy
         took over from its source, a dataset's schema changed): a plan a client keeps, a prepared
         statement's, reads what a new one would. Its request is the execution's, counted once."""

@@ -27,7 +27,7 @@ log = logging.getLogger("flightdeck.stack")
 # A dataset's error when a key's mask names a column it turns out not to have: the details name
 # the key and the dataset's columns, which other keys may not see.
 MASK_MISMATCH = "a key's mask names a column this dataset does not have (the server's log says which)"
-SOURCE_CHANGED = "its source's columns changed; it is being read again (a retry may work)"
+MASKED_COLUMNS_ADDED = "its source's columns changed under a key's masks: it is served again after a restart"
 
 
 class Stack:
@@ -66,7 +66,9 @@ class Stack:
         self._closed = False
         self.late = LateDatasets(self.catalog.unavailable(), self.bring_in, runtime.retry_unavailable_seconds)
         self.late.start()
-        self.schema_checks = SchemaChecks(self.catalog.schema_checked, self.check_schema, runtime.schema_check_seconds)
+        self._refused_by_masks: set[str] = set()  # checked again: a mask may match the columns again
+        self.schema_checks = SchemaChecks(lambda: self.catalog.schema_checked() + sorted(self._refused_by_masks),
+                                          self.check_schema, runtime.schema_check_seconds)
         self.schema_checks.start()
 
     def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
@@ -118,60 +120,87 @@ class Stack:
         accelerated and indexed as configured (kept plans are made again). UNAVAILABLE while it
         still cannot be opened or set up; REFUSED when what it turns out to be breaks the
         configuration (a mask naming a column it lacks): its error says so."""
-        opened = self.catalog.reopen(name)  # talks to the source: no lock held
-        if opened is None:
+        opened = self.catalog.open_again(name)  # talks to the source: no lock held
+        if opened.error is not None:
+            self.catalog.datasets[name].error = opened.error
             return UNAVAILABLE
         with self._engines_lock:  # no grant's engine is made meanwhile without the dataset
             if self._closed:
                 return REFUSED
-            problems = self._mask_problems({name: opened})
-            if problems:  # the details name other keys and the columns: for the server's log only
-                log.error("dataset %s is not served: %s", name, "; ".join(problems))
-                self.catalog.datasets[name].error = MASK_MISMATCH
-                return REFUSED
-            outcome = self._serve_late(opened)
+            outcome = self._serve(opened)
         if outcome == SERVED:
+            self._refused_by_masks.discard(name)
             log.info("dataset %s is available now", name)
         return outcome
 
     def check_schema(self, name: str) -> None:
         """When a dataset's table has changed its columns at its source (a column retyped,
-        added, dropped), the dataset is taken out of every session and brought in again as it
-        is now: plans made for the old columns would send the source casts that no longer hold
-        (an integer cast of what is now a decimal sums rounded values)."""
+        added, dropped), the dataset is read as it is now in every session: plans made for the
+        old columns would send the source casts that no longer hold (an integer cast of what is
+        now a decimal sums rounded values). A dataset refused for its masks is tried again."""
+        if name in self._refused_by_masks:
+            self.bring_in(name)
+            return
         if not self.catalog.source_changed(name):
             return
+        opened = self.catalog.open_again(name)
+        if opened.error is not None:  # served as it was until a check can open it
+            return
+        log.warning("dataset %s: its source's columns changed: reading them again", name)
         with self._engines_lock:
             if self._closed:
                 return
-            for engine in [self.engine, *self._granted_engines.values()]:
-                engine.catalog.deregister_dataset(engine.ctx, name)
-            self.catalog.datasets[name].error = SOURCE_CHANGED
-            self.catalog.changed()
-        log.warning("dataset %s: its source's columns changed: reading them again", name)
-        if self.bring_in(name) == UNAVAILABLE:
+            previous = self.catalog.datasets[name]
+            added = sorted(set(opened.arrow_schema.names) - set(previous.arrow_schema.names))
+            if added and self._masks_name(name):
+                # A column renamed and one of the old name added: the mask would follow the name,
+                # and the values it hid would show under the new one.
+                log.error("dataset %s is not served: columns %s appeared under a key's masks; restart to "
+                          "serve it with the masks as configured", name, ", ".join(added))
+                self._take_out(name, MASKED_COLUMNS_ADDED)
+                return
+            outcome = self._serve(opened)
+        if outcome == UNAVAILABLE:
             self.late.add(name)
 
-    def _serve_late(self, opened: Dataset) -> str:
-        """Registers a dataset opened late in every session, with its copy and indexes when
-        accelerated, then admits it into the catalog; what can fail is done first, and undone
-        if a later step fails, so that a dataset is either served whole or not at all."""
+    def _masks_name(self, name: str) -> bool:
+        auth = self.loaded.config.runtime.auth
+        return any(qualified(dataset) == name for principal in [*auth.keys(), *auth.users]
+                   for dataset in principal.masks)
+
+    def _take_out(self, name: str, error: str) -> None:
+        """The dataset out of every session, unavailable with ``error``; called with the lock held."""
+        for engine in [self.engine, *self._granted_engines.values()]:
+            engine.catalog.deregister_dataset(engine.ctx, name)
+        self.catalog.datasets[name].error = error
+        self.catalog.changed()
+
+    def _serve(self, opened: Dataset) -> str:
+        """Serves a dataset opened afresh, in place of the one of its name in every session, with
+        its copy and indexes when accelerated, then admits it into the catalog; called with the
+        lock held. What can fail is done first, and a failure undoes the rest: a dataset is
+        served whole or not at all."""
         name = opened.qualified_name
+        problems = self._mask_problems({name: opened})
+        if problems:  # the details name other keys and the columns: for the server's log only
+            log.error("dataset %s is not served: %s", name, "; ".join(problems))
+            self._take_out(name, MASK_MISMATCH)
+            self._refused_by_masks.add(name)
+            return REFUSED
         acceleration = self._accelerations.get(name)
         refresher = None
         if acceleration is not None:
             try:
                 refresher = self.accelerator.add(self._accelerated_source(acceleration, opened), late=True)
             except AccelerationError as error:
-                self.catalog.datasets[name].error = str(error)
+                self._take_out(name, str(error))
                 log.error("dataset %s is not served: %s", name, error)
                 return REFUSED
-        engines = [self.engine, *self._granted_engines.values()]
-        registered, previous = [], self.catalog.datasets[name]
+        previous = self.catalog.datasets[name]
         try:
-            for engine in engines:
+            for engine in [self.engine, *self._granted_engines.values()]:
+                engine.catalog.deregister_dataset(engine.ctx, name)
                 engine.catalog.register_dataset(engine.ctx, opened)
-                registered.append(engine)
             problem = opened.error  # set when the session could not read it (a file half written)
             if problem is None:
                 self.catalog.admit(opened)
@@ -181,13 +210,11 @@ class Stack:
             log.debug("dataset %s: setting it up failed", name, exc_info=True)
             problem = f"it could not be set up once its source answered ({type(error).__name__})"
         if problem is not None:
-            for engine in registered:
-                engine.catalog.deregister_dataset(engine.ctx, name)
             if refresher is not None:
                 self.accelerator.remove(name)
-            previous.error = problem
             self.catalog.admit(previous)
-            log.warning("dataset %s is still unavailable: %s", name, problem)
+            self._take_out(name, problem)
+            log.warning("dataset %s is unavailable: %s", name, problem)
             return UNAVAILABLE
         if refresher is not None:
             if name in self.search.datasets():

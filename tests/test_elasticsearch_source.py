@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 
 import duckdb
 import pyarrow as pa
@@ -284,3 +285,37 @@ def test_a_redirect_to_another_origin_is_not_followed_with_the_api_key():
         with pytest.raises(ConnectorError, match="another origin") as raised:
             connector.schema("idx")
         assert _Elsewhere.requests == [] and "SECRET-KEY" not in str(raised.value)
+
+
+class _Unreadable(JsonHandler):
+    """Answers a _count the connector cannot decode: an error page not in UTF-8, an error body
+    cut short, a success body not in UTF-8, an error body sent a byte at a time."""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        index = self.path.split("/")[1]
+        if index == "latin":
+            return self.send_raw(502, "Passerelle défaillante".encode("latin-1"), {"Content-Type": "text/html"})
+        if index == "binary":
+            return self.send_raw(200, b"\xff\xfe\x00\x01")
+        self.send_response(500)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        for byte in b'{"error": "x' if index == "cut" else b'{"error": "' + b" " * 80:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.1 if index == "drip" else 0)  # 8 s in all
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("index", ["latin", "binary", "cut", "drip"])
+def test_an_answer_that_cannot_be_decoded_is_the_sources_error_within_its_timeout(tmp_path, index):
+    """A UnicodeDecodeError or an IncompleteRead escaped the connector: a Flight SQL client asking
+    for such an index's rows got an internal error; an error body read a byte at a time held the
+    request past the source's timeout."""
+    with serving_api(_Unreadable) as endpoint:
+        connector = ElasticsearchConnector({"elasticsearch_endpoint": endpoint, "query_timeout": 1}, tmp_path)
+        started = time.monotonic()
+        with pytest.raises(ConnectorError, match=r"elasticsearch \(127\.0\.0\.1:\d+\): "):
+            connector.row_count(index)
+        assert time.monotonic() - started < 6

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import postgres, require_postgres, serving
 from flightdeck.auth import Credentials
-from flightdeck.stack import MASK_MISMATCH
+from flightdeck.stack import MASK_MISMATCH, MASKED_COLUMNS_ADDED
 
 AGENT = "late-agent-key-0123456789"
 OPERATOR = "late-operator-key-0123456789"  # a plain key: sees everything
@@ -236,6 +236,10 @@ def altered_table() -> Iterator[None]:
         "INSERT INTO fd_altered.amounts SELECT i, i, 's' || i FROM generate_series(1, 4) i")
 
 
+def _connect(url: str, key: str):
+    return flightsql.connect(url, autocommit=True, db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {key}"})
+
+
 def test_a_column_retyped_at_the_source_is_read_as_it_is_now(tmp_path, altered_table):
     """A column retyped from integer to numeric under a running server: plans kept the integer
     type and pushed sum(CAST(v AS BIGINT)), which PostgreSQL answered with rounded values."""
@@ -246,16 +250,53 @@ def test_a_column_retyped_at_the_source_is_read_as_it_is_now(tmp_path, altered_t
                     "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
                                                      "columns": {"amounts": ["id", "v", "added"]}}]}},
     }
-    with serving(config, tmp_path) as running:
+    with serving(config, tmp_path) as running, _connect(running.flight_url, OPERATOR) as kept, \
+            kept.cursor() as prepared:
         url = running.flight_url
         for key in (OPERATOR, AGENT):
             assert _rows(url, "SELECT sum(v) AS s FROM amounts", key) == [{"s": 10}]
+        prepared.adbc_prepare("SELECT * FROM amounts ORDER BY id")  # kept by its client across the change
+        prepared.execute("SELECT * FROM amounts ORDER BY id")
+        assert prepared.fetch_arrow_table().schema.names == ["id", "v", "secret"]
         postgres("ALTER TABLE fd_altered.amounts ALTER COLUMN v TYPE numeric(10, 2)")
         postgres("ALTER TABLE fd_altered.amounts ADD COLUMN added text DEFAULT 'x'")
         postgres("UPDATE fd_altered.amounts SET v = v + 0.4")
-        _eventually(lambda: "added" in (running.catalog.datasets["public.amounts"].arrow_schema or pa.schema([])).names
-                    and running.catalog.datasets["public.amounts"].state == "ready")
+        _eventually(lambda: "added" in running.catalog.datasets["public.amounts"].arrow_schema.names)
         for key in (OPERATOR, AGENT):  # the key's session was made before the change
             assert [float(r["s"]) for r in _rows(url, "SELECT sum(v) AS s FROM amounts", key)] == [11.6]
             assert _rows(url, "SELECT added FROM amounts WHERE id = 1", key) == [{"added": "x"}]
         assert "secret" in _error(url, "SELECT secret FROM amounts", AGENT)  # still hidden from the key
+        prepared.execute("SELECT * FROM amounts ORDER BY id")
+        table = prepared.fetch_arrow_table()
+        assert table.schema.names == ["id", "v", "secret", "added"] and float(table["v"][0].as_py()) == 1.4
+
+
+def test_a_masked_column_dropped_or_renamed_at_the_source_is_never_shown_unmasked(tmp_path, altered_table):
+    """A mask follows a column's name. A masked column dropped takes the dataset out until it is
+    back; a masked column renamed, a new one taking its name, would show the old values under
+    the new name: the dataset is taken out until a restart."""
+    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+    config = {
+        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params}],
+        "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
+                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
+                                                     "masks": {"amounts": {"secret": "redact"}}}]}},
+    }
+    dataset = lambda: running.catalog.datasets["public.amounts"]  # noqa: E731
+    with serving(config, tmp_path) as running:
+        url = running.flight_url
+        assert _rows(url, "SELECT secret FROM amounts WHERE id = 1", AGENT) == [{"secret": None}]
+        postgres("ALTER TABLE fd_altered.amounts DROP COLUMN secret")
+        _eventually(lambda: dataset().error == MASK_MISMATCH)
+        assert f"dataset amounts is unavailable: {MASK_MISMATCH}" in _error(url, "SELECT id FROM amounts", AGENT)
+        postgres("ALTER TABLE fd_altered.amounts ADD COLUMN secret text DEFAULT 'back'")
+        _eventually(lambda: dataset().state == "ready")
+        assert _rows(url, "SELECT secret FROM amounts WHERE id = 1", AGENT) == [{"secret": None}]
+        assert _rows(url, "SELECT secret FROM amounts WHERE id = 1") == [{"secret": "back"}]
+        postgres("DO $$ BEGIN ALTER TABLE fd_altered.amounts RENAME COLUMN secret TO secret_old; "
+                 "ALTER TABLE fd_altered.amounts ADD COLUMN secret text; END $$")  # one migration
+        _eventually(lambda: dataset().error == MASKED_COLUMNS_ADDED)
+        for key in (AGENT, OPERATOR):
+            assert "dataset amounts is unavailable" in _error(url, "SELECT * FROM amounts", key)
+        time.sleep(5 * RETRY_SECONDS)  # checked again meanwhile: still out
+        assert dataset().error == MASKED_COLUMNS_ADDED

@@ -177,8 +177,9 @@ class Connector(ABC):
             self._known_schemas[table] = self.schema(table)
         return self._known_schemas[table]
 
-    def forget_schema(self, table: str) -> None:
-        """Describe ``table`` afresh next time (its schema may have changed)."""
+    def forget_schema(self, table: str, rules: bool = True) -> None:
+        """Describe ``table`` afresh next time (its schema may have changed); with ``rules``,
+        ask again how it compares too (``comparison_rules``)."""
         self._known_schemas.pop(table, None)
 
     def rows_reader(self, rows: list[dict], schema: pa.Schema, columns: list[str] | None,
@@ -263,9 +264,10 @@ class SqlConnector(Connector):
         super().__init__(params, base_dir)
         self._known_rules: dict[str, dict[str, str]] = {}
 
-    def forget_schema(self, table: str) -> None:
-        super().forget_schema(table)
-        self._known_rules.pop(table, None)
+    def forget_schema(self, table: str, rules: bool = True) -> None:
+        super().forget_schema(table, rules)
+        if rules:
+            self._known_rules.pop(table, None)
 
     @property
     @abstractmethod

@@ -108,14 +108,14 @@ class ElasticsearchConnector(Connector):
         except urllib.error.HTTPError as error:
             self.stats.record_error()
             raise ConnectorError(self.mask_secrets(f"{self.describe()}: HTTP {error.code} "
-                                                   f"{_error_reason(error)}")) from None
+                                                   f"{_error_reason(error, timeout or self.timeout)}")) from None
         except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as error:
             self.stats.record_error()
             reason = getattr(error, "reason", error)
             raise ConnectorError(self.mask_secrets(f"{self.describe()}: cannot reach the server: {reason}")) from None
         try:
             return json.loads(text) if text else {}
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not even text
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: the response is not JSON") from None
 
@@ -534,11 +534,12 @@ def _scalar(value: Any, field: Field) -> Any:
     return value
 
 
-def _error_reason(error: urllib.error.HTTPError) -> str:
-    """The server's own reason (``index_not_found_exception: no such index [x]``)."""
+def _error_reason(error: urllib.error.HTTPError, seconds: float) -> str:
+    """The server's own reason (``index_not_found_exception: no such index [x]``), its body read
+    within ``seconds`` like any answer's; the HTTP reason when the body cannot say."""
     try:
-        detail = json.loads(error.read() or b"{}").get("error")
-    except (json.JSONDecodeError, AttributeError, OSError):
+        detail = json.loads(read_within(error, seconds) or b"{}").get("error")
+    except (ValueError, AttributeError, OSError, http.client.HTTPException):
         detail = None
     if isinstance(detail, dict):
         root = (detail.get("root_cause") or [detail])[0]

@@ -162,8 +162,8 @@ class MySQLConnector(SqlConnector, ChangeSource):
             raise ConnectorError(f"{self.describe()}: no table {database}.{table_name}")
         return rows
 
-    def forget_schema(self, table: str) -> None:
-        super().forget_schema(table)
+    def forget_schema(self, table: str, rules: bool = True) -> None:
+        super().forget_schema(table, rules)
         self._described.pop(table, None)
 
     def schema(self, table: str) -> pa.Schema:

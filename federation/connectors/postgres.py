@@ -230,8 +230,8 @@ class PostgresConnector(SqlConnector, ChangeSource):
     def schema(self, table: str) -> pa.Schema:
         return self._describe_table(table)[0]
 
-    def forget_schema(self, table: str) -> None:
-        super().forget_schema(table)
+    def forget_schema(self, table: str, rules: bool = True) -> None:
+        super().forget_schema(table, rules)
         with self._lock:
             self._schemas.pop(table, None)
 

@@ -475,7 +475,10 @@ class FlightSqlServer(flight.FlightServerBase):
     def plan_prepared(self, principal: Principal, command) -> Planned:
         statement = self.prepared.get(command.prepared_statement_handle, principal)
         if statement.parameters is None and len(statement.parameter_schema) == 0:
-            return statement.planned  # ADBC prepares every statement: plan it once
+            # ADBC prepares every statement: plan it once, and again only when what it reads
+            # changed (a table's columns), so that FlightInfo announces the schema that streams.
+            statement.planned = self.service.current(statement.planned)
+            return statement.planned
         return self.service.plan(principal, statement.sql, statement.parameters, door=DOOR,
                                  paid=statement.planned.paid)
 
