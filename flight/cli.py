@@ -104,6 +104,17 @@ class Serving:
         self.stack.close()
 
 
+def _exit_now(code: int) -> None:
+    """Ends the process once everything is closed, without the interpreter's finalization: the
+    native runtimes' teardown at exit (DataFusion's, DuckDB's, ONNX Runtime's, gRPC's) can abort
+    the process ("terminate called without an active exception") while a thread of one of them
+    is still winding down, turning a clean stop into a crash."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def warn_plain_text_beyond_loopback(runtime: RuntimeConfig) -> None:
     """Keys and results cross the network in clear text when a door listens beyond loopback
     without TLS; allowed (a trusted network, a proxy that terminates TLS), but said out loud."""
@@ -171,6 +182,7 @@ def run(config_path: str | None, flight_port: int | None, http_port: int | None,
     sys.stdout.flush()
     serving.serve()
     click.echo("flightdeck stopped", err=True)
+    _exit_now(0)
 
 
 @main.command("mcp")
