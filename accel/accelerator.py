@@ -76,8 +76,7 @@ class Accelerator:
         except StoreError as error:
             log.warning("dataset %s: not accelerated: %s", source.spec.dataset, error)
             return None
-        working_set = WorkingSet(source.spec.dataset, source.schema, source.connector, source.table,
-                                 source.spec.refresh_sql, source.spec.time_column, self.batch_rows)
+        working_set = self._working_set(source)
         kind = Refresher
         if source.spec.refresh_mode == "changes":
             if not isinstance(source.connector, ChangeSource):
@@ -92,8 +91,31 @@ class Accelerator:
             self._added_late.add(source.spec.dataset)
         return refresher
 
+    def take_new_columns(self, source: AcceleratedSource) -> Refresher | None:
+        """The dataset's source has other columns now: its copy is made again with them, now
+        (None: its copy cannot hold them, and the dataset is read where it is from now on)."""
+        dataset = source.spec.dataset
+        refresher = self.refreshers.get(dataset)
+        if refresher is None:  # stopped meanwhile
+            return None
+        try:
+            store = self._store(source)
+        except StoreError as error:
+            log.warning("dataset %s: not accelerated any more: %s", dataset, error)
+            self.stop_copying(dataset)
+            return None
+        refresher.take_new_columns(store, self._working_set(source), source.connector)
+        return refresher
+
+    def stop_copying(self, dataset: str) -> None:
+        """The dataset's copy is not kept fresh any more (its refresher stops), nor served."""
+        refresher = self.refreshers.get(dataset)
+        if refresher is not None:
+            refresher.stop()
+            self.remove(dataset)
+
     def remove(self, dataset: str) -> None:
-        """Takes back an ``add`` whose refresher has not started."""
+        """Takes back an ``add`` (its refresher not started, or stopped)."""
         self.refreshers = {name: r for name, r in self.refreshers.items() if name != dataset}
         self._added_late.discard(dataset)
 
@@ -102,6 +124,10 @@ class Accelerator:
         ``ready_state: on_load``): not for one added late, which a ready server was serving without."""
         refresher = self.refreshers.get(dataset)
         return refresher is not None and refresher.spec.ready_state == "on_load" and dataset not in self._added_late
+
+    def _working_set(self, source: AcceleratedSource) -> WorkingSet:
+        return WorkingSet(source.spec.dataset, source.schema, source.connector, source.table,
+                          source.spec.refresh_sql, source.spec.time_column, self.batch_rows)
 
     def _store(self, source: AcceleratedSource) -> Store:
         spec = source.spec

@@ -72,6 +72,7 @@ class Refresher:
         self._turn = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._outdated = False  # the source's columns changed: the copy must be made again with them
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -141,6 +142,15 @@ class Refresher:
                         break
             return self.status
 
+    def take_new_columns(self, store: Store, working_set: WorkingSet, source: Connector) -> RefreshStatus:
+        """The source's columns changed: the copy is made again in ``store`` with the new ones,
+        now, and serves once it has them (each scheduled refresh tries again until one does).
+        Meanwhile queries read what the catalog routes them to: the source."""
+        with self._turn:
+            self.store, self.working_set, self.source = store, working_set, source
+            self._outdated = True
+        return self.refresh()
+
     def _backoff(self, attempt: int) -> float:
         """Exponential, with jitter so that many datasets failing together do not retry in step."""
         ceiling = min(self.spec.retry_max_delay, self.spec.retry_base_delay * 2 ** (attempt - 1))
@@ -175,7 +185,11 @@ class Refresher:
                  self.spec.dataset, self.spec.refresh_mode, f"{rows:,}",
                  (status.last_refresh_end - started).total_seconds(), f"{status.rows:,}")
         self._notify()
-        if not self.loaded.is_set():
+        if self._outdated:  # its reader described the copy as it was: with the old columns
+            self.store.connector.forget_schema(self.store.table)
+            self._outdated = False
+            self._serve_copy()
+        elif not self.loaded.is_set():
             self._serve_copy()
         status.state = "ready"
         return True
@@ -183,7 +197,8 @@ class Refresher:
     def _load(self, stamp: Stamp, refresh_sql: str | None, started: dt.datetime) -> int:
         """Read the working set (or what is new in it) into the store; returns rows read."""
         counter = _Progress(self, stamp)
-        if self.spec.refresh_mode == "append" and self.loaded.is_set():
+        appending = self.spec.refresh_mode == "append" and self.loaded.is_set() and not self._outdated
+        if appending:
             since, after = self._append_start()
             reader = self.working_set.read(since, strictly_after=after, refresh_sql=refresh_sql)
         else:
@@ -192,7 +207,7 @@ class Refresher:
             reader = self.working_set.read(since, refresh_sql=refresh_sql)
         counted = counter.wrap(reader)
         try:
-            if self.spec.refresh_mode == "append" and self.loaded.is_set():
+            if appending:
                 self.store.upsert(counted, stamp, self.spec.primary_key, self.spec.on_conflict)
             else:
                 self.store.replace(counted, stamp, self.spec.indexes)

@@ -138,10 +138,10 @@ class Catalog:
         return self._open(self.datasets[name].spec, afresh=True)
 
     def schema_checked(self) -> list[str]:
-        """The datasets read where they are, in databases whose tables may be altered under them."""
+        """The datasets from databases whose tables may be altered under them."""
         return [name for name, dataset in self.datasets.items()
-                if dataset.error is None and not dataset.spec.accelerated
-                and dataset.source_connector is not None and dataset.source_connector.schema_may_change]
+                if dataset.error is None and dataset.source_connector is not None
+                and dataset.source_connector.schema_may_change]
 
     def source_changed(self, name: str) -> bool:
         """Whether a dataset's table now has other columns, or other types, than the dataset was

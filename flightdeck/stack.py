@@ -67,8 +67,7 @@ class Stack:
         self.late = LateDatasets(self.catalog.unavailable(), self.bring_in, runtime.retry_unavailable_seconds)
         self.late.start()
         self._refused_by_masks: set[str] = set()  # checked again: a mask may match the columns again
-        self.schema_checks = SchemaChecks(lambda: self.catalog.schema_checked() + sorted(self._refused_by_masks),
-                                          self.check_schema, runtime.schema_check_seconds)
+        self.schema_checks = SchemaChecks(self._schema_checked, self.check_schema, runtime.schema_check_seconds)
         self.schema_checks.start()
 
     def _accelerator(self, loaded: LoadedConfig) -> Accelerator:
@@ -133,11 +132,31 @@ class Stack:
             log.info("dataset %s is available now", name)
         return outcome
 
+    def _schema_checked(self) -> list[str]:
+        """The datasets whose sources' columns are checked now: those read where they are in
+        databases whose tables may be altered, the copies of such tables whose last refresh
+        failed, and the datasets refused for their masks (which may match the columns again)."""
+        return [name for name in self.catalog.schema_checked() if self._columns_checked(name)] + \
+            sorted(self._refused_by_masks)
+
+    def _columns_checked(self, name: str) -> bool:
+        """Whether a dataset's source is asked for its columns now. A copy's source is asked
+        nothing but its refreshes while they succeed (a column added there is copied after a
+        restart); a copy that follows a change stream learns of changes from the stream."""
+        acceleration = self._accelerations.get(name)
+        if acceleration is None:
+            return True
+        refresher = self.accelerator.refreshers.get(name)
+        if refresher is None:  # read where it is: its copy could not hold its columns
+            return True
+        return acceleration.refresh_mode != "changes" and refresher.status.last_error is not None
+
     def check_schema(self, name: str) -> None:
         """When a dataset's table has changed its columns at its source (a column retyped,
         added, dropped), the dataset is read as it is now in every session: plans made for the
         old columns would send the source casts that no longer hold (an integer cast of what is
-        now a decimal sums rounded values). A dataset refused for its masks is tried again."""
+        now a decimal sums rounded values), and an accelerated one's copy is made again with the
+        new columns (reading the source meanwhile). A dataset refused for its masks is tried again."""
         if name in self._refused_by_masks:
             self.bring_in(name)
             return
@@ -147,6 +166,7 @@ class Stack:
         if opened.error is not None:  # served as it was until a check can open it
             return
         log.warning("dataset %s: its source's columns changed: reading them again", name)
+        taken_out = False
         with self._engines_lock:
             if self._closed:
                 return
@@ -158,9 +178,12 @@ class Stack:
                 log.error("dataset %s is not served: columns %s appeared under a key's masks; restart to "
                           "serve it with the masks as configured", name, ", ".join(added))
                 self._take_out(name, MASKED_COLUMNS_ADDED)
-                return
-            outcome = self._serve(opened)
-        if outcome == UNAVAILABLE:
+                taken_out = True
+            else:
+                outcome = self._serve(opened)
+        if taken_out:
+            self.accelerator.stop_copying(name)  # no longer read from its source for nothing
+        elif outcome == UNAVAILABLE:
             self.late.add(name)
 
     def _masks_name(self, name: str) -> bool:
@@ -188,8 +211,9 @@ class Stack:
             self._refused_by_masks.add(name)
             return REFUSED
         acceleration = self._accelerations.get(name)
+        copied = self.accelerator.refreshers.get(name)  # a copy of the dataset as it was
         refresher = None
-        if acceleration is not None:
+        if acceleration is not None and copied is None:
             try:
                 refresher = self.accelerator.add(self._accelerated_source(acceleration, opened), late=True)
             except AccelerationError as error:
@@ -221,6 +245,10 @@ class Stack:
                 self._index_each_refresh(self.search, name)
             self._record_each_refresh(refresher)
             refresher.start()  # an on_load dataset routes to its pending copy at once
+        if copied is not None:  # read at its source until copied again with its columns as they are now
+            source = self._accelerated_source(acceleration, opened)
+            threading.Thread(target=self.accelerator.take_new_columns, args=(source,),
+                             name=f"copy {name} again", daemon=True).start()
         self.catalog.changed()
         return SERVED
 

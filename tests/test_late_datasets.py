@@ -271,6 +271,41 @@ def test_a_column_retyped_at_the_source_is_read_as_it_is_now(tmp_path, altered_t
         assert table.schema.names == ["id", "v", "secret", "added"] and float(table["v"][0].as_py()) == 1.4
 
 
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite", "arrow"])
+def test_an_accelerated_copy_is_made_again_when_its_source_changes_its_columns(tmp_path, altered_table, engine):
+    """Refreshes read the source with the columns the dataset was opened with: a column retyped
+    from integer to numeric failed every refresh ("Failed to parse string: '4.40' as a scalar of
+    type int32"), and the copy served the old rows, without the added column, until a restart.
+    A failed refresh now has the source's columns checked: they changed, the copy is made again."""
+    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+    config = {
+        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params,
+                      "acceleration": {"enabled": True, "engine": engine,  # refreshed on demand only
+                                       "refresh_retry_enabled": False}}],
+        "runtime": {"schema_check_seconds": RETRY_SECONDS,
+                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
+                                                     "columns": {"amounts": ["id", "v", "added"]}}]}},
+    }
+    with serving(config, tmp_path) as running:
+        url = running.flight_url
+        refresher = running.accelerator.refresher("amounts")
+        assert refresher.loaded.wait(60)
+        assert _rows(url, "SELECT sum(v) AS s FROM amounts", AGENT) == [{"s": 10}]
+        postgres("DO $$ BEGIN ALTER TABLE fd_altered.amounts ALTER COLUMN v TYPE numeric(10, 2); "
+                 "ALTER TABLE fd_altered.amounts ADD COLUMN added text DEFAULT 'x'; "
+                 "UPDATE fd_altered.amounts SET v = v + 0.4; END $$")  # one migration
+        assert "Failed to parse string" in running.stack.refresh("public.amounts")["last_error"]
+        _eventually(lambda: refresher.status.refreshes == 2 and refresher.status.last_error is None)
+        read_at_source = _postgres_queries(running)
+        for key in (OPERATOR, AGENT):
+            assert [float(r["s"]) for r in _rows(url, "SELECT sum(v) AS s FROM amounts", key)] == [11.6]
+            assert _rows(url, "SELECT added FROM amounts WHERE id = 1", key) == [{"added": "x"}]
+        assert _postgres_queries(running) == read_at_source  # the new copy answers
+        postgres("UPDATE fd_altered.amounts SET v = v + 1")
+        running.stack.refresh("public.amounts")  # later refreshes read the new columns too
+        assert [float(r["s"]) for r in _rows(url, "SELECT sum(v) AS s FROM amounts", AGENT)] == [15.6]
+
+
 def test_a_masked_column_dropped_or_renamed_at_the_source_is_never_shown_unmasked(tmp_path, altered_table):
     """A mask follows a column's name. A masked column dropped takes the dataset out until it is
     back; a masked column renamed, a new one taking its name, would show the old values under
@@ -300,3 +335,39 @@ def test_a_masked_column_dropped_or_renamed_at_the_source_is_never_shown_unmaske
             assert "dataset amounts is unavailable" in _error(url, "SELECT * FROM amounts", key)
         time.sleep(5 * RETRY_SECONDS)  # checked again meanwhile: still out
         assert dataset().error == MASKED_COLUMNS_ADDED
+
+
+def test_a_copy_whose_masked_column_is_dropped_or_renamed_never_shows_it_unmasked(tmp_path, altered_table):
+    """A masked column dropped fails the copy's refresh, which has the columns checked: the
+    dataset is out until the column is back, then copied again. A masked column renamed, a new
+    one taking its name, fails no refresh: the copy keeps its columns, and the values the mask
+    hid are never copied under either name."""
+    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
+    config = {
+        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params,
+                      "acceleration": {"enabled": True, "refresh_retry_enabled": False}}],
+        "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
+                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
+                                                     "masks": {"amounts": {"secret": "redact"}}}]}},
+    }
+    dataset = lambda: running.catalog.datasets["public.amounts"]  # noqa: E731
+    with serving(config, tmp_path) as running:
+        url = running.flight_url
+        refresher = running.accelerator.refresher("amounts")
+        assert refresher.loaded.wait(60)
+        postgres("ALTER TABLE fd_altered.amounts DROP COLUMN secret")
+        assert "secret" in running.stack.refresh("public.amounts")["last_error"]
+        _eventually(lambda: dataset().error == MASK_MISMATCH)
+        assert f"dataset amounts is unavailable: {MASK_MISMATCH}" in _error(url, "SELECT id FROM amounts", AGENT)
+        postgres("ALTER TABLE fd_altered.amounts ADD COLUMN secret text DEFAULT 'back'")
+        _eventually(lambda: dataset().state == "ready" and refresher.status.refreshes == 2)
+        read_at_source = _postgres_queries(running)
+        assert _rows(url, "SELECT secret FROM amounts WHERE id = 1", AGENT) == [{"secret": None}]
+        assert _rows(url, "SELECT secret FROM amounts WHERE id = 1") == [{"secret": "back"}]
+        assert _postgres_queries(running) == read_at_source  # from the copy made again
+        postgres("DO $$ BEGIN ALTER TABLE fd_altered.amounts RENAME COLUMN secret TO secret_old; "
+                 "ALTER TABLE fd_altered.amounts ADD COLUMN secret text; END $$")  # one migration
+        assert running.stack.refresh("public.amounts")["last_error"] is None
+        time.sleep(5 * RETRY_SECONDS)  # no check is due: the refresh succeeded
+        for key in (AGENT, OPERATOR):
+            assert _rows(url, "SELECT * FROM amounts WHERE id = 1", key) == [{"id": 1, "v": 1, "secret": None}]
