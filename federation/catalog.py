@@ -151,10 +151,9 @@ class Catalog:
         connector, table = dataset.source_connector, dataset.spec.location
         connector.forget_schema(table, rules=False)  # asked again (on the query path) only after a change
         try:
-            changed = not connector.cached_schema(table).equals(dataset.arrow_schema)
+            return not connector.cached_schema(table).equals(dataset.arrow_schema)
         except Exception:  # noqa: BLE001 - unreachable now: not a change of columns
             return False
-        return changed
 
     def admit(self, dataset: Dataset) -> None:
         """``dataset`` (from ``open_again``) in place of the one of its name."""
@@ -165,10 +164,6 @@ class Catalog:
         """A dataset opened after the session was made (from ``open_again``, not admitted yet), in
         it; its error says why if the session cannot read it."""
         self._register(ctx, dataset)
-
-    def deregister_dataset(self, ctx: SessionContext, name: str) -> None:
-        """Takes back ``register_dataset``."""
-        deregister(ctx, name)
 
     def schema_names(self) -> list[str]:
         return schema_names(self.datasets.values())

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 from datafusion import SessionContext
 
-from federation.catalog import (Catalog, Dataset, connectors_of, deregister, listing, register_tables,
+from federation.catalog import (Catalog, Dataset, connectors_of, listing, register_tables,
                                 scanned_name, schema_names, source_rows)
 from federation.connectors import ConnectorError
 from federation.masks import ColumnMasks
@@ -123,10 +123,6 @@ class CatalogView:
         view shows it, if it does."""
         if self.sees(dataset.qualified_name):
             self._register(ctx, self._seen(dataset), base=dataset)
-
-    def deregister_dataset(self, ctx: SessionContext, name: str) -> None:
-        """Takes back ``register_dataset``."""
-        deregister(ctx, name)
 
     @staticmethod
     def _source_schema(dataset: Dataset, base: Dataset) -> pa.Schema:

@@ -1,5 +1,6 @@
-"""Datasets whose sources could not be opened are tried again in the background: a sidecar
-started while a database restarts serves it once it is back, without a restart of its own."""
+"""Work on datasets in the background, each on a thread of its own: datasets whose sources could
+not be opened are tried again (a sidecar started while a database restarts serves them once it is
+back, without a restart of its own), and the columns of sources that may change are checked."""
 from __future__ import annotations
 
 import logging
@@ -18,107 +19,103 @@ REFUSED = "refused"          # it breaks the configuration (its error says how):
 LONGEST_WAIT_SECONDS = 300.0
 
 
-class LateDatasets:
-    """Tries ``bring_in(name)`` for each of ``names``, first ``every`` seconds after start, then
-    backing off (doubling, up to ``LONGEST_WAIT_SECONDS``) while it says UNAVAILABLE; ``every``
-    None: never. Each attempt runs on a thread of its own: a source that hangs delays no other
-    dataset's attempts (and never its own next one, which waits for it), nor the stop."""
+class DatasetWork:
+    """Every ``tick`` seconds, ``work(name)`` for each dataset ``due()`` names, each on a thread of
+    its own: a source that hangs holds up no other dataset's work, and its own next turn waits for
+    it. ``done(name, outcome)`` is told each outcome (None: ``work`` raised), under the lock."""
 
-    def __init__(self, names: list[str], bring_in: Callable[[str], str], every: float | None):
-        self.bring_in = bring_in
-        self.every = every
-        self._lock = threading.Lock()
-        self._due = {name: 0.0 for name in names}    # the monotonic time of each one's next attempt
-        self._failures = {name: 0 for name in names}
+    def __init__(self, label: str, tick: float, due: Callable[[], list[str]], work: Callable[[str], str | None]):
+        self.label = label  # what the work is, for thread names and the log
+        self.tick = tick
+        self.due = due
+        self.work = work
+        self.lock = threading.Lock()
         self._running: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="retry unavailable datasets", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=label, daemon=True)
 
     def start(self) -> None:
-        if self.every is not None:
-            now = time.monotonic()
-            self._due = {name: now + self.every for name in self._due}
-            self._thread.start()
-
-    def add(self, name: str) -> None:
-        """Tries ``name`` again too, from ``every`` seconds on."""
-        if self.every is None:
-            return
-        with self._lock:
-            self._due[name] = time.monotonic() + self.every
-            self._failures[name] = 0
-
-    def pending(self) -> list[str]:
-        with self._lock:
-            return sorted(self._due)
+        self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(min(self.every, 1.0)):
-            now = time.monotonic()
-            with self._lock:
-                due = [name for name, at in self._due.items() if at <= now and name not in self._running]
-                self._running.update(due)
-            for name in due:
-                threading.Thread(target=self._attempt, args=(name,), name=f"retry {name}", daemon=True).start()
+        while not self._stop.wait(self.tick):
+            with self.lock:
+                names = [name for name in self.due() if name not in self._running]
+                self._running.update(names)
+            for name in names:
+                threading.Thread(target=self._work, args=(name,), name=f"{self.label}: {name}", daemon=True).start()
 
-    def _attempt(self, name: str) -> None:
+    def _work(self, name: str) -> None:
+        outcome = None
         try:
-            outcome = self.bring_in(name)
-        except Exception as error:  # must not end the retries of this or any other dataset
-            log.error("dataset %s: trying its source again failed (%s)", name, type(error).__name__)
-            outcome = UNAVAILABLE
-        with self._lock:
-            self._running.discard(name)
-            if outcome != UNAVAILABLE:
-                self._due.pop(name, None)
-                return
-            self._failures[name] += 1
-            wait = min(self.every * 2 ** self._failures[name], max(self.every, LONGEST_WAIT_SECONDS))
-            self._due[name] = time.monotonic() + wait
+            if not self._stop.is_set():
+                outcome = self.work(name)
+        except Exception as error:  # must not end the work on this or any other dataset
+            log.error("dataset %s: %s failed (%s)", name, self.label, type(error).__name__)
+        finally:
+            with self.lock:
+                self._running.discard(name)
+                self.done(name, outcome)
+
+    def done(self, name: str, outcome: str | None) -> None:
+        pass
 
     def stop(self) -> None:
-        """No attempt starts from now on; one under way is not waited for."""
+        """No work starts from now on; work under way is not waited for."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
 
-class SchemaChecks:
-    """Every ``every`` seconds, ``check(name)`` for each of ``names()`` (None: never), each on a
-    thread of its own: a source that hangs holds up no other dataset's check, and its own next
-    check waits for it."""
+class LateDatasets(DatasetWork):
+    """Tries ``bring_in(name)`` for each of ``names``, first ``every`` seconds after start, then
+    backing off (doubling, up to ``LONGEST_WAIT_SECONDS``) while it says UNAVAILABLE; ``every``
+    None: never."""
 
-    def __init__(self, names: Callable[[], list[str]], check: Callable[[str], None], every: float | None):
-        self.names = names
-        self.check = check
+    def __init__(self, names: list[str], bring_in: Callable[[str], str], every: float | None):
+        super().__init__("trying its source again", min(every or 1.0, 1.0), self._due_now, bring_in)
         self.every = every
-        self._lock = threading.Lock()
-        self._running: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="check source schemas", daemon=True)
+        self._due = {name: 0.0 for name in names}    # the monotonic time of each one's next attempt
+        self._failures = {name: 0 for name in names}
 
     def start(self) -> None:
         if self.every is not None:
-            self._thread.start()
+            now = time.monotonic()
+            self._due = {name: now + self.every for name in self._due}
+            super().start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            with self._lock:
-                due = [name for name in self.names() if name not in self._running]
-                self._running.update(due)
-            for name in due:
-                threading.Thread(target=self._check, args=(name,), name=f"check {name}", daemon=True).start()
+    def add(self, name: str) -> None:
+        """Tries ``name`` again too, from ``every`` seconds on."""
+        if self.every is None:
+            return
+        with self.lock:
+            self._due[name] = time.monotonic() + self.every
+            self._failures[name] = 0
 
-    def _check(self, name: str) -> None:
-        try:
-            if not self._stop.is_set():
-                self.check(name)
-        except Exception as error:  # must not end the checks of this or any other dataset
-            log.error("dataset %s: checking its source's columns failed (%s)", name, type(error).__name__)
-        finally:
-            with self._lock:
-                self._running.discard(name)
+    def pending(self) -> list[str]:
+        with self.lock:
+            return sorted(self._due)
 
-    def stop(self) -> None:
-        """No check starts from now on; one under way is not waited for."""
-        self._stop.set()
+    def _due_now(self) -> list[str]:
+        now = time.monotonic()
+        return [name for name, at in self._due.items() if at <= now]
+
+    def done(self, name: str, outcome: str | None) -> None:
+        if outcome not in (UNAVAILABLE, None):
+            self._due.pop(name, None)
+            return
+        self._failures[name] += 1
+        wait = min(self.every * 2 ** self._failures[name], max(self.every, LONGEST_WAIT_SECONDS))
+        self._due[name] = time.monotonic() + wait
+
+
+class SchemaChecks(DatasetWork):
+    """Every ``every`` seconds, ``check(name)`` for each of ``names()`` (None: never)."""
+
+    def __init__(self, names: Callable[[], list[str]], check: Callable[[str], None], every: float | None):
+        super().__init__("checking its source's columns", every or 0.0, names, check)
+        self.every = every
+
+    def start(self) -> None:
+        if self.every is not None:
+            super().start()

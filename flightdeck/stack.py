@@ -8,7 +8,7 @@ import threading
 from accel.accelerator import AcceleratedSource, AccelerationError, Accelerator
 from accel.refresh import Refresher
 from accel.spec import AccelerationSpec
-from federation.catalog import Catalog, Dataset
+from federation.catalog import Catalog, Dataset, deregister
 from federation.catalog_view import CatalogView, unmasked_columns, visible_columns
 from federation.masks import ColumnMasks
 from federation.system import SnapshotConnector
@@ -186,15 +186,19 @@ class Stack:
         elif outcome == UNAVAILABLE:
             self.late.add(name)
 
-    def _masks_name(self, name: str) -> bool:
+    def _masks(self) -> list[tuple[str, dict]]:
+        """Each principal's masks, with who it is (for the log): {dataset: {column: kind}}."""
         auth = self.loaded.config.runtime.auth
-        return any(qualified(dataset) == name for principal in [*auth.keys(), *auth.users]
-                   for dataset in principal.masks)
+        return [(f"api key {k.name}", k.masks) for k in auth.keys()] + \
+            [(f"user {u.username}", u.masks) for u in auth.users]
+
+    def _masks_name(self, name: str) -> bool:
+        return any(qualified(dataset) == name for _, masks in self._masks() for dataset in masks)
 
     def _take_out(self, name: str, error: str) -> None:
         """The dataset out of every session, unavailable with ``error``; called with the lock held."""
-        for engine in [self.engine, *self._granted_engines.values()]:
-            engine.catalog.deregister_dataset(engine.ctx, name)
+        for engine in self._engines():
+            deregister(engine.ctx, name)
         self.catalog.datasets[name].error = error
         self.catalog.changed()
 
@@ -222,8 +226,8 @@ class Stack:
                 return REFUSED
         previous = self.catalog.datasets[name]
         try:
-            for engine in [self.engine, *self._granted_engines.values()]:
-                engine.catalog.deregister_dataset(engine.ctx, name)
+            for engine in self._engines():
+                deregister(engine.ctx, name)
                 engine.catalog.register_dataset(engine.ctx, opened)
             problem = opened.error  # set when the session could not read it (a file half written)
             if problem is None:
@@ -251,6 +255,10 @@ class Stack:
                              name=f"copy {name} again", daemon=True).start()
         self.catalog.changed()
         return SERVED
+
+    def _engines(self) -> list[QueryEngine]:
+        """Every session's engine: the full one, and each grant's made so far."""
+        return [self.engine, *self._granted_engines.values()]
 
     def engine_for(self, grant: Grant) -> QueryEngine:
         """The engine whose session holds only what ``grant`` shows (made on first use; one per
@@ -280,10 +288,8 @@ class Stack:
     def _mask_problems(self, datasets: dict[str, Dataset], unknown_datasets: bool = False) -> list[str]:
         """What the masks say wrong of these datasets (of their columns known so far), and,
         with ``unknown_datasets``, each mask naming a dataset that is not configured."""
-        auth = self.loaded.config.runtime.auth
         problems = []
-        for who, masks in [(f"api key {k.name}", k.masks) for k in auth.keys()] + \
-                          [(f"user {u.username}", u.masks) for u in auth.users]:
+        for who, masks in self._masks():
             for name, kinds in masks.items():
                 dataset = datasets.get(qualified(name))
                 if dataset is None:

@@ -236,6 +236,18 @@ def altered_table() -> Iterator[None]:
         "INSERT INTO fd_altered.amounts SELECT i, i, 's' || i FROM generate_series(1, 4) i")
 
 
+def _amounts(agent: dict, acceleration: dict | None = None) -> dict:
+    """A config serving fd_altered.amounts as ``amounts`` to the operator and to an agent key
+    limited by ``agent`` (its columns or masks), its source checked every RETRY_SECONDS."""
+    dataset = {"from": "postgres:fd_altered.amounts", "name": "amounts",
+               "params": {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}}
+    if acceleration is not None:
+        dataset["acceleration"] = acceleration
+    return {"datasets": [dataset],
+            "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
+                        "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT, **agent}]}}}
+
+
 def _connect(url: str, key: str):
     return flightsql.connect(url, autocommit=True, db_kwargs={"adbc.flight.sql.authorization_header": f"Bearer {key}"})
 
@@ -243,13 +255,7 @@ def _connect(url: str, key: str):
 def test_a_column_retyped_at_the_source_is_read_as_it_is_now(tmp_path, altered_table):
     """A column retyped from integer to numeric under a running server: plans kept the integer
     type and pushed sum(CAST(v AS BIGINT)), which PostgreSQL answered with rounded values."""
-    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
-    config = {
-        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params}],
-        "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
-                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
-                                                     "columns": {"amounts": ["id", "v", "added"]}}]}},
-    }
+    config = _amounts({"columns": {"amounts": ["id", "v", "added"]}})
     with serving(config, tmp_path) as running, _connect(running.flight_url, OPERATOR) as kept, \
             kept.cursor() as prepared:
         url = running.flight_url
@@ -277,15 +283,8 @@ def test_an_accelerated_copy_is_made_again_when_its_source_changes_its_columns(t
     from integer to numeric failed every refresh ("Failed to parse string: '4.40' as a scalar of
     type int32"), and the copy served the old rows, without the added column, until a restart.
     A failed refresh now has the source's columns checked: they changed, the copy is made again."""
-    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
-    config = {
-        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params,
-                      "acceleration": {"enabled": True, "engine": engine,  # refreshed on demand only
-                                       "refresh_retry_enabled": False}}],
-        "runtime": {"schema_check_seconds": RETRY_SECONDS,
-                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
-                                                     "columns": {"amounts": ["id", "v", "added"]}}]}},
-    }
+    config = _amounts({"columns": {"amounts": ["id", "v", "added"]}},  # refreshed on demand only
+                      acceleration={"enabled": True, "engine": engine, "refresh_retry_enabled": False})
     with serving(config, tmp_path) as running:
         url = running.flight_url
         refresher = running.accelerator.refresher("amounts")
@@ -310,13 +309,7 @@ def test_a_masked_column_dropped_or_renamed_at_the_source_is_never_shown_unmaske
     """A mask follows a column's name. A masked column dropped takes the dataset out until it is
     back; a masked column renamed, a new one taking its name, would show the old values under
     the new name: the dataset is taken out until a restart."""
-    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
-    config = {
-        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params}],
-        "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
-                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
-                                                     "masks": {"amounts": {"secret": "redact"}}}]}},
-    }
+    config = _amounts({"masks": {"amounts": {"secret": "redact"}}})
     dataset = lambda: running.catalog.datasets["public.amounts"]  # noqa: E731
     with serving(config, tmp_path) as running:
         url = running.flight_url
@@ -342,14 +335,8 @@ def test_a_copy_whose_masked_column_is_dropped_or_renamed_never_shows_it_unmaske
     dataset is out until the column is back, then copied again. A masked column renamed, a new
     one taking its name, fails no refresh: the copy keeps its columns, and the values the mask
     hid are never copied under either name."""
-    params = {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}
-    config = {
-        "datasets": [{"from": "postgres:fd_altered.amounts", "name": "amounts", "params": params,
-                      "acceleration": {"enabled": True, "refresh_retry_enabled": False}}],
-        "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
-                    "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT,
-                                                     "masks": {"amounts": {"secret": "redact"}}}]}},
-    }
+    config = _amounts({"masks": {"amounts": {"secret": "redact"}}},
+                      acceleration={"enabled": True, "refresh_retry_enabled": False})
     dataset = lambda: running.catalog.datasets["public.amounts"]  # noqa: E731
     with serving(config, tmp_path) as running:
         url = running.flight_url
