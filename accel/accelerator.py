@@ -91,27 +91,26 @@ class Accelerator:
             self._added_late.add(source.spec.dataset)
         return refresher
 
-    def take_new_columns(self, source: AcceleratedSource) -> Refresher | None:
-        """The dataset's source has other columns now: its copy is made again with them, now
-        (None: its copy cannot hold them, and the dataset is read where it is from now on)."""
+    def take_new_columns(self, source: AcceleratedSource) -> bool:
+        """The dataset's source has other columns now: its copy is made again with them, at once,
+        by its refresher (False: its copy cannot hold them, and the dataset is read where it is
+        from now on). Does not wait."""
         dataset = source.spec.dataset
-        refresher = self.refreshers.get(dataset)
-        if refresher is None:  # stopped meanwhile
-            return None
         try:
             store = self._store(source)
         except StoreError as error:
             log.warning("dataset %s: not accelerated any more: %s", dataset, error)
-            self.stop_copying(dataset)
-            return None
-        refresher.take_new_columns(store, self._working_set(source), source.connector)
-        return refresher
+            self.stop_copying(dataset, wait=False)
+            return False
+        self.refreshers[dataset].take_new_columns(store, self._working_set(source), source.connector)
+        return True
 
-    def stop_copying(self, dataset: str) -> None:
-        """The dataset's copy is not kept fresh any more (its refresher stops), nor served."""
+    def stop_copying(self, dataset: str, wait: bool = True) -> None:
+        """The dataset's copy is not kept fresh any more (its refresher stops; with ``wait``, a
+        refresh under way is given 10 s to end), nor served."""
         refresher = self.refreshers.get(dataset)
         if refresher is not None:
-            refresher.stop()
+            refresher.stop(wait)
             self.remove(dataset)
 
     def remove(self, dataset: str) -> None:

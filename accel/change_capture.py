@@ -43,7 +43,6 @@ class ChangeCapture(Refresher):
         self.changes: ChangeSource = source
         self.key = tuple(source.change_key(source_table))
         self._lags: deque[float] = deque(maxlen=spec.lag_window)
-        self._wake = threading.Event()       # stop, or a new snapshot asked for: the stream returns
         self._snapshot_wanted = False
         self._snapshots = 0                  # counted under _done, so refresh() can wait for the next
         self._done = threading.Condition()
@@ -57,12 +56,10 @@ class ChangeCapture(Refresher):
                                          daemon=True)
         self._monitor.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        for thread in (self._thread, self._monitor):
-            if thread is not None:
-                thread.join(timeout=10)
+    def stop(self, wait: bool = True) -> None:
+        super().stop(wait)
+        if wait and self._monitor is not None:
+            self._monitor.join(timeout=10)
 
     def refresh(self, refresh_sql: str | None = None) -> RefreshStatus:
         """Take a new snapshot now (e.g. after the source was reset) and wait for it."""

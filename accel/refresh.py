@@ -71,8 +71,12 @@ class Refresher:
         self.listeners: list[Listener] = []  # run in the refresh's turn, before it reports ready
         self._turn = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # stopped, or work asked for now: the thread's wait ends
         self._thread: threading.Thread | None = None
-        self._outdated = False  # the source's columns changed: the copy must be made again with them
+        # The source's columns changed: what copies them (store, working set, source), until the
+        # next refresh takes it up; then ``_outdated`` until a copy with them serves.
+        self._new_columns: tuple[Store, WorkingSet, Connector] | None = None
+        self._outdated = False
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -89,9 +93,11 @@ class Refresher:
         self._thread = threading.Thread(target=self._run, name=f"refresh {self.spec.dataset}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """No refresh starts from now on; with ``wait``, one under way is given 10 s to end."""
         self._stop.set()
-        if self._thread is not None:
+        self._wake.set()
+        if wait and self._thread is not None:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -107,15 +113,17 @@ class Refresher:
         while True:
             due = [t for t in (next_refresh, next_retention) if t is not None]
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
-            if self._stop.wait(timeout):
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stop.is_set():
                 return
             now = time.monotonic()
             if next_retention is not None and now >= next_retention:
                 self.apply_retention()
                 next_retention = now + retention_every
-            if next_refresh is not None and now >= next_refresh:
+            if self._new_columns is not None or (next_refresh is not None and now >= next_refresh):
                 self.refresh()
-                next_refresh = time.monotonic() + refresh_every
+                next_refresh = time.monotonic() + refresh_every if refresh_every else None
 
     def _retention_interval(self) -> float | None:
         if self.spec.retention_period is None:
@@ -133,6 +141,7 @@ class Refresher:
         with self._turn:
             attempts = self.spec.refresh_retry_max_attempts if self.spec.refresh_retry_enabled else 1
             for attempt in range(1, attempts + 1):
+                self._take_up_new_columns()
                 if self._attempt(refresh_sql):
                     break
                 if attempt < attempts:
@@ -142,14 +151,25 @@ class Refresher:
                         break
             return self.status
 
-    def take_new_columns(self, store: Store, working_set: WorkingSet, source: Connector) -> RefreshStatus:
-        """The source's columns changed: the copy is made again in ``store`` with the new ones,
-        now, and serves once it has them (each scheduled refresh tries again until one does).
-        Meanwhile queries read what the catalog routes them to: the source."""
-        with self._turn:
-            self.store, self.working_set, self.source = store, working_set, source
+    def take_new_columns(self, store: Store, working_set: WorkingSet, source: Connector) -> None:
+        """The source's columns changed: the copy is made again in ``store`` with the new ones, on
+        this refresher's thread, at once (a refresh under way ends first); it serves once it has
+        them, each scheduled refresh trying again until one does. Meanwhile queries read what the
+        catalog routes them to: the source. Of two changes, the last one told wins."""
+        self._new_columns = (store, working_set, source)
+        self._wake.set()
+
+    def _take_up_new_columns(self) -> None:
+        """From now on, refreshes copy the new columns (called in the refresh's turn)."""
+        new_columns, self._new_columns = self._new_columns, None
+        if new_columns is not None:
+            self.store, self.working_set, self.source = new_columns
             self._outdated = True
-        return self.refresh()
+
+    @property
+    def copy_serves(self) -> bool:
+        """Whether queries read the copy (not a pending one, nor the source while it is made again)."""
+        return self.loaded.is_set() and not self._outdated and self._new_columns is None
 
     def _backoff(self, attempt: int) -> float:
         """Exponential, with jitter so that many datasets failing together do not retry in step."""
@@ -178,6 +198,9 @@ class Refresher:
         status.last_refresh_end = dt.datetime.now(dt.timezone.utc)
         status.data_as_of = started
         status.last_error = None
+        # Its reader may have described the copy as it was: its columns may have changed (a copy
+        # kept from before a restart, or made again with the source's new columns).
+        self.store.connector.forget_schema(self.store.table)
         if self.spec.retention_period is not None:
             self._delete_expired()
         self._measure()
@@ -185,12 +208,9 @@ class Refresher:
                  self.spec.dataset, self.spec.refresh_mode, f"{rows:,}",
                  (status.last_refresh_end - started).total_seconds(), f"{status.rows:,}")
         self._notify()
-        if self._outdated:  # its reader described the copy as it was: with the old columns
-            self.store.connector.forget_schema(self.store.table)
+        if not self.loaded.is_set() or self._outdated:
+            self._serve_copy()
             self._outdated = False
-            self._serve_copy()
-        elif not self.loaded.is_set():
-            self._serve_copy()
         status.state = "ready"
         return True
 

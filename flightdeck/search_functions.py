@@ -318,8 +318,8 @@ class SearchIndexes:
         self.add(specs)
 
     def add(self, specs: list[ColumnSearchSpec]) -> None:
-        """Indexes for these columns (of datasets not indexed yet), empty until their copy's
-        first refresh."""
+        """Indexes for these columns (of datasets not indexed, or removed), empty until their
+        copy's next refresh."""
         added = {}
         for spec in specs:
             embedder = (lambda model=spec.model: self._embedder_for(model)) if spec.model else None
@@ -330,6 +330,14 @@ class SearchIndexes:
         for dataset, schema in {name: index.rows_schema for (name, _), index in added.items()}.items():
             _warn_of_shadowed_columns(dataset, schema)
         self.columns = {**self.columns, **added}  # a new dict: searches may be going through it
+
+    def remove(self, dataset: str) -> None:
+        """A dataset's indexes gone (it is not served, or not copied any more): searching it fails
+        as for any dataset without them."""
+        # A new dict, and no lock: searches may be going through it, and a refresh holding the
+        # lock while it embeds must not hold up whoever takes the dataset out.
+        self.columns = {key: index for key, index in self.columns.items() if key[0] != dataset}
+        self._as_of.pop(dataset, None)
 
     def datasets(self) -> set[str]:
         return {dataset for dataset, _ in self.columns}

@@ -235,7 +235,7 @@ class Service:
             refresher = self.stack.accelerator.refreshers.get(qualified(name))
             if refresher is not None and not refresher.loaded.is_set() and refresher.spec.ready_state == "on_load":
                 refresher.loaded.wait(refresher.spec.ready_timeout)  # as the query itself will wait for it
-            if refresher is not None and refresher.loaded.is_set() and refresher.status.data_as_of is not None:
+            if refresher is not None and refresher.copy_serves and refresher.status.data_as_of is not None:
                 taken = refresher.status.data_as_of
                 indexed = self.stack.search.data_as_of(refresher.spec.dataset)
                 # A searchable dataset answers a search from its indexes, which may still hold

@@ -199,6 +199,7 @@ class Stack:
         """The dataset out of every session, unavailable with ``error``; called with the lock held."""
         for engine in self._engines():
             deregister(engine.ctx, name)
+        self.search.remove(name)
         self.catalog.datasets[name].error = error
         self.catalog.changed()
 
@@ -232,7 +233,8 @@ class Stack:
             problem = opened.error  # set when the session could not read it (a file half written)
             if problem is None:
                 self.catalog.admit(opened)
-                if refresher is not None:  # its indexes read the dataset's columns from the catalog
+                if refresher is not None or copied is not None:  # indexes of its columns, from the catalog
+                    self.search.remove(name)
                     self.search.add([spec for spec in self.loaded.config.search_specs() if spec.dataset == name])
         except Exception as error:
             log.debug("dataset %s: setting it up failed", name, exc_info=True)
@@ -249,10 +251,9 @@ class Stack:
                 self._index_each_refresh(self.search, name)
             self._record_each_refresh(refresher)
             refresher.start()  # an on_load dataset routes to its pending copy at once
-        if copied is not None:  # read at its source until copied again with its columns as they are now
-            source = self._accelerated_source(acceleration, opened)
-            threading.Thread(target=self.accelerator.take_new_columns, args=(source,),
-                             name=f"copy {name} again", daemon=True).start()
+        # Read at its source until copied again with its columns as they are now.
+        if copied is not None and not self.accelerator.take_new_columns(self._accelerated_source(acceleration, opened)):
+            self.search.remove(name)  # read where it is from now on, not copied: nothing to search
         self.catalog.changed()
         return SERVED
 

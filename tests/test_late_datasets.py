@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from decimal import Decimal
 from typing import Callable, Iterator
 
 import adbc_driver_flightsql.dbapi as flightsql
@@ -236,13 +237,15 @@ def altered_table() -> Iterator[None]:
         "INSERT INTO fd_altered.amounts SELECT i, i, 's' || i FROM generate_series(1, 4) i")
 
 
-def _amounts(agent: dict, acceleration: dict | None = None) -> dict:
-    """A config serving fd_altered.amounts as ``amounts`` to the operator and to an agent key
-    limited by ``agent`` (its columns or masks), its source checked every RETRY_SECONDS."""
-    dataset = {"from": "postgres:fd_altered.amounts", "name": "amounts",
+def _amounts(agent: dict, acceleration: dict | None = None, table: str = "fd_altered.amounts") -> dict:
+    """A config serving ``table`` as ``amounts`` to the operator and to an agent key limited by
+    ``agent`` (its columns or masks), its source checked every RETRY_SECONDS; when accelerated,
+    its column ``secret`` searchable by full text."""
+    dataset = {"from": f"postgres:{table}", "name": "amounts",
                "params": {"pg_host": "127.0.0.1", "pg_db": "test", "pg_user": "postgres"}}
     if acceleration is not None:
         dataset["acceleration"] = acceleration
+        dataset["columns"] = [{"name": "secret", "full_text_search": {"enabled": True}}]
     return {"datasets": [dataset],
             "runtime": {"schema_check_seconds": RETRY_SECONDS, "retry_unavailable_seconds": RETRY_SECONDS,
                         "auth": {"api_keys": [OPERATOR, {"name": "late-agent", "key": AGENT, **agent}]}}}
@@ -294,12 +297,15 @@ def test_an_accelerated_copy_is_made_again_when_its_source_changes_its_columns(t
                  "ALTER TABLE fd_altered.amounts ADD COLUMN added text DEFAULT 'x'; "
                  "UPDATE fd_altered.amounts SET v = v + 0.4; END $$")  # one migration
         assert "Failed to parse string" in running.stack.refresh("public.amounts")["last_error"]
-        _eventually(lambda: refresher.status.refreshes == 2 and refresher.status.last_error is None)
+        _eventually(lambda: refresher.copy_serves and refresher.status.refreshes == 2)
         read_at_source = _postgres_queries(running)
         for key in (OPERATOR, AGENT):
             assert [float(r["s"]) for r in _rows(url, "SELECT sum(v) AS s FROM amounts", key)] == [11.6]
             assert _rows(url, "SELECT added FROM amounts WHERE id = 1", key) == [{"added": "x"}]
         assert _postgres_queries(running) == read_at_source  # the new copy answers
+        # Its search indexes were made again for the new columns, from the new copy.
+        assert _rows(url, "SELECT id, v, added FROM text_search('amounts', 's3', 1)") == [
+            {"id": 3, "v": Decimal("3.40"), "added": "x"}]
         postgres("UPDATE fd_altered.amounts SET v = v + 1")
         running.stack.refresh("public.amounts")  # later refreshes read the new columns too
         assert [float(r["s"]) for r in _rows(url, "SELECT sum(v) AS s FROM amounts", AGENT)] == [15.6]
@@ -342,12 +348,14 @@ def test_a_copy_whose_masked_column_is_dropped_or_renamed_never_shows_it_unmaske
         url = running.flight_url
         refresher = running.accelerator.refresher("amounts")
         assert refresher.loaded.wait(60)
+        assert _rows(url, "SELECT id FROM text_search('amounts', 's1', 1)") == [{"id": 1}]
         postgres("ALTER TABLE fd_altered.amounts DROP COLUMN secret")
         assert "secret" in running.stack.refresh("public.amounts")["last_error"]
         _eventually(lambda: dataset().error == MASK_MISMATCH)
         assert f"dataset amounts is unavailable: {MASK_MISMATCH}" in _error(url, "SELECT id FROM amounts", AGENT)
+        assert "no searchable column amounts" in _error(url, "SELECT id FROM text_search('amounts', 's1', 1)")
         postgres("ALTER TABLE fd_altered.amounts ADD COLUMN secret text DEFAULT 'back'")
-        _eventually(lambda: dataset().state == "ready" and refresher.status.refreshes == 2)
+        _eventually(lambda: dataset().state == "ready" and refresher.copy_serves and refresher.status.refreshes == 2)
         read_at_source = _postgres_queries(running)
         assert _rows(url, "SELECT secret FROM amounts WHERE id = 1", AGENT) == [{"secret": None}]
         assert _rows(url, "SELECT secret FROM amounts WHERE id = 1") == [{"secret": "back"}]
@@ -358,3 +366,31 @@ def test_a_copy_whose_masked_column_is_dropped_or_renamed_never_shows_it_unmaske
         time.sleep(5 * RETRY_SECONDS)  # no check is due: the refresh succeeded
         for key in (AGENT, OPERATOR):
             assert _rows(url, "SELECT * FROM amounts WHERE id = 1", key) == [{"id": 1, "v": 1, "secret": None}]
+
+
+@pytest.fixture
+def slow_view() -> Iterator[None]:
+    yield from _postgres_schema(
+        "fd_slow_view", "CREATE TABLE fd_slow_view.t (id int PRIMARY KEY, v int)",
+        "INSERT INTO fd_slow_view.t SELECT i, i FROM generate_series(1, 4) i",
+        "CREATE VIEW fd_slow_view.amounts AS SELECT t.* FROM fd_slow_view.t, pg_sleep(2)")
+
+
+def test_a_stop_while_a_copy_is_made_again_lets_it_end_first(tmp_path, slow_view):
+    """The copy made again with the new columns was read on a thread of its own, which the stop
+    did not wait for: closing DuckDB under it failed ("connection is busy") and the process
+    aborted. It is now read on the refresher's thread, which the stop waits for."""
+    config = _amounts({"columns": {"amounts": ["id", "v"]}}, table="fd_slow_view.amounts",
+                      acceleration={"enabled": True, "refresh_retry_enabled": False})
+    with serving(config, tmp_path) as running:
+        refresher = running.accelerator.refresher("amounts")
+        assert refresher.loaded.wait(60)
+        postgres("DO $$ BEGIN DROP VIEW fd_slow_view.amounts; "
+                 "ALTER TABLE fd_slow_view.t ALTER COLUMN v TYPE numeric(10, 2); "
+                 "CREATE VIEW fd_slow_view.amounts AS SELECT t.*, 'x' AS secret FROM fd_slow_view.t, pg_sleep(2); "
+                 "END $$")
+        assert "Failed to parse string" in running.stack.refresh("public.amounts")["last_error"]
+        _eventually(lambda: not refresher.copy_serves)  # the copy is being made again: its source takes 2 s
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10
+    assert refresher.status.refreshes == 2 and refresher.status.last_error is None  # ended before the stop
