@@ -61,6 +61,7 @@ class Accelerator:
             self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir, memory_limit)
         self.refreshers: dict[str, Refresher] = {}
         self._added_late: set[str] = set()
+        self._stopped: list[Refresher] = []  # no longer copying; a refresh of theirs may still be ending
         for source in sources:
             self.add(source)
 
@@ -112,6 +113,7 @@ class Accelerator:
         if refresher is not None:
             refresher.stop(wait)
             self.remove(dataset)
+            self._stopped.append(refresher)  # the close waits for it too
 
     def remove(self, dataset: str) -> None:
         """Takes back an ``add`` (its refresher not started, or stopped)."""
@@ -166,7 +168,7 @@ class Accelerator:
         return readers + ([self._arrow] if self._arrow else [])
 
     def close(self) -> None:
-        for refresher in self.refreshers.values():
+        for refresher in [*self.refreshers.values(), *self._stopped]:
             refresher.stop()
         if self._duckdb is not None:
             self._duckdb.close()

@@ -133,14 +133,17 @@ class DuckDBStore(Store):
         return f"{self.catalog}.main.{quote_double(name)}"
 
     def has_copy(self) -> bool:
+        """A copy with the dataset's columns and the types DuckDB gives them (a copy kept from
+        before its source retyped a column is not)."""
         cursor = self.duckdb.cursor()
         try:
-            rows = cursor.execute("SELECT column_name FROM information_schema.columns WHERE "
+            rows = cursor.execute("SELECT column_name, data_type FROM information_schema.columns WHERE "
                                   "table_catalog = ? AND table_schema = 'main' AND table_name = ?",
                                   [self.catalog, self.name]).fetchall()
+            expected = dict(zip(self.schema.names, map(str, cursor.from_arrow(self.schema.empty_table()).types)))
         finally:
             cursor.close()
-        return bool(rows) and {r[0] for r in rows} == set(self.schema.names)
+        return dict(rows) == expected
 
     def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = (),
                 position: dict | None = None) -> None:

@@ -77,6 +77,7 @@ class Refresher:
         # next refresh takes it up; then ``_outdated`` until a copy with them serves.
         self._new_columns: tuple[Store, WorkingSet, Connector] | None = None
         self._outdated = False
+        self.last_refresh_failed = False  # not the listeners' failures: what the source or store said
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -94,10 +95,16 @@ class Refresher:
         self._thread.start()
 
     def stop(self, wait: bool = True) -> None:
-        """No refresh starts from now on; with ``wait``, one under way is given 10 s to end."""
+        """No refresh starts from now on; with ``wait``, one under way (on any thread: its own, or
+        one asked for on demand) is given 10 s to end: it ends at its next batch."""
         self._stop.set()
         self._wake.set()
-        if wait and self._thread is not None:
+        if not wait:
+            return
+        if not self._turn.acquire(timeout=10):
+            return  # a refresh stuck on its source (it never sends its next batch): not waited for
+        self._turn.release()
+        if self._thread is not None:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -167,6 +174,11 @@ class Refresher:
             self._outdated = True
 
     @property
+    def stopping(self) -> bool:
+        """Stopped: no refresh starts, one under way ends at its next batch and serves nothing."""
+        return self._stop.is_set()
+
+    @property
     def copy_serves(self) -> bool:
         """Whether queries read the copy (not a pending one, nor the source while it is made again)."""
         return self.loaded.is_set() and not self._outdated and self._new_columns is None
@@ -191,8 +203,12 @@ class Refresher:
             status.failures += 1
             status.last_error = self._describe(error)
             status.state = "ready" if self.loaded.is_set() else "error"
+            self.last_refresh_failed = True
             log.warning("%s: refresh failed: %s", self.spec.dataset, status.last_error)
             return False
+        if self.stopping:  # stopped meanwhile: no longer copied, or the server stops; it routes nothing
+            return False
+        self.last_refresh_failed = False
         status.refreshes += 1
         status.last_refresh_rows = rows
         status.last_refresh_end = dt.datetime.now(dt.timezone.utc)
@@ -323,6 +339,8 @@ class _Progress:
         name = self.refresher.spec.dataset
         try:
             for batch in reader:
+                if self.refresher.stopping:  # a stop waits for the refresh under way: end it here
+                    raise ConnectorError(f"{name}: the refresh was stopped")
                 self.rows += batch.num_rows
                 self.stamp.bytes += batch.nbytes
                 self.refresher.status.rows_loaded = self.rows

@@ -128,8 +128,8 @@ class SQLiteStore(Store):
         return self.name
 
     def has_copy(self) -> bool:
-        rows = self.sqlite.writer.execute("SELECT name FROM pragma_table_info(?)", [self.name]).fetchall()
-        return bool(rows) and {r[0] for r in rows} == set(self.schema.names)
+        rows = self.sqlite.writer.execute("SELECT name, type FROM pragma_table_info(?)", [self.name]).fetchall()
+        return dict(rows) == self.columns  # a copy kept from before its source retyped a column is not
 
     def replace(self, reader: pa.RecordBatchReader, stamp: Stamp, indexes: tuple[str, ...] = (),
                 position: dict | None = None) -> None:

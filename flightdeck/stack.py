@@ -149,7 +149,7 @@ class Stack:
         refresher = self.accelerator.refreshers.get(name)
         if refresher is None:  # read where it is: its copy could not hold its columns
             return True
-        return acceleration.refresh_mode != "changes" and refresher.status.last_error is not None
+        return acceleration.refresh_mode != "changes" and refresher.last_refresh_failed
 
     def check_schema(self, name: str) -> None:
         """When a dataset's table has changed its columns at its source (a column retyped,

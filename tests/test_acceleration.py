@@ -529,6 +529,32 @@ def test_a_query_reading_a_copy_twice_reads_one_version_of_it(source, tmp_path, 
         assert _scalar(runtime, "SELECT count(*) FROM events WHERE region = 'after'") == ROWS
 
 
+@pytest.mark.parametrize("engine", ["duckdb", "sqlite"])
+def test_a_copy_kept_with_other_types_than_its_source_has_now_is_not_served(tmp_path, engine):
+    """A file copy kept across a restart, its source's column retyped meanwhile: served at start
+    with the old types, it failed every query that summed the column until the next restart."""
+    import pyarrow as pa
+    from accel.duckdb_store import DuckDBEngine, DuckDBStore
+    from accel.sqlite_store import SQLiteEngine, SQLiteStore
+    from accel.store import Stamp
+
+    kinds = {"duckdb": (lambda: DuckDBEngine(tmp_path / "data", tmp_path), DuckDBStore),
+             "sqlite": (lambda: SQLiteEngine("file", tmp_path / "data", tmp_path), SQLiteStore)}
+    make_engine, store_of = kinds[engine]
+    was = pa.schema([("id", pa.int32()), ("v", pa.int32()), ("note", pa.string()), ("at", pa.timestamp("us", "UTC"))])
+    store = store_of("public.amounts", was, "file", make_engine())
+    store.replace(pa.RecordBatchReader.from_batches(was, [pa.record_batch(
+        [pa.array([1], pa.int32()), pa.array([1], pa.int32()), pa.array(["a"]),
+         pa.array([dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)], pa.timestamp("us", "UTC"))], schema=was)]),
+        Stamp(dt.datetime.now(dt.timezone.utc)))
+    store.duckdb.close() if engine == "duckdb" else store.sqlite.close()
+    restarted = make_engine()  # the next start
+    assert store_of("public.amounts", was, "file", restarted).has_copy()
+    retyped = was.set(1, pa.field("v", pa.decimal128(10, 2)))
+    assert not store_of("public.amounts", retyped, "file", restarted).has_copy()
+    restarted.close()
+
+
 @pytest.mark.parametrize("mode", ["memory", "file"])
 def test_a_slow_source_holds_up_no_other_sqlite_copy(tmp_path, mode):
     """Every SQLite copy of a mode writes through one writer: a refresh that held it while its
