@@ -357,11 +357,16 @@ class SearchIndexes:
         return sorted({dataset for _, dataset in calls} & allowed)
 
     def on_refreshed(self, dataset: str, as_of: dt.datetime | None, rows: pa.Table) -> None:
-        """Index a dataset's new copy (``rows``, taken from its source at ``as_of``)."""
+        """Index a dataset's new copy (``rows``, taken from its source at ``as_of``). A copy with
+        other columns than its indexes have is left out: a refresh that began before its source's
+        columns changed, ending after the indexes were made again for the new ones (the copy made
+        again with them indexes them next), or one of a dataset whose indexes were removed."""
         with self._lock:
-            for (name, _), index in self.columns.items():
-                if name == dataset:
-                    index.rebuild(rows)
+            indexes = [index for (name, _), index in self.columns.items() if name == dataset]
+            if not indexes or not all(index.rows_schema.equals(rows.schema) for index in indexes):
+                return
+            for index in indexes:
+                index.rebuild(rows)
             self._as_of[dataset] = as_of
 
     def data_as_of(self, dataset: str) -> dt.datetime | None:

@@ -185,6 +185,29 @@ def test_every_searchable_column_shares_the_one_query_cache(embedder):
     assert (indexes.query_cache.hits, indexes.query_cache.misses, len(indexes.query_cache)) == (1, 1, 1)
 
 
+def test_a_copy_with_other_columns_than_the_indexes_is_not_indexed():
+    """The indexes of a dataset whose source's columns changed are made again for the new ones;
+    a refresh that began with the old columns and ended after that filled them with the old rows
+    (a search then failed on a column they lacked), and one ending after the indexes were removed
+    gave the dataset an indexed time back."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    old_rows = pa.table({"id": pa.array([1], pa.int32()), "note": ["checkout latency"]})
+    new_rows = old_rows.append_column("added", pa.array(["x"]))
+    spec = ColumnSearchSpec("public.notes", "note", full_text=True)
+    indexes = SearchIndexes([spec], lambda model: None, lambda dataset: DatasetSearchSettings(new_rows.schema, None))
+    indexes.on_refreshed("public.notes", now, old_rows)
+    assert indexes.data_as_of("public.notes") is None
+    indexes.on_refreshed("public.notes", now, new_rows)
+    assert indexes.data_as_of("public.notes") == now
+    found = indexes.find("notes", None, "text").search("text", "latency", 1, None)
+    assert found.to_pylist()[0]["added"] == "x"
+    indexes.remove("public.notes")
+    indexes.on_refreshed("public.notes", now, new_rows)
+    assert indexes.data_as_of("public.notes") is None
+
+
 def test_query_cache_is_bounded_and_keyed_by_model():
     from inference.query_cache import QueryVectorCache
 
