@@ -214,9 +214,6 @@ class Refresher:
         status.last_refresh_end = dt.datetime.now(dt.timezone.utc)
         status.data_as_of = started
         status.last_error = None
-        # Its reader may have described the copy as it was: its columns may have changed (a copy
-        # kept from before a restart, or made again with the source's new columns).
-        self.store.connector.forget_schema(self.store.table)
         if self.spec.retention_period is not None:
             self._delete_expired()
         self._measure()
@@ -247,6 +244,9 @@ class Refresher:
                 self.store.upsert(counted, stamp, self.spec.primary_key, self.spec.on_conflict)
             else:
                 self.store.replace(counted, stamp, self.spec.indexes)
+                # Its reader may have described the copy it replaced, whose columns may have been
+                # other (a copy kept from before a restart, or made again with the source's new ones).
+                self.store.connector.forget_schema(self.store.table)
         except StoreError:
             counter.raise_source_error()  # the source's own error says more than the store's
             raise

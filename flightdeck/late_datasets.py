@@ -20,11 +20,12 @@ LONGEST_WAIT_SECONDS = 300.0
 
 
 class DatasetWork:
-    """Every ``tick`` seconds, ``work(name)`` for each dataset ``due()`` names, each on a thread of
-    its own: a source that hangs holds up no other dataset's work, and its own next turn waits for
-    it. ``done(name, outcome)`` is told each outcome (None: ``work`` raised), under the lock."""
+    """Every ``tick`` seconds (None: never), ``work(name)`` for each dataset ``due()`` names, each on
+    a thread of its own: a source that hangs holds up no other dataset's work, and its own next turn
+    waits for it. ``done(name, outcome)`` is told each outcome (None: ``work`` raised), under the lock."""
 
-    def __init__(self, label: str, tick: float, due: Callable[[], list[str]], work: Callable[[str], str | None]):
+    def __init__(self, label: str, tick: float | None, due: Callable[[], list[str]],
+                 work: Callable[[str], str | None]):
         self.label = label  # what the work is, for thread names and the log
         self.tick = tick
         self.due = due
@@ -35,7 +36,8 @@ class DatasetWork:
         self._thread = threading.Thread(target=self._run, name=label, daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        if self.tick is not None:
+            self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick):
@@ -73,7 +75,8 @@ class LateDatasets(DatasetWork):
     None: never."""
 
     def __init__(self, names: list[str], bring_in: Callable[[str], str], every: float | None):
-        super().__init__("trying its source again", min(every or 1.0, 1.0), self._due_now, bring_in)
+        super().__init__("trying its source again", None if every is None else min(every, 1.0), self._due_now,
+                         bring_in)
         self.every = every
         self._due = {name: 0.0 for name in names}    # the monotonic time of each one's next attempt
         self._failures = {name: 0 for name in names}
@@ -82,7 +85,7 @@ class LateDatasets(DatasetWork):
         if self.every is not None:
             now = time.monotonic()
             self._due = {name: now + self.every for name in self._due}
-            super().start()
+        super().start()
 
     def add(self, name: str) -> None:
         """Tries ``name`` again too, from ``every`` seconds on."""
@@ -113,9 +116,4 @@ class SchemaChecks(DatasetWork):
     """Every ``every`` seconds, ``check(name)`` for each of ``names()`` (None: never)."""
 
     def __init__(self, names: Callable[[], list[str]], check: Callable[[str], None], every: float | None):
-        super().__init__("checking its source's columns", every or 0.0, names, check)
-        self.every = every
-
-    def start(self) -> None:
-        if self.every is not None:
-            super().start()
+        super().__init__("checking its source's columns", every, names, check)
