@@ -14,15 +14,16 @@ import itertools
 import json
 import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import duckdb
 import pyarrow as pa
 
 from accel.store import Stamp, Store, StoreError, distinct_names_ignoring_case, key_matches, local_table_name
 from federation.connectors.base import first_line
-from federation.connectors.duckdb import DuckDBConnector
+from federation.connectors.duckdb import CursorLease, DuckDBConnector
 from federation.expr import quote_double
 from federation.snapshots import Pin, pinned_read
 
@@ -31,6 +32,59 @@ MEMORY_CATALOG = "memory"
 META_TABLE = "flightdeck_copies"
 POSITIONS_TABLE = "flightdeck_positions"  # where each change-following copy stands in its stream
 _index_numbers = itertools.count()
+
+
+class ReadTransactions:
+    """Cursors in a READ ONLY transaction, each kept from one statement to the next while
+    nothing commits: a BEGIN and a new cursor cost half as much as a key lookup itself.
+
+    A transaction sees the database as it was at its first read, so one kept across a commit
+    would answer from before it, and DuckDB would keep the rows the commit replaced for it
+    (a whole copy's worth). Every commit is made inside ``committing``: the idle cursors are
+    closed before it, and those in use then are closed when handed back (a cursor is kept
+    only within the generation of commits its transaction began in)."""
+
+    def __init__(self, begin: Callable[[], duckdb.DuckDBPyConnection], commit_lock: threading.Lock,
+                 most_kept: int = 16):
+        self._begin = begin
+        self.commit_lock = commit_lock
+        self.most_kept = most_kept
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> CursorLease:
+        with self._lock:
+            generation = self._generation  # read before a new BEGIN: a commit after it is seen
+            cursor = self._idle.pop() if self._idle else None
+        if cursor is None:
+            cursor = self._begin()
+        return CursorLease(cursor, lambda handed: self._keep(handed, generation))
+
+    def _keep(self, cursor: duckdb.DuckDBPyConnection, generation: int) -> bool:
+        with self._lock:
+            if generation != self._generation or len(self._idle) >= self.most_kept:
+                return False
+            self._idle.append(cursor)
+            return True
+
+    @contextmanager
+    def committing(self) -> Iterator[None]:
+        """Around a commit: no pinned query plans meanwhile, and no transaction kept from before."""
+        with self.commit_lock:
+            self.close()
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._generation += 1
+
+    def close(self) -> None:
+        """Close the idle cursors (their transactions end)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for cursor in idle:
+            cursor.close()
 
 
 class AcceleratedDuckDB(DuckDBConnector):
@@ -50,6 +104,7 @@ class AcceleratedDuckDB(DuckDBConnector):
         self.use_connection(connection)
         self.catalogs = catalogs
         self.commit_lock = threading.Lock()
+        self.reads = ReadTransactions(self._cursor, self.commit_lock)
 
     @property
     def compute_context(self) -> str:
@@ -58,9 +113,9 @@ class AcceleratedDuckDB(DuckDBConnector):
     def describe(self) -> str:
         return "duckdb (accelerated copies)"
 
-    def _stream_cursor(self) -> duckdb.DuckDBPyConnection:
+    def _stream_lease(self) -> CursorLease:
         pinned = pinned_read(self)
-        return pinned if pinned is not None else self._cursor()
+        return CursorLease(pinned) if pinned is not None else self.reads.take()
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cursor = super()._cursor()
@@ -108,6 +163,7 @@ class DuckDBEngine:
             return self.connection.cursor()
 
     def close(self) -> None:
+        self.reader.reads.close()
         self.connection.close()
 
 
@@ -222,7 +278,7 @@ class DuckDBStore(Store):
         try:
             cursor.execute("BEGIN TRANSACTION")
             write(cursor, *names)
-            with self.duckdb.reader.commit_lock:  # not while a query pins its scans' reads
+            with self.duckdb.reader.reads.committing():
                 cursor.execute("COMMIT")
         except Exception as error:
             try:
@@ -246,12 +302,13 @@ class DuckDBStore(Store):
         return None if row is None else Stamp(_utc(row[0]), int(row[1] or 0))
 
     def _delete_older(self, column: str, cutoff: Any) -> int:
-        with self.duckdb.reader.commit_lock:  # a statement of its own: it commits
+        with self.duckdb.reader.reads.committing():  # a statement of its own: it commits
             row = self._one(f"DELETE FROM {self._qualified(self.name)} WHERE {quote_double(column)} < ?", [cutoff])
         return int(row[0]) if row else 0
 
     def _record_bytes(self, size: int) -> None:
-        self._one(f"UPDATE {self.catalog}.main.{META_TABLE} SET bytes = ? WHERE dataset = ?", [size, self.dataset])
+        with self.duckdb.reader.reads.committing():
+            self._one(f"UPDATE {self.catalog}.main.{META_TABLE} SET bytes = ? WHERE dataset = ?", [size, self.dataset])
 
     def max_value(self, column: str) -> Any:
         return self._one(f"SELECT max({quote_double(column)}) FROM {self._qualified(self.name)}")[0]

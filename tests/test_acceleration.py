@@ -13,6 +13,7 @@ from pathlib import Path
 
 import adbc_driver_flightsql.dbapi as flightsql
 import adbc_driver_postgresql.dbapi as adbc_postgres
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
@@ -599,3 +600,122 @@ def test_a_slow_source_holds_up_no_other_sqlite_copy(tmp_path, mode):
         (left / "rows.arrow").write_bytes(b"x" * 1000)
         SQLiteEngine(mode, tmp_path / "data", tmp_path).close()
         assert not left.exists()
+
+
+def _duckdb_copy(tmp_path: Path, table: pa.Table):
+    """A memory-mode DuckDB copy of ``table`` (an ``id`` column first), as its store."""
+    from accel.duckdb_store import DuckDBEngine, DuckDBStore
+    from accel.store import Stamp
+
+    store = DuckDBStore("public.kept", table.schema, "memory", DuckDBEngine(None, tmp_path))
+    store.replace(pa.RecordBatchReader.from_batches(table.schema, table.to_batches()),
+                  Stamp(dt.datetime.now(dt.timezone.utc)))
+    return store
+
+
+def _ids(first: int, last: int) -> pa.Table:
+    ids = list(range(first, last + 1))
+    return pa.table({"id": pa.array(ids, pa.int64()),
+                     "at": pa.array([dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)] * len(ids),
+                                    pa.timestamp("us", "UTC"))})
+
+
+def test_a_duckdb_read_kept_for_the_next_statement_sees_every_commit(tmp_path):
+    """Reads of the DuckDB copies keep their cursor and READ ONLY transaction from one statement
+    to the next; kept across a commit, a transaction would answer from before it."""
+    from accel.store import Stamp
+    from federation.connectors.duckdb import arrow_stream
+
+    store = _duckdb_copy(tmp_path, _ids(1, 3))
+    reader = store.connector
+
+    def ids() -> list[int]:
+        stream = reader.open_stream(f"SELECT id FROM {store.table} ORDER BY id", None, None)
+        return stream.read_all().column("id").to_pylist()
+
+    def rows(table: pa.Table) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
+
+    now = Stamp(dt.datetime.now(dt.timezone.utc))
+    assert ids() == [1, 2, 3]
+    store.replace(rows(_ids(1, 5)), now)
+    assert ids() == [1, 2, 3, 4, 5]
+    store.upsert(rows(_ids(5, 7)), now, ("id",), "upsert")
+    assert ids() == [1, 2, 3, 4, 5, 6, 7]
+    store.apply_changes(None, _ids(1, 1).select(["id"]), ("id",), now, {"lsn": 1})
+    assert ids() == [2, 3, 4, 5, 6, 7]
+    store.delete_older("id", 4)
+    assert ids() == [4, 5, 6, 7]
+    in_use = reader.reads.take()  # a statement under way while a refresh commits
+    arrow_stream(in_use.cursor, f"SELECT count(*) FROM {store.table}", None).read_all()
+    store.replace(rows(_ids(1, 2)), now)
+    in_use.give_back(True)
+    assert ids() == [1, 2]
+    store.duckdb.close()
+
+
+def test_a_cancel_that_comes_after_its_statement_ended_stops_no_later_statement(tmp_path):
+    """A cursor handed back is kept for the next statement, maybe another client's: the first
+    one's cancel (its deadline, its client gone) must not interrupt it."""
+    import duckdb
+    from federation.connectors.duckdb import arrow_stream
+
+    store = _duckdb_copy(tmp_path, _ids(1, 3))
+    reads = store.connector.reads
+    long_count = "SELECT count(*) AS n FROM range(500000000) WHERE hash(range) % 2 < 2"  # a second or two
+    first = reads.take()
+    arrow_stream(first.cursor, "SELECT 1", None).read_all()
+    first.give_back(True)
+    second = reads.take()
+    assert second.cursor is first.cursor  # kept
+    outcome = {}
+
+    def run() -> None:
+        try:
+            outcome["rows"] = arrow_stream(second.cursor, long_count, None).read_all().to_pylist()
+        except duckdb.Error as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.3)
+    first.interrupt()  # late: its statement ended
+    worker.join(120)
+    assert outcome == {"rows": [{"n": 500000000}]}, outcome
+    outcome.clear()
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.3)
+    second.interrupt()  # its own statement's cancel does stop it
+    worker.join(120)
+    assert isinstance(outcome.get("error"), duckdb.InterruptException), outcome
+    second.give_back(False)
+    assert reads.take().cursor is not second.cursor  # an interrupted cursor is not kept
+    store.duckdb.close()
+
+
+def test_a_commit_ends_the_kept_reads_that_would_hold_the_rows_it_replaced(tmp_path):
+    """DuckDB keeps a replaced copy's rows for as long as a transaction older than the commit
+    is open: a read kept idle across the refresh would hold a second copy in memory."""
+    from accel.store import Stamp
+
+    big = pa.table({"id": pa.array(range(3_000_000), pa.int64()),
+                    "at": pa.array([dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)] * 3_000_000,
+                                   pa.timestamp("us", "UTC"))})
+    store = _duckdb_copy(tmp_path, big)
+
+    def mebibytes() -> int:
+        cursor = store.duckdb.cursor()
+        try:
+            return cursor.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()[0] // 2**20
+        finally:
+            cursor.close()
+
+    stream = store.connector.open_stream(f"SELECT count(*) AS n FROM {store.table}", None, None)
+    assert stream.read_all().column("n").to_pylist() == [3_000_000]  # its cursor is kept, idle
+    held = mebibytes()
+    small = _ids(1, 1)
+    store.replace(pa.RecordBatchReader.from_batches(small.schema, small.to_batches()),
+                  Stamp(dt.datetime.now(dt.timezone.utc)))
+    assert held >= 20 and mebibytes() < held // 4, (held, mebibytes())
+    store.duckdb.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import duckdb
 from duckdb import _seam as duckdb_seam
@@ -69,6 +69,36 @@ def arrow_stream(cursor: duckdb.DuckDBPyConnection, sql: str, params: list[Any] 
                               DEFAULT_BATCH_ROWS).arrow_reader()
 
 
+class CursorLease:
+    """One statement's hold on a cursor. A cancel interrupts the cursor only while the
+    statement holds it (a cursor handed back may already run another client's statement);
+    handed back, it is closed unless ``keep`` takes it for a later statement, which it may
+    only when the statement ran to its end uninterrupted."""
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection,
+                 keep: Callable[[duckdb.DuckDBPyConnection], bool] | None = None):
+        self.cursor = cursor
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._held = True
+        self._interrupted = False
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._held:
+                self._interrupted = True
+                self.cursor.interrupt()
+
+    def give_back(self, finished: bool) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+            kept = finished and not self._interrupted and self._keep is not None and self._keep(self.cursor)
+        if not kept:
+            self.cursor.close()
+
+
 class DuckDBConnector(SqlConnector):
     kind = "duckdb"
     dialect = "duckdb"
@@ -129,21 +159,22 @@ class DuckDBConnector(SqlConnector):
         return self._cursor().execute(
             f"SELECT count(*) FROM {self.quote_table(table)}").fetchone()[0]
 
-    def _stream_cursor(self) -> duckdb.DuckDBPyConnection:
+    def _stream_lease(self) -> CursorLease:
         """The cursor a statement's stream runs on (the catalog's own lookups use ``_cursor``)."""
-        return self._cursor()
+        return CursorLease(self._cursor())
 
     def open_stream(self, sql: str, params: list[Any] | None, target: pa.Schema | None) -> pa.RecordBatchReader:
         _one_select(sql)
-        cursor = self._stream_cursor()
-        on_cancel(cursor.interrupt)
+        lease = self._stream_lease()
+        on_cancel(lease.interrupt)
         try:
-            reader = arrow_stream(cursor, sql, params)
+            reader = arrow_stream(lease.cursor, sql, params)
         except duckdb.Error as error:
+            lease.give_back(False)
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {error}") from None
 
-        return self.stream_arrow(sql, reader, target, lambda finished: cursor.close())
+        return self.stream_arrow(sql, reader, target, lease.give_back)
 
     def close(self) -> None:
         self._connection.close()
