@@ -86,6 +86,8 @@ class Accelerator:
                                         "does not: use refresh_mode 'full' or 'append'")
             kind = ChangeCapture
         refresher = kind(source.spec, store, working_set, source.connector, source.table, source.route)
+        # The copy a stopped refresher left is as old as its last refresh: loaded afresh, not served.
+        refresher.serves_kept_copy = not any(r.spec.dataset == source.spec.dataset for r in self._stopped)
         # A new dict, not an insertion: other threads may be going through the refreshers.
         self.refreshers = {**self.refreshers, source.spec.dataset: refresher}
         if late:

@@ -78,12 +78,13 @@ class Refresher:
         self._new_columns: tuple[Store, WorkingSet, Connector] | None = None
         self._outdated = False
         self.last_refresh_failed = False  # not the listeners' failures: what the source or store said
+        self.serves_kept_copy = True  # False: a copy in the store was left there by a refresher since stopped
 
     # ---- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
         """Serve a copy kept from before a restart at once; load or refresh in the background."""
-        if self.store.has_copy():
+        if self.serves_kept_copy and self.store.has_copy():
             stamp = self.store.stamp()
             self.status.data_as_of = stamp.as_of if stamp else None
             self._serve_copy()

@@ -214,6 +214,8 @@ class Stack:
             log.error("dataset %s is not served: %s", name, "; ".join(problems))
             self._take_out(name, MASK_MISMATCH)
             self._refused_by_masks.add(name)
+            # Its refreshes would only fail until the columns match again; it is copied afresh then.
+            self.accelerator.stop_copying(name, wait=False)
             return REFUSED
         acceleration = self._accelerations.get(name)
         copied = self.accelerator.refreshers.get(name)  # a copy of the dataset as it was
