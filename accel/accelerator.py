@@ -18,7 +18,7 @@ from accel.arrow_store import ArrowCopies, ArrowStore
 from accel.change_capture import ChangeCapture
 from accel.duckdb_store import DuckDBEngine, DuckDBStore
 from accel.refresh import Refresher, RefreshStatus, Route
-from accel.spec import AccelerationSpec
+from accel.spec import AccelerationSpec, changes_unsupported
 from accel.sqlite_store import SQLiteEngine, SQLiteStore
 from accel.store import Store, StoreError
 from accel.working_set import WorkingSet
@@ -81,9 +81,8 @@ class Accelerator:
         kind = Refresher
         if source.spec.refresh_mode == "changes":
             if not isinstance(source.connector, ChangeSource):
-                raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: refresh_mode 'changes' "
-                                        f"needs a source that streams its changes; {source.connector.kind} "
-                                        "does not: use refresh_mode 'full' or 'append'")
+                raise AccelerationError(f"dataset {source.spec.dataset}: acceleration: "
+                                        f"{changes_unsupported(source.connector.kind)}")
             kind = ChangeCapture
         refresher = kind(source.spec, store, working_set, source.connector, source.table, source.route)
         # The copy a stopped refresher left is as old as its last refresh: loaded afresh, not served.

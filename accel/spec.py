@@ -60,3 +60,9 @@ class AccelerationSpec:
             if getattr(self, key) is not None and not self.time_column:
                 found.append(f"{key} needs the dataset's time_column")
         return found
+
+
+def changes_unsupported(kind: str) -> str:
+    """What is wrong with ``refresh_mode: changes`` on a source of ``kind``, which cannot stream its changes."""
+    return (f"refresh_mode 'changes' needs a source that streams its changes; {kind} does not: "
+            "use refresh_mode 'full' or 'append'")

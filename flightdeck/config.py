@@ -14,12 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from accel.spec import AccelerationSpec
+from accel.spec import AccelerationSpec, changes_unsupported
 from flightdeck.runtime_config import RuntimeConfig, Strict
 from flightdeck.search_functions import ColumnSearchSpec
 from inference.ann import EXPANSION_SEARCH
 from federation.catalog import DatasetSpec
-from federation.connectors import check_kind
+from federation.connectors import check_kind, streams_changes
 from inference.errors import ModelError
 from inference.registry import BUNDLED_MINILM, ModelRegistry
 
@@ -145,6 +145,9 @@ class DatasetConfig(Strict):
         spec = self.acceleration_spec()
         if spec is not None and spec.problems():
             raise ValueError(f"acceleration: {spec.problems()[0]}")
+        kind = self.from_.partition(":")[0]
+        if spec is not None and spec.refresh_mode == "changes" and streams_changes(kind) is False:
+            raise ValueError(f"acceleration: {changes_unsupported(kind)}")  # told now, not when it first opens
         searchable = [c.name for c in self.columns if c.searchable]
         if searchable and not self.accelerated:
             raise ValueError(f"columns {searchable}: embeddings and full-text search are built when the "

@@ -450,6 +450,20 @@ def test_bad_acceleration_config_is_refused_precisely(tmp_path, acceleration, me
     assert message in str(raised.value)
 
 
+@pytest.mark.parametrize("source", ["sqlite:missing.db:events", "file:not_yet.parquet", "http://127.0.0.1:9/x"])
+def test_changes_from_a_source_that_cannot_stream_them_is_refused_at_start(tmp_path, source):
+    """It was refused only once the dataset could be opened: a source missing at start (a file
+    not yet written, a server down) was retried, then refused hours later."""
+    config = {"datasets": [{"from": source, "name": "events", "acceleration": {"refresh_mode": "changes"}}]}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(config, tmp_path, {})
+    kind = source.partition(":")[0]
+    assert f"refresh_mode 'changes' needs a source that streams its changes; {kind} does not" in str(raised.value)
+    for streams in ("postgres:s.t", "mysql:db.t", "kafka:topic", "mongodb:db.c"):
+        parse_config({"datasets": [{"from": streams, "name": "events", "acceleration": {"refresh_mode": "changes"}}]},
+                     tmp_path, {})
+
+
 def test_refresh_sql_must_read_the_dataset_itself(source, tmp_path):
     acceleration = {"refresh_sql": "SELECT id FROM events"}
     with pytest.raises(Exception, match=r"must be SELECT \* FROM events"):

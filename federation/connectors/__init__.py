@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.budget import LoadBudgets
+from federation.changes import ChangeSource
 from federation.connectors.base import Connector, ConnectorError, SqlConnector
 
 AVAILABLE_KINDS = {
@@ -41,6 +42,17 @@ def check_kind(kind: str) -> str | None:
     close = difflib.get_close_matches(kind, list(AVAILABLE_KINDS), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown connector '{kind}'{hint}"
+
+
+def streams_changes(kind: str) -> bool | None:
+    """Whether sources of a known ``kind`` can stream their changes (``refresh_mode: changes``);
+    None when its connector cannot be loaded here (an extra not installed), which opening it says."""
+    module_name, class_name = AVAILABLE_KINDS[kind].split(":")
+    try:
+        connector_class = getattr(importlib.import_module(module_name), class_name)
+    except ImportError:
+        return None
+    return issubclass(connector_class, ChangeSource)
 
 
 class ConnectorPool:
@@ -80,5 +92,5 @@ class ConnectorPool:
         self._open.clear()
 
 
-__all__ = ["Connector", "ConnectorError", "ConnectorPool", "SqlConnector", "check_kind",
+__all__ = ["Connector", "ConnectorError", "ConnectorPool", "SqlConnector", "check_kind", "streams_changes",
            "AVAILABLE_KINDS"]
