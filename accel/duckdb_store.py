@@ -40,23 +40,30 @@ class ReadTransactions:
 
     A transaction sees the database as it was at its first read, so one kept across a commit
     would answer from before it, and DuckDB would keep the rows the commit replaced for it
-    (a whole copy's worth). Every commit is made inside ``committing``: the idle cursors are
-    closed before it, and those in use then are closed when handed back (a cursor is kept
-    only within the generation of commits its transaction began in)."""
+    (a whole copy's worth). So each cursor is kept with the generation of commits its
+    transaction began in, and only used again within it; every commit is made inside
+    ``committing``, which starts the next generation and closes the idle cursors."""
 
     def __init__(self, begin: Callable[[], duckdb.DuckDBPyConnection], commit_lock: threading.Lock,
                  most_kept: int = 16):
         self._begin = begin
         self.commit_lock = commit_lock
         self.most_kept = most_kept
-        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._idle: list[tuple[duckdb.DuckDBPyConnection, int]] = []
         self._generation = 0
         self._lock = threading.Lock()
 
     def take(self) -> CursorLease:
+        outdated, cursor = [], None
         with self._lock:
             generation = self._generation  # read before a new BEGIN: a commit after it is seen
-            cursor = self._idle.pop() if self._idle else None
+            while self._idle and cursor is None:
+                cursor, began = self._idle.pop()
+                if began != generation:  # handed back while a commit was under way
+                    outdated.append(cursor)
+                    cursor = None
+        for stale in outdated:
+            stale.close()
         if cursor is None:
             cursor = self._begin()
         return CursorLease(cursor, lambda handed: self._keep(handed, generation))
@@ -65,7 +72,7 @@ class ReadTransactions:
         with self._lock:
             if generation != self._generation or len(self._idle) >= self.most_kept:
                 return False
-            self._idle.append(cursor)
+            self._idle.append((cursor, generation))
             return True
 
     @contextmanager
@@ -78,12 +85,13 @@ class ReadTransactions:
             finally:
                 with self._lock:
                     self._generation += 1
+                self.close()  # those handed back while it committed
 
     def close(self) -> None:
         """Close the idle cursors (their transactions end)."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for cursor in idle:
+        for cursor, _ in idle:
             cursor.close()
 
 

@@ -127,6 +127,8 @@ class Stack:
             if self._closed:
                 return REFUSED
             outcome = self._serve(opened)
+        if outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
+            self.accelerator.stop_copying(name)
         if outcome == SERVED:
             self._refused_by_masks.discard(name)
             log.info("dataset %s is available now", name)
@@ -181,8 +183,8 @@ class Stack:
                 taken_out = True
             else:
                 outcome = self._serve(opened)
-        if taken_out:
-            self.accelerator.stop_copying(name)  # no longer read from its source for nothing
+        if taken_out or outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
+            self.accelerator.stop_copying(name)
         elif outcome == UNAVAILABLE:
             self.late.add(name)
 
@@ -214,8 +216,6 @@ class Stack:
             log.error("dataset %s is not served: %s", name, "; ".join(problems))
             self._take_out(name, MASK_MISMATCH)
             self._refused_by_masks.add(name)
-            # Its refreshes would only fail until the columns match again; it is copied afresh then.
-            self.accelerator.stop_copying(name, wait=False)
             return REFUSED
         acceleration = self._accelerations.get(name)
         copied = self.accelerator.refreshers.get(name)  # a copy of the dataset as it was

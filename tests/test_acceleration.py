@@ -665,6 +665,15 @@ def test_a_duckdb_read_kept_for_the_next_statement_sees_every_commit(tmp_path):
     store.replace(rows(_ids(1, 2)), now)
     in_use.give_back(True)
     assert ids() == [1, 2]
+    ending = reader.reads.take()  # a statement that ends while a commit is under way
+    arrow_stream(ending.cursor, f"SELECT count(*) FROM {store.table}", None).read_all()
+    with reader.reads.committing():
+        writer = store.duckdb.cursor()
+        writer.execute(f"INSERT INTO {store.table} VALUES (3, TIMESTAMPTZ '2026-01-01 00:00:00+00')")
+        writer.close()
+        ending.give_back(True)
+    assert ids() == [1, 2, 3]
+    assert ids() == [1, 2, 3]
     store.duckdb.close()
 
 
