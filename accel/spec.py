@@ -65,4 +65,4 @@ class AccelerationSpec:
 def changes_unsupported(kind: str) -> str:
     """What is wrong with ``refresh_mode: changes`` on a source of ``kind``, which cannot stream its changes."""
     return (f"refresh_mode 'changes' needs a source that streams its changes; {kind} does not: "
-            "use refresh_mode 'full' or 'append'")
+            "use refresh_mode 'full', or 'append' with a time_column")

@@ -67,6 +67,8 @@ class Stack:
         self.late = LateDatasets(self.catalog.unavailable(), self.bring_in, runtime.retry_unavailable_seconds)
         self.late.start()
         self._refused_by_masks: set[str] = set()  # checked again: a mask may match the columns again
+        self._reopenings: dict[str, threading.RLock] = {}
+        self._reopenings_lock = threading.Lock()
         self.schema_checks = SchemaChecks(self._schema_checked, self.check_schema, runtime.schema_check_seconds)
         self.schema_checks.start()
 
@@ -119,20 +121,28 @@ class Stack:
         accelerated and indexed as configured (kept plans are made again). UNAVAILABLE while it
         still cannot be opened or set up; REFUSED when what it turns out to be breaks the
         configuration (a mask naming a column it lacks): its error says so."""
-        opened = self.catalog.open_again(name)  # talks to the source: no lock held
-        if opened.error is not None:
-            self.catalog.datasets[name].error = opened.error
-            return UNAVAILABLE
-        with self._engines_lock:  # no grant's engine is made meanwhile without the dataset
-            if self._closed:
-                return REFUSED
-            outcome = self._serve(opened)
-        if outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
-            self.accelerator.stop_copying(name)
-        if outcome == SERVED:
-            self._refused_by_masks.discard(name)
-            log.info("dataset %s is available now", name)
-        return outcome
+        with self._reopening(name):
+            opened = self.catalog.open_again(name)  # talks to the source: not under the engines lock
+            if opened.error is not None:
+                self.catalog.datasets[name].error = opened.error
+                return UNAVAILABLE
+            with self._engines_lock:  # no grant's engine is made meanwhile without the dataset
+                if self._closed:
+                    return REFUSED
+                outcome = self._serve(opened)
+            if outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
+                self.accelerator.stop_copying(name)
+            if outcome == SERVED:
+                self._refused_by_masks.discard(name)
+                log.info("dataset %s is available now", name)
+            return outcome
+
+    def _reopening(self, name: str) -> threading.RLock:
+        """Held while a dataset is opened again (its late retry, its schema check): the second
+        waits for the first to end, stop of its copy included; a stop looks its refresher up by
+        name, and would otherwise stop the one the second had just taken up."""
+        with self._reopenings_lock:
+            return self._reopenings.setdefault(name, threading.RLock())
 
     def _schema_checked(self) -> list[str]:
         """The datasets whose sources' columns are checked now: those read where they are in
@@ -159,34 +169,35 @@ class Stack:
         old columns would send the source casts that no longer hold (an integer cast of what is
         now a decimal sums rounded values), and an accelerated one's copy is made again with the
         new columns (reading the source meanwhile). A dataset refused for its masks is tried again."""
-        if name in self._refused_by_masks:
-            self.bring_in(name)
-            return
-        if not self.catalog.source_changed(name):
-            return
-        opened = self.catalog.open_again(name)
-        if opened.error is not None:  # served as it was until a check can open it
-            return
-        log.warning("dataset %s: its source's columns changed: reading them again", name)
-        taken_out = False
-        with self._engines_lock:
-            if self._closed:
+        with self._reopening(name):
+            if name in self._refused_by_masks:
+                self.bring_in(name)
                 return
-            previous = self.catalog.datasets[name]
-            added = sorted(set(opened.arrow_schema.names) - set(previous.arrow_schema.names))
-            if added and self._masks_name(name):
-                # A column renamed and one of the old name added: the mask would follow the name,
-                # and the values it hid would show under the new one.
-                log.error("dataset %s is not served: columns %s appeared under a key's masks; restart to "
-                          "serve it with the masks as configured", name, ", ".join(added))
-                self._take_out(name, MASKED_COLUMNS_ADDED)
-                taken_out = True
-            else:
-                outcome = self._serve(opened)
-        if taken_out or outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
-            self.accelerator.stop_copying(name)
-        elif outcome == UNAVAILABLE:
-            self.late.add(name)
+            if not self.catalog.source_changed(name):
+                return
+            opened = self.catalog.open_again(name)
+            if opened.error is not None:  # served as it was until a check can open it
+                return
+            log.warning("dataset %s: its source's columns changed: reading them again", name)
+            taken_out = False
+            with self._engines_lock:
+                if self._closed:
+                    return
+                previous = self.catalog.datasets[name]
+                added = sorted(set(opened.arrow_schema.names) - set(previous.arrow_schema.names))
+                if added and self._masks_name(name):
+                    # A column renamed and one of the old name added: the mask would follow the name,
+                    # and the values it hid would show under the new one.
+                    log.error("dataset %s is not served: columns %s appeared under a key's masks; restart to "
+                              "serve it with the masks as configured", name, ", ".join(added))
+                    self._take_out(name, MASKED_COLUMNS_ADDED)
+                    taken_out = True
+                else:
+                    outcome = self._serve(opened)
+            if taken_out or outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
+                self.accelerator.stop_copying(name)
+            elif outcome == UNAVAILABLE:
+                self.late.add(name)
 
     def _masks(self) -> list[tuple[str, dict]]:
         """Each principal's masks, with who it is (for the log): {dataset: {column: kind}}."""

@@ -431,3 +431,47 @@ def test_a_copy_no_longer_kept_serves_nothing_and_the_stop_waits_for_its_refresh
         _eventually(lambda: refresher.status.state == "refreshing")
         refresher._stop.set()
     assert not refreshes[1].is_alive()  # the stop waited for it
+
+
+def test_a_dataset_opened_again_while_its_copy_is_stopped_is_copied_by_a_refresher_of_its_own(tmp_path):
+    """A dataset refused for its masks has its refresher stopped, once a refresh under way has
+    ended. Opened again in that wait (its columns back, by the other of its late retry and its
+    schema check), it took up the refresher being stopped, then lost it to the stop: served,
+    never refreshed again, read at its source until a restart."""
+    import sqlite3
+    from flightdeck.config import parse_config
+    from flightdeck.stack import Stack
+
+    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
+    source.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, email TEXT)")
+    source.execute("INSERT INTO t VALUES (1, 'a@x.io')")
+    config = {"datasets": [{"from": "sqlite:t", "name": "t", "params": {"sqlite_file": "src.db"},
+                            "acceleration": {"engine": "duckdb"}}],
+              "runtime": {"retry_unavailable_seconds": None, "schema_check_seconds": None,
+                          "auth": {"api_keys": [OPERATOR, {"name": "agent", "key": AGENT,
+                                                           "masks": {"t": {"email": "redact"}}}]}}}
+    stack = Stack(parse_config(config, tmp_path, {}))
+    try:
+        first = stack.accelerator.refresher("t")
+        assert first.loaded.wait(30)
+        source.execute("ALTER TABLE t DROP COLUMN email")
+        refreshing = threading.Event()
+
+        def a_refresh_under_way() -> None:
+            with first._turn:
+                refreshing.set()
+                time.sleep(3)
+
+        threading.Thread(target=a_refresh_under_way).start()
+        refreshing.wait()
+        checking = threading.Thread(target=stack.check_schema, args=("public.t",))
+        checking.start()
+        _eventually(lambda: stack.catalog.datasets["public.t"].error == MASK_MISMATCH)
+        source.execute("ALTER TABLE t ADD COLUMN email TEXT")
+        assert stack.bring_in("public.t") == "served"
+        checking.join(30)
+        second = stack.accelerator.refresher("t")
+        assert second is not first and second.loaded.wait(30) and second.copy_serves
+        assert stack.catalog.datasets["public.t"].error is None
+    finally:
+        stack.close()

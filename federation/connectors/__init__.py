@@ -50,7 +50,7 @@ def streams_changes(kind: str) -> bool | None:
     module_name, class_name = AVAILABLE_KINDS[kind].split(":")
     try:
         connector_class = getattr(importlib.import_module(module_name), class_name)
-    except ImportError:
+    except Exception:  # told precisely when the dataset is opened
         return None
     return issubclass(connector_class, ChangeSource)
 
