@@ -179,7 +179,6 @@ class Stack:
             if opened.error is not None:  # served as it was until a check can open it
                 return
             log.warning("dataset %s: its source's columns changed: reading them again", name)
-            taken_out = False
             with self._engines_lock:
                 if self._closed:
                     return
@@ -191,10 +190,10 @@ class Stack:
                     log.error("dataset %s is not served: columns %s appeared under a key's masks; restart to "
                               "serve it with the masks as configured", name, ", ".join(added))
                     self._take_out(name, MASKED_COLUMNS_ADDED)
-                    taken_out = True
+                    outcome = REFUSED
                 else:
                     outcome = self._serve(opened)
-            if taken_out or outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
+            if outcome == REFUSED:  # not refreshed for nothing; waited for outside the lock
                 self.accelerator.stop_copying(name)
             elif outcome == UNAVAILABLE:
                 self.late.add(name)
