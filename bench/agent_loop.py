@@ -189,6 +189,8 @@ def run_series(kind: str, url: str, server_pid: int, workload: Workload, clients
     return {"clients": clients, "queries": queries, "qps": round(queries / seconds, 1),
             "p50_ms": round(float(np.percentile(latencies, 50)), 3),
             "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+            "p999_ms": round(float(np.percentile(latencies, 99.9)), 3),
+            "max_ms": round(float(latencies.max()), 3),
             "server_cpu_ms_per_query": round(cpu * 1000 / max(queries, 1), 4)}
 
 
@@ -198,6 +200,7 @@ def with_ratios(series: dict, floor: dict) -> dict:
             "qps_vs_floor": round(series["qps"] / floor["qps"], 3),
             "p50_vs_floor": round(series["p50_ms"] / floor["p50_ms"], 3),
             "p99_vs_floor": round(series["p99_ms"] / floor["p99_ms"], 3),
+            "p999_vs_floor": round(series["p999_ms"] / floor["p999_ms"], 3),
             "cpu_vs_floor": round(series["server_cpu_ms_per_query"] / max(floor["server_cpu_ms_per_query"], 1e-6), 3)}
 
 
@@ -309,7 +312,7 @@ def main() -> None:
             floor_result = run_series("adbc", floor.url, floor.process.pid, WORKLOADS[1], count, args.rows, args.seconds)
             series["floor"][str(count)] = floor_result
             progress(f"floor, {count} client(s): {floor_result['qps']} q/s, p50 {floor_result['p50_ms']} ms, "
-                     f"p99 {floor_result['p99_ms']} ms, CPU {floor_result['server_cpu_ms_per_query']} ms/q")
+                     f"p99 {floor_result['p99_ms']} ms, p99.9 {floor_result['p999_ms']} ms, CPU {floor_result['server_cpu_ms_per_query']} ms/q")
             for workload in chosen:
                 kind, url = ("http", http_url) if workload.http else ("adbc", ours.url)
                 result = with_ratios(run_series(kind, url, ours.process.pid, workload, count, args.rows,
@@ -317,6 +320,7 @@ def main() -> None:
                 series.setdefault(workload.name, {})[str(count)] = result
                 progress(f"{workload.name}, {count} client(s): {result['qps']} q/s ({result['qps_vs_floor']}x floor), "
                          f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms ({result['p99_vs_floor']}x), "
+                         f"p99.9 {result['p999_ms']} ms ({result['p999_vs_floor']}x), max {result['max_ms']} ms, "
                          f"CPU {result['server_cpu_ms_per_query']} ms/q")
     finally:
         ours.stop()

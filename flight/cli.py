@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ class Serving:
     def serve(self) -> None:
         """Serve until SIGINT/SIGTERM (or shutdown()); then close everything. A door serves
         from its own threads once built, so this thread only waits."""
+        freeze_startup_objects()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not self._stop.wait(0.5):
@@ -102,6 +104,15 @@ class Serving:
             door.shutdown()
         self.doors.clear()
         self.stack.close()
+
+
+def freeze_startup_objects() -> None:
+    """Takes what exists once the stack is up (modules, classes, the configuration, the catalog:
+    over 200,000 objects) out of the garbage collector's sight; it lives as long as the process.
+    A full collection holds the GIL, stalling every door's calls, and scanned all of it: 0.1 s
+    on an idle server, 0.3 to 0.7 s under 16 clients, every 10 to 30 s of steady queries."""
+    gc.collect()
+    gc.freeze()
 
 
 def _exit_now(code: int) -> None:
@@ -207,6 +218,7 @@ def mcp_command(config_path: str | None, api_key: str | None) -> None:
         raise click.ClickException(f"cannot start: {loaded.redact(str(error))}") from None
     try:
         server = stdio_server(serving.service, runtime, api_key)
+        freeze_startup_objects()
         click.echo(f"flightdeck {__version__}: MCP over stdio", err=True)
         server.run("stdio")
     except ServiceError as error:

@@ -140,6 +140,31 @@ def test_a_stop_that_hangs_shows_every_thread_and_ends_the_process():
     assert "Timeout" in stopped.stderr and "in shutdown" in stopped.stderr and "in close" in stopped.stderr
 
 
+FROZEN_AT_SERVE = """
+import gc, threading
+import flight.cli as cli
+
+class Stack:
+    def close(self):
+        pass
+
+serving = object.__new__(cli.Serving)
+serving._stop, serving.doors, serving.stack = threading.Event(), [], Stack()
+serving.shutdown()
+before = gc.get_freeze_count()
+serving.serve()
+print(before, gc.get_freeze_count())
+"""
+
+
+def test_what_exists_when_serving_starts_is_kept_out_of_the_collectors_full_scans():
+    served = subprocess.run([sys.executable, "-c", FROZEN_AT_SERVE], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert served.returncode == 0, served.stderr
+    before, after = map(int, served.stdout.split())
+    assert before == 0 and after > 10_000  # the modules loaded by then, at least
+
+
 def test_run_refuses_an_invalid_config(tmp_path):
     bad = write_config(tmp_path / "bad.yaml", {"datasets": [{"from": "file:a.csv"}]})
     result = CliRunner().invoke(main, ["run", "-c", str(bad)])
