@@ -61,7 +61,8 @@ class Accelerator:
             self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir, memory_limit)
         self.refreshers: dict[str, Refresher] = {}
         self._added_late: set[str] = set()
-        self._stopped: list[Refresher] = []  # no longer copying; a refresh of theirs may still be ending
+        self._stopped: list[Refresher] = []  # no longer copying, a refresh of theirs still ending: close waits
+        self._left_copies: set[str] = set()  # datasets whose copy in the store a stopped refresher left
         for source in sources:
             self.add(source)
 
@@ -86,7 +87,7 @@ class Accelerator:
             kind = ChangeCapture
         refresher = kind(source.spec, store, working_set, source.connector, source.table, source.route)
         # The copy a stopped refresher left is as old as its last refresh: loaded afresh, not served.
-        refresher.serves_kept_copy = not any(r.spec.dataset == source.spec.dataset for r in self._stopped)
+        refresher.serves_kept_copy = source.spec.dataset not in self._left_copies
         # A new dict, not an insertion: other threads may be going through the refreshers.
         self.refreshers = {**self.refreshers, source.spec.dataset: refresher}
         if late:
@@ -114,7 +115,10 @@ class Accelerator:
         if refresher is not None:
             refresher.stop(wait)
             self.remove(dataset)
-            self._stopped.append(refresher)  # the close waits for it too
+            self._left_copies.add(dataset)
+            # Only those still ending are kept: a dataset that flips between refused and served
+            # would otherwise keep every refresher it ever had.
+            self._stopped = [r for r in [*self._stopped, refresher] if not r.ended]
 
     def remove(self, dataset: str) -> None:
         """Takes back an ``add`` (its refresher not started, or stopped)."""

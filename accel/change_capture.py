@@ -61,6 +61,10 @@ class ChangeCapture(Refresher):
         if wait and self._monitor is not None:
             self._monitor.join(timeout=10)
 
+    @property
+    def ended(self) -> bool:
+        return super().ended and (self._monitor is None or not self._monitor.is_alive())
+
     def refresh(self, refresh_sql: str | None = None) -> RefreshStatus:
         """Take a new snapshot now (e.g. after the source was reset) and wait for it."""
         if refresh_sql:

@@ -180,6 +180,16 @@ class Refresher:
         return self._stop.is_set()
 
     @property
+    def ended(self) -> bool:
+        """Stopped, and no refresh of its own still under way (on its thread or another)."""
+        if not self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
+            return False
+        if not self._turn.acquire(blocking=False):
+            return False
+        self._turn.release()
+        return True
+
+    @property
     def copy_serves(self) -> bool:
         """Whether queries read the copy (not a pending one, nor the source while it is made again)."""
         return self.loaded.is_set() and not self._outdated and self._new_columns is None

@@ -475,3 +475,38 @@ def test_a_dataset_opened_again_while_its_copy_is_stopped_is_copied_by_a_refresh
         assert stack.catalog.datasets["public.t"].error is None
     finally:
         stack.close()
+
+
+def test_a_dataset_refused_and_served_again_many_times_keeps_none_of_its_stopped_refreshers(tmp_path):
+    import gc
+    import sqlite3
+    import weakref
+    from flightdeck.config import parse_config
+    from flightdeck.stack import Stack
+
+    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
+    source.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, email TEXT)")
+    source.execute("INSERT INTO t VALUES (1, 'a@x.io')")
+    config = {"datasets": [{"from": "sqlite:t", "name": "t", "params": {"sqlite_file": "src.db"},
+                            "acceleration": {"engine": "duckdb"}}],
+              "runtime": {"retry_unavailable_seconds": None, "schema_check_seconds": None,
+                          "auth": {"api_keys": [OPERATOR, {"name": "agent", "key": AGENT,
+                                                           "masks": {"t": {"email": "redact"}}}]}}}
+    stack = Stack(parse_config(config, tmp_path, {}))
+    try:
+        stopped = []
+        for _ in range(4):
+            refresher = stack.accelerator.refresher("t")
+            assert refresher.loaded.wait(30)
+            source.execute("ALTER TABLE t DROP COLUMN email")
+            stack.check_schema("public.t")
+            assert stack.catalog.datasets["public.t"].error == MASK_MISMATCH
+            stopped.append(weakref.ref(refresher))
+            del refresher
+            source.execute("ALTER TABLE t ADD COLUMN email TEXT")
+            assert stack.bring_in("public.t") == "served"
+        assert stack.accelerator.refresher("t").loaded.wait(30)
+        gc.collect()
+        assert [ref() for ref in stopped] == [None] * 4
+    finally:
+        stack.close()
