@@ -9,6 +9,7 @@ Arrow copies in one in-memory connector.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,10 @@ class Accelerator:
         if any(spec.engine == "duckdb" for spec in specs):
             self._duckdb = DuckDBEngine(data_dir if uses_file else None, base_dir, memory_limit)
         self.refreshers: dict[str, Refresher] = {}
+        # Each change to the refreshers (a new dict, not an insertion: other threads may be going
+        # through them) or to the stopped ones is made under this lock: two datasets added,
+        # taken out or stopped at once must not lose each other's change.
+        self._changing = threading.Lock()
         self._added_late: set[str] = set()
         self._stopped: list[Refresher] = []  # no longer copying, a refresh of theirs still ending: close waits
         self._left_copies: set[str] = set()  # datasets whose copy in the store a stopped refresher left
@@ -88,10 +93,10 @@ class Accelerator:
         refresher = kind(source.spec, store, working_set, source.connector, source.table, source.route)
         # The copy a stopped refresher left is as old as its last refresh: loaded afresh, not served.
         refresher.serves_kept_copy = source.spec.dataset not in self._left_copies
-        # A new dict, not an insertion: other threads may be going through the refreshers.
-        self.refreshers = {**self.refreshers, source.spec.dataset: refresher}
-        if late:
-            self._added_late.add(source.spec.dataset)
+        with self._changing:
+            self.refreshers = {**self.refreshers, source.spec.dataset: refresher}
+            if late:
+                self._added_late.add(source.spec.dataset)
         return refresher
 
     def take_new_columns(self, source: AcceleratedSource) -> bool:
@@ -115,15 +120,17 @@ class Accelerator:
         if refresher is not None:
             refresher.stop(wait)
             self.remove(dataset)
-            self._left_copies.add(dataset)
-            # Only those still ending are kept: a dataset that flips between refused and served
-            # would otherwise keep every refresher it ever had.
-            self._stopped = [r for r in [*self._stopped, refresher] if not r.ended]
+            with self._changing:
+                self._left_copies.add(dataset)
+                # Only those still ending are kept: a dataset that flips between refused and
+                # served would otherwise keep every refresher it ever had.
+                self._stopped = [r for r in [*self._stopped, refresher] if not r.ended]
 
     def remove(self, dataset: str) -> None:
         """Takes back an ``add`` (its refresher not started, or stopped)."""
-        self.refreshers = {name: r for name, r in self.refreshers.items() if name != dataset}
-        self._added_late.discard(dataset)
+        with self._changing:
+            self.refreshers = {name: r for name, r in self.refreshers.items() if name != dataset}
+            self._added_late.discard(dataset)
 
     def gates_readiness(self, dataset: str) -> bool:
         """Whether the server is ready only once this dataset's first copy is loaded (its
@@ -173,7 +180,9 @@ class Accelerator:
         return readers + ([self._arrow] if self._arrow else [])
 
     def close(self) -> None:
-        for refresher in [*self.refreshers.values(), *self._stopped]:
+        with self._changing:
+            refreshers = [*self.refreshers.values(), *self._stopped]
+        for refresher in refreshers:
             refresher.stop()
         if self._duckdb is not None:
             self._duckdb.close()

@@ -147,6 +147,8 @@ class Refresher:
         if refresh_sql:
             self.working_set.check(refresh_sql)
         with self._turn:
+            if self._stop.is_set():  # asked for before the stop, its turn come after: not run
+                return self.status
             attempts = self.spec.refresh_retry_max_attempts if self.spec.refresh_retry_enabled else 1
             for attempt in range(1, attempts + 1):
                 self._take_up_new_columns()

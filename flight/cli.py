@@ -28,9 +28,10 @@ log = logging.getLogger("flightdeck")
 
 class Serving:
     """A running flightdeck: one Stack, the Service over it, and the enabled doors, all stopped
-    along one path (``close``)."""
+    along one path (``close``). ``freeze_startup``: for the process that serves until it ends
+    (see ``freeze_startup_objects``)."""
 
-    def __init__(self, loaded: LoadedConfig, runtime: RuntimeConfig | None = None):
+    def __init__(self, loaded: LoadedConfig, runtime: RuntimeConfig | None = None, freeze_startup: bool = False):
         from flight.flightsql.server import FlightSqlServer
         from flight.http.app import build_app
         from flight.http.server import HttpServer
@@ -43,6 +44,8 @@ class Serving:
         warn_plain_text_beyond_loopback(runtime)
         self.stack = Stack(loaded)
         self.service = Service(self.stack)
+        if freeze_startup:  # before the doors take calls, whose objects would be frozen too
+            freeze_startup_objects()
         self.doors: list = []  # each has shutdown(), which waits for its calls in flight
         self.flightsql: FlightSqlServer | None = None
         self.flight_url: str | None = None
@@ -75,7 +78,6 @@ class Serving:
     def serve(self) -> None:
         """Serve until SIGINT/SIGTERM (or shutdown()); then close everything. A door serves
         from its own threads once built, so this thread only waits."""
-        freeze_startup_objects()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not self._stop.wait(0.5):
@@ -111,7 +113,9 @@ def freeze_startup_objects() -> None:
     over 200,000 objects) out of the garbage collector's sight; it lives as long as the process.
     A full collection holds the GIL, stalling every door's calls, and scanned all of it: 0.1 s
     on an idle server, about 0.2 s each under 16 clients. Frozen objects are still freed when
-    their last reference goes; only a cycle among them, should one become garbage, is kept."""
+    their last reference goes; only a cycle among them, should one become garbage, is kept, with
+    what it references. For a process serving until it ends: a Serving made and closed in a
+    process that goes on (the tests) is freed by the collector."""
     gc.collect()
     gc.freeze()
 
@@ -180,7 +184,7 @@ def run(config_path: str | None, flight_port: int | None, http_port: int | None,
     if not runtime.flight.enabled and not runtime.http.enabled:
         raise click.ClickException("runtime.flight and runtime.http are both disabled: nothing to serve")
     try:
-        serving = Serving(loaded, runtime)
+        serving = Serving(loaded, runtime, freeze_startup=True)
     except Exception as error:
         raise click.ClickException(f"cannot start: {loaded.redact(str(error))}") from None
     for dataset in serving.service.datasets(OPERATOR):
@@ -214,12 +218,11 @@ def mcp_command(config_path: str | None, api_key: str | None) -> None:
     stack_only = runtime.model_copy(update={"flight": runtime.flight.model_copy(update={"enabled": False}),
                                             "http": runtime.http.model_copy(update={"enabled": False})})
     try:
-        serving = Serving(loaded, stack_only)
+        serving = Serving(loaded, stack_only, freeze_startup=True)
     except Exception as error:
         raise click.ClickException(f"cannot start: {loaded.redact(str(error))}") from None
     try:
         server = stdio_server(serving.service, runtime, api_key)
-        freeze_startup_objects()
         click.echo(f"flightdeck {__version__}: MCP over stdio", err=True)
         server.run("stdio")
     except ServiceError as error:

@@ -1,6 +1,7 @@
 """flightdeck.yaml validation and the `flightdeck` command line."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -140,29 +141,56 @@ def test_a_stop_that_hangs_shows_every_thread_and_ends_the_process():
     assert "Timeout" in stopped.stderr and "in shutdown" in stopped.stderr and "in close" in stopped.stderr
 
 
-FROZEN_AT_SERVE = """
-import gc, threading
+STARTED_FROZEN = """
+import gc, sys
+from pathlib import Path
 import flight.cli as cli
+from flightdeck.config import parse_config
 
-class Stack:
-    def close(self):
-        pass
-
-serving = object.__new__(cli.Serving)
-serving._stop, serving.doors, serving.stack = threading.Event(), [], Stack()
-serving.shutdown()
-before = gc.get_freeze_count()
-serving.serve()
-print(before, gc.get_freeze_count())
+closed = {"flight": {"enabled": False, "port": 0}, "http": {"enabled": False, "port": 0}}
+loaded = parse_config({"datasets": [], "runtime": closed}, Path("."), {})
+cli.Serving(loaded).close()  # as the tests make them: freed by the collector afterwards
+unfrozen = gc.get_freeze_count()
+cli.Serving(loaded, freeze_startup=True)
+print(unfrozen, gc.get_freeze_count())
 """
 
 
-def test_what_exists_when_serving_starts_is_kept_out_of_the_collectors_full_scans():
-    served = subprocess.run([sys.executable, "-c", FROZEN_AT_SERVE], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
-    assert served.returncode == 0, served.stderr
-    before, after = map(int, served.stdout.split())
-    assert before == 0 and after > 10_000  # the modules loaded by then, at least
+def test_a_server_process_keeps_what_exists_at_its_start_out_of_the_collectors_full_scans():
+    started = subprocess.run([sys.executable, "-c", STARTED_FROZEN], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+    unfrozen, frozen = map(int, started.stdout.split())
+    assert unfrozen == 0 and frozen > 10_000  # the modules loaded by then, at least
+
+
+TELLS_ITS_FREEZE = """
+import sys
+import flight.cli as cli
+
+freeze = cli.freeze_startup_objects
+
+def told():
+    print("FROZEN", file=sys.stderr, flush=True)
+    freeze()
+
+cli.freeze_startup_objects = told
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "mcp"])
+def test_run_and_mcp_start_their_stack_frozen(demo_config, command):
+    args = [sys.executable, "-c", TELLS_ITS_FREEZE, command, "-c", str(demo_config)]
+    if command == "run":
+        args += ["--flight-port", "0", "--http-port", "0"]
+    process = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    if command == "run":
+        assert process.stdout.readline().startswith("READY ")
+        process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)  # mcp over stdio ends with its input
+    assert err.count("FROZEN") == 1, err
 
 
 def test_run_refuses_an_invalid_config(tmp_path):

@@ -510,3 +510,61 @@ def test_a_dataset_refused_and_served_again_many_times_keeps_none_of_its_stopped
         assert [ref() for ref in stopped] == [None] * 4
     finally:
         stack.close()
+
+
+def test_two_copies_stopped_at_once_both_stay_waited_for_at_close(tmp_path, monkeypatch):
+    """Two datasets' copies stop on threads of their own (one's late retry, the other's schema
+    check). Each rewrote the list of stopped refreshers the close waits for from what it had
+    read, and could drop the other's while its refresh was still under way."""
+    import sqlite3
+    from accel.refresh import Refresher
+    from flightdeck.config import parse_config
+    from flightdeck.stack import Stack
+
+    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
+    for table in ("a", "b"):
+        source.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY)")
+    datasets = [{"from": f"sqlite:{t}", "name": t, "params": {"sqlite_file": "src.db"},
+                 "acceleration": {"engine": "duckdb"}} for t in ("a", "b")]
+    stack = Stack(parse_config({"datasets": datasets, "runtime": {"retry_unavailable_seconds": None,
+                                                                  "schema_check_seconds": None}}, tmp_path, {}))
+    ended = Refresher.ended.fget
+    monkeypatch.setattr(Refresher, "ended", property(lambda self: time.sleep(0.05) or ended(self)))
+    try:
+        accelerator = stack.accelerator
+        refreshing = accelerator.refresher("a")
+        assert refreshing.loaded.wait(30) and accelerator.refresher("b").loaded.wait(30)
+        with refreshing._turn:  # a refresh of a's under way, that its stop does not wait for
+            stops = [threading.Thread(target=accelerator.stop_copying, args=("public.a", False)),
+                     threading.Thread(target=accelerator.stop_copying, args=("public.b",))]
+            for stop in stops:
+                stop.start()
+            for stop in stops:
+                stop.join(30)
+            assert refreshing in accelerator._stopped
+    finally:
+        stack.close()
+
+
+def test_a_refresh_asked_for_before_its_refresher_stopped_does_not_run_after(tmp_path):
+    """A refresh on demand looks its refresher up, then waits for its turn: one that comes only
+    after the stop would read the source again while nothing waits for it any more."""
+    import sqlite3
+    from flightdeck.config import parse_config
+    from flightdeck.stack import Stack
+
+    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
+    source.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    config = {"datasets": [{"from": "sqlite:t", "name": "t", "params": {"sqlite_file": "src.db"},
+                            "acceleration": {"engine": "duckdb"}}],
+              "runtime": {"retry_unavailable_seconds": None, "schema_check_seconds": None}}
+    stack = Stack(parse_config(config, tmp_path, {}))
+    try:
+        refresher = stack.accelerator.refresher("t")
+        assert refresher.loaded.wait(30)
+        reads = refresher.source.stats.queries
+        refresher.stop()
+        refresher.refresh()
+        assert refresher.source.stats.queries == reads
+    finally:
+        stack.close()
