@@ -180,8 +180,9 @@ class Accelerator:
         return readers + ([self._arrow] if self._arrow else [])
 
     def close(self) -> None:
-        with self._changing:
+        with self._changing:  # emptied here, so that a stop under way cannot put one back
             refreshers = [*self.refreshers.values(), *self._stopped]
+            self.refreshers, self._stopped = {}, []
         for refresher in refreshers:
             refresher.stop()
         if self._duckdb is not None:

@@ -378,7 +378,6 @@ class Stack:
         # they are freed here, on this thread, not by the cyclic collector on whatever thread
         # it runs next: freeing engine objects on one of DataFusion's threads crashes.
         self.catalog.status_extension = None
-        self.accelerator.refreshers.clear()
         self._granted_engines.clear()
         for dataset in self.catalog.datasets.values():
             dataset.registrations.clear()
