@@ -8,6 +8,7 @@ import datetime as dt
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Callable, Iterator
 
@@ -433,25 +434,37 @@ def test_a_copy_no_longer_kept_serves_nothing_and_the_stop_waits_for_its_refresh
     assert not refreshes[1].is_alive()  # the stop waited for it
 
 
+@contextmanager
+def _copied_from_sqlite(folder, tables: dict[str, str], masks: dict | None = None) -> Iterator[tuple]:
+    """A Stack copying each of ``tables`` ({name: its columns}) from one SQLite file into DuckDB,
+    with no late retries or schema checks of its own (the tests run them); (stack, source)."""
+    import sqlite3
+    from flightdeck.config import parse_config
+    from flightdeck.stack import Stack
+
+    source = sqlite3.connect(folder / "src.db", isolation_level=None)
+    for table, columns in tables.items():
+        source.execute(f"CREATE TABLE {table} ({columns})")
+    runtime = {"retry_unavailable_seconds": None, "schema_check_seconds": None}
+    if masks is not None:
+        runtime["auth"] = {"api_keys": [OPERATOR, {"name": "agent", "key": AGENT, "masks": masks}]}
+    datasets = [{"from": f"sqlite:{table}", "name": table, "params": {"sqlite_file": "src.db"},
+                 "acceleration": {"engine": "duckdb"}} for table in tables]
+    stack = Stack(parse_config({"datasets": datasets, "runtime": runtime}, folder, {}))
+    try:
+        yield stack, source
+    finally:
+        stack.close()
+
+
 def test_a_dataset_opened_again_while_its_copy_is_stopped_is_copied_by_a_refresher_of_its_own(tmp_path):
     """A dataset refused for its masks has its refresher stopped, once a refresh under way has
     ended. Opened again in that wait (its columns back, by the other of its late retry and its
     schema check), it took up the refresher being stopped, then lost it to the stop: served,
     never refreshed again, read at its source until a restart."""
-    import sqlite3
-    from flightdeck.config import parse_config
-    from flightdeck.stack import Stack
-
-    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
-    source.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, email TEXT)")
-    source.execute("INSERT INTO t VALUES (1, 'a@x.io')")
-    config = {"datasets": [{"from": "sqlite:t", "name": "t", "params": {"sqlite_file": "src.db"},
-                            "acceleration": {"engine": "duckdb"}}],
-              "runtime": {"retry_unavailable_seconds": None, "schema_check_seconds": None,
-                          "auth": {"api_keys": [OPERATOR, {"name": "agent", "key": AGENT,
-                                                           "masks": {"t": {"email": "redact"}}}]}}}
-    stack = Stack(parse_config(config, tmp_path, {}))
-    try:
+    with _copied_from_sqlite(tmp_path, {"t": "id INTEGER PRIMARY KEY, email TEXT"},
+                             {"t": {"email": "redact"}}) as (stack, source):
+        source.execute("INSERT INTO t VALUES (1, 'a@x.io')")
         first = stack.accelerator.refresher("t")
         assert first.loaded.wait(30)
         source.execute("ALTER TABLE t DROP COLUMN email")
@@ -473,27 +486,14 @@ def test_a_dataset_opened_again_while_its_copy_is_stopped_is_copied_by_a_refresh
         second = stack.accelerator.refresher("t")
         assert second is not first and second.loaded.wait(30) and second.copy_serves
         assert stack.catalog.datasets["public.t"].error is None
-    finally:
-        stack.close()
 
 
 def test_a_dataset_refused_and_served_again_many_times_keeps_none_of_its_stopped_refreshers(tmp_path):
     import gc
-    import sqlite3
     import weakref
-    from flightdeck.config import parse_config
-    from flightdeck.stack import Stack
 
-    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
-    source.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, email TEXT)")
-    source.execute("INSERT INTO t VALUES (1, 'a@x.io')")
-    config = {"datasets": [{"from": "sqlite:t", "name": "t", "params": {"sqlite_file": "src.db"},
-                            "acceleration": {"engine": "duckdb"}}],
-              "runtime": {"retry_unavailable_seconds": None, "schema_check_seconds": None,
-                          "auth": {"api_keys": [OPERATOR, {"name": "agent", "key": AGENT,
-                                                           "masks": {"t": {"email": "redact"}}}]}}}
-    stack = Stack(parse_config(config, tmp_path, {}))
-    try:
+    with _copied_from_sqlite(tmp_path, {"t": "id INTEGER PRIMARY KEY, email TEXT"},
+                             {"t": {"email": "redact"}}) as (stack, source):
         stopped = []
         for _ in range(4):
             refresher = stack.accelerator.refresher("t")
@@ -508,29 +508,17 @@ def test_a_dataset_refused_and_served_again_many_times_keeps_none_of_its_stopped
         assert stack.accelerator.refresher("t").loaded.wait(30)
         gc.collect()
         assert [ref() for ref in stopped] == [None] * 4
-    finally:
-        stack.close()
 
 
 def test_two_copies_stopped_at_once_both_stay_waited_for_at_close(tmp_path, monkeypatch):
     """Two datasets' copies stop on threads of their own (one's late retry, the other's schema
     check). Each rewrote the list of stopped refreshers the close waits for from what it had
     read, and could drop the other's while its refresh was still under way."""
-    import sqlite3
     from accel.refresh import Refresher
-    from flightdeck.config import parse_config
-    from flightdeck.stack import Stack
 
-    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
-    for table in ("a", "b"):
-        source.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY)")
-    datasets = [{"from": f"sqlite:{t}", "name": t, "params": {"sqlite_file": "src.db"},
-                 "acceleration": {"engine": "duckdb"}} for t in ("a", "b")]
-    stack = Stack(parse_config({"datasets": datasets, "runtime": {"retry_unavailable_seconds": None,
-                                                                  "schema_check_seconds": None}}, tmp_path, {}))
     ended = Refresher.ended.fget
     monkeypatch.setattr(Refresher, "ended", property(lambda self: time.sleep(0.05) or ended(self)))
-    try:
+    with _copied_from_sqlite(tmp_path, {"a": "id INTEGER PRIMARY KEY", "b": "id INTEGER PRIMARY KEY"}) as (stack, _):
         accelerator = stack.accelerator
         refreshing = accelerator.refresher("a")
         assert refreshing.loaded.wait(30) and accelerator.refresher("b").loaded.wait(30)
@@ -542,29 +530,15 @@ def test_two_copies_stopped_at_once_both_stay_waited_for_at_close(tmp_path, monk
             for stop in stops:
                 stop.join(30)
             assert refreshing in accelerator._stopped
-    finally:
-        stack.close()
 
 
 def test_a_refresh_asked_for_before_its_refresher_stopped_does_not_run_after(tmp_path):
     """A refresh on demand looks its refresher up, then waits for its turn: one that comes only
     after the stop would read the source again while nothing waits for it any more."""
-    import sqlite3
-    from flightdeck.config import parse_config
-    from flightdeck.stack import Stack
-
-    source = sqlite3.connect(tmp_path / "src.db", isolation_level=None)
-    source.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    config = {"datasets": [{"from": "sqlite:t", "name": "t", "params": {"sqlite_file": "src.db"},
-                            "acceleration": {"engine": "duckdb"}}],
-              "runtime": {"retry_unavailable_seconds": None, "schema_check_seconds": None}}
-    stack = Stack(parse_config(config, tmp_path, {}))
-    try:
+    with _copied_from_sqlite(tmp_path, {"t": "id INTEGER PRIMARY KEY"}) as (stack, _):
         refresher = stack.accelerator.refresher("t")
         assert refresher.loaded.wait(30)
         reads = refresher.source.stats.queries
         refresher.stop()
         refresher.refresh()
         assert refresher.source.stats.queries == reads
-    finally:
-        stack.close()
