@@ -100,17 +100,38 @@ _LONE_CARRIAGE_RETURN = re.compile(r"\r(?!\n)")
 _LINE_COMMENT_END = re.compile(r"--[^\r\n]*(\r(?!\n))?")
 
 
+def _between_tokens(sql: str) -> list[str] | None:
+    """The text between ``sql``'s tokens (blanks and comments: never inside a quoted value or
+    name); None when it cannot be split into tokens."""
+    try:
+        tokens = postgres_tokens(sql)
+    except TokenError:
+        return None
+    gaps = zip([-1] + [token.end for token in tokens], [token.start for token in tokens] + [len(sql)])
+    return [sql[after + 1:before] for after, before in gaps]
+
+
 def _comment_ends_at_lone_carriage_return(sql: str) -> bool:
     """Whether a -- comment (outside quotes, as the gate splits the words) ends at a bare \r. A
     statement not even split into words may not hold a bare \r at all."""
     if "\r" not in sql:
         return False
-    try:
-        tokens = postgres_tokens(sql)
-    except TokenError:
+    gaps = _between_tokens(sql)
+    if gaps is None:
         return bool(_LONE_CARRIAGE_RETURN.search(sql))
-    gaps = zip([-1] + [token.end for token in tokens], [token.start for token in tokens] + [len(sql)])
-    return any(match.group(1) for after, before in gaps for match in _LINE_COMMENT_END.finditer(sql[after + 1:before]))
+    return any(match.group(1) for gap in gaps for match in _LINE_COMMENT_END.finditer(gap))
+
+
+def _holds_executable_comment(sql: str) -> bool:
+    """Whether a comment (outside quotes) is one that the engine runs as SQL: DataFusion's parser
+    reads the text of a MySQL-style /*! ... */ as part of the statement, where the gate sees a
+    comment. A statement not even split into words may not hold one anywhere."""
+    if "/*" not in sql:
+        return False
+    gaps = _between_tokens(sql)
+    if gaps is None:
+        return bool(_EXECUTABLE_COMMENT.search(sql))
+    return any(_EXECUTABLE_COMMENT.search(gap) for gap in gaps)
 
 
 def check_read_only(sql: str) -> None:
@@ -119,6 +140,9 @@ def check_read_only(sql: str) -> None:
         raise NotAStatement("syntax error: a -- comment ended by a carriage return without a line feed (end "
                             "lines with \\n): the gate and the engine would read it differently, one ending the "
                             "comment there and the other not")
+    if _holds_executable_comment(sql):
+        raise NotAStatement("syntax error: a /*! ... */ comment, which the engine would run as part of the statement "
+                            "while the gate reads it as a comment: write its text outside the comment, or drop the !")
     words = _leading_words(sql)
     if not words:
         raise UnsafeStatement("empty statement: send one SELECT, WITH, EXPLAIN, SHOW or DESCRIBE")
@@ -133,7 +157,12 @@ def check_read_only(sql: str) -> None:
             "(a statement must start with SELECT, WITH, VALUES, EXPLAIN, SHOW or DESCRIBE)")
     if _statement_count(sql) > 1:
         raise UnsafeStatement("only one statement per request is allowed")
-    if head in ("SHOW", "DESCRIBE", "DESC"):
+    if head in ("DESCRIBE", "DESC"):
+        described = _described_statement(sql)
+        if described is not None:  # DESCRIBE <query> plans the query: it passes the same checks
+            check_read_only(described)
+        return
+    if head == "SHOW":
         return
     try:
         _check_statement(_strip_explain(sql) if head == "EXPLAIN" else sql)
@@ -141,6 +170,21 @@ def check_read_only(sql: str) -> None:
         raise GeneratesTooMuch(str(error)) from None
     except Unreadable as error:
         raise NotAStatement(str(error)) from None
+
+
+def _described_statement(sql: str) -> str | None:
+    """The statement a DESCRIBE describes (``DESCRIBE SELECT ...``), or None when it describes
+    a table (``DESCRIBE orders``, ``DESCRIBE "select"``)."""
+    try:
+        tokens = postgres_tokens(sql)
+    except TokenError:
+        return None
+    if len(tokens) < 2 or tokens[1].token_type == TokenType.IDENTIFIER:  # a quoted name is a table's
+        return None
+    word = tokens[1].text.upper()
+    if word in READ_STATEMENTS or word in WRITE_STATEMENTS or word == "(":
+        return sql[tokens[1].start:]
+    return None
 
 
 def _check_statement(body: str) -> None:

@@ -173,10 +173,18 @@ def test_a_join_explosion_ends_at_the_deadline_and_others_keep_answering(server,
     "SELECT " + "(" * 5000 + "1" + ")" * 5000 + " AS deep",
     "SELECT * FROM " + "(SELECT * FROM " * 2000 + "small" + ") AS t" * 2000,
     "SELECT 1 AS one WHERE " + " OR ".join(["id = 2"] * 5000),  # a chain: deep, though flat to read
+    "DESCRIBE SELECT 1 AS one WHERE " + " OR ".join(["1 = 1"] * 14_000),  # ended the process
 ])
 def test_deep_nesting_is_refused_cleanly(server, watcher, sql):
     message, seconds = attack(server, sql)
     assert "nests too deeply" in message and within_deadline(seconds), message[:500]
+
+
+def test_a_chain_inside_a_comment_the_engine_runs_is_refused_cleanly(server, watcher):
+    """DataFusion runs the text of a /*! ... */ comment, which the gate read as a comment: this
+    ended the process."""
+    message, seconds = attack(server, "SELECT 1 AS one /*! WHERE " + " OR ".join(["1 = 1"] * 14_000) + " */")
+    assert "/*! ... */ comment" in message and within_deadline(seconds), message[:500]
 
 
 def test_giant_literals_and_in_lists_under_the_length_limit_answer_and_over_it_are_refused(server, watcher):

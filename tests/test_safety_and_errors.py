@@ -309,6 +309,54 @@ def test_a_comment_ended_by_a_lone_carriage_return_is_refused():
 
 
 @pytest.mark.parametrize("statement", [
+    "SELECT 1 AS a /*! , 2 AS b */",
+    "SELECT 1 AS a /*!50000 , 2 AS b */",
+    "SELECT 1 AS a /*M! , 2 AS b */",
+    "SELECT length(repeat('a', 1) /*! || repeat('a', 50000000) */) AS n",
+    "SELECT 1 AS a /* /*! , 2 AS b */ */",  # the mark inside another comment is refused too: where a
+    "SELECT 1 AS a -- /*! , 2 AS b */\n",    # comment ends is where the two parsers may differ
+    "SELECT 'open /*! , 2 AS b */",  # not even split into words
+])
+def test_a_comment_the_engine_would_run_as_sql_is_refused(statement):
+    """DataFusion reads the text of a /*! ... */ comment as part of the statement, the gate as a
+    comment: what is inside went unchecked (a value of 50,000,000 characters, a chain deep
+    enough to end the process)."""
+    with pytest.raises(NotAStatement, match="/\\*! ... \\*/ comment"):
+        check_read_only(statement)
+
+
+@pytest.mark.parametrize("statement", ["SELECT '/*! , 2 AS b */' AS text", 'SELECT 1 AS "/*!x"',
+                                       "SELECT 1 AS a /* ! not one */"])
+def test_the_executable_comment_mark_in_a_text_a_name_or_another_comment_passes(statement):
+    check_read_only(statement)
+
+
+DESCRIBED = {
+    "a deep chain": "DESCRIBE SELECT 1 AS one WHERE " + " OR ".join(["1 = 1"] * 14_000),
+    "a deep chain in parentheses": "DESCRIBE (SELECT 1 AS one WHERE " + " OR ".join(["1 = 1"] * 14_000) + ")",
+    "a deep chain after a CTE": "DESCRIBE WITH t AS (SELECT 1 AS x) SELECT * FROM t WHERE "
+                                + " OR ".join(["x = 1"] * 14_000),
+    "a giant value": "DESC SELECT length(repeat('a', 300000000)) AS n",
+    "CTEs read too many times": "DESCRIBE " + _doubling_reads(25),
+    "a write": "DESCRIBE DELETE FROM orders",
+}
+
+
+@pytest.mark.parametrize("label", DESCRIBED)
+def test_a_described_statement_passes_the_checks_a_query_does(label):
+    """DESCRIBE <query> plans the query: a chain deep enough to overflow the planner's stack
+    ended the process when it came after DESCRIBE (``TooDeep`` is how the gate says so)."""
+    with pytest.raises((UnsafeStatement, RecursionError)):
+        check_read_only(DESCRIBED[label])
+
+
+@pytest.mark.parametrize("statement", ["DESCRIBE orders", "DESC orders", 'DESCRIBE "select"', "DESCRIBE public.orders",
+                                       "DESCRIBE SELECT 1 AS one", "DESCRIBE (SELECT 1 AS one)"])
+def test_describing_a_table_or_a_small_query_passes(statement):
+    check_read_only(statement)
+
+
+@pytest.mark.parametrize("statement", [
     "SELECT `x` FROM (SELECT 1 AS x) t WHERE " + " OR ".join(["x = 1"] * 13_000),  # overflowed the planner's stack
     "WITH " + ", ".join(["c0 AS (SELECT 1 AS x)"] + [f"c{n} AS (SELECT * FROM c{n - 1} UNION ALL SELECT * FROM c{n - 1})"
                                                    for n in range(1, 15)]) + " SELECT count(`x`) FROM c14",
