@@ -27,7 +27,8 @@ log = logging.getLogger("flightdeck.stack")
 # A dataset's error when a key's mask names a column it turns out not to have: the details name
 # the key and the dataset's columns, which other keys may not see.
 MASK_MISMATCH = "a key's mask names a column this dataset does not have (the server's log says which)"
-MASKED_COLUMNS_ADDED = "its source's columns changed under a key's masks: it is served again after a restart"
+COLUMNS_CHANGED_UNDER_GRANTS = ("its source's columns changed under a key's masks or column grant: it is served "
+                                "again after a restart")
 
 
 class Stack:
@@ -184,12 +185,15 @@ class Stack:
                     return
                 previous = self.catalog.datasets[name]
                 added = sorted(set(opened.arrow_schema.names) - set(previous.arrow_schema.names))
-                if added and self._masks_name(name):
-                    # A column renamed and one of the old name added: the mask would follow the name,
-                    # and the values it hid would show under the new one.
-                    log.error("dataset %s is not served: columns %s appeared under a key's masks; restart to "
-                              "serve it with the masks as configured", name, ", ".join(added))
-                    self._take_out(name, MASKED_COLUMNS_ADDED)
+                # A column renamed and one of the old name added: a mask would follow the name, and
+                # the values it hid would show under the new one. A column a grant lists renamed
+                # away, a hidden one renamed to its name: the grant would show the hidden values.
+                if (added and self._masks_name(name)) or \
+                        (_renamed(previous.arrow_schema.names, opened.arrow_schema.names) and self._lists_columns(name)):
+                    log.error("dataset %s is not served: its columns changed under a key's masks or column grant "
+                              "(new: %s); restart to serve it with the grants as configured", name,
+                              ", ".join(added) or "none, some moved")
+                    self._take_out(name, COLUMNS_CHANGED_UNDER_GRANTS)
                     outcome = REFUSED
                 else:
                     outcome = self._serve(opened)
@@ -206,6 +210,11 @@ class Stack:
 
     def _masks_name(self, name: str) -> bool:
         return any(qualified(dataset) == name for _, masks in self._masks() for dataset in masks)
+
+    def _lists_columns(self, name: str) -> bool:
+        """Whether some principal's grant shows only some columns of the dataset."""
+        auth = self.loaded.config.runtime.auth
+        return any(qualified(dataset) == name for granted in [*auth.keys(), *auth.users] for dataset in granted.columns)
 
     def _take_out(self, name: str, error: str) -> None:
         """The dataset out of every session, unavailable with ``error``; called with the lock held."""
@@ -388,3 +397,11 @@ def _record_refresh(metrics: Metrics, refresher) -> None:
     start, end = refresher.status.last_refresh_start, refresher.status.last_refresh_end
     if start is not None and end is not None:
         metrics.refreshed(refresher.spec.dataset, (end - start).total_seconds())
+
+
+def _renamed(before: list[str], after: list[str]) -> bool:
+    """Whether a table's columns, by name, may have been renamed: a name gone and one new (a
+    column renamed), or the names both have in another order (two swapped through a third).
+    A column dropped and another renamed to its name in one change looks like the drop alone."""
+    gone, new = set(before) - set(after), set(after) - set(before)
+    return bool(gone and new) or [n for n in before if n in after] != [n for n in after if n in before]

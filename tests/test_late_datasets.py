@@ -20,7 +20,7 @@ import pytest
 
 from conftest import postgres, require_postgres, serving
 from flightdeck.auth import Credentials
-from flightdeck.stack import MASK_MISMATCH, MASKED_COLUMNS_ADDED
+from flightdeck.stack import MASK_MISMATCH, COLUMNS_CHANGED_UNDER_GRANTS
 
 AGENT = "late-agent-key-0123456789"
 OPERATOR = "late-operator-key-0123456789"  # a plain key: sees everything
@@ -336,11 +336,36 @@ def test_a_masked_column_dropped_or_renamed_at_the_source_is_never_shown_unmaske
         assert _rows(url, "SELECT secret FROM amounts WHERE id = 1") == [{"secret": "back"}]
         postgres("DO $$ BEGIN ALTER TABLE fd_altered.amounts RENAME COLUMN secret TO secret_old; "
                  "ALTER TABLE fd_altered.amounts ADD COLUMN secret text; END $$")  # one migration
-        _eventually(lambda: dataset().error == MASKED_COLUMNS_ADDED)
+        _eventually(lambda: dataset().error == COLUMNS_CHANGED_UNDER_GRANTS)
         for key in (AGENT, OPERATOR):
             assert "dataset amounts is unavailable" in _error(url, "SELECT * FROM amounts", key)
         time.sleep(5 * RETRY_SECONDS)  # checked again meanwhile: still out
-        assert dataset().error == MASKED_COLUMNS_ADDED
+        assert dataset().error == COLUMNS_CHANGED_UNDER_GRANTS
+
+
+def test_a_hidden_column_renamed_to_a_name_a_grant_lists_takes_the_dataset_out(tmp_path, altered_table):
+    """A grant's column list follows names: the column it lists renamed away and a hidden one
+    renamed to its name showed the hidden values under the listed name. A rename (a name gone
+    and one new) under a column grant takes the dataset out until a restart; a column added or
+    dropped alone does not."""
+    config = _amounts({"columns": {"amounts": ["id", "v", "added"]}})
+    dataset = lambda: running.catalog.datasets["public.amounts"]  # noqa: E731
+    with serving(config, tmp_path) as running:
+        url = running.flight_url
+        postgres("ALTER TABLE fd_altered.amounts ADD COLUMN added text DEFAULT 'x'")
+        _eventually(lambda: _rows(url, "SELECT * FROM amounts WHERE id = 1", AGENT) == [
+            {"id": 1, "v": 1, "added": "x"}])
+        postgres("ALTER TABLE fd_altered.amounts DROP COLUMN added")  # read as before until it is seen
+        _eventually(lambda: "added" not in dataset().arrow_schema.names)
+        assert _rows(url, "SELECT * FROM amounts WHERE id = 1", AGENT) == [{"id": 1, "v": 1}]
+        assert dataset().error is None
+        postgres("DO $$ BEGIN ALTER TABLE fd_altered.amounts RENAME COLUMN v TO v_old; "
+                 "ALTER TABLE fd_altered.amounts RENAME COLUMN secret TO v; END $$")  # one migration
+        _eventually(lambda: dataset().error == COLUMNS_CHANGED_UNDER_GRANTS)
+        for key in (AGENT, OPERATOR):
+            assert "dataset amounts is unavailable" in _error(url, "SELECT * FROM amounts", key)
+        time.sleep(3 * RETRY_SECONDS)  # checked again meanwhile: still out
+        assert dataset().error == COLUMNS_CHANGED_UNDER_GRANTS
 
 
 def test_a_copy_whose_masked_column_is_dropped_or_renamed_never_shows_it_unmasked(tmp_path, altered_table):
