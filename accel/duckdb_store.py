@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from accel.store import Stamp, Store, StoreError, distinct_names_ignoring_case, key_matches, local_table_name
 from federation.connectors.base import first_line
-from federation.connectors.duckdb import CursorLease, DuckDBConnector
+from federation.connectors.base import CursorLease
+from federation.connectors.duckdb import DuckDBConnector
 from federation.expr import quote_double
 from federation.snapshots import Pin, pinned_read
 

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from accel.store import Stamp, Store, StoreError, distinct_names_ignoring_case, key_matches, local_table_name
-from federation.connectors.sqlite import SQLiteConnector
+from federation.connectors.base import CursorLease
+from federation.connectors.sqlite import KeptConnections, SQLiteConnector
 from federation.expr import quote_double as q
 from federation.snapshots import Pin, pinned_read
 
@@ -58,11 +59,12 @@ class AcceleratedSQLite(SQLiteConnector):
     def __init__(self, path: Path, base_dir: Path):
         super(SQLiteConnector, self).__init__({}, base_dir)
         self.path = path
+        self.kept = KeptConnections(self.path, self._connect)
         self.commit_lock = threading.Lock()
 
-    def _stream_connection(self) -> sqlite3.Connection:
+    def _stream_lease(self) -> CursorLease:
         pinned = pinned_read(self)
-        return pinned if pinned is not None else self._connect()
+        return CursorLease(pinned) if pinned is not None else self.kept.take()
 
     def pin(self, table: str) -> Pin:
         connection = self._connect(snapshot_of=META_TABLE)  # in the file whatever the scan reads
@@ -104,6 +106,7 @@ class SQLiteEngine:
         return connection
 
     def close(self) -> None:
+        self.reader.close()
         self.writer.close()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)

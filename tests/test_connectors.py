@@ -20,6 +20,7 @@ from federation.connectors.file import FileConnector
 from federation.connectors.http import HttpConnector
 from federation.connectors.postgres import PostgresConnector
 from federation.connectors.sqlite import SQLiteConnector, arrow_type_for
+from federation.cancel import Cancellation, cancellation_scope
 from federation.engine import EngineSettings, QueryEngine
 
 # ---- the expression format DataFusion hands to Python datasets (pinned pyarrow) ----
@@ -259,6 +260,65 @@ def test_sqlite_dates_are_filtered_locally(databases, tmp_path):
     assert "WHERE" not in engine.catalog.datasets["public.d"].connector.stats.last_request
     later = engine.query("SELECT id FROM d WHERE at < TIMESTAMP '2026-01-05 11:00:00'").read_all()
     assert later.column("id").to_pylist() == [1]
+
+
+def _counting_connects(monkeypatch) -> list[str]:
+    opened, connect = [], sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: opened.append(args[0]) or connect(*args, **kwargs))
+    return opened
+
+
+def test_sqlite_statements_reuse_a_kept_connection_and_read_the_file_as_it_stands(tmp_path, monkeypatch):
+    """Opening a connection and preparing its statement cost more than a key lookup itself: a
+    connection is kept from one statement to the next, outside any transaction, so each
+    statement still reads the latest commit, and a file renamed over the path is read anew."""
+    path = tmp_path / "kept.sqlite"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, note TEXT)")
+        con.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"n{i}") for i in range(100)])
+    con.close()
+    connector = SQLiteConnector({"sqlite_file": "kept.sqlite"}, tmp_path)
+    opened = _counting_connects(monkeypatch)
+    lookup = lambda key: connector.stream("SELECT note FROM t WHERE id = ?", [key], None).read_all()  # noqa: E731
+    assert [lookup(key).column("note")[0].as_py() for key in range(50)] == [f"n{i}" for i in range(50)]
+    assert len(opened) == 1
+    with sqlite3.connect(path) as writer:  # a commit between two statements is seen by the next
+        writer.execute("UPDATE t SET note = 'changed' WHERE id = 7")
+    writer.close()
+    assert lookup(7).column("note").to_pylist() == ["changed"]
+    replacement = tmp_path / "written-aside.sqlite"
+    with sqlite3.connect(replacement) as con:
+        con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, note TEXT)")
+        con.execute("INSERT INTO t VALUES (7, 'from the new file')")
+    con.close()
+    replacement.rename(path)
+    assert lookup(7).column("note").to_pylist() == ["from the new file"]
+    connector.close()
+
+
+def test_a_sqlite_connection_is_kept_only_after_a_statement_read_to_its_end(tmp_path, monkeypatch):
+    """A statement left half read holds a read open (in WAL mode, a snapshot the file cannot be
+    checkpointed past), and an interrupted one may be left interrupted: neither is kept."""
+    with sqlite3.connect(tmp_path / "big.sqlite") as con:
+        con.execute("CREATE TABLE t (id INTEGER)")
+        con.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(5000)])
+    con.close()
+    connector = SQLiteConnector({"sqlite_file": "big.sqlite"}, tmp_path)
+    opened = _counting_connects(monkeypatch)
+    reader = connector.stream("SELECT id FROM t", None, None)
+    assert next(iter(reader)).num_rows > 0
+    reader.close()  # abandoned after its first batch
+    assert connector.stream("SELECT count(*) AS n FROM t", None, None).read_all().column(0).to_pylist() == ["5000"]
+    assert len(opened) == 2  # the abandoned statement's connection was closed, not kept
+    cancellation = Cancellation()
+    with cancellation_scope(cancellation):
+        reader = connector.stream("SELECT a.id FROM t a, t b", None, None)
+    cancellation.cancel()
+    with pytest.raises(Exception):
+        reader.read_all()
+    assert connector.stream("SELECT count(*) AS n FROM t", None, None).read_all().column(0).to_pylist() == ["5000"]
+    assert len(opened) == 3
+    connector.close()
 
 
 def test_a_limit_is_never_applied_before_a_filter_the_source_cannot_take(databases):

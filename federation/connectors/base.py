@@ -253,6 +253,36 @@ class Connector(ABC):
         return path
 
 
+class CursorLease:
+    """One statement's hold on a cursor (a DuckDB cursor, a SQLite connection: anything with
+    ``interrupt`` and ``close``). A cancel interrupts the cursor only while the statement holds
+    it (a cursor handed back may already run another client's statement); handed back, it is
+    closed unless ``keep`` takes it for a later statement, which it may only when the statement
+    ran to its end uninterrupted."""
+
+    def __init__(self, cursor: Any, keep: Callable[[Any], bool] | None = None):
+        self.cursor = cursor
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._held = True
+        self._interrupted = False
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._held:
+                self._interrupted = True
+                self.cursor.interrupt()
+
+    def give_back(self, finished: bool) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+            kept = finished and not self._interrupted and self._keep is not None and self._keep(self.cursor)
+        if not kept:
+            self.cursor.close()
+
+
 class SqlConnector(Connector):
     """A backend that speaks SQL: scans become SELECTs in the backend's dialect."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import duckdb
 from duckdb import _seam as duckdb_seam
@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from federation import expr as fx
 from federation.cancel import on_cancel
-from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, CursorLease, SqlConnector
 
 
 def open_locked_duckdb(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -67,36 +67,6 @@ def arrow_stream(cursor: duckdb.DuckDBPyConnection, sql: str, params: list[Any] 
     small query (a key lookup: 1.2 ms, 0.7 ms submitted once)."""
     return duckdb_seam.submit(cursor, sql, list(params) if params else None, "stream",
                               DEFAULT_BATCH_ROWS).arrow_reader()
-
-
-class CursorLease:
-    """One statement's hold on a cursor. A cancel interrupts the cursor only while the
-    statement holds it (a cursor handed back may already run another client's statement);
-    handed back, it is closed unless ``keep`` takes it for a later statement, which it may
-    only when the statement ran to its end uninterrupted."""
-
-    def __init__(self, cursor: duckdb.DuckDBPyConnection,
-                 keep: Callable[[duckdb.DuckDBPyConnection], bool] | None = None):
-        self.cursor = cursor
-        self._keep = keep
-        self._lock = threading.Lock()
-        self._held = True
-        self._interrupted = False
-
-    def interrupt(self) -> None:
-        with self._lock:
-            if self._held:
-                self._interrupted = True
-                self.cursor.interrupt()
-
-    def give_back(self, finished: bool) -> None:
-        with self._lock:
-            if not self._held:
-                return
-            self._held = False
-            kept = finished and not self._interrupted and self._keep is not None and self._keep(self.cursor)
-        if not kept:
-            self.cursor.close()
 
 
 class DuckDBConnector(SqlConnector):

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import os
 import re
 import sqlite3
+import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
 from federation import expr as fx
 from federation.cancel import on_cancel
-from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, SqlConnector
+from federation.connectors.base import DEFAULT_BATCH_ROWS, ConnectorError, CursorLease, SqlConnector
 
 _DECIMAL = re.compile(r"(DECIMAL|NUMERIC)\s*\(\s*(\d+)\s*(?:,\s*(\d+))?\s*\)")
 
@@ -97,6 +100,63 @@ def _reads_only(action: int, first: str | None, second: str | None, database: st
     return sqlite3.SQLITE_DENY
 
 
+class KeptConnections:
+    """Read-only connections to one database file, kept idle from one statement to the next:
+    opening a connection and preparing the statement cost more than a key lookup itself, and a
+    kept connection runs again the statements it prepared (the sqlite3 module caches them). A
+    connection is kept only between statements, outside any transaction, so each statement
+    reads the file as it stands when the statement starts; and only while the path names the
+    same file (device and inode): a database written aside and renamed over it is opened anew."""
+
+    def __init__(self, path: Path, connect: Callable[[], sqlite3.Connection], most_kept: int = 8):
+        self.path = path
+        self._connect = connect
+        self.most_kept = most_kept
+        self._idle: list[sqlite3.Connection] = []
+        self._file: tuple[int, int] | None = None  # the file the idle connections have open
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def take(self) -> CursorLease:
+        """A statement's connection: an idle one, else a new one (``connect``'s errors raise)."""
+        file = self._file_now()
+        with self._lock:
+            stale = self._idle if file != self._file else []
+            if stale:
+                self._idle = []
+            connection = self._idle.pop() if self._idle else None
+        for old in stale:
+            old.close()
+        if connection is None:
+            connection = self._connect()
+        return CursorLease(connection, lambda handed: self._keep(handed, file))
+
+    def _keep(self, connection: sqlite3.Connection, file: tuple[int, int] | None) -> bool:
+        with self._lock:
+            if self._closed or file is None or connection.in_transaction or len(self._idle) >= self.most_kept:
+                return False
+            if file != self._file:  # the path names another file now: the idle ones read the old one
+                if self._idle:
+                    return False
+                self._file = file
+            self._idle.append(connection)
+            return True
+
+    def _file_now(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return None  # gone: connecting says so
+        return found.st_dev, found.st_ino
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
 # A COLLATE naming anything but BINARY, quoted or not.
 _OTHER_COLLATION = re.compile(r"COLLATE\s*[\"'`\[]?(?!BINARY\b)\w", re.IGNORECASE)
 
@@ -110,6 +170,7 @@ class SQLiteConnector(SqlConnector):
     def __init__(self, params: dict[str, Any], base_dir):
         super().__init__(params, base_dir)
         self.path = self.required_database_file("sqlite_file")
+        self.kept = KeptConnections(self.path, self._connect)
 
     @property
     def compute_context(self) -> str:
@@ -134,9 +195,9 @@ class SQLiteConnector(SqlConnector):
         connection.set_authorizer(_reads_only)
         return connection
 
-    def _stream_connection(self) -> sqlite3.Connection:
+    def _stream_lease(self) -> CursorLease:
         """The connection a statement's stream runs on (the catalog's own lookups use ``_reading``)."""
-        return self._connect()
+        return self.kept.take()
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -201,27 +262,33 @@ class SQLiteConnector(SqlConnector):
     def open_stream(self, sql: str, params: list[Any] | None, declared: pa.Schema | None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
         """Results take the table's declared types; computed columns are read as text."""
-        connection = self._stream_connection()
-        on_cancel(connection.interrupt)
+        lease = self._stream_lease()
+        on_cancel(lease.interrupt)
         try:
-            cursor = connection.execute(sql, params or [])
+            cursor = lease.cursor.execute(sql, params or [])
         except sqlite3.Error as error:
-            connection.close()
+            lease.give_back(False)
             self.stats.record_error()
             raise ConnectorError(f"{self.describe()}: {error}") from None
         if cursor.description is None:
-            connection.close()
+            lease.give_back(False)
             raise ConnectorError(f"{self.describe()}: not a query (only SELECT statements are read)")
         schema = self._result_schema(cursor, declared)
 
         def batches():
+            finished = False
             try:
                 while rows := cursor.fetchmany(batch_rows):
                     yield self._to_batch(schema, rows)
+                finished = True
             finally:
-                connection.close()
+                cursor.close()  # its statement reset: a kept connection holds no read open
+                lease.give_back(finished)
 
         return self.counted(schema, sql, batches)
+
+    def close(self) -> None:
+        self.kept.close()
 
     @staticmethod
     def _result_schema(cursor: sqlite3.Cursor, declared: pa.Schema | None) -> pa.Schema:
