@@ -16,6 +16,7 @@ from federation import expr as fx
 from federation.arrow_expr import decode, referenced_fields, to_arrow
 from federation.catalog import Catalog, DatasetSpec
 from federation.connectors import ConnectorError
+from federation.connectors.duckdb import DuckDBConnector
 from federation.connectors.file import FileConnector
 from federation.connectors.http import HttpConnector
 from federation.connectors.postgres import PostgresConnector
@@ -266,6 +267,15 @@ def _counting_connects(monkeypatch) -> list[str]:
     opened, connect = [], sqlite3.connect
     monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: opened.append(args[0]) or connect(*args, **kwargs))
     return opened
+
+
+@pytest.mark.parametrize("connector_class, param", [(SQLiteConnector, "sqlite_file"), (DuckDBConnector, "duckdb_open")])
+def test_a_missing_database_file_is_named_without_the_servers_folders(tmp_path, connector_class, param):
+    """The message is the dataset's error, which every key granted the dataset reads."""
+    with pytest.raises(ConnectorError) as raised:
+        connector_class({param: str(tmp_path / "hidden-folder" / "db.file")}, tmp_path)
+    assert str(raised.value).endswith(f"database file db.file (params.{param}) does not exist")
+    assert "hidden-folder" not in str(raised.value)
 
 
 def test_sqlite_statements_reuse_a_kept_connection_and_read_the_file_as_it_stands(tmp_path, monkeypatch):

@@ -249,7 +249,8 @@ class Connector(ABC):
             raise ConnectorError(f"{self.kind}: params.{param} (the database file) is required")
         path = self.resolve_path(str(self.params[param]))
         if not path.exists():
-            raise ConnectorError(f"{self.kind}: database file {path} does not exist")
+            # The file's name only: the message reaches every key the dataset is granted to.
+            raise ConnectorError(f"{self.kind}: database file {path.name} (params.{param}) does not exist")
         return path
 
 
