@@ -138,8 +138,39 @@ def _holds_executable_comment(sql: str) -> bool:
     return any(_EXECUTABLE_COMMENT.search(gap) for gap in gaps)
 
 
+# What inside a `backquoted name` would make the gate's tokenizer, which knows no backquotes, read
+# on differently from the engine's: a quote or dollar opening a text, a comment, an escape.
+_MISREAD_IN_BACKQUOTES = re.compile(r"['\"$\\]|--|/\*|\*/")
+
+
+def _backquoted_name_misread(sql: str) -> bool:
+    """Whether a `backquoted name` (a name to DataFusion, loose characters to the gate) holds
+    something the gate would read on from as code, a text or a comment, so that the two would
+    check and run different statements. A statement the gate cannot even split may hold no
+    backquote at all."""
+    if "`" not in sql:
+        return False
+    try:
+        tokens = postgres_tokens(sql)
+    except TokenError:
+        return True
+    closed = -1  # where the last backquoted name ended
+    for token in tokens:
+        if token.token_type != TokenType.UNKNOWN or token.text != "`" or token.start <= closed:
+            continue
+        closed = sql.find("`", token.start + 1)
+        if closed < 0:
+            return False  # unterminated: the engine refuses it
+        if _MISREAD_IN_BACKQUOTES.search(sql, token.start + 1, closed):
+            return True
+    return False
+
+
 def check_read_only(sql: str) -> None:
     """Raise UnsafeStatement unless ``sql`` is exactly one read statement."""
+    if _backquoted_name_misread(sql):
+        raise NotAStatement("syntax error: a `backquoted` name holding a quote, a $, a backslash or a comment mark, "
+                            "which the gate and the engine would read differently: name it in double quotes")
     if _comment_ends_at_lone_carriage_return(sql):
         raise NotAStatement("syntax error: a -- comment ended by a carriage return without a line feed (end "
                             "lines with \\n): the gate and the engine would read it differently, one ending the "
@@ -176,19 +207,29 @@ def check_read_only(sql: str) -> None:
         raise NotAStatement(str(error)) from None
 
 
+_QUERY_HEADS = ("SELECT", "WITH", "VALUES", "(")
+
+
 def _described_statement(sql: str) -> str | None:
-    """The statement a DESCRIBE describes (``DESCRIBE SELECT ...``), or None when it describes
-    a table (``DESCRIBE orders``, ``DESCRIBE "select"``)."""
+    """The query a DESCRIBE describes (``DESCRIBE [VERBOSE | QUERY PLAN | ...] SELECT ...``), or
+    None when it describes a table (``DESCRIBE orders``, ``DESCRIBE public."select"``)."""
     try:
         tokens = postgres_tokens(sql)
     except TokenError:
         return None
-    if len(tokens) < 2 or tokens[1].token_type == TokenType.IDENTIFIER:  # a quoted name is a table's
+    rest = tokens[1:]
+    names = all(token.text == "." if at % 2 else token.token_type in (TokenType.VAR, TokenType.IDENTIFIER)
+                or _WORD.fullmatch(token.text) for at, token in enumerate(rest))
+    if rest and names and len(rest) % 2:
         return None
-    word = tokens[1].text.upper()
-    if word in READ_STATEMENTS or word in WRITE_STATEMENTS or word == "(":
-        return sql[tokens[1].start:]
-    return None
+    start = next((token for token in rest if token.token_type != TokenType.IDENTIFIER
+                  and token.text.upper() in _QUERY_HEADS + ("DESCRIBE", "DESC", "EXPLAIN")), None)
+    if start is None or start.text.upper() in ("DESCRIBE", "DESC", "EXPLAIN"):
+        raise NotAStatement("syntax error: DESCRIBE takes a table's name or a query (SELECT, WITH or VALUES)")
+    return sql[start.start:]
+
+
+_WORD = re.compile(r"\w+")
 
 
 def _check_statement(body: str) -> None:
@@ -405,15 +446,42 @@ def _check_tree(tree: exp.Expression, paths: bool = True) -> None:
 
 
 def _check_widths(tree: exp.Expression) -> None:
+    ctes = {cte.alias_or_name: cte.this for cte in tree.find_all(exp.CTE)}
     for select in tree.find_all(exp.Select):
-        if len(select.expressions) > MAX_WIDTH:
-            raise TooLarge(f"a SELECT lists {len(select.expressions):,} expressions; at most {MAX_WIDTH:,} (planning "
-                           "takes time growing with the square of their number)")
+        width = _width(select, ctes, set())
+        if width > MAX_WIDTH:
+            raise TooLarge(f"a SELECT makes {width:,} columns (its expressions, and those a * stands for of the "
+                           f"subqueries, CTEs and VALUES it reads); at most {MAX_WIDTH:,} (planning takes time "
+                           "growing with the square of their number)")
     for values in tree.find_all(exp.Values):
         widest = max((len(row.expressions) for row in values.expressions if isinstance(row, exp.Tuple)), default=0)
         if widest > MAX_WIDTH:
             raise TooLarge(f"a row of VALUES holds {widest:,} values; at most {MAX_WIDTH:,} (planning takes time "
                            "growing with the square of their number)")
+
+
+def _width(query: exp.Expression, ctes: dict[str, exp.Expression], reading: set[str]) -> int:
+    """How many columns a query makes, as far as the statement tells: a * counts the columns of
+    the subqueries, CTEs and VALUES it reads (a table's are not known here, and count nothing)."""
+    if isinstance(query, exp.SetOperation):
+        return _width(query.left, ctes, reading)
+    if isinstance(query, (exp.Subquery, exp.Paren)):
+        return _width(query.this, ctes, reading)
+    if isinstance(query, exp.Values):
+        return max((len(row.expressions) for row in query.expressions if isinstance(row, exp.Tuple)), default=0)
+    if isinstance(query, exp.Table) and query.name in ctes and query.name not in reading:
+        return _width(ctes[query.name], ctes, reading | {query.name})
+    if not isinstance(query, exp.Select):
+        return 0
+    stars = [e for e in query.expressions if isinstance(e, exp.Star) or (isinstance(e, exp.Column) and e.is_star)]
+    width = len(query.expressions) - len(stars)
+    sources = [query.args["from_"].this] if query.args.get("from_") else []
+    sources += [join.this for join in query.args.get("joins") or []]
+    for star in stars:  # t.* stands for t's columns, * for every source's
+        qualifier = star.table if isinstance(star, exp.Column) else ""
+        width += sum(_width(source, ctes, reading) for source in sources
+                     if not qualifier or source.alias_or_name == qualifier)
+    return width
 
 
 def _looks_like_path(table: exp.Table) -> bool:
