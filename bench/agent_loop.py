@@ -6,7 +6,8 @@ The floor is a bare pyarrow.flight server answering the Flight SQL call sequence
 driver with a constant one-row batch (bench/bare_flight_server.py). Against it, flightdeck runs
 the loops an agent runs, from ADBC dbapi clients in separate processes (one prepared cursor each,
 a new binding per call): ``SELECT 1``; a key lookup with a bound parameter on an accelerated
-DuckDB copy of a PostgreSQL table of ``--rows`` rows; the same lookup on the PostgreSQL table
+DuckDB copy of a PostgreSQL table of ``--rows`` rows; the same lookup on a SQLite copy of it;
+the same lookup on the PostgreSQL table
 itself (federated); a small aggregate on the copy; and the lookup on the copy through
 HTTP POST /v1/sql with httpx. Each series reports q/s, p50, p99 and the server's CPU seconds
 per query, each also as a ratio to the floor at the same client count.
@@ -64,6 +65,7 @@ def _key(rng: random.Random, rows: int) -> list:
 WORKLOADS = [
     Workload("SELECT 1", "SELECT 1 AS one", None),
     Workload("lookup, DuckDB copy", "SELECT id, name, value FROM items_copy WHERE id = ?", _key),
+    Workload("lookup, SQLite copy", "SELECT id, name, value FROM items_sqlite WHERE id = ?", _key),
     Workload("lookup, PostgreSQL", "SELECT id, name, value FROM items_pg WHERE id = ?", _key),
     Workload("aggregate, DuckDB copy",
              "SELECT grp, count(*) AS n, sum(value) AS total FROM items_copy WHERE id < 2000 "
@@ -106,6 +108,8 @@ def write_config(folder: Path) -> Path:
         "datasets": [
             {"from": source, "name": "items_copy", "params": {**PG_PARAMS, "connect_timeout": 9},
              "acceleration": {"engine": "duckdb", "mode": "memory", "indexes": {"id": "enabled"}}},
+            {"from": source, "name": "items_sqlite", "params": {**PG_PARAMS, "connect_timeout": 9},
+             "acceleration": {"engine": "sqlite", "mode": "memory", "indexes": {"id": "enabled"}}},
             {"from": source, "name": "items_pg", "params": PG_PARAMS},
         ],
     }
