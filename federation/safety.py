@@ -84,7 +84,7 @@ MAX_DEPTH = 1000
 # and 150 MB, doubling with each column).
 MAX_GROUPING_SETS = 4096
 MAX_EXPANDED_NODES = 50_000  # parts of the CTEs a statement reads, each inlined wherever it is read
-# Expressions one SELECT lists, values one row of a VALUES holds: DataFusion plans a projection
+# Columns one SELECT makes, values one row of a VALUES holds: DataFusion plans a projection
 # in time growing with the square of its width, before any deadline runs (6,000 took 1.8 s here,
 # 15,000 took 21 s); 2,000, 0.2 s.
 MAX_WIDTH = 2000
@@ -454,7 +454,7 @@ def _check_widths(tree: exp.Expression) -> None:
                            f"subqueries, CTEs and VALUES it reads); at most {MAX_WIDTH:,} (planning takes time "
                            "growing with the square of their number)")
     for values in tree.find_all(exp.Values):
-        widest = max((len(row.expressions) for row in values.expressions if isinstance(row, exp.Tuple)), default=0)
+        widest = _width(values, ctes, set())
         if widest > MAX_WIDTH:
             raise TooLarge(f"a row of VALUES holds {widest:,} values; at most {MAX_WIDTH:,} (planning takes time "
                            "growing with the square of their number)")
